@@ -1,0 +1,288 @@
+"""Lowering: Spec -> KernelIR, the frozen description a template renders.
+
+The lowering is a short sequence of named passes (see :func:`lower`). Every value a
+template needs is computed here, printed to Triton source where it is an expression;
+templates only substitute and loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from attngen import __version__, analysis, semantics
+from attngen.errors import SpecError
+from attngen.printer import print_triton
+from attngen.spec import Spec, TensorDecl
+from attngen.symbols import batch, head, kv_len, kv_pos, q_len, q_pos, score
+
+#: The raw dot product q.k (fp32) inside a kernel tile.
+QK = sp.Symbol("qk", real=True)
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
+
+_TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "int32": "int32", "int64": "int64"}
+
+#: Names the printed element-wise code uses for each symbol inside ``_tile_step``.
+ELEMENT_NAMES: dict[sp.Symbol, str] = {
+    QK: "qk", q_pos: "q_pos", kv_pos: "kv_pos", head: "head", batch: "pid_b",
+    q_len: "q_len", kv_len: "kv_len",
+}
+#: Names the printed tile-level code uses (scalars) in ``_tile_range``/``_tile_may_see``.
+TILE_NAMES: dict[sp.Symbol, str] = {
+    analysis.q_lo: "q_lo", analysis.q_hi: "q_hi", analysis.k_lo: "k_lo", analysis.k_hi: "k_hi",
+    batch: "pid_b", q_len: "q_len", kv_len: "kv_len",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorArg:
+    """A user tensor as the kernel sees it."""
+
+    name: str
+    param: str
+    dims: tuple[str | int, ...]
+    dtype: str
+    torch_dtype: str
+
+    @property
+    def shape_doc(self) -> str:
+        names = {"head": "heads_q", "batch": "batch", "token": "total_kv"}
+        return "[" + ", ".join(names.get(str(d), str(d)) for d in self.dims) + "]"
+
+
+@dataclass(frozen=True, slots=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True, slots=True)
+class KernelIR:
+    """Everything the sequence templates substitute."""
+
+    name: str
+    title: str
+    description_doc: str
+    spec_hash: str
+    spec_yaml: str
+    attngen_version: str
+    family: str  # "prefill" | "decode"
+    heads_q: int
+    heads_kv: int
+    d_qk: int
+    d_v: int
+    d_qk_pad: int
+    d_v_pad: int
+    dtype: str
+    torch_dtype: str
+    scale: float
+    ln2: float
+    decode_rows: int
+    configs: tuple[TileConfig, ...]
+    tensors: tuple[TensorArg, ...]
+    score_code: str
+    mask_code: str
+    kv_lo_code: str
+    kv_hi_code: str
+    full_lo_code: str
+    full_hi_code: str
+    may_see_code: str
+    exact_tiles: bool
+    uniform_loads: tuple[str, ...] = field(default=())
+
+    # -- argument lists the templates splice in ------------------------------------
+    @property
+    def tensor_ptr_params(self) -> str:
+        return "".join(f" {t.param}," for t in self.tensors)
+
+    @property
+    def ctx_params(self) -> str:
+        return ", ".join(["pid_b", "q_len", "kv_len", "kv_start", "n_batch", *(t.param for t in self.tensors)])
+
+    ctx_args = ctx_params
+
+    @property
+    def tensor_kwargs(self) -> str:
+        return "".join(f", {t.name}=None" for t in self.tensors)
+
+    @property
+    def tensor_kwargs_plain(self) -> str:
+        return "".join(f", {t.name}" for t in self.tensors)
+
+    tensor_pass = tensor_kwargs_plain
+
+    @property
+    def tensor_check_tuples(self) -> str:
+        items = [f"({t.name!r}, {t.name}, {t.dims!r}, torch.{t.torch_dtype})" for t in self.tensors]
+        return "".join(i + ", " for i in items)
+
+    @property
+    def tensor_signature(self) -> str:
+        return "{" + ", ".join(f"{t.name!r}: ({t.dims!r}, {t.dtype!r})" for t in self.tensors) + "}"
+
+    @property
+    def q_dim_mask(self) -> str:
+        return f" & (d_qk < {self.d_qk})[None, :]" if self.d_qk != self.d_qk_pad else ""
+
+    k_dim_mask = q_dim_mask
+
+    @property
+    def v_dim_mask(self) -> str:
+        return f" & (d_v < {self.d_v})[None, :]" if self.d_v != self.d_v_pad else ""
+
+    @property
+    def v_dim_mask_1d(self) -> str:
+        return f", mask=d_v < {self.d_v}" if self.d_v != self.d_v_pad else ""
+
+    @property
+    def dot_kwargs(self) -> str:
+        # fp32 specs promise fp32 accuracy: no tf32 in the matrix units
+        return ', input_precision="ieee"' if self.dtype == "fp32" else ""
+
+
+# ---------------------------------------------------------------------------------------
+# Passes
+
+
+def tensor_args(spec: Spec) -> tuple[TensorArg, ...]:
+    """User tensors in name order, with the kernel parameter each becomes."""
+    return tuple(
+        TensorArg(name, f"t_{name}", decl.dims, decl.dtype, _TORCH_DTYPES[decl.dtype])
+        for name, decl in sorted(spec.tensors.items())
+    )
+
+
+def _clamp(index: str, size: str) -> str:
+    return f"tl.maximum(tl.minimum({index}, {size} - 1), 0)"
+
+
+def make_tensor_load(spec: Spec, heads_q: int):
+    """The printer hook that turns ``name[i, j]`` into a clamped Triton load."""
+    decls: dict[str, TensorDecl] = spec.tensors
+
+    def load(name: str, indices: list[str]) -> str:
+        decl = decls[name]
+        sizes = [_dim_size(d, heads_q) for d in decl.dims]
+        offset = ""
+        for i, (dim, idx) in enumerate(zip(decl.dims, indices, strict=True)):
+            clamped = _clamp(idx, sizes[i])
+            if dim == "token":
+                clamped = f"kv_start + {clamped}"
+            stride = " * ".join(sizes[i + 1:])
+            term = f"({clamped}) * {stride}" if stride else clamped
+            offset = f"{offset} + {term}" if offset else term
+        return f"tl.load(t_{name} + {offset})"
+
+    return load
+
+
+def _dim_size(dim: str | int, heads_q: int) -> str:
+    return {"head": str(heads_q), "batch": "n_batch", "token": "kv_len"}.get(str(dim), str(dim))
+
+
+def base2_score(spec: Spec) -> sp.Expr:
+    """log2(e) * score_mod(scale * qk): the score the base-2 online softmax needs, with
+    the scale folded in exactly once (sympy distributes the constants)."""
+    modified = semantics.score(spec).subs(score, QK * sp.Float(spec.softmax_scale, 17))
+    return sp.expand(modified * sp.Float(LOG2E, 17), deep=False)
+
+
+def full_visibility(spec: Spec) -> sp.Basic:
+    """The spec's predicate plus the sequence bounds every kernel applies."""
+    return sp.And(semantics.visibility(spec), sp.Lt(kv_pos, kv_len), sp.Ge(kv_pos, 0))
+
+
+def _finite(bound: sp.Expr, *, neg: str, pos: str) -> sp.Expr:
+    """Replace a top-level infinite bound by the sequence bound it stands for."""
+    if bound == -sp.oo:
+        return sp.Symbol(neg)
+    if bound == sp.oo:
+        return sp.Symbol(pos)
+    return bound
+
+
+def tile_configs(spec: Spec, family: str, decode_rows: int) -> tuple[TileConfig, ...]:
+    tune = spec.tune
+    block_m = tune.block_m if family == "prefill" else (decode_rows,)
+    seen: dict[TileConfig, None] = {}
+    for bm, bn, w, s in itertools.product(block_m, tune.block_n, tune.num_warps, tune.num_stages):
+        seen.setdefault(TileConfig(bm, bn, w, s), None)
+    return tuple(seen)
+
+
+def verify(ir: KernelIR, spec: Spec) -> None:
+    """Checks between stages: dims padded correctly, heads divide, code is non-empty."""
+    assert ir.heads_q % ir.heads_kv == 0
+    assert ir.d_qk_pad >= ir.d_qk and ir.d_qk_pad & (ir.d_qk_pad - 1) == 0
+    assert ir.d_v_pad >= ir.d_v and ir.d_v_pad & (ir.d_v_pad - 1) == 0
+    for code in (ir.score_code, ir.mask_code, ir.kv_lo_code, ir.kv_hi_code, ir.may_see_code):
+        assert code.strip(), "empty generated expression"
+    free = full_visibility(spec).free_symbols | base2_score(spec).free_symbols
+    unbound = {s for s in free if isinstance(s, sp.Symbol)} - set(ELEMENT_NAMES) - {score}
+    if unbound:
+        raise SpecError("spec", "expression uses symbols no kernel binds", given=sorted(map(str, unbound)))
+
+
+def lower(spec: Spec) -> KernelIR:
+    """Spec -> KernelIR for the sequence family."""
+    if spec.topology.kind != "sequence":
+        raise SpecError("topology.kind", "this lowering handles the sequence family",
+                        given=spec.topology.kind, allowed="sequence")
+    family = "decode" if spec.topology.queries == "decode" else "prefill"
+    group = spec.heads.group
+    decode_rows = max(16, 1 << (group - 1).bit_length())
+    load = make_tensor_load(spec, spec.heads.q)
+
+    def element(expr: sp.Basic) -> str:
+        return print_triton(expr, names=ELEMENT_NAMES, tensor_load=load)
+
+    def tile(expr: sp.Basic) -> str:
+        return print_triton(expr, names={**TILE_NAMES, sp.Symbol("zero"): "0", sp.Symbol("kv_end"): "kv_len"},
+                            tensor_load=load)
+
+    pred = full_visibility(spec)
+    tiles = analysis.analyse(pred)
+    kv_lo = _finite(tiles.kv_lo, neg="zero", pos="kv_end")
+    kv_hi = _finite(tiles.kv_hi, neg="zero", pos="kv_end")
+    full_lo = _finite(tiles.full_lo, neg="zero", pos="kv_end")
+    full_hi = _finite(tiles.full_hi, neg="zero", pos="kv_end")
+    d_qk, d_v = spec.head_dim.qk, spec.head_dim.v
+    first_line = (spec.description.strip().splitlines() or [spec.name])[0]
+    ir = KernelIR(
+        name=spec.name,
+        title=f"{spec.name}: {first_line}",
+        description_doc=(spec.description.strip() or spec.name).replace('"""', "'''"),
+        spec_hash=spec.content_hash,
+        spec_yaml=spec.canonical_yaml().replace("\\", "\\\\").replace('"""', '\\"\\"\\"'),
+        attngen_version=__version__,
+        family=family,
+        heads_q=spec.heads.q,
+        heads_kv=spec.heads.kv,
+        d_qk=d_qk,
+        d_v=d_v,
+        d_qk_pad=1 << (d_qk - 1).bit_length(),
+        d_v_pad=1 << (d_v - 1).bit_length(),
+        dtype=spec.dtype,
+        torch_dtype=_TORCH_DTYPES[spec.dtype],
+        scale=spec.softmax_scale,
+        ln2=LN2,
+        decode_rows=decode_rows,
+        configs=tile_configs(spec, family, decode_rows),
+        tensors=tensor_args(spec),
+        score_code=element(base2_score(spec)),
+        mask_code=element(pred),
+        kv_lo_code=tile(kv_lo),
+        kv_hi_code=tile(kv_hi),
+        full_lo_code=tile(full_lo),
+        full_hi_code=tile(full_hi),
+        may_see_code=tile(sp.Not(tiles.none_visible)),
+        exact_tiles=tiles.exact,
+    )
+    verify(ir, spec)
+    return ir

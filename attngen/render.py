@@ -1,0 +1,146 @@
+"""Render: KernelIR -> Python source, and writing it to disk.
+
+One Jinja environment (StrictUndefined: a typo in a template is an error, never an empty
+string). Output is byte-deterministic for a spec and attngen version; files are written
+atomically and only when their content changes; a content-addressed cache skips the
+lowering and rendering of specs seen before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+
+from attngen import __version__
+from attngen.spec import Spec
+
+TEMPLATE_PACKAGE = "attngen.templates"
+
+
+@cache
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FunctionLoader(_template_source),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def _template_source(name: str) -> str:
+    return resources.files(TEMPLATE_PACKAGE).joinpath(name).read_text()
+
+
+@cache
+def templates_digest() -> str:
+    """Hash of every template: part of the cache key, so editing one invalidates it."""
+    h = hashlib.sha256()
+    root = resources.files(TEMPLATE_PACKAGE)
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".j2"):
+            h.update(entry.name.encode())
+            h.update(entry.read_bytes())
+    return h.hexdigest()
+
+
+def family_template(spec: Spec) -> str:
+    return {"sequence": "sequence.py.j2", "tree": "tree.py.j2", "shared_prefix": "tree.py.j2"}[spec.topology.kind]
+
+
+def cache_key(spec: Spec) -> str:
+    h = hashlib.sha256()
+    for part in (__version__, templates_digest(), _compiler_digest(), spec.content_hash, spec.name):
+        h.update(part.encode())
+    return h.hexdigest()[:24]
+
+
+@cache
+def _compiler_digest() -> str:
+    """Hash of attngen's own lowering code: a change in it must not reuse old output."""
+    h = hashlib.sha256()
+    package = Path(__file__).parent
+    for path in sorted(package.glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ATTNGEN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "attngen")
+    return Path(root)
+
+
+def render(spec: Spec) -> str:
+    """The generated module's source for ``spec`` (through the cache)."""
+    cached = cache_dir() / "src" / f"{cache_key(spec)}.py"
+    if cached.is_file():
+        return cached.read_text()
+    source = render_uncached(spec)
+    try:
+        write_atomic(cached, source)
+    except OSError:
+        pass  # a read-only cache costs time, not correctness
+    return source
+
+
+def render_uncached(spec: Spec) -> str:
+    if spec.topology.kind == "sequence":
+        from attngen.ir import lower
+
+        context = {"ir": lower(spec)}
+    else:
+        from attngen.tree_ir import lower_tree
+
+        context = {"ir": lower_tree(spec)}
+    return environment().get_template(family_template(spec)).render(**context)
+
+
+def write_atomic(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` through a temporary file and a rename; return whether
+    the content changed (an unchanged file is left untouched)."""
+    if path.is_file() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class BuildResult:
+    spec: Spec
+    path: Path
+    changed: bool
+    stale: bool
+
+
+def generated_path(spec: Spec, out_dir: Path | str) -> Path:
+    return Path(out_dir) / f"{spec.name}.py"
+
+
+def build(spec: Spec, out_dir: Path | str = "generated", *, check: bool = False) -> BuildResult:
+    """Render ``spec`` into ``out_dir/<name>.py``. With ``check``, write nothing and
+    report whether the file is missing or differs (stale)."""
+    path = generated_path(spec, out_dir)
+    source = render(spec)
+    current = path.read_text() if path.is_file() else None
+    stale = current != source
+    if check:
+        return BuildResult(spec, path, changed=False, stale=stale)
+    changed = write_atomic(path, source) if stale else False
+    return BuildResult(spec, path, changed=changed, stale=False)

@@ -1,0 +1,48 @@
+"""Load generated modules and hand them to callers.
+
+``load(spec)`` renders through the cache and imports the module from the cache
+directory, keyed by content, so two specs never share a module and an unchanged spec is
+imported once per process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from attngen.render import cache_dir, cache_key, render, write_atomic
+from attngen.spec import Spec, load_spec
+
+_LOADED: dict[str, ModuleType] = {}
+
+
+def as_spec(spec: Spec | str | Path) -> Spec:
+    return spec if isinstance(spec, Spec) else load_spec(spec)
+
+
+def load(spec: Spec | str | Path) -> Any:
+    """Import the generated kernel module of ``spec`` (a Spec or a path to its YAML)."""
+    spec = as_spec(spec)
+    key = cache_key(spec)
+    if key in _LOADED:
+        return _LOADED[key]
+    path = cache_dir() / "modules" / f"attngen_{spec.name}_{key}.py"
+    write_atomic(path, render(spec))
+    module = import_path(path, f"attngen_generated.{spec.name}_{key}")
+    _LOADED[key] = module
+    return module
+
+
+def import_path(path: Path, module_name: str) -> ModuleType:
+    """Import a Python file as a module. Triton's JIT reads kernel source through
+    ``inspect``, so the module must come from a real file on disk."""
+    loader_spec = importlib.util.spec_from_file_location(module_name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[module_name] = module
+    loader_spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,87 @@
+"""What a spec means, as sympy expressions over the symbols of :mod:`attngen.symbols`.
+
+This is the single definition of each mask rule; the reference evaluates it directly
+and the lowering analyses and prints it. Nothing here knows about Triton.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import sympy as sp
+
+from attngen import expr, symbols
+from attngen.spec import (
+    AllOf,
+    AnyOf,
+    Causal,
+    Document,
+    ExprRule,
+    Full,
+    MaskRule,
+    NotRule,
+    PrefixLM,
+    Sink,
+    Spec,
+    Window,
+)
+from attngen.symbols import batch, kv_pos, q_pos
+
+RESERVED_NAMES = frozenset(symbols.SCORE_SYMBOLS) | frozenset(expr.FUNCTIONS)
+
+
+def tensor(name: str) -> sp.IndexedBase:
+    """The sympy handle of a user tensor (indexed as ``tensor(name)[i, j]``)."""
+    return sp.IndexedBase(name)
+
+
+def _tensor_ndims(spec: Spec) -> dict[str, int]:
+    return {name: len(decl.dims) for name, decl in spec.tensors.items()}
+
+
+def rule_to_sympy(rule: MaskRule, tensor_ndims: dict[str, int]) -> sp.Basic:
+    """The visibility predicate of one mask rule."""
+    match rule:
+        case Full():
+            return sp.true
+        case Causal():
+            return sp.Le(kv_pos, q_pos)
+        case Window(left, right):
+            parts = []
+            if left is not None:
+                parts.append(sp.Ge(kv_pos, q_pos - left))
+            if right is not None:
+                parts.append(sp.Le(kv_pos, q_pos + right))
+            return sp.And(*parts)
+        case Sink(tokens):
+            return sp.Lt(kv_pos, tokens)
+        case PrefixLM(length, name):
+            bound = tensor(name)[batch] if name is not None else length
+            return sp.Or(sp.Le(kv_pos, q_pos), sp.Lt(kv_pos, bound))
+        case Document(name):
+            return sp.Eq(tensor(name)[q_pos], tensor(name)[kv_pos])
+        case ExprRule(text):
+            return expr.parse(text, names=symbols.MASK_SYMBOLS, tensors=tensor_ndims, want="bool")
+        case AllOf(rules):
+            return sp.And(*(rule_to_sympy(r, tensor_ndims) for r in rules))
+        case AnyOf(rules):
+            return sp.Or(*(rule_to_sympy(r, tensor_ndims) for r in rules))
+        case NotRule(inner):
+            return sp.Not(rule_to_sympy(inner, tensor_ndims))
+    raise TypeError(rule)
+
+
+@lru_cache(maxsize=256)
+def visibility(spec: Spec) -> sp.Basic:
+    """The spec's visibility predicate over q_pos, kv_pos, head, batch, q_len, kv_len
+    and tensors (not including the sequence bounds, which every kernel adds)."""
+    return rule_to_sympy(spec.mask, _tensor_ndims(spec))
+
+
+@lru_cache(maxsize=256)
+def score(spec: Spec) -> sp.Basic:
+    """The modified score as an expression of ``score`` (= scale * q·k) and the index
+    symbols; ``score`` itself when the spec has no score_mod."""
+    if spec.score_mod is None:
+        return symbols.score
+    return expr.parse(spec.score_mod, names=symbols.SCORE_SYMBOLS, tensors=_tensor_ndims(spec), want="number")

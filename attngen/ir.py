@@ -198,12 +198,12 @@ def full_visibility(spec: Spec) -> sp.Basic:
     return sp.And(semantics.visibility(spec), sp.Lt(kv_pos, kv_len), sp.Ge(kv_pos, 0))
 
 
-def _finite(bound: sp.Expr, *, neg: str, pos: str) -> sp.Expr:
+def _finite(bound: sp.Expr, *, neg: sp.Expr | int, pos: sp.Expr) -> sp.Expr:
     """Replace a top-level infinite bound by the sequence bound it stands for."""
     if bound == -sp.oo:
-        return sp.Symbol(neg)
+        return sp.Integer(neg)
     if bound == sp.oo:
-        return sp.Symbol(pos)
+        return pos
     return bound
 
 
@@ -243,15 +243,15 @@ def lower(spec: Spec) -> KernelIR:
         return print_triton(expr, names=ELEMENT_NAMES, tensor_load=load)
 
     def tile(expr: sp.Basic) -> str:
-        return print_triton(expr, names={**TILE_NAMES, sp.Symbol("zero"): "0", sp.Symbol("kv_end"): "kv_len"},
-                            tensor_load=load)
+        return print_triton(expr, names=TILE_NAMES, tensor_load=load)
 
     pred = full_visibility(spec)
     tiles = analysis.analyse(pred)
-    kv_lo = _finite(tiles.kv_lo, neg="zero", pos="kv_end")
-    kv_hi = _finite(tiles.kv_hi, neg="zero", pos="kv_end")
-    full_lo = _finite(tiles.full_lo, neg="zero", pos="kv_end")
-    full_hi = _finite(tiles.full_hi, neg="zero", pos="kv_end")
+    # clamp the hull into the sequence and the fully visible run into the hull
+    kv_lo = sp.Max(_finite(tiles.kv_lo, neg=0, pos=kv_len), 0)
+    kv_hi = sp.Min(_finite(tiles.kv_hi, neg=0, pos=kv_len), kv_len)
+    full_lo = sp.Max(_finite(tiles.full_lo, neg=0, pos=kv_len), kv_lo)
+    full_hi = sp.Min(_finite(tiles.full_hi, neg=0, pos=kv_len), kv_hi)
     d_qk, d_v = spec.head_dim.qk, spec.head_dim.v
     first_line = (spec.description.strip().splitlines() or [spec.name])[0]
     ir = KernelIR(

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import jinja2
@@ -36,15 +37,24 @@ def environment() -> jinja2.Environment:
     )
 
 
+def templates_root() -> Traversable:
+    """The templates: package data when attngen is installed, else the source tree's
+    ``templates/`` (running from a checkout without installing)."""
+    try:
+        return resources.files(TEMPLATE_PACKAGE)
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "templates"
+
+
 def _template_source(name: str) -> str:
-    return resources.files(TEMPLATE_PACKAGE).joinpath(name).read_text()
+    return templates_root().joinpath(name).read_text()
 
 
 @cache
 def templates_digest() -> str:
     """Hash of every template: part of the cache key, so editing one invalidates it."""
     h = hashlib.sha256()
-    root = resources.files(TEMPLATE_PACKAGE)
+    root = templates_root()
     for entry in sorted(root.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".j2"):
             h.update(entry.name.encode())

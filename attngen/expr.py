@@ -1,0 +1,417 @@
+"""The expression grammar of masks and score modifications, parsed into sympy.
+
+A small tokenizer and recursive-descent parser with Python's precedence; nothing here
+calls ``eval``, ``sympify`` or ``lambdify`` on user text. Every value the parser builds
+carries its kind (boolean or number), so type mistakes are reported at the column where
+they start instead of surfacing later as a sympy error.
+
+>>> from attngen.symbols import MASK_SYMBOLS
+>>> parse("kv_pos <= q_pos", names=MASK_SYMBOLS, tensors={}, want="bool")
+kv_pos <= q_pos
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal
+
+import sympy as sp
+
+from attngen.errors import ExprError, did_you_mean
+
+Kind = Literal["bool", "number"]
+
+
+@dataclass(frozen=True, slots=True)
+class Function:
+    """A callable name of the grammar: its arity and how it builds sympy."""
+
+    name: str
+    min_args: int
+    max_args: int | None  # None: any number >= min_args
+    build: Callable[[list[sp.Basic]], sp.Basic]
+    arg_kinds: Callable[[int], Kind]  # the kind each argument (by position) must have
+    signature: str
+
+
+def _numbers(_: int) -> Kind:
+    return "number"
+
+
+def _where_kinds(i: int) -> Kind:
+    return "bool" if i == 0 else "number"
+
+
+def _function(
+    name: str,
+    lo: int,
+    hi: int | None,
+    build: Callable[[list[sp.Basic]], sp.Basic],
+    signature: str,
+    kinds: Callable[[int], Kind] = _numbers,
+) -> Function:
+    return Function(name, lo, hi, build, kinds, signature)
+
+
+#: The call names an expression may use, with their arity and sympy meaning.
+FUNCTIONS: Mapping[str, Function] = MappingProxyType(
+    {
+        f.name: f
+        for f in (
+            _function("min", 2, None, lambda a: sp.Min(*a), "min(a, b, ...)"),
+            _function("max", 2, None, lambda a: sp.Max(*a), "max(a, b, ...)"),
+            _function("abs", 1, 1, lambda a: sp.Abs(a[0]), "abs(x)"),
+            _function("exp", 1, 1, lambda a: sp.exp(a[0]), "exp(x)"),
+            _function("log", 1, 1, lambda a: sp.log(a[0]), "log(x)"),
+            _function("tanh", 1, 1, lambda a: sp.tanh(a[0]), "tanh(x)"),
+            _function("sqrt", 1, 1, lambda a: sp.sqrt(a[0]), "sqrt(x)"),
+            _function(
+                "where",
+                3,
+                3,
+                lambda a: sp.Piecewise((a[1], a[0]), (a[2], True)),
+                "where(cond, a, b)",
+                _where_kinds,
+            ),
+            _function(
+                "clamp", 3, 3, lambda a: sp.Min(sp.Max(a[0], a[1]), a[2]), "clamp(x, lo, hi)"
+            ),
+        )
+    }
+)
+
+_KEYWORDS = frozenset({"and", "or", "not", "true", "false"})
+_TOKEN = re.compile(
+    r"(?P<space>\s+)"
+    r"|(?P<number>(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)"
+    r"|(?P<name>[A-Za-z_][A-Za-z_0-9]*)"
+    r"|(?P<op>\*\*|//|==|!=|<=|>=|[-+*/%<>()\[\],])"
+)
+_COMPARISONS: dict[str, Callable[[sp.Basic, sp.Basic], sp.Basic]] = {
+    "==": sp.Eq,
+    "!=": sp.Ne,
+    "<": sp.Lt,
+    "<=": sp.Le,
+    ">": sp.Gt,
+    ">=": sp.Ge,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One lexeme: ``kind`` is number, name, op or end; ``column`` is 0-based."""
+
+    kind: str
+    text: str
+    column: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Value:
+    """A parsed sub-expression, its kind and where it starts."""
+
+    expr: sp.Basic
+    kind: Kind
+    column: int
+
+
+def tokenize(text: str) -> list[Token]:
+    """Split ``text`` into tokens, ending with an ``end`` token; raise ExprError on a
+    character that starts no token."""
+    tokens, pos = [], 0
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if match is None:
+            raise ExprError(text, pos, f"unexpected character {text[pos]!r}")
+        kind = match.lastgroup or ""
+        if kind != "space":
+            tokens.append(Token(kind, match.group(), pos))
+        pos = match.end()
+    tokens.append(Token("end", "", len(text)))
+    return tokens
+
+
+def parse(
+    text: str,
+    *,
+    names: Mapping[str, sp.Symbol],
+    tensors: Mapping[str, int],
+    want: Kind,
+) -> sp.Basic:
+    """Parse ``text`` into a sympy expression of kind ``want``.
+
+    ``names`` are the plain symbols the text may use; ``tensors`` maps each tensor name
+    to its number of indices (it must be indexed with exactly that many). Raises
+    :class:`ExprError` naming the column of the first problem.
+    """
+    value = _Parser(text, names, tensors).parse_all()
+    if value.kind != want:
+        wanted = "a boolean (a condition)" if want == "bool" else "a number"
+        raise ExprError(text, 0, f"expected {wanted}, got {_describe(value.kind)}")
+    return value.expr
+
+
+def _describe(kind: Kind) -> str:
+    return "a boolean" if kind == "bool" else "a number"
+
+
+class _Parser:
+    """Recursive descent, one method per precedence level (lowest first)."""
+
+    def __init__(self, text: str, names: Mapping[str, sp.Symbol], tensors: Mapping[str, int]):
+        self.text = text
+        self.names = names
+        self.tensors = tensors
+        self.tokens = tokenize(text)
+        self.pos = 0
+
+    # -- token helpers -------------------------------------------------------------------
+
+    @property
+    def peek(self) -> Token:
+        return self.tokens[self.pos]
+
+    def advance(self) -> Token:
+        token = self.tokens[self.pos]
+        self.pos += 1
+        return token
+
+    def accept(self, *texts: str) -> Token | None:
+        """Consume the next token if it is one of ``texts`` (an op or a keyword)."""
+        if self.peek.kind in ("op", "name") and self.peek.text in texts:
+            return self.advance()
+        return None
+
+    def expect(self, text: str) -> Token:
+        token = self.accept(text)
+        if token is None:
+            raise self.unexpected(f"expected {text!r}")
+        return token
+
+    def error(self, column: int, problem: str, suggestion: str | None = None) -> ExprError:
+        return ExprError(self.text, column, problem, suggestion)
+
+    def unexpected(self, hint: str | None = None) -> ExprError:
+        token = self.peek
+        what = (
+            "unexpected end of expression" if token.kind == "end" else f"unexpected {token.text!r}"
+        )
+        return self.error(token.column, what, hint)
+
+    def need(self, value: _Value, kind: Kind, context: str) -> _Value:
+        """``value`` itself, if it has ``kind``; otherwise an ExprError at its column."""
+        if value.kind != kind:
+            raise self.error(
+                value.column, f"{context} needs {_describe(kind)}, got {_describe(value.kind)}"
+            )
+        return value
+
+    # -- grammar -------------------------------------------------------------------------
+
+    def parse_all(self) -> _Value:
+        value = self.parse_or()
+        if self.peek.kind != "end":
+            raise self.unexpected()
+        return value
+
+    def parse_or(self) -> _Value:
+        return self._boolean_chain("or", self.parse_and, sp.Or)
+
+    def parse_and(self) -> _Value:
+        return self._boolean_chain("and", self.parse_not, sp.And)
+
+    def _boolean_chain(
+        self, word: str, operand: Callable[[], _Value], combine: Callable[..., sp.Basic]
+    ) -> _Value:
+        first = operand()
+        parts = [first]
+        while self.accept(word):
+            parts.append(operand())
+        if len(parts) == 1:
+            return first
+        exprs = [self.need(p, "bool", f"'{word}'").expr for p in parts]
+        return _Value(combine(*exprs), "bool", first.column)
+
+    def parse_not(self) -> _Value:
+        token = self.accept("not")
+        if token is None:
+            return self.parse_comparison()
+        inner = self.need(self.parse_not(), "bool", "'not'")
+        return _Value(sp.Not(inner.expr), "bool", token.column)
+
+    def parse_comparison(self) -> _Value:
+        left = self.parse_sum()
+        start, relations = left.column, []
+        while (op := self.accept(*_COMPARISONS)) is not None:
+            right = self.parse_sum()
+            context = f"comparison {op.text!r}"
+            a, b = self.need(left, "number", context), self.need(right, "number", context)
+            relations.append(_COMPARISONS[op.text](a.expr, b.expr))
+            left = right
+        if not relations:
+            return left
+        return _Value(sp.And(*relations), "bool", start)
+
+    def parse_sum(self) -> _Value:
+        value = self.parse_product()
+        while (op := self.accept("+", "-")) is not None:
+            right = self.need(self.parse_product(), "number", f"{op.text!r}")
+            left = self.need(value, "number", f"{op.text!r}")
+            combined = left.expr + right.expr if op.text == "+" else left.expr - right.expr
+            value = _Value(combined, "number", left.column)
+        return value
+
+    def parse_product(self) -> _Value:
+        value = self.parse_unary()
+        while (op := self.accept("*", "/", "//", "%")) is not None:
+            right = self.need(self.parse_unary(), "number", f"{op.text!r}")
+            left = self.need(value, "number", f"{op.text!r}")
+            value = _Value(self._product(op, left, right), "number", left.column)
+        return value
+
+    def _product(self, op: Token, left: _Value, right: _Value) -> sp.Basic:
+        if op.text == "*":
+            return left.expr * right.expr
+        if right.expr == 0:
+            raise self.error(
+                right.column, "division by zero" if op.text != "%" else "modulo by zero"
+            )
+        result: sp.Basic
+        if op.text == "/":
+            result = left.expr / right.expr
+        elif op.text == "//":
+            result = sp.floor(left.expr / right.expr)
+        else:
+            result = sp.Mod(left.expr, right.expr)
+        return self.defined(result, op.column)
+
+    def defined(self, result: sp.Basic, column: int) -> sp.Basic:
+        """``result``, unless sympy folded it to an undefined value (zoo, nan)."""
+        if result.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+            raise self.error(column, "the value is undefined (division by zero or log of zero?)")
+        return result
+
+    def parse_unary(self) -> _Value:
+        token = self.accept("-", "+")
+        if token is None:
+            return self.parse_power()
+        operand = self.need(self.parse_unary(), "number", f"unary {token.text!r}")
+        expr = -operand.expr if token.text == "-" else operand.expr
+        return _Value(expr, "number", token.column)
+
+    def parse_power(self) -> _Value:
+        base = self.parse_primary()
+        op = self.accept("**")
+        if op is None:
+            return base
+        exponent = self.need(self.parse_unary(), "number", "'**'")
+        base = self.need(base, "number", "'**'")
+        return _Value(self.defined(base.expr**exponent.expr, op.column), "number", base.column)
+
+    def parse_primary(self) -> _Value:
+        token = self.peek
+        if token.kind == "number":
+            self.advance()
+            return _Value(_number(token.text), "number", token.column)
+        if token.kind == "name":
+            return self.parse_name()
+        if self.accept("("):
+            inner = self.parse_or()
+            self.expect(")")
+            if self.peek.text in ("(", "["):
+                raise self.error(
+                    self.peek.column, "only a function can be called and only a tensor indexed"
+                )
+            return _Value(inner.expr, inner.kind, token.column)
+        raise self.unexpected()
+
+    def parse_name(self) -> _Value:
+        token = self.advance()
+        name = token.text
+        if name in ("true", "false"):
+            return _Value(sp.true if name == "true" else sp.false, "bool", token.column)
+        if name in _KEYWORDS:
+            raise self.error(token.column, f"unexpected {name!r}")
+        if self.peek.text == "(":
+            return self.parse_call(token)
+        if self.peek.text == "[":
+            return self.parse_index(token)
+        if name in self.names:
+            return _Value(self.names[name], "number", token.column)
+        if name in self.tensors:
+            dims = ", ".join(["i"] * self.tensors[name])
+            raise self.error(
+                token.column, f"tensor {name!r} must be indexed", f"write {name}[{dims}]"
+            )
+        if name in FUNCTIONS:
+            raise self.error(
+                token.column,
+                f"function {name!r} must be called",
+                f"write {FUNCTIONS[name].signature}",
+            )
+        raise self.unknown(token)
+
+    def unknown(self, token: Token) -> ExprError:
+        choices = [*self.names, *self.tensors, *FUNCTIONS]
+        return self.error(
+            token.column, f"unknown name {token.text!r}", did_you_mean(token.text, choices)
+        )
+
+    def parse_arguments(self, close: str) -> list[_Value]:
+        self.advance()  # the opening bracket
+        args = [self.parse_or()]
+        while self.accept(","):
+            args.append(self.parse_or())
+        self.expect(close)
+        return args
+
+    def parse_call(self, token: Token) -> _Value:
+        function = FUNCTIONS.get(token.text)
+        if function is None:
+            if token.text in self.names or token.text in self.tensors:
+                raise self.error(token.column, f"{token.text!r} is not a function")
+            raise self.unknown(token)
+        args = self.parse_arguments(")")
+        self.check_arity(function, args, token)
+        kinds = [function.arg_kinds(i) for i in range(len(args))]
+        exprs = [
+            self.need(a, k, f"argument {i + 1} of {function.name}()").expr
+            for i, (a, k) in enumerate(zip(args, kinds, strict=True))
+        ]
+        return _Value(self.defined(function.build(exprs), token.column), "number", token.column)
+
+    def check_arity(self, function: Function, args: Sequence[_Value], token: Token) -> None:
+        n = len(args)
+        too_many = function.max_args is not None and n > function.max_args
+        if n < function.min_args or too_many:
+            raise self.error(
+                token.column,
+                f"{function.name}() got {n} argument{'s' * (n != 1)}",
+                f"write {function.signature}",
+            )
+
+    def parse_index(self, token: Token) -> _Value:
+        name = token.text
+        if name not in self.tensors:
+            if name in self.names or name in FUNCTIONS:
+                raise self.error(token.column, f"{name!r} is not a tensor and cannot be indexed")
+            raise self.unknown(token)
+        indices = [
+            self.need(i, "number", f"an index of {name!r}") for i in self.parse_arguments("]")
+        ]
+        if len(indices) != self.tensors[name]:
+            raise self.error(
+                token.column,
+                f"tensor {name!r} takes {self.tensors[name]} index(es), got {len(indices)}",
+            )
+        element = sp.IndexedBase(name)[tuple(i.expr for i in indices)]
+        return _Value(element, "number", token.column)
+
+
+def _number(text: str) -> sp.Basic:
+    if any(c in text for c in ".eE"):
+        return sp.Float(float(text))
+    return sp.Integer(int(text))

@@ -1,0 +1,263 @@
+"""Print sympy expressions as Triton source, in the mould of sympy's code printers.
+
+Printing dispatches on the node's class (``_print_Add``, ``_print_Relational``, ...,
+found along the class's MRO), known functions come from a table, and parentheses come
+from a precedence table. The printer is strict: a node it has no rule for raises
+:class:`PrintError` rather than emitting something Triton would misread.
+
+The output calls three helpers that ``templates/expr_helpers.py.j2`` defines:
+``_floordiv`` and ``_mod`` (Python floor semantics) and ``_tanh``.
+
+>>> import sympy as sp
+>>> x = sp.Symbol("x")
+>>> print_triton(30 * sp.tanh(x / 30), names={x: "s"}, tensor_load=lambda n, i: n)
+'30 * _tanh(s / 30)'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import sympy as sp
+
+from attngen.errors import AttngenError
+
+TensorLoad = Callable[[str, list[str]], str]
+
+# Python's operator precedence, which Triton's frontend follows. Note that ``&`` and
+# ``|`` bind tighter than comparisons, so their operands are always parenthesized
+# unless they are atoms.
+PREC_ATOM = 100
+PREC_POWER = 60
+PREC_UNARY = 50
+PREC_MUL = 40
+PREC_ADD = 30
+PREC_BITAND = 20
+PREC_BITOR = 18
+PREC_COMPARE = 10
+
+#: sympy function class -> Triton function of one argument.
+KNOWN_FUNCTIONS: Mapping[type, str] = {
+    sp.Abs: "tl.abs",
+    sp.exp: "tl.exp",
+    sp.log: "tl.log",
+    sp.tanh: "_tanh",
+}
+
+_SMALL_POWERS = range(2, 5)
+
+
+class PrintError(AttngenError):
+    """An expression node the Triton printer has no rule for."""
+
+
+def print_triton(
+    expr: sp.Basic,
+    *,
+    names: Mapping[sp.Symbol, str],
+    tensor_load: TensorLoad,
+) -> str:
+    """Triton source for ``expr``.
+
+    ``names`` maps each symbol to its Triton variable; ``tensor_load(name, indices)``
+    returns the source that loads ``name[indices...]`` (the caller owns pointer math).
+    """
+    return TritonPrinter(names, tensor_load).doprint(expr)
+
+
+class TritonPrinter:
+    """Dispatch-on-class printer of sympy expressions as Triton expressions."""
+
+    def __init__(self, names: Mapping[sp.Symbol, str], tensor_load: TensorLoad):
+        self.names = names
+        self.tensor_load = tensor_load
+
+    def doprint(self, expr: sp.Basic) -> str:
+        return self._print(expr)[0]
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    def _print(self, expr: sp.Basic) -> tuple[str, int]:
+        """Source and precedence of ``expr``."""
+        for cls in type(expr).__mro__:
+            method = getattr(self, f"_print_{cls.__name__}", None)
+            if method is not None:
+                result: tuple[str, int] = method(expr)
+                return result
+        raise PrintError(f"cannot print {type(expr).__name__} node {expr} as Triton")
+
+    def paren(self, expr: sp.Basic, above: int) -> str:
+        """``expr`` printed, parenthesized unless its precedence is above ``above``."""
+        text, prec = self._print(expr)
+        return text if prec > above else f"({text})"
+
+    def call(self, function: str, *args: sp.Basic) -> tuple[str, int]:
+        return f"{function}({', '.join(self.doprint(a) for a in args)})", PREC_ATOM
+
+    # -- atoms ---------------------------------------------------------------------------
+
+    def _print_Symbol(self, expr: sp.Symbol) -> tuple[str, int]:
+        if expr not in self.names:
+            raise PrintError(f"symbol {expr.name!r} has no Triton name")
+        return self.names[expr], PREC_ATOM
+
+    def _print_Indexed(self, expr: sp.Indexed) -> tuple[str, int]:
+        indices = [self.doprint(i) for i in expr.indices]
+        return self.tensor_load(str(expr.base.label), indices), PREC_ATOM
+
+    def _print_Integer(self, expr: sp.Integer) -> tuple[str, int]:
+        value = int(expr)
+        return str(value), PREC_ATOM if value >= 0 else PREC_UNARY
+
+    def _print_Rational(self, expr: sp.Rational) -> tuple[str, int]:
+        return _float_literal(float(expr))
+
+    def _print_Float(self, expr: sp.Float) -> tuple[str, int]:
+        return _float_literal(float(expr))
+
+    def _print_Pi(self, expr: sp.Basic) -> tuple[str, int]:
+        return _float_literal(float(sp.pi))
+
+    def _print_Exp1(self, expr: sp.Basic) -> tuple[str, int]:
+        return _float_literal(float(sp.E))
+
+    def _print_BooleanTrue(self, expr: sp.Basic) -> tuple[str, int]:
+        return "True", PREC_ATOM
+
+    def _print_BooleanFalse(self, expr: sp.Basic) -> tuple[str, int]:
+        return "False", PREC_ATOM
+
+    # -- arithmetic ----------------------------------------------------------------------
+
+    def _print_Add(self, expr: sp.Add) -> tuple[str, int]:
+        # sympy's order, with the positive terms first so that ``q - k`` reads as written
+        ordered = expr.as_ordered_terms()
+        terms = [t for t in ordered if not t.could_extract_minus_sign()]
+        terms += [t for t in ordered if t.could_extract_minus_sign()]
+        text = self.paren(terms[0], PREC_ADD - 1)
+        for term in terms[1:]:
+            if term.could_extract_minus_sign():
+                text += f" - {self.paren(-term, PREC_ADD)}"
+            else:
+                text += f" + {self.paren(term, PREC_ADD)}"
+        return text, PREC_ADD
+
+    def _print_Mul(self, expr: sp.Mul) -> tuple[str, int]:
+        coeff = expr.as_coeff_Mul()[0]
+        if coeff.is_negative:
+            text, prec = self._print(-expr)
+            if prec <= PREC_ADD:
+                return f"-({text})", PREC_UNARY
+            return f"-{text}", min(prec, PREC_UNARY)
+        numerator, denominator = _split_fraction(expr)
+        text = " * ".join(self.paren(f, PREC_MUL - 1) for f in numerator) if numerator else "1.0"
+        if denominator:
+            den = sp.Mul(*denominator, evaluate=False) if len(denominator) > 1 else denominator[0]
+            text += f" / {self.paren(den, PREC_MUL)}"
+        return text, PREC_MUL
+
+    def _print_Pow(self, expr: sp.Pow) -> tuple[str, int]:
+        base, exponent = expr.as_base_exp()
+        if exponent.is_Float and float(exponent) * 2 == int(float(exponent) * 2):
+            exponent = sp.Rational(int(float(exponent) * 2), 2)
+        if exponent == sp.Rational(1, 2):
+            return self.call("tl.sqrt", base)
+        if exponent == -sp.Rational(1, 2):
+            return f"1.0 / {self.call('tl.sqrt', base)[0]}", PREC_MUL
+        if exponent.is_Integer and int(exponent) in _SMALL_POWERS:
+            return " * ".join([self.paren(base, PREC_MUL)] * int(exponent)), PREC_MUL
+        if exponent.is_Integer and -int(exponent) in (1, *_SMALL_POWERS):
+            return f"1.0 / {self.paren(sp.Pow(base, -exponent), PREC_MUL)}", PREC_MUL
+        raise PrintError(f"cannot print the power {expr} as Triton (only x**2..4, x**-1, sqrt)")
+
+    def _print_Min(self, expr: sp.Min) -> tuple[str, int]:
+        return self._nested("tl.minimum", list(expr.args))
+
+    def _print_Max(self, expr: sp.Max) -> tuple[str, int]:
+        return self._nested("tl.maximum", list(expr.args))
+
+    def _nested(self, function: str, args: list[sp.Basic]) -> tuple[str, int]:
+        """``f(a, f(b, c))`` for a binary Triton ``f`` over 2+ arguments."""
+        if len(args) == 1:
+            return self._print(args[0])
+        inner = self._nested(function, args[1:])[0]
+        return f"{function}({self.doprint(args[0])}, {inner})", PREC_ATOM
+
+    def _print_Function(self, expr: sp.Function) -> tuple[str, int]:
+        function = KNOWN_FUNCTIONS.get(type(expr))
+        if function is None:
+            raise PrintError(f"no Triton function for {type(expr).__name__}()")
+        return self.call(function, *expr.args)
+
+    def _print_floor(self, expr: sp.floor) -> tuple[str, int]:
+        numerator, denominator = sp.fraction(expr.args[0])
+        if not (numerator.is_integer and denominator.is_integer):
+            return self.call("tl.floor", expr.args[0])
+        return self.call("_floordiv", numerator, denominator)
+
+    def _print_Mod(self, expr: sp.Mod) -> tuple[str, int]:
+        return self.call("_mod", *expr.args)
+
+    def _print_Piecewise(self, expr: sp.Piecewise) -> tuple[str, int]:
+        *pieces, (last_value, last_cond) = expr.args
+        if last_cond != sp.true:
+            raise PrintError(f"Piecewise without a default (True) piece: {expr}")
+        text = self.doprint(last_value)
+        for value, cond in reversed(pieces):
+            text = f"tl.where({self.doprint(cond)}, {self.doprint(value)}, {text})"
+        return text, PREC_ATOM
+
+    # -- logic ---------------------------------------------------------------------------
+
+    def _print_Relational(self, expr: sp.core.relational.Relational) -> tuple[str, int]:
+        if expr.rel_op not in ("==", "!=", "<", "<=", ">", ">="):
+            raise PrintError(f"cannot print relation {expr.rel_op!r}")
+        lhs, rhs = (self.paren(a, PREC_COMPARE) for a in expr.args)
+        return f"{lhs} {expr.rel_op} {rhs}", PREC_COMPARE
+
+    def _print_And(self, expr: sp.And) -> tuple[str, int]:
+        return self._bitwise(" & ", expr.args), PREC_BITAND
+
+    def _print_Or(self, expr: sp.Or) -> tuple[str, int]:
+        return self._bitwise(" | ", expr.args), PREC_BITOR
+
+    def _bitwise(self, op: str, args: tuple[sp.Basic, ...]) -> str:
+        return op.join(self.paren(a, PREC_UNARY - 1) for a in args)
+
+    def _print_Not(self, expr: sp.Not) -> tuple[str, int]:
+        return f"~({self.doprint(expr.args[0])})", PREC_UNARY
+
+    # -- refused explicitly (they would otherwise match a generic rule) ------------------
+
+    def _print_Infinity(self, expr: sp.Basic) -> tuple[str, int]:
+        raise PrintError("cannot print infinity; substitute a bound first")
+
+    _print_NegativeInfinity = _print_Infinity
+    _print_ComplexInfinity = _print_Infinity
+
+    def _print_NaN(self, expr: sp.Basic) -> tuple[str, int]:
+        raise PrintError("cannot print nan")
+
+
+def _float_literal(value: float) -> tuple[str, int]:
+    if value != value or value in (float("inf"), float("-inf")):
+        raise PrintError(f"cannot print the non-finite number {value}")
+    text = repr(value)
+    return text, PREC_ATOM if value >= 0 else PREC_UNARY
+
+
+def _split_fraction(expr: sp.Mul) -> tuple[list[sp.Basic], list[sp.Basic]]:
+    """The factors of a product above and below the fraction bar (in sympy's order);
+    a rational coefficient p/q contributes p above (unless 1) and q below."""
+    numerator: list[sp.Basic] = []
+    denominator: list[sp.Basic] = []
+    for factor in expr.as_ordered_factors():
+        if factor.is_Rational and not factor.is_Integer:
+            p, q = factor.as_numer_denom()
+            numerator += [p] if p != 1 else []
+            denominator.append(q)
+        elif factor.is_Pow and factor.exp.is_Integer and factor.exp < 0:
+            denominator.append(sp.Pow(factor.base, -factor.exp))
+        else:
+            numerator.append(factor)
+    return numerator, denominator

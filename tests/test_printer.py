@@ -1,0 +1,194 @@
+"""Golden strings for the sympy -> Triton printer, and the Triton helpers it calls run
+under the interpreter against Python semantics."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import jinja2
+import numpy as np
+import pytest
+import sympy as sp
+
+from attngen import expr
+from attngen.printer import PrintError, print_triton
+from attngen.symbols import SCORE_SYMBOLS
+
+TENSORS = {"slopes": 1, "bias": 2, "doc": 1}
+NAMES = {symbol: name for name, symbol in SCORE_SYMBOLS.items()}
+HELPERS = Path(__file__).resolve().parents[1] / "templates" / "expr_helpers.py.j2"
+
+
+def load(name: str, indices: list[str]) -> str:
+    return f"tl.load({name}_ptr + {' + '.join(indices)})"
+
+
+def printed(text: str, want: expr.Kind = "number") -> str:
+    parsed = expr.parse(text, names=SCORE_SYMBOLS, tensors=TENSORS, want=want)
+    return print_triton(parsed, names=NAMES, tensor_load=load)
+
+
+GOLDEN_NUMBERS = [
+    ("30 * tanh(score / 30)", "30 * _tanh(score / 30)"),
+    (
+        "score - slopes[head] * abs(q_pos - kv_pos)",
+        "score - tl.abs(kv_pos - q_pos) * tl.load(slopes_ptr + head)",
+    ),
+    (
+        "score + bias[head, clamp(q_pos - kv_pos, 0, 127)]",
+        "score + tl.load(bias_ptr + head + tl.minimum(127, tl.maximum(0, q_pos - kv_pos)))",
+    ),
+    ("q_pos // 64 + kv_pos % 4", "_mod(kv_pos, 4) + _floordiv(q_pos, 64)"),
+    ("(q_pos - kv_pos) // head", "_floordiv(q_pos - kv_pos, head)"),
+    ("where(q_pos >= kv_pos, score, -score)", "tl.where(kv_pos <= q_pos, score, -score)"),
+    (
+        "where(q_pos > 3, 1, where(kv_pos > 3, 2, 3))",
+        "tl.where(q_pos > 3, 1, tl.where(kv_pos > 3, 2, 3))",
+    ),
+    ("max(q_pos, kv_pos, 3)", "tl.maximum(3, tl.maximum(kv_pos, q_pos))"),
+    ("score * (q_pos + 1)", "score * (q_pos + 1)"),
+    ("-(score + 1) / (q_pos + 2)", "(-score - 1) / (q_pos + 2)"),
+    ("score ** 2 + 1 / score", "score * score + 1.0 / score"),
+    ("sqrt(score) + exp(-score) + log(score)", "tl.sqrt(score) + tl.log(score) + tl.exp(-score)"),
+    ("0.5 * score + 1e-3", "0.5 * score + 0.001"),
+    ("score + 1 / 4", "score + 0.25"),
+    ("-score", "-score"),
+]
+
+GOLDEN_BOOLEANS = [
+    ("kv_pos <= q_pos", "kv_pos <= q_pos"),
+    ("kv_pos <= q_pos and q_pos - kv_pos < 128", "(kv_pos <= q_pos) & (q_pos - kv_pos < 128)"),
+    ("q_pos - 64 <= kv_pos <= q_pos + 8", "(kv_pos <= q_pos + 8) & (q_pos - 64 <= kv_pos)"),
+    (
+        "kv_pos < 4 or (q_pos // 64) == (kv_pos // 64)",
+        "(kv_pos < 4) | (_floordiv(q_pos, 64) == _floordiv(kv_pos, 64))",
+    ),
+    (
+        "not (kv_pos < 4 or doc[q_pos] == doc[kv_pos])",
+        "~((kv_pos < 4) | (tl.load(doc_ptr + q_pos) == tl.load(doc_ptr + kv_pos)))",
+    ),
+    (
+        "kv_pos % 2 == 0 and not (head == 1 or q_pos != 3)",
+        "(_mod(kv_pos, 2) == 0) & ~((head == 1) | (q_pos != 3))",
+    ),
+    ("true", "True"),
+    ("false or 1 > 2", "False"),
+]
+
+
+@pytest.mark.parametrize(("text", "want"), GOLDEN_NUMBERS)
+def test_numbers(text: str, want: str) -> None:
+    assert printed(text) == want
+
+
+@pytest.mark.parametrize(("text", "want"), GOLDEN_BOOLEANS)
+def test_booleans(text: str, want: str) -> None:
+    assert printed(text, "bool") == want
+
+
+def test_constants_print_as_floats() -> None:
+    assert print_triton(sp.pi, names={}, tensor_load=load) == repr(math.pi)
+    assert print_triton(sp.E, names={}, tensor_load=load) == repr(math.e)
+    assert print_triton(sp.Rational(1, 3), names={}, tensor_load=load) == repr(1 / 3)
+    assert print_triton(sp.Float(2.0), names={}, tensor_load=load) == "2.0"
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        sp.Symbol("unnamed"),
+        sp.Pow(SCORE_SYMBOLS["score"], 7),
+        sp.Pow(2, SCORE_SYMBOLS["q_pos"]),
+        sp.oo,
+        sp.sin(SCORE_SYMBOLS["score"]),
+        sp.Piecewise((1, SCORE_SYMBOLS["q_pos"] > 2)),
+    ],
+    ids=str,
+)
+def test_refuses_what_it_cannot_print(node: sp.Basic) -> None:
+    with pytest.raises(PrintError):
+        print_triton(node, names=NAMES, tensor_load=load)
+
+
+# -- the helpers, run under the Triton interpreter ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def helpers(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    """The helper template rendered into an importable module (triton.jit needs a file)."""
+    body = jinja2.Template(HELPERS.read_text(), undefined=jinja2.StrictUndefined).render()
+    source = "import triton\nimport triton.language as tl\n\n" + body + KERNELS
+    path = tmp_path_factory.mktemp("helpers") / "expr_helpers_under_test.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+KERNELS = """
+
+@triton.jit
+def int_kernel(a_ptr, b_ptr, div_ptr, mod_ptr, div7_ptr, mod7_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(a_ptr + offs, mask=mask, other=0)
+    b = tl.load(b_ptr + offs, mask=mask, other=1)
+    tl.store(div_ptr + offs, _floordiv(a, b), mask=mask)
+    tl.store(mod_ptr + offs, _mod(a, b), mask=mask)
+    tl.store(div7_ptr + offs, _floordiv(a, -7), mask=mask)
+    tl.store(mod7_ptr + offs, _mod(a, 7), mask=mask)
+
+
+@triton.jit
+def tanh_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, _tanh(tl.load(x_ptr + offs, mask=mask, other=0.0)), mask=mask)
+"""
+
+
+@pytest.mark.interpreter
+def test_floordiv_and_mod_follow_python(helpers: ModuleType) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    n = 256
+    a = rng.integers(-1000, 1000, n).astype(np.int32)
+    b = rng.integers(1, 50, n).astype(np.int32) * rng.choice([-1, 1], n).astype(np.int32)
+    a[:4] = [0, -7, 7, -1]
+    outs = [torch.empty(n, dtype=torch.int32) for _ in range(4)]
+    helpers.int_kernel[(1,)](torch.from_numpy(a), torch.from_numpy(b), *outs, n, BLOCK=n)
+    div, mod, div7, mod7 = (o.numpy() for o in outs)
+    np.testing.assert_array_equal(div, np.floor_divide(a, b))
+    np.testing.assert_array_equal(mod, np.mod(a, b))
+    np.testing.assert_array_equal(div7, np.floor_divide(a, -7))
+    np.testing.assert_array_equal(mod7, np.mod(a, 7))
+
+
+@pytest.mark.interpreter
+def test_tanh_is_accurate_and_finite(helpers: ModuleType) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    x = np.concatenate(
+        [
+            rng.normal(0, 3, 400),
+            rng.uniform(-0.2, 0.2, 100),
+            [0.0, -0.0, 1e-30, 0.125, -0.125],
+            [50.0, -50.0, 1e4, -1e4, 3e38, -3e38],
+        ]
+    ).astype(np.float32)
+    y = torch.empty(len(x), dtype=torch.float32)
+    helpers.tanh_kernel[(1,)](torch.from_numpy(x), y, len(x), BLOCK=1024)
+    got = y.numpy()
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, np.tanh(x.astype(np.float64)), rtol=2e-6, atol=1e-7)

@@ -1,0 +1,229 @@
+"""The tree-attention cost model, written as sympy formulas.
+
+The formulas describe one launch of the two-stage tree kernel over a plan: stage 1
+reads each group's KV chunk once for all its queries and all query heads of a KV head
+(GQA), writes one fp32 partial (O and LSE) per (group, query slot, head); stage 2 reads
+the partials back and merges them per query. They are compiled once at import
+(``sympy.lambdify`` over numpy), so evaluating many candidate plans is a vectorized call.
+
+Symbols (all plain sympy Symbols, positive):
+
+- plan: ``C`` chunk, ``QG`` queries per group, ``G`` groups, ``T`` KV tokens read
+  (the sum of group KV lengths), ``P`` partials, ``NQ`` queries, ``L`` launches;
+- heads: ``Hq``, ``Hkv``, ``Dqk``, ``Dv``, ``E`` bytes per element, ``R_min`` the
+  minimum rows of a matrix-unit tile;
+- comparison: ``T_branch`` KV tokens read by per-branch decoding (the sum of each
+  query's visible tokens), ``T_unique`` unique KV tokens (the floor);
+- machine: ``BW`` bytes/s, ``RATE`` FLOP/s, ``LAUNCH`` s per launch, ``SMS`` SM count.
+
+>>> layout = HeadLayout(heads_q=32, heads_kv=8, head_dim_qk=128, head_dim_v=128)
+>>> int(kv_bytes_of(tokens=1, layout=layout))
+4096
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import sympy as sp
+
+C, QG, G, T, P, NQ, L = sp.symbols("C QG G T P NQ L", positive=True)
+Hq, Hkv, Dqk, Dv, E, R_min = sp.symbols("Hq Hkv Dqk Dv E R_min", positive=True)
+T_branch, T_unique = sp.symbols("T_branch T_unique", positive=True)
+BW, RATE, LAUNCH, SMS = sp.symbols("BW RATE LAUNCH SMS", positive=True)
+
+#: Bytes of K and V per token over all KV heads.
+KV_TOKEN_BYTES = Hkv * (Dqk + Dv) * E
+#: Stage 1 KV reads: every group reads its chunk once, for all heads sharing a KV head.
+KV_BYTES = T * KV_TOKEN_BYTES
+#: Query rows loaded by stage 1 (each group loads its queries' rows).
+Q_BYTES = G * QG * Hq * Dqk * E
+#: fp32 partial O and LSE per (partial, head), written by stage 1 and read by the merge.
+PARTIAL_BYTES = 2 * P * Hq * (Dv + 1) * 4
+#: The output.
+OUT_BYTES = NQ * Hq * Dv * E
+TOTAL_BYTES = KV_BYTES + Q_BYTES + PARTIAL_BYTES + OUT_BYTES
+#: Matrix-unit FLOPs: QK^T and PV over the rows of a KV head (padded to R_min rows).
+FLOPS = 2 * T * Hkv * sp.Max(QG * Hq / Hkv, R_min) * (Dqk + Dv)
+#: Fraction of the machine busy: fewer (group, KV head) programs than SMs leaves it idle
+#: (at least one program, so an empty plan costs its launches only).
+OCCUPANCY = sp.Min(1, sp.Max(G, 1) * Hkv / SMS)
+TIME = sp.Max(TOTAL_BYTES / BW, FLOPS / RATE) / OCCUPANCY + L * LAUNCH
+#: Per-branch (sequence-based) decoding: each query reads its whole root path's KV.
+BRANCH_BYTES = T_branch * KV_TOKEN_BYTES + NQ * Hq * (Dqk + Dv) * E
+#: The IO floor: each unique KV byte once.
+FLOOR_BYTES = T_unique * KV_TOKEN_BYTES
+
+_ARGS = (
+    C,
+    QG,
+    G,
+    T,
+    P,
+    NQ,
+    L,
+    Hq,
+    Hkv,
+    Dqk,
+    Dv,
+    E,
+    R_min,
+    T_branch,
+    T_unique,
+    BW,
+    RATE,
+    LAUNCH,
+    SMS,
+)
+
+
+def _compile(expr: sp.Expr) -> Callable[..., np.ndarray]:
+    return sp.lambdify(_ARGS, expr, modules="numpy")
+
+
+_COMPILED: dict[str, Callable[..., np.ndarray]] = {
+    name: _compile(expr)
+    for name, expr in {
+        "kv_bytes": KV_BYTES,
+        "partial_bytes": PARTIAL_BYTES,
+        "total_bytes": TOTAL_BYTES,
+        "flops": FLOPS,
+        "time_s": TIME,
+        "branch_bytes": BRANCH_BYTES,
+        "floor_bytes": FLOOR_BYTES,
+    }.items()
+}
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLayout:
+    """Head counts, head dims and element size of the attention a plan serves.
+
+    ``max_rows`` bounds the rows of one program (queries per group x query heads per KV
+    head).
+    """
+
+    heads_q: int = 32
+    heads_kv: int = 32
+    head_dim_qk: int = 128
+    head_dim_v: int = 128
+    dtype_bytes: int = 2
+    max_rows: int = 128
+    min_rows: int = 16
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.heads_q // self.heads_kv
+
+    def queries_per_group_choices(self) -> tuple[int, ...]:
+        """Powers of two QG with QG * group <= max_rows (at least 1)."""
+        choices, qg = [], 1
+        while qg == 1 or qg * self.group <= self.max_rows:
+            choices.append(qg)
+            qg *= 2
+        return tuple(choices)
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """Rates of the target GPU (defaults: an H200, bf16)."""
+
+    bandwidth: float = 4.0e12
+    matmul_rate: float = 7.0e14
+    launch_overhead: float = 3.0e-6
+    sms: int = 132
+
+
+@dataclass(frozen=True, slots=True)
+class PlanStats:
+    """The plan quantities the formulas need; numpy arrays evaluate many candidates."""
+
+    chunk: int | np.ndarray
+    queries_per_group: int | np.ndarray
+    groups: int | np.ndarray
+    tokens_read: int | np.ndarray
+    partials: int | np.ndarray
+    queries: int
+    launches: int | np.ndarray
+    branch_tokens: int
+    unique_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlanCost:
+    """Predicted cost of a plan, and per-branch decoding of the same batch."""
+
+    kv_bytes: float
+    partial_bytes: float
+    total_bytes: float
+    flops: float
+    launches: int
+    time_s: float
+    branch_bytes: float
+    floor_bytes: float
+
+    @property
+    def io_saved(self) -> float:
+        """Fraction of per-branch decoding's bytes this plan does not move."""
+        return 1.0 - self.total_bytes / self.branch_bytes if self.branch_bytes else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"predicted {self.total_bytes / 1e6:.2f} MB ({self.kv_bytes / 1e6:.2f} MB KV, "
+            f"{self.partial_bytes / 1e6:.2f} MB partials), {self.flops / 1e9:.2f} GFLOP, "
+            f"{self.launches} launch(es), {self.time_s * 1e6:.1f} us; per-branch decoding "
+            f"{self.branch_bytes / 1e6:.2f} MB -> {100 * self.io_saved:.1f}% IO saved; floor "
+            f"{self.floor_bytes / 1e6:.2f} MB"
+        )
+
+
+def _values(stats: PlanStats, layout: HeadLayout, machine: Machine) -> tuple[object, ...]:
+    return (
+        stats.chunk,
+        stats.queries_per_group,
+        stats.groups,
+        stats.tokens_read,
+        stats.partials,
+        stats.queries,
+        stats.launches,
+        layout.heads_q,
+        layout.heads_kv,
+        layout.head_dim_qk,
+        layout.head_dim_v,
+        layout.dtype_bytes,
+        layout.min_rows,
+        stats.branch_tokens,
+        stats.unique_tokens,
+        machine.bandwidth,
+        machine.matmul_rate,
+        machine.launch_overhead,
+        machine.sms,
+    )
+
+
+def evaluate(name: str, stats: PlanStats, layout: HeadLayout, machine: Machine) -> np.ndarray:
+    """One compiled formula (``time_s``, ``total_bytes``, ...) at ``stats`` (vectorized)."""
+    return np.asarray(_COMPILED[name](*_values(stats, layout, machine)), dtype=np.float64)
+
+
+def plan_cost(stats: PlanStats, layout: HeadLayout, machine: Machine | None = None) -> PlanCost:
+    """Every formula at one concrete plan."""
+    machine = machine or Machine()
+    value = {name: float(evaluate(name, stats, layout, machine)) for name in _COMPILED}
+    return PlanCost(launches=int(stats.launches), **value)
+
+
+def kv_bytes_of(tokens: int, layout: HeadLayout) -> float:
+    """Bytes of K and V for ``tokens`` tokens (all KV heads)."""
+    per = KV_TOKEN_BYTES.subs(
+        {
+            Hkv: layout.heads_kv,
+            Dqk: layout.head_dim_qk,
+            Dv: layout.head_dim_v,
+            E: layout.dtype_bytes,
+        }
+    )
+    return float(per) * tokens

@@ -1,0 +1,699 @@
+"""KV-guided tree planning (DeFT-style, with tree split) for the tree kernels.
+
+The planner flattens a :class:`~attngen.tree.TreeBatch`'s KV (preorder, node tokens
+contiguous), cuts it into chunks, pairs each chunk with every query that sees any of its
+tokens and splits each chunk's queries into groups of at most ``queries_per_group``.
+Stage 1 of the kernel computes one partial (O, LSE) per (group, query slot); stage 2
+merges each query's partials by log-sum-exp in the order of ``merge_src``.
+
+**Chunking rule** (node-aware packing). Nodes are visited in preorder. A node that fits
+entirely in the open chunk joins it; otherwise it starts a fresh chunk and is cut into
+``ceil(tokens / chunk)`` pieces, the last of which stays open. So a node is split over
+the fewest chunks possible, small nodes (speculative token trees, short thoughts) share
+chunks, and a chunk spans nodes only when they fit whole — which keeps every chunk's
+query set close to the queries that need all of it. Empty nodes take no space.
+
+**Plan format** (the contract with the kernels; int32 tensors on the requested device):
+``group_kv_start[G]``, ``group_kv_len[G]``, ``group_q[G, QG]`` (-1 padded),
+``group_full[G]``, ``group_bits[G, QG, chunk // 32]`` (bit ``j % 32`` of word ``j // 32``:
+chunk token ``j`` is visible to the slot's query), ``merge_ptr[NQ + 1]``,
+``merge_src[P]`` (partial ``g * QG + s``, ascending group), ``q_pos[NQ]``,
+``kv_pos[n_kv]``, ``q_tree[NQ]``. Groups are ordered by chunk, slots by query id.
+
+>>> from attngen.tree import TreeBatch
+>>> p = plan_tree(TreeBatch.from_parents([-1, 0, 0], [40, 30, 50]), chunk=64, queries_per_group=2)
+>>> p.n_groups, p.group_q.tolist(), p.merge_ptr.tolist()
+(3, [[0, 1], [0, -1], [1, -1]], [0, 2, 4])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from attngen.cost import HeadLayout, Machine, PlanCost, PlanStats, evaluate, plan_cost
+from attngen.errors import PlanError
+from attngen.tree import TreeBatch
+
+#: Candidate chunk sizes the cost model chooses among (multiples of 32).
+CHUNK_CHOICES = (64, 128, 256, 512)
+WORD = 32
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunking:
+    """Chunks of the flattened KV and the node pieces they hold, sorted by chunk."""
+
+    chunk: int
+    start: np.ndarray  # [n_chunks] flattened index of the first token
+    length: np.ndarray  # [n_chunks]
+    piece_chunk: np.ndarray  # [n_pieces]
+    piece_rank: np.ndarray  # preorder rank of the piece's node
+    piece_offset: np.ndarray  # first token of the piece within its node
+    piece_len: np.ndarray
+    piece_local: np.ndarray  # first token of the piece within its chunk
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.start)
+
+    def signatures(self, order: np.ndarray) -> list[tuple[int, ...]]:
+        """Per chunk: (first node, its offset, last node, its end, length), which
+        identifies a chunk's content across token appends that do not touch it."""
+        last = np.cumsum(np.bincount(self.piece_chunk, minlength=self.n_chunks)) - 1
+        first = last - np.bincount(self.piece_chunk, minlength=self.n_chunks) + 1
+        nodes = order[self.piece_rank]
+        ends = self.piece_offset + self.piece_len
+        cols = (nodes[first], self.piece_offset[first], nodes[last], ends[last], self.length)
+        return list(zip(*(c.tolist() for c in cols), strict=True))
+
+
+def _node_placement(sizes: list[int], chunk: int) -> tuple[list[int], list[int], list[int], int]:
+    """Per node (preorder, non-empty): first chunk, offset in it, piece count; and the
+    chunk count. Implements the packing rule of the module docstring."""
+    first, local, pieces = [], [], []
+    n_chunks, fill = 0, 0
+    for t in sizes:
+        if fill > 0 and fill + t <= chunk:
+            first.append(n_chunks - 1)
+            local.append(fill)
+            pieces.append(1)
+            fill += t
+        else:
+            count = -(-t // chunk)
+            first.append(n_chunks)
+            local.append(0)
+            pieces.append(count)
+            n_chunks += count
+            fill = t - (count - 1) * chunk
+        if fill == chunk:
+            fill = 0
+    return first, local, pieces, n_chunks
+
+
+def _chunk_layout(tree: TreeBatch, chunk: int) -> _Chunking:
+    """Cut the flattened KV of ``tree`` into chunks (vectorized except one node loop)."""
+    sizes = tree.tokens[tree.order]
+    ranks = np.flatnonzero(sizes > 0)
+    first, local, pieces, n_chunks = _node_placement(sizes[ranks].tolist(), chunk)
+    counts = np.asarray(pieces, dtype=np.int64)
+    piece_node = np.repeat(np.arange(len(ranks)), counts)
+    k = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    offset = k * chunk
+    length = np.minimum(chunk, sizes[ranks][piece_node] - offset)
+    piece_local = np.where(k == 0, np.asarray(local, dtype=np.int64)[piece_node], 0)
+    piece_chunk = np.asarray(first, dtype=np.int64)[piece_node] + k
+    global_start = tree.node_kv_start[tree.order[ranks]][piece_node] + offset
+    chunk_len = np.bincount(piece_chunk, weights=length, minlength=n_chunks).astype(np.int64)
+    chunk_start = np.zeros(n_chunks, dtype=np.int64)
+    chunk_start[piece_chunk[k == 0][::-1]] = (global_start - piece_local)[k == 0][::-1]
+    chunk_start[piece_chunk[k > 0]] = global_start[k > 0]
+    return _Chunking(
+        chunk, chunk_start, chunk_len, piece_chunk, ranks[piece_node], offset, length, piece_local
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Pairs:
+    """Unique (chunk, query) pairs sorted by (chunk, query), with what is needed for bits."""
+
+    chunk: np.ndarray
+    query: np.ndarray
+    visible: np.ndarray  # visible tokens of the chunk
+    span_lo: np.ndarray  # per (piece, query) span, sorted by pair
+    span_hi: np.ndarray
+    span_starts: np.ndarray  # first span of each pair
+
+
+def _pairs(tree: TreeBatch, layout: _Chunking, piece_mask: np.ndarray | None = None) -> _Pairs:
+    """Every (chunk, query) pair with a visible token; a query sees a piece iff the
+    piece's node is an ancestor-or-self of the query's node (a preorder-range test)."""
+    q_rank = tree.pre_rank[tree.query_node]
+    by_rank = np.argsort(q_rank, kind="stable")
+    sorted_rank = q_rank[by_rank]
+    pieces = np.arange(len(layout.piece_chunk))
+    if piece_mask is not None:
+        pieces = pieces[piece_mask]
+    rank = layout.piece_rank[pieces]
+    lo = np.searchsorted(sorted_rank, rank, "left")
+    hi = np.searchsorted(sorted_rank, tree.pre_end[tree.order[rank]], "left")
+    counts = hi - lo
+    pp = np.repeat(pieces, counts)
+    within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    query = by_rank[np.repeat(lo, counts) + within]
+    visible = layout.piece_len[pp]
+    own = q_rank[query] == layout.piece_rank[pp]
+    own_visible = np.clip(tree.query_own_len[query] - layout.piece_offset[pp], 0, visible)
+    visible = np.where(own, own_visible, visible)
+    keep = visible > 0
+    pp, query, visible = pp[keep], query[keep], visible[keep]
+    key = layout.piece_chunk[pp] * max(tree.n_queries, 1) + query
+    by_key = np.argsort(key, kind="stable")
+    key, pp, query, visible = key[by_key], pp[by_key], query[by_key], visible[by_key]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else key
+    span_lo = layout.piece_local[pp]
+    return _Pairs(
+        chunk=layout.piece_chunk[pp][starts],
+        query=query[starts],
+        visible=np.add.reduceat(visible, starts) if key.size else visible,
+        span_lo=span_lo,
+        span_hi=span_lo + visible,
+        span_starts=starts,
+    )
+
+
+def _prefix_masks(chunk: int) -> np.ndarray:
+    """uint32 [chunk + 1, chunk // 32]: row x has bits 0..x-1 set (the span [0, x))."""
+    x = np.arange(chunk + 1, dtype=np.int64)[:, None]
+    ones = np.clip(x - np.arange(chunk // WORD, dtype=np.int64) * WORD, 0, WORD)
+    return ((np.left_shift(1, ones) - 1) & 0xFFFFFFFF).astype(np.uint32)
+
+
+_PREFIX_MASKS: dict[int, np.ndarray] = {}
+
+
+def _pair_bits(pairs: _Pairs, chunk: int) -> np.ndarray:
+    """int32 [pairs, chunk // 32] visibility words. A span [lo, hi) is prefix(hi) ^
+    prefix(lo); a pair's spans (distinct pieces of one chunk) are disjoint, so OR = XOR."""
+    table = _PREFIX_MASKS.get(chunk)
+    if table is None:
+        table = _PREFIX_MASKS.setdefault(chunk, _prefix_masks(chunk))
+    words = table[pairs.span_hi] ^ table[pairs.span_lo]
+    if len(pairs.span_starts) != len(words):
+        words = np.bitwise_xor.reduceat(words, pairs.span_starts, axis=0)
+    return words.view(np.int32)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    """Group rows in numpy: the chunk of each group, its query slots, bits, fullness."""
+
+    chunk: np.ndarray  # [G]
+    query: np.ndarray  # [G, QG]
+    bits: np.ndarray  # [G, QG, W]
+    full: np.ndarray  # [G] bool
+
+    @staticmethod
+    def concat(parts: list[_Rows]) -> _Rows:
+        """Rows of several parts, stably ordered by chunk."""
+        chunk = np.concatenate([p.chunk for p in parts])
+        order = np.argsort(chunk, kind="stable")
+        return _Rows(
+            chunk[order],
+            np.concatenate([p.query for p in parts])[order],
+            np.concatenate([p.bits for p in parts])[order],
+            np.concatenate([p.full for p in parts])[order],
+        )
+
+
+def _group_counts(pairs: _Pairs, n_chunks: int, qg: int) -> np.ndarray:
+    """Groups per chunk: ceil(queries of the chunk / QG)."""
+    return -(-np.bincount(pairs.chunk, minlength=n_chunks) // qg)
+
+
+def _rows(pairs: _Pairs, layout: _Chunking, qg: int) -> _Rows:
+    """Split each chunk's queries (ascending id) into groups of at most ``qg``."""
+    per_chunk = np.bincount(pairs.chunk, minlength=layout.n_chunks)
+    n_groups = -(-per_chunk // qg)
+    rank = np.arange(len(pairs.chunk)) - (np.cumsum(per_chunk) - per_chunk)[pairs.chunk]
+    group = (np.cumsum(n_groups) - n_groups)[pairs.chunk] + rank // qg
+    slot = rank % qg
+    total, words = int(n_groups.sum()), layout.chunk // WORD
+    flat_slot = group * qg + slot
+    query = np.full(total * qg, -1, dtype=np.int64)
+    query[flat_slot] = pairs.query
+    bits = np.zeros((total * qg, words), dtype=np.int32)
+    bits[flat_slot] = _pair_bits(pairs, layout.chunk)
+    partial = group[pairs.visible < layout.length[pairs.chunk]]
+    full = np.ones(total, dtype=bool)
+    full[partial] = False
+    chunks = np.repeat(np.arange(layout.n_chunks), n_groups)
+    return _Rows(chunks, query.reshape(total, qg), bits.reshape(total, qg, words), full)
+
+
+# ---------------------------------------------------------------------------------------
+# Choosing chunk and queries per group from the cost model.
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    layout: _Chunking
+    pairs: _Pairs
+    qg: int
+    time_s: float
+
+
+def _stats(tree: TreeBatch, layout: _Chunking, pairs: _Pairs, qg: np.ndarray | int) -> PlanStats:
+    """Plan quantities for one chunking and one or many QG values (vectorized over QG)."""
+    per_chunk = np.bincount(pairs.chunk, minlength=layout.n_chunks)
+    qg_arr = np.atleast_1d(np.asarray(qg, dtype=np.int64))
+    groups = -(-per_chunk[None, :] // qg_arr[:, None])
+    partials_per_query = np.bincount(pairs.query, minlength=tree.n_queries)
+    launches = 1 if partials_per_query.max(initial=0) <= 1 else 2
+    return PlanStats(
+        chunk=layout.chunk,
+        queries_per_group=qg_arr,
+        groups=groups.sum(axis=1),
+        tokens_read=(groups * layout.length[None, :]).sum(axis=1),
+        partials=len(pairs.chunk),
+        queries=tree.n_queries,
+        launches=launches,
+        branch_tokens=int(tree.query_visible_counts.sum()),
+        unique_tokens=tree.needed_kv_tokens,
+    )
+
+
+def _best_qg(
+    tree: TreeBatch, layout: _Chunking, pairs: _Pairs, heads: HeadLayout, machine: Machine
+) -> tuple[int, float]:
+    choices = np.asarray(heads.queries_per_group_choices(), dtype=np.int64)
+    times = evaluate("time_s", _stats(tree, layout, pairs, choices), heads, machine)
+    best = int(np.argmin(times))  # first minimum: the smallest QG among ties
+    return int(choices[best]), float(times[best])
+
+
+def _candidate(
+    tree: TreeBatch, chunk: int, qg: int | None, heads: HeadLayout, machine: Machine
+) -> _Candidate:
+    layout = _chunk_layout(tree, chunk)
+    pairs = _pairs(tree, layout)
+    if qg is not None:
+        t = float(evaluate("time_s", _stats(tree, layout, pairs, qg), heads, machine)[0])
+        return _Candidate(layout, pairs, qg, t)
+    return _Candidate(layout, pairs, *_best_qg(tree, layout, pairs, heads, machine))
+
+
+def _choose(
+    tree: TreeBatch, chunk: int | None, qg: int | None, heads: HeadLayout, machine: Machine
+) -> _Candidate:
+    """The candidate of least predicted time (ties: the earliest chunk, then smallest QG)."""
+    _check_params(chunk, qg, heads)
+    chunks = CHUNK_CHOICES if chunk is None else (chunk,)
+    candidates = [_candidate(tree, c, qg, heads, machine) for c in chunks]
+    return min(candidates, key=lambda c: c.time_s)
+
+
+def _check_params(chunk: int | None, qg: int | None, heads: HeadLayout) -> None:
+    if chunk is not None and (chunk < WORD or chunk % WORD):
+        raise PlanError(f"chunk {chunk} must be a positive multiple of {WORD} (e.g. 64..512).")
+    if qg is not None and (qg < 1 or qg & (qg - 1)):
+        raise PlanError(f"queries_per_group {qg} must be a power of two >= 1.")
+    if qg is not None and qg > 1 and qg * heads.group > heads.max_rows:
+        raise PlanError(
+            f"queries_per_group {qg} x {heads.group} query heads per KV head = "
+            f"{qg * heads.group} rows exceeds max_rows {heads.max_rows}; allowed: "
+            f"{list(heads.queries_per_group_choices())}."
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The plan.
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    """What the incremental path needs from a previous plan (numpy, CPU)."""
+
+    tree: TreeBatch
+    layout: _Chunking
+    rows: _Rows
+    heads: HeadLayout
+    machine: Machine
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A plan: the python ints and int32 tensors the tree kernels read (see module doc)."""
+
+    chunk: int
+    queries_per_group: int
+    n_groups: int
+    n_queries: int
+    n_kv: int
+    group_kv_start: torch.Tensor
+    group_kv_len: torch.Tensor
+    group_q: torch.Tensor
+    group_full: torch.Tensor
+    group_bits: torch.Tensor
+    merge_ptr: torch.Tensor
+    merge_src: torch.Tensor
+    q_pos: torch.Tensor
+    kv_pos: torch.Tensor
+    q_tree: torch.Tensor
+    cost: PlanCost
+    state: _State = field(repr=False)
+
+    @property
+    def n_partials(self) -> int:
+        return int(self.merge_src.numel())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The plan tensors by contract name."""
+        return {name: getattr(self, name) for name in TENSOR_NAMES}
+
+
+TENSOR_NAMES = (
+    "group_kv_start",
+    "group_kv_len",
+    "group_q",
+    "group_full",
+    "group_bits",
+    "merge_ptr",
+    "merge_src",
+    "q_pos",
+    "kv_pos",
+    "q_tree",
+)
+
+
+def _merge_order(query: np.ndarray, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """merge_ptr, merge_src from the [G, QG] query slots: each query's partials in
+    ascending group (= ascending chunk kv_start) order."""
+    flat = query.reshape(-1)
+    partial = np.flatnonzero(flat >= 0)
+    owner = flat[partial]
+    src = partial[np.argsort(owner, kind="stable")]
+    ptr = np.r_[0, np.cumsum(np.bincount(owner, minlength=n_queries))]
+    return ptr, src
+
+
+def _int32(values: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32)).to(device)
+
+
+def _host_arrays(tree: TreeBatch, layout: _Chunking, rows: _Rows) -> dict[str, np.ndarray]:
+    """Every plan tensor as a numpy array (the single place the format is assembled)."""
+    ptr, src = _merge_order(rows.query, tree.n_queries)
+    return {
+        "group_kv_start": layout.start[rows.chunk],
+        "group_kv_len": layout.length[rows.chunk],
+        "group_q": rows.query,
+        "group_full": rows.full.astype(np.int64),
+        "group_bits": rows.bits,
+        "merge_ptr": ptr,
+        "merge_src": src,
+        "q_pos": tree.q_pos,
+        "kv_pos": tree.kv_pos,
+        "q_tree": tree.q_tree,
+    }
+
+
+def _make_plan(
+    tree: TreeBatch,
+    layout: _Chunking,
+    rows: _Rows,
+    qg: int,
+    heads: HeadLayout,
+    machine: Machine,
+    device: torch.device | str,
+) -> Plan:
+    host = _host_arrays(tree, layout, rows)
+    pairs_per_query = np.diff(host["merge_ptr"])
+    stats = PlanStats(
+        chunk=layout.chunk,
+        queries_per_group=qg,
+        groups=len(rows.chunk),
+        tokens_read=int(host["group_kv_len"].sum()),
+        partials=len(host["merge_src"]),
+        queries=tree.n_queries,
+        launches=1 if pairs_per_query.max(initial=0) <= 1 else 2,
+        branch_tokens=int(tree.query_visible_counts.sum()),
+        unique_tokens=tree.needed_kv_tokens,
+    )
+    return Plan(
+        chunk=layout.chunk,
+        queries_per_group=qg,
+        n_groups=len(rows.chunk),
+        n_queries=tree.n_queries,
+        n_kv=tree.n_kv,
+        **{name: _int32(host[name], device) for name in TENSOR_NAMES},
+        cost=plan_cost(stats, heads, machine),
+        state=_State(tree, layout, rows, heads, machine),
+    )
+
+
+def plan_tree(
+    tree: TreeBatch,
+    *,
+    chunk: int | None = None,
+    queries_per_group: int | None = None,
+    heads: HeadLayout | None = None,
+    machine: Machine | None = None,
+    device: torch.device | str = "cpu",
+) -> Plan:
+    """Plan ``tree``; ``chunk`` and ``queries_per_group`` default to the cost model's choice
+    among :data:`CHUNK_CHOICES` and the powers of two that fit ``heads.max_rows``."""
+    heads, machine = heads or HeadLayout(), machine or Machine()
+    best = _choose(tree, chunk, queries_per_group, heads, machine)
+    rows = _rows(best.pairs, best.layout, best.qg)
+    return _make_plan(tree, best.layout, rows, best.qg, heads, machine, device)
+
+
+def replan_after_append(plan: Plan, tree: TreeBatch, device: torch.device | str = "cpu") -> Plan:
+    """The plan of ``tree``, which is ``plan``'s tree with tokens appended to some nodes
+    (e.g. :meth:`TreeBatch.append_to_leaves`), reusing every group whose chunk is
+    unchanged. Chunks are recomputed (cheap); only the pairs and bits of chunks whose
+    content changed are. Equal to ``plan_tree`` with the same chunk and QG; falls back
+    to it when the structure, the query mode (token mode adds queries) or anything but
+    appends changed."""
+    old = plan.state
+    if not _is_append_only(old.tree, tree):
+        return plan_tree(
+            tree,
+            chunk=plan.chunk,
+            queries_per_group=plan.queries_per_group,
+            heads=old.heads,
+            machine=old.machine,
+            device=device,
+        )
+    layout = _chunk_layout(tree, plan.chunk)
+    old_index = {sig: c for c, sig in enumerate(old.layout.signatures(old.tree.order))}
+    new_to_old = np.array(
+        [old_index.get(sig, -1) for sig in layout.signatures(tree.order)], dtype=np.int64
+    )
+    reused = _reused_rows(old.rows, new_to_old, old.layout.n_chunks)
+    fresh_chunk = new_to_old < 0
+    pairs = _pairs(tree, layout, piece_mask=fresh_chunk[layout.piece_chunk])
+    rows = _Rows.concat([reused, _rows(pairs, layout, plan.queries_per_group)])
+    return _make_plan(tree, layout, rows, plan.queries_per_group, old.heads, old.machine, device)
+
+
+def _is_append_only(before: TreeBatch, after: TreeBatch) -> bool:
+    return (
+        before.query_mode == "node"
+        and before.same_structure(after)
+        and bool((after.tokens >= before.tokens).all())
+    )
+
+
+def _reused_rows(old: _Rows, new_to_old: np.ndarray, old_chunks: int) -> _Rows:
+    """Old rows of chunks that survive, relabelled with their new chunk ids."""
+    old_to_new = np.full(old_chunks, -1, dtype=np.int64)
+    kept = np.flatnonzero(new_to_old >= 0)
+    old_to_new[new_to_old[kept]] = kept
+    new_chunk = old_to_new[old.chunk]
+    keep = new_chunk >= 0
+    return _Rows(new_chunk[keep], old.query[keep], old.bits[keep], old.full[keep])
+
+
+# ---------------------------------------------------------------------------------------
+# Fixed-capacity buffers (CUDA graph capture).
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSizes:
+    """How much of each buffer a plan uses."""
+
+    n_groups: int
+    n_queries: int
+    n_kv: int
+    n_partials: int
+
+
+@dataclass(frozen=True, eq=False)
+class PlanBuffers:
+    """Preallocated plan tensors of fixed capacity; ``chunk`` and ``queries_per_group`` are
+    fixed too, since a captured kernel is specialised on them."""
+
+    chunk: int
+    queries_per_group: int
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def allocate(
+        cls,
+        *,
+        max_groups: int,
+        max_queries: int,
+        max_kv: int,
+        max_partials: int,
+        chunk: int,
+        queries_per_group: int,
+        device: torch.device | str = "cpu",
+    ) -> PlanBuffers:
+        shapes = {
+            "group_kv_start": (max_groups,),
+            "group_kv_len": (max_groups,),
+            "group_q": (max_groups, queries_per_group),
+            "group_full": (max_groups,),
+            "group_bits": (max_groups, queries_per_group, chunk // WORD),
+            "merge_ptr": (max_queries + 1,),
+            "merge_src": (max_partials,),
+            "q_pos": (max_queries,),
+            "kv_pos": (max_kv,),
+            "q_tree": (max_queries,),
+        }
+        tensors = {n: torch.zeros(s, dtype=torch.int32, device=device) for n, s in shapes.items()}
+        return cls(chunk, queries_per_group, tensors)
+
+    def capacity(self) -> PlanSizes:
+        t = self.tensors
+        return PlanSizes(
+            t["group_q"].shape[0],
+            t["q_pos"].shape[0],
+            t["kv_pos"].shape[0],
+            t["merge_src"].shape[0],
+        )
+
+
+_PAD = {"group_q": -1}
+
+
+def plan_into(
+    buffers: PlanBuffers,
+    tree: TreeBatch,
+    *,
+    heads: HeadLayout | None = None,
+    machine: Machine | None = None,
+) -> PlanSizes:
+    """Plan ``tree`` into ``buffers`` (in place) and return the sizes used.
+
+    Unused tails are cleared (-1 query slots, zero bits and lengths; ``merge_ptr`` stays
+    flat past the last query) so a kernel launched over the full capacity does no work
+    there. A plan that does not fit raises PlanError before anything is written.
+    """
+    heads, machine = heads or HeadLayout(), machine or Machine()
+    best = _choose(tree, buffers.chunk, buffers.queries_per_group, heads, machine)
+    host = _host_arrays(tree, best.layout, _rows(best.pairs, best.layout, best.qg))
+    used = PlanSizes(len(host["group_kv_start"]), tree.n_queries, tree.n_kv, len(host["merge_src"]))
+    _check_capacity(used, buffers.capacity())
+    for name, values in host.items():
+        _write(buffers.tensors[name], values, name)
+    return used
+
+
+def _check_capacity(used: PlanSizes, cap: PlanSizes) -> None:
+    for name in ("n_groups", "n_queries", "n_kv", "n_partials"):
+        if getattr(used, name) > getattr(cap, name):
+            raise PlanError(
+                f"plan_into: the plan needs {name} = {getattr(used, name)} but the buffers hold "
+                f"{getattr(cap, name)}; allocate larger buffers (nothing was written)."
+            )
+
+
+def _write(dest: torch.Tensor, values: np.ndarray, name: str) -> None:
+    n = len(values)
+    src = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32))
+    dest[:n].copy_(src)
+    fill = int(values[-1]) if name == "merge_ptr" and n else _PAD.get(name, 0)
+    dest[n:].fill_(fill)
+
+
+# ---------------------------------------------------------------------------------------
+# Showing a plan.
+
+
+def _popcount(bits: np.ndarray) -> np.ndarray:
+    """Set bits per row of the last two axes."""
+    as_bytes = np.ascontiguousarray(bits).view(np.uint8).reshape(*bits.shape[:-2], -1)
+    return np.unpackbits(as_bytes, axis=-1).sum(axis=-1)
+
+
+def describe(plan: Plan, max_groups: int = 32) -> str:
+    """A text summary: sizes, predicted cost, and one line per group (up to ``max_groups``)."""
+    start, length = plan.group_kv_start.cpu().numpy(), plan.group_kv_len.cpu().numpy()
+    query, full = plan.group_q.cpu().numpy(), plan.group_full.cpu().numpy()
+    visible = _popcount(plan.group_bits.cpu().numpy())
+    lines = [
+        f"plan: chunk {plan.chunk}, {plan.queries_per_group} queries/group, {plan.n_groups} "
+        f"groups, {plan.n_queries} queries, {plan.n_kv} KV tokens, {plan.n_partials} partials",
+        plan.cost.summary(),
+    ]
+    for g in range(min(plan.n_groups, max_groups)):
+        q = query[g][query[g] >= 0].tolist()
+        kind = "full" if full[g] else f"masked ({visible[g]}/{len(q) * length[g]} visible)"
+        lines.append(f"  group {g}: kv [{start[g]}, {start[g] + length[g]}) queries {q} {kind}")
+    if plan.n_groups > max_groups:
+        lines.append(f"  ... {plan.n_groups - max_groups} more groups")
+    return "\n".join(lines)
+
+
+def to_dot(tree: TreeBatch, plan: Plan) -> str:
+    """Graphviz DOT: tree nodes (query nodes doubled), and one box per chunk linked to the
+    nodes whose tokens it holds."""
+    query_nodes = set(tree.query_nodes.tolist())
+    out = ["digraph plan {", "  rankdir=TB; node [fontname=monospace];"]
+    for node in tree.order.tolist():
+        s, t = int(tree.node_kv_start[node]), int(tree.tokens[node])
+        shape = "doubleoctagon" if node in query_nodes else "box"
+        out.append(f'  n{node} [shape={shape} label="n{node}\\n{t} tok\\nkv [{s},{s + t})"];')
+    out += [f"  n{p} -> n{c};" for c, p in enumerate(tree.parent.tolist()) if p >= 0]
+    layout, rows = plan.state.layout, plan.state.rows
+    groups = np.bincount(rows.chunk, minlength=layout.n_chunks)
+    for c in range(layout.n_chunks):
+        s, n = int(layout.start[c]), int(layout.length[c])
+        out.append(
+            f"  c{c} [shape=note style=filled fillcolor=lightyellow "
+            f'label="chunk {c}\\nkv [{s},{s + n})\\n{groups[c]} group(s)"];'
+        )
+    for c, rank in sorted(
+        set(zip(layout.piece_chunk.tolist(), layout.piece_rank.tolist(), strict=True))
+    ):
+        out.append(f"  c{c} -> n{int(tree.order[rank])} [style=dashed arrowhead=none];")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def draw_png(tree: TreeBatch, plan: Plan, path: str) -> bool:
+    """Draw the tree (nodes as bars over their flattened KV range, one row per depth) above
+    the chunks and their group counts. Returns False, drawing nothing, without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    level = _node_levels(tree)
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(12, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    for node in tree.order.tolist():
+        s, t = int(tree.node_kv_start[node]), max(int(tree.tokens[node]), 1)
+        top.barh(
+            -level[node],
+            t,
+            left=s,
+            height=0.6,
+            color="tab:orange" if node in set(tree.query_nodes.tolist()) else "tab:blue",
+        )
+    layout, rows = plan.state.layout, plan.state.rows
+    groups = np.bincount(rows.chunk, minlength=layout.n_chunks)
+    bottom.bar(layout.start, groups, width=layout.length, align="edge", edgecolor="black")
+    top.set_ylabel("depth (nodes)")
+    bottom.set_ylabel("groups")
+    bottom.set_xlabel("flattened KV token")
+    top.set_title(f"chunk {plan.chunk}, QG {plan.queries_per_group}, {plan.n_groups} groups")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _node_levels(tree: TreeBatch) -> np.ndarray:
+    level = np.zeros(tree.n_nodes, dtype=np.int64)
+    for node in tree.order.tolist():
+        p = int(tree.parent[node])
+        level[node] = level[p] + 1 if p >= 0 else 0
+    return level

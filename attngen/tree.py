@@ -1,0 +1,569 @@
+"""Run-time tree structure for tree-topology attention: :class:`TreeBatch`.
+
+A batch is a forest of declared trees. Node ``n`` holds ``tokens[n]`` KV tokens and has
+parent ``parent[n]`` (-1 for a root). The KV of the batch is *flattened*: nodes in DFS
+preorder (trees by ascending root id, children by ascending node id), each node's
+tokens contiguous. A token's *position* (``kv_pos``) is its depth on its root path: the
+number of tokens of its ancestors plus its offset within its node.
+
+Queries are either one per chosen node (``node`` mode: the node's last token, which
+sees every token of the node and of its ancestors) or one per token of the chosen nodes
+(``token`` mode: token ``j`` of a node sees the node's tokens ``0..j`` and every
+ancestor token). A node-mode query on an empty node sees its ancestors' tokens only.
+
+>>> tb = TreeBatch.from_parents([-1, 0, 0], [4, 2, 3])
+>>> tb.n_kv, tb.node_kv_start.tolist(), tb.q_pos.tolist()
+(9, [0, 4, 6], [5, 6])
+
+Batches are immutable; mutations (:meth:`TreeBatch.append_tokens`,
+:meth:`TreeBatch.add_branch`, :meth:`TreeBatch.prune`) return a new batch. Every
+invalid input raises :class:`~attngen.errors.PlanError` before anything is computed
+from it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import networkx as nx
+import numpy as np
+
+from attngen.errors import PlanError
+
+QueryMode = Literal["node", "token"]
+IntArray = np.ndarray
+
+
+def _frozen(values: Iterable[int] | np.ndarray) -> np.ndarray:
+    """A read-only int64 copy of ``values``."""
+    out = np.array(values, dtype=np.int64).reshape(-1)
+    out.setflags(write=False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Validation: each check raises one PlanError paragraph.
+
+
+def _check_parents(parent: np.ndarray) -> None:
+    bad = np.flatnonzero((parent < -1) | (parent >= len(parent)))
+    if bad.size:
+        n = int(bad[0])
+        raise PlanError(
+            f"parent array: node {n} has parent {int(parent[n])}, which is not a node "
+            f"(allowed: -1 for a root, or a node id in [0, {len(parent) - 1}]); "
+            f"{bad.size} node(s) have an out-of-range parent."
+        )
+
+
+def _check_tokens(tokens: np.ndarray, n_nodes: int) -> None:
+    if tokens.shape != (n_nodes,):
+        raise PlanError(
+            f"token counts: got {tokens.size} counts for {n_nodes} nodes; give exactly one "
+            "count per node (0 is allowed for an empty node)."
+        )
+    bad = np.flatnonzero(tokens < 0)
+    if bad.size:
+        n = int(bad[0])
+        raise PlanError(
+            f"token counts: node {n} has {int(tokens[n])} tokens; a node holds 0 or more "
+            f"tokens ({bad.size} node(s) are negative)."
+        )
+
+
+def _find_cycle(parent: np.ndarray, start: int) -> list[int]:
+    """The cycle reached by following parents from ``start`` (a node on no root path)."""
+    seen: dict[int, int] = {}
+    path: list[int] = []
+    node = start
+    while node not in seen:
+        seen[node] = len(path)
+        path.append(node)
+        node = int(parent[node])
+    return [*path[seen[node] :], node]
+
+
+def _preorder(parent: np.ndarray) -> np.ndarray:
+    """Nodes in DFS preorder (roots, then children, by ascending id); PlanError on cycles."""
+    n_nodes = len(parent)
+    by_parent = np.argsort(parent, kind="stable")
+    counts = np.bincount(parent + 1, minlength=n_nodes + 1)
+    bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    kids = by_parent.tolist()
+    order: list[int] = []
+    stack = kids[bounds[0] : bounds[1]][::-1]
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        stack.extend(kids[bounds[node + 1] : bounds[node + 2]][::-1])
+    if len(order) < n_nodes:
+        reached = np.zeros(n_nodes, dtype=bool)
+        reached[order] = True
+        cycle = _find_cycle(parent, int(np.flatnonzero(~reached)[0]))
+        raise PlanError(
+            f"parent array has a cycle: {' -> '.join(map(str, cycle))} (each arrow goes to "
+            f"a node's parent); {n_nodes - len(order)} node(s) never reach a root. A tree's "
+            "parent links must end at a node whose parent is -1."
+        )
+    return np.array(order, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class TreeBatch:
+    """A validated forest of token trees with query placement.
+
+    Use :meth:`from_parents` or :meth:`from_networkx`; the constructor takes the same
+    arrays and validates them. Attributes ending in ``_pre`` are indexed by preorder
+    rank, everything else by node id, flattened token index or query index.
+    """
+
+    parent: np.ndarray
+    tokens: np.ndarray
+    query_nodes: np.ndarray
+    query_mode: QueryMode = "node"
+    order: np.ndarray = field(init=False)
+    pre_rank: np.ndarray = field(init=False)
+    pre_end: np.ndarray = field(init=False)
+    node_kv_start: np.ndarray = field(init=False)
+    node_depth_start: np.ndarray = field(init=False)
+    node_tree: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        parent, tokens = _frozen(self.parent), _frozen(self.tokens)
+        _check_parents(parent)
+        _check_tokens(tokens, len(parent))
+        order = _preorder(parent)
+        self._set("parent", parent)
+        self._set("tokens", tokens)
+        self._set("query_nodes", self._checked_queries(self.query_nodes, len(parent)))
+        if self.query_mode not in ("node", "token"):
+            raise PlanError(f"query mode {self.query_mode!r} is not one of 'node', 'token'.")
+        self._derive(order)
+
+    def _set(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+
+    @staticmethod
+    def _checked_queries(query_nodes: Iterable[int] | np.ndarray, n_nodes: int) -> np.ndarray:
+        queries = _frozen(query_nodes)
+        bad = queries[(queries < 0) | (queries >= n_nodes)]
+        if bad.size:
+            raise PlanError(
+                f"queries: node {int(bad[0])} does not exist (the batch has {n_nodes} nodes, "
+                f"ids 0..{n_nodes - 1}); place queries on existing nodes."
+            )
+        if np.unique(queries).size != queries.size:
+            values, counts = np.unique(queries, return_counts=True)
+            raise PlanError(
+                f"queries: node {int(values[counts > 1][0])} is chosen more than once; each "
+                "node carries at most one query placement (token mode already makes every "
+                "token of a node a query)."
+            )
+        return queries
+
+    def _derive(self, order: np.ndarray) -> None:
+        """Preorder ranks, subtree extents, flattened starts and depth positions."""
+        n_nodes, parent, tokens = len(order), self.parent, self.tokens
+        pre_rank = np.empty(n_nodes, dtype=np.int64)
+        pre_rank[order] = np.arange(n_nodes)
+        size = np.ones(n_nodes, dtype=np.int64)
+        depth_start = np.zeros(n_nodes, dtype=np.int64)
+        tree = np.zeros(n_nodes, dtype=np.int64)
+        par, tok = parent.tolist(), tokens.tolist()
+        size_l, depth_l, tree_l = size.tolist(), depth_start.tolist(), tree.tolist()
+        roots = 0
+        for node in order.tolist():
+            p = par[node]
+            if p < 0:
+                tree_l[node], roots = roots, roots + 1
+            else:
+                depth_l[node], tree_l[node] = depth_l[p] + tok[p], tree_l[p]
+        for node in order[::-1].tolist():
+            if par[node] >= 0:
+                size_l[par[node]] += size_l[node]
+        kv_start = np.empty(n_nodes, dtype=np.int64)
+        kv_start[order] = np.cumsum(tokens[order]) - tokens[order]
+        self._set("order", _frozen(order))
+        self._set("pre_rank", _frozen(pre_rank))
+        self._set("pre_end", _frozen(pre_rank + np.array(size_l, dtype=np.int64)))
+        self._set("node_kv_start", _frozen(kv_start))
+        self._set("node_depth_start", _frozen(depth_l))
+        self._set("node_tree", _frozen(tree_l))
+
+    # ---- constructors -----------------------------------------------------------------
+
+    @classmethod
+    def from_parents(
+        cls,
+        parent: Sequence[int] | np.ndarray,
+        tokens: Sequence[int] | np.ndarray,
+        queries: Sequence[int] | np.ndarray | None = None,
+        *,
+        mode: QueryMode = "node",
+        expect_single_tree: bool = False,
+        kv_len: int | None = None,
+    ) -> TreeBatch:
+        """A batch from a parent array (-1 for a root) and per-node token counts.
+
+        ``queries`` lists the query nodes (default: the leaves, by id). With
+        ``expect_single_tree`` a forest is an error; with ``kv_len`` the token counts
+        must add up to it.
+        """
+        parent_arr = _frozen(parent)
+        if queries is None:
+            _check_parents(parent_arr)
+            queries = _leaves(parent_arr)
+        batch = cls(parent_arr, _frozen(tokens), _frozen(queries), mode)
+        if expect_single_tree:
+            batch.check_single_tree()
+        if kv_len is not None:
+            batch.check_kv_len(kv_len)
+        return batch
+
+    @classmethod
+    def from_networkx(
+        cls,
+        graph: nx.DiGraph,
+        queries: Iterable[object] | None = None,
+        *,
+        mode: QueryMode = "node",
+        expect_single_tree: bool = False,
+        kv_len: int | None = None,
+    ) -> TreeBatch:
+        """A batch from a DiGraph with edges parent -> child and node attribute ``tokens``.
+
+        Node labels must be sortable; node ids are the ranks of the sorted labels.
+        ``queries`` names query nodes by label (default: the leaves).
+        """
+        labels = sorted(graph.nodes)
+        index = {label: i for i, label in enumerate(labels)}
+        parent = np.full(len(labels), -1, dtype=np.int64)
+        for label in labels:
+            preds = sorted(graph.predecessors(label))
+            if len(preds) > 1:
+                raise PlanError(
+                    f"graph: node {label!r} has {len(preds)} parents {preds}; in a tree every "
+                    "node has at most one incoming edge (parent -> child)."
+                )
+            if preds:
+                parent[index[label]] = index[preds[0]]
+        tokens = [_node_tokens(graph, label) for label in labels]
+        query_ids = None if queries is None else [_label_index(index, q) for q in queries]
+        return cls.from_parents(
+            parent,
+            tokens,
+            query_ids,
+            mode=mode,
+            expect_single_tree=expect_single_tree,
+            kv_len=kv_len,
+        )
+
+    @classmethod
+    def concat(cls, batches: Sequence[TreeBatch]) -> TreeBatch:
+        """Several batches side by side as one forest (node ids offset in order)."""
+        if not batches:
+            raise PlanError("concat: no batches given; a batch needs at least one tree.")
+        modes = {b.query_mode for b in batches}
+        if len(modes) > 1:
+            raise PlanError(f"concat: batches mix query modes {sorted(modes)}; use one mode.")
+        offsets = np.cumsum([0] + [b.n_nodes for b in batches[:-1]])
+        parent = [
+            np.where(b.parent < 0, -1, b.parent + o) for b, o in zip(batches, offsets, strict=True)
+        ]
+        queries = [b.query_nodes + o for b, o in zip(batches, offsets, strict=True)]
+        tokens = [b.tokens for b in batches]
+        return cls(
+            np.concatenate(parent),
+            np.concatenate(tokens),
+            np.concatenate(queries),
+            batches[0].query_mode,
+        )
+
+    # ---- checks -----------------------------------------------------------------------
+
+    def check_single_tree(self) -> None:
+        """PlanError unless the batch is exactly one tree."""
+        roots = np.flatnonzero(self.parent < 0)
+        if roots.size != 1:
+            raise PlanError(
+                f"expected a single tree but the parent array has {roots.size} roots "
+                f"({roots[:8].tolist()}{'...' if roots.size > 8 else ''}): a forest. Give every "
+                "node but one a parent, or declare a batch of several trees."
+            )
+
+    def check_kv_len(self, kv_len: int) -> None:
+        """PlanError unless the token counts add up to ``kv_len`` (the KV tensor's length)."""
+        if int(kv_len) != self.n_kv:
+            raise PlanError(
+                f"token counts add up to {self.n_kv} tokens but the KV has {int(kv_len)}; the "
+                "per-node counts must describe the flattened KV exactly (preorder, each node's "
+                "tokens contiguous)."
+            )
+
+    # ---- sizes and per-token / per-query arrays --------------------------------------
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.parent)
+
+    @property
+    def n_trees(self) -> int:
+        return int(np.count_nonzero(self.parent < 0))
+
+    @property
+    def n_kv(self) -> int:
+        """Total tokens (the flattened KV length)."""
+        return int(self.tokens.sum())
+
+    @property
+    def node_tokens(self) -> np.ndarray:
+        return self.tokens
+
+    @property
+    def leaves(self) -> np.ndarray:
+        """Nodes without children, ascending."""
+        return _leaves(self.parent)
+
+    @functools.cached_property
+    def token_node(self) -> np.ndarray:
+        """The node of each flattened token."""
+        return _frozen(np.repeat(self.order, self.tokens[self.order]))
+
+    @functools.cached_property
+    def kv_pos(self) -> np.ndarray:
+        """Depth position of each flattened token on its root path."""
+        shift = self.node_depth_start - self.node_kv_start
+        return _frozen(np.arange(self.n_kv) + shift[self.token_node])
+
+    @functools.cached_property
+    def query_node(self) -> np.ndarray:
+        """The node of each query (token mode: repeated once per token)."""
+        if self.query_mode == "node":
+            return self.query_nodes
+        return _frozen(np.repeat(self.query_nodes, self.tokens[self.query_nodes]))
+
+    @functools.cached_property
+    def query_own_len(self) -> np.ndarray:
+        """How many tokens of its own node each query sees (its offset + 1 in token mode)."""
+        if self.query_mode == "node":
+            return self.tokens[self.query_nodes]
+        counts = self.tokens[self.query_nodes]
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        return _frozen(np.arange(int(counts.sum())) - first + 1)
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.query_node)
+
+    @functools.cached_property
+    def q_pos(self) -> np.ndarray:
+        """Position of each query token (-1 for a query on an empty root: it sees nothing)."""
+        return _frozen(self.node_depth_start[self.query_node] + self.query_own_len - 1)
+
+    @property
+    def q_tree(self) -> np.ndarray:
+        return self.node_tree[self.query_node]
+
+    @functools.cached_property
+    def needed_kv_tokens(self) -> int:
+        """Unique tokens some query sees: those of nodes with a query node in their subtree
+        (every token of such a node, since its last token or a descendant is a query)."""
+        q_ranks = np.unique(self.pre_rank[self.query_node])
+        lo = np.searchsorted(q_ranks, self.pre_rank)
+        hi = np.searchsorted(q_ranks, self.pre_end)
+        return int(self.tokens[hi > lo].sum())
+
+    @functools.cached_property
+    def query_visible_counts(self) -> np.ndarray:
+        """Tokens each query sees: its ancestors' tokens plus its own visible ones."""
+        return _frozen(self.node_depth_start[self.query_node] + self.query_own_len)
+
+    def ancestors(self, node: int) -> list[int]:
+        """Strict ancestors of ``node``, root first."""
+        path: list[int] = []
+        p = int(self.parent[node])
+        while p >= 0:
+            path.append(p)
+            p = int(self.parent[p])
+        return path[::-1]
+
+    def query_visible_tokens(self, i: int) -> np.ndarray:
+        """Flattened indices of the tokens query ``i`` sees, ascending."""
+        if not 0 <= i < self.n_queries:
+            raise PlanError(f"query {i} does not exist (the batch has {self.n_queries} queries).")
+        node = int(self.query_node[i])
+        spans = [(int(self.node_kv_start[a]), int(self.tokens[a])) for a in self.ancestors(node)]
+        spans.append((int(self.node_kv_start[node]), int(self.query_own_len[i])))
+        return np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n in spans])
+
+    def visible_matrix(self) -> np.ndarray:
+        """Bool [n_queries, n_kv]: entry (i, L) is whether query i sees flattened token L."""
+        tok_rank = self.pre_rank[self.token_node][None, :]
+        q_rank = self.pre_rank[self.query_node][:, None]
+        ancestor_or_self = (tok_rank <= q_rank) & (q_rank < self.pre_end[self.token_node][None, :])
+        offset = np.arange(self.n_kv) - self.node_kv_start[self.token_node]
+        own = self.token_node[None, :] == self.query_node[:, None]
+        return ancestor_or_self & (~own | (offset[None, :] < self.query_own_len[:, None]))
+
+    def to_networkx(self) -> nx.DiGraph:
+        """The structure as a DiGraph (edges parent -> child, node attribute ``tokens``)."""
+        graph = nx.DiGraph()
+        for node, count in enumerate(self.tokens.tolist()):
+            graph.add_node(node, tokens=count)
+        graph.add_edges_from((int(p), c) for c, p in enumerate(self.parent.tolist()) if p >= 0)
+        return graph
+
+    # ---- mutations (between decode steps) ---------------------------------------------
+
+    def _with(self, parent: np.ndarray, tokens: np.ndarray, queries: np.ndarray) -> TreeBatch:
+        return TreeBatch(parent, tokens, queries, self.query_mode)
+
+    def append_tokens(self, counts: Mapping[int, int] | Sequence[int] | np.ndarray) -> TreeBatch:
+        """A new batch with ``counts`` tokens appended to nodes (a node -> count mapping, or
+        one count per node)."""
+        extra = np.zeros(self.n_nodes, dtype=np.int64)
+        if isinstance(counts, Mapping):
+            for node, count in sorted(counts.items()):
+                self._check_node(node, "append_tokens")
+                extra[node] += count
+        else:
+            extra += _frozen(counts) if len(counts) == self.n_nodes else self._bad_counts(counts)
+        if (extra < 0).any():
+            raise PlanError("append_tokens: counts must be >= 0 (use prune to remove nodes).")
+        return self._with(self.parent, self.tokens + extra, self.query_nodes)
+
+    def _bad_counts(self, counts: Sequence[int] | np.ndarray) -> np.ndarray:
+        raise PlanError(
+            f"append_tokens: got {len(counts)} counts for {self.n_nodes} nodes; give one "
+            "count per node, or a mapping node -> count."
+        )
+
+    def append_to_leaves(self, count: int = 1) -> TreeBatch:
+        """A new batch with ``count`` tokens appended to every leaf (one decode step)."""
+        extra = np.zeros(self.n_nodes, dtype=np.int64)
+        extra[self.leaves] = count
+        return self.append_tokens(extra)
+
+    def add_branch(self, parent: int, tokens: int, *, query: bool = True) -> TreeBatch:
+        """A new batch with a child of ``parent`` (-1: a new tree) holding ``tokens`` tokens.
+
+        The new node's id is ``n_nodes``; with ``query`` it gets a query placement.
+        """
+        if parent != -1:
+            self._check_node(parent, "add_branch")
+        queries = np.append(self.query_nodes, self.n_nodes) if query else self.query_nodes
+        return self._with(np.append(self.parent, parent), np.append(self.tokens, tokens), queries)
+
+    def prune(self, node: int) -> tuple[TreeBatch, np.ndarray]:
+        """A new batch without the subtree of ``node``, and the old -> new id map (-1: removed).
+
+        Surviving nodes keep their relative order; queries on removed nodes are dropped.
+        """
+        self._check_node(node, "prune")
+        rank = int(self.pre_rank[node])
+        removed = np.zeros(self.n_nodes, dtype=bool)
+        removed[self.order[rank : int(self.pre_end[node])]] = True
+        if removed.all():
+            raise PlanError(f"prune: removing node {node} would leave an empty batch.")
+        remap = np.where(removed, -1, np.cumsum(~removed) - 1)
+        keep = np.flatnonzero(~removed)
+        parent = np.where(self.parent[keep] < 0, -1, remap[self.parent[keep]])
+        queries = remap[self.query_nodes[~removed[self.query_nodes]]]
+        return self._with(parent, self.tokens[keep], queries), _frozen(remap)
+
+    def _check_node(self, node: int, what: str) -> None:
+        if not 0 <= int(node) < self.n_nodes:
+            raise PlanError(
+                f"{what}: node {node} does not exist (the batch has {self.n_nodes} nodes, "
+                f"ids 0..{self.n_nodes - 1})."
+            )
+
+    def same_structure(self, other: TreeBatch) -> bool:
+        """Whether ``other`` has the same parents, queries and mode (token counts may differ)."""
+        return (
+            self.query_mode == other.query_mode
+            and np.array_equal(self.parent, other.parent)
+            and np.array_equal(self.query_nodes, other.query_nodes)
+        )
+
+
+def _leaves(parent: np.ndarray) -> np.ndarray:
+    has_child = np.zeros(len(parent), dtype=bool)
+    has_child[parent[parent >= 0]] = True
+    return _frozen(np.flatnonzero(~has_child))
+
+
+def _node_tokens(graph: nx.DiGraph, label: object) -> int:
+    if "tokens" not in graph.nodes[label]:
+        raise PlanError(f"graph: node {label!r} has no 'tokens' attribute (its token count).")
+    return int(graph.nodes[label]["tokens"])
+
+
+def _label_index(index: Mapping[object, int], label: object) -> int:
+    if label not in index:
+        raise PlanError(f"queries: node {label!r} does not exist in the graph.")
+    return index[label]
+
+
+# ---------------------------------------------------------------------------------------
+# Paged KV: logical flattened token L lives in physical slot
+# page_table[L // page_size] * page_size + L % page_size.
+
+
+def pages_needed(n_kv: int, page_size: int) -> int:
+    """Logical pages that hold ``n_kv`` tokens."""
+    return -(-n_kv // page_size)
+
+
+def make_page_table(
+    n_kv: int, page_size: int, *, cache_pages: int | None = None, seed: int | None = None
+) -> np.ndarray:
+    """An int32 page table for ``n_kv`` tokens: identity, or (with ``seed``) distinct pages
+    drawn at random from a cache of ``cache_pages`` pages (default: just enough)."""
+    needed = pages_needed(n_kv, page_size)
+    cache_pages = needed if cache_pages is None else cache_pages
+    if cache_pages < needed:
+        raise PlanError(f"page table: {needed} pages needed but the cache has {cache_pages}.")
+    if seed is None:
+        return np.arange(needed, dtype=np.int32)
+    rng = np.random.default_rng(seed)
+    return rng.permutation(cache_pages)[:needed].astype(np.int32)
+
+
+def validate_page_table(
+    page_table: np.ndarray | Sequence[int], n_kv: int, page_size: int, cache_slots: int
+) -> None:
+    """PlanError unless ``page_table`` maps all ``n_kv`` tokens to distinct slots inside a
+    cache of ``cache_slots`` token slots."""
+    table = np.asarray(page_table, dtype=np.int64).reshape(-1)
+    needed, cache_pages = pages_needed(n_kv, page_size), cache_slots // page_size
+    if table.size < needed:
+        raise PlanError(
+            f"page table has {table.size} entries but {n_kv} tokens with page size {page_size} "
+            f"need {needed}."
+        )
+    used = table[:needed]
+    bad = np.flatnonzero((used < 0) | (used >= cache_pages))
+    if bad.size:
+        raise PlanError(
+            f"page table points outside the cache: logical page {int(bad[0])} -> physical page "
+            f"{int(used[bad[0]])}, but the cache holds {cache_pages} pages of {page_size} tokens "
+            f"({cache_slots} slots); allowed pages are 0..{cache_pages - 1}."
+        )
+    if np.unique(used).size != used.size:
+        raise PlanError("page table maps two logical pages to the same physical page.")
+
+
+def physical_slots(page_table: np.ndarray, n_kv: int, page_size: int) -> np.ndarray:
+    """Physical cache slot of every logical flattened token."""
+    logical = np.arange(n_kv, dtype=np.int64)
+    return (
+        np.asarray(page_table, dtype=np.int64)[logical // page_size] * page_size
+        + logical % page_size
+    )

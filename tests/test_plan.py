@@ -1,0 +1,253 @@
+"""Planner invariants, chosen on their own: exact coverage, no invisible bit, determinism,
+the incremental decode step, fixed-capacity buffers, bad input and planning time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attngen.cost import HeadLayout
+from attngen.errors import PlanError
+from attngen.plan import (
+    TENSOR_NAMES,
+    Plan,
+    PlanBuffers,
+    describe,
+    draw_png,
+    plan_into,
+    plan_tree,
+    replan_after_append,
+    to_dot,
+)
+from attngen.tree import QueryMode, TreeBatch
+
+
+def coverage(tree: TreeBatch, plan: Plan) -> np.ndarray:
+    """int [n_queries, n_kv]: how many (group, slot) bits cover each (query, token)."""
+    bits = plan.group_bits.numpy().view(np.uint8)
+    visible = np.unpackbits(bits, axis=-1, bitorder="little").astype(bool)  # [G, QG, chunk]
+    g, s, j = np.nonzero(visible)
+    query = plan.group_q.numpy()[g, s]
+    assert (query >= 0).all(), "a padding slot has a bit set"
+    assert (j < plan.group_kv_len.numpy()[g]).all(), "a bit past the chunk's length"
+    cov = np.zeros((tree.n_queries, tree.n_kv), dtype=np.int64)
+    np.add.at(cov, (query, plan.group_kv_start.numpy()[g] + j), 1)
+    return cov
+
+
+def check_invariants(tree: TreeBatch, plan: Plan) -> None:
+    assert (coverage(tree, plan) == tree.visible_matrix()).all()
+    for name in TENSOR_NAMES:
+        assert getattr(plan, name).dtype == torch.int32, name
+    starts, lens = plan.group_kv_start.numpy(), plan.group_kv_len.numpy()
+    assert (lens >= 1).all() and (lens <= plan.chunk).all()
+    assert (starts + lens <= tree.n_kv).all()
+    query, full = plan.group_q.numpy(), plan.group_full.numpy().astype(bool)
+    bits_set = np.unpackbits(plan.group_bits.numpy().view(np.uint8), axis=-1).sum(-1)
+    assert ((bits_set == lens[:, None]) | (query < 0)).all(axis=1).tolist() == full.tolist()
+    ptr, src = plan.merge_ptr.numpy(), plan.merge_src.numpy()
+    assert ptr[0] == 0 and ptr[-1] == len(src) and (np.diff(ptr) >= 0).all()
+    for i in range(tree.n_queries):
+        parts = src[ptr[i] : ptr[i + 1]]
+        assert (query.reshape(-1)[parts] == i).all()
+        assert (np.diff(starts[parts // plan.queries_per_group]) > 0).all()
+        assert (len(parts) > 0) == (tree.query_visible_counts[i] > 0)
+    assert plan.q_pos.tolist() == tree.q_pos.tolist()
+    assert plan.kv_pos.tolist() == tree.kv_pos.tolist()
+
+
+# ---- hypothesis strategies: tree shapes -------------------------------------------------
+
+
+@st.composite
+def parent_arrays(draw: st.DrawFn) -> list[int]:
+    n = draw(st.integers(1, 40))
+    shape = draw(st.sampled_from(["recursive", "chain", "star", "deep", "forest"]))
+    if shape == "chain":
+        return [-1, *range(n - 1)]
+    if shape == "star":
+        return [-1] + [0] * (n - 1)
+    if shape == "deep":  # a long spine with short side branches
+        return [-1] + [max(i - 1 - draw(st.integers(0, 1)) * (i % 3 == 0), 0) for i in range(1, n)]
+    parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
+    if shape == "forest":
+        for i in draw(st.lists(st.integers(0, n - 1), max_size=3)):
+            parents[i] = -1
+    return parents
+
+
+@st.composite
+def tree_batches(draw: st.DrawFn) -> TreeBatch:
+    parents = draw(parent_arrays())
+    n = len(parents)
+    sizes = st.one_of(st.just(0), st.just(1), st.integers(0, 40), st.integers(30, 300))
+    tokens = draw(st.lists(sizes, min_size=n, max_size=n))
+    queries = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
+    mode: QueryMode = draw(st.sampled_from(["node", "token"]))
+    return TreeBatch.from_parents(parents, tokens, queries, mode=mode)
+
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(tree_batches(), st.sampled_from([32, 64, 96, 128, 256]), st.sampled_from([1, 2, 4, 16]))
+def test_every_visible_pair_covered_exactly_once(tree: TreeBatch, chunk: int, qg: int) -> None:
+    check_invariants(tree, plan_tree(tree, chunk=chunk, queries_per_group=qg))
+
+
+@SETTINGS
+@given(tree_batches(), st.sampled_from([(32, 32), (32, 8), (8, 1)]))
+def test_cost_model_choice_keeps_invariants(tree: TreeBatch, heads: tuple[int, int]) -> None:
+    layout = HeadLayout(heads_q=heads[0], heads_kv=heads[1])
+    plan = plan_tree(tree, heads=layout)
+    assert plan.queries_per_group * layout.group <= layout.max_rows
+    check_invariants(tree, plan)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tree_batches())
+def test_identical_inputs_give_identical_tensors(tree: TreeBatch) -> None:
+    a = plan_tree(tree)
+    b = plan_tree(
+        TreeBatch.from_parents(
+            tree.parent.tolist(),
+            tree.tokens.tolist(),
+            tree.query_nodes.tolist(),
+            mode=tree.query_mode,
+        )
+    )
+    for name in TENSOR_NAMES:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@settings(max_examples=40, deadline=None)
+@given(tree_batches(), st.sampled_from([32, 64, 128]), st.sampled_from([1, 4]), st.integers(1, 3))
+def test_incremental_append_equals_fresh_plan(
+    tree: TreeBatch, chunk: int, qg: int, steps: int
+) -> None:
+    plan = plan_tree(tree, chunk=chunk, queries_per_group=qg)
+    for _ in range(steps):
+        tree = tree.append_to_leaves(1)
+        plan = replan_after_append(plan, tree)
+    fresh = plan_tree(tree, chunk=chunk, queries_per_group=qg)
+    check_invariants(tree, plan)
+    for name in TENSOR_NAMES:
+        assert torch.equal(getattr(plan, name), getattr(fresh, name)), name
+
+
+def test_incremental_reuses_unchanged_chunks() -> None:
+    tree = TreeBatch.from_parents([-1, 0, 0], [1000, 200, 300])
+    plan = plan_tree(tree, chunk=128, queries_per_group=2)
+    grown = tree.append_to_leaves(1)
+    new = replan_after_append(plan, grown)
+    assert new.group_bits[:7].equal(plan.group_bits[:7])  # the prompt's chunks
+    check_invariants(grown, new)
+
+
+def test_structure_change_falls_back_to_fresh_plan() -> None:
+    tree = TreeBatch.from_parents([-1, 0], [100, 10])
+    plan = plan_tree(tree, chunk=64, queries_per_group=1)
+    branched = tree.add_branch(0, 5)
+    check_invariants(branched, replan_after_append(plan, branched))
+
+
+def test_small_example_groups_and_bits() -> None:
+    tree = TreeBatch.from_parents([-1, 0, 0], [40, 10, 5])
+    plan = plan_tree(tree, chunk=64, queries_per_group=2)
+    assert plan.n_groups == 1 and plan.group_q.tolist() == [[0, 1]]
+    assert plan.group_full.tolist() == [0]
+    words = plan.group_bits[0].numpy().view(np.uint32).tolist()
+    # query 0 (node 1) sees tokens 0..49; query 1 (node 2) sees 0..39 and 50..54
+    assert words[0] == [0xFFFFFFFF, (1 << 18) - 1]
+    assert words[1] == [0xFFFFFFFF, 0xFF | (((1 << 23) - 1) ^ ((1 << 18) - 1))]
+
+
+def test_plan_into_fixed_buffers() -> None:
+    tree = TreeBatch.from_parents([-1, 0, 0, 1], [300, 20, 50, 7])
+    buffers = PlanBuffers.allocate(
+        max_groups=64, max_queries=8, max_kv=1024, max_partials=64, chunk=64, queries_per_group=2
+    )
+    used = plan_into(buffers, tree)
+    fresh = plan_tree(tree, chunk=64, queries_per_group=2)
+    assert used.n_groups == fresh.n_groups and used.n_partials == fresh.n_partials
+    t = buffers.tensors
+    assert t["group_q"][: used.n_groups].equal(fresh.group_q)
+    assert (t["group_q"][used.n_groups :] == -1).all() and (
+        t["group_kv_len"][used.n_groups :] == 0
+    ).all()
+    assert (t["merge_ptr"][used.n_queries :] == used.n_partials).all()
+    small = PlanBuffers.allocate(
+        max_groups=2, max_queries=8, max_kv=1024, max_partials=64, chunk=64, queries_per_group=2
+    )
+    before = small.tensors["group_q"].clone()
+    with pytest.raises(PlanError, match="n_groups"):
+        plan_into(small, tree)
+    assert small.tensors["group_q"].equal(before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"chunk": 48}, "multiple of 32"),
+        ({"queries_per_group": 3}, "power of two"),
+        ({"queries_per_group": 256}, "max_rows"),
+    ],
+)
+def test_bad_parameters(kwargs: dict[str, int], message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        plan_tree(TreeBatch.from_parents([-1], [5]), **kwargs)  # type: ignore[arg-type]
+
+
+def test_describe_dot_png(tmp_path: Path) -> None:
+    tree = TreeBatch.from_parents([-1, 0, 0], [100, 30, 40])
+    plan = plan_tree(tree, chunk=64, queries_per_group=2)
+    text = describe(plan)
+    assert "groups" in text and "IO saved" in text and "group 0: kv [0, 64)" in text
+    dot = to_dot(tree, plan)
+    assert dot.startswith("digraph plan {") and "n0 -> n1;" in dot
+    pytest.importorskip("matplotlib")
+    assert draw_png(tree, plan, str(tmp_path / "plan.png"))
+    assert (tmp_path / "plan.png").stat().st_size > 0
+
+
+def test_cost_reports_io_saved_against_per_branch() -> None:
+    tree = TreeBatch.from_parents([-1] + [0] * 20, [4000] + [400] * 20)
+    cost = plan_tree(tree, heads=HeadLayout(heads_q=32, heads_kv=8)).cost
+    assert cost.branch_bytes > cost.total_bytes >= cost.floor_bytes
+    assert 0.5 < cost.io_saved < 1
+
+
+def _median_ms(fn: Callable[[], object], repeat: int = 30) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def test_planning_time_256_nodes_256_queries() -> None:
+    rng = np.random.default_rng(0)
+    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, 256)]
+    tokens = rng.integers(1, 64, 256)
+    tokens[0] = 1000
+    tree = TreeBatch.from_parents(parents, tokens, np.arange(256))
+    plan = plan_tree(tree, chunk=128, queries_per_group=8)
+    fixed = _median_ms(lambda: plan_tree(tree, chunk=128, queries_per_group=8))
+    chosen = _median_ms(lambda: plan_tree(tree))
+    step = _median_ms(lambda: replan_after_append(plan, tree.append_to_leaves(1)))
+    print(
+        f"\nplanning 256 nodes / 256 queries: {fixed:.3f} ms (chunk 128, QG 8), "
+        f"{chosen:.3f} ms (cost-model choice of chunk and QG), "
+        f"{step:.3f} ms (decode step: append to leaves + incremental replan)"
+    )
+    assert fixed < 5.0
+    assert step < 5.0

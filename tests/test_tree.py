@@ -1,0 +1,128 @@
+"""TreeBatch: construction, flattened order, visibility, mutations, paged layout, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import networkx as nx
+import numpy as np
+import pytest
+
+from attngen.errors import PlanError
+from attngen.tree import (
+    TreeBatch,
+    make_page_table,
+    physical_slots,
+    validate_page_table,
+)
+
+
+def _example() -> TreeBatch:
+    # 0 -> {1 -> {3}, 2}; preorder 0, 1, 3, 2
+    return TreeBatch.from_parents([-1, 0, 0, 1], [3, 2, 4, 1])
+
+
+def test_flattened_order_is_preorder_with_children_by_id() -> None:
+    tb = _example()
+    assert tb.order.tolist() == [0, 1, 3, 2]
+    assert tb.node_kv_start.tolist() == [0, 3, 6, 5]
+    assert tb.node_tokens.tolist() == [3, 2, 4, 1]
+    assert tb.n_kv == 10
+    assert tb.token_node.tolist() == [0, 0, 0, 1, 1, 3, 2, 2, 2, 2]
+    assert tb.kv_pos.tolist() == [0, 1, 2, 3, 4, 5, 3, 4, 5, 6]
+
+
+def test_node_queries_see_their_root_path() -> None:
+    tb = _example()  # default queries: the leaves 2, 3
+    assert tb.query_nodes.tolist() == [2, 3]
+    assert tb.q_pos.tolist() == [6, 5]
+    assert tb.query_visible_tokens(0).tolist() == [0, 1, 2, 6, 7, 8, 9]
+    assert tb.query_visible_tokens(1).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_token_queries_see_their_prefix_of_the_node() -> None:
+    tb = TreeBatch.from_parents([-1, 0], [2, 3], [1], mode="token")
+    assert tb.n_queries == 3
+    assert tb.q_pos.tolist() == [2, 3, 4]
+    assert tb.query_visible_tokens(0).tolist() == [0, 1, 2]
+    assert tb.query_visible_tokens(2).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_visible_matrix_matches_per_query_lists() -> None:
+    tb = TreeBatch.from_parents(
+        [-1, 0, 0, 1, -1, 4], [3, 2, 0, 1, 2, 2], [0, 2, 3, 5], mode="token"
+    )
+    vis = tb.visible_matrix()
+    for i in range(tb.n_queries):
+        assert np.flatnonzero(vis[i]).tolist() == tb.query_visible_tokens(i).tolist()
+
+
+def test_from_networkx_matches_parent_array() -> None:
+    g = nx.DiGraph()
+    for n, t in enumerate([3, 2, 4, 1]):
+        g.add_node(n, tokens=t)
+    g.add_edges_from([(0, 1), (0, 2), (1, 3)])
+    tb = TreeBatch.from_networkx(g)
+    assert tb.parent.tolist() == [-1, 0, 0, 1]
+    assert nx.utils.graphs_equal(tb.to_networkx(), g)
+
+
+def test_forest_and_concat() -> None:
+    a, b = _example(), TreeBatch.from_parents([-1, 0], [5, 1])
+    forest = TreeBatch.concat([a, b])
+    assert forest.n_trees == 2 and forest.n_kv == 16
+    assert forest.q_tree.tolist() == [0, 0, 1]
+    assert forest.node_kv_start[4] == 10
+
+
+def test_mutations() -> None:
+    tb = _example()
+    grown = tb.append_to_leaves(1)
+    assert grown.tokens.tolist() == [3, 2, 5, 2]
+    assert tb.tokens.tolist() == [3, 2, 4, 1]  # immutable
+    branched = tb.add_branch(1, 7)
+    assert branched.parent.tolist() == [-1, 0, 0, 1, 1]
+    assert branched.query_nodes.tolist() == [2, 3, 4]
+    pruned, remap = tb.prune(1)
+    assert remap.tolist() == [0, -1, 1, -1]
+    assert pruned.parent.tolist() == [-1, 0] and pruned.query_nodes.tolist() == [1]
+    assert tb.append_tokens({0: 2}).q_pos.tolist() == [8, 7]
+
+
+def test_paged_layout() -> None:
+    table = make_page_table(10, 4, cache_pages=8, seed=1)
+    validate_page_table(table, 10, 4, cache_slots=32)
+    slots = physical_slots(table, 10, 4)
+    assert len(set(slots.tolist())) == 10
+    assert slots[5] == table[1] * 4 + 1
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: TreeBatch.from_parents([1, 2, 0], [1, 1, 1]), "cycle"),
+        (lambda: TreeBatch.from_parents([-1, 0, 2], [1, 1, 1]), "cycle: 2 -> 2"),
+        (lambda: TreeBatch.from_parents([-1, 5], [1, 1]), "not a node"),
+        (lambda: TreeBatch.from_parents([-1, -1], [1, 1], expect_single_tree=True), "forest"),
+        (lambda: TreeBatch.from_parents([-1, 0], [1, -3]), "negative"),
+        (lambda: TreeBatch.from_parents([-1, 0], [1, 2], [7]), "does not exist"),
+        (lambda: TreeBatch.from_parents([-1, 0], [1, 2], [1, 1]), "more than once"),
+        (lambda: TreeBatch.from_parents([-1, 0], [1, 2], kv_len=4), "disagree|KV has 4"),
+        (lambda: TreeBatch.from_parents([-1, 0], [1, 2, 3]), "one count per node"),
+        (lambda: validate_page_table([0, 9], 8, 4, cache_slots=16), "outside the cache"),
+        (lambda: validate_page_table([0], 8, 4, cache_slots=16), "need 2"),
+        (lambda: _example().prune(9), "does not exist"),
+        (lambda: _example().query_visible_tokens(5), "does not exist"),
+    ],
+)
+def test_bad_input_raises_plan_error(build: Callable[[], object], message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        build()
+
+
+def test_networkx_two_parents_is_an_error() -> None:
+    g = nx.DiGraph()
+    g.add_nodes_from([(0, {"tokens": 1}), (1, {"tokens": 1}), (2, {"tokens": 1})])
+    g.add_edges_from([(0, 2), (1, 2)])
+    with pytest.raises(PlanError, match="2 parents"):
+        TreeBatch.from_networkx(g)

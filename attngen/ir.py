@@ -224,9 +224,10 @@ def verify(ir: KernelIR, spec: Spec) -> None:
     for code in (ir.score_code, ir.mask_code, ir.kv_lo_code, ir.kv_hi_code, ir.may_see_code):
         assert code.strip(), "empty generated expression"
     free = full_visibility(spec).free_symbols | base2_score(spec).free_symbols
-    unbound = {s for s in free if isinstance(s, sp.Symbol)} - set(ELEMENT_NAMES) - {score}
+    bound = {s.name for s in ELEMENT_NAMES} | {score.name} | set(spec.tensors)
+    unbound = {s.name for s in free if isinstance(s, sp.Symbol)} - bound
     if unbound:
-        raise SpecError("spec", "expression uses symbols no kernel binds", given=sorted(map(str, unbound)))
+        raise SpecError("spec", "expression uses symbols no kernel binds", given=sorted(unbound))
 
 
 def lower(spec: Spec) -> KernelIR:

@@ -209,6 +209,11 @@ class TritonPrinter:
 
     # -- logic ---------------------------------------------------------------------------
 
+    def _print_ITE(self, expr: sp.ITE) -> tuple[str, int]:
+        # a boolean if-then-else (sympy builds these when it simplifies Piecewise)
+        cond, then, other = (self.doprint(a) for a in expr.args)
+        return f"tl.where({cond}, {then}, {other})", PREC_ATOM
+
     def _print_Relational(self, expr: sp.core.relational.Relational) -> tuple[str, int]:
         if expr.rel_op not in ("==", "!=", "<", "<=", ">", ">="):
             raise PrintError(f"cannot print relation {expr.rel_op!r}")

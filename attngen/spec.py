@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from attngen.errors import ExprError, SpecError, did_you_mean
 
@@ -35,6 +35,10 @@ TENSOR_DTYPES = ("fp32", "fp16", "bf16", "int32", "int64")
 TENSOR_DIMS = ("head", "batch", "token")
 
 
+#: An int that YAML must give as an int (``true`` or ``"3"`` is an error, not 1 or 3).
+Int = Annotated[int, Strict()]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
 
@@ -42,8 +46,8 @@ class _Model(BaseModel):
 class Heads(_Model):
     """Query and key/value head counts; ``kv`` divides ``q`` (MHA, GQA, MQA)."""
 
-    q: Annotated[int, Field(ge=1, le=1024)]
-    kv: Annotated[int, Field(ge=1, le=1024)]
+    q: Annotated[Int, Field(ge=1, le=1024)]
+    kv: Annotated[Int, Field(ge=1, le=1024)]
 
     @model_validator(mode="after")
     def _kv_divides_q(self) -> Heads:
@@ -61,8 +65,8 @@ class Heads(_Model):
 class HeadDim(_Model):
     """Head dimension of Q·K (``qk``) and of V/O (``v``)."""
 
-    qk: int
-    v: int
+    qk: Int
+    v: Int
 
     @field_validator("qk", "v")
     @classmethod
@@ -85,7 +89,7 @@ class Topology(_Model):
     kind: Literal["sequence", "tree", "shared_prefix"] = "sequence"
     queries: Literal["prefill", "decode", "node", "token"] | None = None
     kv_layout: Literal["contiguous", "paged"] = "contiguous"
-    page_size: Annotated[int, Field(ge=1, le=4096)] | None = None
+    page_size: Annotated[Int, Field(ge=1, le=4096)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Topology:
@@ -109,7 +113,7 @@ class TensorDecl(_Model):
     (size heads.q), ``batch`` (one per sequence/tree), ``token`` (packed like the KV,
     indexed by a position within its sequence) or a fixed positive size."""
 
-    dims: tuple[Literal["head", "batch", "token"] | Annotated[int, Field(ge=1)], ...]
+    dims: tuple[Literal["head", "batch", "token"] | Annotated[Int, Field(ge=1)], ...]
     dtype: Literal["fp32", "fp16", "bf16", "int32", "int64"] = "fp32"
 
     @field_validator("dims")
@@ -117,8 +121,8 @@ class TensorDecl(_Model):
     def _not_empty(cls, dims: tuple[Any, ...]) -> tuple[Any, ...]:
         if not dims:
             raise ValueError("a tensor needs at least one dim")
-        if dims.count("token") > 1:
-            raise ValueError("at most one 'token' dim")
+        if "token" in dims and len(dims) > 1:
+            raise ValueError("a per-token tensor has exactly one dim, ['token'] (packed like the KV)")
         return dims
 
     @property
@@ -130,10 +134,10 @@ class Tune(_Model):
     """Autotuner candidates. Every combination valid for the shapes is tried on a GPU;
     the interpreter uses the first valid one."""
 
-    block_m: tuple[Annotated[int, Field(ge=16, le=256)], ...] = (128, 64)
-    block_n: tuple[Annotated[int, Field(ge=16, le=256)], ...] = (64, 128, 32)
+    block_m: tuple[Annotated[Int, Field(ge=16, le=256)], ...] = (128, 64)
+    block_n: tuple[Annotated[Int, Field(ge=16, le=256)], ...] = (64, 128, 32)
     num_warps: tuple[Literal[1, 2, 4, 8, 16], ...] = (4, 8)
-    num_stages: tuple[Annotated[int, Field(ge=1, le=6)], ...] = (2, 3, 4)
+    num_stages: tuple[Annotated[Int, Field(ge=1, le=6)], ...] = (2, 3, 4)
 
     @field_validator("block_m", "block_n")
     @classmethod
@@ -432,6 +436,10 @@ def parse_spec(data: Any, file: str | None = None) -> Spec:
         if not isinstance(data, dict):
             raise SpecError("spec", "the top level must be a mapping", given=type(data).__name__)
         data = dict(data)
+        version = data.pop("spec_version", SPEC_VERSION)  # present in the canonical form
+        if version != SPEC_VERSION:
+            raise SpecError("spec_version", "is not a version this attngen reads", given=version,
+                            allowed=str(SPEC_VERSION))
         mask = parse_mask_rule(data.pop("mask", "full"), "mask")
         try:
             spec = Spec.model_validate({**data, "mask": Full()})
@@ -452,8 +460,6 @@ def _check_names(spec: Spec) -> None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name in semantics.RESERVED_NAMES:
             raise SpecError(f"tensors.{name}", "is not a usable tensor name", given=name,
                             allowed="an identifier that is not one of " + ", ".join(sorted(semantics.RESERVED_NAMES)))
-        if spec.topology.kind != "sequence" and "token" in decl.dims and name not in _document_tensors(spec.mask):
-            pass  # per-token tensors follow the flattened tree KV; allowed
     for path, name, need in _tensor_refs(spec.mask, "mask"):
         decl = spec.tensors.get(name)
         if decl is None:
@@ -466,7 +472,8 @@ def _check_names(spec: Spec) -> None:
     try:
         semantics.visibility(spec)
     except ExprError as err:
-        raise SpecError(_expr_path(spec.mask, "mask", err.text) or "mask", err.problem,
+        raise SpecError(_expr_path(spec.mask, "mask", err.text) or "mask",
+                        f"{err.problem} at column {err.column + 1}",
                         given=err.text, suggestion=err.suggestion) from None
     if spec.score_mod is not None:
         try:
@@ -474,10 +481,6 @@ def _check_names(spec: Spec) -> None:
         except ExprError as err:
             raise SpecError("score_mod", f"{err.problem} at column {err.column + 1}",
                             given=err.text, suggestion=err.suggestion) from None
-
-
-def _document_tensors(rule: MaskRule) -> set[str]:
-    return {name for _, name, _ in _tensor_refs(rule, "mask")}
 
 
 def _tensor_refs(rule: MaskRule, path: str) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -512,6 +515,21 @@ def _expr_path(rule: MaskRule, path: str, text: str) -> str | None:
     return None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that a key given twice is an error rather than the
+    last one silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a YAML spec file (safe loader only)."""
     file = str(path)
@@ -520,7 +538,7 @@ def load_spec(path: str | Path) -> Spec:
     except OSError as err:
         raise SpecError("", f"cannot read the spec: {err.strerror}", file=file) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"

@@ -1,0 +1,451 @@
+"""``attngen check SPEC``: property tests of one generated kernel against the reference.
+
+Each case draws a batch (sizes and lengths including 0, 1 and non-multiples of the
+tile; chunked prefill where q_len < kv_len), fresh random data (never zeros), user
+tensors that fit their declared dims, and a launch config with tiles valid for the
+shapes. The output buffer is poisoned with NaN before the launch. O and LSE are compared
+with :func:`attngen.reference.sequence_reference` at the tolerances of
+:data:`TOLERANCES`, the single table of per-dtype tolerances (tests import it from here).
+
+Under the Triton interpreter (no CUDA) shapes and tiles are small so a case takes about
+a second, and **bf16 specs are checked through their fp16 twin** (same spec, dtype fp16):
+``tl.dot`` on bf16 is wrong under the interpreter (Triton issue 11584), so a bf16 run
+there would test the interpreter, not the kernel. The report says so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from attngen.errors import AttngenError
+from attngen.reference import sequence_reference, to_numpy
+from attngen.spec import Spec
+
+
+@dataclass(frozen=True, slots=True)
+class Tolerance:
+    """Accepted error of one dtype: relative ‖out−ref‖/‖ref‖ and max-abs, for O and LSE."""
+
+    out_rel: float
+    out_abs: float
+    lse_rel: float
+    lse_abs: float
+
+
+#: The one table of per-dtype tolerances (kernel input/output dtype; fp32 accumulation).
+#: fp32 allows TF32 matrix units on GPUs; fp16/bf16 are dominated by rounding P to the
+#: input dtype for the P·V product and by the rounding of O itself.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(out_rel=2e-3, out_abs=1e-2, lse_rel=1e-3, lse_abs=1e-2),
+    "fp16": Tolerance(out_rel=5e-3, out_abs=2e-2, lse_rel=1e-3, lse_abs=1e-2),
+    "bf16": Tolerance(out_rel=2e-2, out_abs=8e-2, lse_rel=2e-3, lse_abs=3e-2),
+}
+
+TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+TENSOR_TORCH_DTYPES = {
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "fp32": "float32",
+    "int32": "int32",
+    "int64": "int64",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Error figures
+
+
+@dataclass(frozen=True, slots=True)
+class Errors:
+    """Error figures of one output against its reference (NaN-aware)."""
+
+    rel: float
+    max_abs: float
+    nan: bool
+    inf_mismatch: bool = False
+
+    def within(self, rel: float, max_abs: float) -> bool:
+        return (
+            not self.nan and not self.inf_mismatch and self.rel <= rel and self.max_abs <= max_abs
+        )
+
+
+def compare(out: Any, ref: Any) -> Errors:
+    """Relative (‖out−ref‖/‖ref‖) and max-abs error in float64. Entries where the
+    reference is -inf (empty rows' LSE) must be -inf in ``out`` too and are left out
+    of the figures."""
+    o, r = to_numpy(out), to_numpy(ref)
+    if o.shape != r.shape:
+        raise ValueError(f"shape {o.shape} != reference shape {r.shape}")
+    nan = bool(np.isnan(o).any())
+    ref_inf = np.isneginf(r)
+    inf_mismatch = bool((np.isneginf(o) != ref_inf).any() or np.isposinf(o).any())
+    keep = ~ref_inf & np.isfinite(o)
+    diff = np.where(keep, o - np.where(keep, r, 0.0), 0.0)
+    norm = float(np.linalg.norm(np.where(keep, r, 0.0)))
+    err = float(np.linalg.norm(diff))
+    rel = err / norm if norm > 0 else (0.0 if err == 0 else math.inf)
+    max_abs = float(np.abs(diff).max()) if diff.size else 0.0
+    return Errors(rel=rel, max_abs=max_abs, nan=nan, inf_mismatch=inf_mismatch)
+
+
+# ---------------------------------------------------------------------------------------
+# Cases
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """One batch: per sequence (q_len, kv_len); decode has q_len 1 for every sequence."""
+
+    lengths: tuple[tuple[int, int], ...]
+    decode: bool
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def describe(self) -> str:
+        if self.decode:
+            return f"B={self.batch} kv_len={[kv for _, kv in self.lengths]}"
+        return f"B={self.batch} (q_len,kv_len)={list(self.lengths)}"
+
+
+def draw_shape(rng: random.Random, *, decode: bool, max_len: int, max_batch: int) -> Shape:
+    """Lengths biased to the edges: 0, 1, a tile multiple, one off it, chunked prefill."""
+    batch = rng.randint(1, max_batch)
+    edges = [0, 1, 15, 16, 17, 31, 33, 63, 64, 65]
+    lengths = []
+    for _ in range(batch):
+        kv = (
+            rng.choice([e for e in edges if e <= max_len])
+            if rng.random() < 0.4
+            else rng.randint(0, max_len)
+        )
+        if decode:
+            lengths.append((1, kv))
+            continue
+        kind = rng.random()
+        q = kv if kind < 0.5 else rng.randint(0, kv) if kind < 0.9 else min(kv, 1)
+        lengths.append((q, kv))
+    return Shape(tuple(lengths), decode)
+
+
+def draw_config(
+    rng: random.Random, spec: Spec, shape: Shape, *, interpreter: bool
+) -> dict[str, int]:
+    """A launch config with tiles valid for the head dims and small under the interpreter."""
+    blocks = (16, 32) if interpreter else (32, 64, 128)
+    config = {
+        "block_n": rng.choice(blocks),
+        "num_warps": 4,
+        "num_stages": 1 if interpreter else rng.choice((2, 3)),
+    }
+    if shape.decode:
+        config["num_splits"] = rng.choice((1, 2, 3))
+    else:
+        config["block_m"] = rng.choice(blocks)
+    return config
+
+
+def user_tensor(spec: Spec, name: str, shape: Shape, rng: np.random.Generator) -> np.ndarray:
+    """Random values for one declared tensor, in ranges that make its use meaningful:
+    per-token ints are sorted document ids within each sequence; per-batch ints are
+    lengths within the sequence; per-head floats are positive (slopes); other floats
+    are N(0, 0.5²); other ints lie in [0, 8)."""
+    decl = spec.tensors[name]
+    kv_lens = [kv for _, kv in shape.lengths]
+    sizes = {"head": spec.heads.q, "batch": shape.batch, "token": sum(kv_lens)}
+    dims = tuple(sizes[d] if isinstance(d, str) else d for d in decl.dims)
+    if decl.is_float:
+        if decl.dims == ("head",):
+            return rng.uniform(0.01, 0.5, size=dims)
+        return rng.normal(0.0, 0.5, size=dims)
+    if decl.dims == ("token",):
+        runs = [np.cumsum(rng.random(n) < 0.15).astype(np.int64) for n in kv_lens]
+        return np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64)
+    if decl.dims == ("batch",):
+        return np.array([rng.integers(0, kv + 1) for kv in kv_lens], dtype=np.int64)
+    return rng.integers(0, 8, size=dims)
+
+
+@dataclass
+class Inputs:
+    """Everything one launch needs, on the device, plus the host copies the reference uses."""
+
+    q: Any
+    k: Any
+    v: Any
+    cu_seqlens_q: Any | None
+    cu_seqlens_k: Any
+    tensors: dict[str, Any]
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def make_inputs(
+    spec: Spec, shape: Shape, *, seed: int, device: str, dtype: str | None = None
+) -> Inputs:
+    """Fresh data for ``shape``: N(0,1) q/k/v in the spec dtype (never zeros), int32
+    offsets, user tensors in their declared dtypes."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tdtype = getattr(torch, TORCH_DTYPES[dtype or spec.dtype])
+    total_q = sum(q for q, _ in shape.lengths)
+    total_kv = sum(kv for _, kv in shape.lengths)
+    n_q = shape.batch if shape.decode else total_q
+
+    def randn(*dims: int) -> Any:
+        return torch.randn(*dims, generator=gen, dtype=torch.float32).to(
+            device=device, dtype=tdtype
+        )
+
+    def offsets(lens: Sequence[int]) -> Any:
+        return torch.tensor([0, *np.cumsum(lens)], dtype=torch.int32, device=device)
+
+    tensors = {}
+    for name, decl in spec.tensors.items():
+        values = torch.from_numpy(np.asarray(user_tensor(spec, name, shape, rng)))
+        tensors[name] = values.to(
+            device=device, dtype=getattr(torch, TENSOR_TORCH_DTYPES[decl.dtype])
+        )
+    return Inputs(
+        q=randn(n_q, spec.heads.q, spec.head_dim.qk),
+        k=randn(total_kv, spec.heads.kv, spec.head_dim.qk),
+        v=randn(total_kv, spec.heads.kv, spec.head_dim.v),
+        cu_seqlens_q=None if shape.decode else offsets([q for q, _ in shape.lengths]),
+        cu_seqlens_k=offsets([kv for _, kv in shape.lengths]),
+        tensors=tensors,
+        max_seqlen_q=max((q for q, _ in shape.lengths), default=0),
+        max_seqlen_k=max((kv for _, kv in shape.lengths), default=0),
+    )
+
+
+def launch(
+    module: Any, inputs: Inputs, *, out: Any, config: dict[str, int] | None
+) -> tuple[Any, Any]:
+    """Call a generated module's ``attention`` (prefill or decode form) with LSE."""
+    common = {"return_lse": True, "out": out, "config": config, **inputs.tensors}
+    if inputs.cu_seqlens_q is None:
+        return module.attention(
+            inputs.q,
+            inputs.k,
+            inputs.v,
+            inputs.cu_seqlens_k,
+            max_seqlen_k=inputs.max_seqlen_k,
+            **common,
+        )
+    return module.attention(
+        inputs.q,
+        inputs.k,
+        inputs.v,
+        inputs.cu_seqlens_q,
+        inputs.cu_seqlens_k,
+        max_seqlen_q=inputs.max_seqlen_q,
+        max_seqlen_k=inputs.max_seqlen_k,
+        **common,
+    )
+
+
+def poisoned_out(spec: Spec, inputs: Inputs) -> Any:
+    """An output buffer full of NaN: any element the kernel forgets to write shows up."""
+    import torch
+
+    shape = (inputs.q.shape[0], spec.heads.q, spec.head_dim.v)
+    return torch.full(shape, math.nan, dtype=inputs.q.dtype, device=inputs.q.device)
+
+
+# ---------------------------------------------------------------------------------------
+# The check
+
+
+@dataclass(frozen=True, slots=True)
+class CaseResult:
+    index: int
+    shape: Shape
+    dtype: str
+    config: dict[str, int] | None
+    seed: int
+    out: Errors | None = None
+    lse: Errors | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    passed: bool = False
+
+    def line(self) -> str:
+        head = f"case {self.index:3d} {self.dtype} {self.shape.describe()} config={self.config}"
+        if self.error:
+            return f"{head}: FAILED: {self.error}"
+        assert self.out is not None and self.lse is not None
+        mark = "ok" if self.passed else "FAILED"
+        return (
+            f"{head}: O rel {self.out.rel:.2e} max {self.out.max_abs:.2e}; LSE rel {self.lse.rel:.2e} "
+            f"max {self.lse.max_abs:.2e}; {self.seconds:.2f}s {mark}"
+        )
+
+
+@dataclass
+class CheckReport:
+    spec_name: str
+    device: str
+    dtype_checked: str
+    seed: int
+    notes: list[str] = field(default_factory=list)
+    cases: list[CaseResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.cases) and all(c.passed for c in self.cases)
+
+    @property
+    def failures(self) -> list[CaseResult]:
+        return [c for c in self.cases if not c.passed]
+
+    def summary(self) -> str:
+        tol = TOLERANCES[self.dtype_checked]
+        lines = [*self.notes, *(c.line() for c in self.cases)]
+        verdict = (
+            "PASSED" if self.passed else f"FAILED ({len(self.failures)} of {len(self.cases)} cases)"
+        )
+        lines.append(
+            f"{self.spec_name}: {verdict} on {self.device}, {self.dtype_checked}, seed {self.seed} "
+            f"(tolerance O rel {tol.out_rel:g} abs {tol.out_abs:g}, LSE rel {tol.lse_rel:g} abs {tol.lse_abs:g})"
+        )
+        return "\n".join(lines)
+
+
+def check_case(
+    module: Any,
+    spec: Spec,
+    shape: Shape,
+    *,
+    index: int,
+    seed: int,
+    device: str,
+    config: dict[str, int] | None,
+) -> CaseResult:
+    """Run one case and compare it; every exception is reported as a failed case."""
+    started = time.perf_counter()
+    base = CaseResult(index=index, shape=shape, dtype=spec.dtype, config=config, seed=seed)
+    try:
+        inputs = make_inputs(spec, shape, seed=seed, device=device)
+        out = poisoned_out(spec, inputs)
+        got, lse = launch(module, inputs, out=out, config=config)
+        if got.data_ptr() != out.data_ptr():
+            raise AssertionError("the kernel did not write into the given `out`")
+        ref_o, ref_lse = sequence_reference(
+            spec,
+            inputs.q,
+            inputs.k,
+            inputs.v,
+            inputs.cu_seqlens_q,
+            inputs.cu_seqlens_k,
+            inputs.tensors,
+        )
+        o_err, lse_err = compare(got, ref_o), compare(lse, ref_lse)
+    except Exception as err:  # report, do not stop the run
+        return _replace(
+            base, error=f"{type(err).__name__}: {err}", seconds=time.perf_counter() - started
+        )
+    tol = TOLERANCES[spec.dtype]
+    passed = o_err.within(tol.out_rel, tol.out_abs) and lse_err.within(tol.lse_rel, tol.lse_abs)
+    return _replace(
+        base, out=o_err, lse=lse_err, passed=passed, seconds=time.perf_counter() - started
+    )
+
+
+def _replace(case: CaseResult, **changes: Any) -> CaseResult:
+    from dataclasses import replace
+
+    return replace(case, **changes)
+
+
+def _ensure_interpreter(device: str) -> None:
+    if device.startswith("cuda"):
+        return
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if "triton" in sys.modules:
+        raise AttngenError(
+            "checking on the CPU needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before triton is imported (the attngen CLI does this when there is no GPU)"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def checked_spec(spec: Spec, device: str) -> tuple[Spec, list[str]]:
+    """The spec actually run on ``device`` and a note when it differs (bf16 on the CPU)."""
+    if spec.dtype == "bf16" and not device.startswith("cuda"):
+        note = (
+            "note: no GPU, so this bf16 spec is checked through its fp16 twin under the Triton "
+            "interpreter (tl.dot on bf16 is wrong there, Triton issue 11584); "
+            "run `attngen check` on a GPU to check bf16 itself"
+        )
+        return spec.model_copy(update={"dtype": "fp16"}), [note]
+    return spec, []
+
+
+def check_spec(
+    spec: Spec,
+    *,
+    examples: int = 20,
+    seed: int | None = None,
+    device: str = "cuda",
+    progress: Callable[[int, int, CaseResult], None] | None = None,
+) -> CheckReport:
+    """Property-test ``spec``'s generated kernel against the float64 reference.
+
+    ``device`` "cuda" runs the real kernel; anything else runs it under the Triton
+    interpreter with small shapes and tiles. ``progress(done, total, case)`` is called
+    after each case. The same ``seed`` reproduces the same cases.
+    """
+    _ensure_interpreter(device)
+    from attngen import runtime
+
+    seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
+    run_spec, notes = checked_spec(spec, device)
+    interpreter = not device.startswith("cuda")
+    module = runtime.load(run_spec)
+    rng = random.Random(seed)
+    decode = spec.topology.queries == "decode"
+    max_len, max_batch = (40, 3) if interpreter else (700, 6)
+    report = CheckReport(spec.name, device, run_spec.dtype, seed, notes=notes)
+    for index in range(examples):
+        shape = _edge_shape(index, decode) or draw_shape(
+            rng, decode=decode, max_len=max_len, max_batch=max_batch
+        )
+        config = draw_config(rng, run_spec, shape, interpreter=interpreter)
+        case = check_case(
+            module,
+            run_spec,
+            shape,
+            index=index,
+            seed=rng.randrange(2**31),
+            device=device,
+            config=config,
+        )
+        report.cases.append(case)
+        if progress is not None:
+            progress(index + 1, examples, case)
+    return report
+
+
+def _edge_shape(index: int, decode: bool) -> Shape | None:
+    """The first cases are fixed edges: one token; an empty sequence among others;
+    chunked prefill with a length one past the tile."""
+    fixed = [
+        ((1, 1),),
+        ((0, 0), (3, 5), (1, 1)) if not decode else ((1, 0), (1, 5), (1, 1)),
+        ((7, 17),) if not decode else ((1, 17),),
+    ]
+    return Shape(fixed[index], decode) if index < len(fixed) else None

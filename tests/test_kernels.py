@@ -1,0 +1,192 @@
+"""Generated kernels against the float64 reference, as properties.
+
+Hypothesis draws a spec from the grammar (masks combined with all/any/not, score mods,
+GQA ratios, head dims), shapes (lengths 0, 1 and non-multiples of the tile; chunked
+prefill), data and a launch config valid for the shapes; the kernel is loaded through
+``attngen.runtime.load`` and compared with ``sequence_reference`` at the shared
+per-dtype tolerances. The output buffer is poisoned with NaN first, so unwritten rows
+fail. The interpreter class and the GPU class are the same tests with one flag flipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from helpers import assert_close, assert_lse_close, varlen_batch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import GPU_HEAD_DIMS, INTERPRETER_HEAD_DIMS, SpecCase, configs, shapes, spec_cases
+
+from attngen.check import Shape, launch, make_inputs, poisoned_out
+from attngen.reference import sequence_reference
+from attngen.spec import Spec, parse_spec
+
+runtime = pytest.importorskip(
+    "attngen.runtime", reason="attngen.runtime (the lead's) is not there yet"
+)
+
+SETTINGS = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+}
+
+
+def run_and_compare(
+    spec: Spec, shape: Shape, config: dict[str, int] | None, *, seed: int, device: str
+) -> None:
+    module = runtime.load(spec)
+    inputs = make_inputs(spec, shape, seed=seed, device=device)
+    out = poisoned_out(spec, inputs)
+    got, lse = launch(module, inputs, out=out, config=config)
+    assert got.data_ptr() == out.data_ptr(), "the kernel did not write into `out`"
+    assert got.dtype == inputs.q.dtype and lse.dtype == torch.float32
+    ref_o, ref_lse = sequence_reference(
+        spec, inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.tensors
+    )
+    assert not torch.isnan(got).any(), (
+        "NaN left in the poisoned output (rows not written, or NaN produced)"
+    )
+    assert_close(got, ref_o, spec.dtype)
+    assert_lse_close(lse, ref_lse, spec.dtype)
+
+
+class KernelProperties:
+    """The property tests; subclasses pick the device, dtypes, sizes and example counts."""
+
+    device: ClassVar[str]
+    dtypes: ClassVar[tuple[str, ...]]
+    head_dims: ClassVar[tuple[int, ...]]
+    blocks: ClassVar[tuple[int, ...]]
+    max_len: ClassVar[int]
+    max_batch: ClassVar[int]
+
+    def check(self, case: SpecCase, data: st.DataObject) -> None:
+        decode = case.spec.topology.queries == "decode"
+        shape = data.draw(
+            shapes(decode=decode, max_len=self.max_len, max_batch=self.max_batch), label="shape"
+        )
+        config = data.draw(configs(shape, blocks=self.blocks), label="config")
+        seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+        run_and_compare(case.spec, shape, config, seed=seed, device=self.device)
+
+
+@pytest.mark.interpreter
+class TestKernelsInterpreter(KernelProperties):
+    device = "cpu"
+    dtypes = ("fp16", "fp32")  # bf16 tl.dot is wrong under the interpreter (Triton issue 11584)
+    head_dims = INTERPRETER_HEAD_DIMS
+    blocks = (16, 32)
+    max_len = 40
+    max_batch = 3
+
+    @settings(max_examples=25, **SETTINGS)  # type: ignore[arg-type]
+    @given(
+        case=spec_cases(dtypes=dtypes, queries=("prefill",), head_dims=head_dims), data=st.data()
+    )
+    def test_prefill_matches_reference(self, case: SpecCase, data: st.DataObject) -> None:
+        self.check(case, data)
+
+    @settings(max_examples=20, **SETTINGS)  # type: ignore[arg-type]
+    @given(case=spec_cases(dtypes=dtypes, queries=("decode",), head_dims=head_dims), data=st.data())
+    def test_decode_matches_reference(self, case: SpecCase, data: st.DataObject) -> None:
+        self.check(case, data)
+
+
+@pytest.mark.gpu
+class TestKernelsGPU(KernelProperties):
+    device = "cuda"
+    dtypes = ("fp16", "bf16", "fp32")
+    head_dims = GPU_HEAD_DIMS
+    blocks = (32, 64, 128)
+    max_len = 700
+    max_batch = 6
+
+    @settings(max_examples=100, **SETTINGS)  # type: ignore[arg-type]
+    @given(
+        case=spec_cases(
+            dtypes=dtypes,
+            queries=("prefill",),
+            head_dims=head_dims,
+            max_kv_heads=4,
+            groups=(1, 2, 4, 8),
+        ),
+        data=st.data(),
+    )
+    def test_prefill_matches_reference(self, case: SpecCase, data: st.DataObject) -> None:
+        self.check(case, data)
+
+    @settings(max_examples=100, **SETTINGS)  # type: ignore[arg-type]
+    @given(
+        case=spec_cases(
+            dtypes=dtypes,
+            queries=("decode",),
+            head_dims=head_dims,
+            max_kv_heads=4,
+            groups=(1, 2, 4, 8),
+        ),
+        data=st.data(),
+    )
+    def test_decode_matches_reference(self, case: SpecCase, data: st.DataObject) -> None:
+        self.check(case, data)
+
+
+# ---------------------------------------------------------------------------------------
+# return_lse and out
+
+
+def _spec(queries: str) -> Spec:
+    return parse_spec(
+        {
+            "name": f"lse_{queries}",
+            "heads": {"q": 4, "kv": 2},
+            "head_dim": 32,
+            "dtype": "fp32",
+            "mask": ["causal", {"window": 6}],
+            "topology": {"queries": queries},
+        }
+    )
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("queries", ["prefill", "decode"])
+def test_return_lse(device: str, queries: str) -> None:
+    spec = _spec(queries)
+    module = runtime.load(spec)
+    batch = varlen_batch(
+        [3, 0, 17], [5, 0, 17], heads=(4, 2), head_dim=(32, 32), seed=7, device=device
+    )
+    config: dict[str, Any] = {"block_n": 16, "num_warps": 4, "num_stages": 1}
+    if queries == "decode":
+        config["num_splits"] = 2
+        q = batch["q"][:3]
+        call = lambda **kw: module.attention(
+            q, batch["k"], batch["v"], batch["cu_seqlens_k"], config=config, **kw
+        )
+        cu_q = None
+    else:
+        config["block_m"] = 16
+        q = batch["q"]
+        call = lambda **kw: module.attention(
+            q,
+            batch["k"],
+            batch["v"],
+            batch["cu_seqlens_q"],
+            batch["cu_seqlens_k"],
+            config=config,
+            **kw,
+        )
+        cu_q = batch["cu_seqlens_q"]
+    plain = call()
+    assert isinstance(plain, torch.Tensor) and plain.shape == (q.shape[0], 4, 32)
+    out, lse = call(return_lse=True)
+    assert lse.shape == (q.shape[0], 4) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)  # same bits with or without LSE
+    ref_o, ref_lse = sequence_reference(
+        spec, q, batch["k"], batch["v"], cu_q, batch["cu_seqlens_k"]
+    )
+    assert_close(out, ref_o, "fp32")
+    assert_lse_close(lse, ref_lse, "fp32")
+    if queries == "decode":  # the empty sequence: O = 0, LSE = -inf
+        assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()

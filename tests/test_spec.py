@@ -1,0 +1,256 @@
+"""Each kind of bad spec gives its documented one-paragraph error (file, field path, what
+is allowed or meant) and a build writes nothing; the canonical form and hash are stable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from attngen.errors import SpecError
+from attngen.spec import load_spec, parse_spec
+
+GOOD = """\
+name: demo
+heads: {q: 8, kv: 2}
+head_dim: 64
+dtype: fp16
+mask: [causal]
+"""
+
+
+def _with(**changes: object) -> str:
+    data = yaml.safe_load(GOOD)
+    data.update(changes)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+#: (label, YAML text, substrings the one-paragraph error must contain)
+BAD_SPECS: list[tuple[str, str, list[str]]] = [
+    (
+        "malformed YAML",
+        "name: demo\nheads: {q: 8, kv: 2\nhead_dim: 64\n",
+        ["malformed YAML", "line 3"],
+    ),
+    ("top level not a mapping", "- causal\n", ["top level must be a mapping"]),
+    (
+        "unknown top-level field",
+        GOOD + "maks: [causal]\n",
+        ["maks", "unknown field", "did you mean 'mask'"],
+    ),
+    (
+        "unknown nested field",
+        _with(heads={"q": 8, "kv": 2, "qq": 1}),
+        ["heads.qq", "unknown field", "q, kv"],
+    ),
+    (
+        "unknown tensor field",
+        _with(tensors={"doc": {"dims": ["token"], "dtyp": "int32"}}),
+        ["tensors.doc.dtyp", "did you mean 'dtype'"],
+    ),
+    ("wrong type", _with(heads={"q": "eight", "kv": 2}), ["heads.q", "integer", "'eight'"]),
+    (
+        "heads not divisible",
+        _with(heads={"q": 8, "kv": 3}),
+        ["heads", "must divide", "[1, 2, 4, 8]"],
+    ),
+    ("unsupported dtype", _with(dtype="fp8"), ["dtype", "'fp8'", "'fp16', 'bf16' or 'fp32'"]),
+    (
+        "unsupported head_dim",
+        _with(head_dim=80),
+        ["head_dim", "80", "[16, 32, 64, 96, 128, 192, 256]"],
+    ),
+    (
+        "unknown mask rule",
+        _with(mask=["casual"]),
+        ["mask[0]", "unknown rule", "did you mean 'causal'"],
+    ),
+    (
+        "unknown mask rule key",
+        _with(mask=["causal", {"windw": {"left": 4}}]),
+        ["mask[1].windw", "did you mean 'window'"],
+    ),
+    (
+        "unknown window field",
+        _with(mask=[{"window": {"left": 4, "rigth": 0}}]),
+        ["mask[0].window.rigth", "left, right", "did you mean 'right'"],
+    ),
+    (
+        "window out of range",
+        _with(mask=[{"window": {"left": -3}}]),
+        ["mask[0].window.left", "-3", ">= 0"],
+    ),
+    (
+        "expression with an unknown name",
+        _with(mask=["causal", {"expr": "kv_pos <= q_ps"}]),
+        ["mask[1].expr", "unknown name 'q_ps'", "did you mean 'q_pos'"],
+    ),
+    (
+        "disallowed call in a mask",
+        _with(mask=[{"expr": "sin(kv_pos) > 0"}]),
+        ["mask[0].expr", "'sin'"],
+    ),
+    ("disallowed call in score_mod", _with(score_mod="__import__('os')"), ["score_mod"]),
+    ("division by zero", _with(score_mod="score / 0"), ["score_mod", "division by zero"]),
+    (
+        "floor division by zero",
+        _with(mask=[{"expr": "kv_pos // 0 == 1"}]),
+        ["mask[0].expr", "division by zero"],
+    ),
+    (
+        "modulo by zero",
+        _with(mask=[{"expr": "kv_pos % (3 - 3) == 1"}]),
+        ["mask[0].expr", "by zero"],
+    ),
+    (
+        "undeclared tensor in a rule",
+        _with(mask=[{"document": "docs"}], tensors={"doc": {"dims": ["token"], "dtype": "int32"}}),
+        ["mask[0].document", "undeclared tensor", "'docs'", "did you mean 'doc'"],
+    ),
+    (
+        "undeclared tensor in score_mod",
+        _with(score_mod="score + bias[head]"),
+        ["score_mod", "'bias'"],
+    ),
+    (
+        "tensor with the wrong dims",
+        _with(mask=[{"document": "doc"}], tensors={"doc": {"dims": ["batch"], "dtype": "int32"}}),
+        ["mask[0].document", "['token']"],
+    ),
+    (
+        "score_mod that is a condition",
+        _with(score_mod="score > 0"),
+        ["score_mod", "expected a number"],
+    ),
+    (
+        "mask expression that is a number",
+        _with(mask=[{"expr": "kv_pos + 1"}]),
+        ["mask[0].expr", "boolean"],
+    ),
+    (
+        "reserved tensor name",
+        _with(tensors={"score": {"dims": ["head"]}}),
+        ["tensors.score", "not a usable"],
+    ),
+    (
+        "queries that do not fit the topology",
+        _with(topology={"kind": "sequence", "queries": "node"}),
+        ["topology", "'node'", "prefill", "decode"],
+    ),
+    ("missing field", "heads: {q: 8, kv: 2}\nhead_dim: 64\n", ["name", "is required"]),
+    ("empty mask", _with(mask=[]), ["mask", "at least one rule"]),
+    ("bad tile candidate", _with(tune={"block_m": [48]}), ["tune.block_m", "power of two"]),
+]
+
+
+@pytest.mark.parametrize(("label", "text", "expected"), BAD_SPECS, ids=[b[0] for b in BAD_SPECS])
+def test_bad_spec_gives_its_error(
+    tmp_path: Path, label: str, text: str, expected: list[str]
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:"), message  # names the file first
+    assert "\n" not in message and "Traceback" not in message, message
+    for part in expected:
+        assert part in message, f"{label}: {part!r} not in {message!r}"
+
+
+@pytest.mark.parametrize(
+    ("label", "text", "expected"), BAD_SPECS[::4], ids=[b[0] for b in BAD_SPECS[::4]]
+)
+def test_bad_spec_builds_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], label: str, text: str, expected: list[str]
+) -> None:
+    cli = pytest.importorskip("attngen.cli")
+    good, bad, out = tmp_path / "good.yaml", tmp_path / "bad.yaml", tmp_path / "out"
+    good.write_text(GOOD)
+    bad.write_text(text)
+    assert cli.main(["build", str(good), str(bad), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bad) in err, err  # one paragraph naming the file
+    assert not out.exists() or not any(out.iterdir()), "a failed build left files behind"
+
+
+def test_render_build_refuses_nothing_valid_and_writes_atomically(tmp_path: Path) -> None:
+    render = pytest.importorskip("attngen.render")
+    spec = parse_spec(yaml.safe_load(GOOD))
+    first = render.build(spec, tmp_path)
+    again = render.build(spec, tmp_path)
+    assert first.changed and not again.changed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.py"]  # no temp files left
+
+
+def test_boolean_is_not_an_integer() -> None:
+    """YAML ``true`` is not a head count (pydantic's lax mode would read it as 1)."""
+    with pytest.raises(SpecError, match=r"heads\.q"):
+        parse_spec({"name": "b", "heads": {"q": True, "kv": 1}, "head_dim": 64})
+
+
+def test_duplicate_yaml_keys_are_an_error(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys silently; a spec should say so."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: a\nname: b\nheads: {q: 8, kv: 2}\nhead_dim: 64\n")
+    with pytest.raises(SpecError, match="name"):
+        load_spec(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Canonical form and content hash
+
+
+def test_hash_is_stable_under_key_order_and_defaults() -> None:
+    short = parse_spec(yaml.safe_load(GOOD))
+    spelled_out = parse_spec(
+        {
+            "mask": ["causal"],
+            "topology": {"queries": "prefill", "kind": "sequence", "kv_layout": "contiguous"},
+            "dtype": "fp16",
+            "head_dim": {"v": 64, "qk": 64},
+            "heads": {"kv": 2, "q": 8},
+            "scale": None,
+            "tensors": {},
+            "name": "demo",
+            "description": "",
+            "tune": {
+                "num_warps": [4, 8],
+                "block_m": [128, 64],
+                "block_n": [64, 128, 32],
+                "num_stages": [2, 3, 4],
+            },
+        }
+    )
+    assert short == spelled_out
+    assert short.content_hash == spelled_out.content_hash
+    assert short.canonical() == spelled_out.canonical()
+
+
+def test_canonical_yaml_round_trips() -> None:
+    spec = parse_spec(
+        {
+            **yaml.safe_load(GOOD),
+            "mask": ["causal", {"window": 8}, {"any": [{"sink": 4}, "full"]}],
+            "score_mod": "30 * tanh(score / 30)",
+        }
+    )
+    again = parse_spec(yaml.safe_load(spec.canonical_yaml()))
+    assert again == spec and again.content_hash == spec.content_hash
+
+
+def test_hash_changes_with_meaning() -> None:
+    base = yaml.safe_load(GOOD)
+    hashes = {
+        parse_spec({**base, **change}).content_hash
+        for change in (
+            {},
+            {"dtype": "bf16"},
+            {"mask": [{"window": 8}]},
+            {"score_mod": "score / 0.7"},
+            {"scale": 0.5},
+            {"heads": {"q": 8, "kv": 8}},
+        )
+    }
+    assert len(hashes) == 6

@@ -103,15 +103,16 @@ def render(spec: Spec) -> str:
 
 
 def render_uncached(spec: Spec) -> str:
+    ir: object
     if spec.topology.kind == "sequence":
         from attngen.ir import lower
 
-        context = {"ir": lower(spec)}
+        ir = lower(spec)
     else:
         from attngen.tree_ir import lower_tree
 
-        context = {"ir": lower_tree(spec)}
-    return environment().get_template(family_template(spec)).render(**context)
+        ir = lower_tree(spec)
+    return environment().get_template(family_template(spec)).render(ir=ir)
 
 
 def write_atomic(path: Path, text: str) -> bool:

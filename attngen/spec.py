@@ -461,13 +461,13 @@ def _check_names(spec: Spec) -> None:
             raise SpecError(f"tensors.{name}", "is not a usable tensor name", given=name,
                             allowed="an identifier that is not one of " + ", ".join(sorted(semantics.RESERVED_NAMES)))
     for path, name, need in _tensor_refs(spec.mask, "mask"):
-        decl = spec.tensors.get(name)
-        if decl is None:
+        found = spec.tensors.get(name)
+        if found is None:
             raise SpecError(path, "names an undeclared tensor", given=name,
                             allowed="a tensor declared under 'tensors'",
                             suggestion=did_you_mean(name, spec.tensors))
-        if decl.dims != need:
-            raise SpecError(path, f"tensor {name!r} has dims {list(decl.dims)}", given=name,
+        if found.dims != need:
+            raise SpecError(path, f"tensor {name!r} has dims {list(found.dims)}", given=name,
                             allowed=f"a tensor with dims {list(need)}")
     try:
         semantics.visibility(spec)
@@ -522,7 +522,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark)

@@ -1,0 +1,809 @@
+"""``attngen bench``: time a generated kernel against the kernels a user would otherwise
+pick, on the same inputs, in one run, beside its roofline floor.
+
+Floors come from rates measured in the same run, once: HBM bandwidth (a large
+device-to-device copy, bytes read + written) and the bf16 matrix rate (an 8192³ GEMM on
+random data). Prefill is compute-bound: floor = FLOPs of the visible (query, key) pairs
+only (2·Dqk + 2·Dv per pair, per query head) over the matrix rate. Decode is
+memory-bound: floor = bytes (Q + each visible KV byte once + O) over the bandwidth.
+
+Peers: torch SDPA (flash backend forced for plain causal/full prefill; efficient or math
+with a dense mask where flash cannot express the spec) and FlexAttention (compiled, with
+a BlockMask from a ``mask_mod`` written per mask rule; free mask expressions are marked
+"not supported by peer").
+
+Everything that needs a GPU imports torch lazily; the mask builders, pair counting and
+floor arithmetic run on the CPU and are unit-tested there.
+
+    python -m attngen.bench --preset all --out bench_out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sympy as sp
+
+from attngen import semantics, symbols
+from attngen.errors import AttngenError
+from attngen.spec import (
+    AllOf,
+    AnyOf,
+    Causal,
+    Document,
+    ExprRule,
+    Full,
+    MaskRule,
+    NotRule,
+    PrefixLM,
+    Sink,
+    Spec,
+    Window,
+    parse_spec,
+)
+
+DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+# ---------------------------------------------------------------------------------------
+# Shapes and presets
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """Uniform lengths for a benchmark: ``batch`` sequences of ``q_len`` queries over
+    ``kv_len`` keys each (decode: q_len = 1; chunked prefill: q_len < kv_len)."""
+
+    batch: int
+    q_len: int
+    kv_len: int
+
+    def __str__(self) -> str:
+        return f"B={self.batch} Q={self.q_len} KV={self.kv_len}"
+
+
+def parse_shape(text: str, spec: Spec) -> Shape:
+    """``BxS`` (prefill, q_len = kv_len), ``BxQxKV`` (chunked prefill) or ``BxKV`` (decode).
+
+    >>> from attngen.spec import spec_from_mapping
+    >>> s = spec_from_mapping({"name": "a", "heads": {"q": 2, "kv": 1}, "head_dim": 64})
+    >>> parse_shape("4x1024", s), parse_shape("2x128x1024", s)
+    (Shape(batch=4, q_len=1024, kv_len=1024), Shape(batch=2, q_len=128, kv_len=1024))
+    """
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    decode = spec.topology.queries == "decode"
+    if decode and len(parts) == 2:
+        return Shape(parts[0], 1, parts[1])
+    if not decode and len(parts) == 2:
+        return Shape(parts[0], parts[1], parts[1])
+    if not decode and len(parts) == 3 and parts[1] <= parts[2]:
+        return Shape(*parts)
+    allowed = "BxKV (decode)" if decode else "BxS or BxQxKV with Q <= KV (prefill)"
+    raise AttngenError(f"--shape {text!r}: not a shape for this spec; allowed: {allowed}")
+
+
+def default_shapes(spec: Spec) -> list[Shape]:
+    if spec.topology.queries == "decode":
+        return [Shape(8, 1, 32768)]
+    return [Shape(4, 4096, 4096)]
+
+
+@dataclass(frozen=True, slots=True)
+class Preset:
+    """A named benchmark case (the figures BENCHMARKS.md records)."""
+
+    name: str
+    spec: dict[str, Any]
+    shape: Shape
+
+
+PRESETS: dict[str, Preset] = {
+    "prefill_causal": Preset(
+        "prefill_causal",
+        {"name": "causal_prefill", "description": "Causal self-attention prefill, Llama-2-7B-like heads (32 q / 32 kv, D=128).",
+         "heads": {"q": 32, "kv": 32}, "head_dim": 128, "dtype": "bf16",
+         "topology": {"kind": "sequence", "queries": "prefill"}, "mask": ["causal"]},
+        Shape(4, 4096, 4096),
+    ),
+    "decode_window_sinks_32k": Preset(
+        "decode_window_sinks_32k",
+        {"name": "sliding_window_sinks_decode",
+         "description": "Decode with a 4096-token sliding window plus 4 attention sinks (StreamingLLM), Llama-3-8B heads.",
+         "heads": {"q": 32, "kv": 8}, "head_dim": 128, "dtype": "bf16",
+         "topology": {"kind": "sequence", "queries": "decode"},
+         "mask": ["causal", {"any": [{"window": {"left": 4095, "right": 0}}, {"sink": 4}]}]},
+        Shape(8, 1, 32768),
+    ),
+}
+
+# ---------------------------------------------------------------------------------------
+# Masks as torch functions. ``visible(b, h, q_pos, kv_pos)`` takes broadcastable integer
+# tensors; ``tensors`` holds user tensors in the padded layout (per-token ones as
+# [batch, kv_len, ...]).
+
+MaskFn = Callable[..., Any]
+
+
+class NotSupportedByPeer(Exception):
+    """The peer cannot express this spec; the table says so instead of a time."""
+
+
+def rule_mask_fn(rule: MaskRule, tensors: dict[str, Any]) -> MaskFn:
+    """A hand-written torch ``(b, h, q_pos, kv_pos) -> bool`` for a rule tree; raises
+    :class:`NotSupportedByPeer` for free expressions (written for FlexAttention's
+    ``mask_mod``, where a rule we cannot vouch for is better skipped than guessed)."""
+    import torch
+
+    match rule:
+        case Full():
+            return lambda b, h, q, kv: (kv >= 0) | (q >= 0)
+        case Causal():
+            return lambda b, h, q, kv: kv <= q
+        case Window(left, right):
+            def window(b: Any, h: Any, q: Any, kv: Any) -> Any:
+                ok = (kv >= 0) | (q >= 0)
+                if left is not None:
+                    ok = ok & (kv >= q - left)
+                if right is not None:
+                    ok = ok & (kv <= q + right)
+                return ok
+            return window
+        case Sink(tokens):
+            return lambda b, h, q, kv: (kv < tokens) | (q < 0)
+        case PrefixLM(length, name):
+            if name is None:
+                return lambda b, h, q, kv: (kv <= q) | (kv < length)
+            lengths = tensors[name]
+            return lambda b, h, q, kv: (kv <= q) | (kv < lengths[b])
+        case Document(name):
+            docs = tensors[name]
+            return lambda b, h, q, kv: docs[b, q] == docs[b, kv]
+        case AllOf(rules) | AnyOf(rules):
+            parts = [rule_mask_fn(r, tensors) for r in rules]
+            combine = torch.logical_and if isinstance(rule, AllOf) else torch.logical_or
+
+            def combined(b: Any, h: Any, q: Any, kv: Any) -> Any:
+                out = parts[0](b, h, q, kv)
+                for part in parts[1:]:
+                    out = combine(out, part(b, h, q, kv))
+                return out
+            return combined
+        case NotRule(inner):
+            fn = rule_mask_fn(inner, tensors)
+            return lambda b, h, q, kv: ~fn(b, h, q, kv)
+        case ExprRule(text):
+            raise NotSupportedByPeer(f"free mask expression {text!r}")
+    raise TypeError(rule)
+
+
+def eval_sympy(expr: sp.Basic, env: dict[str, Any], spec: Spec, tensors: dict[str, Any]) -> Any:
+    """Evaluate a semantics expression with torch tensors bound to its symbols."""
+    return compile_sympy(expr, spec, tensors)(env)
+
+
+Env = dict[str, Any]
+
+
+def compile_sympy(expr: sp.Basic, spec: Spec, tensors: dict[str, Any]) -> Callable[[Env], Any]:
+    """Turn a semantics expression into nested closures over torch ops, once, so that
+    what FlexAttention traces is plain tensor arithmetic (no sympy walking inside).
+
+    Tensor indices are clamped into their axis (the documented semantics); ``//`` and
+    ``%`` keep Python's floor semantics (sympy floor / Mod, torch floor / remainder).
+    """
+    import torch
+
+    def as_t(x: Any) -> Any:
+        return x if isinstance(x, torch.Tensor) else torch.tensor(x)
+
+    def fold(op: Callable[[Any, Any], Any], parts: list[Callable[[Env], Any]]) -> Callable[[Env], Any]:
+        def run(env: Env) -> Any:
+            out = parts[0](env)
+            for part in parts[1:]:
+                out = op(out, part(env))
+            return out
+        return run
+
+    relations: dict[str, Callable[[Any, Any], Any]] = {
+        "<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
+        ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
+    unary: dict[type, Callable[[Any], Any]] = {
+        sp.tanh: torch.tanh, sp.exp: torch.exp, sp.log: torch.log, sp.Abs: torch.abs,
+        sp.floor: torch.floor, sp.ceiling: torch.ceil}
+
+    def apply(op: Callable[[Any], Any], arg: Callable[[Env], Any]) -> Callable[[Env], Any]:
+        return lambda env: op(as_t(arg(env)) * 1.0)
+
+    def build(e: sp.Basic) -> Callable[[Env], Any]:
+        if isinstance(e, sp.Symbol):
+            name = e.name
+            return lambda env: env[name]
+        if isinstance(e, sp.logic.boolalg.BooleanTrue | sp.logic.boolalg.BooleanFalse):
+            flag = bool(e)
+            return lambda env: flag
+        if isinstance(e, sp.Integer):
+            value: int | float = int(e)
+            return lambda env: value
+        if isinstance(e, sp.Number):
+            number = float(e)
+            return lambda env: number
+        if isinstance(e, sp.Indexed):
+            return build_index(e)
+        parts = [build(a) for a in e.args]
+        if isinstance(e, sp.Add):
+            return fold(lambda a, b: a + b, parts)
+        if isinstance(e, sp.Mul):
+            return fold(lambda a, b: a * b, parts)
+        if isinstance(e, sp.Pow):
+            base, exp = parts
+            if e.args[1] == -1:
+                return lambda env: 1.0 / base(env)
+            return lambda env: base(env) ** exp(env)
+        if isinstance(e, sp.core.relational.Relational):
+            return fold(relations[e.rel_op], parts)
+        if isinstance(e, sp.And):
+            return fold(lambda a, b: torch.logical_and(as_t(a), as_t(b)), parts)
+        if isinstance(e, sp.Or):
+            return fold(lambda a, b: torch.logical_or(as_t(a), as_t(b)), parts)
+        if isinstance(e, sp.Not):
+            (inner,) = parts
+            return lambda env: torch.logical_not(as_t(inner(env)))
+        if isinstance(e, sp.Piecewise):
+            pairs = [(build(p.cond), build(p.expr)) for p in e.args]
+
+            def piecewise(env: Env) -> Any:
+                value = pairs[-1][1](env)
+                for cond, then in reversed(pairs[:-1]):
+                    value = torch.where(as_t(cond(env)), as_t(then(env)), as_t(value))
+                return value
+            return piecewise
+        if isinstance(e, sp.Min):
+            return fold(lambda a, b: torch.minimum(as_t(a), as_t(b)), parts)
+        if isinstance(e, sp.Max):
+            return fold(lambda a, b: torch.maximum(as_t(a), as_t(b)), parts)
+        if isinstance(e, sp.Mod):
+            return fold(lambda a, b: torch.remainder(as_t(a), b), parts)
+        for cls, op in unary.items():
+            if isinstance(e, cls):
+                return apply(op, parts[0])
+        raise NotSupportedByPeer(f"cannot evaluate {type(e).__name__} in {expr}")
+
+    def build_index(e: sp.Indexed) -> Callable[[Env], Any]:
+        name = str(e.base)
+        dims = spec.tensors[name].dims
+        data = tensors[name]
+        subs = [build(i) for i in e.indices]
+        sizes = []
+        for axis, dim in enumerate(dims):
+            sizes.append(data.shape[axis + 1] if dim == "token" else data.shape[axis + ("token" in dims[:axis])])
+
+        def load(env: Env) -> Any:
+            idx: list[Any] = []
+            for dim, sub, size in zip(dims, subs, sizes, strict=True):
+                if dim == "token":
+                    idx.append(env["batch"])
+                idx.append(torch.clamp(as_t(sub(env)).long(), 0, size - 1))
+            return data[tuple(idx)]
+        return load
+
+    return build(expr)
+
+
+def semantic_mask_fn(spec: Spec, shape: Shape, tensors: dict[str, Any]) -> MaskFn:
+    """The spec's visibility (from :mod:`attngen.semantics`, any expression) as a torch
+    function; used to count visible pairs, never as a peer."""
+    predicate = compile_sympy(semantics.visibility(spec), spec, tensors)
+
+    def visible(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        return predicate({"batch": b, "head": h, "q_pos": q, "kv_pos": kv,
+                          "q_len": shape.q_len, "kv_len": shape.kv_len})
+
+    return visible
+
+
+def score_mod_fn(spec: Spec, shape: Shape, tensors: dict[str, Any]) -> Callable[..., Any] | None:
+    """A FlexAttention ``score_mod`` for the spec (None when it has none)."""
+    if spec.score_mod is None:
+        return None
+    modified = compile_sympy(semantics.score(spec), spec, tensors)
+    offset = shape.kv_len - shape.q_len
+
+    def score_mod(score: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        return modified({"score": score, "batch": b, "head": h, "q_pos": q_idx + offset,
+                         "kv_pos": kv_idx, "q_len": shape.q_len, "kv_len": shape.kv_len})
+
+    return score_mod
+
+
+def additive_bias(spec: Spec) -> sp.Basic | None:
+    """score_mod - score when the score_mod is ``score + bias`` (ALiBi, relative-position
+    tables): SDPA can then take the bias as a float mask. None otherwise (softcap)."""
+    if spec.score_mod is None:
+        return sp.Integer(0)
+    mod = semantics.score(spec)
+    bias = sp.expand(mod - symbols.score)
+    return None if bias.has(symbols.score) else bias
+
+
+def _depends_on(spec: Spec, name: str) -> bool:
+    exprs = [semantics.visibility(spec)]
+    return any(s.name == name for e in exprs for s in e.free_symbols if isinstance(s, sp.Symbol))
+
+
+def _batch_dependent(spec: Spec) -> bool:
+    return bool(spec.tensors) or _depends_on(spec, "batch")
+
+
+# ---------------------------------------------------------------------------------------
+# Counting and floors (CPU)
+
+
+@dataclass(frozen=True, slots=True)
+class VisibleCounts:
+    """Exact visible (query, key) pairs summed over batch and query heads, and for the
+    floor of decode, the visible KV positions summed over (batch, kv head), each once."""
+
+    pairs: int
+    kv_positions: int
+
+
+def count_visible(spec: Spec, shape: Shape, tensors: dict[str, Any], *, rows: int = 256) -> VisibleCounts:
+    """Count from the mask on the CPU, evaluating blocks of ``rows`` query rows at a time.
+    A mask that does not involve ``head`` (or ``batch`` and tensors) is evaluated once
+    and multiplied."""
+    import torch
+
+    visible = semantic_mask_fn(spec, shape, tensors)
+    per_head = _depends_on(spec, "head")
+    per_batch = _batch_dependent(spec)
+    heads = range(spec.heads.q) if per_head else range(1)
+    batches = range(shape.batch) if per_batch else range(1)
+    offset = shape.kv_len - shape.q_len
+    kv = torch.arange(shape.kv_len)
+    pairs = 0
+    kv_positions = 0
+    for b in batches:
+        seen = torch.zeros(len(heads), shape.kv_len, dtype=torch.bool)
+        for start in range(0, shape.q_len, rows):
+            q = torch.arange(start, min(start + rows, shape.q_len)) + offset
+            for hi, h in enumerate(heads):
+                grid = torch.as_tensor(visible(torch.tensor(b), torch.tensor(h), q[:, None], kv[None, :]))
+                grid = grid.expand(len(q), shape.kv_len)
+                pairs += int(grid.sum())
+                seen[hi] |= grid.any(dim=0)
+        if per_head:
+            groups = seen.view(spec.heads.kv, spec.heads.group, shape.kv_len).any(dim=1)
+            kv_positions += int(groups.sum())
+        else:
+            kv_positions += int(seen[0].sum()) * spec.heads.kv
+    pairs *= 1 if per_head else spec.heads.q
+    if not per_batch:
+        pairs *= shape.batch
+        kv_positions *= shape.batch
+    return VisibleCounts(pairs, kv_positions)
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """What the kernel must do at least: FLOPs of visible pairs, bytes it must move."""
+
+    flops: int
+    bytes: int
+
+
+def required_work(spec: Spec, shape: Shape, counts: VisibleCounts) -> Work:
+    """FLOPs (2·Dqk + 2·Dv per visible pair and query head) and bytes (Q + visible KV,
+    each byte once + O)."""
+    es = DTYPE_BYTES[spec.dtype]
+    dqk, dv = spec.head_dim.qk, spec.head_dim.v
+    flops = counts.pairs * (2 * dqk + 2 * dv)
+    q_rows = shape.batch * shape.q_len * spec.heads.q
+    nbytes = es * (q_rows * dqk + counts.kv_positions * (dqk + dv) + q_rows * dv)
+    return Work(flops, nbytes)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRates:
+    """Rates measured once per run."""
+
+    gpu: str
+    hbm_gbps: float
+    matmul_tflops: float
+    torch_version: str
+    triton_version: str
+
+
+def floor_us(spec: Spec, work: Work, rates: DeviceRates) -> tuple[float, str]:
+    """(floor in µs, which bound): decode is bandwidth-bound, prefill matrix-bound."""
+    if spec.topology.queries == "decode":
+        return work.bytes / (rates.hbm_gbps * 1e9) * 1e6, "hbm"
+    return work.flops / (rates.matmul_tflops * 1e12) * 1e6, "matmul"
+
+
+# ---------------------------------------------------------------------------------------
+# GPU measurement
+
+
+def _need_cuda() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise AttngenError("attngen bench needs torch with CUDA; torch is not installed") from None
+    if not torch.cuda.is_available():
+        raise AttngenError(
+            "attngen bench measures on a CUDA GPU and none is available here "
+            f"(torch {torch.__version__}); run it on a GPU host, or use 'attngen check' on the CPU")
+    return torch
+
+
+def measure_rates() -> DeviceRates:
+    """HBM bandwidth from a 2 GiB device copy, bf16 rate from an 8192³ GEMM."""
+    torch = _need_cuda()
+    import triton
+    from triton.testing import do_bench
+
+    def copy_gbps(n: int = 1 << 30) -> float:
+        src = torch.empty(n, dtype=torch.bfloat16, device="cuda").uniform_()
+        dst = torch.empty_like(src)
+        ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+        return 2 * n * src.element_size() / (ms * 1e-3) / 1e9
+
+    def matmul_tflops(m: int = 8192) -> float:
+        a = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+        b = torch.randn(m, m, dtype=torch.bfloat16, device="cuda")
+        ms = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+        return 2 * m**3 / (ms * 1e-3) / 1e12
+
+    hbm = copy_gbps()
+    torch.cuda.empty_cache()
+    tflops = matmul_tflops()
+    torch.cuda.empty_cache()
+    return DeviceRates(torch.cuda.get_device_name(), hbm, tflops, torch.__version__, triton.__version__)
+
+
+def _time(fn: Callable[[], Any], graph: bool) -> float:
+    """Median µs; CUDA-graph replay for small launches (decode), where launch overhead
+    would otherwise be timed."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    fn()
+    if graph:
+        try:
+            return float(do_bench_cudagraph(fn, rep=100, return_mode="median")) * 1e3
+        except Exception:  # capture can fail (e.g. host sync in a peer); time eagerly
+            pass
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e3
+
+
+def make_tensors(spec: Spec, shape: Shape, device: str, seed: int = 0) -> dict[str, Any]:
+    """Plausible values for the spec's user tensors, padded layout (a per-token axis
+    becomes [batch, kv_len]): ALiBi-like slopes for per-head floats, 4 sorted documents per
+    sequence for per-token ints, prefix lengths in [0, kv_len] for per-batch ints."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {}
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+              "int32": torch.int32, "int64": torch.int64}
+    for name in sorted(spec.tensors):
+        decl = spec.tensors[name]
+        named = {"head": spec.heads.q, "batch": shape.batch, "token": shape.kv_len}
+        dims = [d if isinstance(d, int) else named[d] for d in decl.dims]
+        if "token" in decl.dims:  # a batch axis just before the token axis
+            at = decl.dims.index("token")
+            dims = [*dims[:at], shape.batch, *dims[at:]]
+        if decl.is_float:
+            if decl.dims == ("head",):
+                t = torch.tensor([2.0 ** (-8.0 * (h + 1) / spec.heads.q) for h in range(spec.heads.q)])
+            else:
+                t = torch.randn(dims, generator=gen) * 0.5
+        elif "token" in decl.dims:
+            cuts = torch.rand(dims, generator=gen) < 4.0 / max(shape.kv_len, 1)
+            t = torch.cumsum(cuts.long(), dim=decl.dims.index("token") + 1)
+        elif decl.dims == ("batch",):
+            t = torch.randint(0, shape.kv_len + 1, dims, generator=gen)
+        else:
+            t = torch.randint(0, 4, dims, generator=gen)
+        out[name] = t.to(dtypes[decl.dtype]).to(device)
+    return out
+
+
+def _packed(t: Any, decl_dims: tuple[Any, ...]) -> Any:
+    """Per-token tensors go to the kernel packed like the KV: [batch*kv_len, ...]."""
+    if "token" not in decl_dims:
+        return t
+    at = decl_dims.index("token")
+    return t.flatten(at, at + 1)
+
+
+@dataclass(slots=True)
+class Timing:
+    variant: str
+    us: float | None
+    tflops: float | None = None
+    gbps: float | None = None
+    note: str = ""
+    max_err: float | None = None
+
+
+@dataclass(slots=True)
+class BenchResult:
+    """One (spec, shape) measured: every variant, the floor and the ratios."""
+
+    spec: str
+    shape: Shape
+    rates: DeviceRates
+    work: Work
+    floor_us: float
+    floor_kind: str
+    timings: list[Timing] = field(default_factory=list)
+
+    def attngen_us(self) -> float | None:
+        return next((t.us for t in self.timings if t.variant == "attngen"), None)
+
+    def ratio(self) -> float | None:
+        us = self.attngen_us()
+        return us / self.floor_us if us and self.floor_us else None
+
+    def speedups(self) -> dict[str, float]:
+        """peer µs / attngen µs for every peer that ran."""
+        ours = self.attngen_us()
+        return {t.variant: t.us / ours for t in self.timings
+                if ours and t.us and t.variant != "attngen"}
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ratio"] = self.ratio()
+        data["speedups"] = self.speedups()
+        return data
+
+
+def _peer_inputs(q: Any, k: Any, v: Any, shape: Shape) -> tuple[Any, Any, Any]:
+    """Packed [B*S, H, D] → padded [B, H, S, D] (contiguous copies, made before timing)."""
+    def pad(x: Any, s: int) -> Any:
+        return x.view(shape.batch, s, x.shape[1], x.shape[2]).transpose(1, 2).contiguous()
+    return pad(q, shape.q_len), pad(k, shape.kv_len), pad(v, shape.kv_len)
+
+
+def _sdpa_runner(spec: Spec, shape: Shape, q: Any, k: Any, v: Any, tensors: dict[str, Any]) -> tuple[Callable[[], Any], str]:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gqa = spec.heads.group > 1
+    mask = spec.mask
+    plain = spec.score_mod is None and spec.head_dim.qk == spec.head_dim.v
+    rules = mask.rules if isinstance(mask, AllOf) else (mask,)
+    causal_only = all(isinstance(r, Causal | Full) for r in rules)
+    is_causal = any(isinstance(r, Causal) for r in rules)
+    if plain and causal_only and (not is_causal or shape.q_len in (1, shape.kv_len)):
+        # SDPA's is_causal is top-left aligned: right for q_len == kv_len; a single
+        # decode query sees every key, which is no mask at all.
+        causal = is_causal and shape.q_len > 1
+
+        def flash() -> Any:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=spec.softmax_scale,
+                                                      enable_gqa=gqa)
+        return flash, "flash"
+    bias = additive_bias(spec)
+    if bias is None:
+        raise NotSupportedByPeer("score_mod is not an additive bias")
+    b = torch.arange(shape.batch, device=q.device)[:, None, None, None]
+    h = torch.arange(spec.heads.q, device=q.device)[None, :, None, None]
+    qp = torch.arange(shape.q_len, device=q.device)[None, None, :, None] + (shape.kv_len - shape.q_len)
+    kp = torch.arange(shape.kv_len, device=q.device)[None, None, None, :]
+    visible = torch.as_tensor(semantic_mask_fn(spec, shape, tensors)(b, h, qp, kp), device=q.device)
+    env = {"batch": b, "head": h, "q_pos": qp, "kv_pos": kp, "q_len": shape.q_len, "kv_len": shape.kv_len}
+    add = torch.as_tensor(eval_sympy(bias, env, spec, tensors), device=q.device, dtype=torch.float32)
+    dense = torch.where(visible, add, torch.tensor(float("-inf"), device=q.device)).to(q.dtype)
+    if gqa:
+        k, v = k.repeat_interleave(spec.heads.group, 1), v.repeat_interleave(spec.heads.group, 1)
+
+    def masked() -> Any:
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=spec.softmax_scale)
+    return masked, "dense mask"
+
+
+def _flex_runner(spec: Spec, shape: Shape, q: Any, k: Any, v: Any, tensors: dict[str, Any]) -> tuple[Callable[[], Any], str]:
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    offset = shape.kv_len - shape.q_len
+    visible = rule_mask_fn(spec.mask, tensors)
+
+    def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        return visible(b, h, q_idx + offset, kv_idx)
+
+    per_batch = _batch_dependent(spec)
+    block_mask = create_block_mask(mask_mod, shape.batch if per_batch else None, None,
+                                   shape.q_len, shape.kv_len, device=q.device)
+    score_mod = score_mod_fn(spec, shape, tensors)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def run() -> Any:
+        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=spec.softmax_scale,
+                        enable_gqa=spec.heads.group > 1)
+    return run, "compiled"
+
+
+def bench_spec(spec: Spec, shape: Shape, rates: DeviceRates, *, seed: int = 0) -> BenchResult:
+    """Time attngen's kernel for ``spec`` and each peer on the same inputs."""
+    torch = _need_cuda()
+    from attngen import runtime
+
+    if spec.topology.kind != "sequence":
+        raise AttngenError(f"{spec.name}: attngen bench handles sequence specs; "
+                           f"topology {spec.topology.kind!r} is benchmarked per workload")
+    decode = spec.topology.queries == "decode"
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[spec.dtype]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    B, Hq, Hkv = shape.batch, spec.heads.q, spec.heads.kv
+
+    def rand(*size: int) -> Any:
+        return torch.randn(*size, generator=gen, device="cuda", dtype=dtype)
+
+    q = rand(B * shape.q_len, Hq, spec.head_dim.qk)
+    k = rand(B * shape.kv_len, Hkv, spec.head_dim.qk)
+    v = rand(B * shape.kv_len, Hkv, spec.head_dim.v)
+    cu_q = torch.arange(0, B + 1, device="cuda", dtype=torch.int32) * shape.q_len
+    cu_k = torch.arange(0, B + 1, device="cuda", dtype=torch.int32) * shape.kv_len
+    tensors_cpu = make_tensors(spec, shape, "cpu", seed)
+    tensors = {n: t.cuda() for n, t in tensors_cpu.items()}
+    kernel_tensors = {n: _packed(t, spec.tensors[n].dims) for n, t in tensors.items()}
+
+    counts = count_visible(spec, shape, tensors_cpu)
+    work = required_work(spec, shape, counts)
+    floor, kind = floor_us(spec, work, rates)
+    result = BenchResult(spec.name, shape, rates, work, floor, kind)
+
+    module = runtime.load(spec)
+    if decode:
+        def ours() -> Any:
+            return module.attention(q, k, v, cu_k, max_seqlen_k=shape.kv_len, **kernel_tensors)
+    else:
+        def ours() -> Any:
+            return module.attention(q, k, v, cu_q, cu_k, max_seqlen_q=shape.q_len,
+                                    max_seqlen_k=shape.kv_len, **kernel_tensors)
+    reference = ours()
+    result.timings.append(_timing("attngen", _time(ours, decode), work))
+
+    pq, pk, pv = _peer_inputs(q, k, v, shape)
+    ref_padded = reference.view(B, shape.q_len, Hq, -1).transpose(1, 2)
+    for name, make in (("torch SDPA", _sdpa_runner), ("FlexAttention", _flex_runner)):
+        try:
+            run, how = make(spec, shape, pq, pk, pv, tensors)
+            err = (run().float() - ref_padded.float()).abs().nan_to_num(0.0).max().item()
+            timing = _timing(name, _time(run, decode), work, how)
+            timing.max_err = err
+        except NotSupportedByPeer as why:
+            timing = Timing(name, None, note=f"not supported by peer: {why}")
+        except Exception as err:  # a peer failing must not hide the other figures
+            timing = Timing(name, None, note=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
+        result.timings.append(timing)
+        torch.cuda.empty_cache()
+    return result
+
+
+def _timing(variant: str, us: float, work: Work, note: str = "") -> Timing:
+    return Timing(variant, us, work.flops / (us * 1e-6) / 1e12, work.bytes / (us * 1e-6) / 1e9, note)
+
+
+# ---------------------------------------------------------------------------------------
+# Reporting
+
+
+def format_table(results: Sequence[BenchResult]) -> str:
+    """One row per (case, variant): µs, TFLOP/s, GB/s, floor, time/floor, speedup of
+    attngen over that variant."""
+    head = f"{'case':<34} {'variant':<14} {'µs':>9} {'TFLOP/s':>8} {'GB/s':>8} {'floor µs':>9} {'t/floor':>8} {'attngen ×':>9}  note"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        case = f"{r.spec} {r.shape}"
+        speed = r.speedups()
+        for t in r.timings:
+            if t.us is None:
+                lines.append(f"{case:<34} {t.variant:<14} {'—':>9} {'':>8} {'':>8} {'':>9} {'':>8} {'':>9}  {t.note}")
+                continue
+            x = f"{speed[t.variant]:.2f}" if t.variant in speed else ""
+            note = t.note + (f" max|Δ|={t.max_err:.2e}" if t.max_err is not None else "")
+            lines.append(f"{case:<34} {t.variant:<14} {t.us:>9.1f} {t.tflops or 0:>8.1f} {t.gbps or 0:>8.0f} "
+                         f"{r.floor_us:>9.1f} {t.us / r.floor_us:>8.2f} {x:>9}  {note}")
+    if results:
+        rates = results[0].rates
+        lines.append(f"{rates.gpu}: measured HBM {rates.hbm_gbps:.0f} GB/s, bf16 matmul {rates.matmul_tflops:.0f} "
+                     f"TFLOP/s; torch {rates.torch_version}, triton {rates.triton_version}")
+    return "\n".join(lines)
+
+
+def markdown_rows(results: Sequence[BenchResult], command: str) -> str:
+    """Rows for BENCHMARKS.md, each with the command that produced it."""
+    out = []
+    for r in results:
+        cells = {t.variant: (f"{t.us:.1f}" if t.us else "n/a") for t in r.timings}
+        ratio = r.ratio()
+        out.append(f"| {r.spec} | {r.shape} | {cells.get('attngen', 'n/a')} | {r.floor_us:.1f} ({r.floor_kind}) | "
+                   f"{ratio:.2f} | {cells.get('torch SDPA', 'n/a')} | {cells.get('FlexAttention', 'n/a')} | "
+                   f"{r.rates.gpu}, torch {r.rates.torch_version}, triton {r.rates.triton_version} | `{command}` |"
+                   if ratio else f"| {r.spec} | {r.shape} | n/a | | | | | | `{command}` |")
+    return "\n".join(out)
+
+
+def plot(results: Sequence[BenchResult], path: str | Path) -> None:
+    """Bar chart of µs per variant per case with the floor marked (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AttngenError("--plot needs matplotlib: pip install 'attngen[plot]'") from None
+    fig, axes = plt.subplots(1, max(len(results), 1), figsize=(4.5 * max(len(results), 1), 4), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=False):
+        ran = [t for t in r.timings if t.us is not None]
+        ax.bar([t.variant for t in ran], [t.us for t in ran], color=["tab:green"] + ["tab:gray"] * (len(ran) - 1))
+        ax.axhline(r.floor_us, color="tab:red", linestyle="--", label=f"floor ({r.floor_kind})")
+        ax.set_title(f"{r.spec}\n{r.shape}", fontsize=9)
+        ax.set_ylabel("µs (median)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_cases(cases: Sequence[tuple[Spec, Shape]], *, seed: int = 0, progress: bool = True) -> list[BenchResult]:
+    """Measure the rates once, then every case."""
+    from attngen.progress import Progress
+
+    _need_cuda()
+    rates = measure_rates()
+    results = []
+    with Progress(len(cases), "bench", enabled=progress) as bar:
+        for spec, shape in cases:
+            bar.begin(f"{spec.name} {shape}")
+            results.append(bench_spec(spec, shape, rates, seed=seed))
+            bar.step(f"{spec.name} {shape}")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m attngen.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", action="append", choices=[*PRESETS, "all"], default=None,
+                        help="named case (repeatable); 'all' runs every preset")
+    parser.add_argument("--out", type=Path, default=None, help="write results.json, table.txt, rows.md, plot.png here")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    names = args.preset or ["all"]
+    chosen = list(PRESETS) if "all" in names else names
+    try:
+        cases = [(parse_spec(PRESETS[n].spec), PRESETS[n].shape) for n in chosen]
+        results = run_cases(cases, seed=args.seed)
+    except AttngenError as err:
+        print(f"attngen bench: {err}", file=sys.stderr)
+        return 2
+    table = format_table(results)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        command = "python -m attngen.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+        (args.out / "results.json").write_text(json.dumps([r.to_json() for r in results], indent=2, default=str))
+        (args.out / "table.txt").write_text(table + "\n")
+        (args.out / "rows.md").write_text(markdown_rows(results, command) + "\n")
+        try:
+            plot(results, args.out / "plot.png")
+        except AttngenError as err:
+            print(f"attngen bench: {err}", file=sys.stderr)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

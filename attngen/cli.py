@@ -1,0 +1,360 @@
+"""The ``attngen`` command line.
+
+    attngen build SPEC... [-o DIR] [--check]   render specs into DIR (default generated/)
+    attngen check SPEC [--examples N] [--seed S] [--device D]
+    attngen show SPEC                          canonical spec, hash, path, tile analysis
+    attngen bench SPEC [--shape S]... [--plot PNG]
+    attngen schema                             JSON Schema of the spec language
+    attngen plan WORKLOAD | --parents ... --tokens ...
+
+Every :class:`~attngen.errors.AttngenError` is printed as one paragraph on stderr with
+exit code 2 — never a traceback. Exit code 1 means the command ran and found a problem
+(stale files, failed checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from attngen.errors import AttngenError
+from attngen.progress import Progress
+from attngen.spec import Spec, load_spec
+
+EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+
+
+def _load_all(paths: Sequence[str]) -> list[Spec]:
+    """Validate every spec before anything is written, so one bad spec writes nothing."""
+    specs = [load_spec(p) for p in paths]
+    seen: dict[str, str] = {}
+    for path, spec in zip(paths, specs, strict=True):
+        if spec.name in seen:
+            raise AttngenError(f"{path}: spec name {spec.name!r} is also used by {seen[spec.name]}; "
+                               "each spec renders to <name>.py, so names must be unique")
+        seen[spec.name] = path
+    return specs
+
+
+# ---------------------------------------------------------------------------------------
+# build
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from attngen import render
+
+    specs = _load_all(args.specs)
+    out_dir = Path(args.out)
+    with Progress(len(specs), "check" if args.check else "build") as bar:
+        # Render everything first (cached), so a spec that cannot be lowered stops the
+        # build before any file is written.
+        for path, spec in zip(args.specs, specs, strict=True):
+            bar.begin(spec.name)
+            try:
+                render.render(spec)
+            except AttngenError as err:
+                text = str(err)
+                raise AttngenError(text if path in text else f"{path}: {text}") from None
+            bar.step(spec.name)
+    results = [render.build(spec, out_dir, check=args.check) for spec in specs]
+    stale = [r.path for r in results if r.stale]
+    if not args.check:
+        written = sum(r.changed for r in results)
+        print(f"build: {written} written, {len(results) - written} unchanged in {out_dir}", file=sys.stderr)
+    if stale:
+        print("stale or missing generated files (run `attngen build` to refresh):", file=sys.stderr)
+        for path in stale:
+            print(f"  {path}", file=sys.stderr)
+        return EXIT_FOUND
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------
+# check
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    device = args.device or _default_device()
+    from attngen.check import check_spec
+
+    bar = Progress(args.examples, f"check {spec.name}")
+
+    def progress(done: int, total: int, case: Any) -> None:
+        bar.step(f"case {done}", "ok" if getattr(case, "passed", True) else "FAILED")
+
+    report = check_spec(spec, examples=args.examples, seed=args.seed, device=device, progress=progress)
+    bar.close()
+    print(report.summary())
+    return EXIT_OK if report.passed else EXIT_FOUND
+
+
+def _default_device() -> str:
+    try:
+        import torch
+    except ImportError:
+        raise AttngenError("attngen check needs torch; install it first (see README: set-up)") from None
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------
+# show
+
+
+def tile_classification(spec: Spec) -> list[str]:
+    """Lines describing the symbolic tile analysis of the spec's mask within the
+    sequence bounds (``kv_pos < kv_len``)."""
+    import sympy as sp
+
+    from attngen import semantics
+    from attngen.symbols import kv_len, kv_pos
+
+    try:
+        from attngen import analysis
+    except ImportError:
+        return ["tile analysis: unavailable (attngen.analysis is not installed)"]
+    predicate = sp.And(semantics.visibility(spec), sp.Lt(kv_pos, kv_len))
+    result = analysis.analyse(predicate)
+    meaning = {
+        "all_visible": "every pair visible: the mask is skipped",
+        "none_visible": "no pair visible: the tile is skipped",
+        "kv_lo": "visible keys of the query tile start at",
+        "kv_hi": "... and end before",
+        "full_lo": "keys visible to every query of the tile start at",
+        "full_hi": "... and end before",
+        "exact": "every atom affine (False: some decided only at run time)",
+    }
+    lines = [f"  {name}: {getattr(result, name)}    # {doc}"
+             for name, doc in meaning.items() if hasattr(result, name)]
+    return ["tile analysis of visibility & kv_pos < kv_len, for a query tile [q_lo, q_hi] "
+            "and a KV tile [k_lo, k_hi]:", *lines]
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    from attngen import semantics
+
+    print(spec.canonical_yaml().rstrip())
+    print("---")
+    print(f"hash: {spec.content_hash}")
+    print(f"generated: {Path(args.out) / (spec.name + '.py')}")
+    print(f"softmax scale: {spec.softmax_scale:.6g}")
+    print(f"visibility: {semantics.visibility(spec)}")
+    if spec.score_mod is not None:
+        print(f"score: {semantics.score(spec)}")
+    for line in tile_classification(spec):
+        print(line)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------
+# bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from attngen import bench
+
+    spec = load_spec(args.spec)
+    shapes = [bench.parse_shape(s, spec) for s in args.shape] if args.shape else bench.default_shapes(spec)
+    results = bench.run_cases([(spec, s) for s in shapes], seed=args.seed)
+    if args.plot:
+        bench.plot(results, args.plot)
+    print(bench.format_table(results))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------
+# schema
+
+
+def _rule_schema() -> dict[str, Any]:
+    """The mask rule forms, written by hand (pydantic sees the mask as Any)."""
+    count = {"type": "integer", "minimum": 0}
+    bound = {"anyOf": [count, {"type": "null"}]}
+    rule_list = {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/MaskRule"}}
+    one_key: list[tuple[str, dict[str, Any], str]] = [
+        ("window", {"anyOf": [count, {"type": "object", "additionalProperties": False,
+                                      "properties": {"left": bound, "right": bound}}]},
+         "q_pos - left <= kv_pos <= q_pos + right (an int is left, with right 0; null is unbounded)"),
+        ("sink", {"type": "integer", "minimum": 1}, "the first n keys are always visible"),
+        ("prefix_lm", {"anyOf": [count, {"type": "string"}]},
+         "causal plus a bidirectional prefix: a length, or the name of a per-batch tensor"),
+        ("document", {"type": "string"}, "name of a per-token segment-id tensor; same id sees same id"),
+        ("expr", {"type": "string", "minLength": 1},
+         "boolean expression over q_pos, kv_pos, head, batch, q_len, kv_len and declared tensors"),
+        ("all", rule_list, "every rule holds (a plain list means the same)"),
+        ("any", rule_list, "at least one rule holds"),
+        ("not", {"$ref": "#/$defs/MaskRule"}, "the rule does not hold"),
+    ]
+    forms: list[dict[str, Any]] = [
+        {"const": "causal", "description": "kv_pos <= q_pos"},
+        {"const": "full", "description": "every key visible"},
+    ]
+    for key, value, doc in one_key:
+        forms.append({"type": "object", "description": doc, "properties": {key: value},
+                      "required": [key], "additionalProperties": False})
+    return {"description": "A mask rule: 'causal', 'full', or a one-key mapping", "anyOf": forms}
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the spec language (for editors)."""
+    schema = Spec.model_json_schema()
+    schema.setdefault("$defs", {})["MaskRule"] = _rule_schema()
+    schema["properties"]["mask"] = {
+        "description": "Visibility: one rule, or a list of rules that must all hold. Default 'full'.",
+        "anyOf": [{"$ref": "#/$defs/MaskRule"},
+                  {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/MaskRule"}}],
+        "default": "full",
+    }
+    schema["properties"]["score_mod"]["description"] = (
+        "Expression over score (= scale * q.k), q_pos, kv_pos, head, batch, q_len, kv_len and "
+        "declared tensors, e.g. '30 * tanh(score / 30)'")
+    schema["properties"]["head_dim"] = {"anyOf": [{"type": "integer"}, {"$ref": "#/$defs/HeadDim"}]}
+    schema["properties"]["topology"] = {"anyOf": [{"enum": ["sequence", "tree", "shared_prefix"]},
+                                                  {"$ref": "#/$defs/Topology"}]}
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "attngen spec"
+    return schema
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------
+# plan (tree family; the planner lives in attngen.plan)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise AttngenError(f"expected a comma-separated list of integers, given {text!r}") from None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    try:
+        from attngen import plan as planner
+        from attngen.cost import HeadLayout
+    except ImportError:
+        raise AttngenError("attngen plan needs the tree planner (attngen.plan), "
+                           "which this installation does not have") from None
+    if args.parents is not None:
+        from attngen.tree import TreeBatch
+
+        if args.tokens is None:
+            raise AttngenError("--parents needs --tokens (tokens per node, same length)")
+        queries = _ints(args.queries) if args.queries else None
+        tree: Any = TreeBatch.from_parents(_ints(args.parents), _ints(args.tokens), queries, mode=args.mode)
+    elif args.workload:
+        tree = _workload_tree(args.workload)
+    else:
+        raise AttngenError("attngen plan needs a WORKLOAD name or --parents/--tokens")
+    heads = HeadLayout(heads_q=args.heads_q, heads_kv=args.heads_kv,
+                       head_dim_qk=args.head_dim, head_dim_v=args.head_dim)
+    started = time.perf_counter()
+    plan = planner.plan_tree(tree, chunk=args.chunk, heads=heads)
+    elapsed = time.perf_counter() - started
+    print(planner.describe(plan))
+    print(f"planned in {elapsed * 1e3:.2f} ms (host)")
+    if args.dot:
+        Path(args.dot).write_text(planner.to_dot(tree, plan))
+    if args.png and not planner.draw_png(tree, plan, args.png):
+        raise AttngenError("--png needs matplotlib: pip install 'attngen[plot]'")
+    return EXIT_OK
+
+
+def _workload_tree(name: str) -> Any:
+    from attngen.errors import did_you_mean
+
+    try:
+        from attngen.workloads import WORKLOADS
+    except ImportError:
+        raise AttngenError("named workloads need attngen.workloads, which this installation does not have") from None
+    if name not in WORKLOADS:
+        hint = did_you_mean(name, WORKLOADS)
+        raise AttngenError(f"unknown workload {name!r}; allowed: {', '.join(WORKLOADS)}"
+                           + (f"; {hint}" if hint else ""))
+    workload = WORKLOADS[name]()
+    print(f"{workload.name}: {workload.description}")
+    return workload.tree
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attngen", description="Compile YAML attention specs to Triton kernels.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build", help="render specs into generated modules")
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.add_argument("-o", "--out", default="generated", metavar="DIR", help="output directory (default: generated/)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if any file is stale or missing")
+    p.set_defaults(run=cmd_build)
+
+    p = sub.add_parser("check", help="property-test a spec's kernel against the float64 reference")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--examples", type=int, default=20, metavar="N")
+    p.add_argument("--seed", type=int, default=None, metavar="S")
+    p.add_argument("--device", default=None, help="cuda, or cpu for the Triton interpreter (default: cuda if present)")
+    p.set_defaults(run=cmd_check)
+
+    p = sub.add_parser("show", help="canonical spec, hash, generated path and tile analysis")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("-o", "--out", default="generated", metavar="DIR")
+    p.set_defaults(run=cmd_show)
+
+    p = sub.add_parser("bench", help="time a spec's kernel against torch SDPA and FlexAttention (GPU)")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--shape", action="append", metavar="S",
+                   help="BxS or BxQxKV (prefill), BxKV (decode); repeatable")
+    p.add_argument("--plot", metavar="PNG")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the spec language")
+    p.set_defaults(run=cmd_schema)
+
+    p = sub.add_parser("plan", help="show a tree plan: groups, visibility bits, predicted bytes")
+    p.add_argument("workload", nargs="?", metavar="WORKLOAD")
+    p.add_argument("--parents", help="parent of each node, -1 for a root: '-1,0,0'")
+    p.add_argument("--tokens", help="tokens per node: '4000,400,400'")
+    p.add_argument("--queries", help="query nodes (default: the leaves)")
+    p.add_argument("--mode", choices=["node", "token"], default="node")
+    p.add_argument("--heads-q", type=int, default=32)
+    p.add_argument("--heads-kv", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--chunk", type=int, default=None, help="KV chunk size (default: the cost model's choice)")
+    p.add_argument("--dot", metavar="FILE", help="write the plan as Graphviz DOT")
+    p.add_argument("--png", metavar="FILE", help="draw the tree and its groups")
+    p.set_defaults(run=cmd_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``attngen`` script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except AttngenError as err:
+        print(f"attngen {args.command}: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:  # piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

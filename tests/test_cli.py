@@ -1,0 +1,211 @@
+"""The command line: build/--check, errors as one paragraph with exit code 2 and no file
+written, show, schema, and the README's commands kept in sync with .ci/run."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from attngen import cli
+from attngen.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "specs").glob("*.yaml"))
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_every_example_spec_loads_and_says_what_it_is() -> None:
+    assert len(SPECS) >= 10
+    for path in SPECS:
+        spec = load_spec(path)
+        assert spec.name == path.stem
+        assert spec.description
+    sequence = [p.stem for p in SPECS if load_spec(p).topology.kind == "sequence"]
+    assert len(sequence) >= 10
+
+
+def test_build_writes_then_check_finds_stale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = str(ROOT / "specs" / "causal_prefill.yaml")
+    out = tmp_path / "gen"
+    code, _, err = run(capsys, "build", spec, "-o", str(out))
+    assert code == 0, err
+    target = out / "causal_prefill.py"
+    text = target.read_text()
+    assert load_spec(spec).content_hash in text
+
+    assert run(capsys, "build", spec, "-o", str(out), "--check")[0] == 0
+
+    target.write_text(text + "# edited\n")
+    code, _, err = run(capsys, "build", spec, "-o", str(out), "--check")
+    assert code == 1
+    assert "causal_prefill.py" in err
+    assert target.read_text().endswith("# edited\n")  # --check writes nothing
+
+    assert run(capsys, "build", spec, "-o", str(out))[0] == 0
+    assert target.read_text() == text
+
+
+def test_check_mode_reports_missing_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "build", str(ROOT / "specs" / "decode_gqa.yaml"), "-o", str(tmp_path), "--check")
+    assert code == 1
+    assert "decode_gqa.py" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+BAD_SPECS = {
+    "malformed": "name: x\nheads: {q: 8, kv: 2\n",
+    "unknown_field": "name: x\nheads: {q: 8, kv: 2}\nhead_dim: 64\nmaks: [causal]\n",
+    "heads_not_divisible": "name: x\nheads: {q: 8, kv: 3}\nhead_dim: 64\n",
+    "unknown_rule": "name: x\nheads: {q: 8, kv: 2}\nhead_dim: 64\nmask: [casual]\n",
+    "unknown_name": "name: x\nheads: {q: 8, kv: 2}\nhead_dim: 64\nmask: [{expr: 'kv_pos <= qpos'}]\n",
+    "bad_dtype": "name: x\nheads: {q: 8, kv: 2}\nhead_dim: 64\ndtype: fp8\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_SPECS))
+def test_bad_spec_is_one_paragraph_exit_2_and_writes_nothing(
+        kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.yaml"
+    shutil.copy(ROOT / "specs" / "causal_prefill.yaml", good)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_SPECS[kind])
+    out = tmp_path / "gen"
+    code, _, err = run(capsys, "build", str(good), str(bad), "-o", str(out))
+    assert code == 2
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert "bad.yaml" in err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_did_you_mean_reaches_the_user(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_SPECS["unknown_rule"])
+    code, _, err = run(capsys, "show", str(bad))
+    assert code == 2
+    assert "causal" in err and "mask[0]" in err
+
+
+def test_show_prints_canonical_spec_hash_and_tiles(capsys: pytest.CaptureFixture[str]) -> None:
+    path = ROOT / "specs" / "sliding_window_sinks_decode.yaml"
+    code, out, err = run(capsys, "show", str(path))
+    assert code == 0, err
+    spec = load_spec(path)
+    assert spec.content_hash in out
+    assert "generated/sliding_window_sinks_decode.py" in out
+    assert "spec_version: 1" in out
+    for field in ("all_visible", "none_visible", "kv_lo", "kv_hi", "full_lo", "full_hi", "exact"):
+        assert f"{field}:" in out
+
+
+def test_schema_is_json_with_mask_rules(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "schema")
+    assert code == 0
+    schema = json.loads(out)
+    assert schema["properties"]["mask"]["anyOf"][0] == {"$ref": "#/$defs/MaskRule"}
+    forms = schema["$defs"]["MaskRule"]["anyOf"]
+    consts = {f.get("const") for f in forms}
+    keys = {k for f in forms for k in f.get("properties", {})}
+    assert {"causal", "full"} <= consts
+    assert keys == {"window", "sink", "prefix_lm", "document", "expr", "all", "any", "not"}
+    for name in ("heads", "head_dim", "dtype", "topology", "tensors", "score_mod", "scale", "tune"):
+        assert name in schema["properties"]
+
+
+def test_schema_accepts_the_example_specs(capsys: pytest.CaptureFixture[str]) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    import yaml
+
+    run(capsys, "schema")
+    schema = cli.json_schema()
+    for path in SPECS:
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+
+
+def test_bench_without_gpu_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    code, _, err = run(capsys, "bench", str(ROOT / "specs" / "causal_prefill.yaml"))
+    assert code == 2
+    assert "CUDA" in err and "Traceback" not in err
+
+
+def test_plan_without_a_tree_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "plan")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# README and CI agree
+
+
+def _readme_command(heading: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    found = re.search(re.escape(heading) + r".*?```bash\n(.+?)\n```", text, re.S)
+    assert found, f"README has no bash block after {heading!r}"
+    (command,) = found.group(1).strip().splitlines()
+    return command
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    command = _readme_command("**Set up and run the tests:**")
+    assert command.endswith("pytest -q")
+    assert command.startswith("python3 -m venv .venv")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert command in ci
+    assert "ruff check" in ci and "mypy" in ci
+
+
+def test_readme_main_job_names_real_specs() -> None:
+    command = _readme_command("**Set up and run the main job**")
+    assert "attngen build specs/*.yaml" in command
+    for name in re.findall(r"specs/(\w+)\.yaml", command):
+        assert (ROOT / "specs" / f"{name}.yaml").is_file()
+
+
+def test_plan_from_parents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("attngen.plan")
+    dot = tmp_path / "plan.dot"
+    code, out, err = run(capsys, "plan", "--parents=-1,0,0", "--tokens", "100,20,30", "--dot", str(dot))
+    assert code == 0, err
+    assert "group" in out
+    assert dot.read_text().startswith("digraph")
+
+
+def test_plan_bad_tree_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("attngen.plan")
+    code, _, err = run(capsys, "plan", "--parents=0,0", "--tokens", "1,1")
+    assert code == 2
+    assert "cycle" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_spec_that_cannot_be_rendered_stops_the_build_before_any_write(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from attngen import render
+    from attngen.errors import AttngenError
+
+    real = render.render
+
+    def fussy(spec):  # type: ignore[no-untyped-def]
+        if spec.name == "decode_gqa":
+            raise AttngenError("cannot lower this spec")
+        return real(spec)
+
+    monkeypatch.setattr(render, "render", fussy)
+    out = tmp_path / "gen"
+    code, _, err = run(capsys, "build", str(ROOT / "specs" / "causal_prefill.yaml"),
+                       str(ROOT / "specs" / "decode_gqa.yaml"), "-o", str(out))
+    assert code == 2
+    assert "decode_gqa.yaml" in err and "cannot lower" in err
+    assert not out.exists() or list(out.iterdir()) == []

@@ -8,6 +8,7 @@ lowering and rendering of specs seen before.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -95,10 +96,8 @@ def render(spec: Spec) -> str:
     if cached.is_file():
         return cached.read_text()
     source = render_uncached(spec)
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache costs time, not correctness
         write_atomic(cached, source)
-    except OSError:
-        pass  # a read-only cache costs time, not correctness
     return source
 
 

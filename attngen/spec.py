@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from attngen.errors import ExprError, SpecError, did_you_mean
 
@@ -456,7 +464,7 @@ def _check_names(spec: Spec) -> None:
     """Cross-field rules: tensors named by rules exist and fit; expressions parse."""
     from attngen import semantics  # the expression layer sits above the spec layer
 
-    for name, decl in spec.tensors.items():
+    for name in spec.tensors:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name in semantics.RESERVED_NAMES:
             raise SpecError(f"tensors.{name}", "is not a usable tensor name", given=name,
                             allowed="an identifier that is not one of " + ", ".join(sorted(semantics.RESERVED_NAMES)))

@@ -1,0 +1,382 @@
+"""Tree-family kernels (templates/tree.py.j2) against the float64 reference.
+
+Each query's visible tokens come from :meth:`TreeBatch.visible_matrix` (ancestors and
+the query's own node up to itself), ANDed with the spec's own mask evaluated at tree
+positions, and attended densely in float64 by :func:`attngen.reference.attend`.
+The interpreter class runs tiny fp16/fp32 shapes on the CPU; the GPU class is the same
+cases in bf16 with head_dim 128 and the issue's head layouts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_close, assert_lse_close, fresh, poisoned
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attngen.errors import LaunchError, SpecError
+from attngen.plan import PlanBuffers, plan_into, plan_tree
+from attngen.reference import attend, spec_terms
+from attngen.runtime import load
+from attngen.spec import Spec, parse_spec
+from attngen.tree import TreeBatch, make_page_table, physical_slots
+from attngen.tree_ir import lower_tree
+
+HEAD_LAYOUTS = {"mha": (2, 2), "gqa": (4, 2), "mqa": (4, 1)}
+PAGE = 16
+
+
+def tree_spec(
+    *,
+    heads: tuple[int, int] = (4, 2),
+    head_dim: int = 16,
+    dtype: str = "fp32",
+    queries: str = "node",
+    paged: bool = False,
+    mask: Any = "full",
+    score_mod: str | None = None,
+    tensors: dict[str, Any] | None = None,
+    kind: str = "tree",
+    tune: dict[str, Any] | None = None,
+) -> Spec:
+    topology: dict[str, Any] = {"kind": kind, "queries": queries}
+    if paged:
+        topology |= {"kv_layout": "paged", "page_size": PAGE}
+    data: dict[str, Any] = {
+        "name": "tree_test",
+        "heads": {"q": heads[0], "kv": heads[1]},
+        "head_dim": head_dim,
+        "dtype": dtype,
+        "topology": topology,
+        "mask": mask,
+        # one small candidate keeps the interpreter fast
+        "tune": tune or {"block_n": [32], "num_warps": [4], "num_stages": [2]},
+    }
+    if score_mod is not None:
+        data["score_mod"] = score_mod
+    if tensors:
+        data["tensors"] = tensors
+    return parse_spec(data)
+
+
+# ---------------------------------------------------------------------------------------
+# Reference and launch helpers
+
+
+def tree_reference(
+    spec: Spec,
+    tree: TreeBatch,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 O and LSE: each query's ancestor KV (visible_matrix) AND the spec's mask
+    at tree positions (batch = tree, q_len = 1, kv_len = q_pos + 1)."""
+    arrays = {n: t.detach().cpu().numpy() for n, t in (tensors or {}).items()}
+    q_pos = np.asarray(tree.q_pos)
+    own, score_mod = spec_terms(
+        spec,
+        q_pos=q_pos,
+        kv_pos=np.asarray(tree.kv_pos),
+        batch=np.asarray(tree.q_tree),
+        q_len=1,
+        kv_len=q_pos + 1,
+        tensors=arrays,
+    )
+    visible = tree.visible_matrix()[None] & own
+    as64 = [x.detach().cpu().double().numpy() for x in (q, k, v)]
+    o, lse = attend(*as64, scale=spec.softmax_scale, visible=visible, score_mod=score_mod)
+    return torch.from_numpy(o), torch.from_numpy(lse)
+
+
+@dataclass
+class Case:
+    tree: TreeBatch
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def make_case(tree: TreeBatch, spec: Spec, device: str, seed: int = 0) -> Case:
+    hq, hkv, d = spec.heads.q, spec.heads.kv, spec.head_dim.qk
+    return Case(
+        tree,
+        fresh(tree.n_queries, hq, d, dtype=spec.dtype, seed=seed, device=device),
+        fresh(tree.n_kv, hkv, d, dtype=spec.dtype, seed=seed + 1, device=device),
+        fresh(tree.n_kv, hkv, spec.head_dim.v, dtype=spec.dtype, seed=seed + 2, device=device),
+    )
+
+
+def paged_cache(x: torch.Tensor, n_kv: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [n_kv, H, D] scattered into a shuffled paged cache with two spare pages."""
+    pages = -(-n_kv // PAGE) + 2
+    table = make_page_table(n_kv, PAGE, cache_pages=pages, seed=seed)
+    cache = torch.zeros(pages * PAGE, *x.shape[1:], dtype=x.dtype, device=x.device)
+    slots = torch.from_numpy(physical_slots(table, n_kv, PAGE)).to(x.device)
+    cache[slots] = x
+    return cache.view(pages, PAGE, *x.shape[1:]), torch.from_numpy(table).to(x.device)
+
+
+def run(
+    spec: Spec,
+    case: Case,
+    plan: Any,
+    *,
+    paged: bool = False,
+    config: dict | None = None,
+    **tensors: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch into poisoned buffers (anything left unwritten stays NaN)."""
+    module = load(spec)
+    out = poisoned(*case.q.shape[:2], spec.head_dim.v, dtype=spec.dtype, device=str(case.q.device))
+    k, v, table = case.k, case.v, None
+    if paged:
+        k, table = paged_cache(case.k, case.tree.n_kv, seed=1)
+        v, _ = paged_cache(case.v, case.tree.n_kv, seed=1)
+    o, lse = module.attention(
+        case.q, k, v, plan, page_table=table, return_lse=True, out=out, config=config, **tensors
+    )
+    assert o is out
+    return o, lse
+
+
+def check(
+    spec: Spec, case: Case, o: torch.Tensor, lse: torch.Tensor, **tensors: torch.Tensor
+) -> None:
+    ref_o, ref_lse = tree_reference(spec, case.tree, case.q, case.k, case.v, tensors)
+    assert_close(o, ref_o, spec.dtype)
+    assert_lse_close(lse, ref_lse, spec.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Tree strategies
+
+
+@st.composite
+def trees(draw: st.DrawFn, max_nodes: int = 10) -> TreeBatch:
+    """Random recursive trees, chains, stars, deep unbalanced trees, forests and single
+    nodes; token counts include empty and one-token nodes; queries on a random subset."""
+    shape = draw(st.sampled_from(["recursive", "chain", "star", "unbalanced", "forest", "single"]))
+    n = 1 if shape == "single" else draw(st.integers(2, max_nodes))
+    if shape == "chain":
+        parent = [-1, *range(n - 1)]
+    elif shape == "star":
+        parent = [-1] + [0] * (n - 1)
+    elif shape == "unbalanced":
+        parent = [-1] + [i - 1 if draw(st.integers(0, 3)) else max(0, i - 2) for i in range(1, n)]
+    else:
+        parent = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
+        if shape == "forest":
+            parent = [p if draw(st.integers(0, 3)) else -1 for p in parent]
+    tokens = [draw(st.sampled_from([0, 1, 1, 3, 7, 20, 33, 50])) for _ in range(n)]
+    if sum(tokens) == 0:
+        tokens[0] = 5
+    mode = draw(st.sampled_from(["node", "token"]))
+    nodes = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
+    if mode == "token":
+        nodes = [i for i in nodes if tokens[i] > 0] or [int(np.argmax(tokens))]
+    return TreeBatch.from_parents(parent, tokens, sorted(nodes), mode=mode)
+
+
+FAST = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.interpreter
+class TestTreeKernelsInterpreter:
+    """Tiny shapes under TRITON_INTERPRET=1 (or on the GPU when there is one)."""
+
+    dtypes = ("fp32", "fp16")
+    head_dims = (16, 32, 64)
+
+    @FAST
+    @given(tree=trees(), data=st.data())
+    def test_random_trees_match_reference_and_paged_is_bitwise_equal(
+        self, tree: TreeBatch, data: st.DataObject
+    ) -> None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # no fixtures under @given
+        heads = HEAD_LAYOUTS[data.draw(st.sampled_from(sorted(HEAD_LAYOUTS)))]
+        dtype = data.draw(st.sampled_from(self.dtypes))
+        head_dim = data.draw(st.sampled_from(self.head_dims))
+        chunk = data.draw(st.sampled_from([32, 64]))
+        qg = data.draw(st.sampled_from([1, 2, 4]))
+        spec = tree_spec(heads=heads, head_dim=head_dim, dtype=dtype, queries=tree.query_mode)
+        case = make_case(tree, spec, device, seed=data.draw(st.integers(0, 100)))
+        plan = plan_tree(tree, chunk=chunk, queries_per_group=qg, device=device)
+        o, lse = run(spec, case, plan)
+        check(spec, case, o, lse)
+        paged = tree_spec(
+            heads=heads, head_dim=head_dim, dtype=dtype, queries=tree.query_mode, paged=True
+        )
+        o_p, lse_p = run(paged, case, plan, paged=True)
+        assert torch.equal(o_p, o) and torch.equal(lse_p, lse), "paged and contiguous differ"
+
+    def test_fused_single_launch_equals_two_stage(self, device: str) -> None:
+        tree = TreeBatch.from_parents([-1, 0, 0, 0], [20, 3, 1, 5])  # one chunk, one group
+        spec = tree_spec(heads=(4, 2), dtype="fp16")
+        plan = plan_tree(tree, chunk=64, queries_per_group=4, device=device)
+        assert plan.n_groups == 1 and plan.merge_ptr.tolist() == [0, 1, 2, 3]
+        case = make_case(tree, spec, device)
+        module = load(spec)
+        assert module._single_partial(plan, plan.tensors(), tree.n_queries)
+        o1, l1 = run(spec, case, plan)
+        o2, l2 = run(spec, case, plan, config={"fused": False})
+        assert torch.equal(o1, o2) and torch.equal(l1, l2)
+        check(spec, case, o1, l1)
+
+    def test_window_over_tree_positions_with_softcap(self, device: str) -> None:
+        tree = TreeBatch.from_parents(
+            [-1, 0, 0, 1, 3, 2], [30, 9, 17, 1, 12, 0], [3, 4, 5, 2], mode="node"
+        )
+        spec = tree_spec(
+            heads=(4, 1),
+            head_dim=32,
+            mask=[{"window": {"left": 20, "right": 0}}],
+            score_mod="5 * tanh(score / 5)",
+        )
+        case = make_case(tree, spec, device, seed=3)
+        for qg in (1, 4):
+            o, lse = run(spec, case, plan_tree(tree, chunk=32, queries_per_group=qg, device=device))
+            check(spec, case, o, lse)
+
+    def test_token_mode_speculative_tree_with_per_tree_tensor(self, device: str) -> None:
+        # two independent trees (prefix + token tree); a per-tree prefix bound and a
+        # per-head mask, both read through the user tensors of the spec
+        a = TreeBatch.from_parents(
+            [-1, 0, 0, 1, 1, 2], [40, 1, 1, 1, 1, 1], [1, 2, 3, 4, 5], mode="token"
+        )
+        tree = TreeBatch.concat([a, TreeBatch.from_parents([-1, 0], [35, 3], [1], mode="token")])
+        tensors = {"lo": torch.tensor([5, 30], dtype=torch.int32, device=device)}
+        spec = tree_spec(
+            heads=(2, 2),
+            queries="token",
+            mask={"expr": "kv_pos >= lo[batch] or head == 0"},
+            tensors={"lo": {"dims": ["batch"], "dtype": "int32"}},
+        )
+        case = make_case(tree, spec, device, seed=5)
+        o, lse = run(
+            spec, case, plan_tree(tree, chunk=32, queries_per_group=2, device=device), **tensors
+        )
+        check(spec, case, o, lse, **tensors)
+
+    def test_empty_rows_give_zero_and_neg_inf(self, device: str) -> None:
+        # node 2 is an empty root: its query sees nothing; node 1 is empty under a root
+        tree = TreeBatch.from_parents([-1, 0, -1], [6, 0, 0], [1, 2])
+        spec = tree_spec()
+        case = make_case(tree, spec, device)
+        o, lse = run(spec, case, plan_tree(tree, chunk=32, queries_per_group=2, device=device))
+        assert torch.all(o[1] == 0) and torch.all(lse[1] == -math.inf)
+        check(spec, case, o, lse)
+
+    def test_fixed_capacity_buffers(self, device: str) -> None:
+        tree = TreeBatch.from_parents([-1, 0, 0, 2], [37, 5, 40, 2])
+        spec = tree_spec(heads=(4, 2))
+        buffers = PlanBuffers.allocate(
+            max_groups=16,
+            max_queries=4,
+            max_kv=200,
+            max_partials=16,
+            chunk=32,
+            queries_per_group=2,
+            device=device,
+        )
+        plan_into(buffers, tree)
+        case = make_case(tree, spec, device)
+        q = torch.cat([case.q, fresh(2, 4, 16, device=device)])  # two idle query slots
+        o, lse = load(spec).attention(q, case.k, case.v, buffers, return_lse=True)
+        check(spec, case, o[:2], lse[:2])
+        assert torch.all(o[2:] == 0) and torch.all(lse[2:] == -math.inf)
+
+    def test_deterministic(self, device: str) -> None:
+        tree = TreeBatch.from_parents([-1, 0, 0, 1, 1], [50, 20, 33, 7, 1])
+        spec = tree_spec(heads=(4, 2), dtype="fp16")
+        case = make_case(tree, spec, device)
+        plan = plan_tree(tree, chunk=32, queries_per_group=2, device=device)
+        first = run(spec, case, plan)
+        second = run(spec, case, plan)
+        assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+    def test_bad_inputs_raise_before_launch(self, device: str) -> None:
+        tree = TreeBatch.from_parents([-1, 0, 0], [20, 5, 6])
+        spec, paged = tree_spec(), tree_spec(paged=True)
+        case = make_case(tree, spec, device)
+        plan = plan_tree(tree, chunk=32, queries_per_group=2, device=device)
+        module, paged_module = load(spec), load(paged)
+        out = poisoned(2, 4, 16, device=device)
+        with pytest.raises(LaunchError, match="queries"):
+            module.attention(case.q[:1], case.k, case.v, plan)
+        with pytest.raises(LaunchError, match="tokens"):
+            module.attention(case.q, case.k[:-1], case.v[:-1], plan, out=out)
+        with pytest.raises(LaunchError, match="float32"):
+            module.attention(case.q.half(), case.k, case.v, plan, out=out)
+        with pytest.raises(LaunchError, match="page_table"):
+            module.attention(
+                case.q, case.k, case.v, plan, page_table=torch.zeros(4, dtype=torch.int32)
+            )
+        k, table = paged_cache(case.k, tree.n_kv, seed=0)
+        v, _ = paged_cache(case.v, tree.n_kv, seed=0)
+        with pytest.raises(LaunchError, match="outside the cache"):
+            paged_module.attention(
+                case.q, k, v, plan, page_table=torch.full_like(table, 99), out=out
+            )
+        with pytest.raises(LaunchError, match="page_table"):
+            paged_module.attention(case.q, k, v, plan, out=out)
+        assert torch.isnan(out).all(), "a rejected launch wrote its output"
+
+    def test_lowering_rejects_what_it_cannot_run(self) -> None:
+        with pytest.raises(SpecError, match="per-token"):
+            lower_tree(tree_spec(tensors={"doc": {"dims": ["token"], "dtype": "int32"}}))
+        sequence = parse_spec({"name": "s", "heads": {"q": 2, "kv": 1}, "head_dim": 16})
+        with pytest.raises(SpecError, match="tree family"):
+            lower_tree(sequence)
+
+
+@pytest.mark.gpu
+class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
+    """The same cases on a GPU in bf16 (and fp16), with the larger head dims."""
+
+    dtypes = ("bf16", "fp16")
+    head_dims = (64, 128)
+
+    @pytest.mark.parametrize("heads", [(32, 32), (32, 8)])
+    @pytest.mark.parametrize("queries", ["node", "token"])
+    def test_deft_shapes_bf16(self, heads: tuple[int, int], queries: str) -> None:
+        if queries == "node":  # few-shot: prompt x branches
+            tree = TreeBatch.from_parents([-1] + [0] * 8, [1000] + [50 + 13 * i for i in range(8)])
+        else:  # speculative token tree over a prefix, widths [4, 2, 2]
+            parent, level = [-1], [0]
+            for width in (4, 2, 2):
+                nxt = []
+                for p in level:
+                    for _ in range(width):
+                        parent.append(p)
+                        nxt.append(len(parent) - 1)
+                level = nxt
+            tree = TreeBatch.from_parents(
+                parent, [1000] + [1] * (len(parent) - 1), list(range(1, len(parent))), mode="token"
+            )
+        autotuned = {"block_n": [64, 128, 32], "num_warps": [4, 8], "num_stages": [2, 3]}
+        spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries=queries, tune=autotuned)
+        case = make_case(tree, spec, "cuda", seed=7)
+        plan = plan_tree(tree, device="cuda")
+        o, lse = run(spec, case, plan)
+        check(spec, case, o, lse)
+        paged = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries=queries, paged=True)
+        c = {"block_n": 64, "num_warps": 4, "num_stages": 2}
+        o_c, _ = run(spec, case, plan, config=c)
+        o_p, _ = run(paged, case, plan, paged=True, config=c)
+        assert torch.equal(o_c, o_p)

@@ -47,9 +47,12 @@ OUT_BYTES = NQ * Hq * Dv * E
 TOTAL_BYTES = KV_BYTES + Q_BYTES + PARTIAL_BYTES + OUT_BYTES
 #: Matrix-unit FLOPs: QK^T and PV over the rows of a KV head (padded to R_min rows).
 FLOPS = 2 * T * Hkv * sp.Max(QG * Hq / Hkv, R_min) * (Dqk + Dv)
-#: Fraction of the machine busy: fewer (group, KV head) programs than SMs leaves it idle
-#: (at least one program, so an empty plan costs its launches only).
-OCCUPANCY = sp.Min(1, sp.Max(G, 1) * Hkv / SMS)
+#: Programs per SM that a memory-bound kernel needs to keep enough loads in flight
+#: (measured on an H200 with the sequence decode kernel: ~4-8 per SM reach ~3 TB/s).
+PROGRAMS_PER_SM = 4
+#: Fraction of the machine busy: fewer (group, KV head) programs than that leaves
+#: bandwidth unused (at least one program, so an empty plan costs its launches only).
+OCCUPANCY = sp.Min(1, sp.Max(G, 1) * Hkv / (PROGRAMS_PER_SM * SMS))
 TIME = sp.Max(TOTAL_BYTES / BW, FLOPS / RATE) / OCCUPANCY + L * LAUNCH
 #: Per-branch (sequence-based) decoding: each query reads its whole root path's KV.
 BRANCH_BYTES = T_branch * KV_TOKEN_BYTES + NQ * Hq * (Dqk + Dv) * E
@@ -129,10 +132,10 @@ class HeadLayout:
 
 @dataclass(frozen=True, slots=True)
 class Machine:
-    """Rates of the target GPU (defaults: an H200, bf16)."""
+    """Rates of the target GPU (defaults: measured on an H200, bf16, see BENCHMARKS.md)."""
 
-    bandwidth: float = 4.0e12
-    matmul_rate: float = 7.0e14
+    bandwidth: float = 4.25e12  # device copy, read + write, measured on an H200
+    matmul_rate: float = 6.9e14  # bf16 8192^3 GEMM on random data, same machine
     launch_overhead: float = 3.0e-6
     sms: int = 132
 

@@ -143,9 +143,9 @@ class Tune(_Model):
     the interpreter uses the first valid one."""
 
     block_m: tuple[Annotated[Int, Field(ge=16, le=256)], ...] = (128, 64)
-    block_n: tuple[Annotated[Int, Field(ge=16, le=256)], ...] = (64, 128, 32)
-    num_warps: tuple[Literal[1, 2, 4, 8, 16], ...] = (4, 8)
-    num_stages: tuple[Annotated[Int, Field(ge=1, le=6)], ...] = (2, 3, 4)
+    block_n: tuple[Annotated[Int, Field(ge=16, le=256)], ...] = (128, 64)
+    num_warps: tuple[Literal[1, 2, 4, 8, 16], ...] = (8, 4)
+    num_stages: tuple[Annotated[Int, Field(ge=1, le=6)], ...] = (3, 2)
 
     @field_validator("block_m", "block_n")
     @classmethod

@@ -41,9 +41,6 @@ TREE_ELEMENT_NAMES: dict[sp.Symbol, str] = {
     kv_len: "(q_pos + 1)",
 }
 
-#: Heads one merge program combines (stage 2 works on [MERGE_HEADS, D_V] tiles).
-MAX_MERGE_HEADS = 8
-
 
 @dataclass(frozen=True, slots=True)
 class TreeTileConfig:
@@ -77,7 +74,6 @@ class TreeKernelIR:
     ln2: float
     paged: bool
     page_size: int  # 1 for contiguous KV (unused there)
-    merge_heads: int
     configs: tuple[TreeTileConfig, ...]
     tensors: tuple[TensorArg, ...]
     score_code: str
@@ -119,6 +115,10 @@ class TreeKernelIR:
     @property
     def v_dim_mask(self) -> str:
         return f" & (d_v < {self.d_v})[None, :]" if self.d_v != self.d_v_pad else ""
+
+    @property
+    def v_dim_mask_1d(self) -> str:
+        return f", mask=d_v < {self.d_v}" if self.d_v != self.d_v_pad else ""
 
     @property
     def dot_kwargs(self) -> str:
@@ -234,7 +234,6 @@ def lower_tree(spec: Spec) -> TreeKernelIR:
         ln2=LN2,
         paged=topology.kv_layout == "paged",
         page_size=topology.page_size or 1,
-        merge_heads=min(MAX_MERGE_HEADS, _pow2(spec.heads.q)),
         configs=tree_configs(spec),
         tensors=tensor_args(spec),
         score_code=element(modified),

@@ -1,0 +1,235 @@
+"""Tree-decoding benchmark: attngen's tree kernels against the kernels a user would
+otherwise pick, on DeFT's workloads, beside the hardware floor.
+
+For each workload and head layout, in one run and on the same inputs:
+
+* ``attngen`` — the generated tree module over a plan from :func:`attngen.plan.plan_tree`;
+* ``flex`` — FlexAttention over the flattened tree with an ancestor BlockMask;
+* ``sdpa_dense`` — torch SDPA over the flattened tree with a dense boolean mask;
+* ``per_branch`` — what a sequence-based system does: every query's root path held as
+  its own contiguous KV (built before timing), attended by SDPA with padding masks.
+
+The floor is ``max(unique KV bytes / bandwidth, FLOPs / matmul rate)`` with both rates
+measured in the same run. Every timing is the median of CUDA-graph replays. GPU only::
+
+    python -m attngen.bench_tree --out bench_out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from attngen.bench import measure_rates
+from attngen.plan import plan_tree
+from attngen.progress import Progress
+from attngen.spec import Spec, parse_spec
+from attngen.workloads import REFERENCE_SHAPES, WORKLOADS, Workload
+
+LAYOUTS = {"mha": (32, 32), "gqa": (32, 8)}
+HEAD_DIM = 128
+
+
+@dataclass(frozen=True, slots=True)
+class TreeRow:
+    workload: str
+    layout: str
+    n_queries: int
+    n_kv: int
+    floor_us: float
+    attngen_us: float
+    flex_us: float | None
+    sdpa_dense_us: float | None
+    per_branch_us: float | None
+    plan_ms: float
+    replan_ms: float | None
+    rel_err: float
+
+    @property
+    def ratio(self) -> float:
+        return self.attngen_us / self.floor_us
+
+    @property
+    def best_peer_us(self) -> float | None:
+        peers = [t for t in (self.flex_us, self.sdpa_dense_us, self.per_branch_us) if t]
+        return min(peers) if peers else None
+
+
+def tree_spec(mode: str, heads_q: int, heads_kv: int) -> Spec:
+    return parse_spec({
+        "name": f"bench_tree_{mode}_{heads_q}_{heads_kv}",
+        "description": f"Tree attention benchmark, {mode} queries, {heads_q}/{heads_kv} heads.",
+        "heads": {"q": heads_q, "kv": heads_kv},
+        "head_dim": HEAD_DIM,
+        "dtype": "bf16",
+        "topology": {"kind": "tree", "queries": mode},
+    })
+
+
+def _graph_time_us(fn: Callable[[], Any]) -> float:
+    import triton
+
+    fn()
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")) * 1e3
+
+
+def _try(fn: Callable[[], float], what: str) -> float | None:
+    try:
+        return fn()
+    except Exception as err:  # a peer that cannot run this case is reported, not fatal
+        print(f"  {what}: not run ({type(err).__name__}: {str(err).splitlines()[0][:120]})", file=sys.stderr)
+        return None
+
+
+def _planning_ms(workload: Workload, heads: Any) -> tuple[float, float | None]:
+    from attngen.plan import replan_after_append
+
+    plan = plan_tree(workload.tree, heads=heads)
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        plan_tree(workload.tree, chunk=plan.chunk, queries_per_group=plan.queries_per_group, heads=heads)
+        times.append(time.perf_counter() - t0)
+    replan = None
+    if workload.tree.query_mode == "node":
+        grown = workload.tree.append_to_leaves(1)
+        rtimes = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            replan_after_append(plan, grown)
+            rtimes.append(time.perf_counter() - t0)
+        replan = statistics.median(rtimes) * 1e3
+    return statistics.median(times) * 1e3, replan
+
+
+def bench_workload(name: str, layout: str, bandwidth: float, matmul_rate: float, *,
+                   peers: bool = True) -> TreeRow:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import attngen
+    from attngen.cost import HeadLayout
+
+    heads_q, heads_kv = LAYOUTS[layout]
+    workload = WORKLOADS[name]()
+    tree = workload.tree
+    dev = torch.device("cuda")
+    spec = tree_spec(tree.query_mode, heads_q, heads_kv)
+    module = attngen.load(spec)
+    heads = HeadLayout(heads_q=heads_q, heads_kv=heads_kv, head_dim_qk=HEAD_DIM, head_dim_v=HEAD_DIM)
+    plan = plan_tree(tree, heads=heads, device=dev)
+    plan_ms, replan_ms = _planning_ms(workload, heads)
+
+    n_q, n_kv = plan.n_queries, plan.n_kv
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(n_q, heads_q, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(n_kv, heads_kv, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(n_kv, heads_kv, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+    visible = torch.from_numpy(tree.visible_matrix()).to(dev)
+
+    out = module.attention(q, k, v, plan)  # autotunes once, outside the timing
+    t_ours = _graph_time_us(lambda: module.attention(q, k, v, plan))
+
+    # dense references in [1, H, N, D] layout
+    qd, kd, vd = (x.transpose(0, 1)[None] for x in (q, k, v))
+    ref = F.scaled_dot_product_attention(qd.float(), kd.float(), vd.float(), attn_mask=visible,
+                                         enable_gqa=True)[0].transpose(0, 1)
+    rel_err = float((out.float() - ref).norm() / ref.norm())
+
+    def dense() -> float:
+        return _graph_time_us(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=visible, enable_gqa=True))
+
+    def flex() -> float:
+        def ancestor(b: Any, h: Any, qi: Any, ki: Any) -> Any:
+            return visible[qi, ki]
+
+        block_mask = create_block_mask(ancestor, None, None, n_q, n_kv, device=dev)
+        compiled = torch.compile(flex_attention)
+        return _graph_time_us(lambda: compiled(qd, kd, vd, block_mask=block_mask, enable_gqa=True))
+
+    def per_branch() -> float:
+        lengths = visible.sum(1)
+        longest = int(lengths.max())
+        order = torch.argsort((~visible).to(torch.int8), dim=1, stable=True)[:, :longest]
+        kb = k[order].permute(0, 2, 1, 3).contiguous()  # [n_q, Hkv, L, D]: each branch's own copy
+        vb = v[order].permute(0, 2, 1, 3).contiguous()
+        pad = (torch.arange(longest, device=dev)[None] < lengths[:, None])[:, None, None, :]
+        qb = q[:, :, None, :]
+        return _graph_time_us(lambda: F.scaled_dot_product_attention(qb, kb, vb, attn_mask=pad, enable_gqa=True))
+
+    unique_bytes = n_kv * heads_kv * 2 * HEAD_DIM * 2 + 2 * n_q * heads_q * HEAD_DIM * 2
+    flops = float(visible.sum()) * heads_q * 2 * 2 * HEAD_DIM
+    floor_us = max(unique_bytes / bandwidth, flops / matmul_rate) * 1e6
+    return TreeRow(
+        workload=name, layout=layout, n_queries=n_q, n_kv=n_kv, floor_us=floor_us,
+        attngen_us=t_ours,
+        flex_us=_try(flex, "flex") if peers else None,
+        sdpa_dense_us=_try(dense, "sdpa_dense") if peers else None,
+        per_branch_us=_try(per_branch, "per_branch") if peers else None,
+        plan_ms=plan_ms, replan_ms=replan_ms,
+        rel_err=rel_err,
+    )
+
+
+def format_table(rows: list[TreeRow]) -> str:
+    def f(x: float | None) -> str:
+        return f"{x:9.1f}" if x is not None else "      n/a"
+
+    head = (f"{'workload':16} {'heads':5} {'floor':>9} {'attngen':>9} {'x floor':>7} {'flex':>9} "
+            f"{'sdpa':>9} {'branch':>9} {'vs best':>7} {'plan ms':>7} {'err':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        best = r.best_peer_us
+        speedup = f"{best / r.attngen_us:6.2f}x" if best else "    n/a"
+        lines.append(f"{r.workload:16} {r.layout:5} {f(r.floor_us)} {f(r.attngen_us)} {r.ratio:6.2f}x "
+                     f"{f(r.flex_us)} {f(r.sdpa_dense_us)} {f(r.per_branch_us)} {speedup} "
+                     f"{r.plan_ms:7.2f} {r.rel_err:8.1e}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m attngen.bench_tree", description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
+                        help="workloads to run (default: the five reference shapes)")
+    parser.add_argument("--layout", action="append", choices=sorted(LAYOUTS), help="default: mha and gqa")
+    parser.add_argument("--out", type=Path, help="folder for tree_results.json")
+    parser.add_argument("--no-peers", action="store_true", help="time attngen only (quick)")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_tree: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rates = measure_rates()
+    bandwidth, matmul_rate = rates.hbm_gbps * 1e9, rates.matmul_tflops * 1e12
+    names = args.workload or list(REFERENCE_SHAPES)
+    layouts = args.layout or ["mha", "gqa"]
+    cases = [(n, lay) for n in names for lay in layouts]
+    rows = []
+    with Progress(len(cases), "bench_tree") as progress:
+        for name, layout in cases:
+            progress.begin(f"{name}/{layout}")
+            rows.append(bench_workload(name, layout, bandwidth, matmul_rate, peers=not args.no_peers))
+            progress.step(f"{name}/{layout}")
+    print(f"GPU {rates.gpu}, torch {rates.torch_version}, triton {rates.triton_version}, "
+          f"bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s")
+    print(format_table(rows))
+    if args.out:
+        import json
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        data = [dict(asdict(r), ratio=r.ratio, best_peer_us=r.best_peer_us) for r in rows]
+        (args.out / "tree_results.json").write_text(json.dumps(data, indent=1))
+    return 0 if all(math.isfinite(r.rel_err) and r.rel_err < 2e-2 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

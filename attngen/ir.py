@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sympy as sp
 
@@ -63,8 +63,9 @@ class TileConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class KernelIR:
-    """Everything the sequence templates substitute."""
+class ModuleIR:
+    """What every generated module states about its spec (identity, heads, dims, dtype,
+    user tensors), and the argument lists templates splice in."""
 
     name: str
     title: str
@@ -72,7 +73,6 @@ class KernelIR:
     spec_hash: str
     spec_yaml: str
     attngen_version: str
-    family: str  # "prefill" | "decode"
     heads_q: int
     heads_kv: int
     d_qk: int
@@ -83,39 +83,29 @@ class KernelIR:
     torch_dtype: str
     scale: float
     ln2: float
-    decode_rows: int
-    configs: tuple[TileConfig, ...]
     tensors: tuple[TensorArg, ...]
-    score_code: str
-    mask_code: str
-    kv_lo_code: str
-    kv_hi_code: str
-    full_lo_code: str
-    full_hi_code: str
-    may_see_code: str
-    exact_tiles: bool
-    uniform_loads: tuple[str, ...] = field(default=())
 
-    # -- argument lists the templates splice in ------------------------------------
+    @property
+    def group(self) -> int:
+        return self.heads_q // self.heads_kv
+
     @property
     def tensor_ptr_params(self) -> str:
         return "".join(f" {t.param}," for t in self.tensors)
 
     @property
-    def ctx_params(self) -> str:
-        return ", ".join(["pid_b", "q_len", "kv_len", "kv_start", "n_batch", *(t.param for t in self.tensors)])
-
-    ctx_args = ctx_params
+    def tensor_params_tail(self) -> str:
+        return "".join(f", {t.param}" for t in self.tensors)
 
     @property
     def tensor_kwargs(self) -> str:
         return "".join(f", {t.name}=None" for t in self.tensors)
 
     @property
-    def tensor_kwargs_plain(self) -> str:
+    def tensor_pass(self) -> str:
         return "".join(f", {t.name}" for t in self.tensors)
 
-    tensor_pass = tensor_kwargs_plain
+    tensor_kwargs_plain = tensor_pass
 
     @property
     def tensor_check_tuples(self) -> str:
@@ -144,6 +134,59 @@ class KernelIR:
     def dot_kwargs(self) -> str:
         # fp32 specs promise fp32 accuracy: no tf32 in the matrix units
         return ', input_precision="ieee"' if self.dtype == "fp32" else ""
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (tile dims must be powers of two)."""
+    return 1 << (n - 1).bit_length()
+
+
+def module_fields(spec: Spec) -> dict[str, object]:
+    """The :class:`ModuleIR` fields of ``spec``, shared by every family's lowering."""
+    d_qk, d_v = spec.head_dim.qk, spec.head_dim.v
+    first_line = (spec.description.strip().splitlines() or [spec.name])[0]
+    return dict(
+        name=spec.name,
+        title=f"{spec.name}: {first_line}",
+        description_doc=(spec.description.strip() or spec.name).replace('"""', "'''"),
+        spec_hash=spec.content_hash,
+        spec_yaml=spec.canonical_yaml().replace("\\", "\\\\").replace('"""', '\\"\\"\\"'),
+        attngen_version=__version__,
+        heads_q=spec.heads.q,
+        heads_kv=spec.heads.kv,
+        d_qk=d_qk,
+        d_v=d_v,
+        d_qk_pad=pow2(d_qk),
+        d_v_pad=pow2(d_v),
+        dtype=spec.dtype,
+        torch_dtype=_TORCH_DTYPES[spec.dtype],
+        scale=spec.softmax_scale,
+        ln2=LN2,
+        tensors=tensor_args(spec),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class KernelIR(ModuleIR):
+    """Everything the sequence templates substitute."""
+
+    family: str  # "prefill" | "decode"
+    decode_rows: int
+    configs: tuple[TileConfig, ...]
+    score_code: str
+    mask_code: str
+    kv_lo_code: str
+    kv_hi_code: str
+    full_lo_code: str
+    full_hi_code: str
+    may_see_code: str
+    exact_tiles: bool
+
+    @property
+    def ctx_params(self) -> str:
+        return ", ".join(["pid_b", "q_len", "kv_len", "kv_start", "n_batch", *(t.param for t in self.tensors)])
+
+    ctx_args = ctx_params
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,18 +259,33 @@ def tile_configs(spec: Spec, family: str, decode_rows: int) -> tuple[TileConfig,
     return tuple(seen)
 
 
+def used_symbols(*exprs: sp.Basic) -> set[sp.Symbol]:
+    """Index symbols the expressions read (tensor names themselves excluded)."""
+    free: set[sp.Symbol] = set()
+    labels: set[sp.Basic] = set()
+    for e in exprs:
+        free |= {s for s in e.free_symbols if isinstance(s, sp.Symbol)}
+        labels |= {i.base.label for i in e.atoms(sp.Indexed)}
+    return free - labels
+
+
+def check_bound(exprs: tuple[sp.Basic, ...], names: dict[sp.Symbol, str], family: str) -> None:
+    """Every symbol the printed expressions read is one the kernel binds."""
+    unbound = used_symbols(*exprs) - set(names) - {score}
+    if unbound:
+        raise SpecError("spec", f"expression uses symbols the {family} kernels do not bind",
+                        given=sorted(map(str, unbound)))
+
+
 def verify(ir: KernelIR, spec: Spec) -> None:
-    """Checks between stages: dims padded correctly, heads divide, code is non-empty."""
+    """Checks at the end of lowering: dims padded correctly, heads divide, code is
+    non-empty, every symbol bound."""
     assert ir.heads_q % ir.heads_kv == 0
     assert ir.d_qk_pad >= ir.d_qk and ir.d_qk_pad & (ir.d_qk_pad - 1) == 0
     assert ir.d_v_pad >= ir.d_v and ir.d_v_pad & (ir.d_v_pad - 1) == 0
     for code in (ir.score_code, ir.mask_code, ir.kv_lo_code, ir.kv_hi_code, ir.may_see_code):
         assert code.strip(), "empty generated expression"
-    free = full_visibility(spec).free_symbols | base2_score(spec).free_symbols
-    bound = {s.name for s in ELEMENT_NAMES} | {score.name} | set(spec.tensors)
-    unbound = {s.name for s in free if isinstance(s, sp.Symbol)} - bound
-    if unbound:
-        raise SpecError("spec", "expression uses symbols no kernel binds", given=sorted(unbound))
+    check_bound((full_visibility(spec), base2_score(spec)), ELEMENT_NAMES, "sequence")
 
 
 def lower(spec: Spec) -> KernelIR:
@@ -253,29 +311,11 @@ def lower(spec: Spec) -> KernelIR:
     kv_hi = sp.Min(_finite(tiles.kv_hi, neg=0, pos=kv_len), kv_len)
     full_lo = sp.Max(_finite(tiles.full_lo, neg=0, pos=kv_len), kv_lo)
     full_hi = sp.Min(_finite(tiles.full_hi, neg=0, pos=kv_len), kv_hi)
-    d_qk, d_v = spec.head_dim.qk, spec.head_dim.v
-    first_line = (spec.description.strip().splitlines() or [spec.name])[0]
     ir = KernelIR(
-        name=spec.name,
-        title=f"{spec.name}: {first_line}",
-        description_doc=(spec.description.strip() or spec.name).replace('"""', "'''"),
-        spec_hash=spec.content_hash,
-        spec_yaml=spec.canonical_yaml().replace("\\", "\\\\").replace('"""', '\\"\\"\\"'),
-        attngen_version=__version__,
+        **module_fields(spec),  # type: ignore[arg-type]
         family=family,
-        heads_q=spec.heads.q,
-        heads_kv=spec.heads.kv,
-        d_qk=d_qk,
-        d_v=d_v,
-        d_qk_pad=1 << (d_qk - 1).bit_length(),
-        d_v_pad=1 << (d_v - 1).bit_length(),
-        dtype=spec.dtype,
-        torch_dtype=_TORCH_DTYPES[spec.dtype],
-        scale=spec.softmax_scale,
-        ln2=LN2,
         decode_rows=decode_rows,
         configs=tile_configs(spec, family, decode_rows),
-        tensors=tensor_args(spec),
         score_code=element(base2_score(spec)),
         mask_code=element(pred),
         kv_lo_code=tile(kv_lo),

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One device session: run what is asked (tree bench, gpu tests, sequence bench), each
+# under a time limit so one slow part cannot eat the others; short tables come last.
+# Usage: bash scripts/gpu_session.sh [tree] [tests] [seq]   (default: all three)
+set -uo pipefail
+out=${OUT:-bench_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+parts=${*:-tree tests seq}
+for part in $parts; do
+    case $part in
+        tree)  timeout 330 python3 -m attngen.bench_tree --out "$out" 2>&1 | grep -v Warning | tee "$out/tree.log" ;;
+        tests) ATTNGEN_GPU_EXAMPLES=${ATTNGEN_GPU_EXAMPLES:-6} timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -25 > "$out/gpu_tests.txt" ;;
+        seq)   timeout 240 python3 -m attngen.bench --preset all --out "$out" 2>&1 | grep -v Warning | tee "$out/seq.log" ;;
+    esac
+done
+[ -f "$out/gpu_tests.txt" ] && cat "$out/gpu_tests.txt"
+exit 0

@@ -140,6 +140,9 @@ def _pick_config(config, group):
     if config is None:
         return first
     c = dict(first, **config)
+    for key in ("block_m", "block_n"):
+        if c[key] < 16 or c[key] & (c[key] - 1):
+            raise LaunchError(f"config {key}={c[key]} must be a power of two >= 16")
     if not _valid(c, group):
         raise LaunchError(f"config block_m={c['block_m']} must be >= the query heads per KV head ({group})")
     return c

@@ -1,0 +1,102 @@
+"""Bad launch arguments of generated sequence modules: a LaunchError naming the problem,
+raised before anything is launched (the output buffer stays untouched)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import attngen
+from attngen.errors import LaunchError
+from attngen.spec import parse_spec
+
+CONFIG = dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
+
+
+def _spec(queries: str) -> Any:
+    return parse_spec({
+        "name": f"launch_{queries}", "heads": {"q": 4, "kv": 2}, "head_dim": 16, "dtype": "fp16",
+        "topology": {"kind": "sequence", "queries": queries},
+        "tensors": {"slopes": {"dims": ["head"], "dtype": "fp32"}},
+        "mask": ["causal"], "score_mod": "score - slopes[head] * abs(q_pos - kv_pos)",
+    })
+
+
+@pytest.fixture(scope="module")
+def prefill() -> Any:
+    return attngen.load(_spec("prefill"))
+
+
+@pytest.fixture(scope="module")
+def decode() -> Any:
+    return attngen.load(_spec("decode"))
+
+
+def _inputs() -> dict[str, Any]:
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    return dict(
+        q=torch.randn(12, 4, 16, dtype=torch.float16),
+        k=torch.randn(12, 2, 16, dtype=torch.float16),
+        v=torch.randn(12, 2, 16, dtype=torch.float16),
+        cu_seqlens_q=cu, cu_seqlens_k=cu.clone(), slopes=torch.rand(4),
+    )
+
+
+BAD_PREFILL: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "q dtype": (lambda a: a.update(q=a["q"].float()), "q must be torch.float16"),
+    "k heads": (lambda a: a.update(k=torch.randn(12, 4, 16, dtype=torch.float16)), "k must be [*, 2, 16]"),
+    "v tokens": (lambda a: a.update(v=a["v"][:7]), "k and v must hold the same tokens"),
+    "q dims": (lambda a: a.update(q=a["q"][:, :, None]), "q must have 3 dims"),
+    "offsets dtype": (lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"].long()), "cu_seqlens_k must be an int32 vector"),
+    "offsets count": (lambda a: a.update(cu_seqlens_k=torch.tensor([0, 12], dtype=torch.int32)), "cu_seqlens_k has 2 entries"),
+    "q longer than kv": (lambda a: a.update(cu_seqlens_k=torch.tensor([0, 3, 12], dtype=torch.int32)), "q_len <= kv_len"),
+    "missing tensor": (lambda a: a.update(slopes=None), "tensor 'slopes' is required"),
+    "tensor shape": (lambda a: a.update(slopes=torch.rand(2)), "tensor 'slopes' must have shape (4,)"),
+    "tensor dtype": (lambda a: a.update(slopes=torch.rand(4, dtype=torch.float64)), "tensor 'slopes' must be torch.float32"),
+    "device": (lambda a: a.update(k=a["k"].to("meta")), "k is on meta"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PREFILL))
+def test_prefill_rejects(prefill: Any, case: str) -> None:
+    args = _inputs()
+    spoil, message = BAD_PREFILL[case]
+    spoil(args)
+    out = torch.full((12, 4, 16), 7.0, dtype=torch.float16)
+    with pytest.raises(LaunchError, match=message.replace("[", r"\[").replace("*", r"\*").replace("(", r"\(").replace(")", r"\)")):
+        prefill.attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("cu_seqlens_q"),
+                          args.pop("cu_seqlens_k"), out=out, config=CONFIG, **args)
+    assert bool((out == 7.0).all()), "nothing may be written before the error"
+
+
+def test_decode_rejects_wrong_batch(decode: Any) -> None:
+    q = torch.randn(3, 4, 16, dtype=torch.float16)
+    k = torch.randn(12, 2, 16, dtype=torch.float16)
+    with pytest.raises(LaunchError, match="cu_seqlens_k has 3 entries; expected batch"):
+        decode.attention(q, k, k.clone(), torch.tensor([0, 5, 12], dtype=torch.int32),
+                         config=CONFIG, slopes=torch.rand(4))
+
+
+def test_bad_config(prefill: Any) -> None:
+    args = _inputs()
+    with pytest.raises(LaunchError, match="block_m=1 must be a power of two"):
+        prefill.attention(args["q"], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"],
+                          config=dict(CONFIG, block_m=1), slopes=args["slopes"])
+
+
+def test_good_call_runs(prefill: Any) -> None:
+    args = _inputs()
+    out = prefill.attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("cu_seqlens_q"),
+                            args.pop("cu_seqlens_k"), config=CONFIG, **args)
+    assert out.shape == (12, 4, 16) and not out.isnan().any()
+
+
+@pytest.mark.parametrize("block", [24, 8])
+def test_block_sizes_must_be_powers_of_two(prefill: Any, block: int) -> None:
+    args = _inputs()
+    with pytest.raises(LaunchError, match=f"block_n={block} must be a power of two"):
+        prefill.attention(args["q"], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"],
+                          config=dict(CONFIG, block_n=block), slopes=args["slopes"])

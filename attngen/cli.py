@@ -229,7 +229,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# plan (tree family; the planner lives in attngen.plan)
+# plan (tree family; the planner lives in attngen.plan, its display in attngen.plan_show)
 
 
 def _ints(text: str) -> list[int]:
@@ -242,6 +242,7 @@ def _ints(text: str) -> list[int]:
 def cmd_plan(args: argparse.Namespace) -> int:
     try:
         from attngen import plan as planner
+        from attngen import plan_show
         from attngen.cost import HeadLayout
     except ImportError:
         raise AttngenError("attngen plan needs the tree planner (attngen.plan), "
@@ -262,11 +263,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     plan = planner.plan_tree(tree, chunk=args.chunk, heads=heads)
     elapsed = time.perf_counter() - started
-    print(planner.describe(plan))
+    print(plan_show.describe(plan))
     print(f"planned in {elapsed * 1e3:.2f} ms (host)")
     if args.dot:
-        Path(args.dot).write_text(planner.to_dot(tree, plan))
-    if args.png and not planner.draw_png(tree, plan, args.png):
+        Path(args.dot).write_text(plan_show.to_dot(tree, plan))
+    if args.png and not plan_show.draw_png(tree, plan, args.png):
         raise AttngenError("--png needs matplotlib: pip install 'attngen[plot]'")
     return EXIT_OK
 

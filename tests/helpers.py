@@ -11,7 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from attngen import reference
 from attngen.check import TOLERANCES, TORCH_DTYPES, Tolerance, compare
+from attngen.peers import Shape
+from attngen.spec import Spec, spec_from_mapping
 
 __all__ = [
     "TOLERANCES",
@@ -99,3 +102,52 @@ def varlen_batch(
         "max_seqlen_q": max(q_lens, default=0),
         "max_seqlen_k": max(kv_lens, default=0),
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Small specs and masks shared by the peer and bench tests (CPU only).
+
+
+def make_spec(mask: object, *, q: int = 4, kv: int = 2, tensors: dict | None = None,
+              queries: str = "prefill", score_mod: str | None = None) -> Spec:
+    data = {"name": "t", "heads": {"q": q, "kv": kv}, "head_dim": 32, "dtype": "fp16",
+            "topology": {"kind": "sequence", "queries": queries}, "mask": mask,
+            "tensors": tensors or {}}
+    if score_mod:
+        data["score_mod"] = score_mod
+    return spec_from_mapping(data)
+
+
+def reference_visible(spec: Spec, shape: Shape, tensors: dict, b: int) -> np.ndarray:
+    """[Hq, q_len, kv_len] from attngen.reference (independent of the peers' evaluator)."""
+    layout = {}
+    for name, t in tensors.items():
+        a = t.numpy()
+        layout[name] = a[b] if "token" in spec.tensors[name].dims else a
+    visible, _ = reference.spec_terms(
+        spec, q_pos=np.arange(shape.q_len) + shape.q_offset, kv_pos=np.arange(shape.kv_len),
+        batch=b, q_len=shape.q_len, kv_len=shape.kv_len, tensors=layout)
+    return np.asarray(visible)
+
+
+MASKS = {
+    "causal": ["causal"],
+    "full": "full",
+    "window": ["causal", {"window": {"left": 5, "right": 0}}],
+    "window_two_sided": {"window": {"left": 3, "right": 2}},
+    "window_sinks": ["causal", {"any": [{"window": 7}, {"sink": 2}]}],
+    "prefix_len": {"prefix_lm": 6},
+    "prefix_tensor": {"prefix_lm": "plen"},
+    "document": ["causal", {"document": "doc"}],
+    "not_sink": ["causal", {"not": {"sink": 3}}],
+    "any_all": {"any": [{"all": ["causal", {"window": 2}]}, {"document": "doc"}]},
+}
+SHAPES = [Shape(3, 13, 13), Shape(2, 5, 17), Shape(2, 1, 11)]
+TENSORS = {"plen": {"dims": ["batch"], "dtype": "int32"}, "doc": {"dims": ["token"], "dtype": "int32"}}
+
+
+def mask_spec(name: str) -> Spec:
+    """The spec of ``MASKS[name]``, declaring the tensors that mask uses."""
+    mask = MASKS[name]
+    used = {n: d for n, d in TENSORS.items() if f"'{n}'" in str(mask)}
+    return make_spec(mask, tensors=used)

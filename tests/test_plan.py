@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,12 +18,9 @@ from attngen.plan import (
     TENSOR_NAMES,
     Plan,
     PlanBuffers,
-    describe,
-    draw_png,
     plan_into,
     plan_tree,
     replan_after_append,
-    to_dot,
 )
 from attngen.tree import QueryMode, TreeBatch
 
@@ -204,18 +200,6 @@ def test_plan_into_fixed_buffers() -> None:
 def test_bad_parameters(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(PlanError, match=message):
         plan_tree(TreeBatch.from_parents([-1], [5]), **kwargs)  # type: ignore[arg-type]
-
-
-def test_describe_dot_png(tmp_path: Path) -> None:
-    tree = TreeBatch.from_parents([-1, 0, 0], [100, 30, 40])
-    plan = plan_tree(tree, chunk=64, queries_per_group=2)
-    text = describe(plan)
-    assert "groups" in text and "IO saved" in text and "group 0: kv [0, 64)" in text
-    dot = to_dot(tree, plan)
-    assert dot.startswith("digraph plan {") and "n0 -> n1;" in dot
-    pytest.importorskip("matplotlib")
-    assert draw_png(tree, plan, str(tmp_path / "plan.png"))
-    assert (tmp_path / "plan.png").stat().st_size > 0
 
 
 def test_cost_reports_io_saved_against_per_branch() -> None:

@@ -1,0 +1,110 @@
+"""Showing a tree plan (:mod:`attngen.plan`) to a person: a text summary
+(:func:`describe`), a Graphviz graph of tree and chunks (:func:`to_dot`) and a picture
+of both over the flattened KV (:func:`draw_png`). ``attngen plan`` prints and writes
+these; nothing here changes a plan.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attngen.plan import Plan
+from attngen.tree import TreeBatch
+
+
+def _popcount(bits: np.ndarray) -> np.ndarray:
+    """Set bits per row of the last two axes."""
+    as_bytes = np.ascontiguousarray(bits).view(np.uint8).reshape(*bits.shape[:-2], -1)
+    return np.unpackbits(as_bytes, axis=-1).sum(axis=-1)
+
+
+def describe(plan: Plan, max_groups: int = 32) -> str:
+    """A text summary: sizes, predicted cost, and one line per group (up to ``max_groups``)."""
+    start, length = plan.group_kv_start.cpu().numpy(), plan.group_kv_len.cpu().numpy()
+    query, full = plan.group_q.cpu().numpy(), plan.group_full.cpu().numpy()
+    visible = _popcount(plan.group_bits.cpu().numpy())
+    lines = [
+        f"plan: chunk {plan.chunk}, {plan.queries_per_group} queries/group, {plan.n_groups} "
+        f"groups, {plan.n_queries} queries, {plan.n_kv} KV tokens, {plan.n_partials} partials",
+        plan.cost.summary(),
+    ]
+    for g in range(min(plan.n_groups, max_groups)):
+        q = query[g][query[g] >= 0].tolist()
+        kind = "full" if full[g] else f"masked ({visible[g]}/{len(q) * length[g]} visible)"
+        lines.append(f"  group {g}: kv [{start[g]}, {start[g] + length[g]}) queries {q} {kind}")
+    if plan.n_groups > max_groups:
+        lines.append(f"  ... {plan.n_groups - max_groups} more groups")
+    return "\n".join(lines)
+
+
+def to_dot(tree: TreeBatch, plan: Plan) -> str:
+    """Graphviz DOT: tree nodes (query nodes doubled), and one box per chunk linked to the
+    nodes whose tokens it holds."""
+    query_nodes = set(tree.query_nodes.tolist())
+    out = ["digraph plan {", "  rankdir=TB; node [fontname=monospace];"]
+    for node in tree.order.tolist():
+        s, t = int(tree.node_kv_start[node]), int(tree.tokens[node])
+        shape = "doubleoctagon" if node in query_nodes else "box"
+        out.append(f'  n{node} [shape={shape} label="n{node}\\n{t} tok\\nkv [{s},{s + t})"];')
+    out += [f"  n{p} -> n{c};" for c, p in enumerate(tree.parent.tolist()) if p >= 0]
+    layout, groups = plan.state.layout, _groups_per_chunk(plan)
+    for c in range(layout.n_chunks):
+        s, n = int(layout.start[c]), int(layout.length[c])
+        out.append(
+            f"  c{c} [shape=note style=filled fillcolor=lightyellow "
+            f'label="chunk {c}\\nkv [{s},{s + n})\\n{groups[c]} group(s)"];'
+        )
+    for c, rank in sorted(
+        set(zip(layout.piece_chunk.tolist(), layout.piece_rank.tolist(), strict=True))
+    ):
+        out.append(f"  c{c} -> n{int(tree.order[rank])} [style=dashed arrowhead=none];")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def draw_png(tree: TreeBatch, plan: Plan, path: str) -> bool:
+    """Draw the tree (nodes as bars over their flattened KV range, one row per depth) above
+    the chunks and their group counts. Returns False, drawing nothing, without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    level = _node_levels(tree)
+    query_nodes = set(tree.query_nodes.tolist())
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(12, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    for node in tree.order.tolist():
+        s, t = int(tree.node_kv_start[node]), max(int(tree.tokens[node]), 1)
+        top.barh(
+            -level[node],
+            t,
+            left=s,
+            height=0.6,
+            color="tab:orange" if node in query_nodes else "tab:blue",
+        )
+    layout, groups = plan.state.layout, _groups_per_chunk(plan)
+    bottom.bar(layout.start, groups, width=layout.length, align="edge", edgecolor="black")
+    top.set_ylabel("depth (nodes)")
+    bottom.set_ylabel("groups")
+    bottom.set_xlabel("flattened KV token")
+    top.set_title(f"chunk {plan.chunk}, QG {plan.queries_per_group}, {plan.n_groups} groups")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _node_levels(tree: TreeBatch) -> np.ndarray:
+    level = np.zeros(tree.n_nodes, dtype=np.int64)
+    for node in tree.order.tolist():
+        p = int(tree.parent[node])
+        level[node] = level[p] + 1 if p >= 0 else 0
+    return level
+
+
+def _groups_per_chunk(plan: Plan) -> np.ndarray:
+    """How many query groups read each chunk."""
+    return np.bincount(plan.state.rows.chunk, minlength=plan.state.layout.n_chunks)

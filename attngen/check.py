@@ -6,6 +6,8 @@ tensors that fit their declared dims, and a launch config with tiles valid for t
 shapes. The output buffer is poisoned with NaN before the launch. O and LSE are compared
 with :func:`attngen.reference.sequence_reference` at the tolerances of
 :data:`TOLERANCES`, the single table of per-dtype tolerances (tests import it from here).
+Tree-family specs (``tree``, ``shared_prefix``) draw random forests instead; their half
+lives in :mod:`attngen.check_tree` and reports through the same :class:`CheckReport`.
 
 Under the Triton interpreter (no CUDA) shapes and tiles are small so a case takes about
 a second, and **bf16 specs are checked through their fp16 twin** (same spec, dtype fp16):
@@ -21,8 +23,8 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -102,6 +104,12 @@ def compare(out: Any, ref: Any) -> Errors:
 # Cases
 
 
+class CaseShape(Protocol):
+    """What a case ran on, as the report prints it (a sequence batch or a tree batch)."""
+
+    def describe(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Shape:
     """One batch: per sequence (q_len, kv_len); decode has q_len 1 for every sequence."""
@@ -157,13 +165,22 @@ def draw_config(
 
 
 def user_tensor(spec: Spec, name: str, shape: Shape, rng: np.random.Generator) -> np.ndarray:
-    """Random values for one declared tensor, in ranges that make its use meaningful:
-    per-token ints are sorted document ids within each sequence; per-batch ints are
-    lengths within the sequence; per-head floats are positive (slopes); other floats
-    are N(0, 0.5²); other ints lie in [0, 8)."""
-    decl = spec.tensors[name]
+    """Random values for one declared tensor of a sequence batch (see :func:`tensor_values`)."""
     kv_lens = [kv for _, kv in shape.lengths]
-    sizes = {"head": spec.heads.q, "batch": shape.batch, "token": sum(kv_lens)}
+    return tensor_values(spec, name, kv_lens, rng)
+
+
+def tensor_values(
+    spec: Spec, name: str, kv_lens: Sequence[int], rng: np.random.Generator
+) -> np.ndarray:
+    """Random values for one declared tensor, in ranges that make its use meaningful.
+
+    ``kv_lens`` holds one KV length per batch entry (a sequence, or a tree's depth).
+    Per-token ints are sorted document ids within each sequence; per-batch ints are
+    lengths within the entry; per-head floats are positive (slopes); other floats are
+    N(0, 0.5²); other ints lie in [0, 8)."""
+    decl = spec.tensors[name]
+    sizes = {"head": spec.heads.q, "batch": len(kv_lens), "token": sum(kv_lens)}
     dims = tuple(sizes[d] if isinstance(d, str) else d for d in decl.dims)
     if decl.is_float:
         if decl.dims == ("head",):
@@ -272,7 +289,7 @@ def poisoned_out(spec: Spec, inputs: Inputs) -> Any:
 @dataclass(frozen=True, slots=True)
 class CaseResult:
     index: int
-    shape: Shape
+    shape: CaseShape
     dtype: str
     config: dict[str, int] | None
     seed: int
@@ -324,6 +341,28 @@ class CheckReport:
         return "\n".join(lines)
 
 
+#: What one case produces: kernel O and LSE, reference O and LSE.
+Outputs = tuple[Any, Any, Any, Any]
+
+
+def judge(base: CaseResult, spec: Spec, attempt: Callable[[], Outputs]) -> CaseResult:
+    """Run ``attempt`` (launch, then reference) and compare at the spec dtype's tolerance;
+    every exception is reported as a failed case."""
+    started = time.perf_counter()
+    try:
+        got, lse, ref_o, ref_lse = attempt()
+        o_err, lse_err = compare(got, ref_o), compare(lse, ref_lse)
+    except Exception as err:  # report, do not stop the run
+        return replace(
+            base, error=f"{type(err).__name__}: {err}", seconds=time.perf_counter() - started
+        )
+    tol = TOLERANCES[spec.dtype]
+    passed = o_err.within(tol.out_rel, tol.out_abs) and lse_err.within(tol.lse_rel, tol.lse_abs)
+    return replace(
+        base, out=o_err, lse=lse_err, passed=passed, seconds=time.perf_counter() - started
+    )
+
+
 def check_case(
     module: Any,
     spec: Spec,
@@ -334,10 +373,9 @@ def check_case(
     device: str,
     config: dict[str, int] | None,
 ) -> CaseResult:
-    """Run one case and compare it; every exception is reported as a failed case."""
-    started = time.perf_counter()
-    base = CaseResult(index=index, shape=shape, dtype=spec.dtype, config=config, seed=seed)
-    try:
+    """Run one sequence case and compare it with :func:`sequence_reference`."""
+
+    def attempt() -> Outputs:
         inputs = make_inputs(spec, shape, seed=seed, device=device)
         out = poisoned_out(spec, inputs)
         got, lse = launch(module, inputs, out=out, config=config)
@@ -352,22 +390,10 @@ def check_case(
             inputs.cu_seqlens_k,
             inputs.tensors,
         )
-        o_err, lse_err = compare(got, ref_o), compare(lse, ref_lse)
-    except Exception as err:  # report, do not stop the run
-        return _replace(
-            base, error=f"{type(err).__name__}: {err}", seconds=time.perf_counter() - started
-        )
-    tol = TOLERANCES[spec.dtype]
-    passed = o_err.within(tol.out_rel, tol.out_abs) and lse_err.within(tol.lse_rel, tol.lse_abs)
-    return _replace(
-        base, out=o_err, lse=lse_err, passed=passed, seconds=time.perf_counter() - started
-    )
+        return got, lse, ref_o, ref_lse
 
-
-def _replace(case: CaseResult, **changes: Any) -> CaseResult:
-    from dataclasses import replace
-
-    return replace(case, **changes)
+    base = CaseResult(index=index, shape=shape, dtype=spec.dtype, config=config, seed=seed)
+    return judge(base, spec, attempt)
 
 
 def _ensure_interpreter(device: str) -> None:
@@ -395,6 +421,22 @@ def checked_spec(spec: Spec, device: str) -> tuple[Spec, list[str]]:
     return spec, []
 
 
+class DrawCase(Protocol):
+    """One family's case: draw from ``rng`` (in a fixed order, so a seed reproduces it),
+    then run and judge case ``index`` of ``module``."""
+
+    def __call__(
+        self,
+        module: Any,
+        spec: Spec,
+        rng: random.Random,
+        *,
+        index: int,
+        device: str,
+        interpreter: bool,
+    ) -> CaseResult: ...
+
+
 def check_spec(
     spec: Spec,
     *,
@@ -407,7 +449,9 @@ def check_spec(
 
     ``device`` "cuda" runs the real kernel; anything else runs it under the Triton
     interpreter with small shapes and tiles. ``progress(done, total, case)`` is called
-    after each case. The same ``seed`` reproduces the same cases.
+    after each case. The same ``seed`` reproduces the same cases. Sequence specs draw
+    packed batches (:func:`sequence_case`); tree-family specs draw forests
+    (:func:`attngen.check_tree.tree_case`).
     """
     _ensure_interpreter(device)
     from attngen import runtime
@@ -416,28 +460,44 @@ def check_spec(
     run_spec, notes = checked_spec(spec, device)
     interpreter = not device.startswith("cuda")
     module = runtime.load(run_spec)
+    draw_case = _case_family(spec)
     rng = random.Random(seed)
-    decode = spec.topology.queries == "decode"
-    max_len, max_batch = (40, 3) if interpreter else (700, 6)
     report = CheckReport(spec.name, device, run_spec.dtype, seed, notes=notes)
     for index in range(examples):
-        shape = _edge_shape(index, decode) or draw_shape(
-            rng, decode=decode, max_len=max_len, max_batch=max_batch
-        )
-        config = draw_config(rng, run_spec, shape, interpreter=interpreter)
-        case = check_case(
-            module,
-            run_spec,
-            shape,
-            index=index,
-            seed=rng.randrange(2**31),
-            device=device,
-            config=config,
-        )
+        case = draw_case(module, run_spec, rng, index=index, device=device, interpreter=interpreter)
         report.cases.append(case)
         if progress is not None:
             progress(index + 1, examples, case)
     return report
+
+
+def _case_family(spec: Spec) -> DrawCase:
+    if spec.topology.kind == "sequence":
+        return sequence_case
+    from attngen.check_tree import tree_case  # the tree half imports this module
+
+    return tree_case
+
+
+def sequence_case(
+    module: Any, spec: Spec, rng: random.Random, *, index: int, device: str, interpreter: bool
+) -> CaseResult:
+    """Case ``index`` of a sequence spec: a fixed edge batch first, then random ones."""
+    decode = spec.topology.queries == "decode"
+    max_len, max_batch = (40, 3) if interpreter else (700, 6)
+    shape = _edge_shape(index, decode) or draw_shape(
+        rng, decode=decode, max_len=max_len, max_batch=max_batch
+    )
+    config = draw_config(rng, spec, shape, interpreter=interpreter)
+    return check_case(
+        module,
+        spec,
+        shape,
+        index=index,
+        seed=rng.randrange(2**31),
+        device=device,
+        config=config,
+    )
 
 
 def _edge_shape(index: int, decode: bool) -> Shape | None:

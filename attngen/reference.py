@@ -31,6 +31,7 @@ import numpy as np
 import sympy as sp
 
 from attngen.spec import Spec
+from attngen.tree import TreeBatch
 
 Array = np.ndarray
 ScoreMod = Callable[[Array], Array]
@@ -413,6 +414,51 @@ def sequence_reference(
             score_mod=score_mod,
         )
         out[q0:q1], lse[q0:q1] = o_b, lse_b
+    return torch.from_numpy(out), torch.from_numpy(lse)
+
+
+# ---------------------------------------------------------------------------------------
+# Tree topology
+
+
+def tree_reference(
+    spec: Spec,
+    tree: TreeBatch,
+    q: Any,
+    k: Any,
+    v: Any,
+    tensors: Mapping[str, Any] | None = None,
+) -> tuple[Any, Any]:
+    """O and LSE of a tree-family spec (``tree`` / ``shared_prefix``), in float64.
+
+    q [n_queries, Hq, Dqk] in query-id order; k/v [n_kv, Hkv, D] the *logical* flattened
+    tree KV (preorder; a paged caller gathers it through its page table first). A query
+    sees the tokens of :meth:`TreeBatch.visible_matrix` (its ancestors, and its own node
+    up to itself) AND the spec's mask evaluated with the tree bindings of
+    :mod:`attngen.tree_ir`: ``q_pos`` / ``kv_pos`` are tree positions, ``batch`` is the
+    query's tree, ``q_len`` = 1 and ``kv_len`` = q_pos + 1. ``batch``-dim tensors hold one
+    entry per tree. Returns O [n_queries, Hq, Dv] and LSE [n_queries, Hq] (torch, CPU).
+    """
+    torch = _torch()
+    q_pos = np.asarray(tree.q_pos, dtype=np.int64)
+    own, score_mod = spec_terms(
+        spec,
+        q_pos=q_pos,
+        kv_pos=np.asarray(tree.kv_pos),
+        batch=np.asarray(tree.q_tree),
+        q_len=1,
+        kv_len=q_pos + 1,
+        tensors=_tensor_arrays(spec, tensors or {}),
+    )
+    visible = tree.visible_matrix()[None] & own
+    out, lse = attend(
+        to_numpy(q),
+        to_numpy(k),
+        to_numpy(v),
+        scale=spec.softmax_scale,
+        visible=visible,
+        score_mod=score_mod,
+    )
     return torch.from_numpy(out), torch.from_numpy(lse)
 
 

@@ -1,8 +1,9 @@
 """Tree-family kernels (templates/tree.py.j2) against the float64 reference.
 
-Each query's visible tokens come from :meth:`TreeBatch.visible_matrix` (ancestors and
-the query's own node up to itself), ANDed with the spec's own mask evaluated at tree
-positions, and attended densely in float64 by :func:`attngen.reference.attend`.
+The reference is :func:`attngen.reference.tree_reference`: each query's visible tokens
+come from :meth:`TreeBatch.visible_matrix` (ancestors and the query's own node up to
+itself), ANDed with the spec's own mask evaluated at tree positions, attended densely in
+float64.
 The interpreter class runs tiny fp16/fp32 shapes on the CPU; the GPU class is the same
 cases in bf16 with head_dim 128 and the issue's head layouts.
 """
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 
 from attngen.errors import LaunchError, SpecError
 from attngen.plan import PlanBuffers, plan_into, plan_tree
-from attngen.reference import attend, spec_terms
+from attngen.reference import tree_reference
 from attngen.runtime import load
 from attngen.spec import Spec, parse_spec
 from attngen.tree import TreeBatch, make_page_table, physical_slots
@@ -67,33 +68,6 @@ def tree_spec(
 
 # ---------------------------------------------------------------------------------------
 # Reference and launch helpers
-
-
-def tree_reference(
-    spec: Spec,
-    tree: TreeBatch,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    tensors: dict[str, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 O and LSE: each query's ancestor KV (visible_matrix) AND the spec's mask
-    at tree positions (batch = tree, q_len = 1, kv_len = q_pos + 1)."""
-    arrays = {n: t.detach().cpu().numpy() for n, t in (tensors or {}).items()}
-    q_pos = np.asarray(tree.q_pos)
-    own, score_mod = spec_terms(
-        spec,
-        q_pos=q_pos,
-        kv_pos=np.asarray(tree.kv_pos),
-        batch=np.asarray(tree.q_tree),
-        q_len=1,
-        kv_len=q_pos + 1,
-        tensors=arrays,
-    )
-    visible = tree.visible_matrix()[None] & own
-    as64 = [x.detach().cpu().double().numpy() for x in (q, k, v)]
-    o, lse = attend(*as64, scale=spec.softmax_scale, visible=visible, score_mod=score_mod)
-    return torch.from_numpy(o), torch.from_numpy(lse)
 
 
 @dataclass

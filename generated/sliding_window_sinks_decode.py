@@ -5,7 +5,6 @@
 
 Decode with a 4096-token sliding window plus 4 attention sinks (StreamingLLM), Llama-3-8B heads.
 """
-import math
 import os
 
 import torch
@@ -57,7 +56,6 @@ CONFIGS = [
     dict(block_m=16, block_n=64, num_warps=4, num_stages=2),
 ]
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_LN2 = math.log(2.0)
 
 
 @triton.jit
@@ -107,10 +105,6 @@ def _bucket(n):
     return max(1, int(n)).bit_length()
 
 
-def _valid(c, group):
-    return c["block_m"] >= group
-
-
 def _kv_descriptors(k, v, block_n):
     """Tensor-memory-engine descriptors over K and V seen as [tokens, heads * dim], for
     the fully visible tiles (Hopper and newer, and the interpreter); otherwise the
@@ -132,6 +126,10 @@ def _set_block_shapes(nargs):
     if nargs.get("USE_TMA"):
         nargs["K_desc"].block_shape = [nargs["BLOCK_N"], HEAD_DIM_QK]
         nargs["V_desc"].block_shape = [nargs["BLOCK_N"], HEAD_DIM_V]
+
+
+def _valid(c, group):
+    return c["block_m"] >= group
 
 
 def _pick_config(config, group):

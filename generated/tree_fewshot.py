@@ -108,10 +108,6 @@ def _bucket(n):
     return max(1, int(n)).bit_length()
 
 
-def _valid(c, group):
-    return c["block_m"] >= group
-
-
 def _kv_descriptors(k, v, block_n):
     """Tensor-memory-engine descriptors over K and V seen as [tokens, heads * dim], for
     the fully visible tiles (Hopper and newer, and the interpreter); otherwise the
@@ -133,20 +129,6 @@ def _set_block_shapes(nargs):
     if nargs.get("USE_TMA"):
         nargs["K_desc"].block_shape = [nargs["BLOCK_N"], HEAD_DIM_QK]
         nargs["V_desc"].block_shape = [nargs["BLOCK_N"], HEAD_DIM_V]
-
-
-def _pick_config(config, group):
-    """The config to use without autotuning: the caller's, or the first valid candidate."""
-    first = next(c for c in CONFIGS if _valid(c, group))
-    if config is None:
-        return first
-    c = dict(first, **config)
-    for key in ("block_m", "block_n"):
-        if c[key] < 16 or c[key] & (c[key] - 1):
-            raise LaunchError(f"config {key}={c[key]} must be a power of two >= 16")
-    if not _valid(c, group):
-        raise LaunchError(f"config block_m={c['block_m']} must be >= the query heads per KV head ({group})")
-    return c
 
 
 @triton.jit

@@ -82,14 +82,14 @@ class TestKernelsInterpreter(KernelProperties):
     max_len = 40
     max_batch = 3
 
-    @settings(max_examples=60, **SETTINGS)  # type: ignore[arg-type]
+    @settings(max_examples=150, **SETTINGS)  # type: ignore[arg-type]
     @given(
         case=spec_cases(dtypes=dtypes, queries=("prefill",), head_dims=head_dims), data=st.data()
     )
     def test_prefill_matches_reference(self, case: SpecCase, data: st.DataObject) -> None:
         self.check(case, data)
 
-    @settings(max_examples=50, **SETTINGS)  # type: ignore[arg-type]
+    @settings(max_examples=120, **SETTINGS)  # type: ignore[arg-type]
     @given(case=spec_cases(dtypes=dtypes, queries=("decode",), head_dims=head_dims), data=st.data())
     def test_decode_matches_reference(self, case: SpecCase, data: st.DataObject) -> None:
         self.check(case, data)

@@ -293,7 +293,7 @@ def _flex_one(
     return o[0].transpose(0, 1), aux.lse[0].transpose(0, 1)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=spec_cases(head_dims=(16, 32)), data=st.data())
 def test_matches_flex_attention(case: SpecCase, data: st.DataObject) -> None:
     shape = data.draw(shapes(decode=case.spec.topology.queries == "decode", max_len=24))

@@ -160,7 +160,7 @@ def trees(draw: st.DrawFn, max_nodes: int = 10) -> TreeBatch:
 
 
 FAST = settings(
-    max_examples=40,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

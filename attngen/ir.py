@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sympy as sp
@@ -205,7 +206,7 @@ def _clamp(index: str, size: str) -> str:
     return f"tl.maximum(tl.minimum({index}, {size} - 1), 0)"
 
 
-def make_tensor_load(spec: Spec, heads_q: int):
+def make_tensor_load(spec: Spec, heads_q: int) -> Callable[[str, list[str]], str]:
     """The printer hook that turns ``name[i, j]`` into a clamped Triton load."""
     decls: dict[str, TensorDecl] = spec.tensors
 
@@ -241,12 +242,13 @@ def full_visibility(spec: Spec) -> sp.Basic:
     return sp.And(semantics.visibility(spec), sp.Lt(kv_pos, kv_len), sp.Ge(kv_pos, 0))
 
 
-def _finite(bound: sp.Expr, *, neg: sp.Expr | int, pos: sp.Expr) -> sp.Expr:
-    """Replace a top-level infinite bound by the sequence bound it stands for."""
+def _finite(bound: sp.Expr) -> sp.Expr:
+    """A top-level infinite bound replaced by the sequence bound it stands for
+    (analysis returns +-oo only as a whole value, never inside an expression)."""
     if bound == -sp.oo:
-        return sp.Integer(neg)
+        return sp.Integer(0)
     if bound == sp.oo:
-        return pos
+        return kv_len
     return bound
 
 
@@ -295,7 +297,7 @@ def lower(spec: Spec) -> KernelIR:
                         given=spec.topology.kind, allowed="sequence")
     family = "decode" if spec.topology.queries == "decode" else "prefill"
     group = spec.heads.group
-    decode_rows = max(16, 1 << (group - 1).bit_length())
+    decode_rows = max(16, pow2(group))  # query heads of a KV head, as tl.dot rows
     load = make_tensor_load(spec, spec.heads.q)
 
     def element(expr: sp.Basic) -> str:
@@ -307,10 +309,10 @@ def lower(spec: Spec) -> KernelIR:
     pred = full_visibility(spec)
     tiles = analysis.analyse(pred)
     # clamp the hull into the sequence and the fully visible run into the hull
-    kv_lo = sp.Max(_finite(tiles.kv_lo, neg=0, pos=kv_len), 0)
-    kv_hi = sp.Min(_finite(tiles.kv_hi, neg=0, pos=kv_len), kv_len)
-    full_lo = sp.Max(_finite(tiles.full_lo, neg=0, pos=kv_len), kv_lo)
-    full_hi = sp.Min(_finite(tiles.full_hi, neg=0, pos=kv_len), kv_hi)
+    kv_lo = sp.Max(_finite(tiles.kv_lo), 0)
+    kv_hi = sp.Min(_finite(tiles.kv_hi), kv_len)
+    full_lo = sp.Max(_finite(tiles.full_lo), kv_lo)
+    full_hi = sp.Min(_finite(tiles.full_hi), kv_hi)
     ir = KernelIR(
         **module_fields(spec),  # type: ignore[arg-type]
         family=family,

@@ -21,7 +21,7 @@ from typing import Any
 import sympy as sp
 
 from attngen import semantics, symbols
-from attngen.spec import (
+from attngen.masks import (
     AllOf,
     AnyOf,
     Causal,
@@ -32,9 +32,9 @@ from attngen.spec import (
     NotRule,
     PrefixLM,
     Sink,
-    Spec,
     Window,
 )
+from attngen.spec import Spec
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from functools import lru_cache
 import sympy as sp
 
 from attngen import expr, symbols
-from attngen.spec import (
+from attngen.masks import (
     AllOf,
     AnyOf,
     Causal,
@@ -22,9 +22,9 @@ from attngen.spec import (
     NotRule,
     PrefixLM,
     Sink,
-    Spec,
     Window,
 )
+from attngen.spec import Spec
 from attngen.symbols import batch, kv_pos, q_pos
 
 RESERVED_NAMES = frozenset(symbols.SCORE_SYMBOLS) | frozenset(expr.FUNCTIONS)

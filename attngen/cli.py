@@ -108,19 +108,12 @@ def _default_device() -> str:
 
 
 def tile_classification(spec: Spec) -> list[str]:
-    """Lines describing the symbolic tile analysis of the spec's mask within the
-    sequence bounds (``kv_pos < kv_len``)."""
-    import sympy as sp
+    """Lines describing the symbolic tile analysis the sequence lowering uses: the
+    spec's mask within the sequence bounds."""
+    from attngen import analysis
+    from attngen.ir import full_visibility
 
-    from attngen import semantics
-    from attngen.symbols import kv_len, kv_pos
-
-    try:
-        from attngen import analysis
-    except ImportError:
-        return ["tile analysis: unavailable (attngen.analysis is not installed)"]
-    predicate = sp.And(semantics.visibility(spec), sp.Lt(kv_pos, kv_len))
-    result = analysis.analyse(predicate)
+    result = analysis.analyse(full_visibility(spec))
     meaning = {
         "all_visible": "every pair visible: the mask is skipped",
         "none_visible": "no pair visible: the tile is skipped",
@@ -130,10 +123,19 @@ def tile_classification(spec: Spec) -> list[str]:
         "full_hi": "... and end before",
         "exact": "every atom affine (False: some decided only at run time)",
     }
-    lines = [f"  {name}: {getattr(result, name)}    # {doc}"
-             for name, doc in meaning.items() if hasattr(result, name)]
-    return ["tile analysis of visibility & kv_pos < kv_len, for a query tile [q_lo, q_hi] "
+    lines = [f"  {name}: {getattr(result, name)}    # {doc}" for name, doc in meaning.items()]
+    return ["tile analysis of visibility & 0 <= kv_pos < kv_len, for a query tile [q_lo, q_hi] "
             "and a KV tile [k_lo, k_hi]:", *lines]
+
+
+def tree_visibility(spec: Spec) -> list[str]:
+    """What decides visibility in the tree kernels."""
+    return [
+        "tree visibility: a query sees its node's tokens up to itself and every ancestor's "
+        "tokens; the run-time plan carries this as per-(group, query) bits "
+        "(`attngen plan` shows one)",
+        "positions: q_pos / kv_pos are depths on the root path; batch is the tree",
+    ]
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -148,7 +150,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"visibility: {semantics.visibility(spec)}")
     if spec.score_mod is not None:
         print(f"score: {semantics.score(spec)}")
-    for line in tile_classification(spec):
+    lines = tile_classification(spec) if spec.topology.kind == "sequence" else tree_visibility(spec)
+    for line in lines:
         print(line)
     return EXIT_OK
 

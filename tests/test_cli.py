@@ -107,6 +107,13 @@ def test_show_prints_canonical_spec_hash_and_tiles(capsys: pytest.CaptureFixture
         assert f"{field}:" in out
 
 
+def test_show_of_a_tree_spec_explains_tree_visibility(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "show", str(ROOT / "specs" / "tree_speculative.yaml"))
+    assert code == 0, err
+    assert "tree visibility:" in out and "attngen plan" in out
+    assert "all_visible" not in out  # the sequence tile analysis does not apply to trees
+
+
 def test_schema_is_json_with_mask_rules(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "schema")
     assert code == 0

@@ -127,9 +127,12 @@ class _Pairs:
     span_starts: np.ndarray  # first span of each pair
 
 
-def _pairs(tree: TreeBatch, layout: _Chunking, piece_mask: np.ndarray | None = None) -> _Pairs:
-    """Every (chunk, query) pair with a visible token; a query sees a piece iff the
-    piece's node is an ancestor-or-self of the query's node (a preorder-range test)."""
+def _piece_queries(
+    tree: TreeBatch, layout: _Chunking, piece_mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(piece, query, visible tokens) for every piece a query sees a token of; a query
+    sees a piece iff the piece's node is an ancestor-or-self of the query's node (a
+    preorder-range test)."""
     q_rank = tree.pre_rank[tree.query_node]
     by_rank = np.argsort(q_rank, kind="stable")
     sorted_rank = q_rank[by_rank]
@@ -148,7 +151,52 @@ def _pairs(tree: TreeBatch, layout: _Chunking, piece_mask: np.ndarray | None = N
     own_visible = np.clip(tree.query_own_len[query] - layout.piece_offset[pp], 0, visible)
     visible = np.where(own, own_visible, visible)
     keep = visible > 0
-    pp, query, visible = pp[keep], query[keep], visible[keep]
+    return pp[keep], query[keep], visible[keep]
+
+
+@dataclass(frozen=True, slots=True)
+class _PairCounts:
+    """What the cost model needs of the (chunk, query) pairs: their number, how many
+    queries see each chunk and how many chunks each query sees."""
+
+    per_chunk: np.ndarray
+    per_query: np.ndarray
+
+    @property
+    def total(self) -> int:
+        return int(self.per_chunk.sum())
+
+
+#: Above this many (chunk, query) cells, pair counts come from sorting, not a dense table.
+DENSE_PAIR_CELLS = 1 << 22
+
+
+def _pair_counts(
+    tree: TreeBatch, layout: _Chunking, expanded: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> _PairCounts:
+    """Pair counts without building the pairs (no sort): the cheap path used to compare
+    candidate chunk sizes; only the chosen one builds its pairs."""
+    pp, query, _ = expanded
+    n_chunks, n_queries = layout.n_chunks, max(tree.n_queries, 1)
+    if n_chunks * n_queries > DENSE_PAIR_CELLS:
+        pairs = _pairs(tree, layout, expanded=expanded)
+        return _PairCounts(np.bincount(pairs.chunk, minlength=layout.n_chunks),
+                           np.bincount(pairs.query, minlength=tree.n_queries))
+    seen = np.zeros((n_chunks, n_queries), dtype=bool)
+    seen[layout.piece_chunk[pp], query] = True
+    return _PairCounts(seen.sum(axis=1), seen.sum(axis=0)[: tree.n_queries])
+
+
+def _pairs(
+    tree: TreeBatch,
+    layout: _Chunking,
+    piece_mask: np.ndarray | None = None,
+    *,
+    expanded: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> _Pairs:
+    """Every (chunk, query) pair with a visible token, sorted by (chunk, query);
+    ``expanded`` reuses :func:`_piece_queries` already computed for ``layout``."""
+    pp, query, visible = expanded if expanded is not None else _piece_queries(tree, layout, piece_mask)
     key = layout.piece_chunk[pp] * max(tree.n_queries, 1) + query
     by_key = np.argsort(key, kind="stable")
     key, pp, query, visible = key[by_key], pp[by_key], query[by_key], visible[by_key]
@@ -240,24 +288,22 @@ def _rows(pairs: _Pairs, layout: _Chunking, qg: int) -> _Rows:
 @dataclass(frozen=True, slots=True)
 class _Candidate:
     layout: _Chunking
-    pairs: _Pairs
+    expanded: tuple[np.ndarray, np.ndarray, np.ndarray]  # _piece_queries of the layout
     qg: int
     time_s: float
 
 
-def _stats(tree: TreeBatch, layout: _Chunking, pairs: _Pairs, qg: np.ndarray | int) -> PlanStats:
+def _stats(tree: TreeBatch, layout: _Chunking, counts: _PairCounts, qg: np.ndarray | int) -> PlanStats:
     """Plan quantities for one chunking and one or many QG values (vectorized over QG)."""
-    per_chunk = np.bincount(pairs.chunk, minlength=layout.n_chunks)
     qg_arr = np.atleast_1d(np.asarray(qg, dtype=np.int64))
-    groups = -(-per_chunk[None, :] // qg_arr[:, None])
-    partials_per_query = np.bincount(pairs.query, minlength=tree.n_queries)
-    launches = 1 if partials_per_query.max(initial=0) <= 1 else 2
+    groups = -(-counts.per_chunk[None, :] // qg_arr[:, None])
+    launches = 1 if counts.per_query.max(initial=0) <= 1 else 2
     return PlanStats(
         chunk=layout.chunk,
         queries_per_group=qg_arr,
         groups=groups.sum(axis=1),
         tokens_read=(groups * layout.length[None, :]).sum(axis=1),
-        partials=len(pairs.chunk),
+        partials=counts.total,
         queries=tree.n_queries,
         launches=launches,
         branch_tokens=int(tree.query_visible_counts.sum()),
@@ -266,10 +312,10 @@ def _stats(tree: TreeBatch, layout: _Chunking, pairs: _Pairs, qg: np.ndarray | i
 
 
 def _best_qg(
-    tree: TreeBatch, layout: _Chunking, pairs: _Pairs, heads: HeadLayout, machine: Machine
+    tree: TreeBatch, layout: _Chunking, counts: _PairCounts, heads: HeadLayout, machine: Machine
 ) -> tuple[int, float]:
     choices = np.asarray(heads.queries_per_group_choices(), dtype=np.int64)
-    times = evaluate("time_s", _stats(tree, layout, pairs, choices), heads, machine)
+    times = evaluate("time_s", _stats(tree, layout, counts, choices), heads, machine)
     best = int(np.argmin(times))  # first minimum: the smallest QG among ties
     return int(choices[best]), float(times[best])
 
@@ -278,21 +324,27 @@ def _candidate(
     tree: TreeBatch, chunk: int, qg: int | None, heads: HeadLayout, machine: Machine
 ) -> _Candidate:
     layout = _chunk_layout(tree, chunk)
-    pairs = _pairs(tree, layout)
+    expanded = _piece_queries(tree, layout)
+    counts = _pair_counts(tree, layout, expanded)
     if qg is not None:
-        t = float(evaluate("time_s", _stats(tree, layout, pairs, qg), heads, machine)[0])
-        return _Candidate(layout, pairs, qg, t)
-    return _Candidate(layout, pairs, *_best_qg(tree, layout, pairs, heads, machine))
+        t = float(evaluate("time_s", _stats(tree, layout, counts, qg), heads, machine)[0])
+        return _Candidate(layout, expanded, qg, t)
+    return _Candidate(layout, expanded, *_best_qg(tree, layout, counts, heads, machine))
 
 
 def _choose(
     tree: TreeBatch, chunk: int | None, qg: int | None, heads: HeadLayout, machine: Machine
-) -> _Candidate:
-    """The candidate of least predicted time (ties: the earliest chunk, then smallest QG)."""
+) -> tuple[_Chunking, int, _Pairs]:
+    """The chunking and QG of least predicted time (ties: the earliest chunk, then the
+    smallest QG), with its pairs. Both given: nothing to compare, nothing evaluated."""
     _check_params(chunk, qg, heads)
+    if chunk is not None and qg is not None:
+        layout = _chunk_layout(tree, chunk)
+        return layout, qg, _pairs(tree, layout)
     chunks = CHUNK_CHOICES if chunk is None else (chunk,)
     candidates = [_candidate(tree, c, qg, heads, machine) for c in chunks]
-    return min(candidates, key=lambda c: c.time_s)
+    best = min(candidates, key=lambda c: c.time_s)
+    return best.layout, best.qg, _pairs(tree, best.layout, expanded=best.expanded)
 
 
 def _check_params(chunk: int | None, qg: int | None, heads: HeadLayout) -> None:
@@ -446,9 +498,9 @@ def plan_tree(
     """Plan ``tree``; ``chunk`` and ``queries_per_group`` default to the cost model's choice
     among :data:`CHUNK_CHOICES` and the powers of two that fit ``heads.max_rows``."""
     heads, machine = heads or HeadLayout(), machine or Machine()
-    best = _choose(tree, chunk, queries_per_group, heads, machine)
-    rows = _rows(best.pairs, best.layout, best.qg)
-    return _make_plan(tree, best.layout, rows, best.qg, heads, machine, device)
+    layout, qg, pairs = _choose(tree, chunk, queries_per_group, heads, machine)
+    rows = _rows(pairs, layout, qg)
+    return _make_plan(tree, layout, rows, qg, heads, machine, device)
 
 
 def replan_after_append(plan: Plan, tree: TreeBatch, device: torch.device | str = "cpu") -> Plan:
@@ -575,8 +627,8 @@ def plan_into(
     there. A plan that does not fit raises PlanError before anything is written.
     """
     heads, machine = heads or HeadLayout(), machine or Machine()
-    best = _choose(tree, buffers.chunk, buffers.queries_per_group, heads, machine)
-    host = _host_arrays(tree, best.layout, _rows(best.pairs, best.layout, best.qg))
+    layout, qg, pairs = _choose(tree, buffers.chunk, buffers.queries_per_group, heads, machine)
+    host = _host_arrays(tree, layout, _rows(pairs, layout, qg))
     used = PlanSizes(len(host["group_kv_start"]), tree.n_queries, tree.n_kv, len(host["merge_src"]))
     _check_capacity(used, buffers.capacity())
     for name, values in host.items():

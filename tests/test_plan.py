@@ -235,3 +235,23 @@ def test_planning_time_256_nodes_256_queries() -> None:
     )
     assert fixed < 5.0
     assert step < 5.0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=tree_batches(), chunk=st.sampled_from([32, 64, 128, 512]), dense=st.booleans())
+def test_pair_counts_agree_with_the_pairs(tree: TreeBatch, chunk: int, dense: bool) -> None:
+    """The cheap counts that rank candidate chunk sizes are the pairs' own counts, on
+    both the dense-table and the sorting path."""
+    from attngen import plan
+
+    saved = plan.DENSE_PAIR_CELLS
+    plan.DENSE_PAIR_CELLS = saved if dense else 0
+    try:
+        layout = plan._chunk_layout(tree, chunk)
+        counts = plan._pair_counts(tree, layout, plan._piece_queries(tree, layout))
+    finally:
+        plan.DENSE_PAIR_CELLS = saved
+    pairs = plan._pairs(tree, layout)
+    assert counts.total == len(pairs.chunk)
+    np.testing.assert_array_equal(counts.per_chunk, np.bincount(pairs.chunk, minlength=layout.n_chunks))
+    np.testing.assert_array_equal(counts.per_query, np.bincount(pairs.query, minlength=tree.n_queries))

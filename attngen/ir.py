@@ -181,7 +181,6 @@ class KernelIR(ModuleIR):
     full_lo_code: str
     full_hi_code: str
     may_see_code: str
-    exact_tiles: bool
 
     @property
     def ctx_params(self) -> str:
@@ -325,7 +324,6 @@ def lower(spec: Spec) -> KernelIR:
         full_lo_code=tile(full_lo),
         full_hi_code=tile(full_hi),
         may_see_code=tile(sp.Not(tiles.none_visible)),
-        exact_tiles=tiles.exact,
     )
     verify(ir, spec)
     return ir

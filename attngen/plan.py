@@ -256,11 +256,6 @@ class _Rows:
         )
 
 
-def _group_counts(pairs: _Pairs, n_chunks: int, qg: int) -> np.ndarray:
-    """Groups per chunk: ceil(queries of the chunk / QG)."""
-    return -(-np.bincount(pairs.chunk, minlength=n_chunks) // qg)
-
-
 def _rows(pairs: _Pairs, layout: _Chunking, qg: int) -> _Rows:
     """Split each chunk's queries (ascending id) into groups of at most ``qg``."""
     per_chunk = np.bincount(pairs.chunk, minlength=layout.n_chunks)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from attngen.bench import measure_rates
+from attngen.errors import AttngenError
 from attngen.plan import plan_tree
 from attngen.progress import Progress
 from attngen.spec import Spec, parse_spec
@@ -109,8 +110,35 @@ def _planning_ms(workload: Workload, heads: Any) -> tuple[float, float | None]:
     return statistics.median(times) * 1e3, replan
 
 
-def bench_workload(name: str, layout: str, bandwidth: float, matmul_rate: float, *,
+def layout_name(spec: Spec) -> str:
+    if spec.heads.kv == spec.heads.q:
+        return "mha"
+    return "mqa" if spec.heads.kv == 1 else "gqa"
+
+
+def check_benchable(spec: Spec) -> None:
+    """The peers express tree visibility only: a tree spec is benchmarked as it is when
+    its own mask adds nothing, its score is plain and its KV is contiguous."""
+    from attngen.masks import Full
+
+    if spec.topology.kind == "sequence":
+        raise AttngenError(f"{spec.name}: bench_tree takes tree specs; use 'attngen bench' for sequences")
+    if not isinstance(spec.mask, Full) or spec.score_mod is not None:
+        raise AttngenError(f"{spec.name}: the tree benchmark compares with peers that know only tree "
+                           "visibility; it supports mask: full and no score_mod")
+    if spec.topology.kv_layout != "contiguous":
+        raise AttngenError(f"{spec.name}: the tree benchmark uses a contiguous KV cache; paged specs "
+                           "are checked ('attngen check'), not benchmarked")
+
+
+def workloads_for(spec: Spec) -> list[str]:
+    """The reference workloads whose query mode is the spec's."""
+    return [n for n in REFERENCE_SHAPES if WORKLOADS[n]().tree.query_mode == spec.topology.queries]
+
+
+def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, *,
                    peers: bool = True) -> TreeRow:
+    """Time ``spec``'s tree kernel and the peers on workload ``name``."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -118,21 +146,27 @@ def bench_workload(name: str, layout: str, bandwidth: float, matmul_rate: float,
     import attngen
     from attngen.cost import HeadLayout
 
-    heads_q, heads_kv = LAYOUTS[layout]
+    check_benchable(spec)
+    heads_q, heads_kv = spec.heads.q, spec.heads.kv
+    d_qk, d_v = spec.head_dim.qk, spec.head_dim.v
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[spec.dtype]
     workload = WORKLOADS[name]()
     tree = workload.tree
+    if tree.query_mode != spec.topology.queries:
+        raise AttngenError(f"{spec.name}: workload {name} has {tree.query_mode} queries, the spec "
+                           f"{spec.topology.queries}")
     dev = torch.device("cuda")
-    spec = tree_spec(tree.query_mode, heads_q, heads_kv)
     module = attngen.load(spec)
-    heads = HeadLayout(heads_q=heads_q, heads_kv=heads_kv, head_dim_qk=HEAD_DIM, head_dim_v=HEAD_DIM)
+    heads = HeadLayout(heads_q=heads_q, heads_kv=heads_kv, head_dim_qk=d_qk, head_dim_v=d_v,
+                       dtype_bytes=torch.finfo(dtype).bits // 8)
     plan = plan_tree(tree, heads=heads, device=dev)
     plan_ms, replan_ms = _planning_ms(workload, heads)
 
     n_q, n_kv = plan.n_queries, plan.n_kv
     gen = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(n_q, heads_q, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(n_kv, heads_kv, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(n_kv, heads_kv, HEAD_DIM, device=dev, dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(n_q, heads_q, d_qk, device=dev, dtype=dtype, generator=gen)
+    k = torch.randn(n_kv, heads_kv, d_qk, device=dev, dtype=dtype, generator=gen)
+    v = torch.randn(n_kv, heads_kv, d_v, device=dev, dtype=dtype, generator=gen)
     visible = torch.from_numpy(tree.visible_matrix()).to(dev)
 
     out = module.attention(q, k, v, plan)  # autotunes once, outside the timing
@@ -165,11 +199,12 @@ def bench_workload(name: str, layout: str, bandwidth: float, matmul_rate: float,
         qb = q[:, :, None, :]
         return _graph_time_us(lambda: F.scaled_dot_product_attention(qb, kb, vb, attn_mask=pad, enable_gqa=True))
 
-    unique_bytes = n_kv * heads_kv * 2 * HEAD_DIM * 2 + 2 * n_q * heads_q * HEAD_DIM * 2
-    flops = float(visible.sum()) * heads_q * 2 * 2 * HEAD_DIM
+    size = torch.finfo(dtype).bits // 8
+    unique_bytes = (n_kv * heads_kv * (d_qk + d_v) + n_q * heads_q * (d_qk + d_v)) * size
+    flops = float(visible.sum()) * heads_q * 2 * (d_qk + d_v)
     floor_us = max(unique_bytes / bandwidth, flops / matmul_rate) * 1e6
     return TreeRow(
-        workload=name, layout=layout, n_queries=n_q, n_kv=n_kv, floor_us=floor_us,
+        workload=name, layout=layout_name(spec), n_queries=n_q, n_kv=n_kv, floor_us=floor_us,
         attngen_us=t_ours,
         flex_us=_try(flex, "flex") if peers else None,
         sdpa_dense_us=_try(dense, "sdpa_dense") if peers else None,
@@ -177,6 +212,24 @@ def bench_workload(name: str, layout: str, bandwidth: float, matmul_rate: float,
         plan_ms=plan_ms, replan_ms=replan_ms,
         rel_err=rel_err,
     )
+
+
+def bench_spec(spec: Spec, names: list[str] | None = None, *, peers: bool = True) -> list[TreeRow]:
+    """``attngen bench`` of a tree spec: its kernel on the reference workloads of its
+    query mode (or ``names``), rates measured once, progress shown."""
+    check_benchable(spec)
+    names = names or workloads_for(spec)
+    rates = measure_rates()
+    bandwidth, matmul_rate = rates.hbm_gbps * 1e9, rates.matmul_tflops * 1e12
+    rows = []
+    with Progress(len(names), f"bench {spec.name}") as progress:
+        for name in names:
+            progress.begin(name)
+            rows.append(bench_workload(spec, name, bandwidth, matmul_rate, peers=peers))
+            progress.step(name)
+    print(f"GPU {rates.gpu}, torch {rates.torch_version}, triton {rates.triton_version}, "
+          f"bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s")
+    return rows
 
 
 def format_table(rows: list[TreeRow]) -> str:
@@ -217,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     with Progress(len(cases), "bench_tree") as progress:
         for name, layout in cases:
             progress.begin(f"{name}/{layout}")
-            rows.append(bench_workload(name, layout, bandwidth, matmul_rate, peers=not args.no_peers))
+            spec = tree_spec(WORKLOADS[name]().tree.query_mode, *LAYOUTS[layout])
+            rows.append(bench_workload(spec, name, bandwidth, matmul_rate, peers=not args.no_peers))
             progress.step(f"{name}/{layout}")
     print(f"GPU {rates.gpu}, torch {rates.torch_version}, triton {rates.triton_version}, "
           f"bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s")

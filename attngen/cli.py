@@ -164,6 +164,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from attngen import bench
 
     spec = load_spec(args.spec)
+    if spec.topology.kind != "sequence":
+        from attngen import bench_tree
+
+        print(bench_tree.format_table(bench_tree.bench_spec(spec)))
+        return EXIT_OK
     shapes = [bench.parse_shape(s, spec) for s in args.shape] if args.shape else bench.default_shapes(spec)
     results = bench.run_cases([(spec, s) for s in shapes], seed=args.seed)
     if args.plot:

@@ -1,0 +1,54 @@
+"""The parts of the tree benchmark that need no GPU: which specs it takes, which
+workloads fit a spec, the spec it builds for a head layout, and the table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from attngen import bench_tree
+from attngen.errors import AttngenError
+from attngen.spec import load_spec
+from attngen.workloads import WORKLOADS
+
+SPECS = Path(__file__).resolve().parents[1] / "specs"
+
+
+def test_workloads_follow_the_query_mode() -> None:
+    node = bench_tree.workloads_for(load_spec(SPECS / "tree_fewshot.yaml"))
+    token = bench_tree.workloads_for(load_spec(SPECS / "tree_speculative.yaml"))
+    assert node == ["fewshot_4k_x20", "fewshot_32k_x64", "tot_d3_w3"]
+    assert token == ["spec_4k_92", "spec_16k_184"]
+    for name in node + token:
+        assert name in WORKLOADS
+
+
+@pytest.mark.parametrize(
+    ("spec_file", "message"),
+    [
+        ("causal_prefill", "takes tree specs"),
+        ("tree_paged_gqa", "paged specs"),
+    ],
+)
+def test_unsupported_specs_are_refused_before_any_gpu_work(spec_file: str, message: str) -> None:
+    with pytest.raises(AttngenError, match=message):
+        bench_tree.check_benchable(load_spec(SPECS / f"{spec_file}.yaml"))
+
+
+def test_built_spec_matches_the_layout() -> None:
+    spec = bench_tree.tree_spec("token", 32, 8)
+    assert (spec.heads.q, spec.heads.kv, spec.topology.queries, spec.dtype) == (32, 8, "token", "bf16")
+    assert bench_tree.layout_name(spec) == "gqa"
+    bench_tree.check_benchable(spec)
+
+
+def test_table_reports_ratio_and_best_peer() -> None:
+    row = bench_tree.TreeRow(
+        workload="fewshot_4k_x20", layout="mha", n_queries=20, n_kv=12000, floor_us=46.0,
+        attngen_us=69.0, flex_us=101.0, sdpa_dense_us=None, per_branch_us=355.0, plan_ms=0.3,
+        replan_ms=0.34, rel_err=2e-3)
+    assert row.ratio == pytest.approx(1.5)
+    assert row.best_peer_us == 101.0
+    table = bench_tree.format_table([row])
+    assert "fewshot_4k_x20" in table and "1.50x" in table and "n/a" in table

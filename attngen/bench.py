@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attngen.check import TENSOR_TORCH_DTYPES
 from attngen.errors import AttngenError
 from attngen.peers import (
     PEERS,
@@ -40,16 +39,9 @@ from attngen.peers import (
     semantic_mask_fn,
     visibility_depends_on,
 )
-from attngen.spec import Spec, parse_spec
+from attngen.spec import Spec, parse_spec, torch_dtype
 
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
-
-
-def _torch_dtype(name: str) -> Any:
-    """The torch dtype of a spec dtype name (``bf16`` → ``torch.bfloat16``)."""
-    import torch
-
-    return getattr(torch, TENSOR_TORCH_DTYPES[name])
 
 
 # ---------------------------------------------------------------------------------------
@@ -281,7 +273,7 @@ def make_tensors(spec: Spec, shape: Shape, device: str, seed: int = 0) -> dict[s
             t = torch.randint(0, shape.kv_len + 1, dims, generator=gen)
         else:
             t = torch.randint(0, 4, dims, generator=gen)
-        out[name] = t.to(_torch_dtype(decl.dtype)).to(device)
+        out[name] = t.to(torch_dtype(decl.dtype)).to(device)
     return out
 
 
@@ -344,7 +336,7 @@ def bench_spec(spec: Spec, shape: Shape, rates: DeviceRates, *, seed: int = 0) -
         raise AttngenError(f"{spec.name}: attngen bench handles sequence specs; "
                            f"topology {spec.topology.kind!r} is benchmarked per workload")
     decode = spec.topology.queries == "decode"
-    dtype = _torch_dtype(spec.dtype)
+    dtype = torch_dtype(spec.dtype)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     B, Hq, Hkv = shape.batch, spec.heads.q, spec.heads.kv
 

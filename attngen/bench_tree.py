@@ -31,7 +31,7 @@ from attngen.bench import measure_rates
 from attngen.errors import AttngenError
 from attngen.plan import plan_tree
 from attngen.progress import Progress
-from attngen.spec import Spec, parse_spec
+from attngen.spec import Spec, parse_spec, torch_dtype
 from attngen.workloads import REFERENCE_SHAPES, WORKLOADS, Workload
 
 LAYOUTS = {"mha": (32, 32), "gqa": (32, 8)}
@@ -149,7 +149,7 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
     check_benchable(spec)
     heads_q, heads_kv = spec.heads.q, spec.heads.kv
     d_qk, d_v = spec.head_dim.qk, spec.head_dim.v
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[spec.dtype]
+    dtype = torch_dtype(spec.dtype)
     workload = WORKLOADS[name]()
     tree = workload.tree
     if tree.query_mode != spec.topology.queries:

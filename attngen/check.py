@@ -30,7 +30,7 @@ import numpy as np
 
 from attngen.errors import AttngenError
 from attngen.reference import sequence_reference, to_numpy
-from attngen.spec import Spec
+from attngen.spec import Spec, torch_dtype
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,14 +52,6 @@ TOLERANCES: dict[str, Tolerance] = {
     "bf16": Tolerance(out_rel=2e-2, out_abs=8e-2, lse_rel=2e-3, lse_abs=3e-2),
 }
 
-TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-TENSOR_TORCH_DTYPES = {
-    "fp16": "float16",
-    "bf16": "bfloat16",
-    "fp32": "float32",
-    "int32": "int32",
-    "int64": "int64",
-}
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,7 +209,7 @@ def make_inputs(
 
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    tdtype = getattr(torch, TORCH_DTYPES[dtype or spec.dtype])
+    tdtype = torch_dtype(dtype or spec.dtype)
     total_q = sum(q for q, _ in shape.lengths)
     total_kv = sum(kv for _, kv in shape.lengths)
     n_q = shape.batch if shape.decode else total_q
@@ -234,7 +226,7 @@ def make_inputs(
     for name, decl in spec.tensors.items():
         values = torch.from_numpy(np.asarray(user_tensor(spec, name, shape, rng)))
         tensors[name] = values.to(
-            device=device, dtype=getattr(torch, TENSOR_TORCH_DTYPES[decl.dtype])
+            device=device, dtype=torch_dtype(decl.dtype)
         )
     return Inputs(
         q=randn(n_q, spec.heads.q, spec.head_dim.qk),

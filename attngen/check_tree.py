@@ -21,8 +21,6 @@ from typing import Any
 import numpy as np
 
 from attngen.check import (
-    TENSOR_TORCH_DTYPES,
-    TORCH_DTYPES,
     CaseResult,
     Outputs,
     judge,
@@ -30,7 +28,7 @@ from attngen.check import (
 )
 from attngen.cost import HeadLayout
 from attngen.reference import tree_reference
-from attngen.spec import Spec
+from attngen.spec import Spec, torch_dtype
 from attngen.tree import QueryMode, TreeBatch, make_page_table, pages_needed, physical_slots
 
 #: Node token counts biased to the edges: empty, one token, around a 16/32 tile.
@@ -224,7 +222,7 @@ def make_tree_inputs(spec: Spec, tree: TreeBatch, *, seed: int, device: str) -> 
 
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    dtype = getattr(torch, TORCH_DTYPES[spec.dtype])
+    dtype = torch_dtype(spec.dtype)
     hq, hkv, d_qk, d_v = spec.heads.q, spec.heads.kv, spec.head_dim.qk, spec.head_dim.v
 
     def randn(*dims: int) -> Any:
@@ -234,7 +232,7 @@ def make_tree_inputs(spec: Spec, tree: TreeBatch, *, seed: int, device: str) -> 
     for name, decl in sorted(spec.tensors.items()):
         values = torch.from_numpy(np.asarray(tensor_values(spec, name, tree_depths(tree), rng)))
         tensors[name] = values.to(
-            device=device, dtype=getattr(torch, TENSOR_TORCH_DTYPES[decl.dtype])
+            device=device, dtype=torch_dtype(decl.dtype)
         )
     q = randn(tree.n_queries, hq, d_qk)
     if spec.topology.kv_layout != "paged":

@@ -17,7 +17,7 @@ import sympy as sp
 from attngen import __version__, analysis, semantics
 from attngen.errors import SpecError
 from attngen.printer import print_triton
-from attngen.spec import Spec, TensorDecl
+from attngen.spec import TORCH_DTYPE_NAMES, Spec, TensorDecl
 from attngen.symbols import batch, head, kv_len, kv_pos, q_len, q_pos, score
 
 #: The raw dot product q.k (fp32) inside a kernel tile.
@@ -25,7 +25,6 @@ QK = sp.Symbol("qk", real=True)
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 
-_TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "int32": "int32", "int64": "int64"}
 
 #: Names the printed element-wise code uses for each symbol inside ``_tile_step``.
 ELEMENT_NAMES: dict[sp.Symbol, str] = {
@@ -160,7 +159,7 @@ def module_fields(spec: Spec) -> dict[str, object]:
         d_qk_pad=pow2(d_qk),
         d_v_pad=pow2(d_v),
         dtype=spec.dtype,
-        torch_dtype=_TORCH_DTYPES[spec.dtype],
+        torch_dtype=TORCH_DTYPE_NAMES[spec.dtype],
         scale=spec.softmax_scale,
         ln2=LN2,
         tensors=tensor_args(spec),
@@ -196,7 +195,7 @@ class KernelIR(ModuleIR):
 def tensor_args(spec: Spec) -> tuple[TensorArg, ...]:
     """User tensors in name order, with the kernel parameter each becomes."""
     return tuple(
-        TensorArg(name, f"t_{name}", decl.dims, decl.dtype, _TORCH_DTYPES[decl.dtype])
+        TensorArg(name, f"t_{name}", decl.dims, decl.dtype, TORCH_DTYPE_NAMES[decl.dtype])
         for name, decl in sorted(spec.tensors.items())
     )
 

@@ -52,6 +52,15 @@ HEAD_DIMS = (16, 32, 64, 96, 128, 192, 256)
 DTYPES = ("fp16", "bf16", "fp32")
 TENSOR_DTYPES = ("fp32", "fp16", "bf16", "int32", "int64")
 TENSOR_DIMS = ("head", "batch", "token")
+#: The torch dtype (its name in ``torch``) of every dtype a spec may name.
+TORCH_DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "int32": "int32", "int64": "int64"}
+
+
+def torch_dtype(name: str) -> Any:
+    """``torch.float16`` for ``"fp16"`` and so on (imports torch)."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPE_NAMES[name])
 
 
 #: An int that YAML must give as an int (``true`` or ``"3"`` is an error, not 1 or 3).

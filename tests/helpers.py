@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from attngen import reference
-from attngen.check import TOLERANCES, TORCH_DTYPES, Tolerance, compare
+from attngen.check import TOLERANCES, Tolerance, compare
 from attngen.peers import Shape
-from attngen.spec import Spec, spec_from_mapping
+from attngen.spec import TORCH_DTYPE_NAMES, Spec, spec_from_mapping
 
 __all__ = [
     "TOLERANCES",
@@ -29,7 +29,7 @@ __all__ = [
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, TORCH_DTYPES.get(name, name))
+    return getattr(torch, TORCH_DTYPE_NAMES.get(name, name))
 
 
 def assert_close(out: Any, ref: Any, dtype: str, *, what: str = "O") -> None:

@@ -72,6 +72,9 @@ def draw_png(tree: TreeBatch, plan: Plan, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
     level = _node_levels(tree)
     query_nodes = set(tree.query_nodes.tolist())
     fig, (top, bottom) = plt.subplots(
@@ -79,19 +82,22 @@ def draw_png(tree: TreeBatch, plan: Plan, path: str) -> bool:
     )
     for node in tree.order.tolist():
         s, t = int(tree.node_kv_start[node]), max(int(tree.tokens[node]), 1)
-        top.barh(
-            -level[node],
-            t,
-            left=s,
-            height=0.6,
-            color="tab:orange" if node in query_nodes else "tab:blue",
-        )
+        top.barh(level[node], t, left=s, height=0.6, edgecolor="white", linewidth=0.8,
+                 color="tab:orange" if node in query_nodes else "tab:blue")
+    top.invert_yaxis()  # the root on top
+    top.yaxis.set_major_locator(MaxNLocator(integer=True))
+    top.legend(handles=[Patch(color="tab:blue", label="node"),
+                        Patch(color="tab:orange", label="node with a query")],
+               loc="upper right", fontsize=8)
     layout, groups = plan.state.layout, _groups_per_chunk(plan)
     bottom.bar(layout.start, groups, width=layout.length, align="edge", edgecolor="black")
-    top.set_ylabel("depth (nodes)")
-    bottom.set_ylabel("groups")
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
+    top.set_ylabel("depth")
+    bottom.set_ylabel("groups reading\nthe chunk")
     bottom.set_xlabel("flattened KV token")
-    top.set_title(f"chunk {plan.chunk}, QG {plan.queries_per_group}, {plan.n_groups} groups")
+    top.set_title(f"chunk {plan.chunk}, QG {plan.queries_per_group}, {plan.n_groups} groups, "
+                  f"{plan.n_queries} queries, {plan.n_kv} KV tokens")
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True

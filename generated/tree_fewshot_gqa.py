@@ -90,7 +90,6 @@ def _tanh(x):
     return tl.where(x < 0, -t, t)
 
 
-
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # older Triton: pointer loads only

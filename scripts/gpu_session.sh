@@ -2,6 +2,8 @@
 # One device session: run what is asked (tree bench, gpu tests, sequence bench), each
 # under a time limit so one slow part cannot eat the others; short tables come last.
 # Usage: bash scripts/gpu_session.sh [tree] [tests] [seq]   (default: all three)
+# Needs attngen's Python dependencies importable (pydantic, sympy, jinja2, networkx, pyyaml)
+# beside the GPU's torch and Triton; run from the repository root.
 set -uo pipefail
 out=${OUT:-bench_out}
 mkdir -p "$out"

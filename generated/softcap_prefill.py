@@ -115,6 +115,7 @@ def _kv_descriptors(k, v, block_n):
     plain tensors, and the kernel uses pointer loads everywhere."""
     usable = (
         TensorDescriptor is not None and k.shape[0] > 0 and k.is_contiguous() and v.is_contiguous()
+        and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0  # the copy engine's alignment
         and HEAD_DIM_QK == 256 and HEAD_DIM_V == 256
         and (_INTERPRET or (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9))
     )

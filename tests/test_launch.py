@@ -100,3 +100,21 @@ def test_block_sizes_must_be_powers_of_two(prefill: Any, block: int) -> None:
     with pytest.raises(LaunchError, match=f"block_n={block} must be a power of two"):
         prefill.attention(args["q"], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"],
                           config=dict(CONFIG, block_n=block), slopes=args["slopes"])
+
+
+def test_unaligned_kv_falls_back_to_pointer_loads(prefill: Any) -> None:
+    """A contiguous K/V view that starts off a 16-byte boundary cannot be read by the
+    tensor-memory engine; the kernel must still be right (pointer loads)."""
+    args = _inputs()
+    big_k = torch.randn(12 * 2 * 16 + 1, dtype=torch.float16)
+    big_v = torch.randn(12 * 2 * 16 + 1, dtype=torch.float16)
+    k = big_k[1:].view(12, 2, 16).copy_(args["k"])
+    v = big_v[1:].view(12, 2, 16).copy_(args["v"])
+    assert k.data_ptr() % 16 != 0
+    _, _, use_tma = prefill._kv_descriptors(k, v, 16)
+    assert not use_tma
+    ref = prefill.attention(args["q"], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"],
+                            config=CONFIG, slopes=args["slopes"])
+    out = prefill.attention(args["q"], k, v, args["cu_seqlens_q"], args["cu_seqlens_k"],
+                            config=CONFIG, slopes=args["slopes"])
+    torch.testing.assert_close(out, ref)

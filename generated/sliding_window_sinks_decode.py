@@ -339,6 +339,9 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, n_batch, out, decode):
     need(k.shape[1:] == (HEADS_KV, HEAD_DIM_QK), f"k must be [*, {HEADS_KV}, {HEAD_DIM_QK}], got {tuple(k.shape)}")
     need(v.shape[1:] == (HEADS_KV, HEAD_DIM_V), f"v must be [*, {HEADS_KV}, {HEAD_DIM_V}], got {tuple(v.shape)}")
     need(k.shape[0] == v.shape[0], f"k and v must hold the same tokens, got {k.shape[0]} and {v.shape[0]}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        # the kernels index with 32-bit offsets
+        need(t.numel() < 2**31, f"{name} has {t.numel()} elements; this kernel supports fewer than 2**31")
     offsets = [("cu_seqlens_k", cu_seqlens_k)] + ([] if decode else [("cu_seqlens_q", cu_seqlens_q)])
     for name, t in offsets:
         need(isinstance(t, torch.Tensor) and t.dtype == torch.int32 and t.dim() == 1,

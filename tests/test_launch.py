@@ -118,3 +118,11 @@ def test_unaligned_kv_falls_back_to_pointer_loads(prefill: Any) -> None:
     out = prefill.attention(args["q"], k, v, args["cu_seqlens_q"], args["cu_seqlens_k"],
                             config=CONFIG, slopes=args["slopes"])
     torch.testing.assert_close(out, ref)
+
+
+def test_tensors_past_32_bit_offsets_are_refused(prefill: Any) -> None:
+    args = _inputs()
+    huge = torch.empty(2**31 // 32 + 1, 2, 16, dtype=torch.float16, device="meta")
+    with pytest.raises(LaunchError, match="fewer than 2\\*\\*31"):
+        prefill.attention(args["q"].to("meta"), huge, huge, args["cu_seqlens_q"].to("meta"),
+                          args["cu_seqlens_k"].to("meta"), config=CONFIG, slopes=args["slopes"].to("meta"))

@@ -105,8 +105,6 @@ class ModuleIR:
     def tensor_pass(self) -> str:
         return "".join(f", {t.name}" for t in self.tensors)
 
-    tensor_kwargs_plain = tensor_pass
-
     @property
     def tensor_check_tuples(self) -> str:
         items = [f"({t.name!r}, {t.name}, {t.dims!r}, torch.{t.torch_dtype})" for t in self.tensors]
@@ -117,10 +115,9 @@ class ModuleIR:
         return "{" + ", ".join(f"{t.name!r}: ({t.dims!r}, {t.dtype!r})" for t in self.tensors) + "}"
 
     @property
-    def q_dim_mask(self) -> str:
+    def qk_dim_mask(self) -> str:
+        """Load mask of the padded Q·K head dim (Q and K tiles), or nothing."""
         return f" & (d_qk < {self.d_qk})[None, :]" if self.d_qk != self.d_qk_pad else ""
-
-    k_dim_mask = q_dim_mask
 
     @property
     def v_dim_mask(self) -> str:
@@ -184,8 +181,6 @@ class KernelIR(ModuleIR):
     @property
     def ctx_params(self) -> str:
         return ", ".join(["pid_b", "q_len", "kv_len", "kv_start", "n_batch", *(t.param for t in self.tensors)])
-
-    ctx_args = ctx_params
 
 
 # ---------------------------------------------------------------------------------------

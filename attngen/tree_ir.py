@@ -99,11 +99,6 @@ def check_tensors(spec: Spec) -> None:
             )
 
 
-def spec_mask(spec: Spec) -> sp.Basic:
-    """The spec's own visibility; the tree's ancestor visibility comes from the plan."""
-    return semantics.visibility(spec)
-
-
 def tree_configs(spec: Spec) -> tuple[TreeTileConfig, ...]:
     """Autotuner candidates (block_n, warps, stages); the chunk and the queries per group
     come from the plan, so there is no block_m."""
@@ -133,7 +128,7 @@ def lower_tree(spec: Spec) -> TreeKernelIR:
     def element(expr: sp.Basic) -> str:
         return print_triton(expr, names=TREE_ELEMENT_NAMES, tensor_load=load)
 
-    mask = spec_mask(spec)
+    mask = semantics.visibility(spec)  # the tree's own visibility comes from the plan
     modified = base2_score(spec)
     symbols = used_symbols(mask, modified)
     topology = spec.topology

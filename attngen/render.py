@@ -8,7 +8,6 @@ lowering and rendering of specs seen before.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import tempfile
@@ -90,15 +89,22 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def cached_source(spec: Spec) -> Path:
+    """The cache file that holds ``spec``'s module source, rendered into it when missing.
+    One file serves both reading the source and importing the module (Triton's JIT reads
+    kernel source through ``inspect``, so an imported module must be a real file)."""
+    path = cache_dir() / f"attngen_{spec.name}_{cache_key(spec)}.py"
+    if not path.is_file():
+        write_atomic(path, render_uncached(spec))
+    return path
+
+
 def render(spec: Spec) -> str:
     """The generated module's source for ``spec`` (through the cache)."""
-    cached = cache_dir() / "src" / f"{cache_key(spec)}.py"
-    if cached.is_file():
-        return cached.read_text()
-    source = render_uncached(spec)
-    with contextlib.suppress(OSError):  # a read-only cache costs time, not correctness
-        write_atomic(cached, source)
-    return source
+    try:
+        return cached_source(spec).read_text()
+    except OSError:  # a read-only cache costs time, not correctness
+        return render_uncached(spec)
 
 
 def render_uncached(spec: Spec) -> str:

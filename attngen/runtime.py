@@ -1,8 +1,8 @@
 """Load generated modules and hand them to callers.
 
-``load(spec)`` renders through the cache and imports the module from the cache
-directory, keyed by content, so two specs never share a module and an unchanged spec is
-imported once per process.
+``load(spec)`` imports the module straight from its file in the content-addressed
+cache (rendered there on first use), so two specs never share a module and an
+unchanged spec is imported once per process.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from attngen.render import cache_dir, cache_key, render, write_atomic
+from attngen.render import cache_key, cached_source
 from attngen.spec import Spec, load_spec
 
 _LOADED: dict[str, ModuleType] = {}
@@ -29,9 +29,7 @@ def load(spec: Spec | str | Path) -> Any:
     key = cache_key(spec)
     if key in _LOADED:
         return _LOADED[key]
-    path = cache_dir() / "modules" / f"attngen_{spec.name}_{key}.py"
-    write_atomic(path, render(spec))
-    module = import_path(path, f"attngen_generated.{spec.name}_{key}")
+    module = import_path(cached_source(spec), f"attngen_generated.{spec.name}_{key}")
     _LOADED[key] = module
     return module
 

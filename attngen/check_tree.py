@@ -38,18 +38,20 @@ TREE_FORMS = ("recursive", "chain", "star", "single")
 
 @dataclass(frozen=True, slots=True)
 class TreeShape:
-    """One tree case: the forest with its queries, and the plan's chunk and queries/group."""
+    """One tree case: the forest with its queries, and the plan's chunk, queries/group
+    and span."""
 
     tree: TreeBatch
     chunk: int
     queries_per_group: int
+    span: int
 
     def describe(self) -> str:
         t = self.tree
         return (
             f"trees={t.n_trees} parent={t.parent.tolist()} tokens={t.tokens.tolist()} "
             f"{t.query_mode} queries at {t.query_nodes.tolist()} "
-            f"chunk={self.chunk} qg={self.queries_per_group}"
+            f"chunk={self.chunk} qg={self.queries_per_group} span={self.span}"
         )
 
 
@@ -169,12 +171,13 @@ def head_layout(spec: Spec) -> HeadLayout:
     )
 
 
-def draw_plan_params(rng: random.Random, spec: Spec, *, interpreter: bool) -> tuple[int, int]:
-    """(chunk, queries_per_group): small under the interpreter, QG valid for the heads."""
+def draw_plan_params(rng: random.Random, spec: Spec, *, interpreter: bool) -> tuple[int, int, int]:
+    """(chunk, queries_per_group, span): small under the interpreter, QG valid for the
+    heads, spans of one chunk (no coalescing) or several."""
     chunk = rng.choice((32, 64) if interpreter else (64, 128, 256))
     limit = 4 if interpreter else 16
     qg = rng.choice([g for g in head_layout(spec).queries_per_group_choices() if g <= limit])
-    return chunk, qg
+    return chunk, qg, chunk * rng.choice((1, 3, 8))
 
 
 def draw_tree_config(rng: random.Random, chunk: int, *, interpreter: bool) -> dict[str, int]:
@@ -261,8 +264,8 @@ def tree_case(
     tree = edge_tree(index, mode) or draw_forest(
         rng, kind=spec.topology.kind, mode=mode, sizes=sizes
     )
-    chunk, qg = draw_plan_params(rng, spec, interpreter=interpreter)
-    shape = TreeShape(tree, chunk, qg)
+    chunk, qg, span = draw_plan_params(rng, spec, interpreter=interpreter)
+    shape = TreeShape(tree, chunk, qg, span)
     config = draw_tree_config(rng, chunk, interpreter=interpreter)
     seed = rng.randrange(2**31)
 
@@ -272,7 +275,7 @@ def tree_case(
         from attngen.plan import plan_tree
 
         plan = plan_tree(
-            tree, chunk=chunk, queries_per_group=qg, heads=head_layout(spec), device=device
+            tree, chunk=chunk, queries_per_group=qg, span=span, heads=head_layout(spec), device=device
         )
         inputs = make_tree_inputs(spec, tree, seed=seed, device=device)
         n_q = tree.n_queries

@@ -9,12 +9,14 @@ the partials back and merges them per query. They are compiled once at import
 Symbols (all plain sympy Symbols, positive):
 
 - plan: ``C`` chunk, ``QG`` queries per group, ``G`` groups, ``T`` KV tokens read
-  (the sum of group KV lengths), ``P`` partials, ``NQ`` queries, ``L`` launches;
+  (the sum of group KV lengths), ``W`` tokens of the longest group, ``P`` partials,
+  ``NQ`` queries, ``L`` launches;
 - heads: ``Hq``, ``Hkv``, ``Dqk``, ``Dv``, ``E`` bytes per element, ``R_min`` the
   minimum rows of a matrix-unit tile;
 - comparison: ``T_branch`` KV tokens read by per-branch decoding (the sum of each
   query's visible tokens), ``T_unique`` unique KV tokens (the floor);
-- machine: ``BW`` bytes/s, ``RATE`` FLOP/s, ``LAUNCH`` s per launch, ``SMS`` SM count.
+- machine: ``BW`` bytes/s, ``RATE`` FLOP/s, ``LAUNCH`` s per launch, ``SMS`` SM count,
+  ``OVH`` fixed seconds per program.
 
 >>> layout = HeadLayout(heads_q=32, heads_kv=8, head_dim_qk=128, head_dim_v=128)
 >>> int(kv_bytes_of(tokens=1, layout=layout))
@@ -29,10 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-C, QG, G, T, P, NQ, L = sp.symbols("C QG G T P NQ L", positive=True)
+C, QG, G, T, P, NQ, L, W = sp.symbols("C QG G T P NQ L W", positive=True)
 Hq, Hkv, Dqk, Dv, E, R_min = sp.symbols("Hq Hkv Dqk Dv E R_min", positive=True)
 T_branch, T_unique = sp.symbols("T_branch T_unique", positive=True)
-BW, RATE, LAUNCH, SMS = sp.symbols("BW RATE LAUNCH SMS", positive=True)
+BW, RATE, LAUNCH, SMS, OVH = sp.symbols("BW RATE LAUNCH SMS OVH", positive=True)
 
 #: Bytes of K and V per token over all KV heads.
 KV_TOKEN_BYTES = Hkv * (Dqk + Dv) * E
@@ -45,15 +47,17 @@ PARTIAL_BYTES = 2 * P * Hq * (Dv + 1) * 4
 #: The output.
 OUT_BYTES = NQ * Hq * Dv * E
 TOTAL_BYTES = KV_BYTES + Q_BYTES + PARTIAL_BYTES + OUT_BYTES
-#: Matrix-unit FLOPs: QK^T and PV over the rows of a KV head (padded to R_min rows).
-FLOPS = 2 * T * Hkv * sp.Max(QG * Hq / Hkv, R_min) * (Dqk + Dv)
-#: Programs per SM that a memory-bound kernel needs to keep enough loads in flight
-#: (measured on an H200 with the sequence decode kernel: ~4-8 per SM reach ~3 TB/s).
-PROGRAMS_PER_SM = 4
-#: Fraction of the machine busy: fewer (group, KV head) programs than that leaves
-#: bandwidth unused (at least one program, so an empty plan costs its launches only).
-OCCUPANCY = sp.Min(1, sp.Max(G, 1) * Hkv / (PROGRAMS_PER_SM * SMS))
-TIME = sp.Max(TOTAL_BYTES / BW, FLOPS / RATE) / OCCUPANCY + L * LAUNCH
+#: Rows of one program: the query heads of a KV head times the queries of a group,
+#: padded to the matrix unit's minimum.
+ROWS = sp.Max(QG * Hq / Hkv, R_min)
+#: Matrix-unit FLOPs: QK^T and PV over the rows of a KV head.
+FLOPS = 2 * T * Hkv * ROWS * (Dqk + Dv)
+#: The longest program (W tokens of one KV head) running on one SM at its share of the
+#: machine: a plan of few or unequal programs cannot finish before it does.
+LONGEST = sp.Max(SMS * W * (Dqk + Dv) * E / BW, SMS * 2 * W * ROWS * (Dqk + Dv) / RATE)
+#: Each (group, KV head) program pays a fixed cost (query load, pipeline fill, partial
+#: store) of OVH seconds of one SM.
+TIME = sp.Max(TOTAL_BYTES / BW, FLOPS / RATE, LONGEST) + G * Hkv * OVH / SMS + L * LAUNCH
 #: Per-branch (sequence-based) decoding: each query reads its whole root path's KV.
 BRANCH_BYTES = T_branch * KV_TOKEN_BYTES + NQ * Hq * (Dqk + Dv) * E
 #: The IO floor: each unique KV byte once.
@@ -64,6 +68,7 @@ _ARGS = (
     QG,
     G,
     T,
+    W,
     P,
     NQ,
     L,
@@ -79,6 +84,7 @@ _ARGS = (
     RATE,
     LAUNCH,
     SMS,
+    OVH,
 )
 
 
@@ -138,6 +144,7 @@ class Machine:
     matmul_rate: float = 6.9e14  # bf16 8192^3 GEMM on random data, same machine
     launch_overhead: float = 3.0e-6
     sms: int = 132
+    program_overhead: float = 1.0e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +155,7 @@ class PlanStats:
     queries_per_group: int | np.ndarray
     groups: int | np.ndarray
     tokens_read: int | np.ndarray
+    longest: int | np.ndarray
     partials: int | np.ndarray
     queries: int
     launches: int | np.ndarray
@@ -189,6 +197,7 @@ def _values(stats: PlanStats, layout: HeadLayout, machine: Machine) -> tuple[obj
         stats.queries_per_group,
         stats.groups,
         stats.tokens_read,
+        stats.longest,
         stats.partials,
         stats.queries,
         stats.launches,
@@ -204,6 +213,7 @@ def _values(stats: PlanStats, layout: HeadLayout, machine: Machine) -> tuple[obj
         machine.matmul_rate,
         machine.launch_overhead,
         machine.sms,
+        machine.program_overhead,
     )
 
 

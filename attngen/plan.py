@@ -39,6 +39,8 @@ from attngen.tree import TreeBatch
 
 #: Candidate chunk sizes the cost model chooses among (multiples of 32).
 CHUNK_CHOICES = (64, 128, 256, 512)
+#: Candidate spans (tokens per group after coalescing a long node's full chunks).
+SPAN_CHOICES = (1024, 2048, 4096, 8192, 16384)
 WORD = 32
 
 
@@ -298,6 +300,7 @@ def _stats(tree: TreeBatch, layout: _Chunking, counts: _PairCounts, qg: np.ndarr
         queries_per_group=qg_arr,
         groups=groups.sum(axis=1),
         tokens_read=(groups * layout.length[None, :]).sum(axis=1),
+        longest=int(layout.length.max(initial=0)),
         partials=counts.total,
         queries=tree.n_queries,
         launches=launches,
@@ -376,6 +379,7 @@ class Plan:
 
     chunk: int
     queries_per_group: int
+    span: int
     n_groups: int
     n_queries: int
     n_kv: int
@@ -430,15 +434,60 @@ def _int32(values: np.ndarray, device: torch.device | str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32)).to(device)
 
 
-def _host_arrays(tree: TreeBatch, layout: _Chunking, rows: _Rows) -> dict[str, np.ndarray]:
+@dataclass(frozen=True, slots=True)
+class _Groups:
+    """The groups as the kernels see them: KV range, query slots, bits, fullness."""
+
+    start: np.ndarray  # [G]
+    length: np.ndarray  # [G]
+    query: np.ndarray  # [G, QG]
+    bits: np.ndarray  # [G, QG, W]
+    full: np.ndarray  # [G] bool
+
+
+def _span_groups(layout: _Chunking, rows: _Rows, span: int) -> _Groups:
+    """Coalesce runs of full groups that have the same query slots over contiguous KV
+    (the pieces of one long node, e.g. a shared prefix) into groups of about ``span``
+    tokens. A run of n tokens becomes ceil(n / span) groups of near-equal length (chunk
+    boundaries kept, so each is within one chunk of n / ceil(n / span)). Groups stay in
+    ascending KV order, which is the merge order."""
+    start, length = layout.start[rows.chunk], layout.length[rows.chunk]
+    n = len(start)
+    if span <= layout.chunk or n < 2 or not rows.full.any():
+        return _Groups(start, length, rows.query, rows.bits, rows.full)
+    _, row_id = np.unique(rows.query, axis=0, return_inverse=True)
+    row_id = row_id.reshape(-1)
+    full = np.flatnonzero(rows.full)
+    order = full[np.lexsort((start[full], row_id[full]))]
+    s, ln, r = start[order], length[order], row_id[order]
+    new_run = np.r_[True, (r[1:] != r[:-1]) | (s[1:] != s[:-1] + ln[:-1])]
+    run = np.cumsum(new_run) - 1
+    first = np.flatnonzero(new_run)
+    run_tokens = np.add.reduceat(ln, first)
+    pieces = -(-run_tokens // span)
+    offset = s - s[first][run]
+    piece = (np.cumsum(pieces) - pieces)[run] + offset * pieces[run] // run_tokens[run]
+    # every group's key: its coalesced piece (full groups) or a fresh one (the rest)
+    key = np.empty(n, dtype=np.int64)
+    key[order] = piece
+    rest = np.flatnonzero(~rows.full)
+    key[rest] = int(pieces.sum()) + np.arange(len(rest))
+    uniq, first_member, inverse = np.unique(key, return_index=True, return_inverse=True)
+    keep = np.sort(first_member)  # groups ordered by their first member: ascending KV
+    total = np.bincount(inverse, weights=length, minlength=len(uniq)).astype(np.int64)
+    return _Groups(start[keep], total[inverse[keep]], rows.query[keep], rows.bits[keep], rows.full[keep])
+
+
+def _host_arrays(tree: TreeBatch, layout: _Chunking, rows: _Rows, span: int) -> dict[str, np.ndarray]:
     """Every plan tensor as a numpy array (the single place the format is assembled)."""
-    ptr, src = _merge_order(rows.query, tree.n_queries)
+    groups = _span_groups(layout, rows, span)
+    ptr, src = _merge_order(groups.query, tree.n_queries)
     return {
-        "group_kv_start": layout.start[rows.chunk],
-        "group_kv_len": layout.length[rows.chunk],
-        "group_q": rows.query,
-        "group_full": rows.full.astype(np.int64),
-        "group_bits": rows.bits,
+        "group_kv_start": groups.start,
+        "group_kv_len": groups.length,
+        "group_q": groups.query,
+        "group_full": groups.full.astype(np.int64),
+        "group_bits": groups.bits,
         "merge_ptr": ptr,
         "merge_src": src,
         "q_pos": tree.q_pos,
@@ -447,32 +496,55 @@ def _host_arrays(tree: TreeBatch, layout: _Chunking, rows: _Rows) -> dict[str, n
     }
 
 
+def _group_stats(tree: TreeBatch, chunk: int, qg: int, groups: _Groups) -> PlanStats:
+    per_query = np.bincount(groups.query[groups.query >= 0], minlength=tree.n_queries)
+    return PlanStats(
+        chunk=chunk,
+        queries_per_group=qg,
+        groups=len(groups.start),
+        tokens_read=int(groups.length.sum()),
+        longest=int(groups.length.max(initial=0)),
+        partials=int(per_query.sum()),
+        queries=tree.n_queries,
+        launches=1 if per_query.max(initial=0) <= 1 else 2,
+        branch_tokens=int(tree.query_visible_counts.sum()),
+        unique_tokens=tree.needed_kv_tokens,
+    )
+
+
+def _choose_span(
+    tree: TreeBatch, layout: _Chunking, rows: _Rows, qg: int, heads: HeadLayout, machine: Machine
+) -> int:
+    """The span of least predicted time among the chunk itself (no coalescing) and the
+    :data:`SPAN_CHOICES` above it; ties go to the smallest."""
+    best, best_time = layout.chunk, np.inf
+    for span in (layout.chunk, *(s for s in SPAN_CHOICES if s > layout.chunk)):
+        stats = _group_stats(tree, layout.chunk, qg, _span_groups(layout, rows, span))
+        t = float(evaluate("time_s", stats, heads, machine))
+        if t < best_time:
+            best, best_time = span, t
+    return best
+
+
 def _make_plan(
     tree: TreeBatch,
     layout: _Chunking,
     rows: _Rows,
     qg: int,
+    span: int,
     heads: HeadLayout,
     machine: Machine,
     device: torch.device | str,
 ) -> Plan:
-    host = _host_arrays(tree, layout, rows)
-    pairs_per_query = np.diff(host["merge_ptr"])
-    stats = PlanStats(
-        chunk=layout.chunk,
-        queries_per_group=qg,
-        groups=len(rows.chunk),
-        tokens_read=int(host["group_kv_len"].sum()),
-        partials=len(host["merge_src"]),
-        queries=tree.n_queries,
-        launches=1 if pairs_per_query.max(initial=0) <= 1 else 2,
-        branch_tokens=int(tree.query_visible_counts.sum()),
-        unique_tokens=tree.needed_kv_tokens,
-    )
+    host = _host_arrays(tree, layout, rows, span)
+    groups = _Groups(host["group_kv_start"], host["group_kv_len"], host["group_q"],
+                     host["group_bits"], host["group_full"] != 0)
+    stats = _group_stats(tree, layout.chunk, qg, groups)
     return Plan(
         chunk=layout.chunk,
         queries_per_group=qg,
-        n_groups=len(rows.chunk),
+        span=span,
+        n_groups=len(groups.start),
         n_queries=tree.n_queries,
         n_kv=tree.n_kv,
         **{name: _int32(host[name], device) for name in TENSOR_NAMES},
@@ -486,16 +558,27 @@ def plan_tree(
     *,
     chunk: int | None = None,
     queries_per_group: int | None = None,
+    span: int | None = None,
     heads: HeadLayout | None = None,
     machine: Machine | None = None,
     device: torch.device | str = "cpu",
 ) -> Plan:
     """Plan ``tree``; ``chunk`` and ``queries_per_group`` default to the cost model's choice
-    among :data:`CHUNK_CHOICES` and the powers of two that fit ``heads.max_rows``."""
+    among :data:`CHUNK_CHOICES` and the powers of two that fit ``heads.max_rows``, then
+    ``span`` (how long a group of a long node's fully visible chunks may grow) among the
+    chunk and :data:`SPAN_CHOICES`."""
     heads, machine = heads or HeadLayout(), machine or Machine()
+    _check_span(span)
     layout, qg, pairs = _choose(tree, chunk, queries_per_group, heads, machine)
     rows = _rows(pairs, layout, qg)
-    return _make_plan(tree, layout, rows, qg, heads, machine, device)
+    if span is None:
+        span = _choose_span(tree, layout, rows, qg, heads, machine)
+    return _make_plan(tree, layout, rows, qg, max(span, layout.chunk), heads, machine, device)
+
+
+def _check_span(span: int | None) -> None:
+    if span is not None and span < 1:
+        raise PlanError(f"span {span} must be a positive number of tokens (e.g. 1024..16384).")
 
 
 def replan_after_append(plan: Plan, tree: TreeBatch, device: torch.device | str = "cpu") -> Plan:
@@ -511,6 +594,7 @@ def replan_after_append(plan: Plan, tree: TreeBatch, device: torch.device | str 
             tree,
             chunk=plan.chunk,
             queries_per_group=plan.queries_per_group,
+            span=plan.span,
             heads=old.heads,
             machine=old.machine,
             device=device,
@@ -524,7 +608,7 @@ def replan_after_append(plan: Plan, tree: TreeBatch, device: torch.device | str 
     fresh_chunk = new_to_old < 0
     pairs = _pairs(tree, layout, piece_mask=fresh_chunk[layout.piece_chunk])
     rows = _Rows.concat([reused, _rows(pairs, layout, plan.queries_per_group)])
-    return _make_plan(tree, layout, rows, plan.queries_per_group, old.heads, old.machine, device)
+    return _make_plan(tree, layout, rows, plan.queries_per_group, plan.span, old.heads, old.machine, device)
 
 
 def _is_append_only(before: TreeBatch, after: TreeBatch) -> bool:
@@ -561,11 +645,13 @@ class PlanSizes:
 
 @dataclass(frozen=True, eq=False)
 class PlanBuffers:
-    """Preallocated plan tensors of fixed capacity; ``chunk`` and ``queries_per_group`` are
-    fixed too, since a captured kernel is specialised on them."""
+    """Preallocated plan tensors of fixed capacity; ``chunk``, ``queries_per_group`` and
+    ``span`` are fixed too, since a captured kernel is specialised on them (``span``
+    defaults to the chunk: no coalescing)."""
 
     chunk: int
     queries_per_group: int
+    span: int
     tensors: dict[str, torch.Tensor]
 
     @classmethod
@@ -578,6 +664,7 @@ class PlanBuffers:
         max_partials: int,
         chunk: int,
         queries_per_group: int,
+        span: int | None = None,
         device: torch.device | str = "cpu",
     ) -> PlanBuffers:
         shapes = {
@@ -593,7 +680,8 @@ class PlanBuffers:
             "q_tree": (max_queries,),
         }
         tensors = {n: torch.zeros(s, dtype=torch.int32, device=device) for n, s in shapes.items()}
-        return cls(chunk, queries_per_group, tensors)
+        _check_span(span)
+        return cls(chunk, queries_per_group, max(span or chunk, chunk), tensors)
 
     def capacity(self) -> PlanSizes:
         t = self.tensors
@@ -623,7 +711,7 @@ def plan_into(
     """
     heads, machine = heads or HeadLayout(), machine or Machine()
     layout, qg, pairs = _choose(tree, buffers.chunk, buffers.queries_per_group, heads, machine)
-    host = _host_arrays(tree, layout, _rows(pairs, layout, qg))
+    host = _host_arrays(tree, layout, _rows(pairs, layout, qg), buffers.span)
     used = PlanSizes(len(host["group_kv_start"]), tree.n_queries, tree.n_kv, len(host["merge_src"]))
     _check_capacity(used, buffers.capacity())
     for name, values in host.items():

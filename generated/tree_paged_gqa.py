@@ -167,8 +167,10 @@ def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, Bits,
     s = 0.12751743082459868 * qk
     if USE_BITS:
         # bit j % 32 of word j // 32 of the slot's row: chunk token j is visible to it
+        # (a full group may be longer than a chunk: it reads no bits)
+        bits_n = tl.where(full != 0, 0, kv_n)
         word = tl.load(Bits + part[:, None] * n_words + (j // 32)[None, :],
-                       mask=row_ok[:, None] & (j < kv_n)[None, :], other=0)
+                       mask=row_ok[:, None] & (j < bits_n)[None, :], other=0)
         seen = ((word >> (j & 31)[None, :]) & 1) != 0
         s = tl.where(seen | (full != 0), s, float("-inf"))
     if BOUND:
@@ -198,10 +200,13 @@ def _tree_partial_kernel(
 ):
     """Stage 1. One program: group g's QG query slots x the GROUP query heads of one KV
     head (rows = slot * GROUP + head; one K/V tile load serves them all) over the group's
-    chunk. Writes a normalized fp32 partial O and base-2 LSE per (slot, head), or with
-    FUSED (every query has exactly one partial) the final O and natural-log LSE."""
-    g = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    KV range (a chunk, or a span of fully visible chunks). Writes a normalized fp32
+    partial O and base-2 LSE per (slot, head), or with FUSED (every query has exactly one
+    partial) the final O and natural-log LSE. Programs run KV head fastest, so the
+    longest groups (a shared prefix comes first in KV order) start first for every head."""
+    pid = tl.program_id(0)
+    g = pid // 8
+    kv_head = pid % 8
     kv_start = tl.load(GroupKvStart + g)
     kv_n = tl.load(GroupKvLen + g)
     full = tl.load(GroupFull + g)
@@ -530,7 +535,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         consts = dict(QG=qg, GROUP=group, ROWS=max(16, triton.next_power_of_2(qg * group)),
                       D_QK=128, D_V=128, FUSED=fused, RETURN_LSE=return_lse,
                       USE_TMA=use_tma)
-        grid = (n_groups, HEADS_KV)
+        grid = (n_groups * HEADS_KV,)
         if config is not None or _INTERPRET:
             _tree_partial_kernel[grid](*args, **consts, BLOCK_N=c["block_n"],
                                        num_warps=c["num_warps"], num_stages=c["num_stages"])

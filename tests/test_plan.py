@@ -26,15 +26,21 @@ from attngen.tree import QueryMode, TreeBatch
 
 
 def coverage(tree: TreeBatch, plan: Plan) -> np.ndarray:
-    """int [n_queries, n_kv]: how many (group, slot) bits cover each (query, token)."""
+    """int [n_queries, n_kv]: how many (group, slot) cover each (query, token), read as
+    the kernel reads a plan: a full group's slots see its whole KV range, any other
+    group's slots see the tokens of their bits."""
     bits = plan.group_bits.numpy().view(np.uint8)
     visible = np.unpackbits(bits, axis=-1, bitorder="little").astype(bool)  # [G, QG, chunk]
-    g, s, j = np.nonzero(visible)
-    query = plan.group_q.numpy()[g, s]
+    full = plan.group_full.numpy().astype(bool)
+    starts, lens, slots = plan.group_kv_start.numpy(), plan.group_kv_len.numpy(), plan.group_q.numpy()
+    g, s, j = np.nonzero(visible & ~full[:, None, None])
+    query = slots[g, s]
     assert (query >= 0).all(), "a padding slot has a bit set"
-    assert (j < plan.group_kv_len.numpy()[g]).all(), "a bit past the chunk's length"
+    assert (j < lens[g]).all(), "a bit past the chunk's length"
     cov = np.zeros((tree.n_queries, tree.n_kv), dtype=np.int64)
-    np.add.at(cov, (query, plan.group_kv_start.numpy()[g] + j), 1)
+    np.add.at(cov, (query, starts[g] + j), 1)
+    for g in np.flatnonzero(full):
+        cov[slots[g][slots[g] >= 0], starts[g] : starts[g] + lens[g]] += 1
     return cov
 
 
@@ -43,11 +49,15 @@ def check_invariants(tree: TreeBatch, plan: Plan) -> None:
     for name in TENSOR_NAMES:
         assert getattr(plan, name).dtype == torch.int32, name
     starts, lens = plan.group_kv_start.numpy(), plan.group_kv_len.numpy()
-    assert (lens >= 1).all() and (lens <= plan.chunk).all()
-    assert (starts + lens <= tree.n_kv).all()
     query, full = plan.group_q.numpy(), plan.group_full.numpy().astype(bool)
+    assert (lens >= 1).all() and (starts + lens <= tree.n_kv).all()
+    # only full groups grow past a chunk (coalesced into spans), by at most a chunk's slack
+    assert ((lens <= plan.chunk) | full).all()
+    assert (lens < max(plan.span, plan.chunk) + plan.chunk).all()
     bits_set = np.unpackbits(plan.group_bits.numpy().view(np.uint8), axis=-1).sum(-1)
-    assert ((bits_set == lens[:, None]) | (query < 0)).all(axis=1).tolist() == full.tolist()
+    chunk_sized = lens <= plan.chunk
+    every_bit = ((bits_set == lens[:, None]) | (query < 0)).all(axis=1)
+    assert every_bit[chunk_sized].tolist() == full[chunk_sized].tolist()
     ptr, src = plan.merge_ptr.numpy(), plan.merge_src.numpy()
     assert ptr[0] == 0 and ptr[-1] == len(src) and (np.diff(ptr) >= 0).all()
     for i in range(tree.n_queries):
@@ -94,9 +104,17 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 
 @SETTINGS
-@given(tree_batches(), st.sampled_from([32, 64, 96, 128, 256]), st.sampled_from([1, 2, 4, 16]))
-def test_every_visible_pair_covered_exactly_once(tree: TreeBatch, chunk: int, qg: int) -> None:
-    check_invariants(tree, plan_tree(tree, chunk=chunk, queries_per_group=qg))
+@given(
+    tree_batches(),
+    st.sampled_from([32, 64, 96, 128, 256]),
+    st.sampled_from([1, 2, 4, 16]),
+    st.sampled_from([1, 2, 3, 8]),
+)
+def test_every_visible_pair_covered_exactly_once(
+    tree: TreeBatch, chunk: int, qg: int, span_chunks: int
+) -> None:
+    plan = plan_tree(tree, chunk=chunk, queries_per_group=qg, span=span_chunks * chunk)
+    check_invariants(tree, plan)
 
 
 @SETTINGS
@@ -125,15 +143,22 @@ def test_identical_inputs_give_identical_tensors(tree: TreeBatch) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(tree_batches(), st.sampled_from([32, 64, 128]), st.sampled_from([1, 4]), st.integers(1, 3))
+@given(
+    tree_batches(),
+    st.sampled_from([32, 64, 128]),
+    st.sampled_from([1, 4]),
+    st.integers(1, 3),
+    st.sampled_from([1, 4]),
+)
 def test_incremental_append_equals_fresh_plan(
-    tree: TreeBatch, chunk: int, qg: int, steps: int
+    tree: TreeBatch, chunk: int, qg: int, steps: int, span_chunks: int
 ) -> None:
-    plan = plan_tree(tree, chunk=chunk, queries_per_group=qg)
+    span = span_chunks * chunk
+    plan = plan_tree(tree, chunk=chunk, queries_per_group=qg, span=span)
     for _ in range(steps):
         tree = tree.append_to_leaves(1)
         plan = replan_after_append(plan, tree)
-    fresh = plan_tree(tree, chunk=chunk, queries_per_group=qg)
+    fresh = plan_tree(tree, chunk=chunk, queries_per_group=qg, span=span)
     check_invariants(tree, plan)
     for name in TENSOR_NAMES:
         assert torch.equal(getattr(plan, name), getattr(fresh, name)), name

@@ -72,6 +72,17 @@ class TreeKernelIR(ModuleIR):
     uses_kv_pos: bool
     uses_batch: bool
 
+    @property
+    def merge_heads(self) -> int:
+        """Query heads one merge program combines: the largest power of two up to 8 that
+        divides the head count (their partial rows are contiguous)."""
+        return min(8, self.heads_q & -self.heads_q)
+
+    @property
+    def merge_partials(self) -> int:
+        """Partials per merge step: 32 partial rows of all merged heads in flight."""
+        return 32 // self.merge_heads
+
 
 # ---------------------------------------------------------------------------------------
 # Passes

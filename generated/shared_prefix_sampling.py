@@ -55,6 +55,9 @@ CONFIGS = [
     dict(block_n=64, num_warps=4, num_stages=3),
     dict(block_n=64, num_warps=4, num_stages=2),
 ]
+#: Stage 2: query heads per merge program, partials per merge step.
+MERGE_HEADS = 8
+MERGE_PARTIALS = 4
 PLAN_TENSORS = ("group_kv_start", "group_kv_len", "group_q", "group_full", "group_bits",
                 "merge_ptr", "merge_src", "q_pos", "kv_pos", "q_tree")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -263,41 +266,41 @@ def _tree_partial_kernel(
 
 @triton.jit
 def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, MergeSrc, stride_on, stride_oh,
-                       PB: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr):
-    """Stage 2. One program: one query head of one query; its partials merged by fp32
-    log-sum-exp in merge_src order, PB partials per step (their loads are independent,
-    so they are in flight together). Same inputs, same bits. A query with no partial
-    gets O = 0, LSE = -inf."""
+                       PB: tl.constexpr, HB: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr):
+    """Stage 2. One program: HB query heads of one query (their partial rows are
+    contiguous); its partials merged by fp32 log-sum-exp in merge_src order, PB partials
+    per step (their loads are independent, so they are in flight together). Same
+    inputs, same bits. A query with no partial gets O = 0, LSE = -inf."""
     qid = tl.program_id(0)
-    head = tl.program_id(1)
+    heads = tl.program_id(1) * HB + tl.arange(0, HB)
     d_v = tl.arange(0, D_V)
     slots = tl.arange(0, PB)
     start = tl.load(MergePtr + qid)
     end = tl.load(MergePtr + qid + 1)
-    m = float("-inf")
-    l = 0.0
-    acc = tl.zeros([D_V], tl.float32)
+    m = tl.full([HB], float("-inf"), tl.float32)
+    l = tl.zeros([HB], tl.float32)
+    acc = tl.zeros([HB, D_V], tl.float32)
     for i in range(start, end, PB):
         ok = i + slots < end
         src = tl.load(MergeSrc + i + slots, mask=ok, other=0)
-        row = src.to(tl.int64) * 32 + head
-        lse = tl.load(LSE_part + row, mask=ok, other=float("-inf"))
-        o = tl.load(O_part + row[:, None] * D_V + d_v[None, :], mask=ok[:, None], other=0.0)
+        row = src.to(tl.int64)[:, None] * 32 + heads[None, :]  # [PB, HB]
+        lse = tl.load(LSE_part + row, mask=ok[:, None], other=float("-inf"))
+        o = tl.load(O_part + row[:, :, None] * D_V + d_v[None, None, :], mask=ok[:, None, None], other=0.0)
         m_new = tl.maximum(m, tl.max(lse, 0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_use)
-        w = tl.math.exp2(lse - m_use)
+        w = tl.math.exp2(lse - m_use[None, :])
         l = l * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
         m = m_new
     empty = l == 0.0
     l_safe = tl.where(empty, 1.0, l)
-    o = acc / l_safe
-    o_ptrs = O + qid.to(tl.int64) * stride_on + head * stride_oh + d_v
-    tl.store(o_ptrs, o.to(O.dtype.element_ty))
+    o = acc / l_safe[:, None]
+    o_ptrs = O + qid.to(tl.int64) * stride_on + heads[:, None] * stride_oh + d_v[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(heads < 32)[:, None])
     if RETURN_LSE:
         lse_out = tl.where(empty, float("-inf"), (m + tl.log2(l_safe)) * 0.6931471805599453)
-        tl.store(LSE + qid.to(tl.int64) * 32 + head, lse_out)
+        tl.store(LSE + qid.to(tl.int64) * 32 + heads, lse_out)
 
 
 def _prune_tree(configs, named_args, **kwargs):
@@ -523,7 +526,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         else:
             _tree_partial_tuned[grid](*args, **consts)
     if not fused:
-        _tree_merge_kernel[(n_queries, HEADS_Q)](
+        _tree_merge_kernel[(n_queries, HEADS_Q // MERGE_HEADS)](
             o_part, lse_part, out, lse, t["merge_ptr"], t["merge_src"], out.stride(0), out.stride(1),
-            PB=16, D_V=128, RETURN_LSE=return_lse)
+            PB=MERGE_PARTIALS, HB=MERGE_HEADS, D_V=128, RETURN_LSE=return_lse)
     return (out, lse) if return_lse else out

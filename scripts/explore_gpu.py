@@ -1,0 +1,217 @@
+"""Exploratory GPU sweeps behind the tuning choices in BENCHMARKS.md (not the benchmark
+itself: `python -m attngen.bench_tree` and `python -m attngen.bench` are). Prints one
+line per measurement and a JSON file per part under $OUT (or ./explore_out).
+
+    python scripts/explore_gpu.py tree decode prefill
+
+tree:    per workload and head layout, plan spans x queries per group x kernel configs,
+         and the merge kernel timed alone;
+decode:  the window + sinks decode case over splits and configs, and its merge alone;
+prefill: the causal prefill case over configs, beside FlexAttention.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import triton
+
+import attngen
+from attngen.bench_tree import LAYOUTS, tree_spec
+from attngen.cost import HeadLayout
+from attngen.plan import plan_tree
+from attngen.spec import load_spec
+from attngen.workloads import REFERENCE_SHAPES, WORKLOADS
+
+OUT = Path(os.environ.get("OUT", "explore_out"))
+DEADLINE = time.monotonic() + float(os.environ.get("EXPLORE_SECONDS", "1e9"))
+
+
+def graph_us(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")) * 1e3
+
+
+def eager_us(fn) -> float:
+    fn()
+    return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")) * 1e3
+
+
+def out_of_time() -> bool:
+    return time.monotonic() > DEADLINE
+
+
+TREE_CONFIGS = {
+    "n64w4s3": dict(block_n=64, num_warps=4, num_stages=3),
+    "n128w4s3": dict(block_n=128, num_warps=4, num_stages=3),
+    "n64w8s3": dict(block_n=64, num_warps=8, num_stages=3),
+    "n128w8s3": dict(block_n=128, num_warps=8, num_stages=3),
+}
+
+
+def tree(results: list) -> None:
+    dev = torch.device("cuda")
+    for name in REFERENCE_SHAPES:
+        w = WORKLOADS[name]()
+        for layout, (hq, hkv) in LAYOUTS.items():
+            if out_of_time():
+                return
+            spec = tree_spec(w.tree.query_mode, hq, hkv)
+            module = attngen.load(spec)
+            heads = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128)
+            chosen = plan_tree(w.tree, heads=heads)
+            n_kv, n_q = chosen.n_kv, chosen.n_queries
+            gen = torch.Generator(device=dev).manual_seed(0)
+            q = torch.randn(n_q, hq, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+            k = torch.randn(n_kv, hkv, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+            v = torch.randn(n_kv, hkv, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+            ref = None
+            cap = triton.next_power_of_2(n_q)
+            qgs = sorted({g for g in heads.queries_per_group_choices() if g * heads.group >= 32 and g <= cap}
+                         | {chosen.queries_per_group})
+            for chunk in (512,):
+                for qg in qgs:
+                    for span in (chunk, 1024, 2048, 4096, 8192):
+                        if span < chunk:
+                            continue
+                        plan = plan_tree(w.tree, chunk=chunk, queries_per_group=qg, span=span,
+                                         heads=heads, device=dev)
+                        rows = max(16, triton.next_power_of_2(qg * heads.group))
+                        for cname, cfg in TREE_CONFIGS.items():
+                            if rows >= 128 and cfg["num_warps"] == 4 and cfg["block_n"] == 128:
+                                continue
+                            try:
+                                out = module.attention(q, k, v, plan, config=cfg)
+                                if ref is None:
+                                    ref = out.float()
+                                err = float((out.float() - ref).norm() / ref.norm())
+                                us = graph_us(partial(module.attention, q, k, v, plan, config=cfg))
+                            except Exception as e:
+                                print(f"tree {name} {layout} c{chunk} qg{qg} s{span} {cname}: {type(e).__name__} {e}"[:200])
+                                continue
+                            row = dict(part="tree", workload=name, layout=layout, chunk=chunk, qg=qg,
+                                       span=span, config=cname, us=us, groups=plan.n_groups,
+                                       partials=plan.n_partials, pred_us=plan.cost.time_s * 1e6, err=err,
+                                       chosen=(chunk, qg, span) == (chosen.chunk, chosen.queries_per_group,
+                                                                    chosen.span))
+                            results.append(row)
+                            print(f"tree {name:15} {layout} c{chunk:4} qg{qg:3} s{span:5} {cname:9} "
+                                  f"{us:8.1f} us  G={plan.n_groups:5} P={plan.n_partials:5} "
+                                  f"pred {plan.cost.time_s * 1e6:7.1f} err {err:.1e}", flush=True)
+            # the cost model's plan through the autotuner, as a user calls it
+            dev_plan = plan_tree(w.tree, heads=heads, device=dev)
+            module.attention(q, k, v, dev_plan)
+            us = graph_us(partial(module.attention, q, k, v, dev_plan))
+            results.append(dict(part="tree_auto", workload=name, layout=layout, chunk=dev_plan.chunk,
+                                qg=dev_plan.queries_per_group, span=dev_plan.span, us=us))
+            print(f"auto {name:15} {layout} c{dev_plan.chunk} qg{dev_plan.queries_per_group} "
+                  f"s{dev_plan.span} {us:8.1f} us", flush=True)
+            # the merge alone, on the chosen plan's partial buffers
+            dev_plan = plan_tree(w.tree, chunk=chosen.chunk, queries_per_group=chosen.queries_per_group,
+                                 span=chosen.span, heads=heads, device=dev)
+            t = dev_plan.tensors()
+            o_part = torch.randn(dev_plan.n_groups * dev_plan.queries_per_group, hq, 128, device=dev)
+            lse_part = torch.randn(dev_plan.n_groups * dev_plan.queries_per_group, hq, device=dev)
+            out = torch.empty(n_q, hq, 128, device=dev, dtype=torch.bfloat16)
+
+            merge = partial(module._tree_merge_kernel[(n_q, hq)], o_part, lse_part, out, out, t["merge_ptr"],
+                            t["merge_src"], out.stride(0), out.stride(1), PB=16, D_V=128, RETURN_LSE=False)
+            us = graph_us(merge)
+            results.append(dict(part="tree_merge", workload=name, layout=layout, us=us,
+                                partials=dev_plan.n_partials))
+            print(f"merge {name:15} {layout} {us:8.1f} us  P={dev_plan.n_partials}", flush=True)
+
+
+def decode(results: list) -> None:
+    spec = load_spec(Path("specs/sliding_window_sinks_decode.yaml"))
+    module = attngen.load(spec)
+    B, L, hq, hkv = 8, 32768, spec.heads.q, spec.heads.kv
+    q = torch.randn(B, hq, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B * L, hkv, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B * L, hkv, 128, device="cuda", dtype=torch.bfloat16)
+    cu = torch.arange(0, B + 1, device="cuda", dtype=torch.int32) * L
+    ref = module.attention(q, k, v, cu, max_seqlen_k=L).float()
+    for splits in (4, 8, 12, 16, 24):
+        for bn, nw, ns in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (64, 2, 3)):
+            if out_of_time():
+                return
+            cfg = dict(block_m=16, block_n=bn, num_warps=nw, num_stages=ns, num_splits=splits)
+            try:
+                out = module.attention(q, k, v, cu, max_seqlen_k=L, config=cfg)
+                err = float((out.float() - ref).norm() / ref.norm())
+                us = graph_us(lambda cfg=cfg: module.attention(q, k, v, cu, max_seqlen_k=L, config=cfg))
+            except Exception as e:
+                print(f"decode {cfg}: {type(e).__name__} {e}"[:200])
+                continue
+            results.append(dict(part="decode", **cfg, us=us, err=err))
+            print(f"decode splits {splits:3} n{bn} w{nw} s{ns} {us:7.1f} us err {err:.1e}", flush=True)
+    for splits in (8, 16):
+        o_part = torch.randn(B * hq * splits, 128, device="cuda")
+        lse_part = torch.randn(B * hq * splits, device="cuda")
+        out = torch.empty(B, hq, 128, device="cuda", dtype=torch.bfloat16)
+
+        def merge(splits=splits, o_part=o_part, lse_part=lse_part, out=out):
+            module._decode_merge_kernel[(hq, B)](o_part, lse_part, out, out, splits, out.stride(0), out.stride(1),
+                                                 BLOCK_S=triton.next_power_of_2(splits), D_V=128,
+                                                 RETURN_LSE=False)
+
+        us = graph_us(merge)
+        results.append(dict(part="decode_merge", num_splits=splits, us=us))
+        print(f"decode merge alone, {splits} splits: {us:.1f} us", flush=True)
+
+
+def prefill(results: list) -> None:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    spec = load_spec(Path("specs/causal_prefill.yaml"))
+    module = attngen.load(spec)
+    B, S, H = 4, 4096, 32
+    q = torch.randn(B * S, H, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B * S, H, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B * S, H, 128, device="cuda", dtype=torch.bfloat16)
+    cu = torch.arange(0, B + 1, device="cuda", dtype=torch.int32) * S
+    pq, pk, pv = (x.view(B, S, H, 128).transpose(1, 2).contiguous() for x in (q, k, v))
+    mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S, device="cuda")
+    flex = torch.compile(flex_attention)
+    flex_us = eager_us(lambda: flex(pq, pk, pv, block_mask=mask))
+    results.append(dict(part="prefill_flex", us=flex_us))
+    print(f"prefill flex {flex_us:.1f} us", flush=True)
+    for bm, bn, nw, ns in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+                           (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (256, 64, 8, 3)):
+        if out_of_time():
+            return
+        cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+        try:
+            us = eager_us(lambda cfg=cfg: module.attention(q, k, v, cu, cu, max_seqlen_q=S, max_seqlen_k=S,
+                                                           config=cfg))
+        except Exception as e:
+            print(f"prefill {cfg}: {type(e).__name__} {e}"[:200])
+            continue
+        results.append(dict(part="prefill", **cfg, us=us, vs_flex=flex_us / us))
+        print(f"prefill m{bm} n{bn} w{nw} s{ns} {us:8.1f} us  flex/ours {flex_us / us:.3f}", flush=True)
+    flex_us = eager_us(lambda: flex(pq, pk, pv, block_mask=mask))
+    results.append(dict(part="prefill_flex", us=flex_us))
+    print(f"prefill flex again {flex_us:.1f} us", flush=True)
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    for part in sys.argv[1:] or ["tree", "decode", "prefill"]:
+        results: list = []
+        try:
+            {"tree": tree, "decode": decode, "prefill": prefill}[part](results)
+        finally:
+            (OUT / f"{part}.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

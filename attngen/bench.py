@@ -91,7 +91,8 @@ PRESETS: dict[str, Preset] = {
         "prefill_causal",
         {"name": "causal_prefill", "description": "Causal self-attention prefill, Llama-2-7B-like heads (32 q / 32 kv, D=128).",
          "heads": {"q": 32, "kv": 32}, "head_dim": 128, "dtype": "bf16",
-         "topology": {"kind": "sequence", "queries": "prefill"}, "mask": ["causal"]},
+         "topology": {"kind": "sequence", "queries": "prefill"}, "mask": ["causal"],
+         "tune": {"block_m": [128, 64], "block_n": [128], "num_warps": [8, 4], "num_stages": [3]}},
         Shape(4, 4096, 4096),
     ),
     "decode_window_sinks_32k": Preset(
@@ -366,7 +367,10 @@ def bench_spec(spec: Spec, shape: Shape, rates: DeviceRates, *, seed: int = 0) -
             return module.attention(q, k, v, cu_q, cu_k, max_seqlen_q=shape.q_len,
                                     max_seqlen_k=shape.kv_len, **kernel_tensors)
     reference = ours()
-    result.timings.append(_timing("attngen", _time(ours, decode), work))
+    us = _time(ours, decode)
+    tuned = getattr(module, "_decode_split_tuned" if decode else "_prefill_tuned", None)
+    picked = getattr(tuned, "best_config", None)
+    result.timings.append(_timing("attngen", us, work, f"autotuner picked {picked}" if picked else ""))
 
     pq, pk, pv = peer_inputs(q, k, v, shape)
     ref_padded = reference.view(B, shape.q_len, Hq, -1).transpose(1, 2)

@@ -96,7 +96,8 @@ def _planning_ms(workload: Workload, heads: Any) -> tuple[float, float | None]:
     times = []
     for _ in range(20):
         t0 = time.perf_counter()
-        plan_tree(workload.tree, chunk=plan.chunk, queries_per_group=plan.queries_per_group, heads=heads)
+        plan_tree(workload.tree, chunk=plan.chunk, queries_per_group=plan.queries_per_group, span=plan.span,
+                  heads=heads)
         times.append(time.perf_counter() - t0)
     replan = None
     if workload.tree.query_mode == "node":

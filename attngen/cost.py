@@ -9,14 +9,16 @@ the partials back and merges them per query. They are compiled once at import
 Symbols (all plain sympy Symbols, positive):
 
 - plan: ``C`` chunk, ``QG`` queries per group, ``G`` groups, ``T`` KV tokens read
-  (the sum of group KV lengths), ``W`` tokens of the longest group, ``P`` partials,
-  ``NQ`` queries, ``L`` launches;
+  (the sum of group KV lengths), ``W`` tokens of the longest group and ``NW`` the groups
+  of at least half that, ``P`` partials, ``NQ`` queries, ``L`` launches;
 - heads: ``Hq``, ``Hkv``, ``Dqk``, ``Dv``, ``E`` bytes per element, ``R_min`` the
   minimum rows of a matrix-unit tile;
 - comparison: ``T_branch`` KV tokens read by per-branch decoding (the sum of each
   query's visible tokens), ``T_unique`` unique KV tokens (the floor);
 - machine: ``BW`` bytes/s, ``RATE`` FLOP/s, ``LAUNCH`` s per launch, ``SMS`` SM count,
-  ``OVH`` fixed seconds per program.
+  ``OVH`` fixed seconds per program, ``POVH`` seconds per partial row, ``EFF`` the share
+  of an SM's matrix rate one program sustains, ``KSM`` an SM's streaming rate over its
+  share of the DRAM bandwidth.
 
 >>> layout = HeadLayout(heads_q=32, heads_kv=8, head_dim_qk=128, head_dim_v=128)
 >>> int(kv_bytes_of(tokens=1, layout=layout))
@@ -31,10 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-C, QG, G, T, P, NQ, L, W = sp.symbols("C QG G T P NQ L W", positive=True)
+C, QG, G, T, P, NQ, L, W, NW = sp.symbols("C QG G T P NQ L W NW", positive=True)
 Hq, Hkv, Dqk, Dv, E, R_min = sp.symbols("Hq Hkv Dqk Dv E R_min", positive=True)
 T_branch, T_unique = sp.symbols("T_branch T_unique", positive=True)
-BW, RATE, LAUNCH, SMS, OVH = sp.symbols("BW RATE LAUNCH SMS OVH", positive=True)
+BW, RATE, LAUNCH, SMS, OVH, POVH, EFF, KSM = sp.symbols(
+    "BW RATE LAUNCH SMS OVH POVH EFF KSM", positive=True
+)
 
 #: Bytes of K and V per token over all KV heads.
 KV_TOKEN_BYTES = Hkv * (Dqk + Dv) * E
@@ -52,12 +56,19 @@ TOTAL_BYTES = KV_BYTES + Q_BYTES + PARTIAL_BYTES + OUT_BYTES
 ROWS = sp.Max(QG * Hq / Hkv, R_min)
 #: Matrix-unit FLOPs: QK^T and PV over the rows of a KV head.
 FLOPS = 2 * T * Hkv * ROWS * (Dqk + Dv)
-#: The longest program (W tokens of one KV head) running on one SM at its share of the
-#: machine: a plan of few or unequal programs cannot finish before it does.
-LONGEST = sp.Max(SMS * W * (Dqk + Dv) * E / BW, SMS * 2 * W * ROWS * (Dqk + Dv) / RATE)
-#: Each (group, KV head) program pays a fixed cost (query load, pipeline fill, partial
-#: store) of OVH seconds of one SM.
-TIME = sp.Max(TOTAL_BYTES / BW, FLOPS / RATE, LONGEST) + G * Hkv * OVH / SMS + L * LAUNCH
+#: Seconds one SM spends on one KV token of one program: its K/V bytes at KSM times the
+#: SM's share of the DRAM bandwidth (L2 serves the groups that share a chunk), or its
+#: FLOPs at EFF times the SM's share of the matrix rate, whichever is longer.
+TOKEN_TIME = sp.Max((Dqk + Dv) * E * SMS / (KSM * BW), 2 * ROWS * (Dqk + Dv) * SMS / (EFF * RATE))
+#: All (group, KV head) programs spread over the SMs, each with a fixed cost OVH
+#: (query load, pipeline fill, partial store).
+SPREAD = (T * TOKEN_TIME + G * OVH) * Hkv / SMS
+#: The longest programs (NW groups of about W tokens, times the KV heads) run in waves
+#: of one per SM: a plan of few or unequal programs cannot finish before they do.
+WAVES = sp.ceiling(NW * Hkv / SMS) * (W * TOKEN_TIME + OVH)
+#: Each partial row (per query head) also costs POVH seconds: its store, the merge's
+#: dependent loads (calibrated on an H200 with the tree kernels' exploration sweep).
+TIME = sp.Max(TOTAL_BYTES / BW, SPREAD, WAVES) + P * Hq * POVH + L * LAUNCH
 #: Per-branch (sequence-based) decoding: each query reads its whole root path's KV.
 BRANCH_BYTES = T_branch * KV_TOKEN_BYTES + NQ * Hq * (Dqk + Dv) * E
 #: The IO floor: each unique KV byte once.
@@ -69,6 +80,7 @@ _ARGS = (
     G,
     T,
     W,
+    NW,
     P,
     NQ,
     L,
@@ -85,6 +97,9 @@ _ARGS = (
     LAUNCH,
     SMS,
     OVH,
+    POVH,
+    EFF,
+    KSM,
 )
 
 
@@ -120,7 +135,7 @@ class HeadLayout:
     head_dim_v: int = 128
     dtype_bytes: int = 2
     max_rows: int = 128
-    min_rows: int = 16
+    min_rows: int = 64  # a warpgroup's matrix instruction computes 64 rows at least
 
     @property
     def group(self) -> int:
@@ -144,7 +159,11 @@ class Machine:
     matmul_rate: float = 6.9e14  # bf16 8192^3 GEMM on random data, same machine
     launch_overhead: float = 3.0e-6
     sms: int = 132
+    # fitted to the tree kernels' plan sweep on an H200 (scripts/explore_gpu.py tree)
     program_overhead: float = 1.0e-6
+    partial_overhead: float = 8.0e-9
+    matmul_efficiency: float = 0.5
+    sm_stream_factor: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +175,7 @@ class PlanStats:
     groups: int | np.ndarray
     tokens_read: int | np.ndarray
     longest: int | np.ndarray
+    n_longest: int | np.ndarray
     partials: int | np.ndarray
     queries: int
     launches: int | np.ndarray
@@ -198,6 +218,7 @@ def _values(stats: PlanStats, layout: HeadLayout, machine: Machine) -> tuple[obj
         stats.groups,
         stats.tokens_read,
         stats.longest,
+        stats.n_longest,
         stats.partials,
         stats.queries,
         stats.launches,
@@ -214,6 +235,9 @@ def _values(stats: PlanStats, layout: HeadLayout, machine: Machine) -> tuple[obj
         machine.launch_overhead,
         machine.sms,
         machine.program_overhead,
+        machine.partial_overhead,
+        machine.matmul_efficiency,
+        machine.sm_stream_factor,
     )
 
 

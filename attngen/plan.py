@@ -295,12 +295,14 @@ def _stats(tree: TreeBatch, layout: _Chunking, counts: _PairCounts, qg: np.ndarr
     qg_arr = np.atleast_1d(np.asarray(qg, dtype=np.int64))
     groups = -(-counts.per_chunk[None, :] // qg_arr[:, None])
     launches = 1 if counts.per_query.max(initial=0) <= 1 else 2
+    longest = int(layout.length.max(initial=0))
     return PlanStats(
         chunk=layout.chunk,
         queries_per_group=qg_arr,
         groups=groups.sum(axis=1),
         tokens_read=(groups * layout.length[None, :]).sum(axis=1),
-        longest=int(layout.length.max(initial=0)),
+        longest=longest,
+        n_longest=groups[:, 2 * layout.length >= longest].sum(axis=1),
         partials=counts.total,
         queries=tree.n_queries,
         launches=launches,
@@ -445,37 +447,109 @@ class _Groups:
     full: np.ndarray  # [G] bool
 
 
-def _span_groups(layout: _Chunking, rows: _Rows, span: int) -> _Groups:
-    """Coalesce runs of full groups that have the same query slots over contiguous KV
-    (the pieces of one long node, e.g. a shared prefix) into groups of about ``span``
-    tokens. A run of n tokens becomes ceil(n / span) groups of near-equal length (chunk
+#: Odd 64-bit multipliers for hashing a group's query slots (wrapping arithmetic).
+_ROW_WEIGHTS = np.random.default_rng(0x5EED).integers(1, 2**62, 1024, dtype=np.int64) | 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Runs:
+    """The span-independent half of coalescing: the full groups that share their query
+    slots over contiguous KV (the pieces of one long node, e.g. a shared prefix), as runs."""
+
+    order: np.ndarray  # full groups sorted by (query slots, KV start)
+    run: np.ndarray  # the run of each entry of ``order``
+    offset: np.ndarray  # tokens from its run's start to each entry's
+    members: np.ndarray  # [runs] groups in the run
+    tokens: np.ndarray  # [runs] tokens in the run
+    slots: np.ndarray  # [runs] real query slots (partials per piece)
+
+    @staticmethod
+    def of(layout: _Chunking, rows: _Rows) -> _Runs:
+        start, length = layout.start[rows.chunk], layout.length[rows.chunk]
+        full = np.flatnonzero(rows.full)
+        if full.size == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return _Runs(empty, empty, empty, empty, empty, empty)
+        # a hash brings equal slot rows together; neighbours are then compared exactly, so
+        # a collision can only split a run, never join different queries
+        query = rows.query[full]
+        row_hash = (query + 1) @ _ROW_WEIGHTS[np.arange(query.shape[1]) % len(_ROW_WEIGHTS)]
+        by = np.lexsort((start[full], row_hash))
+        order, q = full[by], query[by]
+        s, ln = start[order], length[order]
+        new_run = np.r_[True, (q[1:] != q[:-1]).any(axis=1) | (s[1:] != s[:-1] + ln[:-1])]
+        run = np.cumsum(new_run) - 1
+        first = np.flatnonzero(new_run)
+        return _Runs(
+            order,
+            run,
+            s - s[first][run],
+            np.diff(np.r_[first, len(order)]),
+            np.add.reduceat(ln, first),
+            (rows.query[order[first]] >= 0).sum(axis=1),
+        )
+
+    def pieces(self, span: int, chunk: int) -> np.ndarray:
+        """Groups each run becomes: ceil(tokens / span), or its members when span <= chunk."""
+        if span <= chunk:
+            return self.members
+        return -(-self.tokens // span)
+
+
+def _span_groups(layout: _Chunking, rows: _Rows, span: int, runs: _Runs | None = None) -> _Groups:
+    """Coalesce each run of full groups (see :class:`_Runs`) into groups of about ``span``
+    tokens: a run of n tokens becomes ceil(n / span) groups of near-equal length (chunk
     boundaries kept, so each is within one chunk of n / ceil(n / span)). Groups stay in
     ascending KV order, which is the merge order."""
     start, length = layout.start[rows.chunk], layout.length[rows.chunk]
-    n = len(start)
-    if span <= layout.chunk or n < 2 or not rows.full.any():
+    if span <= layout.chunk or len(start) < 2 or not rows.full.any():
         return _Groups(start, length, rows.query, rows.bits, rows.full)
-    _, row_id = np.unique(rows.query, axis=0, return_inverse=True)
-    row_id = row_id.reshape(-1)
-    full = np.flatnonzero(rows.full)
-    order = full[np.lexsort((start[full], row_id[full]))]
-    s, ln, r = start[order], length[order], row_id[order]
-    new_run = np.r_[True, (r[1:] != r[:-1]) | (s[1:] != s[:-1] + ln[:-1])]
-    run = np.cumsum(new_run) - 1
-    first = np.flatnonzero(new_run)
-    run_tokens = np.add.reduceat(ln, first)
-    pieces = -(-run_tokens // span)
-    offset = s - s[first][run]
-    piece = (np.cumsum(pieces) - pieces)[run] + offset * pieces[run] // run_tokens[run]
+    runs = runs or _Runs.of(layout, rows)
+    pieces = runs.pieces(span, layout.chunk)
+    piece = (np.cumsum(pieces) - pieces)[runs.run] + runs.offset * pieces[runs.run] // runs.tokens[runs.run]
     # every group's key: its coalesced piece (full groups) or a fresh one (the rest)
-    key = np.empty(n, dtype=np.int64)
-    key[order] = piece
+    key = np.empty(len(start), dtype=np.int64)
+    key[runs.order] = piece
     rest = np.flatnonzero(~rows.full)
     key[rest] = int(pieces.sum()) + np.arange(len(rest))
     uniq, first_member, inverse = np.unique(key, return_index=True, return_inverse=True)
     keep = np.sort(first_member)  # groups ordered by their first member: ascending KV
     total = np.bincount(inverse, weights=length, minlength=len(uniq)).astype(np.int64)
     return _Groups(start[keep], total[inverse[keep]], rows.query[keep], rows.bits[keep], rows.full[keep])
+
+
+def _span_stats(
+    tree: TreeBatch, layout: _Chunking, rows: _Rows, qg: int, spans: np.ndarray
+) -> PlanStats:
+    """Plan quantities after coalescing at each of ``spans`` (vectorized), without
+    building the groups; piece lengths are taken as even splits of their run."""
+    runs = _Runs.of(layout, rows)
+    length = layout.length[rows.chunk]
+    rest = length[~rows.full]
+    rest_partials = int((rows.query[~rows.full] >= 0).sum())
+    pieces = np.stack([runs.pieces(int(sp), layout.chunk) for sp in spans])  # [spans, runs]
+    piece_len = -(-runs.tokens[None, :] // np.maximum(pieces, 1))
+    # uncoalesced: each member is at most a chunk
+    piece_len = np.where(spans[:, None] <= layout.chunk, np.minimum(piece_len, layout.chunk), piece_len)
+    longest = np.maximum(piece_len.max(axis=1, initial=0), rest.max(initial=0))
+    n_longest = (pieces * (2 * piece_len >= longest[:, None])).sum(axis=1) + (
+        2 * rest[None, :] >= longest[:, None]
+    ).sum(axis=1)
+    partials = (pieces * runs.slots[None, :]).sum(axis=1) + rest_partials
+    per_query = np.bincount(rows.query[rows.query >= 0], minlength=tree.n_queries)
+    return PlanStats(
+        chunk=layout.chunk,
+        queries_per_group=qg,
+        groups=pieces.sum(axis=1) + len(rest),
+        tokens_read=int(length.sum()),
+        longest=longest,
+        n_longest=n_longest,
+        partials=partials,
+        queries=tree.n_queries,
+        launches=1 if per_query.max(initial=0) <= 1 else 2,
+        branch_tokens=int(tree.query_visible_counts.sum()),
+        unique_tokens=tree.needed_kv_tokens,
+    )
 
 
 def _host_arrays(tree: TreeBatch, layout: _Chunking, rows: _Rows, span: int) -> dict[str, np.ndarray]:
@@ -504,6 +578,7 @@ def _group_stats(tree: TreeBatch, chunk: int, qg: int, groups: _Groups) -> PlanS
         groups=len(groups.start),
         tokens_read=int(groups.length.sum()),
         longest=int(groups.length.max(initial=0)),
+        n_longest=int((2 * groups.length >= groups.length.max(initial=0)).sum()),
         partials=int(per_query.sum()),
         queries=tree.n_queries,
         launches=1 if per_query.max(initial=0) <= 1 else 2,
@@ -512,18 +587,36 @@ def _group_stats(tree: TreeBatch, chunk: int, qg: int, groups: _Groups) -> PlanS
     )
 
 
-def _choose_span(
-    tree: TreeBatch, layout: _Chunking, rows: _Rows, qg: int, heads: HeadLayout, machine: Machine
-) -> int:
-    """The span of least predicted time among the chunk itself (no coalescing) and the
-    :data:`SPAN_CHOICES` above it; ties go to the smallest."""
-    best, best_time = layout.chunk, np.inf
-    for span in (layout.chunk, *(s for s in SPAN_CHOICES if s > layout.chunk)):
-        stats = _group_stats(tree, layout.chunk, qg, _span_groups(layout, rows, span))
-        t = float(evaluate("time_s", stats, heads, machine))
-        if t < best_time:
-            best, best_time = span, t
-    return best
+def _choose_qg_span(
+    tree: TreeBatch,
+    layout: _Chunking,
+    pairs: _Pairs,
+    qg: int,
+    fixed_qg: bool,
+    span: int | None,
+    heads: HeadLayout,
+    machine: Machine,
+) -> tuple[int, int, _Rows]:
+    """Queries per group and span of least predicted time, with the rows of the winner.
+    QG ranges over the first choice and its neighbours (unless fixed), span over the chunk
+    itself (no coalescing) and the :data:`SPAN_CHOICES` above it (unless given); ties go
+    to the smallest QG, then the smallest span."""
+    choices = heads.queries_per_group_choices()
+    at = choices.index(qg) if qg in choices else 0
+    qgs = [qg] if fixed_qg else list(choices[max(at - 1, 0) : at + 2])
+    spans = np.asarray(
+        [span] if span is not None else [layout.chunk, *(s for s in SPAN_CHOICES if s > layout.chunk)],
+        dtype=np.int64,
+    )
+    best: tuple[float, int, int, _Rows] | None = None
+    for g in qgs:
+        rows = _rows(pairs, layout, g)
+        times = evaluate("time_s", _span_stats(tree, layout, rows, g, spans), heads, machine)
+        i = int(np.argmin(times))
+        if best is None or times[i] < best[0]:
+            best = (float(times[i]), g, int(spans[i]), rows)
+    assert best is not None
+    return best[1], best[2], best[3]
 
 
 def _make_plan(
@@ -570,9 +663,12 @@ def plan_tree(
     heads, machine = heads or HeadLayout(), machine or Machine()
     _check_span(span)
     layout, qg, pairs = _choose(tree, chunk, queries_per_group, heads, machine)
-    rows = _rows(pairs, layout, qg)
-    if span is None:
-        span = _choose_span(tree, layout, rows, qg, heads, machine)
+    if queries_per_group is not None and span is not None:
+        rows = _rows(pairs, layout, qg)
+    else:
+        qg, span, rows = _choose_qg_span(
+            tree, layout, pairs, qg, queries_per_group is not None, span, heads, machine
+        )
     return _make_plan(tree, layout, rows, qg, max(span, layout.chunk), heads, machine, device)
 
 

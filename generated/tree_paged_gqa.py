@@ -57,7 +57,7 @@ CONFIGS = [
 ]
 #: Stage 2: query heads per merge program, partials per merge step.
 MERGE_HEADS = 8
-MERGE_PARTIALS = 4
+MERGE_PARTIALS = 2
 PLAN_TENSORS = ("group_kv_start", "group_kv_len", "group_q", "group_full", "group_bits",
                 "merge_ptr", "merge_src", "q_pos", "kv_pos", "q_tree")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -196,7 +196,7 @@ def _tree_partial_kernel(
     Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
     GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, QPos, KvPos, QTree,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-    n_words, n_batch,
+    n_words, n_batch, span, groups_bucket,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -320,7 +320,8 @@ _tree_partial_tuned = triton.autotune(
                       pre_hook=_set_block_shapes)
         for c in CONFIGS
     ],
-    key=["n_words", "QG", "GROUP", "FUSED"],
+    # a plan's shape (span, about how many groups) changes the best tile: one choice per shape
+    key=["n_words", "span", "groups_bucket", "QG", "GROUP", "FUSED"],
     prune_configs_by={"early_config_prune": _prune_tree},
 )(_tree_partial_kernel)
 
@@ -534,7 +535,8 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
                 t["group_kv_start"], t["group_kv_len"], t["group_q"], t["group_full"], t["group_bits"],
                 t["q_pos"], t["kv_pos"], t["q_tree"],
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
-                out.stride(0), out.stride(1), chunk // 32, n_batch)
+                out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)),
+                triton.next_power_of_2(n_groups))
         consts = dict(QG=qg, GROUP=group, ROWS=max(16, triton.next_power_of_2(qg * group)),
                       D_QK=128, D_V=128, FUSED=fused, RETURN_LSE=return_lse,
                       USE_TMA=use_tma)

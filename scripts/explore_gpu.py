@@ -50,9 +50,7 @@ def out_of_time() -> bool:
 
 TREE_CONFIGS = {
     "n64w4s3": dict(block_n=64, num_warps=4, num_stages=3),
-    "n128w4s3": dict(block_n=128, num_warps=4, num_stages=3),
     "n64w8s3": dict(block_n=64, num_warps=8, num_stages=3),
-    "n128w8s3": dict(block_n=128, num_warps=8, num_stages=3),
 }
 
 
@@ -78,7 +76,7 @@ def tree(results: list) -> None:
                          | {chosen.queries_per_group})
             for chunk in (512,):
                 for qg in qgs:
-                    for span in (chunk, 1024, 2048, 4096, 8192):
+                    for span in (chunk, 1024, 2048, 4096, 8192, 16384):
                         if span < chunk:
                             continue
                         plan = plan_tree(w.tree, chunk=chunk, queries_per_group=qg, span=span,
@@ -201,13 +199,77 @@ def prefill(results: list) -> None:
     print(f"prefill flex again {flex_us:.1f} us", flush=True)
 
 
+def prefill_tuned(results: list) -> None:
+    """The autotuned launch against the same config given explicitly, interleaved."""
+    from attngen.bench import PRESETS
+    from attngen.spec import parse_spec
+
+    spec = parse_spec(PRESETS["prefill_causal"].spec)
+    module = attngen.load(spec)
+    B, S, H = 4, 4096, 32
+    q = torch.randn(B * S, H, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B * S, H, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B * S, H, 128, device="cuda", dtype=torch.bfloat16)
+    cu = torch.arange(0, B + 1, device="cuda", dtype=torch.int32) * S
+    tuned = partial(module.attention, q, k, v, cu, cu, max_seqlen_q=S, max_seqlen_k=S)
+    tuned()
+    best = module._prefill_tuned.best_config
+    cfg = dict(block_m=best.kwargs["BLOCK_M"], block_n=best.kwargs["BLOCK_N"], num_warps=best.num_warps,
+               num_stages=best.num_stages)
+    explicit = partial(tuned, config=cfg)
+    for i in range(3):
+        for name, fn in (("tuned", tuned), ("explicit", explicit)):
+            us = eager_us(fn)
+            results.append(dict(part="prefill_tuned", variant=name, us=us, config=cfg, round=i))
+            print(f"prefill {name:8} {cfg} {us:8.1f} us", flush=True)
+
+
+def merge(results: list) -> None:
+    """The merge kernel alone at several (heads, partials) per program, and the whole
+    call (autotuned, and with an explicit config), on the cost model's plans."""
+    dev = torch.device("cuda")
+    cases = [("tot_d3_w3", "mha"), ("spec_16k_184", "mha"), ("fewshot_32k_x64", "gqa"), ("spec_4k_92", "gqa"),
+             ("fewshot_4k_x20", "mha")]
+    for name, layout in cases:
+        w = WORKLOADS[name]()
+        hq, hkv = LAYOUTS[layout]
+        module = attngen.load(tree_spec(w.tree.query_mode, hq, hkv))
+        heads = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128)
+        plan = plan_tree(w.tree, heads=heads, device=dev)
+        n_q = plan.n_queries
+        q = torch.randn(n_q, hq, 128, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(plan.n_kv, hkv, 128, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(plan.n_kv, hkv, 128, device=dev, dtype=torch.bfloat16)
+        t = plan.tensors()
+        rows = plan.n_groups * plan.queries_per_group
+        o_part = torch.randn(rows, hq, 128, device=dev)
+        lse_part = torch.randn(rows, hq, device=dev)
+        out = torch.empty(n_q, hq, 128, device=dev, dtype=torch.bfloat16)
+        for hb, pb, nw in ((1, 16, 4), (2, 16, 4), (4, 8, 4), (8, 4, 4), (8, 4, 8), (8, 2, 4), (4, 4, 4)):
+            fn = partial(module._tree_merge_kernel[(n_q, hq // hb)], o_part, lse_part, out, out, t["merge_ptr"],
+                         t["merge_src"], out.stride(0), out.stride(1), PB=pb, HB=hb, D_V=128, RETURN_LSE=False,
+                         num_warps=nw)
+            us = graph_us(fn)
+            results.append(dict(part="merge", workload=name, layout=layout, hb=hb, pb=pb, warps=nw, us=us,
+                                partials=plan.n_partials))
+            print(f"merge {name:15} {layout} HB{hb} PB{pb:2} w{nw} {us:7.1f} us  P={plan.n_partials}", flush=True)
+        auto = graph_us(partial(module.attention, q, k, v, plan))
+        fixed = graph_us(partial(module.attention, q, k, v, plan,
+                                 config=dict(block_n=64, num_warps=4, num_stages=3)))
+        results.append(dict(part="call", workload=name, layout=layout, auto=auto, n64w4s3=fixed,
+                            qg=plan.queries_per_group, span=plan.span))
+        print(f"call  {name:15} {layout} qg{plan.queries_per_group} s{plan.span} auto {auto:7.1f} "
+              f"n64w4s3 {fixed:7.1f}", flush=True)
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     for part in sys.argv[1:] or ["tree", "decode", "prefill"]:
         results: list = []
         try:
-            {"tree": tree, "decode": decode, "prefill": prefill}[part](results)
+            {"tree": tree, "decode": decode, "prefill": prefill, "prefill_tuned": prefill_tuned,
+             "merge": merge}[part](results)
         finally:
             (OUT / f"{part}.json").write_text(json.dumps(results, indent=1))
     return 0

@@ -191,16 +191,22 @@ def test_small_example_groups_and_bits() -> None:
     assert words[1] == [0xFFFFFFFF, 0xFF | (((1 << 23) - 1) ^ ((1 << 18) - 1))]
 
 
-def test_plan_into_fixed_buffers() -> None:
+@pytest.mark.parametrize("span", [None, 192])
+def test_plan_into_fixed_buffers(span: int | None) -> None:
     tree = TreeBatch.from_parents([-1, 0, 0, 1], [300, 20, 50, 7])
     buffers = PlanBuffers.allocate(
-        max_groups=64, max_queries=8, max_kv=1024, max_partials=64, chunk=64, queries_per_group=2
+        max_groups=64, max_queries=8, max_kv=1024, max_partials=64, chunk=64, queries_per_group=2,
+        span=span,
     )
     used = plan_into(buffers, tree)
-    fresh = plan_tree(tree, chunk=64, queries_per_group=2)
+    fresh = plan_tree(tree, chunk=64, queries_per_group=2, span=buffers.span)
+    assert buffers.span == (span or 64)
     assert used.n_groups == fresh.n_groups and used.n_partials == fresh.n_partials
     t = buffers.tensors
-    assert t["group_q"][: used.n_groups].equal(fresh.group_q)
+    for name in TENSOR_NAMES:
+        n = {"merge_ptr": used.n_queries + 1, "merge_src": used.n_partials, "q_pos": used.n_queries,
+             "q_tree": used.n_queries, "kv_pos": used.n_kv}.get(name, used.n_groups)
+        assert t[name][:n].equal(getattr(fresh, name)), name
     assert (t["group_q"][used.n_groups :] == -1).all() and (
         t["group_kv_len"][used.n_groups :] == 0
     ).all()
@@ -249,13 +255,13 @@ def test_planning_time_256_nodes_256_queries() -> None:
     tokens = rng.integers(1, 64, 256)
     tokens[0] = 1000
     tree = TreeBatch.from_parents(parents, tokens, np.arange(256))
-    plan = plan_tree(tree, chunk=128, queries_per_group=8)
-    fixed = _median_ms(lambda: plan_tree(tree, chunk=128, queries_per_group=8))
+    plan = plan_tree(tree, chunk=128, queries_per_group=8, span=1024)
+    fixed = _median_ms(lambda: plan_tree(tree, chunk=128, queries_per_group=8, span=1024))
     chosen = _median_ms(lambda: plan_tree(tree))
     step = _median_ms(lambda: replan_after_append(plan, tree.append_to_leaves(1)))
     print(
-        f"\nplanning 256 nodes / 256 queries: {fixed:.3f} ms (chunk 128, QG 8), "
-        f"{chosen:.3f} ms (cost-model choice of chunk and QG), "
+        f"\nplanning 256 nodes / 256 queries: {fixed:.3f} ms (chunk 128, QG 8, span 1024), "
+        f"{chosen:.3f} ms (cost-model choice of chunk, QG and span), "
         f"{step:.3f} ms (decode step: append to leaves + incremental replan)"
     )
     assert fixed < 5.0

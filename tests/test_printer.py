@@ -3,10 +3,6 @@ under the interpreter against Python semantics."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
 import importlib.util
 import math
 import sys
@@ -123,7 +119,9 @@ def test_refuses_what_it_cannot_print(node: sp.Basic) -> None:
 
 @pytest.fixture(scope="module")
 def helpers(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    """The helper template rendered into an importable module (triton.jit needs a file)."""
+    """The helper template rendered into an importable module (triton.jit needs a file),
+    its kernels made interpreted: the interpreter is chosen when ``triton.jit`` runs, so the
+    variable is set only while the module executes and leaks into no other test."""
     body = jinja2.Template(HELPERS.read_text(), undefined=jinja2.StrictUndefined).render()
     source = "import triton\nimport triton.language as tl\n\n" + body + KERNELS
     path = tmp_path_factory.mktemp("helpers") / "expr_helpers_under_test.py"
@@ -132,7 +130,9 @@ def helpers(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        spec.loader.exec_module(module)
     return module
 
 

@@ -496,7 +496,7 @@ class _Runs:
         return -(-self.tokens // span)
 
 
-def _span_groups(layout: _Chunking, rows: _Rows, span: int, runs: _Runs | None = None) -> _Groups:
+def _span_groups(layout: _Chunking, rows: _Rows, span: int) -> _Groups:
     """Coalesce each run of full groups (see :class:`_Runs`) into groups of about ``span``
     tokens: a run of n tokens becomes ceil(n / span) groups of near-equal length (chunk
     boundaries kept, so each is within one chunk of n / ceil(n / span)). Groups stay in
@@ -504,7 +504,7 @@ def _span_groups(layout: _Chunking, rows: _Rows, span: int, runs: _Runs | None =
     start, length = layout.start[rows.chunk], layout.length[rows.chunk]
     if span <= layout.chunk or len(start) < 2 or not rows.full.any():
         return _Groups(start, length, rows.query, rows.bits, rows.full)
-    runs = runs or _Runs.of(layout, rows)
+    runs = _Runs.of(layout, rows)
     pieces = runs.pieces(span, layout.chunk)
     piece = (np.cumsum(pieces) - pieces)[runs.run] + runs.offset * pieces[runs.run] // runs.tokens[runs.run]
     # every group's key: its coalesced piece (full groups) or a fresh one (the rest)
@@ -536,7 +536,6 @@ def _span_stats(
         2 * rest[None, :] >= longest[:, None]
     ).sum(axis=1)
     partials = (pieces * runs.slots[None, :]).sum(axis=1) + rest_partials
-    per_query = np.bincount(rows.query[rows.query >= 0], minlength=tree.n_queries)
     return PlanStats(
         chunk=layout.chunk,
         queries_per_group=qg,
@@ -545,16 +544,12 @@ def _span_stats(
         longest=longest,
         n_longest=n_longest,
         partials=partials,
-        queries=tree.n_queries,
-        launches=1 if per_query.max(initial=0) <= 1 else 2,
-        branch_tokens=int(tree.query_visible_counts.sum()),
-        unique_tokens=tree.needed_kv_tokens,
+        **_tree_fields(tree, rows.query),
     )
 
 
-def _host_arrays(tree: TreeBatch, layout: _Chunking, rows: _Rows, span: int) -> dict[str, np.ndarray]:
+def _host_arrays(tree: TreeBatch, groups: _Groups) -> dict[str, np.ndarray]:
     """Every plan tensor as a numpy array (the single place the format is assembled)."""
-    groups = _span_groups(layout, rows, span)
     ptr, src = _merge_order(groups.query, tree.n_queries)
     return {
         "group_kv_start": groups.start,
@@ -570,8 +565,19 @@ def _host_arrays(tree: TreeBatch, layout: _Chunking, rows: _Rows, span: int) -> 
     }
 
 
+def _tree_fields(tree: TreeBatch, query: np.ndarray) -> dict[str, int]:
+    """The PlanStats fields that come from the tree and the query slots alone: the slots
+    fix how many partials each query has, hence the launches."""
+    per_query = np.bincount(query[query >= 0], minlength=tree.n_queries)
+    return {
+        "queries": tree.n_queries,
+        "launches": 1 if per_query.max(initial=0) <= 1 else 2,
+        "branch_tokens": int(tree.query_visible_counts.sum()),
+        "unique_tokens": tree.needed_kv_tokens,
+    }
+
+
 def _group_stats(tree: TreeBatch, chunk: int, qg: int, groups: _Groups) -> PlanStats:
-    per_query = np.bincount(groups.query[groups.query >= 0], minlength=tree.n_queries)
     return PlanStats(
         chunk=chunk,
         queries_per_group=qg,
@@ -579,11 +585,8 @@ def _group_stats(tree: TreeBatch, chunk: int, qg: int, groups: _Groups) -> PlanS
         tokens_read=int(groups.length.sum()),
         longest=int(groups.length.max(initial=0)),
         n_longest=int((2 * groups.length >= groups.length.max(initial=0)).sum()),
-        partials=int(per_query.sum()),
-        queries=tree.n_queries,
-        launches=1 if per_query.max(initial=0) <= 1 else 2,
-        branch_tokens=int(tree.query_visible_counts.sum()),
-        unique_tokens=tree.needed_kv_tokens,
+        partials=int((groups.query >= 0).sum()),
+        **_tree_fields(tree, groups.query),
     )
 
 
@@ -629,9 +632,8 @@ def _make_plan(
     machine: Machine,
     device: torch.device | str,
 ) -> Plan:
-    host = _host_arrays(tree, layout, rows, span)
-    groups = _Groups(host["group_kv_start"], host["group_kv_len"], host["group_q"],
-                     host["group_bits"], host["group_full"] != 0)
+    groups = _span_groups(layout, rows, span)
+    host = _host_arrays(tree, groups)
     stats = _group_stats(tree, layout.chunk, qg, groups)
     return Plan(
         chunk=layout.chunk,
@@ -807,7 +809,7 @@ def plan_into(
     """
     heads, machine = heads or HeadLayout(), machine or Machine()
     layout, qg, pairs = _choose(tree, buffers.chunk, buffers.queries_per_group, heads, machine)
-    host = _host_arrays(tree, layout, _rows(pairs, layout, qg), buffers.span)
+    host = _host_arrays(tree, _span_groups(layout, _rows(pairs, layout, qg), buffers.span))
     used = PlanSizes(len(host["group_kv_start"]), tree.n_queries, tree.n_kv, len(host["merge_src"]))
     _check_capacity(used, buffers.capacity())
     for name, values in host.items():

@@ -2,10 +2,12 @@
 itself: `python -m attngen.bench_tree` and `python -m attngen.bench` are). Prints one
 line per measurement and a JSON file per part under $OUT (or ./explore_out).
 
-    python scripts/explore_gpu.py tree decode prefill
+    python scripts/explore_gpu.py tree merge decode prefill prefill_tuned
 
 tree:    per workload and head layout, plan spans x queries per group x kernel configs,
-         and the merge kernel timed alone;
+         and the cost model's plan through the autotuner;
+merge:   the tree merge kernel alone at several heads x partials per program;
+prefill_tuned: the autotuned prefill launch against its config given explicitly;
 decode:  the window + sinks decode case over splits and configs, and its merge alone;
 prefill: the causal prefill case over configs, beside FlexAttention.
 """
@@ -111,20 +113,6 @@ def tree(results: list) -> None:
                                 qg=dev_plan.queries_per_group, span=dev_plan.span, us=us))
             print(f"auto {name:15} {layout} c{dev_plan.chunk} qg{dev_plan.queries_per_group} "
                   f"s{dev_plan.span} {us:8.1f} us", flush=True)
-            # the merge alone, on the chosen plan's partial buffers
-            dev_plan = plan_tree(w.tree, chunk=chosen.chunk, queries_per_group=chosen.queries_per_group,
-                                 span=chosen.span, heads=heads, device=dev)
-            t = dev_plan.tensors()
-            o_part = torch.randn(dev_plan.n_groups * dev_plan.queries_per_group, hq, 128, device=dev)
-            lse_part = torch.randn(dev_plan.n_groups * dev_plan.queries_per_group, hq, device=dev)
-            out = torch.empty(n_q, hq, 128, device=dev, dtype=torch.bfloat16)
-
-            merge = partial(module._tree_merge_kernel[(n_q, hq)], o_part, lse_part, out, out, t["merge_ptr"],
-                            t["merge_src"], out.stride(0), out.stride(1), PB=16, D_V=128, RETURN_LSE=False)
-            us = graph_us(merge)
-            results.append(dict(part="tree_merge", workload=name, layout=layout, us=us,
-                                partials=dev_plan.n_partials))
-            print(f"merge {name:15} {layout} {us:8.1f} us  P={dev_plan.n_partials}", flush=True)
 
 
 def decode(results: list) -> None:

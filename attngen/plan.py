@@ -72,48 +72,83 @@ class _Chunking:
         return list(zip(*(c.tolist() for c in cols), strict=True))
 
 
-def _node_placement(sizes: list[int], chunk: int) -> tuple[list[int], list[int], list[int], int]:
-    """Per node (preorder, non-empty): first chunk, offset in it, piece count; and the
-    chunk count. Implements the packing rule of the module docstring."""
-    first, local, pieces = [], [], []
-    n_chunks, fill = 0, 0
-    for t in sizes:
-        if fill > 0 and fill + t <= chunk:
-            first.append(n_chunks - 1)
-            local.append(fill)
-            pieces.append(1)
-            fill += t
-        else:
-            count = -(-t // chunk)
-            first.append(n_chunks)
-            local.append(0)
-            pieces.append(count)
-            n_chunks += count
-            fill = t - (count - 1) * chunk
-        if fill == chunk:
-            fill = 0
-    return first, local, pieces, n_chunks
+@dataclass(frozen=True, slots=True)
+class _KvNodes:
+    """The nodes that hold KV (non-empty), in preorder: the ones the packing rule places."""
+
+    rank: np.ndarray  # preorder rank
+    size: np.ndarray  # tokens
+    end: np.ndarray  # flattened index one past the node's last token
+
+    @staticmethod
+    def of(tree: TreeBatch) -> _KvNodes:
+        sizes = tree.tokens[tree.order]
+        rank = np.flatnonzero(sizes > 0)
+        size = sizes[rank]
+        return _KvNodes(rank, size, np.cumsum(size))
+
+
+@dataclass(frozen=True, slots=True)
+class _Placement:
+    """Where the packing rule puts each node of a :class:`_KvNodes` for one chunk size,
+    and the chunks that result (they tile the flattened KV in order)."""
+
+    chunk: int
+    first: np.ndarray  # [nodes] the node's first chunk
+    pieces: np.ndarray  # [nodes] chunks the node spans
+    local: np.ndarray  # [nodes] the node's first token within its first chunk
+    start: np.ndarray  # [n_chunks] flattened index of the chunk's first token
+    length: np.ndarray  # [n_chunks]
+
+
+def _place(nodes: _KvNodes, chunk: int) -> _Placement:
+    """Implements the packing rule of the module docstring. A node that starts a chunk
+    leaves its last piece open; the nodes after it join that chunk while they fit, so the
+    next node to start a chunk is one search in the token prefix sums away, and the only
+    loop steps from one such node to the next."""
+    size, end = nodes.size, nodes.end
+    pieces = -(-size // chunk)
+    last = size - (pieces - 1) * chunk  # tokens of the last piece, in (0, chunk]
+    next_start = np.searchsorted(end, end + (chunk - last), "right").tolist()
+    starters, i = [], 0
+    while i < len(size):
+        starters.append(i)
+        i = next_start[i]
+    starts = np.zeros(len(size), dtype=bool)
+    starts[np.asarray(starters, dtype=np.int64)] = True
+    opened = np.where(starts, pieces, 0)
+    pieces = np.where(starts, pieces, 1)  # a node that joins fits whole
+    first = np.cumsum(opened) - pieces
+    # a node that joins sits after the tokens of its chunk's starter's last piece and of
+    # the nodes between them
+    starter = np.maximum.accumulate(np.where(starts, np.arange(len(size)), 0))
+    local = np.where(starts, 0, end - size - (end - last)[starter])
+    owner = np.repeat(np.arange(len(size)), opened)  # the node that opened each chunk
+    start = end[owner] - size[owner] + (np.arange(len(owner)) - first[owner]) * chunk
+    length = np.diff(start, append=end[-1:])
+    return _Placement(chunk, first, pieces, local, start, length)
 
 
 def _chunk_layout(tree: TreeBatch, chunk: int) -> _Chunking:
-    """Cut the flattened KV of ``tree`` into chunks (vectorized except one node loop)."""
-    sizes = tree.tokens[tree.order]
-    ranks = np.flatnonzero(sizes > 0)
-    first, local, pieces, n_chunks = _node_placement(sizes[ranks].tolist(), chunk)
-    counts = np.asarray(pieces, dtype=np.int64)
-    piece_node = np.repeat(np.arange(len(ranks)), counts)
-    k = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    offset = k * chunk
-    length = np.minimum(chunk, sizes[ranks][piece_node] - offset)
-    piece_local = np.where(k == 0, np.asarray(local, dtype=np.int64)[piece_node], 0)
-    piece_chunk = np.asarray(first, dtype=np.int64)[piece_node] + k
-    global_start = tree.node_kv_start[tree.order[ranks]][piece_node] + offset
-    chunk_len = np.bincount(piece_chunk, weights=length, minlength=n_chunks).astype(np.int64)
-    chunk_start = np.zeros(n_chunks, dtype=np.int64)
-    chunk_start[piece_chunk[k == 0][::-1]] = (global_start - piece_local)[k == 0][::-1]
-    chunk_start[piece_chunk[k > 0]] = global_start[k > 0]
+    """Cut the flattened KV of ``tree`` into chunks and its nodes into pieces."""
+    nodes = _KvNodes.of(tree)
+    return _pieces(nodes, _place(nodes, chunk))
+
+
+def _pieces(nodes: _KvNodes, place: _Placement) -> _Chunking:
+    """The chunking of ``place``, with each node cut into one piece per chunk it spans."""
+    piece_node = np.repeat(np.arange(len(place.pieces)), place.pieces)
+    k = np.arange(len(piece_node)) - (np.cumsum(place.pieces) - place.pieces)[piece_node]
+    offset = k * place.chunk
     return _Chunking(
-        chunk, chunk_start, chunk_len, piece_chunk, ranks[piece_node], offset, length, piece_local
+        place.chunk,
+        place.start,
+        place.length,
+        place.first[piece_node] + k,
+        nodes.rank[piece_node],
+        offset,
+        np.minimum(place.chunk, nodes.size[piece_node] - offset),
+        place.local[piece_node],
     )
 
 
@@ -157,36 +192,57 @@ def _piece_queries(
 
 
 @dataclass(frozen=True, slots=True)
-class _PairCounts:
-    """What the cost model needs of the (chunk, query) pairs: their number, how many
-    queries see each chunk and how many chunks each query sees."""
+class _Sight:
+    """Which KV nodes each query sees, in the form that counts (chunk, query) pairs without
+    listing them: a query sees every piece of its KV ancestors and the pieces of its own
+    node that hold its own tokens."""
 
-    per_chunk: np.ndarray
-    per_query: np.ndarray
+    above: np.ndarray  # [nodes] the nearest KV node that is a strict ancestor, -1: none
+    below: np.ndarray  # [nodes] queries on strict descendants: they see all its pieces
+    own_node: np.ndarray  # the KV node of each query that sits on one
+    own_len: np.ndarray  # how many of that node's tokens the query sees
+    seeing: int  # queries that see any token
 
-    @property
-    def total(self) -> int:
-        return int(self.per_chunk.sum())
+    @staticmethod
+    def of(tree: TreeBatch, nodes: _KvNodes) -> _Sight:
+        kv_node = np.full(tree.n_nodes + 1, -1, dtype=np.int64)  # by preorder rank; [-1]: none
+        kv_node[nodes.rank] = np.arange(len(nodes.rank))
+        parent = tree.parent[tree.order]
+        parent_rank = np.where(parent >= 0, tree.pre_rank[parent], -1)
+        # the nearest KV node at or above each rank: pointer doubling over empty nodes
+        kv_at = np.append(np.where(kv_node[:-1] >= 0, np.arange(tree.n_nodes), parent_rank), -1)
+        while not np.array_equal(kv_at[kv_at], kv_at):
+            kv_at = kv_at[kv_at]
+        q_rank = tree.pre_rank[tree.query_node]
+        sorted_rank = np.sort(q_rank)
+        end = tree.pre_end[tree.order[nodes.rank]]
+        inside = np.searchsorted(sorted_rank, nodes.rank, "right")
+        below = np.searchsorted(sorted_rank, end) - inside
+        own = kv_node[q_rank]
+        return _Sight(
+            kv_node[kv_at[parent_rank[nodes.rank]]],
+            below,
+            own[own >= 0],
+            tree.query_own_len[own >= 0],
+            int(np.count_nonzero(tree.query_visible_counts)),
+        )
 
 
-#: Above this many (chunk, query) cells, pair counts come from sorting, not a dense table.
-DENSE_PAIR_CELLS = 1 << 22
-
-
-def _pair_counts(
-    tree: TreeBatch, layout: _Chunking, expanded: tuple[np.ndarray, np.ndarray, np.ndarray]
-) -> _PairCounts:
-    """Pair counts without building the pairs (no sort): the cheap path used to compare
-    candidate chunk sizes; only the chosen one builds its pairs."""
-    pp, query, _ = expanded
-    n_chunks, n_queries = layout.n_chunks, max(tree.n_queries, 1)
-    if n_chunks * n_queries > DENSE_PAIR_CELLS:
-        pairs = _pairs(tree, layout, expanded=expanded)
-        return _PairCounts(np.bincount(pairs.chunk, minlength=layout.n_chunks),
-                           np.bincount(pairs.query, minlength=tree.n_queries))
-    seen = np.zeros((n_chunks, n_queries), dtype=bool)
-    seen[layout.piece_chunk[pp], query] = True
-    return _PairCounts(seen.sum(axis=1), seen.sum(axis=0)[: tree.n_queries])
+def _queries_per_chunk(sight: _Sight, place: _Placement) -> np.ndarray:
+    """How many queries see each chunk. A query sees a range of chunks of each KV node on
+    its root path; a node's range shares a chunk with the ranges before it only when it
+    starts in the chunk of its nearest KV ancestor's last piece, so each query is counted
+    once per chunk by dropping that first chunk from the node's range."""
+    first, end = place.first, place.first + place.pieces
+    after = (sight.above >= 0) & (first == end[sight.above] - 1)
+    lo = first + after
+    own_end = first[sight.own_node] + np.minimum(
+        place.pieces[sight.own_node], -(-sight.own_len // place.chunk)
+    )
+    n = len(place.start) + 1
+    enter = np.bincount(lo, sight.below, n) + np.bincount(lo[sight.own_node], minlength=n)
+    leave = np.bincount(end, sight.below, n) + np.bincount(own_end, minlength=n)
+    return np.cumsum(enter - leave)[:-1].astype(np.int64)
 
 
 def _pairs(
@@ -258,93 +314,96 @@ class _Rows:
         )
 
 
-def _rows(pairs: _Pairs, layout: _Chunking, qg: int) -> _Rows:
+@dataclass(frozen=True, slots=True)
+class _Slots:
+    """Group rows before their bits, which is all that comparing QG and span needs: the
+    chunk of each group, its query slots, fullness, and the flat slot of each pair."""
+
+    chunk: np.ndarray  # [G]
+    query: np.ndarray  # [G, QG]
+    full: np.ndarray  # [G] bool
+    pair_slot: np.ndarray  # [pairs] g * QG + s
+
+    def with_bits(self, pairs: _Pairs, layout: _Chunking) -> _Rows:
+        words = layout.chunk // WORD
+        bits = np.zeros((self.query.size, words), dtype=np.int32)
+        bits[self.pair_slot] = _pair_bits(pairs, layout.chunk)
+        return _Rows(self.chunk, self.query, bits.reshape(*self.query.shape, words), self.full)
+
+
+def _slots(pairs: _Pairs, layout: _Chunking, qg: int) -> _Slots:
     """Split each chunk's queries (ascending id) into groups of at most ``qg``."""
     per_chunk = np.bincount(pairs.chunk, minlength=layout.n_chunks)
     n_groups = -(-per_chunk // qg)
     rank = np.arange(len(pairs.chunk)) - (np.cumsum(per_chunk) - per_chunk)[pairs.chunk]
     group = (np.cumsum(n_groups) - n_groups)[pairs.chunk] + rank // qg
-    slot = rank % qg
-    total, words = int(n_groups.sum()), layout.chunk // WORD
-    flat_slot = group * qg + slot
+    total = int(n_groups.sum())
+    pair_slot = group * qg + rank % qg
     query = np.full(total * qg, -1, dtype=np.int64)
-    query[flat_slot] = pairs.query
-    bits = np.zeros((total * qg, words), dtype=np.int32)
-    bits[flat_slot] = _pair_bits(pairs, layout.chunk)
-    partial = group[pairs.visible < layout.length[pairs.chunk]]
+    query[pair_slot] = pairs.query
     full = np.ones(total, dtype=bool)
-    full[partial] = False
+    full[group[pairs.visible < layout.length[pairs.chunk]]] = False
     chunks = np.repeat(np.arange(layout.n_chunks), n_groups)
-    return _Rows(chunks, query.reshape(total, qg), bits.reshape(total, qg, words), full)
+    return _Slots(chunks, query.reshape(total, qg), full, pair_slot)
+
+
+def _rows(pairs: _Pairs, layout: _Chunking, qg: int) -> _Rows:
+    return _slots(pairs, layout, qg).with_bits(pairs, layout)
 
 
 # ---------------------------------------------------------------------------------------
 # Choosing chunk and queries per group from the cost model.
 
 
-@dataclass(frozen=True, slots=True)
-class _Candidate:
-    layout: _Chunking
-    expanded: tuple[np.ndarray, np.ndarray, np.ndarray]  # _piece_queries of the layout
-    qg: int
-    time_s: float
-
-
-def _stats(tree: TreeBatch, layout: _Chunking, counts: _PairCounts, qg: np.ndarray | int) -> PlanStats:
-    """Plan quantities for one chunking and one or many QG values (vectorized over QG)."""
-    qg_arr = np.atleast_1d(np.asarray(qg, dtype=np.int64))
-    groups = -(-counts.per_chunk[None, :] // qg_arr[:, None])
-    launches = 1 if counts.per_query.max(initial=0) <= 1 else 2
-    longest = int(layout.length.max(initial=0))
+def _chunk_stats(
+    tree: TreeBatch, sight: _Sight, places: list[_Placement], qgs: np.ndarray
+) -> PlanStats:
+    """Plan quantities for every (chunking, QG) pair, chunking-major (vectorized over QG)."""
+    groups, tokens_read, longest, n_longest, partials, launches = [], [], [], [], [], []
+    for place in places:
+        per_chunk = _queries_per_chunk(sight, place)
+        per_qg = -(-per_chunk[None, :] // qgs[:, None])
+        top = int(place.length.max(initial=0))
+        total = int(per_chunk.sum())
+        groups.append(per_qg.sum(axis=1))
+        tokens_read.append((per_qg * place.length[None, :]).sum(axis=1))
+        longest.append(top)
+        n_longest.append(per_qg[:, 2 * place.length >= top].sum(axis=1))
+        partials.append(total)
+        # every query that sees a token has a partial: one launch iff none has two
+        launches.append(1 if total <= sight.seeing else 2)
     return PlanStats(
-        chunk=layout.chunk,
-        queries_per_group=qg_arr,
-        groups=groups.sum(axis=1),
-        tokens_read=(groups * layout.length[None, :]).sum(axis=1),
-        longest=longest,
-        n_longest=groups[:, 2 * layout.length >= longest].sum(axis=1),
-        partials=counts.total,
+        chunk=np.repeat([p.chunk for p in places], len(qgs)),
+        queries_per_group=np.tile(qgs, len(places)),
+        groups=np.concatenate(groups),
+        tokens_read=np.concatenate(tokens_read),
+        longest=np.repeat(longest, len(qgs)),
+        n_longest=np.concatenate(n_longest),
+        partials=np.repeat(partials, len(qgs)),
         queries=tree.n_queries,
-        launches=launches,
+        launches=np.repeat(launches, len(qgs)),
         branch_tokens=int(tree.query_visible_counts.sum()),
         unique_tokens=tree.needed_kv_tokens,
     )
-
-
-def _best_qg(
-    tree: TreeBatch, layout: _Chunking, counts: _PairCounts, heads: HeadLayout, machine: Machine
-) -> tuple[int, float]:
-    choices = np.asarray(heads.queries_per_group_choices(), dtype=np.int64)
-    times = evaluate("time_s", _stats(tree, layout, counts, choices), heads, machine)
-    best = int(np.argmin(times))  # first minimum: the smallest QG among ties
-    return int(choices[best]), float(times[best])
-
-
-def _candidate(
-    tree: TreeBatch, chunk: int, qg: int | None, heads: HeadLayout, machine: Machine
-) -> _Candidate:
-    layout = _chunk_layout(tree, chunk)
-    expanded = _piece_queries(tree, layout)
-    counts = _pair_counts(tree, layout, expanded)
-    if qg is not None:
-        t = float(evaluate("time_s", _stats(tree, layout, counts, qg), heads, machine)[0])
-        return _Candidate(layout, expanded, qg, t)
-    return _Candidate(layout, expanded, *_best_qg(tree, layout, counts, heads, machine))
 
 
 def _choose(
     tree: TreeBatch, chunk: int | None, qg: int | None, heads: HeadLayout, machine: Machine
 ) -> tuple[_Chunking, int, _Pairs]:
     """The chunking and QG of least predicted time (ties: the earliest chunk, then the
-    smallest QG), with its pairs. Both given: nothing to compare, nothing evaluated."""
+    smallest QG), with its pairs. Both given: nothing to compare, nothing evaluated. The
+    candidates are compared on pair counts alone; only the chosen one lists its pairs."""
     _check_params(chunk, qg, heads)
+    nodes = _KvNodes.of(tree)
     if chunk is not None and qg is not None:
-        layout = _chunk_layout(tree, chunk)
+        layout = _pieces(nodes, _place(nodes, chunk))
         return layout, qg, _pairs(tree, layout)
-    chunks = CHUNK_CHOICES if chunk is None else (chunk,)
-    candidates = [_candidate(tree, c, qg, heads, machine) for c in chunks]
-    best = min(candidates, key=lambda c: c.time_s)
-    return best.layout, best.qg, _pairs(tree, best.layout, expanded=best.expanded)
+    places = [_place(nodes, c) for c in (CHUNK_CHOICES if chunk is None else (chunk,))]
+    qgs = np.asarray(heads.queries_per_group_choices() if qg is None else [qg], dtype=np.int64)
+    stats = _chunk_stats(tree, _Sight.of(tree, nodes), places, qgs)
+    best = int(np.argmin(evaluate("time_s", stats, heads, machine)))  # first minimum
+    layout = _pieces(nodes, places[best // len(qgs)])
+    return layout, int(qgs[best % len(qgs)]), _pairs(tree, layout)
 
 
 def _check_params(chunk: int | None, qg: int | None, heads: HeadLayout) -> None:
@@ -464,7 +523,7 @@ class _Runs:
     slots: np.ndarray  # [runs] real query slots (partials per piece)
 
     @staticmethod
-    def of(layout: _Chunking, rows: _Rows) -> _Runs:
+    def of(layout: _Chunking, rows: _Slots | _Rows) -> _Runs:
         start, length = layout.start[rows.chunk], layout.length[rows.chunk]
         full = np.flatnonzero(rows.full)
         if full.size == 0:
@@ -489,22 +548,23 @@ class _Runs:
             (rows.query[order[first]] >= 0).sum(axis=1),
         )
 
-    def pieces(self, span: int, chunk: int) -> np.ndarray:
-        """Groups each run becomes: ceil(tokens / span), or its members when span <= chunk."""
-        if span <= chunk:
-            return self.members
-        return -(-self.tokens // span)
+    def pieces(self, span: int | np.ndarray, chunk: int) -> np.ndarray:
+        """Groups each run becomes: ceil(tokens / span), or its members when span <= chunk
+        (spans as a column: one row per span)."""
+        return np.where(span <= chunk, self.members, -(-self.tokens // span))
 
 
-def _span_groups(layout: _Chunking, rows: _Rows, span: int) -> _Groups:
+def _span_groups(
+    layout: _Chunking, rows: _Rows, span: int, runs: _Runs | None = None
+) -> _Groups:
     """Coalesce each run of full groups (see :class:`_Runs`) into groups of about ``span``
     tokens: a run of n tokens becomes ceil(n / span) groups of near-equal length (chunk
     boundaries kept, so each is within one chunk of n / ceil(n / span)). Groups stay in
-    ascending KV order, which is the merge order."""
+    ascending KV order, which is the merge order. ``runs``: those of ``rows``, if known."""
     start, length = layout.start[rows.chunk], layout.length[rows.chunk]
     if span <= layout.chunk or len(start) < 2 or not rows.full.any():
         return _Groups(start, length, rows.query, rows.bits, rows.full)
-    runs = _Runs.of(layout, rows)
+    runs = runs if runs is not None else _Runs.of(layout, rows)
     pieces = runs.pieces(span, layout.chunk)
     piece = (np.cumsum(pieces) - pieces)[runs.run] + runs.offset * pieces[runs.run] // runs.tokens[runs.run]
     # every group's key: its coalesced piece (full groups) or a fresh one (the rest)
@@ -519,32 +579,40 @@ def _span_groups(layout: _Chunking, rows: _Rows, span: int) -> _Groups:
 
 
 def _span_stats(
-    tree: TreeBatch, layout: _Chunking, rows: _Rows, qg: int, spans: np.ndarray
+    tree: TreeBatch, layout: _Chunking, trials: list[tuple[int, _Slots, _Runs]], spans: np.ndarray
 ) -> PlanStats:
-    """Plan quantities after coalescing at each of ``spans`` (vectorized), without
-    building the groups; piece lengths are taken as even splits of their run."""
-    runs = _Runs.of(layout, rows)
-    length = layout.length[rows.chunk]
-    rest = length[~rows.full]
-    rest_partials = int((rows.query[~rows.full] >= 0).sum())
-    pieces = np.stack([runs.pieces(int(sp), layout.chunk) for sp in spans])  # [spans, runs]
-    piece_len = -(-runs.tokens[None, :] // np.maximum(pieces, 1))
-    # uncoalesced: each member is at most a chunk
-    piece_len = np.where(spans[:, None] <= layout.chunk, np.minimum(piece_len, layout.chunk), piece_len)
-    longest = np.maximum(piece_len.max(axis=1, initial=0), rest.max(initial=0))
-    n_longest = (pieces * (2 * piece_len >= longest[:, None])).sum(axis=1) + (
-        2 * rest[None, :] >= longest[:, None]
-    ).sum(axis=1)
-    partials = (pieces * runs.slots[None, :]).sum(axis=1) + rest_partials
+    """Plan quantities after coalescing at each of ``spans``, for each (QG, slots, runs)
+    trial (QG-major, vectorized over spans), without building the groups; piece lengths
+    are taken as even splits of their run."""
+    column = spans[:, None]
+    groups, tokens_read, longest, n_longest, partials = [], [], [], [], []
+    for _, slots, runs in trials:
+        length = layout.length[slots.chunk]
+        rest = length[~slots.full]
+        rest_partials = int((slots.query[~slots.full] >= 0).sum())
+        pieces = runs.pieces(column, layout.chunk)  # [spans, runs]
+        piece_len = -(-runs.tokens[None, :] // np.maximum(pieces, 1))
+        # uncoalesced: each member is at most a chunk
+        piece_len = np.where(column <= layout.chunk, np.minimum(piece_len, layout.chunk), piece_len)
+        top = np.maximum(piece_len.max(axis=1, initial=0), rest.max(initial=0))
+        n_longest.append(
+            (pieces * (2 * piece_len >= top[:, None])).sum(axis=1)
+            + (2 * rest[None, :] >= top[:, None]).sum(axis=1)
+        )
+        groups.append(pieces.sum(axis=1) + len(rest))
+        tokens_read.append(int(length.sum()))
+        longest.append(top)
+        partials.append((pieces * runs.slots[None, :]).sum(axis=1) + rest_partials)
     return PlanStats(
         chunk=layout.chunk,
-        queries_per_group=qg,
-        groups=pieces.sum(axis=1) + len(rest),
-        tokens_read=int(length.sum()),
-        longest=longest,
-        n_longest=n_longest,
-        partials=partials,
-        **_tree_fields(tree, rows.query),
+        queries_per_group=np.repeat([qg for qg, _, _ in trials], len(spans)),
+        groups=np.concatenate(groups),
+        tokens_read=np.repeat(tokens_read, len(spans)),
+        longest=np.concatenate(longest),
+        n_longest=np.concatenate(n_longest),
+        partials=np.concatenate(partials),
+        # the same for every QG: a query has one slot per chunk it sees
+        **_tree_fields(tree, trials[0][1].query),
     )
 
 
@@ -599,11 +667,12 @@ def _choose_qg_span(
     span: int | None,
     heads: HeadLayout,
     machine: Machine,
-) -> tuple[int, int, _Rows]:
-    """Queries per group and span of least predicted time, with the rows of the winner.
-    QG ranges over the first choice and its neighbours (unless fixed), span over the chunk
-    itself (no coalescing) and the :data:`SPAN_CHOICES` above it (unless given); ties go
-    to the smallest QG, then the smallest span."""
+) -> tuple[int, int, _Rows, _Runs]:
+    """Queries per group and span of least predicted time, with the rows and runs of the
+    winner. QG ranges over the first choice and its neighbours (unless fixed), span over
+    the chunk itself (no coalescing) and the :data:`SPAN_CHOICES` above it (unless
+    given); ties go to the smallest QG, then the smallest span. Only the winner's rows
+    get their bits."""
     choices = heads.queries_per_group_choices()
     at = choices.index(qg) if qg in choices else 0
     qgs = [qg] if fixed_qg else list(choices[max(at - 1, 0) : at + 2])
@@ -611,15 +680,11 @@ def _choose_qg_span(
         [span] if span is not None else [layout.chunk, *(s for s in SPAN_CHOICES if s > layout.chunk)],
         dtype=np.int64,
     )
-    best: tuple[float, int, int, _Rows] | None = None
-    for g in qgs:
-        rows = _rows(pairs, layout, g)
-        times = evaluate("time_s", _span_stats(tree, layout, rows, g, spans), heads, machine)
-        i = int(np.argmin(times))
-        if best is None or times[i] < best[0]:
-            best = (float(times[i]), g, int(spans[i]), rows)
-    assert best is not None
-    return best[1], best[2], best[3]
+    slots = [_slots(pairs, layout, g) for g in qgs]
+    trials = [(g, s, _Runs.of(layout, s)) for g, s in zip(qgs, slots, strict=True)]
+    times = evaluate("time_s", _span_stats(tree, layout, trials, spans), heads, machine)
+    g, i = divmod(int(np.argmin(times)), len(spans))  # the first minimum
+    return qgs[g], int(spans[i]), slots[g].with_bits(pairs, layout), trials[g][2]
 
 
 def _make_plan(
@@ -631,8 +696,9 @@ def _make_plan(
     heads: HeadLayout,
     machine: Machine,
     device: torch.device | str,
+    runs: _Runs | None = None,
 ) -> Plan:
-    groups = _span_groups(layout, rows, span)
+    groups = _span_groups(layout, rows, span, runs)
     host = _host_arrays(tree, groups)
     stats = _group_stats(tree, layout.chunk, qg, groups)
     return Plan(
@@ -666,12 +732,13 @@ def plan_tree(
     _check_span(span)
     layout, qg, pairs = _choose(tree, chunk, queries_per_group, heads, machine)
     if queries_per_group is not None and span is not None:
-        rows = _rows(pairs, layout, qg)
+        rows, runs = _rows(pairs, layout, qg), None
     else:
-        qg, span, rows = _choose_qg_span(
+        qg, span, rows, runs = _choose_qg_span(
             tree, layout, pairs, qg, queries_per_group is not None, span, heads, machine
         )
-    return _make_plan(tree, layout, rows, qg, max(span, layout.chunk), heads, machine, device)
+    span = max(span, layout.chunk)
+    return _make_plan(tree, layout, rows, qg, span, heads, machine, device, runs)
 
 
 def _check_span(span: int | None) -> None:

@@ -268,21 +268,63 @@ def test_planning_time_256_nodes_256_queries() -> None:
     assert step < 5.0
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(tree=tree_batches(), chunk=st.sampled_from([32, 64, 128, 512]), dense=st.booleans())
-def test_pair_counts_agree_with_the_pairs(tree: TreeBatch, chunk: int, dense: bool) -> None:
-    """The cheap counts that rank candidate chunk sizes are the pairs' own counts, on
-    both the dense-table and the sorting path."""
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=tree_batches(), chunk=st.sampled_from([32, 64, 128, 512]))
+def test_pair_counts_agree_with_the_pairs(tree: TreeBatch, chunk: int) -> None:
+    """The counts that rank candidate chunk sizes, taken from node ranges without listing
+    the pairs, are the pairs' own counts; so is the one-launch test."""
     from attngen import plan
 
-    saved = plan.DENSE_PAIR_CELLS
-    plan.DENSE_PAIR_CELLS = saved if dense else 0
-    try:
-        layout = plan._chunk_layout(tree, chunk)
-        counts = plan._pair_counts(tree, layout, plan._piece_queries(tree, layout))
-    finally:
-        plan.DENSE_PAIR_CELLS = saved
-    pairs = plan._pairs(tree, layout)
-    assert counts.total == len(pairs.chunk)
-    np.testing.assert_array_equal(counts.per_chunk, np.bincount(pairs.chunk, minlength=layout.n_chunks))
-    np.testing.assert_array_equal(counts.per_query, np.bincount(pairs.query, minlength=tree.n_queries))
+    nodes = plan._KvNodes.of(tree)
+    place = plan._place(nodes, chunk)
+    sight = plan._Sight.of(tree, nodes)
+    pairs = plan._pairs(tree, plan._pieces(nodes, place))
+    per_chunk = np.bincount(pairs.chunk, minlength=len(place.start))
+    np.testing.assert_array_equal(plan._queries_per_chunk(sight, place), per_chunk)
+    per_query = np.bincount(pairs.query, minlength=tree.n_queries)
+    assert (per_chunk.sum() <= sight.seeing) == (per_query.max(initial=0) <= 1)
+
+
+def _placement_by_the_rule(sizes: list[int], chunk: int) -> tuple[list[int], list[int], list[int]]:
+    """The packing rule of the module docstring, node by node: first chunk, offset in it
+    and piece count of each (non-empty) node."""
+    first, local, pieces = [], [], []
+    n_chunks, fill = 0, 0
+    for t in sizes:
+        if fill > 0 and fill + t <= chunk:
+            first.append(n_chunks - 1)
+            local.append(fill)
+            pieces.append(1)
+            fill += t
+        else:
+            count = -(-t // chunk)
+            first.append(n_chunks)
+            local.append(0)
+            pieces.append(count)
+            n_chunks += count
+            fill = t - (count - 1) * chunk
+        if fill == chunk:
+            fill = 0
+    return first, local, pieces
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.integers(1, 40), st.integers(1, 600), st.sampled_from([32, 64])),
+        min_size=1,
+        max_size=60,
+    ),
+    st.sampled_from([32, 64, 128, 512]),
+)
+def test_placement_follows_the_packing_rule(sizes: list[int], chunk: int) -> None:
+    from attngen import plan
+
+    place = plan._place(plan._KvNodes.of(TreeBatch.from_parents([-1] * len(sizes), sizes)), chunk)
+    first, local, pieces = _placement_by_the_rule(sizes, chunk)
+    assert place.first.tolist() == first
+    assert place.local.tolist() == local
+    assert place.pieces.tolist() == pieces
+    # the chunks tile the flattened KV in order, none longer than ``chunk``
+    assert place.start.tolist() == (np.cumsum(place.length) - place.length).tolist()
+    assert int(place.length.sum()) == sum(sizes) and (place.length <= chunk).all()

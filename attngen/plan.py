@@ -46,7 +46,8 @@ WORD = 32
 
 @dataclass(frozen=True, slots=True)
 class _Chunking:
-    """Chunks of the flattened KV and the node pieces they hold, sorted by chunk."""
+    """Chunks of the flattened KV (they tile it, in order) and the node pieces they hold,
+    sorted by chunk."""
 
     chunk: int
     start: np.ndarray  # [n_chunks] flattened index of the first token
@@ -83,9 +84,9 @@ class _KvNodes:
     @staticmethod
     def of(tree: TreeBatch) -> _KvNodes:
         sizes = tree.tokens[tree.order]
-        rank = np.flatnonzero(sizes > 0)
+        rank = (sizes > 0).nonzero()[0]
         size = sizes[rank]
-        return _KvNodes(rank, size, np.cumsum(size))
+        return _KvNodes(rank, size, size.cumsum())
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,22 +110,20 @@ def _place(nodes: _KvNodes, chunk: int) -> _Placement:
     size, end = nodes.size, nodes.end
     pieces = -(-size // chunk)
     last = size - (pieces - 1) * chunk  # tokens of the last piece, in (0, chunk]
-    next_start = np.searchsorted(end, end + (chunk - last), "right").tolist()
-    starters, i = [], 0
-    while i < len(size):
+    next_start = end.searchsorted(end + (chunk - last), "right").tolist()
+    starters, i, n = [], 0, len(size)
+    while i < n:
         starters.append(i)
         i = next_start[i]
-    starts = np.zeros(len(size), dtype=bool)
-    starts[np.asarray(starters, dtype=np.int64)] = True
-    opened = np.where(starts, pieces, 0)
-    pieces = np.where(starts, pieces, 1)  # a node that joins fits whole
-    first = np.cumsum(opened) - pieces
-    # a node that joins sits after the tokens of its chunk's starter's last piece and of
-    # the nodes between them
-    starter = np.maximum.accumulate(np.where(starts, np.arange(len(size)), 0))
-    local = np.where(starts, 0, end - size - (end - last)[starter])
-    owner = np.repeat(np.arange(len(size)), opened)  # the node that opened each chunk
-    start = end[owner] - size[owner] + (np.arange(len(owner)) - first[owner]) * chunk
+    opens = np.zeros(n, dtype=np.int64)  # chunks each node opens
+    at = np.array(starters, dtype=np.int64)
+    opens[at] = pieces[at]
+    pieces = np.maximum(opens, 1)  # a node that joins a chunk fits whole in it
+    first = opens.cumsum() - pieces
+    kv_start = end - size
+    start = (kv_start - first * chunk).repeat(opens)
+    start += np.arange(len(start)) * chunk
+    local = kv_start - start[first]
     length = np.diff(start, append=end[-1:])
     return _Placement(chunk, first, pieces, local, start, length)
 
@@ -137,8 +136,8 @@ def _chunk_layout(tree: TreeBatch, chunk: int) -> _Chunking:
 
 def _pieces(nodes: _KvNodes, place: _Placement) -> _Chunking:
     """The chunking of ``place``, with each node cut into one piece per chunk it spans."""
-    piece_node = np.repeat(np.arange(len(place.pieces)), place.pieces)
-    k = np.arange(len(piece_node)) - (np.cumsum(place.pieces) - place.pieces)[piece_node]
+    piece_node = np.arange(len(place.pieces)).repeat(place.pieces)
+    k = np.arange(len(piece_node)) - (place.pieces.cumsum() - place.pieces)[piece_node]
     offset = k * place.chunk
     return _Chunking(
         place.chunk,
@@ -162,6 +161,8 @@ class _Pairs:
     span_lo: np.ndarray  # per (piece, query) span, sorted by pair
     span_hi: np.ndarray
     span_starts: np.ndarray  # first span of each pair
+    per_chunk: np.ndarray  # [n_chunks] pairs (queries) of each chunk
+    rank: np.ndarray  # the pair's place among its chunk's queries
 
 
 def _piece_queries(
@@ -171,21 +172,20 @@ def _piece_queries(
     sees a piece iff the piece's node is an ancestor-or-self of the query's node (a
     preorder-range test)."""
     q_rank = tree.pre_rank[tree.query_node]
-    by_rank = np.argsort(q_rank, kind="stable")
+    by_rank = q_rank.argsort(kind="stable")
     sorted_rank = q_rank[by_rank]
-    pieces = np.arange(len(layout.piece_chunk))
-    if piece_mask is not None:
-        pieces = pieces[piece_mask]
+    pieces = np.arange(len(layout.piece_chunk)) if piece_mask is None else piece_mask.nonzero()[0]
     rank = layout.piece_rank[pieces]
-    lo = np.searchsorted(sorted_rank, rank, "left")
-    hi = np.searchsorted(sorted_rank, tree.pre_end[tree.order[rank]], "left")
-    counts = hi - lo
-    pp = np.repeat(pieces, counts)
-    within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    query = by_rank[np.repeat(lo, counts) + within]
+    lo = sorted_rank.searchsorted(rank)
+    counts = sorted_rank.searchsorted(tree.pre_end[tree.order[rank]]) - lo
+    pp = pieces.repeat(counts)
+    # each piece's queries are a slice of the queries in rank order
+    query = by_rank[np.arange(len(pp)) + (lo - (counts.cumsum() - counts)).repeat(counts)]
     visible = layout.piece_len[pp]
+    if tree.query_mode == "node":  # a node-mode query sees all of its own node
+        return pp, query, visible
     own = q_rank[query] == layout.piece_rank[pp]
-    own_visible = np.clip(tree.query_own_len[query] - layout.piece_offset[pp], 0, visible)
+    own_visible = np.minimum((tree.query_own_len[query] - layout.piece_offset[pp]).clip(0), visible)
     visible = np.where(own, own_visible, visible)
     keep = visible > 0
     return pp[keep], query[keep], visible[keep]
@@ -214,10 +214,10 @@ class _Sight:
         while not np.array_equal(kv_at[kv_at], kv_at):
             kv_at = kv_at[kv_at]
         q_rank = tree.pre_rank[tree.query_node]
-        sorted_rank = np.sort(q_rank)
+        sorted_rank = q_rank.copy()
+        sorted_rank.sort()
         end = tree.pre_end[tree.order[nodes.rank]]
-        inside = np.searchsorted(sorted_rank, nodes.rank, "right")
-        below = np.searchsorted(sorted_rank, end) - inside
+        below = sorted_rank.searchsorted(end) - sorted_rank.searchsorted(nodes.rank, "right")
         own = kv_node[q_rank]
         return _Sight(
             kv_node[kv_at[parent_rank[nodes.rank]]],
@@ -242,32 +242,39 @@ def _queries_per_chunk(sight: _Sight, place: _Placement) -> np.ndarray:
     n = len(place.start) + 1
     enter = np.bincount(lo, sight.below, n) + np.bincount(lo[sight.own_node], minlength=n)
     leave = np.bincount(end, sight.below, n) + np.bincount(own_end, minlength=n)
-    return np.cumsum(enter - leave)[:-1].astype(np.int64)
+    return (enter - leave).cumsum()[:-1].astype(np.int64)
 
 
-def _pairs(
-    tree: TreeBatch,
-    layout: _Chunking,
-    piece_mask: np.ndarray | None = None,
-    *,
-    expanded: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-) -> _Pairs:
-    """Every (chunk, query) pair with a visible token, sorted by (chunk, query);
-    ``expanded`` reuses :func:`_piece_queries` already computed for ``layout``."""
-    pp, query, visible = expanded if expanded is not None else _piece_queries(tree, layout, piece_mask)
+def _pairs(tree: TreeBatch, layout: _Chunking, piece_mask: np.ndarray | None = None) -> _Pairs:
+    """Every (chunk, query) pair with a visible token, sorted by (chunk, query), with the
+    spans of the chunk it sees: its pieces' spans, in chunk order, touching ones joined."""
+    pp, query, visible = _piece_queries(tree, layout, piece_mask)
     key = layout.piece_chunk[pp] * max(tree.n_queries, 1) + query
-    by_key = np.argsort(key, kind="stable")
+    by_key = key.argsort(kind="stable")
     key, pp, query, visible = key[by_key], pp[by_key], query[by_key], visible[by_key]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else key
-    span_lo = layout.piece_local[pp]
+    lo = layout.piece_local[pp]
+    new_pair = np.ones(len(key), dtype=bool)
+    new_pair[1:] = key[1:] != key[:-1]
+    new_span = new_pair.copy()
+    new_span[1:] |= lo[1:] != lo[:-1] + visible[:-1]
+    starts, span_first = new_pair.nonzero()[0], new_span.nonzero()[0]
+    chunk = layout.piece_chunk[pp[starts]]
+    per_chunk = np.bincount(chunk, minlength=layout.n_chunks)
     return _Pairs(
-        chunk=layout.piece_chunk[pp][starts],
+        chunk=chunk,
         query=query[starts],
-        visible=np.add.reduceat(visible, starts) if key.size else visible,
-        span_lo=span_lo,
-        span_hi=span_lo + visible,
-        span_starts=starts,
+        visible=_segment_sums(visible, starts),
+        span_lo=lo[span_first],
+        span_hi=lo[span_first] + _segment_sums(visible, span_first),
+        span_starts=new_pair[span_first].nonzero()[0],
+        per_chunk=per_chunk,
+        rank=np.arange(len(chunk)) - (per_chunk.cumsum() - per_chunk)[chunk],
     )
+
+
+def _segment_sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Sums of ``values`` over the segments that begin at ``starts`` (ascending, from 0)."""
+    return np.add.reduceat(values, starts) if len(values) else values
 
 
 def _prefix_masks(chunk: int) -> np.ndarray:
@@ -286,9 +293,13 @@ def _pair_bits(pairs: _Pairs, chunk: int) -> np.ndarray:
     table = _PREFIX_MASKS.get(chunk)
     if table is None:
         table = _PREFIX_MASKS.setdefault(chunk, _prefix_masks(chunk))
-    words = table[pairs.span_hi] ^ table[pairs.span_lo]
+    # np.take: much faster than fancy indexing at gathering rows
+    words = table.take(pairs.span_hi, axis=0) ^ table.take(pairs.span_lo, axis=0)
     if len(pairs.span_starts) != len(words):
-        words = np.bitwise_xor.reduceat(words, pairs.span_starts, axis=0)
+        # each pair's XOR from the running XOR at its last span and before its first
+        running = np.bitwise_xor.accumulate(words, axis=0)
+        words = running.take(np.append(pairs.span_starts[1:], len(words)) - 1, axis=0)
+        words[1:] ^= running.take(pairs.span_starts[1:] - 1, axis=0)
     return words.view(np.int32)
 
 
@@ -333,17 +344,16 @@ class _Slots:
 
 def _slots(pairs: _Pairs, layout: _Chunking, qg: int) -> _Slots:
     """Split each chunk's queries (ascending id) into groups of at most ``qg``."""
-    per_chunk = np.bincount(pairs.chunk, minlength=layout.n_chunks)
-    n_groups = -(-per_chunk // qg)
-    rank = np.arange(len(pairs.chunk)) - (np.cumsum(per_chunk) - per_chunk)[pairs.chunk]
-    group = (np.cumsum(n_groups) - n_groups)[pairs.chunk] + rank // qg
+    n_groups = -(-pairs.per_chunk // qg)
+    first_group = n_groups.cumsum() - n_groups
+    group = first_group[pairs.chunk] + pairs.rank // qg
     total = int(n_groups.sum())
-    pair_slot = group * qg + rank % qg
+    pair_slot = group * qg + pairs.rank % qg
     query = np.full(total * qg, -1, dtype=np.int64)
     query[pair_slot] = pairs.query
     full = np.ones(total, dtype=bool)
     full[group[pairs.visible < layout.length[pairs.chunk]]] = False
-    chunks = np.repeat(np.arange(layout.n_chunks), n_groups)
+    chunks = np.arange(layout.n_chunks).repeat(n_groups)
     return _Slots(chunks, query.reshape(total, qg), full, pair_slot)
 
 
@@ -359,26 +369,26 @@ def _chunk_stats(
     tree: TreeBatch, sight: _Sight, places: list[_Placement], qgs: np.ndarray
 ) -> PlanStats:
     """Plan quantities for every (chunking, QG) pair, chunking-major (vectorized over QG)."""
-    groups, tokens_read, longest, n_longest, partials, launches = [], [], [], [], [], []
+    per_qg, longest, partials, launches = [], [], [], []
     for place in places:
         per_chunk = _queries_per_chunk(sight, place)
-        per_qg = -(-per_chunk[None, :] // qgs[:, None])
+        groups = -(-per_chunk[None, :] // qgs[:, None])  # [QG, chunks]
         top = int(place.length.max(initial=0))
-        total = int(per_chunk.sum())
-        groups.append(per_qg.sum(axis=1))
-        tokens_read.append((per_qg * place.length[None, :]).sum(axis=1))
+        # groups, tokens read and groups of a longest chunk, for each QG
+        weights = np.stack((np.ones_like(place.length), place.length, 2 * place.length >= top), 1)
+        per_qg.append(groups @ weights)
         longest.append(top)
-        n_longest.append(per_qg[:, 2 * place.length >= top].sum(axis=1))
-        partials.append(total)
+        partials.append(int(per_chunk.sum()))
         # every query that sees a token has a partial: one launch iff none has two
-        launches.append(1 if total <= sight.seeing else 2)
+        launches.append(1 if partials[-1] <= sight.seeing else 2)
+    sums = np.concatenate(per_qg)
     return PlanStats(
         chunk=np.repeat([p.chunk for p in places], len(qgs)),
         queries_per_group=np.tile(qgs, len(places)),
-        groups=np.concatenate(groups),
-        tokens_read=np.concatenate(tokens_read),
+        groups=sums[:, 0],
+        tokens_read=sums[:, 1],
         longest=np.repeat(longest, len(qgs)),
-        n_longest=np.concatenate(n_longest),
+        n_longest=sums[:, 2],
         partials=np.repeat(partials, len(qgs)),
         queries=tree.n_queries,
         launches=np.repeat(launches, len(qgs)),
@@ -484,10 +494,10 @@ def _merge_order(query: np.ndarray, n_queries: int) -> tuple[np.ndarray, np.ndar
     """merge_ptr, merge_src from the [G, QG] query slots: each query's partials in
     ascending group (= ascending chunk kv_start) order."""
     flat = query.reshape(-1)
-    partial = np.flatnonzero(flat >= 0)
+    partial = (flat >= 0).nonzero()[0]
     owner = flat[partial]
-    src = partial[np.argsort(owner, kind="stable")]
-    ptr = np.r_[0, np.cumsum(np.bincount(owner, minlength=n_queries))]
+    src = partial[owner.argsort(kind="stable")]
+    ptr = np.concatenate(([0], np.bincount(owner, minlength=n_queries).cumsum()))
     return ptr, src
 
 
@@ -524,28 +534,31 @@ class _Runs:
 
     @staticmethod
     def of(layout: _Chunking, rows: _Slots | _Rows) -> _Runs:
-        start, length = layout.start[rows.chunk], layout.length[rows.chunk]
-        full = np.flatnonzero(rows.full)
+        full = rows.full.nonzero()[0]
         if full.size == 0:
             empty = np.zeros(0, dtype=np.int64)
             return _Runs(empty, empty, empty, empty, empty, empty)
-        # a hash brings equal slot rows together; neighbours are then compared exactly, so
-        # a collision can only split a run, never join different queries
-        query = rows.query[full]
+        # a hash brings equal slot rows together, in KV order (the groups come in KV order
+        # and the sort is stable); neighbours are then compared exactly, so a collision
+        # can only split a run, never join different queries
+        query = rows.query.take(full, axis=0)
         row_hash = (query + 1) @ _ROW_WEIGHTS[np.arange(query.shape[1]) % len(_ROW_WEIGHTS)]
-        by = np.lexsort((start[full], row_hash))
-        order, q = full[by], query[by]
-        s, ln = start[order], length[order]
-        new_run = np.r_[True, (q[1:] != q[:-1]).any(axis=1) | (s[1:] != s[:-1] + ln[:-1])]
-        run = np.cumsum(new_run) - 1
-        first = np.flatnonzero(new_run)
+        by = row_hash.argsort(kind="stable")
+        order, q = full[by], query.take(by, axis=0)
+        chunk = rows.chunk[order]
+        new_run = np.ones(len(order), dtype=bool)
+        # KV contiguity: the chunks tile the KV, so contiguous chunks are consecutive
+        new_run[1:] = (q[1:] != q[:-1]).any(axis=1) | (chunk[1:] != chunk[:-1] + 1)
+        run = new_run.cumsum() - 1
+        first = new_run.nonzero()[0]
+        start, length = layout.start[chunk], layout.length[chunk]
         return _Runs(
             order,
             run,
-            s - s[first][run],
-            np.diff(np.r_[first, len(order)]),
-            np.add.reduceat(ln, first),
-            (rows.query[order[first]] >= 0).sum(axis=1),
+            start - start[first][run],
+            np.diff(first, append=len(order)),
+            np.add.reduceat(length, first),
+            (q[first] >= 0).sum(axis=1),
         )
 
     def pieces(self, span: int | np.ndarray, chunk: int) -> np.ndarray:

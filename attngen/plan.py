@@ -195,12 +195,12 @@ def _piece_queries(
 class _Sight:
     """Which KV nodes each query sees, in the form that counts (chunk, query) pairs without
     listing them: a query sees every piece of its KV ancestors and the pieces of its own
-    node that hold its own tokens."""
+    node that hold its own tokens (all of them in node mode)."""
 
     above: np.ndarray  # [nodes] the nearest KV node that is a strict ancestor, -1: none
-    below: np.ndarray  # [nodes] queries on strict descendants: they see all its pieces
-    own_node: np.ndarray  # the KV node of each query that sits on one
-    own_len: np.ndarray  # how many of that node's tokens the query sees
+    whole: np.ndarray  # [nodes] queries that see all its pieces: below it, or on it (node mode)
+    own_node: np.ndarray  # token mode: the KV node of each query on one
+    own_len: np.ndarray  # token mode: how many of that node's tokens the query sees
     seeing: int  # queries that see any token
 
     @staticmethod
@@ -214,16 +214,20 @@ class _Sight:
         while not np.array_equal(kv_at[kv_at], kv_at):
             kv_at = kv_at[kv_at]
         q_rank = tree.pre_rank[tree.query_node]
-        sorted_rank = q_rank.copy()
-        sorted_rank.sort()
+        sorted_rank = np.sort(q_rank)
         end = tree.pre_end[tree.order[nodes.rank]]
-        below = sorted_rank.searchsorted(end) - sorted_rank.searchsorted(nodes.rank, "right")
+        whole = sorted_rank.searchsorted(end) - sorted_rank.searchsorted(nodes.rank, "right")
         own = kv_node[q_rank]
+        on_kv = own >= 0
+        own, own_len = own[on_kv], tree.query_own_len[on_kv]
+        if tree.query_mode == "node":
+            whole += np.bincount(own, minlength=len(whole))
+            own = own_len = own[:0]
         return _Sight(
             kv_node[kv_at[parent_rank[nodes.rank]]],
-            below,
-            own[own >= 0],
-            tree.query_own_len[own >= 0],
+            whole,
+            own,
+            own_len,
             int(np.count_nonzero(tree.query_visible_counts)),
         )
 
@@ -236,12 +240,13 @@ def _queries_per_chunk(sight: _Sight, place: _Placement) -> np.ndarray:
     first, end = place.first, place.first + place.pieces
     after = (sight.above >= 0) & (first == end[sight.above] - 1)
     lo = first + after
-    own_end = first[sight.own_node] + np.minimum(
-        place.pieces[sight.own_node], -(-sight.own_len // place.chunk)
-    )
     n = len(place.start) + 1
-    enter = np.bincount(lo, sight.below, n) + np.bincount(lo[sight.own_node], minlength=n)
-    leave = np.bincount(end, sight.below, n) + np.bincount(own_end, minlength=n)
+    enter = np.bincount(lo, sight.whole, n)
+    leave = np.bincount(end, sight.whole, n)
+    if len(sight.own_node):  # chunks of the own node up to the query's own tokens
+        enter += np.bincount(lo[sight.own_node], minlength=n)
+        own_end = first[sight.own_node] - (-sight.own_len // place.chunk)
+        leave += np.bincount(own_end, minlength=n)
     return (enter - leave).cumsum()[:-1].astype(np.int64)
 
 
@@ -369,26 +374,25 @@ def _chunk_stats(
     tree: TreeBatch, sight: _Sight, places: list[_Placement], qgs: np.ndarray
 ) -> PlanStats:
     """Plan quantities for every (chunking, QG) pair, chunking-major (vectorized over QG)."""
-    per_qg, longest, partials, launches = [], [], [], []
+    groups, tokens_read, longest, n_longest, partials, launches = [], [], [], [], [], []
     for place in places:
         per_chunk = _queries_per_chunk(sight, place)
-        groups = -(-per_chunk[None, :] // qgs[:, None])  # [QG, chunks]
+        per_qg = -(-per_chunk // qgs[:, None])  # [QG, chunks]
         top = int(place.length.max(initial=0))
-        # groups, tokens read and groups of a longest chunk, for each QG
-        weights = np.stack((np.ones_like(place.length), place.length, 2 * place.length >= top), 1)
-        per_qg.append(groups @ weights)
+        groups.append(per_qg.sum(axis=1))
+        tokens_read.append(per_qg @ place.length)
         longest.append(top)
+        n_longest.append(per_qg @ (2 * place.length >= top))
         partials.append(int(per_chunk.sum()))
         # every query that sees a token has a partial: one launch iff none has two
         launches.append(1 if partials[-1] <= sight.seeing else 2)
-    sums = np.concatenate(per_qg)
     return PlanStats(
         chunk=np.repeat([p.chunk for p in places], len(qgs)),
         queries_per_group=np.tile(qgs, len(places)),
-        groups=sums[:, 0],
-        tokens_read=sums[:, 1],
+        groups=np.concatenate(groups),
+        tokens_read=np.concatenate(tokens_read),
         longest=np.repeat(longest, len(qgs)),
-        n_longest=sums[:, 2],
+        n_longest=np.concatenate(n_longest),
         partials=np.repeat(partials, len(qgs)),
         queries=tree.n_queries,
         launches=np.repeat(launches, len(qgs)),

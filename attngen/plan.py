@@ -583,16 +583,21 @@ def _span_groups(
         return _Groups(start, length, rows.query, rows.bits, rows.full)
     runs = runs if runs is not None else _Runs.of(layout, rows)
     pieces = runs.pieces(span, layout.chunk)
-    piece = (np.cumsum(pieces) - pieces)[runs.run] + runs.offset * pieces[runs.run] // runs.tokens[runs.run]
-    # every group's key: its coalesced piece (full groups) or a fresh one (the rest)
-    key = np.empty(len(start), dtype=np.int64)
-    key[runs.order] = piece
-    rest = np.flatnonzero(~rows.full)
-    key[rest] = int(pieces.sum()) + np.arange(len(rest))
-    uniq, first_member, inverse = np.unique(key, return_index=True, return_inverse=True)
-    keep = np.sort(first_member)  # groups ordered by their first member: ascending KV
-    total = np.bincount(inverse, weights=length, minlength=len(uniq)).astype(np.int64)
-    return _Groups(start[keep], total[inverse[keep]], rows.query[keep], rows.bits[keep], rows.full[keep])
+    at = runs.run
+    piece = (pieces.cumsum() - pieces)[at] + runs.offset * pieces[at] // runs.tokens[at]
+    # a piece's groups are consecutive in runs.order, the first of them lowest in KV: it
+    # stays, with the piece's tokens; every other (not full) group stays as it is
+    head = np.ones(len(piece), dtype=bool)
+    head[1:] = piece[1:] != piece[:-1]
+    heads = head.nonzero()[0]
+    rest = (~rows.full).nonzero()[0]
+    keep = np.concatenate((runs.order[heads], rest))
+    total = np.concatenate((np.add.reduceat(length[runs.order], heads), length[rest]))
+    by_kv = keep.argsort()  # ascending KV
+    keep, total = keep[by_kv], total[by_kv]
+    return _Groups(
+        start[keep], total, rows.query.take(keep, axis=0), rows.bits.take(keep, axis=0), rows.full[keep]
+    )
 
 
 def _span_stats(

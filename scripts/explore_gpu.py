@@ -53,7 +53,26 @@ def out_of_time() -> bool:
 TREE_CONFIGS = {
     "n64w4s3": dict(block_n=64, num_warps=4, num_stages=3),
     "n64w8s3": dict(block_n=64, num_warps=8, num_stages=3),
+    "n128w8s2": dict(block_n=128, num_warps=8, num_stages=2),
 }
+
+
+def kernel_us(fn, reps: int = 20) -> dict[str, float]:
+    """Device time per call of each kernel ``fn`` launches (torch profiler), in us."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        total = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        if total:
+            out[e.key[:40]] = total / reps
+    return out
 
 
 def tree(results: list) -> None:
@@ -76,6 +95,7 @@ def tree(results: list) -> None:
             cap = triton.next_power_of_2(n_q)
             qgs = sorted({g for g in heads.queries_per_group_choices() if g * heads.group >= 32 and g <= cap}
                          | {chosen.queries_per_group})
+            best: tuple[float, object, dict] | None = None
             for chunk in (512,):
                 for qg in qgs:
                     for span in (chunk, 1024, 2048, 4096, 8192, 16384):
@@ -87,6 +107,8 @@ def tree(results: list) -> None:
                         for cname, cfg in TREE_CONFIGS.items():
                             if rows >= 128 and cfg["num_warps"] == 4 and cfg["block_n"] == 128:
                                 continue
+                            if out_of_time():
+                                return
                             try:
                                 out = module.attention(q, k, v, plan, config=cfg)
                                 if ref is None:
@@ -102,6 +124,8 @@ def tree(results: list) -> None:
                                        chosen=(chunk, qg, span) == (chosen.chunk, chosen.queries_per_group,
                                                                     chosen.span))
                             results.append(row)
+                            if best is None or us < best[0]:
+                                best = (us, plan, cfg)
                             print(f"tree {name:15} {layout} c{chunk:4} qg{qg:3} s{span:5} {cname:9} "
                                   f"{us:8.1f} us  G={plan.n_groups:5} P={plan.n_partials:5} "
                                   f"pred {plan.cost.time_s * 1e6:7.1f} err {err:.1e}", flush=True)
@@ -113,6 +137,12 @@ def tree(results: list) -> None:
                                 qg=dev_plan.queries_per_group, span=dev_plan.span, us=us))
             print(f"auto {name:15} {layout} c{dev_plan.chunk} qg{dev_plan.queries_per_group} "
                   f"s{dev_plan.span} {us:8.1f} us", flush=True)
+            for what, (p, cfg) in (("auto", (dev_plan, None)), ("best", best[1:] if best else (dev_plan, None))):
+                split = kernel_us(partial(module.attention, q, k, v, p, config=cfg))
+                results.append(dict(part="tree_kernels", workload=name, layout=layout, which=what,
+                                    qg=p.queries_per_group, span=p.span, config=cfg, kernels=split))
+                print(f"kernels {what} {name:15} {layout} " + "  ".join(f"{k_}={t:.1f}" for k_, t in split.items()),
+                      flush=True)
 
 
 def decode(results: list) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -233,6 +234,10 @@ def measure_rates() -> DeviceRates:
     return DeviceRates(torch.cuda.get_device_name(), hbm, tflops, torch.__version__, triton.__version__)
 
 
+#: Interleaved timing rounds per variant (see run_bench).
+ROUNDS = 3
+
+
 def _time(fn: Callable[[], Any], graph: bool) -> float:
     """Median µs; CUDA-graph replay for small launches (decode), where launch overhead
     would otherwise be timed."""
@@ -329,7 +334,8 @@ class BenchResult:
 
 
 def bench_spec(spec: Spec, shape: Shape, rates: DeviceRates, *, seed: int = 0) -> BenchResult:
-    """Time attngen's kernel for ``spec`` and each peer on the same inputs."""
+    """Time attngen's kernel for ``spec`` and each peer on the same inputs, in
+    :data:`ROUNDS` interleaved rounds."""
     torch = _need_cuda()
     from attngen import runtime
 
@@ -367,25 +373,39 @@ def bench_spec(spec: Spec, shape: Shape, rates: DeviceRates, *, seed: int = 0) -
             return module.attention(q, k, v, cu_q, cu_k, max_seqlen_q=shape.q_len,
                                     max_seqlen_k=shape.kv_len, **kernel_tensors)
     reference = ours()
-    us = _time(ours, decode)
     tuned = getattr(module, "_decode_split_tuned" if decode else "_prefill_tuned", None)
     picked = getattr(tuned, "best_config", None)
-    result.timings.append(_timing("attngen", us, work, f"autotuner picked {picked}" if picked else ""))
 
     pq, pk, pv = peer_inputs(q, k, v, shape)
     ref_padded = reference.view(B, shape.q_len, Hq, -1).transpose(1, 2)
+    runs: dict[str, tuple[Callable[[], Any], str, float | None]] = {
+        "attngen": (ours, f"autotuner picked {picked}" if picked else "", None)
+    }
+    failed: dict[str, Timing] = {}
     for name, make in PEERS:
         try:
             run, how = make(spec, shape, pq, pk, pv, tensors)
-            err = (run().float() - ref_padded.float()).abs().nan_to_num(0.0).max().item()
-            timing = _timing(name, _time(run, decode), work, how)
-            timing.max_err = err
+            max_err = (run().float() - ref_padded.float()).abs().nan_to_num(0.0).max().item()
+            runs[name] = (run, how, max_err)
         except NotSupportedByPeer as why:
-            timing = Timing(name, None, note=f"not supported by peer: {why}")
+            failed[name] = Timing(name, None, note=f"not supported by peer: {why}")
         except Exception as err:  # a peer failing must not hide the other figures
-            timing = Timing(name, None, note=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
+            failed[name] = Timing(name, None, note=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
+    # Rounds interleave the variants, so that clock and thermal drift over the run do
+    # not favour whichever is timed first; each variant's figure is its median round.
+    rounds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(ROUNDS):
+        for name, (run, _, _) in runs.items():
+            rounds[name].append(_time(run, decode))
+    for name, _ in [("attngen", None), *PEERS]:
+        if name in failed:
+            result.timings.append(failed[name])
+            continue
+        _, how, max_err = runs[name]
+        timing = _timing(name, statistics.median(rounds[name]), work, how)
+        timing.max_err = max_err
         result.timings.append(timing)
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()
     return result
 
 

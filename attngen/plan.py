@@ -298,7 +298,7 @@ def _pair_bits(pairs: _Pairs, chunk: int) -> np.ndarray:
     table = _PREFIX_MASKS.get(chunk)
     if table is None:
         table = _PREFIX_MASKS.setdefault(chunk, _prefix_masks(chunk))
-    # np.take: much faster than fancy indexing at gathering rows
+    # ndarray.take: much faster than fancy indexing at gathering rows
     words = table.take(pairs.span_hi, axis=0) ^ table.take(pairs.span_lo, axis=0)
     if len(pairs.span_starts) != len(words):
         # each pair's XOR from the running XOR at its last span and before its first
@@ -342,8 +342,11 @@ class _Slots:
 
     def with_bits(self, pairs: _Pairs, layout: _Chunking) -> _Rows:
         words = layout.chunk // WORD
-        bits = np.zeros((self.query.size, words), dtype=np.int32)
-        bits[self.pair_slot] = _pair_bits(pairs, layout.chunk)
+        # every slot takes its pair's words, a padding slot the zero row after them
+        pair_bits = _pair_bits(pairs, layout.chunk)
+        slot_pair = np.full(self.query.size, len(pair_bits))
+        slot_pair[self.pair_slot] = np.arange(len(pair_bits))
+        bits = np.concatenate((pair_bits, np.zeros((1, words), np.int32))).take(slot_pair, axis=0)
         return _Rows(self.chunk, self.query, bits.reshape(*self.query.shape, words), self.full)
 
 

@@ -157,7 +157,7 @@ class _Pairs:
 
     chunk: np.ndarray
     query: np.ndarray
-    visible: np.ndarray  # visible tokens of the chunk
+    whole: np.ndarray  # the query sees the whole chunk
     span_lo: np.ndarray  # per (piece, query) span, sorted by pair
     span_hi: np.ndarray
     span_starts: np.ndarray  # first span of each pair
@@ -268,7 +268,7 @@ def _pairs(tree: TreeBatch, layout: _Chunking, piece_mask: np.ndarray | None = N
     return _Pairs(
         chunk=chunk,
         query=query[starts],
-        visible=_segment_sums(visible, starts),
+        whole=_segment_sums(visible, starts) == layout.length[chunk],
         span_lo=lo[span_first],
         span_hi=lo[span_first] + _segment_sums(visible, span_first),
         span_starts=new_pair[span_first].nonzero()[0],
@@ -360,7 +360,7 @@ def _slots(pairs: _Pairs, layout: _Chunking, qg: int) -> _Slots:
     query = np.full(total * qg, -1, dtype=np.int64)
     query[pair_slot] = pairs.query
     full = np.ones(total, dtype=bool)
-    full[group[pairs.visible < layout.length[pairs.chunk]]] = False
+    full[group[~pairs.whole]] = False
     chunks = np.arange(layout.n_chunks).repeat(n_groups)
     return _Slots(chunks, query.reshape(total, qg), full, pair_slot)
 
@@ -613,8 +613,8 @@ def _span_stats(
     groups, tokens_read, longest, n_longest, partials = [], [], [], [], []
     for _, slots, runs in trials:
         length = layout.length[slots.chunk]
-        rest = length[~slots.full]
-        rest_partials = int((slots.query[~slots.full] >= 0).sum())
+        rest = length[~slots.full]  # groups that are not full stay as they are
+        rest_partials = len(slots.pair_slot) - int(runs.members @ runs.slots)
         pieces = runs.pieces(column, layout.chunk)  # [spans, runs]
         piece_len = -(-runs.tokens[None, :] // np.maximum(pieces, 1))
         # uncoalesced: each member is at most a chunk

@@ -121,6 +121,7 @@ def _place(nodes: _KvNodes, chunk: int) -> _Placement:
     pieces = np.maximum(opens, 1)  # a node that joins a chunk fits whole in it
     first = opens.cumsum() - pieces
     kv_start = end - size
+    # chunk first + k of a node that opens chunks starts at the node's token k * chunk
     start = (kv_start - first * chunk).repeat(opens)
     start += np.arange(len(start)) * chunk
     local = kv_start - start[first]
@@ -198,7 +199,7 @@ class _Sight:
     node that hold its own tokens (all of them in node mode)."""
 
     above: np.ndarray  # [nodes] the nearest KV node that is a strict ancestor, -1: none
-    whole: np.ndarray  # [nodes] queries that see all its pieces: below it, or on it (node mode)
+    seen_whole: np.ndarray  # [nodes] queries that see all of it: below it, or on it (node mode)
     own_node: np.ndarray  # token mode: the KV node of each query on one
     own_len: np.ndarray  # token mode: how many of that node's tokens the query sees
     seeing: int  # queries that see any token
@@ -216,16 +217,16 @@ class _Sight:
         q_rank = tree.pre_rank[tree.query_node]
         sorted_rank = np.sort(q_rank)
         end = tree.pre_end[tree.order[nodes.rank]]
-        whole = sorted_rank.searchsorted(end) - sorted_rank.searchsorted(nodes.rank, "right")
+        seen_whole = sorted_rank.searchsorted(end) - sorted_rank.searchsorted(nodes.rank, "right")
         own = kv_node[q_rank]
         on_kv = own >= 0
         own, own_len = own[on_kv], tree.query_own_len[on_kv]
-        if tree.query_mode == "node":
-            whole += np.bincount(own, minlength=len(whole))
+        if tree.query_mode == "node":  # a query sees all of its own node
+            seen_whole += np.bincount(own, minlength=len(seen_whole))
             own = own_len = own[:0]
         return _Sight(
             kv_node[kv_at[parent_rank[nodes.rank]]],
-            whole,
+            seen_whole,
             own,
             own_len,
             int(np.count_nonzero(tree.query_visible_counts)),
@@ -241,8 +242,8 @@ def _queries_per_chunk(sight: _Sight, place: _Placement) -> np.ndarray:
     after = (sight.above >= 0) & (first == end[sight.above] - 1)
     lo = first + after
     n = len(place.start) + 1
-    enter = np.bincount(lo, sight.whole, n)
-    leave = np.bincount(end, sight.whole, n)
+    enter = np.bincount(lo, sight.seen_whole, n)
+    leave = np.bincount(end, sight.seen_whole, n)
     if len(sight.own_node):  # chunks of the own node up to the query's own tokens
         enter += np.bincount(lo[sight.own_node], minlength=n)
         own_end = first[sight.own_node] - (-sight.own_len // place.chunk)
@@ -321,11 +322,11 @@ class _Rows:
     def concat(parts: list[_Rows]) -> _Rows:
         """Rows of several parts, stably ordered by chunk."""
         chunk = np.concatenate([p.chunk for p in parts])
-        order = np.argsort(chunk, kind="stable")
+        order = chunk.argsort(kind="stable")
         return _Rows(
             chunk[order],
-            np.concatenate([p.query for p in parts])[order],
-            np.concatenate([p.bits for p in parts])[order],
+            np.concatenate([p.query for p in parts]).take(order, axis=0),
+            np.concatenate([p.bits for p in parts]).take(order, axis=0),
             np.concatenate([p.full for p in parts])[order],
         )
 
@@ -598,9 +599,8 @@ def _span_groups(
     total = np.concatenate((np.add.reduceat(length[runs.order], heads), length[rest]))
     by_kv = keep.argsort()  # ascending KV
     keep, total = keep[by_kv], total[by_kv]
-    return _Groups(
-        start[keep], total, rows.query.take(keep, axis=0), rows.bits.take(keep, axis=0), rows.full[keep]
-    )
+    query, bits = rows.query.take(keep, axis=0), rows.bits.take(keep, axis=0)
+    return _Groups(start[keep], total, query, bits, rows.full[keep])
 
 
 def _span_stats(

@@ -264,7 +264,9 @@ def test_planning_time_256_nodes_256_queries() -> None:
         f"{chosen:.3f} ms (cost-model choice of chunk, QG and span), "
         f"{step:.3f} ms (decode step: append to leaves + incremental replan)"
     )
+    # loose bounds (shared CI machines); the target is under 1 ms on one core
     assert fixed < 5.0
+    assert chosen < 5.0
     assert step < 5.0
 
 

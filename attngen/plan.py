@@ -533,7 +533,7 @@ class _Runs:
     """The span-independent half of coalescing: the full groups that share their query
     slots over contiguous KV (the pieces of one long node, e.g. a shared prefix), as runs."""
 
-    order: np.ndarray  # full groups sorted by (query slots, KV start)
+    order: np.ndarray  # full groups, each run's together and in KV order
     run: np.ndarray  # the run of each entry of ``order``
     offset: np.ndarray  # tokens from its run's start to each entry's
     members: np.ndarray  # [runs] groups in the run

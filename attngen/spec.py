@@ -165,7 +165,7 @@ class Tune(_Model):
     block_m: tuple[Annotated[Int, Field(ge=16, le=256)], ...] = (128, 64)
     block_n: tuple[Annotated[Int, Field(ge=16, le=256)], ...] = (128, 64)
     num_warps: tuple[Literal[1, 2, 4, 8, 16], ...] = (8, 4)
-    num_stages: tuple[Annotated[Int, Field(ge=1, le=6)], ...] = (3, 2)
+    num_stages: tuple[Annotated[Int, Field(ge=1, le=6)], ...] = (3, 4, 2)
 
     @field_validator("block_m", "block_n")
     @classmethod

@@ -11,14 +11,23 @@ Symbols (all plain sympy Symbols, positive):
 - plan: ``C`` chunk, ``QG`` queries per group, ``G`` groups, ``T`` KV tokens read
   (the sum of group KV lengths), ``W`` tokens of the longest group and ``NW`` the groups
   of at least half that, ``P`` partials, ``NQ`` queries, ``L`` launches;
-- heads: ``Hq``, ``Hkv``, ``Dqk``, ``Dv``, ``E`` bytes per element, ``R_min`` the
-  minimum rows of a matrix-unit tile;
+- heads: ``Hq``, ``Hkv``, ``Dqk``, ``Dv``, ``E`` bytes per element, ``R_min`` the rows
+  a program is charged at least;
 - comparison: ``T_branch`` KV tokens read by per-branch decoding (the sum of each
   query's visible tokens), ``T_unique`` unique KV tokens (the floor);
 - machine: ``BW`` bytes/s, ``RATE`` FLOP/s, ``LAUNCH`` s per launch, ``SMS`` SM count,
   ``OVH`` fixed seconds per program, ``POVH`` seconds per partial row, ``EFF`` the share
-  of an SM's matrix rate one program sustains, ``KSM`` an SM's streaming rate over its
-  share of the DRAM bandwidth.
+  of an SM's matrix rate a program gets while every SM is busy, ``TOK`` SM seconds per
+  KV token of a program besides its matrix work, ``DRAM`` the share of the unique KV's
+  DRAM time that tile work does not hide, ``R_wg`` the rows of a warpgroup's matrix
+  instruction, ``NARROW`` how many times slower a program of fewer rows runs alone on
+  an SM, ``SLOTS`` how many such narrow programs share an SM.
+
+The machine constants that are not plain hardware rates were fitted to the tree
+kernels' plan sweep on an H200 (scripts/explore_gpu.py tree: the five reference
+workloads, MHA 32/32 and GQA 32/8 heads, chunk 512, every QG with at least 32 rows and
+spans 512..16384, the best of three kernel configs), so that the planner's choices lose
+least against the best measured plan; see :class:`Machine`.
 
 >>> layout = HeadLayout(heads_q=32, heads_kv=8, head_dim_qk=128, head_dim_v=128)
 >>> int(kv_bytes_of(tokens=1, layout=layout))
@@ -36,9 +45,8 @@ import sympy as sp
 C, QG, G, T, P, NQ, L, W, NW = sp.symbols("C QG G T P NQ L W NW", positive=True)
 Hq, Hkv, Dqk, Dv, E, R_min = sp.symbols("Hq Hkv Dqk Dv E R_min", positive=True)
 T_branch, T_unique = sp.symbols("T_branch T_unique", positive=True)
-BW, RATE, LAUNCH, SMS, OVH, POVH, EFF, KSM = sp.symbols(
-    "BW RATE LAUNCH SMS OVH POVH EFF KSM", positive=True
-)
+BW, RATE, LAUNCH, SMS, OVH, POVH, EFF = sp.symbols("BW RATE LAUNCH SMS OVH POVH EFF", positive=True)
+TOK, DRAM, R_wg, NARROW, SLOTS = sp.symbols("TOK DRAM R_wg NARROW SLOTS", positive=True)
 
 #: Bytes of K and V per token over all KV heads.
 KV_TOKEN_BYTES = Hkv * (Dqk + Dv) * E
@@ -51,28 +59,46 @@ PARTIAL_BYTES = 2 * P * Hq * (Dv + 1) * 4
 #: The output.
 OUT_BYTES = NQ * Hq * Dv * E
 TOTAL_BYTES = KV_BYTES + Q_BYTES + PARTIAL_BYTES + OUT_BYTES
-#: Rows of one program: the query heads of a KV head times the queries of a group,
-#: padded to the matrix unit's minimum.
-ROWS = sp.Max(QG * Hq / Hkv, R_min)
-#: Matrix-unit FLOPs: QK^T and PV over the rows of a KV head.
-FLOPS = 2 * T * Hkv * ROWS * (Dqk + Dv)
-#: Seconds one SM spends on one KV token of one program: its K/V bytes at KSM times the
-#: SM's share of the DRAM bandwidth (L2 serves the groups that share a chunk), or its
-#: FLOPs at EFF times the SM's share of the matrix rate, whichever is longer.
-TOKEN_TIME = sp.Max((Dqk + Dv) * E * SMS / (KSM * BW), 2 * ROWS * (Dqk + Dv) * SMS / (EFF * RATE))
-#: All (group, KV head) programs spread over the SMs, each with a fixed cost OVH
-#: (query load, pipeline fill, partial store).
-SPREAD = (T * TOKEN_TIME + G * OVH) * Hkv / SMS
-#: The longest programs (NW groups of about W tokens, times the KV heads) run in waves
-#: of one per SM: a plan of few or unequal programs cannot finish before they do.
-WAVES = sp.ceiling(NW * Hkv / SMS) * (W * TOKEN_TIME + OVH)
-#: Each partial row (per query head) also costs POVH seconds: its store, the merge's
-#: dependent loads (calibrated on an H200 with the tree kernels' exploration sweep).
-TIME = sp.Max(TOTAL_BYTES / BW, SPREAD, WAVES) + P * Hq * POVH + L * LAUNCH
 #: Per-branch (sequence-based) decoding: each query reads its whole root path's KV.
 BRANCH_BYTES = T_branch * KV_TOKEN_BYTES + NQ * Hq * (Dqk + Dv) * E
 #: The IO floor: each unique KV byte once.
 FLOOR_BYTES = T_unique * KV_TOKEN_BYTES
+
+#: Rows of one program: the query heads of a KV head times the queries of a group.
+ROWS = QG * Hq / Hkv
+#: Matrix-unit FLOPs: QK^T and PV over the rows of a KV head (charged at least R_min rows).
+FLOPS = 2 * T * Hkv * sp.Max(ROWS, R_min) * (Dqk + Dv)
+#: A narrow program (fewer rows than one warpgroup instruction) runs on the older
+#: per-warp matrix instructions: alone on an SM it is NARROW times slower than a
+#: warpgroup-wide one, but SLOTS of them share an SM without slowing each other (the
+#: sweep: 32-row programs alone take ~1.3 us per 64-token tile, 64-row ones ~0.7).
+IS_NARROW = sp.StrictLessThan(ROWS, R_wg)
+NARROW_SLOWDOWN = sp.Piecewise((NARROW, IS_NARROW), (1, True))
+NARROW_SLOTS = sp.Piecewise((SLOTS, IS_NARROW), (1, True))
+#: SM seconds per KV token of one program while every SM is busy: a fixed part (softmax,
+#: masking, address arithmetic, issuing the tile loads) plus the matrix work of its rows
+#: at EFF of the SM's share of the matrix rate. Rows below R_min cost as much as R_min.
+TOKEN_TIME = TOK + 2 * sp.Max(ROWS, R_min) * (Dqk + Dv) * SMS / (EFF * RATE)
+#: All (group, KV head) programs spread over the SMs, each with a fixed cost OVH (query
+#: load, pipeline fill, partial store); plus the part of the DRAM time of the unique KV
+#: that the tile work does not hide (each tile's first reader waits for it; re-reads of
+#: a chunk by its other groups come from L2 and cost only their tile work).
+SPREAD = (T * TOKEN_TIME + G * OVH) * Hkv / SMS + DRAM * FLOOR_BYTES / BW
+#: Seconds one program alone on an SM spends per KV token: its matrix work at the SM's
+#: share of the matrix rate, a warpgroup's rows at least, NARROW times longer if narrow.
+#: (A lone 64-row program measured ~0.7 us per tile, not the ~0.4 this gives; charging
+#: that made the planner worse: spec_4k_92's span 2048 is slower than these plan
+#: quantities explain, and the lower lone time leaves its 4096 the cheaper.)
+LONE_TOKEN_TIME = NARROW_SLOWDOWN * 2 * sp.Max(ROWS, R_wg) * (Dqk + Dv) * SMS / RATE
+#: The longest programs (NW groups of about W tokens, times the KV heads) run in waves
+#: of one per SM (SLOTS per SM if narrow): a plan of few or unequal programs cannot
+#: finish before they do, and one just over a wave pays for a second.
+WAVES = sp.ceiling(NW * Hkv / (NARROW_SLOTS * SMS)) * (W * LONE_TOKEN_TIME + OVH)
+#: Each partial row (per query head) costs POVH: about half of it is the merge kernel's
+#: dependent loads (profiled: ~0.6 ns per row), the rest stage 1's fp32 store of it.
+MERGE = P * Hq * POVH
+#: Stage 1 is bound by the busy SMs or by its longest programs; the merge follows it.
+TIME = sp.Max(SPREAD, WAVES) + MERGE + L * LAUNCH
 
 _ARGS = (
     C,
@@ -99,7 +125,11 @@ _ARGS = (
     OVH,
     POVH,
     EFF,
-    KSM,
+    TOK,
+    DRAM,
+    R_wg,
+    NARROW,
+    SLOTS,
 )
 
 
@@ -135,7 +165,9 @@ class HeadLayout:
     head_dim_v: int = 128
     dtype_bytes: int = 2
     max_rows: int = 128
-    min_rows: int = 64  # a warpgroup's matrix instruction computes 64 rows at least
+    # rows a program is charged at least: the sweep measured 32-row programs cheaper than
+    # 64-row ones when every SM is busy, and nothing narrower
+    min_rows: int = 32
 
     @property
     def group(self) -> int:
@@ -153,17 +185,27 @@ class HeadLayout:
 
 @dataclass(frozen=True, slots=True)
 class Machine:
-    """Rates of the target GPU (defaults: measured on an H200, bf16, see BENCHMARKS.md)."""
+    """Rates of the target GPU (defaults: measured on an H200, bf16, see BENCHMARKS.md).
+
+    The constants below the hardware rates were fitted to the H200 sweep of the tree
+    kernels (scripts/explore_gpu.py tree; see the module docstring): the planner's choice
+    lost 1.0% on average (7.8% at worst, fewshot_32k_x64 MHA) against the best measured
+    plan of the ten workload x head layout cases, 13.0% on average (51% at worst) before.
+    """
 
     bandwidth: float = 4.25e12  # device copy, read + write, measured on an H200
     matmul_rate: float = 6.9e14  # bf16 8192^3 GEMM on random data, same machine
     launch_overhead: float = 3.0e-6
     sms: int = 132
-    # fitted to the tree kernels' plan sweep on an H200 (scripts/explore_gpu.py tree)
-    program_overhead: float = 1.0e-6
-    partial_overhead: float = 8.0e-9
-    matmul_efficiency: float = 0.5
-    sm_stream_factor: float = 2.0
+    warpgroup_rows: int = 64  # Hopper's warpgroup matrix instruction computes 64 rows
+    # fitted to the H200 sweep, scripts/explore_gpu.py tree
+    program_overhead: float = 0.5e-6
+    partial_overhead: float = 1.25e-9
+    matmul_efficiency: float = 0.65
+    token_overhead: float = 3.0e-9  # ~0.2 us per 64-token tile besides the matrix work
+    dram_exposed: float = 0.75
+    narrow_slowdown: float = 3.0
+    narrow_programs_per_sm: int = 2  # two narrow programs' K/V stages fit in shared memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +279,11 @@ def _values(stats: PlanStats, layout: HeadLayout, machine: Machine) -> tuple[obj
         machine.program_overhead,
         machine.partial_overhead,
         machine.matmul_efficiency,
-        machine.sm_stream_factor,
+        machine.token_overhead,
+        machine.dram_exposed,
+        machine.warpgroup_rows,
+        machine.narrow_slowdown,
+        machine.narrow_programs_per_sm,
     )
 
 

@@ -1,0 +1,97 @@
+"""The cost model: its formulas evaluate vectorized, its terms move the way the H200 sweep
+says they should, and the planner's choices on the reference shapes are the ones the
+sweep measured best (or within noise of it)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from attngen import cost
+from attngen.cost import HeadLayout, Machine, PlanStats, evaluate, plan_cost
+from attngen.plan import plan_tree
+from attngen.workloads import REFERENCE_SHAPES, WORKLOADS
+
+MHA = HeadLayout(heads_q=32, heads_kv=32)
+GQA = HeadLayout(heads_q=32, heads_kv=8)
+
+
+def stats(**changes: object) -> PlanStats:
+    """A long shared prefix read by one group of 32 queries, 64 programs (MHA)."""
+    base = PlanStats(
+        chunk=512,
+        queries_per_group=32,
+        groups=2,
+        tokens_read=8192,
+        longest=4096,
+        n_longest=2,
+        partials=64,
+        queries=32,
+        launches=2,
+        branch_tokens=32 * 4096,
+        unique_tokens=4096,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def time_us(s: PlanStats, layout: HeadLayout = MHA, machine: Machine | None = None) -> float:
+    return float(evaluate("time_s", s, layout, machine or Machine())) * 1e6
+
+
+def test_evaluate_vectorizes_like_plan_cost() -> None:
+    qg = np.array([16, 32, 64])
+    many = evaluate("time_s", stats(queries_per_group=qg), MHA, Machine())
+    one = [plan_cost(stats(queries_per_group=int(q)), MHA).time_s for q in qg]
+    assert many.shape == (3,)
+    np.testing.assert_allclose(many, one, rtol=1e-12)
+
+
+def test_narrow_program_alone_is_slower_than_a_warpgroup_wide_one() -> None:
+    # few long programs: the waves bound; 32 rows (MHA, QG 32) is below a warpgroup
+    narrow = time_us(stats(queries_per_group=32))
+    wide = time_us(stats(queries_per_group=64))
+    assert narrow > 1.5 * wide
+
+
+def test_narrow_programs_share_an_sm() -> None:
+    # 200 long programs: two narrow ones fit an SM (one wave), wide ones take two waves
+    m = Machine()
+    values = {
+        cost.Hq: 32, cost.Hkv: 8, cost.Dqk: 128, cost.Dv: 128, cost.NW: 25, cost.W: 8192,
+        cost.SMS: m.sms, cost.RATE: m.matmul_rate, cost.OVH: m.program_overhead,
+        cost.R_wg: m.warpgroup_rows, cost.NARROW: 1, cost.SLOTS: m.narrow_programs_per_sm,
+    }  # fmt: skip
+    narrow = float(cost.WAVES.subs({**values, cost.QG: 8}))  # 32 rows
+    wide = float(cost.WAVES.subs({**values, cost.QG: 16}))  # 64 rows
+    assert wide == pytest.approx(2 * narrow)
+
+
+def test_partials_and_programs_cost_time() -> None:
+    assert time_us(stats(partials=640)) > time_us(stats(partials=64))
+    assert time_us(stats(groups=200, n_longest=200, longest=512)) > time_us(stats())
+
+
+# (workload, layout) -> (queries per group, span) the planner chooses, chunk 512; in the
+# H200 sweep each is the best plan or within 1% of it, except fewshot_32k_x64 MHA (380 us
+# against QG 32, span 8192 at 352.6 us).
+CHOICES = {
+    ("fewshot_4k_x20", "mha"): (32, 2048),
+    ("fewshot_4k_x20", "gqa"): (8, 1024),
+    ("fewshot_32k_x64", "mha"): (64, 16384),
+    ("fewshot_32k_x64", "gqa"): (16, 16384),
+    ("tot_d3_w3", "mha"): (32, 1024),
+    ("tot_d3_w3", "gqa"): (8, 1024),
+    ("spec_4k_92", "mha"): (64, 4096),
+    ("spec_4k_92", "gqa"): (16, 4096),
+    ("spec_16k_184", "mha"): (64, 16384),
+    ("spec_16k_184", "gqa"): (32, 8192),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_SHAPES)
+@pytest.mark.parametrize("layout", ["mha", "gqa"])
+def test_reference_choices(name: str, layout: str) -> None:
+    plan = plan_tree(WORKLOADS[name]().tree, heads=MHA if layout == "mha" else GQA)
+    assert (plan.chunk, plan.queries_per_group, plan.span) == (512, *CHOICES[(name, layout)])

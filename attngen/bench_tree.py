@@ -52,6 +52,8 @@ class TreeRow:
     plan_ms: float
     replan_ms: float | None
     rel_err: float
+    plan: str = ""  # the cost model's choice: chunk, queries per group, span
+    config: str = ""  # the autotuner's pick for that plan
 
     @property
     def ratio(self) -> float:
@@ -172,6 +174,9 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
 
     out = module.attention(q, k, v, plan)  # autotunes once, outside the timing
     t_ours = _graph_time_us(lambda: module.attention(q, k, v, plan))
+    picked = getattr(getattr(module, "_tree_partial_tuned", None), "best_config", None)
+    config = (f"block_n {picked.kwargs['BLOCK_N']}, {picked.num_warps} warps, {picked.num_stages} stages"
+              if picked is not None else "")
 
     # dense references in [1, H, N, D] layout
     qd, kd, vd = (x.transpose(0, 1)[None] for x in (q, k, v))
@@ -212,6 +217,8 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
         per_branch_us=_try(per_branch, "per_branch") if peers else None,
         plan_ms=plan_ms, replan_ms=replan_ms,
         rel_err=rel_err,
+        plan=f"chunk {plan.chunk}, QG {plan.queries_per_group}, span {plan.span}",
+        config=config,
     )
 
 
@@ -246,6 +253,8 @@ def format_table(rows: list[TreeRow]) -> str:
         lines.append(f"{r.workload:16} {r.layout:5} {f(r.floor_us)} {f(r.attngen_us)} {r.ratio:6.2f}x "
                      f"{f(r.flex_us)} {f(r.sdpa_dense_us)} {f(r.per_branch_us)} {speedup} "
                      f"{r.plan_ms:7.2f} {r.rel_err:8.1e}")
+    lines.append("")
+    lines += [f"{r.workload:16} {r.layout:5} plan: {r.plan}; autotuner: {r.config or 'n/a'}" for r in rows]
     return "\n".join(lines)
 
 

@@ -11,8 +11,8 @@ export PYTHONUNBUFFERED=1
 parts=${*:-tree tests seq}
 for part in $parts; do
     case $part in
-        tree)  timeout 330 python3 -m attngen.bench_tree --out "$out" 2>&1 | grep -v Warning | tee "$out/tree.log" ;;
-        tests) ATTNGEN_GPU_EXAMPLES=${ATTNGEN_GPU_EXAMPLES:-25} timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -25 > "$out/gpu_tests.txt" ;;
+        tree)  timeout 420 python3 -m attngen.bench_tree --out "$out" 2>&1 | grep -v Warning | tee "$out/tree.log" ;;
+        tests) ATTNGEN_GPU_EXAMPLES=${ATTNGEN_GPU_EXAMPLES:-25} timeout 540 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -25 > "$out/gpu_tests.txt" ;;
         seq)   timeout 240 python3 -m attngen.bench --preset all --out "$out" 2>&1 | grep -v Warning | tee "$out/seq.log" ;;
     esac
 done

@@ -54,6 +54,7 @@ class TreeRow:
     rel_err: float
     plan: str = ""  # the cost model's choice: chunk, queries per group, span
     config: str = ""  # the autotuner's pick for that plan
+    cold_l2: bool = False  # every replay timed after L2 was overwritten
 
     @property
     def ratio(self) -> float:
@@ -76,11 +77,35 @@ def tree_spec(mode: str, heads_q: int, heads_kv: int) -> Spec:
     })
 
 
-def _graph_time_us(fn: Callable[[], Any]) -> float:
+#: Timed replays per figure with ``--cold-l2``.
+COLD_REPLAYS = 60
+
+
+def _graph_time_us(fn: Callable[[], Any], cold: bool = False) -> float:
+    """Median µs of CUDA-graph replays of ``fn``. Back to back, a KV smaller than L2 stays
+    there from one replay to the next; with ``cold``, each replay follows (untimed) a
+    read of a buffer larger than L2, so the KV comes from DRAM as in a decode step that
+    runs between other layers. (A read leaves clean lines; a write would leave dirty
+    ones, whose write-back would then be timed against the kernel.)"""
+    import torch
     import triton
 
     fn()
-    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")) * 1e3
+    if not cold:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")) * 1e3
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    scrub = torch.ones(256 * 2**20, dtype=torch.float16, device="cuda")  # 512 MB
+    spans = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+             for _ in range(COLD_REPLAYS)]
+    for start, end in spans:
+        scrub.sum()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in spans) * 1e3
 
 
 def _try(fn: Callable[[], float], what: str) -> float | None:
@@ -140,8 +165,9 @@ def workloads_for(spec: Spec) -> list[str]:
 
 
 def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, *,
-                   peers: bool = True) -> TreeRow:
-    """Time ``spec``'s tree kernel and the peers on workload ``name``."""
+                   peers: bool = True, cold: bool = False) -> TreeRow:
+    """Time ``spec``'s tree kernel and the peers on workload ``name`` (``cold``: with L2
+    overwritten before every replay)."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -173,7 +199,7 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
     visible = torch.from_numpy(tree.visible_matrix()).to(dev)
 
     out = module.attention(q, k, v, plan)  # autotunes once, outside the timing
-    t_ours = _graph_time_us(lambda: module.attention(q, k, v, plan))
+    t_ours = _graph_time_us(lambda: module.attention(q, k, v, plan), cold)
     picked = getattr(getattr(module, "_tree_partial_tuned", None), "best_config", None)
     config = (f"block_n {picked.kwargs['BLOCK_N']}, {picked.num_warps} warps, {picked.num_stages} stages"
               if picked is not None else "")
@@ -185,7 +211,8 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
     rel_err = float((out.float() - ref).norm() / ref.norm())
 
     def dense() -> float:
-        return _graph_time_us(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=visible, enable_gqa=True))
+        return _graph_time_us(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=visible, enable_gqa=True),
+                              cold)
 
     def flex() -> float:
         def ancestor(b: Any, h: Any, qi: Any, ki: Any) -> Any:
@@ -193,7 +220,7 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
 
         block_mask = create_block_mask(ancestor, None, None, n_q, n_kv, device=dev)
         compiled = torch.compile(flex_attention)
-        return _graph_time_us(lambda: compiled(qd, kd, vd, block_mask=block_mask, enable_gqa=True))
+        return _graph_time_us(lambda: compiled(qd, kd, vd, block_mask=block_mask, enable_gqa=True), cold)
 
     def per_branch() -> float:
         lengths = visible.sum(1)
@@ -203,7 +230,8 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
         vb = v[order].permute(0, 2, 1, 3).contiguous()
         pad = (torch.arange(longest, device=dev)[None] < lengths[:, None])[:, None, None, :]
         qb = q[:, :, None, :]
-        return _graph_time_us(lambda: F.scaled_dot_product_attention(qb, kb, vb, attn_mask=pad, enable_gqa=True))
+        return _graph_time_us(lambda: F.scaled_dot_product_attention(qb, kb, vb, attn_mask=pad, enable_gqa=True),
+                              cold)
 
     size = torch.finfo(dtype).bits // 8
     unique_bytes = (n_kv * heads_kv * (d_qk + d_v) + n_q * heads_q * (d_qk + d_v)) * size
@@ -219,6 +247,7 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
         rel_err=rel_err,
         plan=f"chunk {plan.chunk}, QG {plan.queries_per_group}, span {plan.span}",
         config=config,
+        cold_l2=cold,
     )
 
 
@@ -265,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", action="append", choices=sorted(LAYOUTS), help="default: mha and gqa")
     parser.add_argument("--out", type=Path, help="folder for tree_results.json")
     parser.add_argument("--no-peers", action="store_true", help="time attngen only (quick)")
+    parser.add_argument("--cold-l2", action="store_true",
+                        help="overwrite L2 before every timed replay (KV from DRAM, as between layers)")
     args = parser.parse_args(argv)
     import torch
 
@@ -281,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, layout in cases:
             progress.begin(f"{name}/{layout}")
             spec = tree_spec(WORKLOADS[name]().tree.query_mode, *LAYOUTS[layout])
-            rows.append(bench_workload(spec, name, bandwidth, matmul_rate, peers=not args.no_peers))
+            rows.append(bench_workload(spec, name, bandwidth, matmul_rate, peers=not args.no_peers,
+                                      cold=args.cold_l2))
             progress.step(f"{name}/{layout}")
     print(f"GPU {rates.gpu}, torch {rates.torch_version}, triton {rates.triton_version}, "
           f"bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s")

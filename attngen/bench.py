@@ -397,7 +397,7 @@ def bench_spec(spec: Spec, shape: Shape, rates: DeviceRates, *, seed: int = 0) -
     for _ in range(ROUNDS):
         for name, (run, _, _) in runs.items():
             rounds[name].append(_time(run, decode))
-    for name, _ in [("attngen", None), *PEERS]:
+    for name in ["attngen", *(peer for peer, _ in PEERS)]:
         if name in failed:
             result.timings.append(failed[name])
             continue

@@ -47,8 +47,10 @@ def test_table_reports_ratio_and_best_peer() -> None:
     row = bench_tree.TreeRow(
         workload="fewshot_4k_x20", layout="mha", n_queries=20, n_kv=12000, floor_us=46.0,
         attngen_us=69.0, flex_us=101.0, sdpa_dense_us=None, per_branch_us=355.0, plan_ms=0.3,
-        replan_ms=0.34, rel_err=2e-3)
+        replan_ms=0.34, rel_err=2e-3, plan="chunk 512, QG 32, span 2048",
+        config="block_n 64, 4 warps, 3 stages")
     assert row.ratio == pytest.approx(1.5)
     assert row.best_peer_us == 101.0
     table = bench_tree.format_table([row])
     assert "fewshot_4k_x20" in table and "1.50x" in table and "n/a" in table
+    assert "plan: chunk 512, QG 32, span 2048; autotuner: block_n 64, 4 warps, 3 stages" in table

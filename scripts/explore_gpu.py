@@ -35,6 +35,21 @@ OUT = Path(os.environ.get("OUT", "explore_out"))
 DEADLINE = time.monotonic() + float(os.environ.get("EXPLORE_SECONDS", "1e9"))
 
 
+def bf16(*shape: int, gen=None) -> torch.Tensor:
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+
+def varlen_inputs(batch: int, q_len: int, kv_len: int, hq: int, hkv: int):
+    """Random q, k, v (head dim 128) of equal-length sequences, and their cu_seqlens."""
+    cu = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * kv_len
+    return bf16(batch * q_len, hq, 128), bf16(batch * kv_len, hkv, 128), bf16(batch * kv_len, hkv, 128), cu
+
+
+def tree_inputs(n_q: int, n_kv: int, hq: int, hkv: int, gen=None):
+    """Random q [n_q, hq, 128] and flattened-tree k, v [n_kv, hkv, 128]."""
+    return bf16(n_q, hq, 128, gen=gen), bf16(n_kv, hkv, 128, gen=gen), bf16(n_kv, hkv, 128, gen=gen)
+
+
 def graph_us(fn) -> float:
     fn()
     torch.cuda.synchronize()
@@ -88,9 +103,7 @@ def tree(results: list) -> None:
             chosen = plan_tree(w.tree, heads=heads)
             n_kv, n_q = chosen.n_kv, chosen.n_queries
             gen = torch.Generator(device=dev).manual_seed(0)
-            q = torch.randn(n_q, hq, 128, device=dev, dtype=torch.bfloat16, generator=gen)
-            k = torch.randn(n_kv, hkv, 128, device=dev, dtype=torch.bfloat16, generator=gen)
-            v = torch.randn(n_kv, hkv, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+            q, k, v = tree_inputs(n_q, n_kv, hq, hkv, gen)
             ref = None
             cap = triton.next_power_of_2(n_q)
             qgs = sorted({g for g in heads.queries_per_group_choices() if g * heads.group >= 32 and g <= cap}
@@ -149,10 +162,7 @@ def decode(results: list) -> None:
     spec = load_spec(Path("specs/sliding_window_sinks_decode.yaml"))
     module = attngen.load(spec)
     B, L, hq, hkv = 8, 32768, spec.heads.q, spec.heads.kv
-    q = torch.randn(B, hq, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(B * L, hkv, 128, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(B * L, hkv, 128, device="cuda", dtype=torch.bfloat16)
-    cu = torch.arange(0, B + 1, device="cuda", dtype=torch.int32) * L
+    q, k, v, cu = varlen_inputs(B, 1, L, hq, hkv)
     ref = module.attention(q, k, v, cu, max_seqlen_k=L).float()
     for splits in (4, 8, 12, 16, 24):
         for bn, nw, ns in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (64, 2, 3)):
@@ -189,10 +199,7 @@ def prefill(results: list) -> None:
     spec = load_spec(Path("specs/causal_prefill.yaml"))
     module = attngen.load(spec)
     B, S, H = 4, 4096, 32
-    q = torch.randn(B * S, H, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(B * S, H, 128, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(B * S, H, 128, device="cuda", dtype=torch.bfloat16)
-    cu = torch.arange(0, B + 1, device="cuda", dtype=torch.int32) * S
+    q, k, v, cu = varlen_inputs(B, S, S, H, H)
     pq, pk, pv = (x.view(B, S, H, 128).transpose(1, 2).contiguous() for x in (q, k, v))
     mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S, device="cuda")
     flex = torch.compile(flex_attention)
@@ -225,10 +232,7 @@ def prefill_tuned(results: list) -> None:
     spec = parse_spec(PRESETS["prefill_causal"].spec)
     module = attngen.load(spec)
     B, S, H = 4, 4096, 32
-    q = torch.randn(B * S, H, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(B * S, H, 128, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(B * S, H, 128, device="cuda", dtype=torch.bfloat16)
-    cu = torch.arange(0, B + 1, device="cuda", dtype=torch.int32) * S
+    q, k, v, cu = varlen_inputs(B, S, S, H, H)
     tuned = partial(module.attention, q, k, v, cu, cu, max_seqlen_q=S, max_seqlen_k=S)
     tuned()
     best = module._prefill_tuned.best_config
@@ -255,9 +259,7 @@ def merge(results: list) -> None:
         heads = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128)
         plan = plan_tree(w.tree, heads=heads, device=dev)
         n_q = plan.n_queries
-        q = torch.randn(n_q, hq, 128, device=dev, dtype=torch.bfloat16)
-        k = torch.randn(plan.n_kv, hkv, 128, device=dev, dtype=torch.bfloat16)
-        v = torch.randn(plan.n_kv, hkv, 128, device=dev, dtype=torch.bfloat16)
+        q, k, v = tree_inputs(n_q, plan.n_kv, hq, hkv)
         t = plan.tensors()
         rows = plan.n_groups * plan.queries_per_group
         o_part = torch.randn(rows, hq, 128, device=dev)

@@ -4,7 +4,9 @@ The planner flattens a :class:`~attngen.tree.TreeBatch`'s KV (preorder, node tok
 contiguous), cuts it into chunks, pairs each chunk with every query that sees any of its
 tokens and splits each chunk's queries into groups of at most ``queries_per_group``.
 Stage 1 of the kernel computes one partial (O, LSE) per (group, query slot); stage 2
-merges each query's partials by log-sum-exp in the order of ``merge_src``.
+merges each query's partials by log-sum-exp in plan order: stage 1 writes partial
+``(g, s)`` at row ``merge_row[g, s]``, and query ``i``'s partials are rows
+``merge_ptr[i]`` to ``merge_ptr[i + 1]``, ascending group.
 
 **Chunking rule** (node-aware packing). Nodes are visited in preorder. A node that fits
 entirely in the open chunk joins it; otherwise it starts a fresh chunk and is cut into
@@ -17,7 +19,7 @@ query set close to the queries that need all of it. Empty nodes take no space.
 ``group_kv_start[G]``, ``group_kv_len[G]``, ``group_q[G, QG]`` (-1 padded),
 ``group_full[G]``, ``group_bits[G, QG, chunk // 32]`` (bit ``j % 32`` of word ``j // 32``:
 chunk token ``j`` is visible to the slot's query), ``merge_ptr[NQ + 1]``,
-``merge_src[P]`` (partial ``g * QG + s``, ascending group), ``q_pos[NQ]``,
+``merge_row[G, QG]`` (-1 for an empty slot), ``q_pos[NQ]``,
 ``kv_pos[n_kv]``, ``q_tree[NQ]``. Groups are ordered by chunk, slots by query id.
 
 >>> from attngen.tree import TreeBatch
@@ -468,16 +470,13 @@ class Plan:
     group_full: torch.Tensor
     group_bits: torch.Tensor
     merge_ptr: torch.Tensor
-    merge_src: torch.Tensor
+    merge_row: torch.Tensor
     q_pos: torch.Tensor
     kv_pos: torch.Tensor
     q_tree: torch.Tensor
+    n_partials: int
     cost: PlanCost
     state: _State = field(repr=False)
-
-    @property
-    def n_partials(self) -> int:
-        return int(self.merge_src.numel())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The plan tensors by contract name."""
@@ -491,7 +490,7 @@ TENSOR_NAMES = (
     "group_full",
     "group_bits",
     "merge_ptr",
-    "merge_src",
+    "merge_row",
     "q_pos",
     "kv_pos",
     "q_tree",
@@ -499,14 +498,16 @@ TENSOR_NAMES = (
 
 
 def _merge_order(query: np.ndarray, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
-    """merge_ptr, merge_src from the [G, QG] query slots: each query's partials in
-    ascending group (= ascending chunk kv_start) order."""
+    """merge_ptr, merge_row from the [G, QG] query slots: the partials sorted by query,
+    each query's in ascending group (= ascending chunk kv_start) order, so that a query's
+    partials are contiguous rows for the merge."""
     flat = query.reshape(-1)
     partial = (flat >= 0).nonzero()[0]
     owner = flat[partial]
-    src = partial[owner.argsort(kind="stable")]
+    row = np.full(flat.shape, -1, dtype=np.int64)
+    row[partial[owner.argsort(kind="stable")]] = np.arange(len(partial))
     ptr = np.concatenate(([0], np.bincount(owner, minlength=n_queries).cumsum()))
-    return ptr, src
+    return ptr, row.reshape(query.shape)
 
 
 def _int32(values: np.ndarray, device: torch.device | str) -> torch.Tensor:
@@ -643,7 +644,7 @@ def _span_stats(
 
 def _host_arrays(tree: TreeBatch, groups: _Groups) -> dict[str, np.ndarray]:
     """Every plan tensor as a numpy array (the single place the format is assembled)."""
-    ptr, src = _merge_order(groups.query, tree.n_queries)
+    ptr, row = _merge_order(groups.query, tree.n_queries)
     return {
         "group_kv_start": groups.start,
         "group_kv_len": groups.length,
@@ -651,7 +652,7 @@ def _host_arrays(tree: TreeBatch, groups: _Groups) -> dict[str, np.ndarray]:
         "group_full": groups.full.astype(np.int64),
         "group_bits": groups.bits,
         "merge_ptr": ptr,
-        "merge_src": src,
+        "merge_row": row,
         "q_pos": tree.q_pos,
         "kv_pos": tree.kv_pos,
         "q_tree": tree.q_tree,
@@ -734,6 +735,7 @@ def _make_plan(
         n_queries=tree.n_queries,
         n_kv=tree.n_kv,
         **{name: _int32(host[name], device) for name in TENSOR_NAMES},
+        n_partials=int(host["merge_ptr"][-1]),
         cost=plan_cost(stats, heads, machine),
         state=_State(tree, layout, rows, heads, machine),
     )
@@ -851,7 +853,6 @@ class PlanBuffers:
         max_groups: int,
         max_queries: int,
         max_kv: int,
-        max_partials: int,
         chunk: int,
         queries_per_group: int,
         span: int | None = None,
@@ -864,7 +865,7 @@ class PlanBuffers:
             "group_full": (max_groups,),
             "group_bits": (max_groups, queries_per_group, chunk // WORD),
             "merge_ptr": (max_queries + 1,),
-            "merge_src": (max_partials,),
+            "merge_row": (max_groups, queries_per_group),
             "q_pos": (max_queries,),
             "kv_pos": (max_kv,),
             "q_tree": (max_queries,),
@@ -879,11 +880,11 @@ class PlanBuffers:
             t["group_q"].shape[0],
             t["q_pos"].shape[0],
             t["kv_pos"].shape[0],
-            t["merge_src"].shape[0],
+            t["merge_row"].numel(),  # at most one partial per group slot
         )
 
 
-_PAD = {"group_q": -1}
+_PAD = {"group_q": -1, "merge_row": -1}
 
 
 def plan_into(
@@ -902,7 +903,7 @@ def plan_into(
     heads, machine = heads or HeadLayout(), machine or Machine()
     layout, qg, pairs = _choose(tree, buffers.chunk, buffers.queries_per_group, heads, machine)
     host = _host_arrays(tree, _span_groups(layout, _rows(pairs, layout, qg), buffers.span))
-    used = PlanSizes(len(host["group_kv_start"]), tree.n_queries, tree.n_kv, len(host["merge_src"]))
+    used = PlanSizes(len(host["group_kv_start"]), tree.n_queries, tree.n_kv, int(host["merge_ptr"][-1]))
     _check_capacity(used, buffers.capacity())
     for name, values in host.items():
         _write(buffers.tensors[name], values, name)

@@ -93,6 +93,25 @@ try:
 except ImportError:  # older Triton: pointer loads only
     TensorDescriptor = None
 
+try:  # programmatic dependent launch (Hopper and newer): see _pdl
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
+except ImportError:  # older Triton
+    gdc_launch_dependents = gdc_wait = None
+    _HAS_PDL = False
+
+#: Launch a split kernel's merge with programmatic dependent launch where it exists.
+USE_PDL = _HAS_PDL and not _INTERPRET
+
+
+def _pdl(device):
+    """Whether the merge that follows a split kernel is launched programmatically
+    dependent on it: it is scheduled while the split kernel's last programs run, reads
+    what needs no partial, then waits for the split kernel's writes (gdc_wait)."""
+    return USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 try:
     from attngen.errors import LaunchError
 except ImportError:  # the module also works without attngen installed
@@ -153,24 +172,27 @@ def _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, hea
                BLOCK_N: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """One KV tile of online softmax (base 2). MASKED tiles apply the visibility
-    predicate and the sequence bound; unmasked tiles are known fully visible, lie
-    inside the sequence, and are loaded by the tensor-memory engine when USE_TMA."""
+    predicate (which includes the sequence bound); unmasked tiles are known fully
+    visible and inside the sequence. With USE_TMA every tile is one tensor-memory-engine
+    copy: keys past the sequence (the next sequence's, or zeros past the cache) are
+    loaded but masked, which spares the per-element addresses of a masked load."""
     kv_idx = k_lo + tl.arange(0, BLOCK_N)
     kv_pos = kv_idx[None, :]
-    d_qk = tl.arange(0, D_QK)
-    d_v = tl.arange(0, D_V)
-    k_ptrs = K + kv_idx[:, None] * stride_kt + d_qk[None, :]
-    v_ptrs = V + kv_idx[:, None] * stride_vt + d_v[None, :]
-    if MASKED:
-        in_seq = kv_idx < kv_len
-        k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=in_seq[:, None], other=0.0)
-    elif USE_TMA:
+    if USE_TMA:
         k = K_desc.load([kv_start + k_lo, kv_head * D_QK])
         v = V_desc.load([kv_start + k_lo, kv_head * D_V])
     else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+        d_qk = tl.arange(0, D_QK)
+        d_v = tl.arange(0, D_V)
+        k_ptrs = K + kv_idx[:, None] * stride_kt + d_qk[None, :]
+        v_ptrs = V + kv_idx[:, None] * stride_vt + d_v[None, :]
+        if MASKED:
+            in_seq = kv_idx < kv_len
+            k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=in_seq[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
     qk = tl.dot(q, tl.trans(k))
     # s is the modified score in base 2: log2(e) * score_mod(scale * q.k)
     s = 0.12751743082459868 * qk
@@ -220,9 +242,13 @@ def _decode_split_kernel(
     n_batch, num_splits, MAX_K_BUCKET,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program: the GROUP query heads of one KV head of one sequence (one K/V load
-    serves them all) over one split of the visible KV tiles."""
+    serves them all) over one split of the visible KV tiles. With PDL the merge launch
+    may begin once every program here has started."""
+    if PDL:
+        gdc_launch_dependents()
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -262,12 +288,12 @@ def _decode_split_kernel(
         if _tile_may_see(q_lo, q_hi, k_lo, k_lo + BLOCK_N - 1, pid_b, q_len, kv_len, kv_start, n_batch):
             acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
                                        stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
-                                       BLOCK_N, D_QK, D_V, True, False)
+                                       BLOCK_N, D_QK, D_V, True, USE_TMA)
     for k_lo in range(f_hi + split * BLOCK_N, hi, num_splits * BLOCK_N):
         if _tile_may_see(q_lo, q_hi, k_lo, k_lo + BLOCK_N - 1, pid_b, q_len, kv_len, kv_start, n_batch):
             acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
                                        stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
-                                       BLOCK_N, D_QK, D_V, True, False)
+                                       BLOCK_N, D_QK, D_V, True, USE_TMA)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -287,13 +313,15 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(O_part, LSE_part, O, LSE, num_splits, stride_ob, stride_oh,
-                         BLOCK_S: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr):
+                         BLOCK_S: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr, PDL: tl.constexpr):
     """Merge the splits of one (sequence, query head) by log-sum-exp, in split order."""
     head = tl.program_id(0)
     pid_b = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     d_v = tl.arange(0, D_V)
     part = (pid_b * 32 + head) * num_splits + splits
+    if PDL:
+        gdc_wait()  # the partials are the split kernel's writes
     lse = tl.load(LSE_part + part, mask=splits < num_splits, other=float("-inf"))
     m = tl.max(lse, 0)
     m_use = tl.where(m == float("-inf"), 0.0, m)
@@ -410,8 +438,9 @@ def attention(q, k, v, cu_seqlens_k, *, max_seqlen_k=None, return_lse=False, out
     args = (q, k, v, k_desc, v_desc, out, lse, o_part, lse_part, cu_seqlens_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), n_batch, splits, _bucket(max_seqlen_k))
+    pdl = _pdl(q.device) and not single
     consts = dict(GROUP=group, BLOCK_M=16, D_QK=128, D_V=128,
-                  RETURN_LSE=return_lse, USE_TMA=use_tma, SINGLE_SPLIT=single)
+                  RETURN_LSE=return_lse, USE_TMA=use_tma, SINGLE_SPLIT=single, PDL=pdl)
     grid = (splits, HEADS_KV, n_batch)
     if config is not None or _INTERPRET:
         _decode_split_kernel[grid](*args, **consts, BLOCK_N=c["block_n"],
@@ -421,5 +450,5 @@ def attention(q, k, v, cu_seqlens_k, *, max_seqlen_k=None, return_lse=False, out
     if not single:
         _decode_merge_kernel[(HEADS_Q, n_batch)](o_part, lse_part, out, lse, splits, out.stride(0), out.stride(1),
                                                  BLOCK_S=triton.next_power_of_2(splits), D_V=128,
-                                                 RETURN_LSE=return_lse)
+                                                 RETURN_LSE=return_lse, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     return (out, lse) if return_lse else out

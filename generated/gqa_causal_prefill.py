@@ -97,6 +97,25 @@ try:
 except ImportError:  # older Triton: pointer loads only
     TensorDescriptor = None
 
+try:  # programmatic dependent launch (Hopper and newer): see _pdl
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
+except ImportError:  # older Triton
+    gdc_launch_dependents = gdc_wait = None
+    _HAS_PDL = False
+
+#: Launch a split kernel's merge with programmatic dependent launch where it exists.
+USE_PDL = _HAS_PDL and not _INTERPRET
+
+
+def _pdl(device):
+    """Whether the merge that follows a split kernel is launched programmatically
+    dependent on it: it is scheduled while the split kernel's last programs run, reads
+    what needs no partial, then waits for the split kernel's writes (gdc_wait)."""
+    return USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 try:
     from attngen.errors import LaunchError
 except ImportError:  # the module also works without attngen installed
@@ -157,24 +176,27 @@ def _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, hea
                BLOCK_N: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     """One KV tile of online softmax (base 2). MASKED tiles apply the visibility
-    predicate and the sequence bound; unmasked tiles are known fully visible, lie
-    inside the sequence, and are loaded by the tensor-memory engine when USE_TMA."""
+    predicate (which includes the sequence bound); unmasked tiles are known fully
+    visible and inside the sequence. With USE_TMA every tile is one tensor-memory-engine
+    copy: keys past the sequence (the next sequence's, or zeros past the cache) are
+    loaded but masked, which spares the per-element addresses of a masked load."""
     kv_idx = k_lo + tl.arange(0, BLOCK_N)
     kv_pos = kv_idx[None, :]
-    d_qk = tl.arange(0, D_QK)
-    d_v = tl.arange(0, D_V)
-    k_ptrs = K + kv_idx[:, None] * stride_kt + d_qk[None, :]
-    v_ptrs = V + kv_idx[:, None] * stride_vt + d_v[None, :]
-    if MASKED:
-        in_seq = kv_idx < kv_len
-        k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=in_seq[:, None], other=0.0)
-    elif USE_TMA:
+    if USE_TMA:
         k = K_desc.load([kv_start + k_lo, kv_head * D_QK])
         v = V_desc.load([kv_start + k_lo, kv_head * D_V])
     else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+        d_qk = tl.arange(0, D_QK)
+        d_v = tl.arange(0, D_V)
+        k_ptrs = K + kv_idx[:, None] * stride_kt + d_qk[None, :]
+        v_ptrs = V + kv_idx[:, None] * stride_vt + d_v[None, :]
+        if MASKED:
+            in_seq = kv_idx < kv_len
+            k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=in_seq[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
     qk = tl.dot(q, tl.trans(k))
     # s is the modified score in base 2: log2(e) * score_mod(scale * q.k)
     s = 0.12751743082459868 * qk
@@ -267,7 +289,7 @@ def _prefill_kernel(
         if _tile_may_see(q_lo, q_hi, k_lo, k_lo + BLOCK_N - 1, pid_b, q_len, kv_len, kv_start, n_batch):
             acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
                                        stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
-                                       BLOCK_N, D_QK, D_V, True, False)
+                                       BLOCK_N, D_QK, D_V, True, USE_TMA)
     # fully visible tiles: no mask arithmetic
     for k_lo in range(f_lo, f_hi, BLOCK_N):
         acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
@@ -278,7 +300,7 @@ def _prefill_kernel(
         if _tile_may_see(q_lo, q_hi, k_lo, k_lo + BLOCK_N - 1, pid_b, q_len, kv_len, kv_start, n_batch):
             acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
                                        stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
-                                       BLOCK_N, D_QK, D_V, True, False)
+                                       BLOCK_N, D_QK, D_V, True, USE_TMA)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

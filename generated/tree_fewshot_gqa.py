@@ -61,9 +61,9 @@ CONFIGS = [
 ]
 #: Stage 2: query heads per merge program, partials per merge step.
 MERGE_HEADS = 8
-MERGE_PARTIALS = 2
+MERGE_PARTIALS = 8
 PLAN_TENSORS = ("group_kv_start", "group_kv_len", "group_q", "group_full", "group_bits",
-                "merge_ptr", "merge_src", "q_pos", "kv_pos", "q_tree")
+                "merge_ptr", "merge_row", "q_pos", "kv_pos", "q_tree")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -101,6 +101,25 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # older Triton: pointer loads only
     TensorDescriptor = None
+
+try:  # programmatic dependent launch (Hopper and newer): see _pdl
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
+except ImportError:  # older Triton
+    gdc_launch_dependents = gdc_wait = None
+    _HAS_PDL = False
+
+#: Launch a split kernel's merge with programmatic dependent launch where it exists.
+USE_PDL = _HAS_PDL and not _INTERPRET
+
+
+def _pdl(device):
+    """Whether the merge that follows a split kernel is launched programmatically
+    dependent on it: it is scheduled while the split kernel's last programs run, reads
+    what needs no partial, then waits for the split kernel's writes (gdc_wait)."""
+    return USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
 
 try:
     from attngen.errors import LaunchError
@@ -142,47 +161,44 @@ def _set_block_shapes(nargs):
 def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, Bits, KvPos, kv_lo, kv_n, kv_start, full,
                part, row_ok, q_pos, q_tree, head, n_batch, n_words,
                stride_kt, stride_vt,
-               BLOCK_N: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-               USE_BITS: tl.constexpr, BOUND: tl.constexpr, USE_TMA: tl.constexpr):
-    """One KV tile of a group's chunk, online softmax in base 2. USE_BITS applies the
-    plan's visibility bits (skipped when the whole group sees the whole chunk); BOUND
-    masks the chunk's ragged end."""
+               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    """One KV tile of a group's KV range, online softmax in base 2: the plan's visibility
+    bits and the range's end applied to the scores.
+    Keys past the range's end are loaded (a neighbour's KV, or zeros past the cache)
+    but get probability 0."""
     j = kv_lo + tl.arange(0, BLOCK_N)
+    in_range = j < kv_n
     logical = kv_start + j
-    d_qk = tl.arange(0, D_QK)
-    d_v = tl.arange(0, D_V)
-    slot = logical.to(tl.int64)
-    k_ptrs = K + slot[:, None] * stride_kt + d_qk[None, :]
-    v_ptrs = V + slot[:, None] * stride_vt + d_v[None, :]
-    if BOUND:
-        k = tl.load(k_ptrs, mask=(j < kv_n)[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=(j < kv_n)[:, None], other=0.0)
-    elif USE_TMA:
-        # a whole tile inside the chunk of a contiguous cache: one bulk tensor copy each
+    if USE_TMA:
+        # contiguous cache: one bulk tensor copy per tile, no per-element addresses
         k = K_desc.load([kv_start + kv_lo, kv_head * D_QK])
         v = V_desc.load([kv_start + kv_lo, kv_head * D_V])
     else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+        d_qk = tl.arange(0, D_QK)
+        d_v = tl.arange(0, D_V)
+        slot = logical.to(tl.int64)
+        k = tl.load(K + slot[:, None] * stride_kt + d_qk[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(V + slot[:, None] * stride_vt + d_v[None, :], mask=in_range[:, None], other=0.0)
     qk = tl.dot(q, tl.trans(k))
     # s is the modified score in base 2: log2(e) * score_mod(scale * q.k)
     s = 0.12751743082459868 * qk
-    if USE_BITS:
-        # bit j % 32 of word j // 32 of the slot's row: chunk token j is visible to it
-        # (a full group may be longer than a chunk: it reads no bits)
-        bits_n = tl.where(full != 0, 0, kv_n)
-        word = tl.load(Bits + part[:, None] * n_words + (j // 32)[None, :],
-                       mask=row_ok[:, None] & (j < bits_n)[None, :], other=0)
-        seen = ((word >> (j & 31)[None, :]) & 1) != 0
-        s = tl.where(seen | (full != 0), s, float("-inf"))
-    if BOUND:
-        s = tl.where((j < kv_n)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if USE_BITS or BOUND:
-        # a row that has seen nothing yet keeps m = -inf; subtract 0 instead (exp2 -> 0, not NaN)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    # bit j % 32 of word j // 32 of the slot's row: range token j is visible to it. Full
+    # groups (which may run past a chunk) and empty slots read no bits: all ones.
+    words = tl.where(full == 0, n_words, 0)
+    if BLOCK_N >= 32:
+        w = kv_lo // 32 + tl.arange(0, BLOCK_N // 32)
+        word = tl.load(Bits + part[:, None] * n_words + w[None, :], mask=row_ok[:, None] & (w < words)[None, :],
+                       other=-1)
+        seen = tl.reshape((word[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1, [ROWS, BLOCK_N])
     else:
-        m_use = m_new
+        w = kv_lo // 32 + tl.zeros([ROWS], tl.int32)
+        word = tl.load(Bits + part * n_words + w, mask=row_ok & (w < words), other=-1)
+        seen = (word[:, None] >> (kv_lo % 32 + tl.arange(0, BLOCK_N))[None, :]) & 1
+    s = tl.where((seen != 0) & in_range[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row that has seen nothing yet keeps m = -inf; subtract 0 instead (exp2 -> 0, not NaN)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -193,19 +209,23 @@ def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, Bits,
 @triton.jit
 def _tree_partial_kernel(
     Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
-    GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, QPos, KvPos, QTree,
+    GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
     n_words, n_batch, span, groups_bucket,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, PDL: tl.constexpr,
 ):
     """Stage 1. One program: group g's QG query slots x the GROUP query heads of one KV
     head (rows = slot * GROUP + head; one K/V tile load serves them all) over the group's
     KV range (a chunk, or a span of fully visible chunks). Writes a normalized fp32
     partial O and base-2 LSE per (slot, head), or with FUSED (every query has exactly one
     partial) the final O and natural-log LSE. Programs run KV head fastest, so the
-    longest groups (a shared prefix comes first in KV order) start first for every head."""
+    longest groups (a shared prefix comes first in KV order) start first for every head.
+    With PDL the merge launch may begin as soon as every program here has started (it
+    waits for this grid's writes before reading them)."""
+    if PDL:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     g = pid // 8
     kv_head = pid % 8
@@ -232,25 +252,11 @@ def _tree_partial_kernel(
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D_V], tl.float32)
-    tiles_end = (kv_n // BLOCK_N) * BLOCK_N
-    if full != 0:
-        # the whole group sees the whole chunk (shared prefixes): no bit arithmetic
-        for kv_lo in range(0, tiles_end, BLOCK_N):
-            acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, GroupBits, KvPos,
-                                       kv_lo, kv_n, kv_start, full, part, row_ok, q_pos, q_tree,
-                                       head, n_batch, n_words, stride_kt, stride_vt,
-                                       BLOCK_N, D_QK, D_V, False, False, USE_TMA)
-    else:
-        for kv_lo in range(0, tiles_end, BLOCK_N):
-            acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, GroupBits, KvPos,
-                                       kv_lo, kv_n, kv_start, full, part, row_ok, q_pos, q_tree,
-                                       head, n_batch, n_words, stride_kt, stride_vt,
-                                       BLOCK_N, D_QK, D_V, True, False, USE_TMA)
-    if tiles_end < kv_n:
+    for kv_lo in range(0, kv_n, BLOCK_N):
         acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, GroupBits, KvPos,
-                                   tiles_end, kv_n, kv_start, full, part, row_ok, q_pos, q_tree,
+                                   kv_lo, kv_n, kv_start, full, part, row_ok, q_pos, q_tree,
                                    head, n_batch, n_words, stride_kt, stride_vt,
-                                   BLOCK_N, D_QK, D_V, True, True, False)
+                                   ROWS, BLOCK_N, D_QK, D_V, USE_TMA)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -262,32 +268,36 @@ def _tree_partial_kernel(
         if RETURN_LSE:
             tl.store(LSE + qid.to(tl.int64) * 32 + head_1d, lse2 * 0.6931471805599453, mask=row_ok)
     else:
-        # partial p = g * QG + slot, stored [p, head, :] in fp32 with its base-2 LSE
-        row = part.to(tl.int64) * 32 + head_1d
+        # the slot's partial goes to its merge row r = merge_row[g, slot], stored [r, head, :]
+        # in fp32 with its base-2 LSE: each query's partials are contiguous for the merge
+        dst = tl.load(MergeRow + part, mask=row_ok, other=0)
+        row = dst.to(tl.int64) * 32 + head_1d
         tl.store(O_part + row[:, None] * D_V + d_v[None, :], o, mask=row_ok[:, None])
         tl.store(LSE_part + row, lse2, mask=row_ok)
 
 
 @triton.jit
-def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, MergeSrc, stride_on, stride_oh,
-                       PB: tl.constexpr, HB: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr):
-    """Stage 2. One program: HB query heads of one query (their partial rows are
-    contiguous); its partials merged by fp32 log-sum-exp in merge_src order, PB partials
-    per step (their loads are independent, so they are in flight together). Same
-    inputs, same bits. A query with no partial gets O = 0, LSE = -inf."""
+def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, stride_on, stride_oh,
+                       PB: tl.constexpr, HB: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr,
+                       PDL: tl.constexpr):
+    """Stage 2. One program: HB query heads of one query. Its partials are the rows
+    merge_ptr[q] to merge_ptr[q + 1], merged by fp32 log-sum-exp in that (plan) order,
+    PB rows per step: the addresses need no other load, so a step's loads are in flight
+    together. Same inputs, same bits. A query with no partial gets O = 0, LSE = -inf."""
     qid = tl.program_id(0)
     heads = tl.program_id(1) * HB + tl.arange(0, HB)
     d_v = tl.arange(0, D_V)
     slots = tl.arange(0, PB)
     start = tl.load(MergePtr + qid)
     end = tl.load(MergePtr + qid + 1)
+    if PDL:
+        gdc_wait()  # the partials are stage 1's writes
     m = tl.full([HB], float("-inf"), tl.float32)
     l = tl.zeros([HB], tl.float32)
     acc = tl.zeros([HB, D_V], tl.float32)
     for i in range(start, end, PB):
         ok = i + slots < end
-        src = tl.load(MergeSrc + i + slots, mask=ok, other=0)
-        row = src.to(tl.int64)[:, None] * 32 + heads[None, :]  # [PB, HB]
+        row = (i + slots).to(tl.int64)[:, None] * 32 + heads[None, :]  # [PB, HB]
         lse = tl.load(LSE_part + row, mask=ok[:, None], other=float("-inf"))
         o = tl.load(O_part + row[:, :, None] * D_V + d_v[None, None, :], mask=ok[:, None, None], other=0.0)
         m_new = tl.maximum(m, tl.max(lse, 0))
@@ -381,11 +391,11 @@ def _check_plan(plan, t, n_queries, device):
     chunk = int(getattr(plan, "chunk", 32 * t["group_bits"].shape[-1]))
     need(chunk > 0 and chunk % 32 == 0, f"chunk {chunk} must be a positive multiple of 32")
     shapes = {"group_kv_len": (n_groups,), "group_full": (n_groups,),
-              "group_bits": (n_groups, qg, chunk // 32), "merge_ptr": (n_queries + 1,),
+              "group_bits": (n_groups, qg, chunk // 32), "merge_row": (n_groups, qg), "merge_ptr": (n_queries + 1,),
               "q_pos": (n_queries,), "q_tree": (n_queries,)}
     for name, shape in shapes.items():
         need(tuple(t[name].shape) == shape, f"{name} must have shape {shape}, got {tuple(t[name].shape)}")
-    need(t["merge_src"].dim() == 1 and t["kv_pos"].dim() == 1, "merge_src and kv_pos must be vectors")
+    need(t["kv_pos"].dim() == 1, "kv_pos must be a vector")
     for attr, value in (("n_groups", n_groups), ("n_queries", n_queries), ("queries_per_group", qg)):
         given = getattr(plan, attr, None)
         need(given is None or int(given) == value, f"{attr} = {given} disagrees with its tensors ({value})")
@@ -437,13 +447,14 @@ def _check_tensors(device):
 
 def _single_partial(plan, t, n_queries):
     """Whether every query has exactly one partial: then stage 1 writes the final output
-    and stage 2 is skipped (one launch). From the plan's cost model when it has one,
-    otherwise from merge_ptr (read once per plan)."""
-    if t["merge_src"].shape[0] != n_queries or n_queries == 0:
+    and stage 2 is skipped (one launch). From the plan's partial count and cost model
+    when it has them, otherwise from merge_ptr (read once per plan)."""
+    if n_queries == 0:
         return False
+    n_partials = getattr(plan, "n_partials", None)
     launches = getattr(getattr(plan, "cost", None), "launches", None)
-    if isinstance(launches, int):
-        return launches == 1
+    if isinstance(n_partials, int) and isinstance(launches, int):
+        return n_partials == n_queries and launches == 1
     ptr = t["merge_ptr"]
     return _memo(ptr, "single", lambda: bool(torch.equal(
         ptr.cpu(), torch.arange(n_queries + 1, dtype=torch.int32))))
@@ -504,12 +515,15 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         return (out, lse) if return_lse else out
 
     fused = _single_partial(plan, t, n_queries) and (config or {}).get("fused", True)
+    pdl = _pdl(device)
     group = HEADS_Q // HEADS_KV
     if fused:
         o_part = lse_part = out
     else:
-        o_part = torch.empty(n_groups * qg, HEADS_Q, 128, device=device, dtype=torch.float32)
-        lse_part = torch.empty(n_groups * qg, HEADS_Q, device=device, dtype=torch.float32)
+        n_partials = getattr(plan, "n_partials", None)
+        rows = n_partials if isinstance(n_partials, int) else n_groups * qg  # at most one per slot
+        o_part = torch.empty(rows, HEADS_Q, 128, device=device, dtype=torch.float32)
+        lse_part = torch.empty(rows, HEADS_Q, device=device, dtype=torch.float32)
     if n_groups > 0:
         pages = page_table if page_table is not None else t["kv_pos"]  # unused when contiguous
         stride_kt, stride_vt = k_cache.stride(0), v_cache.stride(0)
@@ -518,13 +532,13 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         k_desc, v_desc, use_tma = _kv_descriptors(k_cache, v_cache, c["block_n"])
         args = (q, k_cache, v_cache, k_desc, v_desc, out, lse, o_part, lse_part, pages,
                 t["group_kv_start"], t["group_kv_len"], t["group_q"], t["group_full"], t["group_bits"],
-                t["q_pos"], t["kv_pos"], t["q_tree"],
+                t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"],
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
                 out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)),
                 triton.next_power_of_2(n_groups))
         consts = dict(QG=qg, GROUP=group, ROWS=max(16, triton.next_power_of_2(qg * group)),
                       D_QK=128, D_V=128, FUSED=fused, RETURN_LSE=return_lse,
-                      USE_TMA=use_tma)
+                      USE_TMA=use_tma, PDL=pdl and not fused)
         grid = (n_groups * HEADS_KV,)
         if config is not None or _INTERPRET:
             _tree_partial_kernel[grid](*args, **consts, BLOCK_N=c["block_n"],
@@ -533,6 +547,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
             _tree_partial_tuned[grid](*args, **consts)
     if not fused:
         _tree_merge_kernel[(n_queries, HEADS_Q // MERGE_HEADS)](
-            o_part, lse_part, out, lse, t["merge_ptr"], t["merge_src"], out.stride(0), out.stride(1),
-            PB=MERGE_PARTIALS, HB=MERGE_HEADS, D_V=128, RETURN_LSE=return_lse)
+            o_part, lse_part, out, lse, t["merge_ptr"], out.stride(0), out.stride(1),
+            PB=MERGE_PARTIALS, HB=MERGE_HEADS, D_V=128, RETURN_LSE=return_lse,
+            PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     return (out, lse) if return_lse else out

@@ -67,9 +67,19 @@ def out_of_time() -> bool:
 
 TREE_CONFIGS = {
     "n64w4s3": dict(block_n=64, num_warps=4, num_stages=3),
+    "n64w4s4": dict(block_n=64, num_warps=4, num_stages=4),
     "n64w8s3": dict(block_n=64, num_warps=8, num_stages=3),
     "n128w8s2": dict(block_n=128, num_warps=8, num_stages=2),
+    "n128w8s3": dict(block_n=128, num_warps=8, num_stages=3),
 }
+
+
+def tree_config_fits(rows: int, cfg: dict) -> bool:
+    """The sweep's tiles for a program of ``rows`` rows: 8 warps from 64 rows, 4 below
+    128 rows with 128-key tiles."""
+    if cfg["num_warps"] == 8:
+        return rows >= 64
+    return not (rows >= 128 and cfg["block_n"] == 128)
 
 
 def kernel_us(fn, reps: int = 20) -> dict[str, float]:
@@ -106,19 +116,23 @@ def tree(results: list) -> None:
             q, k, v = tree_inputs(n_q, n_kv, hq, hkv, gen)
             ref = None
             cap = triton.next_power_of_2(n_q)
-            qgs = sorted({g for g in heads.queries_per_group_choices() if g * heads.group >= 32 and g <= cap}
+            qgs = sorted({g for g in heads.queries_per_group_choices() if g * heads.group >= 16 and g <= cap}
                          | {chosen.queries_per_group})
             best: tuple[float, object, dict] | None = None
             for chunk in (512,):
                 for qg in qgs:
+                    seen = set()
                     for span in (chunk, 1024, 2048, 4096, 8192, 16384):
                         if span < chunk:
                             continue
                         plan = plan_tree(w.tree, chunk=chunk, queries_per_group=qg, span=span,
                                          heads=heads, device=dev)
+                        if (plan.n_groups, plan.n_partials) in seen:  # the same plan as a shorter span
+                            continue
+                        seen.add((plan.n_groups, plan.n_partials))
                         rows = max(16, triton.next_power_of_2(qg * heads.group))
                         for cname, cfg in TREE_CONFIGS.items():
-                            if rows >= 128 and cfg["num_warps"] == 4 and cfg["block_n"] == 128:
+                            if not tree_config_fits(rows, cfg):
                                 continue
                             if out_of_time():
                                 return
@@ -148,8 +162,12 @@ def tree(results: list) -> None:
             us = graph_us(partial(module.attention, q, k, v, dev_plan))
             results.append(dict(part="tree_auto", workload=name, layout=layout, chunk=dev_plan.chunk,
                                 qg=dev_plan.queries_per_group, span=dev_plan.span, us=us))
+            module.USE_PDL = False
+            no_pdl = graph_us(partial(module.attention, q, k, v, dev_plan))
+            module.USE_PDL = True
+            results.append(dict(part="tree_auto_no_pdl", workload=name, layout=layout, us=no_pdl))
             print(f"auto {name:15} {layout} c{dev_plan.chunk} qg{dev_plan.queries_per_group} "
-                  f"s{dev_plan.span} {us:8.1f} us", flush=True)
+                  f"s{dev_plan.span} {us:8.1f} us (without PDL {no_pdl:8.1f})", flush=True)
             for what, (p, cfg) in (("auto", (dev_plan, None)), ("best", best[1:] if best else (dev_plan, None))):
                 split = kernel_us(partial(module.attention, q, k, v, p, config=cfg))
                 results.append(dict(part="tree_kernels", workload=name, layout=layout, which=what,
@@ -164,6 +182,14 @@ def decode(results: list) -> None:
     B, L, hq, hkv = 8, 32768, spec.heads.q, spec.heads.kv
     q, k, v, cu = varlen_inputs(B, 1, L, hq, hkv)
     ref = module.attention(q, k, v, cu, max_seqlen_k=L).float()
+    for pdl in (True, False):
+        module.USE_PDL = pdl
+        us = graph_us(lambda: module.attention(q, k, v, cu, max_seqlen_k=L))
+        split = kernel_us(lambda: module.attention(q, k, v, cu, max_seqlen_k=L))
+        results.append(dict(part="decode_auto", pdl=pdl, us=us, kernels=split))
+        print(f"decode auto pdl={pdl} {us:7.1f} us  " + "  ".join(f"{k_}={t:.1f}" for k_, t in split.items()),
+              flush=True)
+    module.USE_PDL = True
     for splits in (4, 8, 12, 16, 24):
         for bn, nw, ns in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (64, 2, 3)):
             if out_of_time():
@@ -186,7 +212,7 @@ def decode(results: list) -> None:
         def merge(splits=splits, o_part=o_part, lse_part=lse_part, out=out):
             module._decode_merge_kernel[(hq, B)](o_part, lse_part, out, out, splits, out.stride(0), out.stride(1),
                                                  BLOCK_S=triton.next_power_of_2(splits), D_V=128,
-                                                 RETURN_LSE=False)
+                                                 RETURN_LSE=False, PDL=False)
 
         us = graph_us(merge)
         results.append(dict(part="decode_merge", num_splits=splits, us=us))
@@ -261,13 +287,12 @@ def merge(results: list) -> None:
         n_q = plan.n_queries
         q, k, v = tree_inputs(n_q, plan.n_kv, hq, hkv)
         t = plan.tensors()
-        rows = plan.n_groups * plan.queries_per_group
-        o_part = torch.randn(rows, hq, 128, device=dev)
-        lse_part = torch.randn(rows, hq, device=dev)
+        o_part = torch.randn(plan.n_partials, hq, 128, device=dev)
+        lse_part = torch.randn(plan.n_partials, hq, device=dev)
         out = torch.empty(n_q, hq, 128, device=dev, dtype=torch.bfloat16)
-        for hb, pb, nw in ((1, 16, 4), (2, 16, 4), (4, 8, 4), (8, 4, 4), (8, 4, 8), (8, 2, 4), (4, 4, 4)):
+        for hb, pb, nw in ((8, 2, 4), (8, 4, 4), (8, 8, 4), (8, 16, 4), (4, 16, 4), (2, 32, 4), (1, 32, 4)):
             fn = partial(module._tree_merge_kernel[(n_q, hq // hb)], o_part, lse_part, out, out, t["merge_ptr"],
-                         t["merge_src"], out.stride(0), out.stride(1), PB=pb, HB=hb, D_V=128, RETURN_LSE=False,
+                         out.stride(0), out.stride(1), PB=pb, HB=hb, D_V=128, RETURN_LSE=False, PDL=False,
                          num_warps=nw)
             us = graph_us(fn)
             results.append(dict(part="merge", workload=name, layout=layout, hb=hb, pb=pb, warps=nw, us=us,

@@ -58,10 +58,14 @@ def check_invariants(tree: TreeBatch, plan: Plan) -> None:
     chunk_sized = lens <= plan.chunk
     every_bit = ((bits_set == lens[:, None]) | (query < 0)).all(axis=1)
     assert every_bit[chunk_sized].tolist() == full[chunk_sized].tolist()
-    ptr, src = plan.merge_ptr.numpy(), plan.merge_src.numpy()
-    assert ptr[0] == 0 and ptr[-1] == len(src) and (np.diff(ptr) >= 0).all()
+    ptr, row = plan.merge_ptr.numpy(), plan.merge_row.numpy()
+    assert ptr[0] == 0 and ptr[-1] == plan.n_partials and (np.diff(ptr) >= 0).all()
+    # every filled slot has its own merge row, and the rows are 0..P-1
+    assert row.shape == query.shape and ((row >= 0) == (query >= 0)).all()
+    assert sorted(row[row >= 0].tolist()) == list(range(plan.n_partials))
+    by_row = np.argsort(np.where(row >= 0, row, row.size), axis=None)[: plan.n_partials]
     for i in range(tree.n_queries):
-        parts = src[ptr[i] : ptr[i + 1]]
+        parts = by_row[ptr[i] : ptr[i + 1]]  # flat slots g * QG + s, in merge order
         assert (query.reshape(-1)[parts] == i).all()
         assert (np.diff(starts[parts // plan.queries_per_group]) > 0).all()
         assert (len(parts) > 0) == (tree.query_visible_counts[i] > 0)
@@ -195,7 +199,7 @@ def test_small_example_groups_and_bits() -> None:
 def test_plan_into_fixed_buffers(span: int | None) -> None:
     tree = TreeBatch.from_parents([-1, 0, 0, 1], [300, 20, 50, 7])
     buffers = PlanBuffers.allocate(
-        max_groups=64, max_queries=8, max_kv=1024, max_partials=64, chunk=64, queries_per_group=2,
+        max_groups=64, max_queries=8, max_kv=1024, chunk=64, queries_per_group=2,
         span=span,
     )
     used = plan_into(buffers, tree)
@@ -204,15 +208,16 @@ def test_plan_into_fixed_buffers(span: int | None) -> None:
     assert used.n_groups == fresh.n_groups and used.n_partials == fresh.n_partials
     t = buffers.tensors
     for name in TENSOR_NAMES:
-        n = {"merge_ptr": used.n_queries + 1, "merge_src": used.n_partials, "q_pos": used.n_queries,
+        n = {"merge_ptr": used.n_queries + 1, "q_pos": used.n_queries,
              "q_tree": used.n_queries, "kv_pos": used.n_kv}.get(name, used.n_groups)
         assert t[name][:n].equal(getattr(fresh, name)), name
     assert (t["group_q"][used.n_groups :] == -1).all() and (
         t["group_kv_len"][used.n_groups :] == 0
     ).all()
     assert (t["merge_ptr"][used.n_queries :] == used.n_partials).all()
+    assert (t["merge_row"][used.n_groups :] == -1).all()
     small = PlanBuffers.allocate(
-        max_groups=2, max_queries=8, max_kv=1024, max_partials=64, chunk=64, queries_per_group=2
+        max_groups=2, max_queries=8, max_kv=1024, chunk=64, queries_per_group=2
     )
     before = small.tensors["group_q"].clone()
     with pytest.raises(PlanError, match="n_groups"):

@@ -263,7 +263,6 @@ class TestTreeKernelsInterpreter:
             max_groups=16,
             max_queries=4,
             max_kv=200,
-            max_partials=16,
             chunk=32,
             queries_per_group=2,
             device=device,

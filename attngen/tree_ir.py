@@ -80,9 +80,10 @@ class TreeKernelIR(ModuleIR):
 
     @property
     def merge_partials(self) -> int:
-        """Partials per merge step: 64 partial rows in flight, at least 2 partials (a
-        query's partials are contiguous rows, so a step's loads need no other load)."""
-        return max(2, 64 // self.merge_heads)
+        """Partials per merge step: 16 partial rows in flight, at least 2 partials (on an
+        H200, 8 heads x 2 partials merged 1.4-2.6x faster than 8 x 4 to 8 x 16 or 1 x 32;
+        see BENCHMARKS.md)."""
+        return max(2, 16 // self.merge_heads)
 
 
 # ---------------------------------------------------------------------------------------

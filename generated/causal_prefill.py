@@ -84,25 +84,6 @@ try:
 except ImportError:  # older Triton: pointer loads only
     TensorDescriptor = None
 
-try:  # programmatic dependent launch (Hopper and newer): see _pdl
-    from triton.backends.nvidia.compiler import CUDAOptions
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    _HAS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
-except ImportError:  # older Triton
-    gdc_launch_dependents = gdc_wait = None
-    _HAS_PDL = False
-
-#: Launch a split kernel's merge with programmatic dependent launch where it exists.
-USE_PDL = _HAS_PDL and not _INTERPRET
-
-
-def _pdl(device):
-    """Whether the merge that follows a split kernel is launched programmatically
-    dependent on it: it is scheduled while the split kernel's last programs run, reads
-    what needs no partial, then waits for the split kernel's writes (gdc_wait)."""
-    return USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 try:
     from attngen.errors import LaunchError
 except ImportError:  # the module also works without attngen installed

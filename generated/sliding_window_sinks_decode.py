@@ -97,25 +97,6 @@ try:
 except ImportError:  # older Triton: pointer loads only
     TensorDescriptor = None
 
-try:  # programmatic dependent launch (Hopper and newer): see _pdl
-    from triton.backends.nvidia.compiler import CUDAOptions
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    _HAS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
-except ImportError:  # older Triton
-    gdc_launch_dependents = gdc_wait = None
-    _HAS_PDL = False
-
-#: Launch a split kernel's merge with programmatic dependent launch where it exists.
-USE_PDL = _HAS_PDL and not _INTERPRET
-
-
-def _pdl(device):
-    """Whether the merge that follows a split kernel is launched programmatically
-    dependent on it: it is scheduled while the split kernel's last programs run, reads
-    what needs no partial, then waits for the split kernel's writes (gdc_wait)."""
-    return USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 try:
     from attngen.errors import LaunchError
 except ImportError:  # the module also works without attngen installed
@@ -246,13 +227,9 @@ def _decode_split_kernel(
     n_batch, num_splits, MAX_K_BUCKET,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """One program: the GROUP query heads of one KV head of one sequence (one K/V load
-    serves them all) over one split of the visible KV tiles. With PDL the merge launch
-    may begin once every program here has started."""
-    if PDL:
-        gdc_launch_dependents()
+    serves them all) over one split of the visible KV tiles."""
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -317,15 +294,13 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(O_part, LSE_part, O, LSE, num_splits, stride_ob, stride_oh,
-                         BLOCK_S: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_S: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr):
     """Merge the splits of one (sequence, query head) by log-sum-exp, in split order."""
     head = tl.program_id(0)
     pid_b = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     d_v = tl.arange(0, D_V)
     part = (pid_b * 32 + head) * num_splits + splits
-    if PDL:
-        gdc_wait()  # the partials are the split kernel's writes
     lse = tl.load(LSE_part + part, mask=splits < num_splits, other=float("-inf"))
     m = tl.max(lse, 0)
     m_use = tl.where(m == float("-inf"), 0.0, m)
@@ -442,9 +417,8 @@ def attention(q, k, v, cu_seqlens_k, *, max_seqlen_k=None, return_lse=False, out
     args = (q, k, v, k_desc, v_desc, out, lse, o_part, lse_part, cu_seqlens_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), n_batch, splits, _bucket(max_seqlen_k))
-    pdl = _pdl(q.device) and not single
     consts = dict(GROUP=group, BLOCK_M=16, D_QK=128, D_V=128,
-                  RETURN_LSE=return_lse, USE_TMA=use_tma, SINGLE_SPLIT=single, PDL=pdl)
+                  RETURN_LSE=return_lse, USE_TMA=use_tma, SINGLE_SPLIT=single)
     grid = (splits, HEADS_KV, n_batch)
     if config is not None or _INTERPRET:
         _decode_split_kernel[grid](*args, **consts, BLOCK_N=c["block_n"],
@@ -454,5 +428,5 @@ def attention(q, k, v, cu_seqlens_k, *, max_seqlen_k=None, return_lse=False, out
     if not single:
         _decode_merge_kernel[(HEADS_Q, n_batch)](o_part, lse_part, out, lse, splits, out.stride(0), out.stride(1),
                                                  BLOCK_S=triton.next_power_of_2(splits), D_V=128,
-                                                 RETURN_LSE=return_lse, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+                                                 RETURN_LSE=return_lse)
     return (out, lse) if return_lse else out

@@ -61,7 +61,7 @@ CONFIGS = [
 ]
 #: Stage 2: query heads per merge program, partials per merge step.
 MERGE_HEADS = 8
-MERGE_PARTIALS = 8
+MERGE_PARTIALS = 2
 PLAN_TENSORS = ("group_kv_start", "group_kv_len", "group_q", "group_full", "group_bits",
                 "merge_ptr", "merge_row", "q_pos", "kv_pos", "q_tree")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -101,25 +101,6 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # older Triton: pointer loads only
     TensorDescriptor = None
-
-try:  # programmatic dependent launch (Hopper and newer): see _pdl
-    from triton.backends.nvidia.compiler import CUDAOptions
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    _HAS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
-except ImportError:  # older Triton
-    gdc_launch_dependents = gdc_wait = None
-    _HAS_PDL = False
-
-#: Launch a split kernel's merge with programmatic dependent launch where it exists.
-USE_PDL = _HAS_PDL and not _INTERPRET
-
-
-def _pdl(device):
-    """Whether the merge that follows a split kernel is launched programmatically
-    dependent on it: it is scheduled while the split kernel's last programs run, reads
-    what needs no partial, then waits for the split kernel's writes (gdc_wait)."""
-    return USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
 
 try:
     from attngen.errors import LaunchError
@@ -164,7 +145,7 @@ def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, Bits,
                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                USE_TMA: tl.constexpr):
     """One KV tile of a group's KV range, online softmax in base 2: the plan's visibility
-    bits and the range's end applied to the scores.
+    bits (unless the group is full) and the range's end applied to the scores.
     Keys past the range's end are loaded (a neighbour's KV, or zeros past the cache)
     but get probability 0."""
     j = kv_lo + tl.arange(0, BLOCK_N)
@@ -185,19 +166,18 @@ def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, Bits,
     qk = tl.dot(q, tl.trans(k))
     # s is the modified score in base 2: log2(e) * score_mod(scale * q.k)
     s = 0.12751743082459868 * qk
-    # bit j % 32 of word j // 32 of the slot's row: range token j is visible to it. Full
-    # groups (which may run past a chunk) and empty slots read no bits: all ones.
-    words = tl.where(full == 0, n_words, 0)
-    if BLOCK_N >= 32:
-        w = kv_lo // 32 + tl.arange(0, BLOCK_N // 32)
-        word = tl.load(Bits + part[:, None] * n_words + w[None, :], mask=row_ok[:, None] & (w < words)[None, :],
-                       other=-1)
-        seen = tl.reshape((word[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1, [ROWS, BLOCK_N])
-    else:
-        w = kv_lo // 32 + tl.zeros([ROWS], tl.int32)
-        word = tl.load(Bits + part * n_words + w, mask=row_ok & (w < words), other=-1)
-        seen = (word[:, None] >> (kv_lo % 32 + tl.arange(0, BLOCK_N))[None, :]) & 1
-    s = tl.where((seen != 0) & in_range[None, :], s, float("-inf"))
+    if full == 0:
+        # bit j % 32 of word j // 32 of the slot's row: chunk token j is visible to it
+        # (full groups, which may run past a chunk, read no bits; empty slots see all)
+        if BLOCK_N >= 32:
+            w = kv_lo // 32 + tl.arange(0, BLOCK_N // 32)
+            word = tl.load(Bits + part[:, None] * n_words + w[None, :], mask=row_ok[:, None], other=-1)
+            seen = tl.reshape((word[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1, [ROWS, BLOCK_N])
+        else:
+            word = tl.load(Bits + part * n_words + kv_lo // 32, mask=row_ok, other=-1)
+            seen = (word[:, None] >> (kv_lo % 32 + tl.arange(0, BLOCK_N))[None, :]) & 1
+        s = tl.where(seen != 0, s, float("-inf"))
+    s = tl.where(in_range[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row that has seen nothing yet keeps m = -inf; subtract 0 instead (exp2 -> 0, not NaN)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -216,18 +196,14 @@ def _tree_partial_kernel(
     n_words, n_batch, span, groups_bucket,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr, PDL: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Stage 1. One program: group g's QG query slots x the GROUP query heads of one KV
     head (rows = slot * GROUP + head; one K/V tile load serves them all) over the group's
     KV range (a chunk, or a span of fully visible chunks). Writes a normalized fp32
     partial O and base-2 LSE per (slot, head), or with FUSED (every query has exactly one
     partial) the final O and natural-log LSE. Programs run KV head fastest, so the
-    longest groups (a shared prefix comes first in KV order) start first for every head.
-    With PDL the merge launch may begin as soon as every program here has started (it
-    waits for this grid's writes before reading them)."""
-    if PDL:
-        gdc_launch_dependents()
+    longest groups (a shared prefix comes first in KV order) start first for every head."""
     pid = tl.program_id(0)
     g = pid // 8
     kv_head = pid % 8
@@ -280,8 +256,7 @@ def _tree_partial_kernel(
 
 @triton.jit
 def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, stride_on, stride_oh,
-                       PB: tl.constexpr, HB: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr,
-                       PDL: tl.constexpr):
+                       PB: tl.constexpr, HB: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr):
     """Stage 2. One program: HB query heads of one query. Its partials are the rows
     merge_ptr[q] to merge_ptr[q + 1], merged by fp32 log-sum-exp in that (plan) order,
     PB rows per step: the addresses need no other load, so a step's loads are in flight
@@ -292,8 +267,6 @@ def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, stride_on, stride_oh,
     slots = tl.arange(0, PB)
     start = tl.load(MergePtr + qid)
     end = tl.load(MergePtr + qid + 1)
-    if PDL:
-        gdc_wait()  # the partials are stage 1's writes
     m = tl.full([HB], float("-inf"), tl.float32)
     l = tl.zeros([HB], tl.float32)
     acc = tl.zeros([HB, D_V], tl.float32)
@@ -531,7 +504,6 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         return (out, lse) if return_lse else out
 
     fused = _single_partial(plan, t, n_queries) and (config or {}).get("fused", True)
-    pdl = _pdl(device)
     group = HEADS_Q // HEADS_KV
     if fused:
         o_part = lse_part = out
@@ -554,7 +526,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
                 triton.next_power_of_2(n_groups))
         consts = dict(QG=qg, GROUP=group, ROWS=max(16, triton.next_power_of_2(qg * group)),
                       D_QK=128, D_V=128, FUSED=fused, RETURN_LSE=return_lse,
-                      USE_TMA=use_tma, PDL=pdl and not fused)
+                      USE_TMA=use_tma)
         grid = (n_groups * HEADS_KV,)
         if config is not None or _INTERPRET:
             _tree_partial_kernel[grid](*args, **consts, BLOCK_N=c["block_n"],
@@ -564,6 +536,5 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
     if not fused:
         _tree_merge_kernel[(n_queries, HEADS_Q // MERGE_HEADS)](
             o_part, lse_part, out, lse, t["merge_ptr"], out.stride(0), out.stride(1),
-            PB=MERGE_PARTIALS, HB=MERGE_HEADS, D_V=128, RETURN_LSE=return_lse,
-            PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+            PB=MERGE_PARTIALS, HB=MERGE_HEADS, D_V=128, RETURN_LSE=return_lse)
     return (out, lse) if return_lse else out

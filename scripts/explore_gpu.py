@@ -162,12 +162,8 @@ def tree(results: list) -> None:
             us = graph_us(partial(module.attention, q, k, v, dev_plan))
             results.append(dict(part="tree_auto", workload=name, layout=layout, chunk=dev_plan.chunk,
                                 qg=dev_plan.queries_per_group, span=dev_plan.span, us=us))
-            module.USE_PDL = False
-            no_pdl = graph_us(partial(module.attention, q, k, v, dev_plan))
-            module.USE_PDL = True
-            results.append(dict(part="tree_auto_no_pdl", workload=name, layout=layout, us=no_pdl))
             print(f"auto {name:15} {layout} c{dev_plan.chunk} qg{dev_plan.queries_per_group} "
-                  f"s{dev_plan.span} {us:8.1f} us (without PDL {no_pdl:8.1f})", flush=True)
+                  f"s{dev_plan.span} {us:8.1f} us", flush=True)
             for what, (p, cfg) in (("auto", (dev_plan, None)), ("best", best[1:] if best else (dev_plan, None))):
                 split = kernel_us(partial(module.attention, q, k, v, p, config=cfg))
                 results.append(dict(part="tree_kernels", workload=name, layout=layout, which=what,
@@ -182,14 +178,10 @@ def decode(results: list) -> None:
     B, L, hq, hkv = 8, 32768, spec.heads.q, spec.heads.kv
     q, k, v, cu = varlen_inputs(B, 1, L, hq, hkv)
     ref = module.attention(q, k, v, cu, max_seqlen_k=L).float()
-    for pdl in (True, False):
-        module.USE_PDL = pdl
-        us = graph_us(lambda: module.attention(q, k, v, cu, max_seqlen_k=L))
-        split = kernel_us(lambda: module.attention(q, k, v, cu, max_seqlen_k=L))
-        results.append(dict(part="decode_auto", pdl=pdl, us=us, kernels=split))
-        print(f"decode auto pdl={pdl} {us:7.1f} us  " + "  ".join(f"{k_}={t:.1f}" for k_, t in split.items()),
-              flush=True)
-    module.USE_PDL = True
+    us = graph_us(lambda: module.attention(q, k, v, cu, max_seqlen_k=L))
+    split = kernel_us(lambda: module.attention(q, k, v, cu, max_seqlen_k=L))
+    results.append(dict(part="decode_auto", us=us, kernels=split))
+    print(f"decode auto {us:7.1f} us  " + "  ".join(f"{k_}={t:.1f}" for k_, t in split.items()), flush=True)
     for splits in (4, 8, 12, 16, 24):
         for bn, nw, ns in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (64, 2, 3)):
             if out_of_time():
@@ -212,7 +204,7 @@ def decode(results: list) -> None:
         def merge(splits=splits, o_part=o_part, lse_part=lse_part, out=out):
             module._decode_merge_kernel[(hq, B)](o_part, lse_part, out, out, splits, out.stride(0), out.stride(1),
                                                  BLOCK_S=triton.next_power_of_2(splits), D_V=128,
-                                                 RETURN_LSE=False, PDL=False)
+                                                 RETURN_LSE=False)
 
         us = graph_us(merge)
         results.append(dict(part="decode_merge", num_splits=splits, us=us))
@@ -292,7 +284,7 @@ def merge(results: list) -> None:
         out = torch.empty(n_q, hq, 128, device=dev, dtype=torch.bfloat16)
         for hb, pb, nw in ((8, 2, 4), (8, 4, 4), (8, 8, 4), (8, 16, 4), (4, 16, 4), (2, 32, 4), (1, 32, 4)):
             fn = partial(module._tree_merge_kernel[(n_q, hq // hb)], o_part, lse_part, out, out, t["merge_ptr"],
-                         out.stride(0), out.stride(1), PB=pb, HB=hb, D_V=128, RETURN_LSE=False, PDL=False,
+                         out.stride(0), out.stride(1), PB=pb, HB=hb, D_V=128, RETURN_LSE=False,
                          num_warps=nw)
             us = graph_us(fn)
             results.append(dict(part="merge", workload=name, layout=layout, hb=hb, pb=pb, warps=nw, us=us,

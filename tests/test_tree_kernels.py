@@ -191,13 +191,27 @@ class TestTreeKernelsInterpreter:
         spec = tree_spec(heads=heads, head_dim=head_dim, dtype=dtype, queries=tree.query_mode)
         case = make_case(tree, spec, device, seed=data.draw(st.integers(0, 100)))
         plan = plan_tree(tree, chunk=chunk, queries_per_group=qg, device=device)
-        o, lse = run(spec, case, plan)
+        # tiles of 32 keys read one bit word, of 64 two (16: see test_sixteen_key_tiles)
+        tile = {"block_n": data.draw(st.sampled_from([32, chunk])), "num_warps": 4, "num_stages": 2}
+        o, lse = run(spec, case, plan, config=tile)
         check(spec, case, o, lse)
         paged = tree_spec(
             heads=heads, head_dim=head_dim, dtype=dtype, queries=tree.query_mode, paged=True
         )
-        o_p, lse_p = run(paged, case, plan, paged=True)
+        o_p, lse_p = run(paged, case, plan, paged=True, config=tile)
         assert torch.equal(o_p, o) and torch.equal(lse_p, lse), "paged and contiguous differ"
+
+    def test_sixteen_key_tiles(self, device: str) -> None:
+        """A 16-key tile reads half of a bit word (its low or high half)."""
+        tree = TreeBatch.from_parents([-1, 0, 0, 1, 2], [37, 20, 9, 30, 3])
+        spec = tree_spec(heads=(4, 2), dtype="fp16")
+        case = make_case(tree, spec, device, seed=11)
+        plan = plan_tree(tree, chunk=64, queries_per_group=2, device=device)
+        tile = {"block_n": 16, "num_warps": 4, "num_stages": 2}
+        o, lse = run(spec, case, plan, config=tile)
+        check(spec, case, o, lse)
+        o_p, lse_p = run(tree_spec(heads=(4, 2), dtype="fp16", paged=True), case, plan, paged=True, config=tile)
+        assert torch.equal(o_p, o) and torch.equal(lse_p, lse)
 
     def test_fused_single_launch_equals_two_stage(self, device: str) -> None:
         tree = TreeBatch.from_parents([-1, 0, 0, 0], [20, 3, 1, 5])  # one chunk, one group

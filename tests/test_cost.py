@@ -74,19 +74,18 @@ def test_partials_and_programs_cost_time() -> None:
 
 
 # (workload, layout) -> (queries per group, span) the planner chooses, chunk 512; in the
-# H200 sweep each is the best plan or within 1% of it, except fewshot_32k_x64 MHA (380 us
-# against QG 32, span 8192 at 352.6 us).
+# H200 sweep of this kernel each is the best plan or within 8% of it (mean 3.9%).
 CHOICES = {
     ("fewshot_4k_x20", "mha"): (32, 2048),
-    ("fewshot_4k_x20", "gqa"): (8, 1024),
+    ("fewshot_4k_x20", "gqa"): (16, 1024),
     ("fewshot_32k_x64", "mha"): (64, 16384),
-    ("fewshot_32k_x64", "gqa"): (16, 16384),
+    ("fewshot_32k_x64", "gqa"): (32, 4096),
     ("tot_d3_w3", "mha"): (32, 1024),
-    ("tot_d3_w3", "gqa"): (8, 1024),
-    ("spec_4k_92", "mha"): (64, 4096),
-    ("spec_4k_92", "gqa"): (16, 4096),
-    ("spec_16k_184", "mha"): (64, 16384),
-    ("spec_16k_184", "gqa"): (32, 8192),
+    ("tot_d3_w3", "gqa"): (16, 1024),
+    ("spec_4k_92", "mha"): (64, 2048),
+    ("spec_4k_92", "gqa"): (16, 2048),
+    ("spec_16k_184", "mha"): (64, 4096),
+    ("spec_16k_184", "gqa"): (16, 4096),
 }
 
 

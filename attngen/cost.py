@@ -86,9 +86,8 @@ TOKEN_TIME = TOK + 2 * sp.Max(ROWS, R_min) * (Dqk + Dv) * SMS / (EFF * RATE)
 SPREAD = (T * TOKEN_TIME + G * OVH) * Hkv / SMS + DRAM * FLOOR_BYTES / BW
 #: Seconds one program alone on an SM spends per KV token: its matrix work at the SM's
 #: share of the matrix rate, a warpgroup's rows at least, NARROW times longer if narrow.
-#: (A lone 64-row program measured ~0.7 us per tile, not the ~0.4 this gives; charging
-#: that made the planner worse: spec_4k_92's span 2048 is slower than these plan
-#: quantities explain, and the lower lone time leaves its 4096 the cheaper.)
+#: (A lower bound: the fit prefers it to a measured lone time, which charged the plans
+#: of long programs too much against the sweep.)
 LONE_TOKEN_TIME = NARROW_SLOWDOWN * 2 * sp.Max(ROWS, R_wg) * (Dqk + Dv) * SMS / RATE
 #: The longest programs (NW groups of about W tokens, times the KV heads) run in waves
 #: of one per SM (SLOTS per SM if narrow): a plan of few or unequal programs cannot

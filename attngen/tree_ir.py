@@ -75,15 +75,10 @@ class TreeKernelIR(ModuleIR):
     @property
     def merge_heads(self) -> int:
         """Query heads one merge program combines: the largest power of two up to 8 that
-        divides the head count (their partial rows are contiguous)."""
+        divides the head count (their partial rows are contiguous). One partial per step:
+        on an H200, 8 heads x 1 partial merged 3-5x faster than 8 x 2 and 1.4-2.6x faster
+        still than 8 x 4 to 8 x 16 (BENCHMARKS.md)."""
         return min(8, self.heads_q & -self.heads_q)
-
-    @property
-    def merge_partials(self) -> int:
-        """Partials per merge step: 16 partial rows in flight, at least 2 partials (on an
-        H200, 8 heads x 2 partials merged 1.4-2.6x faster than 8 x 4 to 8 x 16 or 1 x 32;
-        see BENCHMARKS.md)."""
-        return max(2, 16 // self.merge_heads)
 
 
 # ---------------------------------------------------------------------------------------

@@ -59,9 +59,8 @@ CONFIGS = [
     dict(block_n=64, num_warps=4, num_stages=4),
     dict(block_n=64, num_warps=4, num_stages=2),
 ]
-#: Stage 2: query heads per merge program, partials per merge step.
+#: Stage 2: query heads per merge program.
 MERGE_HEADS = 8
-MERGE_PARTIALS = 2
 PLAN_TENSORS = ("group_kv_start", "group_kv_len", "group_q", "group_full", "group_bits",
                 "merge_ptr", "merge_row", "q_pos", "kv_pos", "q_tree")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -254,31 +253,29 @@ def _tree_partial_kernel(
 
 @triton.jit
 def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, stride_on, stride_oh,
-                       PB: tl.constexpr, HB: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr):
+                       HB: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr):
     """Stage 2. One program: HB query heads of one query. Its partials are the rows
     merge_ptr[q] to merge_ptr[q + 1], merged by fp32 log-sum-exp in that (plan) order,
-    PB rows per step: the addresses need no other load, so a step's loads are in flight
-    together. Same inputs, same bits. A query with no partial gets O = 0, LSE = -inf."""
+    one row per step: a [HB, D_V] tile whose address needs no other load. Same inputs,
+    same bits. A query with no partial gets O = 0, LSE = -inf."""
     qid = tl.program_id(0)
     heads = tl.program_id(1) * HB + tl.arange(0, HB)
     d_v = tl.arange(0, D_V)
-    slots = tl.arange(0, PB)
     start = tl.load(MergePtr + qid)
     end = tl.load(MergePtr + qid + 1)
     m = tl.full([HB], float("-inf"), tl.float32)
     l = tl.zeros([HB], tl.float32)
     acc = tl.zeros([HB, D_V], tl.float32)
-    for i in range(start, end, PB):
-        ok = i + slots < end
-        row = (i + slots).to(tl.int64)[:, None] * 32 + heads[None, :]  # [PB, HB]
-        lse = tl.load(LSE_part + row, mask=ok[:, None], other=float("-inf"))
-        o = tl.load(O_part + row[:, :, None] * D_V + d_v[None, None, :], mask=ok[:, None, None], other=0.0)
-        m_new = tl.maximum(m, tl.max(lse, 0))
+    for i in range(start, end):
+        row = i * 32 + heads.to(tl.int64)
+        lse = tl.load(LSE_part + row)
+        o = tl.load(O_part + row[:, None] * D_V + d_v[None, :])
+        m_new = tl.maximum(m, lse)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_use)
-        w = tl.math.exp2(lse - m_use[None, :])
-        l = l * alpha + tl.sum(w, 0)
-        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
+        w = tl.math.exp2(lse - m_use)
+        l = l * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
         m = m_new
     empty = l == 0.0
     l_safe = tl.where(empty, 1.0, l)
@@ -520,5 +517,5 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
     if not fused:
         _tree_merge_kernel[(n_queries, HEADS_Q // MERGE_HEADS)](
             o_part, lse_part, out, lse, t["merge_ptr"], out.stride(0), out.stride(1),
-            PB=MERGE_PARTIALS, HB=MERGE_HEADS, D_V=128, RETURN_LSE=return_lse)
+            HB=MERGE_HEADS, D_V=128, RETURN_LSE=return_lse)
     return (out, lse) if return_lse else out

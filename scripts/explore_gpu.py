@@ -282,14 +282,14 @@ def merge(results: list) -> None:
         o_part = torch.randn(plan.n_partials, hq, 128, device=dev)
         lse_part = torch.randn(plan.n_partials, hq, device=dev)
         out = torch.empty(n_q, hq, 128, device=dev, dtype=torch.bfloat16)
-        for hb, pb, nw in ((8, 2, 4), (8, 4, 4), (8, 8, 4), (8, 16, 4), (4, 16, 4), (2, 32, 4), (1, 32, 4)):
+        for hb, nw in ((8, 4), (8, 2), (4, 1), (4, 2), (4, 4), (2, 1)):
             fn = partial(module._tree_merge_kernel[(n_q, hq // hb)], o_part, lse_part, out, out, t["merge_ptr"],
-                         out.stride(0), out.stride(1), PB=pb, HB=hb, D_V=128, RETURN_LSE=False,
+                         out.stride(0), out.stride(1), HB=hb, D_V=128, RETURN_LSE=False,
                          num_warps=nw)
             us = graph_us(fn)
-            results.append(dict(part="merge", workload=name, layout=layout, hb=hb, pb=pb, warps=nw, us=us,
+            results.append(dict(part="merge", workload=name, layout=layout, hb=hb, warps=nw, us=us,
                                 partials=plan.n_partials))
-            print(f"merge {name:15} {layout} HB{hb} PB{pb:2} w{nw} {us:7.1f} us  P={plan.n_partials}", flush=True)
+            print(f"merge {name:15} {layout} HB{hb} w{nw} {us:7.1f} us  P={plan.n_partials}", flush=True)
         auto = graph_us(partial(module.attention, q, k, v, plan))
         fixed = graph_us(partial(module.attention, q, k, v, plan,
                                  config=dict(block_n=64, num_warps=4, num_stages=3)))

@@ -186,11 +186,12 @@ class Machine:
     """Rates of the target GPU (defaults: measured on an H200, bf16, see BENCHMARKS.md).
 
     The constants below the hardware rates were fitted to the H200 sweep of the tree
-    kernels (scripts/explore_gpu.py tree; see the module docstring): the planner's choice
-    loses 3.9% on average (8.0% at worst, spec_16k_184 GQA) against the best measured plan
-    of the ten workload x head layout cases; the constants fitted to the previous kernel
-    lost 20.4% on average (66.6% at worst) on the same sweep. The fit weighs the choice
-    over absolute time: predicted times run ~25% under the measured ones.
+    kernels (scripts/explore_gpu.py tree; see the module docstring), refitted after the
+    merge kernel became 3-5x faster (session 6): the planner's choice loses 2.8% on
+    average (6.3% at worst, fewshot_32k_x64 GQA) against the best measured plan of the
+    ten workload x head layout cases; the previous constants lost 6.4% (15.2%) on the
+    same sweep. The fit weighs the choice over absolute time: predicted times run ~25%
+    under the measured ones.
     """
 
     bandwidth: float = 4.25e12  # device copy, read + write, measured on an H200
@@ -199,15 +200,15 @@ class Machine:
     sms: int = 132
     warpgroup_rows: int = 64  # Hopper's warpgroup matrix instruction computes 64 rows
     # fitted to the H200 sweep, scripts/explore_gpu.py tree
-    program_overhead: float = 0.3e-6
-    partial_overhead: float = 0.64e-9
+    program_overhead: float = 0.38e-6
+    partial_overhead: float = 0.32e-9
     # above 1: a busy SM overlaps a program's matrix work with its loads more than the
     # sum in TOKEN_TIME says
-    matmul_efficiency: float = 3.15
-    token_overhead: float = 2.0e-9  # ~0.13 us per 64-token tile besides the matrix work
-    dram_exposed: float = 0.56
-    narrow_slowdown: float = 2.73
-    narrow_programs_per_sm: float = 2.17  # a fitted average: narrow programs' stages share an SM
+    matmul_efficiency: float = 1.62
+    token_overhead: float = 4.6e-9  # ~0.3 us per 64-token tile besides the matrix work
+    dram_exposed: float = 0.22
+    narrow_slowdown: float = 4.1
+    narrow_programs_per_sm: float = 5.24  # a fitted average: narrow programs' stages share an SM
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ line per measurement and a JSON file per part under $OUT (or ./explore_out).
 
 tree:    per workload and head layout, plan spans x queries per group x kernel configs,
          and the cost model's plan through the autotuner;
-merge:   the tree merge kernel alone at several heads x partials per program;
+merge:   the tree merge kernel alone at several heads per program x warps;
 prefill_tuned: the autotuned prefill launch against its config given explicitly;
 decode:  the window + sinks decode case over splits and configs, and its merge alone;
 prefill: the causal prefill case over configs, beside FlexAttention.

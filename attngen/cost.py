@@ -71,7 +71,7 @@ FLOPS = 2 * T * Hkv * sp.Max(ROWS, R_min) * (Dqk + Dv)
 #: A narrow program (fewer rows than one warpgroup instruction) runs on the older
 #: per-warp matrix instructions: alone on an SM it is NARROW times slower than a
 #: warpgroup-wide one, but SLOTS of them share an SM without slowing each other (the
-#: fit to the sweep: NARROW ~2.7, SLOTS ~2.2).
+#: fit to the sweep: NARROW ~4.1, SLOTS ~5.2; see Machine).
 IS_NARROW = sp.StrictLessThan(ROWS, R_wg)
 NARROW_SLOWDOWN = sp.Piecewise((NARROW, IS_NARROW), (1, True))
 NARROW_SLOTS = sp.Piecewise((SLOTS, IS_NARROW), (1, True))
@@ -93,8 +93,8 @@ LONE_TOKEN_TIME = NARROW_SLOWDOWN * 2 * sp.Max(ROWS, R_wg) * (Dqk + Dv) * SMS / 
 #: of one per SM (SLOTS per SM if narrow): a plan of few or unequal programs cannot
 #: finish before they do, and one just over a wave pays for a second.
 WAVES = sp.ceiling(NW * Hkv / (NARROW_SLOTS * SMS)) * (W * LONE_TOKEN_TIME + OVH)
-#: Each partial row (per query head) costs POVH: about half of it is the merge kernel's
-#: dependent loads (profiled: ~0.6 ns per row), the rest stage 1's fp32 store of it.
+#: Each partial row (per query head) costs POVH: stage 1's fp32 store of it and the
+#: merge kernel's load (the merge alone, profiled: ~0.1 ns per row; the fit charges more).
 MERGE = P * Hq * POVH
 #: Stage 1 is bound by the busy SMs or by its longest programs; the merge follows it.
 TIME = sp.Max(SPREAD, WAVES) + MERGE + L * LAUNCH

@@ -255,22 +255,26 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_V], tl.float32)
     lo, f_lo, f_hi, hi = _tile_range(q_lo, q_hi, pid_b, q_len, kv_len, kv_start, n_batch, BLOCK_N)
-    # fully visible tiles: a contiguous share per split, no mask arithmetic
+    # fully visible tiles: a contiguous share for each split but the last, no mask
+    # arithmetic (with one split, it takes them all)
     n_full = (f_hi - f_lo) // BLOCK_N
-    share = tl.cdiv(n_full, num_splits) * BLOCK_N
+    share = tl.cdiv(n_full, tl.maximum(num_splits - 1, 1)) * BLOCK_N
     a = f_lo + split * share
     b = tl.minimum(a + share, f_hi)
     for k_lo in range(a, b, BLOCK_N):
         acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
                                    stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
                                    BLOCK_N, D_QK, D_V, False, USE_TMA)
-    # the partially visible rest, dealt round-robin so that splits stay balanced
-    for k_lo in range(lo + split * BLOCK_N, f_lo, num_splits * BLOCK_N):
+    # the partially visible tiles, dealt round-robin from the last split down: few (the
+    # edges of a window, attention sinks) stay off the splits of full tiles, so that
+    # those stay equal; many spread over all splits
+    deal = num_splits - 1 - split
+    for k_lo in range(lo + deal * BLOCK_N, f_lo, num_splits * BLOCK_N):
         if _tile_may_see(q_lo, q_hi, k_lo, k_lo + BLOCK_N - 1, pid_b, q_len, kv_len, kv_start, n_batch):
             acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
                                        stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
                                        BLOCK_N, D_QK, D_V, True, USE_TMA)
-    for k_lo in range(f_hi + split * BLOCK_N, hi, num_splits * BLOCK_N):
+    for k_lo in range(f_hi + deal * BLOCK_N, hi, num_splits * BLOCK_N):
         if _tile_may_see(q_lo, q_hi, k_lo, k_lo + BLOCK_N - 1, pid_b, q_len, kv_len, kv_start, n_batch):
             acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
                                        stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,

@@ -213,6 +213,19 @@ class TestTreeKernelsInterpreter:
         o_p, lse_p = run(tree_spec(heads=(4, 2), dtype="fp16", paged=True), case, plan, paged=True, config=tile)
         assert torch.equal(o_p, o) and torch.equal(lse_p, lse)
 
+    def test_interior_tiles_of_128_row_programs(self, device: str) -> None:
+        """Programs of 128 rows (16 queries x 8 query heads) run a full group's whole tiles
+        in their own unmasked loop and the rest in the masked one: the 160-key prompt is one
+        full group of five 32-key chunks, two whole 64-key tiles and a half tile."""
+        tree = TreeBatch.from_parents([-1] + [0] * 16, [160] + [3 + i % 5 for i in range(16)])
+        spec = tree_spec(heads=(16, 2), dtype="fp16")
+        plan = plan_tree(tree, chunk=32, queries_per_group=16, span=256, device=device)
+        lengths = plan.group_kv_len[plan.group_full.bool()].tolist()
+        assert 160 in lengths, f"the prompt should be one full group of 160 keys, got {lengths}"
+        case = make_case(tree, spec, device, seed=5)
+        o, lse = run(spec, case, plan, config={"block_n": 64, "num_warps": 4, "num_stages": 2})
+        check(spec, case, o, lse)
+
     def test_fused_single_launch_equals_two_stage(self, device: str) -> None:
         tree = TreeBatch.from_parents([-1, 0, 0, 0], [20, 3, 1, 5])  # one chunk, one group
         spec = tree_spec(heads=(4, 2), dtype="fp16")

@@ -375,7 +375,8 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, n_batch, out, decode):
 
 def _num_splits(n_batch, max_seqlen_k, block_n, device):
     """Enough splits for about eight programs per multiprocessor (decode is bound by
-    memory latency: many loads must be in flight), but at least two tiles per split."""
+    memory latency: many loads must be in flight), but at least two tiles per split. The
+    last split takes only the partially visible tiles (see the kernel)."""
     if _INTERPRET or device.type != "cuda":
         sms = 4
     else:

@@ -251,10 +251,11 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_V], tl.float32)
     lo, f_lo, f_hi, hi = _tile_range(q_lo, q_hi, pid_b, q_len, kv_len, kv_start, n_batch, BLOCK_N)
-    # fully visible tiles: a contiguous share for each split but the last, no mask
-    # arithmetic (with one split, it takes them all)
+    # fully visible tiles: a contiguous share per split, no mask arithmetic; when some
+    # tiles are only partially visible, the last split is kept for them
     n_full = (f_hi - f_lo) // BLOCK_N
-    share = tl.cdiv(n_full, tl.maximum(num_splits - 1, 1)) * BLOCK_N
+    spare = ((lo < f_lo) | (f_hi < hi)) & (num_splits > 1)
+    share = tl.cdiv(n_full, num_splits - spare.to(tl.int32)) * BLOCK_N
     a = f_lo + split * share
     b = tl.minimum(a + share, f_hi)
     for k_lo in range(a, b, BLOCK_N):
@@ -371,8 +372,8 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, n_batch, out, decode):
 
 def _num_splits(n_batch, max_seqlen_k, block_n, device):
     """Enough splits for about eight programs per multiprocessor (decode is bound by
-    memory latency: many loads must be in flight), but at least two tiles per split. The
-    last split takes only the partially visible tiles (see the kernel)."""
+    memory latency: many loads must be in flight), but at least two tiles per split. Where
+    some tiles are only partially visible, the last split takes just those (see the kernel)."""
     if _INTERPRET or device.type != "cuda":
         sms = 4
     else:

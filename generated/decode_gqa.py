@@ -227,11 +227,27 @@ def _tile_may_see(q_lo, q_hi, k_lo, k_hi, pid_b, q_len, kv_len, kv_start, n_batc
 
 
 @triton.jit
+def _partial_tile(acc, m_i, l_i, q, K, V, K_piece, V_piece, kv_head, k_lo, q_pos, head, q_lo, q_hi,
+                  stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
+                  BLOCK_N: tl.constexpr, PIECE: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+                  USE_TMA: tl.constexpr):
+    """A partially visible tile, read PIECE keys at a time and only the pieces some query
+    sees: an attention sink's 4 keys cost one piece, not a whole tile (3% of the bytes of
+    a 4096-token window read in 128-key tiles)."""
+    for p_lo in range(k_lo, k_lo + BLOCK_N, PIECE):
+        if _tile_may_see(q_lo, q_hi, p_lo, p_lo + PIECE - 1, pid_b, q_len, kv_len, kv_start, n_batch):
+            acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_piece, V_piece, kv_head, p_lo, q_pos, head, q_lo, q_hi,
+                                       stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
+                                       PIECE, D_QK, D_V, True, USE_TMA)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _decode_split_kernel(
-    Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, cu_seqlens_k,
+    Q, K, V, K_desc, V_desc, K_piece, V_piece, O, LSE, O_part, LSE_part, cu_seqlens_k,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ob, stride_oh,
     n_batch, num_splits, MAX_K_BUCKET,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIECE: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
 ):
     """One program: the GROUP query heads of one KV head of one sequence (one K/V load
@@ -261,13 +277,12 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_V], tl.float32)
     lo, f_lo, f_hi, hi = _tile_range(q_lo, q_hi, pid_b, q_len, kv_len, kv_start, n_batch, BLOCK_N)
-    # fully visible tiles: a contiguous share per split, no mask arithmetic; when some
-    # tiles are only partially visible, the last split is kept for them
+    # fully visible tiles: contiguous shares, as equal as whole tiles allow, with no mask
+    # arithmetic; of two or more splits, the last is kept for the partially visible tiles
     n_full = (f_hi - f_lo) // BLOCK_N
-    spare = ((lo < f_lo) | (f_hi < hi)) & (num_splits > 1)
-    share = tl.cdiv(n_full, num_splits - spare.to(tl.int32)) * BLOCK_N
-    a = f_lo + split * share
-    b = tl.minimum(a + share, f_hi)
+    n_share = tl.maximum(num_splits - 1, 1)
+    a = f_lo + (split * n_full // n_share) * BLOCK_N  # the kept split: a = b = f_hi
+    b = f_lo + (tl.minimum(split + 1, n_share) * n_full // n_share) * BLOCK_N
     for k_lo in range(a, b, BLOCK_N):
         acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
                                    stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
@@ -278,14 +293,14 @@ def _decode_split_kernel(
     deal = num_splits - 1 - split
     for k_lo in range(lo + deal * BLOCK_N, f_lo, num_splits * BLOCK_N):
         if _tile_may_see(q_lo, q_hi, k_lo, k_lo + BLOCK_N - 1, pid_b, q_len, kv_len, kv_start, n_batch):
-            acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
-                                       stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
-                                       BLOCK_N, D_QK, D_V, True, USE_TMA)
+            acc, m_i, l_i = _partial_tile(acc, m_i, l_i, q, K, V, K_piece, V_piece, kv_head, k_lo, q_pos, head, q_lo,
+                                          q_hi, stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
+                                          BLOCK_N, PIECE, D_QK, D_V, USE_TMA)
     for k_lo in range(f_hi + deal * BLOCK_N, hi, num_splits * BLOCK_N):
         if _tile_may_see(q_lo, q_hi, k_lo, k_lo + BLOCK_N - 1, pid_b, q_len, kv_len, kv_start, n_batch):
-            acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
-                                       stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
-                                       BLOCK_N, D_QK, D_V, True, USE_TMA)
+            acc, m_i, l_i = _partial_tile(acc, m_i, l_i, q, K, V, K_piece, V_piece, kv_head, k_lo, q_pos, head, q_lo,
+                                          q_hi, stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
+                                          BLOCK_N, PIECE, D_QK, D_V, USE_TMA)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -381,16 +396,30 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, n_batch, out, decode):
         need(t.is_contiguous(), f"tensor {name!r} must be contiguous")
 
 
+PIECE = 16  # keys per read in a partially visible tile: the smallest tl.dot operand
+
+
 def _num_splits(n_batch, max_seqlen_k, block_n, device):
-    """Enough splits for about eight programs per multiprocessor (decode is bound by
-    memory latency: many loads must be in flight), but at least two tiles per split. Where
-    some tiles are only partially visible, the last split takes just those (see the kernel)."""
+    """Splits per (sequence, KV head) pair: shares of the fully visible tiles, plus one
+    split for the partially visible ones (it idles where there are none).
+
+    Shares aim at about two programs of full tiles per multiprocessor, all resident in
+    one round: fewer leave bandwidth unused, more add rounds whose programs start and
+    drain out of step. With 1.9-3 pairs per multiprocessor one split each is that round
+    already; with 3-6, one round would leave SMs with one program more than others, so
+    two shares make many small programs instead. Measured on an H200 over window and
+    causal decode shapes of 8 to 512 pairs (BENCHMARKS.md)."""
     if _INTERPRET or device.type != "cuda":
         sms = 4
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(8 * sms, max(1, n_batch * HEADS_KV))
-    return max(1, min(want, triton.cdiv(max_seqlen_k, 2 * block_n), 128))
+    pairs = max(1, n_batch * HEADS_KV)
+    if pairs >= 1.9 * sms:
+        shares = 2 if 3 * sms < pairs < 6 * sms else 1
+    else:
+        shares = triton.cdiv(19 * sms, 10 * pairs)  # 1.9 programs per multiprocessor
+    shares = max(1, min(shares, triton.cdiv(max_seqlen_k, 2 * block_n), 127))
+    return 1 if shares == 1 else shares + 1
 
 
 def attention(q, k, v, cu_seqlens_k, *, max_seqlen_k=None, return_lse=False, out=None,
@@ -427,10 +456,11 @@ def attention(q, k, v, cu_seqlens_k, *, max_seqlen_k=None, return_lse=False, out
         o_part = torch.empty(n_batch * HEADS_Q * splits, 128, device=q.device, dtype=torch.float32)
         lse_part = torch.empty(n_batch * HEADS_Q * splits, device=q.device, dtype=torch.float32)
     k_desc, v_desc, use_tma = _kv_descriptors(k, v, c["block_n"])
-    args = (q, k, v, k_desc, v_desc, out, lse, o_part, lse_part, cu_seqlens_k,
+    k_piece, v_piece, _ = _kv_descriptors(k, v, PIECE)
+    args = (q, k, v, k_desc, v_desc, k_piece, v_piece, out, lse, o_part, lse_part, cu_seqlens_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), n_batch, splits, _bucket(max_seqlen_k))
-    consts = dict(GROUP=group, BLOCK_M=16, D_QK=128, D_V=128,
+    consts = dict(GROUP=group, BLOCK_M=16, PIECE=PIECE, D_QK=128, D_V=128,
                   RETURN_LSE=return_lse, USE_TMA=use_tma, SINGLE_SPLIT=single)
     grid = (splits, HEADS_KV, n_batch)
     if config is not None or _INTERPRET:
@@ -439,7 +469,10 @@ def attention(q, k, v, cu_seqlens_k, *, max_seqlen_k=None, return_lse=False, out
     else:
         _decode_split_tuned[grid](*args, **consts)
     if not single:
+        block_s = triton.next_power_of_2(splits)
+        # one warp while the [splits, D] tile fits its registers (up to 128 values a
+        # thread): the merge is a launch and two loads, and small programs start sooner
         _decode_merge_kernel[(HEADS_Q, n_batch)](o_part, lse_part, out, lse, splits, out.stride(0), out.stride(1),
-                                                 BLOCK_S=triton.next_power_of_2(splits), D_V=128,
-                                                 RETURN_LSE=return_lse)
+                                                 BLOCK_S=block_s, D_V=128, RETURN_LSE=return_lse,
+                                                 num_warps=max(1, min(4, block_s * 128 // 4096)))
     return (out, lse) if return_lse else out

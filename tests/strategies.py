@@ -333,7 +333,7 @@ def configs(draw: st.DrawFn, shape: Shape, *, blocks: tuple[int, ...] = (16, 32)
     useful = [b for b in blocks if b <= max(16, 2 * longest)] or [min(blocks)]
     config = {"block_n": draw(st.sampled_from(useful)), "num_warps": 4, "num_stages": 1}
     if shape.decode:
-        config["num_splits"] = draw(st.integers(1, 3))
+        config["num_splits"] = draw(st.integers(1, 5))
     else:
         config["block_m"] = draw(st.sampled_from(useful))
     return config

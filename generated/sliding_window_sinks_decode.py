@@ -436,7 +436,8 @@ def attention(q, k, v, cu_seqlens_k, *, max_seqlen_k=None, return_lse=False, out
 
     Returns ``out`` ``[batch, 32, 128]`` and, with ``return_lse``, the
     natural-log LSE ``[batch, 32]`` in fp32. ``config`` (block_n, num_warps,
-    num_stages, num_splits) bypasses the autotuner and the split heuristic.
+    num_stages, num_splits) bypasses the autotuner and the split heuristic; of two or more
+    splits, the last takes the partially visible tiles and the others share the rest.
     """
     n_batch = q.shape[0] if q.dim() == 3 else -1
     _check_inputs(q, k, v, None, cu_seqlens_k, n_batch, out, True)

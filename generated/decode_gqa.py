@@ -414,7 +414,7 @@ def _num_splits(n_batch, max_seqlen_k, block_n, device):
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     pairs = max(1, n_batch * HEADS_KV)
-    if pairs >= 1.9 * sms:
+    if 10 * pairs >= 19 * sms:  # 1.9 pairs per multiprocessor or more
         shares = 2 if 3 * sms < pairs < 6 * sms else 1
     else:
         shares = triton.cdiv(19 * sms, 10 * pairs)  # 1.9 programs per multiprocessor
@@ -457,7 +457,11 @@ def attention(q, k, v, cu_seqlens_k, *, max_seqlen_k=None, return_lse=False, out
         o_part = torch.empty(n_batch * HEADS_Q * splits, 128, device=q.device, dtype=torch.float32)
         lse_part = torch.empty(n_batch * HEADS_Q * splits, device=q.device, dtype=torch.float32)
     k_desc, v_desc, use_tma = _kv_descriptors(k, v, c["block_n"])
-    k_piece, v_piece, _ = _kv_descriptors(k, v, PIECE)
+    if use_tma:  # partially visible tiles: the same views, read PIECE keys at a time
+        k_piece = TensorDescriptor(k_desc.base, k_desc.shape, k_desc.strides, [PIECE, HEAD_DIM_QK])
+        v_piece = TensorDescriptor(v_desc.base, v_desc.shape, v_desc.strides, [PIECE, HEAD_DIM_V])
+    else:
+        k_piece, v_piece = k, v
     args = (q, k, v, k_desc, v_desc, k_piece, v_piece, out, lse, o_part, lse_part, cu_seqlens_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), n_batch, splits, _bucket(max_seqlen_k))

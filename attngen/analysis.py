@@ -3,8 +3,10 @@
 A tile covers query positions ``q_lo..q_hi`` and key positions ``k_lo..k_hi``
 (inclusive). :func:`analyse` answers, as sympy expressions over those four symbols and
 the tile-uniform run-time scalars: is every pair visible (skip the mask), is no pair
-visible (skip the tile), which KV range can hold visible keys at all (loop bounds), and
-which KV range is visible for every query of the tile (mask-free inner loop).
+visible (skip the tile), which KV range can hold visible keys at all (loop bounds), as one hull and as a union
+of a few pieces (a sink and a window far from it are two, with the gap between them
+never scanned), and which KV range is visible for every query of the tile (mask-free
+inner loop).
 
 Method: the predicate is put in negation normal form (``==`` becomes two inequalities,
 ``!=`` their negated disjunction). An *affine atom* ``a*q_pos + b*kv_pos + c (op) 0``,
@@ -55,6 +57,9 @@ class TileAnalysis:
     full_lo: sp.Basic  # every (q in [q_lo, q_hi], kv in [full_lo, full_hi)) is visible;
     full_hi: sp.Basic  # an empty range (full_lo >= full_hi) says nothing
     exact: bool  # every atom of the predicate was affine
+    # [lo, hi) ranges (ends as kv_lo/kv_hi) whose union holds every visible kv of any
+    # query in [q_lo, q_hi]; they may overlap and come in no particular order
+    pieces: tuple[tuple[sp.Basic, sp.Basic], ...] = ()
 
 
 # -- ranges of kv ---------------------------------------------------------------------------
@@ -71,6 +76,10 @@ class _Range:
 _UNBOUNDED = _Range(None, None)
 # An empty range is represented by ``None`` in place of a _Range.
 MaybeRange = _Range | None
+
+#: At most this many pieces describe where visible keys can be; more collapse to their
+#: hull (each piece costs the kernel two loop heads).
+MAX_PIECES = 4
 
 
 def _bound(combine: Callable[..., sp.Basic], ends: Iterable[sp.Basic | None]) -> sp.Basic | None:
@@ -111,6 +120,34 @@ def _choose(cond: sp.Basic, a: sp.Basic, b: sp.Basic) -> sp.Basic:
     return a if a == b else sp.Piecewise((a, cond), (b, True))
 
 
+Pieces = tuple[_Range, ...]  # a union of ranges; () holds nothing
+
+
+def _pieces(r: MaybeRange) -> Pieces:
+    return () if r is None else (r,)
+
+
+def _capped(pieces: Iterable[_Range]) -> Pieces:
+    """Distinct pieces, those with a common end joined (their union is then their hull,
+    exactly); the hull alone when there are too many."""
+    unique: list[_Range] = []
+    for p in pieces:
+        for i, u in enumerate(unique):
+            if p.lo == u.lo or p.hi == u.hi:  # None == None: both unbounded there
+                unique[i] = _hull(u, p)  # type: ignore[assignment]
+                break
+        else:
+            unique.append(p)
+    if len(unique) > MAX_PIECES:
+        return _pieces(reduce(_hull, unique))
+    return tuple(unique)
+
+
+def _intersect_pieces(a: Pieces, b: Pieces) -> Pieces:
+    """(a1 | a2 | ...) & (b1 | b2 | ...), distributed."""
+    return _capped(r for x in a for y in b if (r := _intersect(x, y)) is not None)
+
+
 # -- per-node results ----------------------------------------------------------------------
 
 
@@ -132,10 +169,11 @@ class _Result:
     hull: MaybeRange
     full: MaybeRange
     exact: bool
+    pieces: Pieces  # a union within the hull, tighter where an `or` leaves gaps
     kv_bound: _KvBound | None = None  # set on affine atoms that involve kv
 
 
-_OPAQUE = _Result(sp.false, sp.false, _UNBOUNDED, None, exact=False)
+_OPAQUE = _Result(sp.false, sp.false, _UNBOUNDED, None, exact=False, pieces=(_UNBOUNDED,))
 
 
 def analyse(pred: sp.Basic, *, uniform: frozenset[sp.Symbol] = TILE_UNIFORM) -> TileAnalysis:
@@ -150,7 +188,10 @@ def analyse(pred: sp.Basic, *, uniform: frozenset[sp.Symbol] = TILE_UNIFORM) -> 
     result = _analyse(_nnf(sp.sympify(pred), negate=False), uniform)
     hull_lo, hull_hi = _ends(result.hull, empty=(sp.S.Zero, sp.S.Zero))
     full_lo, full_hi = _ends(result.full, empty=(sp.S.Zero, sp.S.Zero))
-    return TileAnalysis(result.all, result.none, hull_lo, hull_hi, full_lo, full_hi, result.exact)
+    pieces = tuple(_ends(p, empty=(sp.S.Zero, sp.S.Zero)) for p in result.pieces)
+    return TileAnalysis(
+        result.all, result.none, hull_lo, hull_hi, full_lo, full_hi, result.exact, pieces
+    )
 
 
 def _ends(r: MaybeRange, empty: tuple[sp.Basic, sp.Basic]) -> tuple[sp.Basic, sp.Basic]:
@@ -185,9 +226,9 @@ def _split_equality(rel: sp.Basic) -> sp.Basic:
 
 def _analyse(pred: sp.Basic, uniform: frozenset[sp.Symbol]) -> _Result:
     if pred == sp.true:
-        return _Result(sp.true, sp.false, _UNBOUNDED, _UNBOUNDED, exact=True)
+        return _Result(sp.true, sp.false, _UNBOUNDED, _UNBOUNDED, exact=True, pieces=(_UNBOUNDED,))
     if pred == sp.false:
-        return _Result(sp.false, sp.true, None, None, exact=True)
+        return _Result(sp.false, sp.true, None, None, exact=True, pieces=())
     if isinstance(pred, sp.And):
         return _conjunction([_analyse(arg, uniform) for arg in pred.args])
     if isinstance(pred, sp.Or):
@@ -208,6 +249,7 @@ def _conjunction(parts: list[_Result]) -> _Result:
         hull=reduce(_intersect, (p.hull for p in parts)),
         full=reduce(_intersect, (p.full for p in parts)),
         exact=all(p.exact for p in parts),
+        pieces=reduce(_intersect_pieces, (p.pieces for p in parts)),
     )
 
 
@@ -218,6 +260,7 @@ def _disjunction(parts: list[_Result]) -> _Result:
         hull=reduce(_hull, (p.hull for p in parts)),
         full=reduce(_longer, (p.full for p in parts)),
         exact=all(p.exact for p in parts),
+        pieces=_capped(r for p in parts for r in p.pieces),
     )
 
 
@@ -271,10 +314,13 @@ def _affine(a: sp.Basic, b: sp.Basic, t: sp.Basic, strict: bool) -> _Result:
             _UNBOUNDED,
             _UNBOUNDED if all_visible == sp.true else None,
             exact=True,
+            pieces=(_UNBOUNDED,),
         )
     bound = _solve_for_kv(a, b, t, strict)
     hull, full = _kv_ranges(bound)
-    return _Result(all_visible, none_visible, hull, full, exact=True, kv_bound=bound)
+    return _Result(
+        all_visible, none_visible, hull, full, exact=True, pieces=(hull,), kv_bound=bound
+    )
 
 
 def _corner(a: sp.Basic, b: sp.Basic, *, low: bool) -> sp.Basic:

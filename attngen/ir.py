@@ -172,8 +172,7 @@ class KernelIR(ModuleIR):
     configs: tuple[TileConfig, ...]
     score_code: str
     mask_code: str
-    kv_lo_code: str
-    kv_hi_code: str
+    piece_codes: tuple[tuple[str, str], ...]  # [lo, hi) of each piece of visible keys
     full_lo_code: str
     full_hi_code: str
     may_see_code: str
@@ -181,6 +180,27 @@ class KernelIR(ModuleIR):
     @property
     def ctx_params(self) -> str:
         return ", ".join(["pid_b", "q_len", "kv_len", "kv_start", "n_batch", *(t.param for t in self.tensors)])
+
+    @property
+    def piece_names(self) -> str:
+        """``lo0, hi0, lo1, hi1, ...``: the pieces as ``_tile_range`` returns them."""
+        return ", ".join(f"lo{i}, hi{i}" for i in range(len(self.piece_codes)))
+
+    @property
+    def runs_below(self) -> list[tuple[str, str]]:
+        """[start, end) of each piece's tiles below the full run, as printed code."""
+        return [(f"lo{i}", f"tl.minimum(f_lo, hi{i})") for i in range(len(self.piece_codes))]
+
+    @property
+    def runs_above(self) -> list[tuple[str, str]]:
+        """[start, end) of each piece's tiles above the full run, as printed code."""
+        return [(f"tl.maximum(f_hi, lo{i})", f"hi{i}") for i in range(len(self.piece_codes))]
+
+    @property
+    def piece_swaps(self) -> list[tuple[int, int]]:
+        """Compare-and-swap steps that order the pieces by start (a bubble sort)."""
+        n = len(self.piece_codes)
+        return [(j, j + 1) for i in range(n) for j in range(n - 1 - i)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,8 +298,10 @@ def verify(ir: KernelIR, spec: Spec) -> None:
     assert ir.heads_q % ir.heads_kv == 0
     assert ir.d_qk_pad >= ir.d_qk and ir.d_qk_pad & (ir.d_qk_pad - 1) == 0
     assert ir.d_v_pad >= ir.d_v and ir.d_v_pad & (ir.d_v_pad - 1) == 0
-    for code in (ir.score_code, ir.mask_code, ir.kv_lo_code, ir.kv_hi_code, ir.may_see_code):
+    pieces = [code for piece in ir.piece_codes for code in piece]
+    for code in (ir.score_code, ir.mask_code, ir.may_see_code, *pieces):
         assert code.strip(), "empty generated expression"
+    assert ir.piece_codes, "no KV piece to visit"
     check_bound((full_visibility(spec), base2_score(spec)), ELEMENT_NAMES, "sequence")
 
 
@@ -301,7 +323,8 @@ def lower(spec: Spec) -> KernelIR:
 
     pred = full_visibility(spec)
     tiles = analysis.analyse(pred)
-    # clamp the hull into the sequence and the fully visible run into the hull
+    # clamp the pieces into the sequence and the fully visible run into their hull
+    pieces = [(sp.Max(_finite(lo), 0), sp.Min(_finite(hi), kv_len)) for lo, hi in tiles.pieces]
     kv_lo = sp.Max(_finite(tiles.kv_lo), 0)
     kv_hi = sp.Min(_finite(tiles.kv_hi), kv_len)
     full_lo = sp.Max(_finite(tiles.full_lo), kv_lo)
@@ -313,8 +336,8 @@ def lower(spec: Spec) -> KernelIR:
         configs=tile_configs(spec, family, decode_rows),
         score_code=element(base2_score(spec)),
         mask_code=element(pred),
-        kv_lo_code=tile(kv_lo),
-        kv_hi_code=tile(kv_hi),
+        # a predicate that is never true still gets one (empty) piece to loop over
+        piece_codes=tuple((tile(lo), tile(hi)) for lo, hi in pieces or [(sp.S.Zero, sp.S.Zero)]),
         full_lo_code=tile(full_lo),
         full_hi_code=tile(full_hi),
         may_see_code=tile(sp.Not(tiles.none_visible)),

@@ -221,17 +221,17 @@ def _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, hea
 
 @triton.jit
 def _tile_range(q_lo, q_hi, pid_b, q_len, kv_len, kv_start, n_batch, t_slopes, BLOCK_N: tl.constexpr):
-    """Tile-aligned KV ranges for queries q_lo..q_hi: the hull [lo, hi) of every key any
-    of them may see, and inside it [f_lo, f_hi), whole tiles every one of them sees."""
-    lo = 0
-    hi = tl.minimum(kv_len, q_hi + 1)
+    """Tile-aligned KV ranges for queries q_lo..q_hi: [f_lo, f_hi), whole tiles every one
+    of them sees, and [lo0, hi0), whose tiles hold every key any of them may see."""
     f_lo = 0
     f_hi = tl.minimum(kv_len, tl.minimum(q_hi + 1, q_lo + 1))
-    lo = (lo // BLOCK_N) * BLOCK_N
-    f_lo = tl.minimum(tl.cdiv(f_lo, BLOCK_N) * BLOCK_N, hi)
+    f_lo = tl.cdiv(f_lo, BLOCK_N) * BLOCK_N
     f_hi = tl.maximum((f_hi // BLOCK_N) * BLOCK_N, f_lo)
-    f_lo = tl.maximum(f_lo, lo)
-    return lo, f_lo, f_hi, hi
+    lo0 = 0
+    hi0 = tl.minimum(kv_len, q_hi + 1)
+    lo0 = (lo0 // BLOCK_N) * BLOCK_N
+    hi0 = tl.cdiv(hi0, BLOCK_N) * BLOCK_N
+    return f_lo, f_hi, lo0, hi0
 
 
 @triton.jit
@@ -239,6 +239,19 @@ def _tile_may_see(q_lo, q_hi, k_lo, k_hi, pid_b, q_len, kv_len, kv_start, n_batc
     """False only when no query of q_lo..q_hi sees any key of k_lo..k_hi: such tiles
     are skipped without loading them."""
     return ~((k_lo >= kv_len) | (k_lo > q_hi))
+
+
+@triton.jit
+def _masked_tiles(acc, m_i, l_i, start, end, q, K, V, K_desc, V_desc, kv_head, q_pos, head, q_lo, q_hi,
+                  stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch, t_slopes,
+                  BLOCK_N: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, USE_TMA: tl.constexpr):
+    """The tiles from start below end that some query may see, with the mask applied."""
+    for k_lo in range(start, end, BLOCK_N):
+        if _tile_may_see(q_lo, q_hi, k_lo, k_lo + BLOCK_N - 1, pid_b, q_len, kv_len, kv_start, n_batch, t_slopes):
+            acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
+                                       stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch, t_slopes,
+                                       BLOCK_N, D_QK, D_V, True, USE_TMA)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -285,24 +298,20 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_V], tl.float32)
-    lo, f_lo, f_hi, hi = _tile_range(q_lo, q_hi, pid_b, q_len, kv_len, kv_start, n_batch, t_slopes, BLOCK_N)
+    f_lo, f_hi, lo0, hi0 = _tile_range(q_lo, q_hi, pid_b, q_len, kv_len, kv_start, n_batch, t_slopes, BLOCK_N)
     # partially visible tiles before the fully visible run
-    for k_lo in range(lo, f_lo, BLOCK_N):
-        if _tile_may_see(q_lo, q_hi, k_lo, k_lo + BLOCK_N - 1, pid_b, q_len, kv_len, kv_start, n_batch, t_slopes):
-            acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
-                                       stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch, t_slopes,
-                                       BLOCK_N, D_QK, D_V, True, USE_TMA)
+    acc, m_i, l_i = _masked_tiles(acc, m_i, l_i, lo0, tl.minimum(f_lo, hi0), q, K, V, K_desc, V_desc, kv_head, q_pos, head,
+                                  q_lo, q_hi, stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch, t_slopes,
+                                  BLOCK_N, D_QK, D_V, USE_TMA)
     # fully visible tiles: no mask arithmetic
     for k_lo in range(f_lo, f_hi, BLOCK_N):
         acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
                                    stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch, t_slopes,
                                    BLOCK_N, D_QK, D_V, False, USE_TMA)
     # partially visible tiles after it (the causal diagonal, the ragged end)
-    for k_lo in range(f_hi, hi, BLOCK_N):
-        if _tile_may_see(q_lo, q_hi, k_lo, k_lo + BLOCK_N - 1, pid_b, q_len, kv_len, kv_start, n_batch, t_slopes):
-            acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
-                                       stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch, t_slopes,
-                                       BLOCK_N, D_QK, D_V, True, USE_TMA)
+    acc, m_i, l_i = _masked_tiles(acc, m_i, l_i, tl.maximum(f_hi, lo0), hi0, q, K, V, K_desc, V_desc, kv_head, q_pos, head,
+                                  q_lo, q_hi, stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch, t_slopes,
+                                  BLOCK_N, D_QK, D_V, USE_TMA)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

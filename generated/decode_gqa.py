@@ -206,17 +206,17 @@ def _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, hea
 
 @triton.jit
 def _tile_range(q_lo, q_hi, pid_b, q_len, kv_len, kv_start, n_batch, BLOCK_N: tl.constexpr):
-    """Tile-aligned KV ranges for queries q_lo..q_hi: the hull [lo, hi) of every key any
-    of them may see, and inside it [f_lo, f_hi), whole tiles every one of them sees."""
-    lo = 0
-    hi = tl.minimum(kv_len, q_hi + 1)
+    """Tile-aligned KV ranges for queries q_lo..q_hi: [f_lo, f_hi), whole tiles every one
+    of them sees, and [lo0, hi0), whose tiles hold every key any of them may see."""
     f_lo = 0
     f_hi = tl.minimum(kv_len, tl.minimum(q_hi + 1, q_lo + 1))
-    lo = (lo // BLOCK_N) * BLOCK_N
-    f_lo = tl.minimum(tl.cdiv(f_lo, BLOCK_N) * BLOCK_N, hi)
+    f_lo = tl.cdiv(f_lo, BLOCK_N) * BLOCK_N
     f_hi = tl.maximum((f_hi // BLOCK_N) * BLOCK_N, f_lo)
-    f_lo = tl.maximum(f_lo, lo)
-    return lo, f_lo, f_hi, hi
+    lo0 = 0
+    hi0 = tl.minimum(kv_len, q_hi + 1)
+    lo0 = (lo0 // BLOCK_N) * BLOCK_N
+    hi0 = tl.cdiv(hi0, BLOCK_N) * BLOCK_N
+    return f_lo, f_hi, lo0, hi0
 
 
 @triton.jit
@@ -227,18 +227,20 @@ def _tile_may_see(q_lo, q_hi, k_lo, k_hi, pid_b, q_len, kv_len, kv_start, n_batc
 
 
 @triton.jit
-def _partial_tile(acc, m_i, l_i, q, K, V, K_piece, V_piece, kv_head, k_lo, q_pos, head, q_lo, q_hi,
-                  stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
-                  BLOCK_N: tl.constexpr, PIECE: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-                  USE_TMA: tl.constexpr):
-    """A partially visible tile, read PIECE keys at a time and only the pieces some query
-    sees: an attention sink's 4 keys cost one piece, not a whole tile (3% of the bytes of
-    a 4096-token window read in 128-key tiles)."""
-    for p_lo in range(k_lo, k_lo + BLOCK_N, PIECE):
-        if _tile_may_see(q_lo, q_hi, p_lo, p_lo + PIECE - 1, pid_b, q_len, kv_len, kv_start, n_batch):
-            acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_piece, V_piece, kv_head, p_lo, q_pos, head, q_lo, q_hi,
-                                       stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
-                                       PIECE, D_QK, D_V, True, USE_TMA)
+def _partial_tiles(acc, m_i, l_i, start, end, step, q, K, V, K_piece, V_piece, kv_head, q_pos, head, q_lo, q_hi,
+                   stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
+                   BLOCK_N: tl.constexpr, PIECE: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+                   USE_TMA: tl.constexpr):
+    """Partially visible tiles start, start + step, ... below end, each read PIECE keys at
+    a time and only the pieces some query sees: an attention sink's 4 keys cost one
+    piece, not a whole tile (3% of the bytes of a 4096-token window read in 128-key tiles)."""
+    for k_lo in range(start, end, step):
+        if _tile_may_see(q_lo, q_hi, k_lo, k_lo + BLOCK_N - 1, pid_b, q_len, kv_len, kv_start, n_batch):
+            for p_lo in range(k_lo, k_lo + BLOCK_N, PIECE):
+                if _tile_may_see(q_lo, q_hi, p_lo, p_lo + PIECE - 1, pid_b, q_len, kv_len, kv_start, n_batch):
+                    acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_piece, V_piece, kv_head, p_lo, q_pos, head,
+                                               q_lo, q_hi, stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
+                                               PIECE, D_QK, D_V, True, USE_TMA)
     return acc, m_i, l_i
 
 
@@ -276,7 +278,7 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_V], tl.float32)
-    lo, f_lo, f_hi, hi = _tile_range(q_lo, q_hi, pid_b, q_len, kv_len, kv_start, n_batch, BLOCK_N)
+    f_lo, f_hi, lo0, hi0 = _tile_range(q_lo, q_hi, pid_b, q_len, kv_len, kv_start, n_batch, BLOCK_N)
     # fully visible tiles: contiguous shares, as equal as whole tiles allow, with no mask
     # arithmetic; of two or more splits, the last is kept for the partially visible tiles
     n_full = (f_hi - f_lo) // BLOCK_N
@@ -287,20 +289,17 @@ def _decode_split_kernel(
         acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, head, q_lo, q_hi,
                                    stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
                                    BLOCK_N, D_QK, D_V, False, USE_TMA)
-    # the partially visible tiles, dealt round-robin from the last split down: few (the
-    # edges of a window, attention sinks) stay off the splits of full tiles, so that
-    # those stay equal; many spread over all splits
-    deal = num_splits - 1 - split
-    for k_lo in range(lo + deal * BLOCK_N, f_lo, num_splits * BLOCK_N):
-        if _tile_may_see(q_lo, q_hi, k_lo, k_lo + BLOCK_N - 1, pid_b, q_len, kv_len, kv_start, n_batch):
-            acc, m_i, l_i = _partial_tile(acc, m_i, l_i, q, K, V, K_piece, V_piece, kv_head, k_lo, q_pos, head, q_lo,
-                                          q_hi, stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
-                                          BLOCK_N, PIECE, D_QK, D_V, USE_TMA)
-    for k_lo in range(f_hi + deal * BLOCK_N, hi, num_splits * BLOCK_N):
-        if _tile_may_see(q_lo, q_hi, k_lo, k_lo + BLOCK_N - 1, pid_b, q_len, kv_len, kv_start, n_batch):
-            acc, m_i, l_i = _partial_tile(acc, m_i, l_i, q, K, V, K_piece, V_piece, kv_head, k_lo, q_pos, head, q_lo,
-                                          q_hi, stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
-                                          BLOCK_N, PIECE, D_QK, D_V, USE_TMA)
+    # the partially visible tiles of each piece, below and above the full run, dealt
+    # round-robin from the last split down: few (the edges of a window, attention sinks)
+    # stay off the splits of full tiles, so that those stay equal; many spread over all
+    deal = (num_splits - 1 - split) * BLOCK_N
+    step = num_splits * BLOCK_N
+    acc, m_i, l_i = _partial_tiles(acc, m_i, l_i, lo0 + deal, tl.minimum(f_lo, hi0), step, q, K, V, K_piece, V_piece,
+                                   kv_head, q_pos, head, q_lo, q_hi, stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
+                                   BLOCK_N, PIECE, D_QK, D_V, USE_TMA)
+    acc, m_i, l_i = _partial_tiles(acc, m_i, l_i, tl.maximum(f_hi, lo0) + deal, hi0, step, q, K, V, K_piece, V_piece,
+                                   kv_head, q_pos, head, q_lo, q_hi, stride_kt, stride_vt, pid_b, q_len, kv_len, kv_start, n_batch,
+                                   BLOCK_N, PIECE, D_QK, D_V, USE_TMA)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

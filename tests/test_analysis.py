@@ -63,6 +63,16 @@ def test_sink_or_causal_window() -> None:
     assert r.exact
 
 
+def test_sink_and_window_are_two_pieces() -> None:
+    """The gap between a sink and a window far from it is outside every piece, so the
+    kernels never scan its tiles; pieces with a common end join into one."""
+    r = analyse(sp.And(CAUSAL, sp.Or(SINK, window(4095, 0))))
+    assert r.pieces == ((-sp.oo, sp.Min(4, q_hi + 1)), (q_lo - 4095, q_hi + 1))
+    assert (r.kv_lo, r.kv_hi) == (-sp.oo, q_hi + 1)
+    prefix_lm = analyse(sp.Or(CAUSAL, sp.Lt(kv_pos, PREFIX[batch])))
+    assert prefix_lm.pieces == ((-sp.oo, sp.Max(q_hi + 1, PREFIX[batch])),)
+
+
 def test_prefix_lm_with_a_per_batch_tensor() -> None:
     r = analyse(sp.Or(CAUSAL, sp.Lt(kv_pos, PREFIX[batch])))
     assert r.all_visible == sp.Le(k_hi, q_lo) | sp.Lt(k_hi, PREFIX[batch])
@@ -96,6 +106,7 @@ def test_expression_masks() -> None:
 def test_constants() -> None:
     assert fields(analyse(sp.true)) == (sp.true, sp.false, -sp.oo, sp.oo, -sp.oo, sp.oo, True)
     assert fields(analyse(sp.false)) == (sp.false, sp.true, 0, 0, 0, 0, True)
+    assert analyse(sp.true).pieces == ((-sp.oo, sp.oo),) and analyse(sp.false).pieces == ()
 
 
 # -- brute force ----------------------------------------------------------------------------
@@ -195,6 +206,11 @@ def check(pred: sp.Basic, env: dict[sp.Symbol, int], *, exact_all_none: bool) ->
     assert not (grid & ~in_hull).any(), (pred, env, r)
     in_full = (value(r.full_lo, env) <= KV_SCAN) & (value(r.full_hi, env) > KV_SCAN)
     assert grid[:, in_full].all(), (pred, env, r)
+    in_pieces = np.zeros_like(in_hull)
+    for lo, hi in r.pieces:
+        in_pieces |= (value(lo, env) <= KV_SCAN) & (value(hi, env) > KV_SCAN)
+    assert not (grid & ~in_pieces).any(), (pred, env, r)
+    assert not (in_pieces & ~in_hull).any(), (pred, env, r)
 
 
 @settings(max_examples=200, deadline=None)

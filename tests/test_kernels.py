@@ -13,15 +13,16 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 import torch
-from helpers import assert_close, assert_lse_close, varlen_batch
+from helpers import assert_close, assert_lse_close, fresh, varlen_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import GPU_HEAD_DIMS, INTERPRETER_HEAD_DIMS, SpecCase, configs, shapes, spec_cases
 
 from attngen.check import Shape, launch, make_inputs, poisoned_out
-from attngen.reference import sequence_reference
+from attngen.reference import sequence_reference, spec_terms
 from attngen.spec import Spec, parse_spec
 
 runtime = pytest.importorskip(
@@ -196,3 +197,59 @@ def test_return_lse(device: str, queries: str) -> None:
     assert_lse_close(lse, ref_lse, "fp32")
     if queries == "decode":  # the empty sequence: O = 0, LSE = -inf
         assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()
+
+
+# ---------------------------------------------------------------------------------------
+# masks whose visible keys come in pieces: the gaps between them are never read
+
+PIECES_MASKS = {
+    "window_sinks": ["causal", {"any": [{"window": {"left": 20, "right": 0}}, {"sink": 3}]}],
+    # three pieces: a sink, a band far back and the recent window
+    "band": ["causal", {"any": [{"sink": 2}, {"window": {"left": 9, "right": 0}},
+                                {"expr": "kv_pos >= q_pos - 130 and kv_pos < q_pos - 100"}]}],
+}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("mask", sorted(PIECES_MASKS))
+@pytest.mark.parametrize("queries", ["prefill", "decode"])
+def test_gaps_between_pieces_are_never_read(device: str, queries: str, mask: str) -> None:
+    """K and V of every tile that holds no visible key are NaN: a kernel that read one
+    of them (even masked, since 0 * NaN is NaN) would return NaN. Chunked prefill (the
+    last 3 tokens) so that the gaps are the same for every query of the sequence."""
+    spec = parse_spec({"name": f"pieces_{mask}", "heads": {"q": 4, "kv": 2}, "head_dim": 32,
+                       "dtype": "fp32", "mask": PIECES_MASKS[mask], "topology": {"queries": queries}})
+    module = runtime.load(spec)
+    kv_lens, block_n = [300, 37, 0, 140, 2], 16
+    q_lens = [min(3, n) for n in kv_lens] if queries == "prefill" else [min(1, n) for n in kv_lens]
+    batch = varlen_batch(q_lens, kv_lens, heads=(4, 2), head_dim=(32, 32), seed=11, device=device)
+    cu_q = batch["cu_seqlens_q"] if queries == "prefill" else None
+    q = batch["q"] if queries == "prefill" else fresh(len(kv_lens), 4, 32, seed=12, device=device)
+    ref_o, ref_lse = sequence_reference(spec, q, batch["k"], batch["v"], cu_q, batch["cu_seqlens_k"])
+    k, v = batch["k"].clone(), batch["v"].clone()
+    read = 0
+    for b, n in enumerate(kv_lens):
+        start, n_q = int(batch["cu_seqlens_k"][b]), max(q_lens[b], 1)
+        visible, _ = spec_terms(spec, q_pos=np.arange(n - n_q, n), kv_pos=np.arange(n), batch=b,
+                                q_len=n_q, kv_len=n, tensors={})
+        seen = np.asarray(visible).any(axis=(0, 1))  # by any head and query
+        for t in range(0, n, block_n):
+            if seen[t:t + block_n].any():
+                read += 1
+            else:
+                k[start + t:start + t + block_n] = float("nan")
+                v[start + t:start + t + block_n] = float("nan")
+    assert read < sum(-(-n // block_n) for n in kv_lens) / 2, "the gaps should hold most tiles"
+    config: dict[str, Any] = {"block_n": block_n, "num_warps": 4, "num_stages": 1}
+    if queries == "decode":
+        for splits in (1, 2, 5):
+            out, lse = module.attention(q, k, v, batch["cu_seqlens_k"], return_lse=True,
+                                        config=dict(config, num_splits=splits))
+            assert_close(out, ref_o, "fp32")
+            assert_lse_close(lse, ref_lse, "fp32")
+    else:
+        out, lse = module.attention(q, k, v, cu_q, batch["cu_seqlens_k"], return_lse=True,
+                                    config=dict(config, block_m=16))
+        assert_close(out, ref_o, "fp32")
+        assert_lse_close(lse, ref_lse, "fp32")
+

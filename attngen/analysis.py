@@ -123,8 +123,11 @@ def _choose(cond: sp.Basic, a: sp.Basic, b: sp.Basic) -> sp.Basic:
 Pieces = tuple[_Range, ...]  # a union of ranges; () holds nothing
 
 
-def _pieces(r: MaybeRange) -> Pieces:
-    return () if r is None else (r,)
+def _join(a: _Range, b: _Range) -> _Range:
+    """The hull of two (non-empty) pieces."""
+    joined = _hull(a, b)
+    assert joined is not None
+    return joined
 
 
 def _capped(pieces: Iterable[_Range]) -> Pieces:
@@ -134,12 +137,12 @@ def _capped(pieces: Iterable[_Range]) -> Pieces:
     for p in pieces:
         for i, u in enumerate(unique):
             if p.lo == u.lo or p.hi == u.hi:  # None == None: both unbounded there
-                unique[i] = _hull(u, p)  # type: ignore[assignment]
+                unique[i] = _join(u, p)
                 break
         else:
             unique.append(p)
     if len(unique) > MAX_PIECES:
-        return _pieces(reduce(_hull, unique))
+        return (reduce(_join, unique),)
     return tuple(unique)
 
 

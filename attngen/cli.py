@@ -124,6 +124,8 @@ def tile_classification(spec: Spec) -> list[str]:
         "exact": "every atom affine (False: some decided only at run time)",
     }
     lines = [f"  {name}: {getattr(result, name)}    # {doc}" for name, doc in meaning.items()]
+    pieces = ", ".join(f"[{lo}, {hi})" for lo, hi in result.pieces) or "none"
+    lines.append(f"  pieces: {pieces}    # visible keys lie in these; the kernels read no tile between them")
     return ["tile analysis of visibility & 0 <= kv_pos < kv_len, for a query tile [q_lo, q_hi] "
             "and a KV tile [k_lo, k_hi]:", *lines]
 

@@ -103,7 +103,7 @@ def test_show_prints_canonical_spec_hash_and_tiles(capsys: pytest.CaptureFixture
     assert spec.content_hash in out
     assert "generated/sliding_window_sinks_decode.py" in out
     assert "spec_version: 1" in out
-    for field in ("all_visible", "none_visible", "kv_lo", "kv_hi", "full_lo", "full_hi", "exact"):
+    for field in ("all_visible", "none_visible", "kv_lo", "kv_hi", "full_lo", "full_hi", "exact", "pieces"):
         assert f"{field}:" in out
 
 

@@ -3,10 +3,10 @@
 A tile covers query positions ``q_lo..q_hi`` and key positions ``k_lo..k_hi``
 (inclusive). :func:`analyse` answers, as sympy expressions over those four symbols and
 the tile-uniform run-time scalars: is every pair visible (skip the mask), is no pair
-visible (skip the tile), which KV range can hold visible keys at all (loop bounds), as one hull and as a union
-of a few pieces (a sink and a window far from it are two, with the gap between them
-never scanned), and which KV range is visible for every query of the tile (mask-free
-inner loop).
+visible (skip the tile), which KV range can hold visible keys at all (loop bounds), as
+one hull and as a union of a few pieces (a sink and a window far from it are two, and
+the gap between them is never scanned), and which KV range is visible for every query
+of the tile (mask-free inner loop).
 
 Method: the predicate is put in negation normal form (``==`` becomes two inequalities,
 ``!=`` their negated disjunction). An *affine atom* ``a*q_pos + b*kv_pos + c (op) 0``,
@@ -59,7 +59,7 @@ class TileAnalysis:
     exact: bool  # every atom of the predicate was affine
     # [lo, hi) ranges (ends as kv_lo/kv_hi) whose union holds every visible kv of any
     # query in [q_lo, q_hi]; they may overlap and come in no particular order
-    pieces: tuple[tuple[sp.Basic, sp.Basic], ...] = ()
+    pieces: tuple[tuple[sp.Basic, sp.Basic], ...]
 
 
 # -- ranges of kv ---------------------------------------------------------------------------

@@ -187,6 +187,15 @@ class KernelIR(ModuleIR):
         return ", ".join(f"lo{i}, hi{i}" for i in range(len(self.piece_codes)))
 
     @property
+    def pieces_doc(self) -> str:
+        """How ``_tile_range``'s docstring names the pieces."""
+        last = len(self.piece_codes) - 1
+        if not last:
+            return "[lo0, hi0), whose tiles hold every key any of them may see"
+        return (f"the pieces [lo0, hi0) .. [lo{last}, hi{last}), in order and apart, whose tiles\n"
+                "    hold every key any of them may see (the gaps between them are never read)")
+
+    @property
     def runs_below(self) -> list[tuple[str, str]]:
         """[start, end) of each piece's tiles below the full run, as printed code."""
         return [(f"lo{i}", f"tl.minimum(f_lo, hi{i})") for i in range(len(self.piece_codes))]

@@ -211,8 +211,8 @@ def _tile_step(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, k_lo, q_pos, hea
 @triton.jit
 def _tile_range(q_lo, q_hi, pid_b, q_len, kv_len, kv_start, n_batch, BLOCK_N: tl.constexpr):
     """Tile-aligned KV ranges for queries q_lo..q_hi: [f_lo, f_hi), whole tiles every one
-    of them sees, and the pieces [lo0, hi0) .. [lo1, hi1), in order and apart,
-    whose tiles hold every key any of them may see (the gaps between them are never read)."""
+    of them sees, and the pieces [lo0, hi0) .. [lo1, hi1), in order and apart, whose tiles
+    hold every key any of them may see (the gaps between them are never read)."""
     f_lo = tl.maximum(0, tl.where(q_hi - q_lo >= 4092, 0, q_hi - 4095))
     f_hi = tl.minimum(kv_len, tl.minimum(q_hi + 1, tl.minimum(q_lo + 1, tl.where(q_hi - q_lo >= 4092, 4, q_lo + 1))))
     f_lo = tl.cdiv(f_lo, BLOCK_N) * BLOCK_N

@@ -132,7 +132,8 @@ def _join(a: _Range, b: _Range) -> _Range:
 
 def _capped(pieces: Iterable[_Range]) -> Pieces:
     """Distinct pieces, those with a common end joined (their union is then their hull,
-    exactly); the hull alone when there are too many."""
+    exactly); the unbounded piece alone if it is one of them; the hull alone when there
+    are too many."""
     unique: list[_Range] = []
     for p in pieces:
         for i, u in enumerate(unique):
@@ -141,6 +142,8 @@ def _capped(pieces: Iterable[_Range]) -> Pieces:
                 break
         else:
             unique.append(p)
+    if _UNBOUNDED in unique:  # one piece holds every key: the others add nothing
+        return (_UNBOUNDED,)
     if len(unique) > MAX_PIECES:
         return (reduce(_join, unique),)
     return tuple(unique)

@@ -71,6 +71,9 @@ def test_sink_and_window_are_two_pieces() -> None:
     assert (r.kv_lo, r.kv_hi) == (-sp.oo, q_hi + 1)
     prefix_lm = analyse(sp.Or(CAUSAL, sp.Lt(kv_pos, PREFIX[batch])))
     assert prefix_lm.pieces == ((-sp.oo, sp.Max(q_hi + 1, PREFIX[batch])),)
+    # an opaque rule may see any key: the window's piece adds nothing beside it
+    either = analyse(sp.Or(window(5, 0), sp.Eq(DOC[q_pos], DOC[kv_pos])))
+    assert either.pieces == ((-sp.oo, sp.oo),)
 
 
 def test_prefix_lm_with_a_per_batch_tensor() -> None:

@@ -9,10 +9,11 @@ the partials back and merges them per query. They are compiled once at import
 Symbols (all plain sympy Symbols, positive):
 
 - plan: ``C`` chunk, ``QG`` queries per group, ``G`` groups, ``T`` KV tokens read
-  (the sum of group KV lengths), ``W`` tokens of the longest group and ``NW`` the groups
-  of at least half that, ``P`` partials, ``NQ`` queries, ``L`` launches;
-- heads: ``Hq``, ``Hkv``, ``Dqk``, ``Dv``, ``E`` bytes per element, ``R_min`` the rows
-  a program is charged at least;
+  (the sum of group KV lengths), ``RT`` row-tokens (the sum over groups of KV tokens
+  times the rows stage 1 runs the group at, see :meth:`HeadLayout.tile_rows`), ``W``
+  tokens of the longest group and ``NW`` the groups of at least half that, ``P``
+  partials, ``NQ`` queries, ``L`` launches;
+- heads: ``Hq``, ``Hkv``, ``Dqk``, ``Dv``, ``E`` bytes per element;
 - comparison: ``T_branch`` KV tokens read by per-branch decoding (the sum of each
   query's visible tokens), ``T_unique`` unique KV tokens (the floor);
 - machine: ``BW`` bytes/s, ``RATE`` FLOP/s, ``LAUNCH`` s per launch, ``SMS`` SM count,
@@ -42,11 +43,15 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-C, QG, G, T, P, NQ, L, W, NW = sp.symbols("C QG G T P NQ L W NW", positive=True)
-Hq, Hkv, Dqk, Dv, E, R_min = sp.symbols("Hq Hkv Dqk Dv E R_min", positive=True)
+C, QG, G, T, RT, P, NQ, L, W, NW = sp.symbols("C QG G T RT P NQ L W NW", positive=True)
+Hq, Hkv, Dqk, Dv, E = sp.symbols("Hq Hkv Dqk Dv E", positive=True)
 T_branch, T_unique = sp.symbols("T_branch T_unique", positive=True)
 BW, RATE, LAUNCH, SMS, OVH, POVH, EFF = sp.symbols("BW RATE LAUNCH SMS OVH POVH EFF", positive=True)
 TOK, DRAM, R_wg, NARROW, SLOTS = sp.symbols("TOK DRAM R_wg NARROW SLOTS", positive=True)
+
+#: Tile heights below a plan's full one that stage 1 runs a group at when its filled
+#: slots fit (the per-warp matrix instructions' 16 rows, one warpgroup instruction's 64).
+ROW_TIERS = (16, 64)
 
 #: Bytes of K and V per token over all KV heads.
 KV_TOKEN_BYTES = Hkv * (Dqk + Dv) * E
@@ -64,10 +69,11 @@ BRANCH_BYTES = T_branch * KV_TOKEN_BYTES + NQ * Hq * (Dqk + Dv) * E
 #: The IO floor: each unique KV byte once.
 FLOOR_BYTES = T_unique * KV_TOKEN_BYTES
 
-#: Rows of one program: the query heads of a KV head times the queries of a group.
+#: Rows of a full group's program: the query heads of a KV head times the queries of a
+#: group. A group with fewer queries runs at a lower tile height (RT counts it so).
 ROWS = QG * Hq / Hkv
-#: Matrix-unit FLOPs: QK^T and PV over the rows of a KV head (charged at least R_min rows).
-FLOPS = 2 * T * Hkv * sp.Max(ROWS, R_min) * (Dqk + Dv)
+#: Matrix-unit FLOPs: QK^T and PV over the rows each group's program runs at, per KV head.
+FLOPS = 2 * RT * Hkv * (Dqk + Dv)
 #: A narrow program (fewer rows than one warpgroup instruction) runs on the older
 #: per-warp matrix instructions: alone on an SM it is NARROW times slower than a
 #: warpgroup-wide one, but SLOTS of them share an SM without slowing each other (the
@@ -75,15 +81,16 @@ FLOPS = 2 * T * Hkv * sp.Max(ROWS, R_min) * (Dqk + Dv)
 IS_NARROW = sp.StrictLessThan(ROWS, R_wg)
 NARROW_SLOWDOWN = sp.Piecewise((NARROW, IS_NARROW), (1, True))
 NARROW_SLOTS = sp.Piecewise((SLOTS, IS_NARROW), (1, True))
-#: SM seconds per KV token of one program while every SM is busy: a fixed part (softmax,
-#: masking, address arithmetic, issuing the tile loads) plus the matrix work of its rows
-#: at EFF of the SM's share of the matrix rate. Rows below R_min cost as much as R_min.
-TOKEN_TIME = TOK + 2 * sp.Max(ROWS, R_min) * (Dqk + Dv) * SMS / (EFF * RATE)
+#: SM seconds of one program while every SM is busy: per KV token a fixed part TOK
+#: (softmax, masking, address arithmetic, issuing the tile loads), per row-token the
+#: matrix work at EFF of the SM's share of the matrix rate.
+ROW_TOKEN_TIME = 2 * (Dqk + Dv) * SMS / (EFF * RATE)
+TILE_TIME = T * TOK + RT * ROW_TOKEN_TIME
 #: All (group, KV head) programs spread over the SMs, each with a fixed cost OVH (query
 #: load, pipeline fill, partial store); plus the part of the DRAM time of the unique KV
 #: that the tile work does not hide (each tile's first reader waits for it; re-reads of
 #: a chunk by its other groups come from L2 and cost only their tile work).
-SPREAD = (T * TOKEN_TIME + G * OVH) * Hkv / SMS + DRAM * FLOOR_BYTES / BW
+SPREAD = (TILE_TIME + G * OVH) * Hkv / SMS + DRAM * FLOOR_BYTES / BW
 #: Seconds one program alone on an SM spends per KV token: its matrix work at the SM's
 #: share of the matrix rate, a warpgroup's rows at least, NARROW times longer if narrow.
 #: (A lower bound: the fit prefers it to a measured lone time, which charged the plans
@@ -104,6 +111,7 @@ _ARGS = (
     QG,
     G,
     T,
+    RT,
     W,
     NW,
     P,
@@ -114,7 +122,6 @@ _ARGS = (
     Dqk,
     Dv,
     E,
-    R_min,
     T_branch,
     T_unique,
     BW,
@@ -164,13 +171,23 @@ class HeadLayout:
     head_dim_v: int = 128
     dtype_bytes: int = 2
     max_rows: int = 128
-    # rows a program is charged at least (a 16-row program is the narrowest tile)
-    min_rows: int = 16
 
     @property
     def group(self) -> int:
         """Query heads per KV head."""
         return self.heads_q // self.heads_kv
+
+    def tile_rows(self, filled: np.ndarray, qg: int | np.ndarray) -> np.ndarray:
+        """Rows stage 1 runs a group at, from its filled query slots (a prefix of its
+        ``qg``): the plan's full height ``max(16, next_pow2(qg * group))``, or the lowest
+        of :data:`ROW_TIERS` below it that holds the filled slots' rows."""
+        qg_rows = np.asarray(qg, dtype=np.int64) * self.group
+        full = np.maximum(ROW_TIERS[0], 1 << np.ceil(np.log2(np.maximum(qg_rows, 1))).astype(np.int64))
+        used = np.asarray(filled, dtype=np.int64) * self.group
+        rows = full
+        for tier in reversed(ROW_TIERS):
+            rows = np.where((used <= tier) & (tier < full), tier, rows)
+        return rows
 
     def queries_per_group_choices(self) -> tuple[int, ...]:
         """Powers of two QG with QG * group <= max_rows (at least 1)."""
@@ -203,7 +220,7 @@ class Machine:
     program_overhead: float = 0.38e-6
     partial_overhead: float = 0.32e-9
     # above 1: a busy SM overlaps a program's matrix work with its loads more than the
-    # sum in TOKEN_TIME says
+    # sum in TILE_TIME says
     matmul_efficiency: float = 1.62
     token_overhead: float = 4.6e-9  # ~0.3 us per 64-token tile besides the matrix work
     dram_exposed: float = 0.22
@@ -219,6 +236,7 @@ class PlanStats:
     queries_per_group: int | np.ndarray
     groups: int | np.ndarray
     tokens_read: int | np.ndarray
+    row_tokens: int | np.ndarray  # sum over groups of tokens x tile_rows
     longest: int | np.ndarray
     n_longest: int | np.ndarray
     partials: int | np.ndarray
@@ -262,6 +280,7 @@ def _values(stats: PlanStats, layout: HeadLayout, machine: Machine) -> tuple[obj
         stats.queries_per_group,
         stats.groups,
         stats.tokens_read,
+        stats.row_tokens,
         stats.longest,
         stats.n_longest,
         stats.partials,
@@ -272,7 +291,6 @@ def _values(stats: PlanStats, layout: HeadLayout, machine: Machine) -> tuple[obj
         layout.head_dim_qk,
         layout.head_dim_v,
         layout.dtype_bytes,
-        layout.min_rows,
         stats.branch_tokens,
         stats.unique_tokens,
         machine.bandwidth,

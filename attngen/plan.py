@@ -377,16 +377,21 @@ def _rows(pairs: _Pairs, layout: _Chunking, qg: int) -> _Rows:
 
 
 def _chunk_stats(
-    tree: TreeBatch, sight: _Sight, places: list[_Placement], qgs: np.ndarray
+    tree: TreeBatch, sight: _Sight, places: list[_Placement], qgs: np.ndarray, heads: HeadLayout
 ) -> PlanStats:
     """Plan quantities for every (chunking, QG) pair, chunking-major (vectorized over QG)."""
-    groups, tokens_read, longest, n_longest, partials, launches = [], [], [], [], [], []
+    groups, tokens_read, row_tokens, longest, n_longest, partials, launches = [], [], [], [], [], [], []
+    qg = qgs[:, None]
     for place in places:
         per_chunk = _queries_per_chunk(sight, place)
-        per_qg = -(-per_chunk // qgs[:, None])  # [QG, chunks]
+        per_qg = -(-per_chunk // qg)  # [QG, chunks]
         top = int(place.length.max(initial=0))
         groups.append(per_qg.sum(axis=1))
         tokens_read.append(per_qg @ place.length)
+        # a chunk's groups: per_chunk // qg of qg queries, and one of the rest (if any)
+        rest = per_chunk % qg
+        rows = (per_chunk // qg) * heads.tile_rows(qg, qg) + (rest > 0) * heads.tile_rows(rest, qg)
+        row_tokens.append(rows @ place.length)
         longest.append(top)
         n_longest.append(per_qg @ (2 * place.length >= top))
         partials.append(int(per_chunk.sum()))
@@ -397,6 +402,7 @@ def _chunk_stats(
         queries_per_group=np.tile(qgs, len(places)),
         groups=np.concatenate(groups),
         tokens_read=np.concatenate(tokens_read),
+        row_tokens=np.concatenate(row_tokens),
         longest=np.repeat(longest, len(qgs)),
         n_longest=np.concatenate(n_longest),
         partials=np.repeat(partials, len(qgs)),
@@ -420,7 +426,7 @@ def _choose(
         return layout, qg, _pairs(tree, layout)
     places = [_place(nodes, c) for c in (CHUNK_CHOICES if chunk is None else (chunk,))]
     qgs = np.asarray(heads.queries_per_group_choices() if qg is None else [qg], dtype=np.int64)
-    stats = _chunk_stats(tree, _Sight.of(tree, nodes), places, qgs)
+    stats = _chunk_stats(tree, _Sight.of(tree, nodes), places, qgs, heads)
     best = int(np.argmin(evaluate("time_s", stats, heads, machine)))  # first minimum
     layout = _pieces(nodes, places[best // len(qgs)])
     return layout, int(qgs[best % len(qgs)]), _pairs(tree, layout)
@@ -605,15 +611,21 @@ def _span_groups(
 
 
 def _span_stats(
-    tree: TreeBatch, layout: _Chunking, trials: list[tuple[int, _Slots, _Runs]], spans: np.ndarray
+    tree: TreeBatch,
+    layout: _Chunking,
+    trials: list[tuple[int, _Slots, _Runs]],
+    spans: np.ndarray,
+    heads: HeadLayout,
 ) -> PlanStats:
     """Plan quantities after coalescing at each of ``spans``, for each (QG, slots, runs)
     trial (QG-major, vectorized over spans), without building the groups; piece lengths
     are taken as even splits of their run."""
     column = spans[:, None]
-    groups, tokens_read, longest, n_longest, partials = [], [], [], [], []
-    for _, slots, runs in trials:
+    groups, tokens_read, row_tokens, longest, n_longest, partials = [], [], [], [], [], []
+    for qg, slots, runs in trials:
         length = layout.length[slots.chunk]
+        # coalescing joins groups of equal slots: their rows, hence row-tokens, stay
+        row_tokens.append(int(length @ _tile_rows(slots.query, qg, heads)))
         rest = length[~slots.full]  # groups that are not full stay as they are
         rest_partials = len(slots.pair_slot) - int(runs.members @ runs.slots)
         pieces = runs.pieces(column, layout.chunk)  # [spans, runs]
@@ -634,6 +646,7 @@ def _span_stats(
         queries_per_group=np.repeat([qg for qg, _, _ in trials], len(spans)),
         groups=np.concatenate(groups),
         tokens_read=np.repeat(tokens_read, len(spans)),
+        row_tokens=np.repeat(row_tokens, len(spans)),
         longest=np.concatenate(longest),
         n_longest=np.concatenate(n_longest),
         partials=np.concatenate(partials),
@@ -671,12 +684,23 @@ def _tree_fields(tree: TreeBatch, query: np.ndarray) -> dict[str, int]:
     }
 
 
-def _group_stats(tree: TreeBatch, chunk: int, qg: int, groups: _Groups) -> PlanStats:
+def _tile_rows(query: np.ndarray, qg: int, heads: HeadLayout) -> np.ndarray:
+    """Rows each group of ``query`` [G, QG] slots runs at in stage 1 (from its last
+    filled slot, as the kernel decides)."""
+    filled = query.shape[1] - (query[:, ::-1] >= 0).argmax(axis=1)
+    filled[(query < 0).all(axis=1)] = 0
+    return heads.tile_rows(filled, qg)
+
+
+def _group_stats(
+    tree: TreeBatch, chunk: int, qg: int, groups: _Groups, heads: HeadLayout
+) -> PlanStats:
     return PlanStats(
         chunk=chunk,
         queries_per_group=qg,
         groups=len(groups.start),
         tokens_read=int(groups.length.sum()),
+        row_tokens=int(groups.length @ _tile_rows(groups.query, qg, heads)),
         longest=int(groups.length.max(initial=0)),
         n_longest=int((2 * groups.length >= groups.length.max(initial=0)).sum()),
         partials=int((groups.query >= 0).sum()),
@@ -708,7 +732,7 @@ def _choose_qg_span(
     )
     slots = [_slots(pairs, layout, g) for g in qgs]
     trials = [(g, s, _Runs.of(layout, s)) for g, s in zip(qgs, slots, strict=True)]
-    times = evaluate("time_s", _span_stats(tree, layout, trials, spans), heads, machine)
+    times = evaluate("time_s", _span_stats(tree, layout, trials, spans, heads), heads, machine)
     g, i = divmod(int(np.argmin(times)), len(spans))  # the first minimum
     return qgs[g], int(spans[i]), slots[g].with_bits(pairs, layout), trials[g][2]
 
@@ -726,7 +750,7 @@ def _make_plan(
 ) -> Plan:
     groups = _span_groups(layout, rows, span, runs)
     host = _host_arrays(tree, groups)
-    stats = _group_stats(tree, layout.chunk, qg, groups)
+    stats = _group_stats(tree, layout.chunk, qg, groups, heads)
     return Plan(
         chunk=layout.chunk,
         queries_per_group=qg,

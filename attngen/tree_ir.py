@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from attngen import semantics
+from attngen.cost import ROW_TIERS
 from attngen.errors import SpecError
 from attngen.ir import (
     QK,
@@ -79,6 +80,17 @@ class TreeKernelIR(ModuleIR):
         on an H200, 8 heads x 1 partial merged 3-5x faster than 8 x 2 and 1.4-2.6x faster
         still than 8 x 4 to 8 x 16 (BENCHMARKS.md)."""
         return min(8, self.heads_q & -self.heads_q)
+
+    @property
+    def short_rows(self) -> int:
+        """The narrowest stage-1 tile height (:data:`attngen.cost.ROW_TIERS`, which the
+        cost model charges by): a group whose filled slots fit runs at it."""
+        return ROW_TIERS[0]
+
+    @property
+    def mid_rows(self) -> int:
+        """The middle tile height: a group of more rows runs at the plan's full height."""
+        return ROW_TIERS[1]
 
 
 # ---------------------------------------------------------------------------------------

@@ -200,24 +200,20 @@ def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, Bits,
 
 
 @triton.jit
-def _tree_partial_kernel(
-    Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
+def _tree_program(
+    g, kv_head, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
     GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-    n_words, n_batch, span, groups_bucket,
+    n_words, n_batch,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    """Stage 1. One program: group g's QG query slots x the GROUP query heads of one KV
-    head (rows = slot * GROUP + head; one K/V tile load serves them all) over the group's
+    """Group g's query slots x the GROUP query heads of KV head kv_head, as a tile of ROWS
+    rows (row = slot * GROUP + head; one K/V tile load serves them all), over the group's
     KV range (a chunk, or a span of fully visible chunks). Writes a normalized fp32
     partial O and base-2 LSE per (slot, head), or with FUSED (every query has exactly one
-    partial) the final O and natural-log LSE. Programs run KV head fastest, so the
-    longest groups (a shared prefix comes first in KV order) start first for every head."""
-    pid = tl.program_id(0)
-    g = pid // 32
-    kv_head = pid % 32
+    partial) the final O and natural-log LSE."""
     kv_start = tl.load(GroupKvStart + g)
     kv_n = tl.load(GroupKvLen + g)
     full = tl.load(GroupFull + g)
@@ -275,6 +271,61 @@ def _tree_partial_kernel(
         row = dst.to(tl.int64) * 32 + head_1d
         tl.store(O_part + row[:, None] * D_V + d_v[None, :], o, mask=row_ok[:, None])
         tl.store(LSE_part + row, lse2, mask=row_ok)
+
+
+@triton.jit
+def _tree_partial_kernel(
+    Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
+    GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+    stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
+    n_words, n_batch, span, groups_bucket,
+    QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    QG_P2: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr,
+    RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Stage 1. One program: group g for one KV head. Programs run KV head fastest, so
+    the longest groups (a shared prefix comes first in KV order) start first for every
+    head. A group whose filled slots need no more than 16 (or 64) of the
+    plan's ROWS rows runs as a tile of that height: a branch's one query beside a
+    prompt's many then costs a narrow tile, not a tall one of empty rows."""
+    pid = tl.program_id(0)
+    g = pid // 32
+    kv_head = pid % 32
+    slots = tl.arange(0, QG_P2)
+    filled = tl.load(GroupQ + g * QG + slots, mask=slots < QG, other=-1) >= 0
+    used = tl.max(tl.where(filled, slots + 1, 0), 0) * GROUP  # rows up to the last filled slot
+    if ROWS > 64:
+        if used <= 16:
+            _tree_program(g, kv_head, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
+                          GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+                          stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
+                          n_words, n_batch, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+        elif used <= 64:
+            _tree_program(g, kv_head, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
+                          GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+                          stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
+                          n_words, n_batch, QG, GROUP, 64, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+        else:
+            _tree_program(g, kv_head, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
+                          GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+                          stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
+                          n_words, n_batch, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+    elif ROWS > 16:
+        if used <= 16:
+            _tree_program(g, kv_head, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
+                          GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+                          stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
+                          n_words, n_batch, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+        else:
+            _tree_program(g, kv_head, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
+                          GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+                          stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
+                          n_words, n_batch, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+    else:
+        _tree_program(g, kv_head, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
+                          GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+                          stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
+                          n_words, n_batch, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
 
 
 @triton.jit
@@ -532,7 +583,8 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
                 out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)),
                 triton.next_power_of_2(n_groups))
-        consts = dict(QG=qg, GROUP=group, ROWS=max(16, triton.next_power_of_2(qg * group)),
+        consts = dict(QG=qg, QG_P2=triton.next_power_of_2(qg), GROUP=group,
+                      ROWS=max(16, triton.next_power_of_2(qg * group)),
                       D_QK=128, D_V=128, FUSED=fused, RETURN_LSE=return_lse,
                       USE_TMA=use_tma)
         grid = (n_groups * HEADS_KV,)

@@ -19,12 +19,17 @@ GQA = HeadLayout(heads_q=32, heads_kv=8)
 
 
 def stats(**changes: object) -> PlanStats:
-    """A long shared prefix read by one group of 32 queries, 64 programs (MHA)."""
+    """A long shared prefix read by one group of 32 queries, 64 programs (MHA); every
+    group runs at its full height unless ``row_tokens`` is given."""
+    qg = np.asarray(changes.get("queries_per_group", 32))
+    tokens = changes.get("tokens_read", 8192)
+    changes.setdefault("row_tokens", tokens * MHA.tile_rows(qg, qg))
     base = PlanStats(
         chunk=512,
         queries_per_group=32,
         groups=2,
         tokens_read=8192,
+        row_tokens=8192 * 32,
         longest=4096,
         n_longest=2,
         partials=64,

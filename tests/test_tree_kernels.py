@@ -226,6 +226,28 @@ class TestTreeKernelsInterpreter:
         o, lse = run(spec, case, plan, config={"block_n": 64, "num_warps": 4, "num_stages": 2})
         check(spec, case, o, lse)
 
+    def test_groups_run_at_the_height_their_filled_slots_need(self, device: str) -> None:
+        """Programs of a 128-row plan (16 slots x 8 query heads) run a group at 16, 64 or
+        128 rows, from its last filled slot: the prompt (15 queries, 120 rows) at 128, the
+        inner node (6 queries, 48 rows) at 64, each leaf (8 rows) at 16. The same plan
+        with every group's slots reversed puts each group's last filled slot at the end,
+        so every group runs at 128 rows: a tier that dropped a filled slot fails one of
+        the two."""
+        tree = TreeBatch.from_parents([-1, 0] + [1] * 6 + [0] * 9, [70, 40] + [32] * 15)
+        spec = tree_spec(heads=(16, 2), dtype="fp16")
+        plan = plan_tree(tree, chunk=32, queries_per_group=16, span=256, device=device)
+        filled = (plan.group_q >= 0).sum(1).tolist()
+        assert {15, 6, 1} <= set(filled), filled
+        case = make_case(tree, spec, device, seed=3)
+        tile = {"block_n": 32, "num_warps": 4, "num_stages": 2}
+        o, lse = run(spec, case, plan, config=tile)
+        check(spec, case, o, lse)
+        reversed_slots = dict(plan.tensors())
+        for name in ("group_q", "group_bits", "merge_row"):
+            reversed_slots[name] = reversed_slots[name].flip(1).contiguous()
+        o_r, lse_r = run(spec, case, reversed_slots, config=tile)
+        check(spec, case, o_r, lse_r)
+
     def test_fused_single_launch_equals_two_stage(self, device: str) -> None:
         tree = TreeBatch.from_parents([-1, 0, 0, 0], [20, 3, 1, 5])  # one chunk, one group
         spec = tree_spec(heads=(4, 2), dtype="fp16")

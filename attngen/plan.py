@@ -17,8 +17,10 @@ query set close to the queries that need all of it. Empty nodes take no space.
 
 **Plan format** (the contract with the kernels; int32 tensors on the requested device):
 ``group_kv_start[G]``, ``group_kv_len[G]``, ``group_q[G, QG]`` (-1 padded),
-``group_full[G]``, ``group_bits[G, QG, chunk // 32]`` (bit ``j % 32`` of word ``j // 32``:
-chunk token ``j`` is visible to the slot's query), ``merge_ptr[NQ + 1]``,
+``group_full[G]``, ``group_slots[G]`` (slots up to the group's last filled one: stage 1
+runs the group at the tile height they need), ``group_bits[G, QG, chunk // 32]`` (bit
+``j % 32`` of word ``j // 32``: chunk token ``j`` is visible to the slot's query),
+``merge_ptr[NQ + 1]``,
 ``merge_row[G, QG]`` (-1 for an empty slot), ``q_pos[NQ]``,
 ``kv_pos[n_kv]``, ``q_tree[NQ]``. Groups are ordered by chunk, slots by query id.
 
@@ -474,6 +476,7 @@ class Plan:
     group_kv_len: torch.Tensor
     group_q: torch.Tensor
     group_full: torch.Tensor
+    group_slots: torch.Tensor
     group_bits: torch.Tensor
     merge_ptr: torch.Tensor
     merge_row: torch.Tensor
@@ -494,6 +497,7 @@ TENSOR_NAMES = (
     "group_kv_len",
     "group_q",
     "group_full",
+    "group_slots",
     "group_bits",
     "merge_ptr",
     "merge_row",
@@ -663,6 +667,7 @@ def _host_arrays(tree: TreeBatch, groups: _Groups) -> dict[str, np.ndarray]:
         "group_kv_len": groups.length,
         "group_q": groups.query,
         "group_full": groups.full.astype(np.int64),
+        "group_slots": _filled_slots(groups.query),
         "group_bits": groups.bits,
         "merge_ptr": ptr,
         "merge_row": row,
@@ -684,12 +689,17 @@ def _tree_fields(tree: TreeBatch, query: np.ndarray) -> dict[str, int]:
     }
 
 
-def _tile_rows(query: np.ndarray, qg: int, heads: HeadLayout) -> np.ndarray:
-    """Rows each group of ``query`` [G, QG] slots runs at in stage 1 (from its last
-    filled slot, as the kernel decides)."""
+def _filled_slots(query: np.ndarray) -> np.ndarray:
+    """Per group of ``query`` [G, QG] slots: the slots up to its last filled one (0 if
+    none), which set the tile height stage 1 runs it at (plan tensor ``group_slots``)."""
     filled = query.shape[1] - (query[:, ::-1] >= 0).argmax(axis=1)
     filled[(query < 0).all(axis=1)] = 0
-    return heads.tile_rows(filled, qg)
+    return filled
+
+
+def _tile_rows(query: np.ndarray, qg: int, heads: HeadLayout) -> np.ndarray:
+    """Rows each group of ``query`` [G, QG] slots runs at in stage 1."""
+    return heads.tile_rows(_filled_slots(query), qg)
 
 
 def _group_stats(
@@ -887,6 +897,7 @@ class PlanBuffers:
             "group_kv_len": (max_groups,),
             "group_q": (max_groups, queries_per_group),
             "group_full": (max_groups,),
+            "group_slots": (max_groups,),
             "group_bits": (max_groups, queries_per_group, chunk // WORD),
             "merge_ptr": (max_queries + 1,),
             "merge_row": (max_groups, queries_per_group),

@@ -61,7 +61,7 @@ CONFIGS = [
 ]
 #: Stage 2: query heads per merge program.
 MERGE_HEADS = 8
-PLAN_TENSORS = ("group_kv_start", "group_kv_len", "group_q", "group_full", "group_bits",
+PLAN_TENSORS = ("group_kv_start", "group_kv_len", "group_q", "group_full", "group_slots", "group_bits",
                 "merge_ptr", "merge_row", "q_pos", "kv_pos", "q_tree")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -201,8 +201,8 @@ def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, Bits,
 
 @triton.jit
 def _tree_program(
-    g, kv_head, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
-    GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+    g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
+    GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
     n_words, n_batch,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -211,12 +211,9 @@ def _tree_program(
 ):
     """Group g's query slots x the GROUP query heads of KV head kv_head, as a tile of ROWS
     rows (row = slot * GROUP + head; one K/V tile load serves them all), over the group's
-    KV range (a chunk, or a span of fully visible chunks). Writes a normalized fp32
-    partial O and base-2 LSE per (slot, head), or with FUSED (every query has exactly one
-    partial) the final O and natural-log LSE."""
-    kv_start = tl.load(GroupKvStart + g)
-    kv_n = tl.load(GroupKvLen + g)
-    full = tl.load(GroupFull + g)
+    KV range [kv_start, kv_start + kv_n) (a chunk, or a span of fully visible chunks).
+    Writes a normalized fp32 partial O and base-2 LSE per (slot, head), or with FUSED
+    (every query has exactly one partial) the final O and natural-log LSE."""
     rows = tl.arange(0, ROWS)
     part = g * QG + tl.minimum(rows // GROUP, QG - 1)
     qid = tl.load(GroupQ + part, mask=rows < QG * GROUP, other=-1)
@@ -276,54 +273,55 @@ def _tree_program(
 @triton.jit
 def _tree_partial_kernel(
     Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
-    GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+    GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupSlots, GroupBits, MergeRow, QPos, KvPos, QTree,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
     n_words, n_batch, span, groups_bucket,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-    QG_P2: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr,
-    RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr,
+    D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Stage 1. One program: group g for one KV head. Programs run KV head fastest, so
     the longest groups (a shared prefix comes first in KV order) start first for every
-    head. A group whose filled slots need no more than 16 (or 64) of the
-    plan's ROWS rows runs as a tile of that height: a branch's one query beside a
-    prompt's many then costs a narrow tile, not a tall one of empty rows."""
+    head. A group whose slots (up to its last filled one) need no more than 16, or
+    64, of the plan's ROWS rows runs as a tile of that height: a branch's one query
+    beside a prompt's many then costs a narrow tile, not a tall one of empty rows."""
     pid = tl.program_id(0)
     g = pid // 8
     kv_head = pid % 8
-    slots = tl.arange(0, QG_P2)
-    filled = tl.load(GroupQ + g * QG + slots, mask=slots < QG, other=-1) >= 0
-    used = tl.max(tl.where(filled, slots + 1, 0), 0) * GROUP  # rows up to the last filled slot
+    kv_start = tl.load(GroupKvStart + g)
+    kv_n = tl.load(GroupKvLen + g)
+    full = tl.load(GroupFull + g)
+    used = tl.load(GroupSlots + g) * GROUP
     if ROWS > 64:
         if used <= 16:
-            _tree_program(g, kv_head, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
-                          GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+            _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
+                          PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
                           n_words, n_batch, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
         elif used <= 64:
-            _tree_program(g, kv_head, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
-                          GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+            _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
+                          PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
                           n_words, n_batch, QG, GROUP, 64, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
         else:
-            _tree_program(g, kv_head, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
-                          GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+            _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
+                          PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
                           n_words, n_batch, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
     elif ROWS > 16:
         if used <= 16:
-            _tree_program(g, kv_head, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
-                          GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+            _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
+                          PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
                           n_words, n_batch, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
         else:
-            _tree_program(g, kv_head, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
-                          GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+            _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
+                          PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
                           n_words, n_batch, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
     else:
-        _tree_program(g, kv_head, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
-                          GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupBits, MergeRow, QPos, KvPos, QTree,
+        _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
+                          PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
                           n_words, n_batch, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
 
@@ -438,7 +436,7 @@ def _check_plan(plan, t, n_queries, device):
     need(qg >= 1, "queries_per_group must be >= 1")
     chunk = int(getattr(plan, "chunk", 32 * t["group_bits"].shape[-1]))
     need(chunk > 0 and chunk % 32 == 0, f"chunk {chunk} must be a positive multiple of 32")
-    shapes = {"group_kv_len": (n_groups,), "group_full": (n_groups,),
+    shapes = {"group_kv_len": (n_groups,), "group_full": (n_groups,), "group_slots": (n_groups,),
               "group_bits": (n_groups, qg, chunk // 32), "merge_row": (n_groups, qg), "merge_ptr": (n_queries + 1,),
               "q_pos": (n_queries,), "q_tree": (n_queries,)}
     for name, shape in shapes.items():
@@ -578,13 +576,12 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         c = _tree_config(config, chunk)
         k_desc, v_desc, use_tma = _kv_descriptors(k_cache, v_cache, c["block_n"])
         args = (q, k_cache, v_cache, k_desc, v_desc, out, lse, o_part, lse_part, pages,
-                t["group_kv_start"], t["group_kv_len"], t["group_q"], t["group_full"], t["group_bits"],
+                t["group_kv_start"], t["group_kv_len"], t["group_q"], t["group_full"], t["group_slots"], t["group_bits"],
                 t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"],
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
                 out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)),
                 triton.next_power_of_2(n_groups))
-        consts = dict(QG=qg, QG_P2=triton.next_power_of_2(qg), GROUP=group,
-                      ROWS=max(16, triton.next_power_of_2(qg * group)),
+        consts = dict(QG=qg, GROUP=group, ROWS=max(16, triton.next_power_of_2(qg * group)),
                       D_QK=128, D_V=128, FUSED=fused, RETURN_LSE=return_lse,
                       USE_TMA=use_tma)
         grid = (n_groups * HEADS_KV,)

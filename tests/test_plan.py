@@ -58,6 +58,10 @@ def check_invariants(tree: TreeBatch, plan: Plan) -> None:
     chunk_sized = lens <= plan.chunk
     every_bit = ((bits_set == lens[:, None]) | (query < 0)).all(axis=1)
     assert every_bit[chunk_sized].tolist() == full[chunk_sized].tolist()
+    # group_slots: the slots up to each group's last filled one (the kernel's tile height)
+    qg = plan.queries_per_group
+    last = np.where(query >= 0, np.arange(1, qg + 1), 0).max(axis=1)
+    assert plan.group_slots.tolist() == last.tolist()
     ptr, row = plan.merge_ptr.numpy(), plan.merge_row.numpy()
     assert ptr[0] == 0 and ptr[-1] == plan.n_partials and (np.diff(ptr) >= 0).all()
     # every filled slot has its own merge row, and the rows are 0..P-1

@@ -228,16 +228,17 @@ class TestTreeKernelsInterpreter:
 
     def test_groups_run_at_the_height_their_filled_slots_need(self, device: str) -> None:
         """Programs of a 128-row plan (16 slots x 8 query heads) run a group at 16, 64 or
-        128 rows, from its last filled slot: the prompt (15 queries, 120 rows) at 128, the
-        inner node (6 queries, 48 rows) at 64, each leaf (8 rows) at 16. The same plan
-        with every group's slots reversed puts each group's last filled slot at the end,
-        so every group runs at 128 rows: a tier that dropped a filled slot fails one of
-        the two."""
-        tree = TreeBatch.from_parents([-1, 0] + [1] * 6 + [0] * 9, [70, 40] + [32] * 15)
+        128 rows, from ``group_slots``: the prompt (15 queries, 120 rows) and inner node A
+        (9 queries, 72 rows) at 128, inner node B (3 queries, 24 rows) at 64, each leaf
+        (8 rows) at 16; A and B are one slot past a lower tier, so a tier that drops a
+        filled slot fails. The same plan with every group's slots reversed puts each
+        group's last filled slot at the end: every group runs at 128 rows."""
+        parents = [-1, 0, 0] + [1] * 9 + [2] * 3 + [0] * 3
+        tree = TreeBatch.from_parents(parents, [70, 40, 40] + [32] * 15)
         spec = tree_spec(heads=(16, 2), dtype="fp16")
         plan = plan_tree(tree, chunk=32, queries_per_group=16, span=256, device=device)
         filled = (plan.group_q >= 0).sum(1).tolist()
-        assert {15, 6, 1} <= set(filled), filled
+        assert {15, 9, 3, 1} <= set(filled), filled
         case = make_case(tree, spec, device, seed=3)
         tile = {"block_n": 32, "num_warps": 4, "num_stages": 2}
         o, lse = run(spec, case, plan, config=tile)
@@ -245,6 +246,7 @@ class TestTreeKernelsInterpreter:
         reversed_slots = dict(plan.tensors())
         for name in ("group_q", "group_bits", "merge_row"):
             reversed_slots[name] = reversed_slots[name].flip(1).contiguous()
+        reversed_slots["group_slots"] = torch.where(plan.group_slots > 0, 16, 0).to(torch.int32)
         o_r, lse_r = run(spec, case, reversed_slots, config=tile)
         check(spec, case, o_r, lse_r)
 

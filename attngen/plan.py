@@ -629,7 +629,7 @@ def _span_stats(
     for qg, slots, runs in trials:
         length = layout.length[slots.chunk]
         # coalescing joins groups of equal slots: their rows, hence row-tokens, stay
-        row_tokens.append(int(length @ _tile_rows(slots.query, qg, heads)))
+        row_tokens.append(int(length @ heads.tile_rows(_filled_slots(slots.query), qg)))
         rest = length[~slots.full]  # groups that are not full stay as they are
         rest_partials = len(slots.pair_slot) - int(runs.members @ runs.slots)
         pieces = runs.pieces(column, layout.chunk)  # [spans, runs]
@@ -697,20 +697,16 @@ def _filled_slots(query: np.ndarray) -> np.ndarray:
     return filled
 
 
-def _tile_rows(query: np.ndarray, qg: int, heads: HeadLayout) -> np.ndarray:
-    """Rows each group of ``query`` [G, QG] slots runs at in stage 1."""
-    return heads.tile_rows(_filled_slots(query), qg)
-
-
 def _group_stats(
-    tree: TreeBatch, chunk: int, qg: int, groups: _Groups, heads: HeadLayout
+    tree: TreeBatch, chunk: int, qg: int, groups: _Groups, slots: np.ndarray, heads: HeadLayout
 ) -> PlanStats:
+    """The plan's quantities; ``slots``: its ``group_slots``."""
     return PlanStats(
         chunk=chunk,
         queries_per_group=qg,
         groups=len(groups.start),
         tokens_read=int(groups.length.sum()),
-        row_tokens=int(groups.length @ _tile_rows(groups.query, qg, heads)),
+        row_tokens=int(groups.length @ heads.tile_rows(slots, qg)),
         longest=int(groups.length.max(initial=0)),
         n_longest=int((2 * groups.length >= groups.length.max(initial=0)).sum()),
         partials=int((groups.query >= 0).sum()),
@@ -760,7 +756,7 @@ def _make_plan(
 ) -> Plan:
     groups = _span_groups(layout, rows, span, runs)
     host = _host_arrays(tree, groups)
-    stats = _group_stats(tree, layout.chunk, qg, groups, heads)
+    stats = _group_stats(tree, layout.chunk, qg, groups, host["group_slots"], heads)
     return Plan(
         chunk=layout.chunk,
         queries_per_group=qg,

@@ -445,7 +445,31 @@ def _check_plan(plan, t, n_queries, device):
     for attr, value in (("n_groups", n_groups), ("n_queries", n_queries), ("queries_per_group", qg)):
         given = getattr(plan, attr, None)
         need(given is None or int(given) == value, f"{attr} = {given} disagrees with its tensors ({value})")
+    if isinstance(plan, dict) and n_groups > 0:
+        # a caller's own plan: stage 1 runs no slot past group_slots[g], so a value short
+        # of a group's last filled slot would drop queries (read once per tensor version)
+        group_q = t["group_q"]
+        bad = _memo(t["group_slots"], ("slots", id(group_q), group_q._version),
+                    lambda: _wrong_slots(group_q, t["group_slots"]))
+        if bad is not None:
+            g, given, least = bad
+            need(False, f"group_slots[{g}] = {given}, but group {g} needs {least} to {qg} "
+                        f"(its last filled slot + 1, up to queries_per_group)")
     return n_groups, qg, chunk
+
+
+def _wrong_slots(group_q, group_slots):
+    """The first group whose ``group_slots`` entry is below its last filled slot + 1 or
+    above queries_per_group, as (group, entry, least allowed); None if all are right."""
+    qg = group_q.shape[1]
+    filled = (group_q >= 0).cpu()
+    least = torch.where(filled.any(1), qg - filled.flip(1).to(torch.int8).argmax(1), 0)
+    slots = group_slots.cpu()
+    wrong = ((slots < least) | (slots > qg)).nonzero()
+    if wrong.numel() == 0:
+        return None
+    g = int(wrong[0, 0])
+    return g, int(slots[g]), int(least[g])
 
 
 def _check_kv(k_cache, v_cache, page_table, n_kv, device):

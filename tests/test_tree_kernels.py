@@ -359,7 +359,19 @@ class TestTreeKernelsInterpreter:
             )
         with pytest.raises(LaunchError, match="page_table"):
             paged_module.attention(case.q, k, v, plan, out=out)
+        own = dict(plan.tensors())  # a caller's own plan mapping: group_slots is checked
+        filled = int((plan.group_q[0] >= 0).sum())
+        assert filled == 2, "the test needs a group whose second slot is filled"
+        own["group_slots"] = plan.group_slots.clone()
+        own["group_slots"][0] = 1
+        with pytest.raises(LaunchError, match=r"group_slots\[0\] = 1, but group 0 needs 2 to 2"):
+            module.attention(case.q, case.k, case.v, own, out=out)
+        own["group_slots"][0] = 3
+        with pytest.raises(LaunchError, match=r"group_slots\[0\] = 3"):
+            module.attention(case.q, case.k, case.v, own, out=out)
         assert torch.isnan(out).all(), "a rejected launch wrote its output"
+        own["group_slots"][0] = 2  # right again (a new tensor version): the launch runs
+        check(spec, case, *run(spec, case, own))
 
     def test_lowering_rejects_what_it_cannot_run(self) -> None:
         with pytest.raises(SpecError, match="per-token"):

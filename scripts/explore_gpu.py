@@ -2,14 +2,16 @@
 itself: `python -m attngen.bench_tree` and `python -m attngen.bench` are). Prints one
 line per measurement and a JSON file per part under $OUT (or ./explore_out).
 
-    python scripts/explore_gpu.py tree merge decode prefill prefill_tuned
+    python scripts/explore_gpu.py tree merge decode prefill prefill_tuned fixed
 
 tree:    per workload and head layout, plan spans x queries per group x kernel configs,
          and the cost model's plan through the autotuner;
 merge:   the tree merge kernel alone at several heads per program x warps;
 prefill_tuned: the autotuned prefill launch against its config given explicitly;
 decode:  the window + sinks decode case over splits and configs, and its merge alone;
-prefill: the causal prefill case over configs, beside FlexAttention.
+prefill: the causal prefill case over configs, beside FlexAttention;
+fixed:   the fixed cost of one tree call: a one-node tree (one launch, and forced to two)
+         and a root with two leaves (two launches), MHA and GQA.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from attngen.bench_tree import LAYOUTS, tree_spec
 from attngen.cost import HeadLayout
 from attngen.plan import plan_tree
 from attngen.spec import load_spec
+from attngen.tree import TreeBatch
 from attngen.workloads import REFERENCE_SHAPES, WORKLOADS
 
 OUT = Path(os.environ.get("OUT", "explore_out"))
@@ -299,6 +302,21 @@ def merge(results: list) -> None:
               f"n64w4s3 {fixed:7.1f}", flush=True)
 
 
+def fixed(results: list) -> None:
+    for layout, (hq, hkv) in LAYOUTS.items():
+        mod = attngen.load(tree_spec("node", hq, hkv))
+        for label, parents, counts in (("one node", [-1], [64]), ("two leaves", [-1, 0, 0], [64, 64, 64])):
+            tree = TreeBatch.from_parents(parents, counts)
+            plan = plan_tree(tree, chunk=64, queries_per_group=2, device="cuda")
+            q, k, v = tree_inputs(plan.n_queries, plan.n_kv, hq, hkv)
+            for fused in (True, False):
+                cfg = dict(block_n=64, num_warps=4, num_stages=3, fused=fused)
+                us = graph_us(partial(mod.attention, q, k, v, plan, config=cfg))
+                launches = 1 if fused and plan.n_partials == plan.n_queries else 2
+                results.append(dict(part="fixed", layout=layout, tree=label, launches=launches, us=us))
+                print(f"fixed {layout} {label:10} {launches} launch(es) {us:6.2f} us", flush=True)
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -306,7 +324,7 @@ def main() -> int:
         results: list = []
         try:
             {"tree": tree, "decode": decode, "prefill": prefill, "prefill_tuned": prefill_tuned,
-             "merge": merge}[part](results)
+             "merge": merge, "fixed": fixed}[part](results)
         finally:
             (OUT / f"{part}.json").write_text(json.dumps(results, indent=1))
     return 0

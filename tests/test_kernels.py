@@ -252,4 +252,3 @@ def test_gaps_between_pieces_are_never_read(device: str, queries: str, mask: str
                                     config=dict(config, block_m=16))
         assert_close(out, ref_o, "fp32")
         assert_lse_close(lse, ref_lse, "fp32")
-

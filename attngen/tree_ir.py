@@ -88,9 +88,10 @@ class TreeKernelIR(ModuleIR):
         return ROW_TIERS[0]
 
     @property
-    def mid_rows(self) -> int:
-        """The middle tile height: a group of more rows runs at the plan's full height."""
-        return ROW_TIERS[1]
+    def row_tiers(self) -> tuple[int, ...]:
+        """The stage-1 tile heights below the plan's own, lowest first: a group runs at the
+        lowest that holds its filled slots' rows, else at the plan's full height."""
+        return ROW_TIERS
 
 
 # ---------------------------------------------------------------------------------------

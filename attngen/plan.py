@@ -384,6 +384,7 @@ def _chunk_stats(
     """Plan quantities for every (chunking, QG) pair, chunking-major (vectorized over QG)."""
     groups, tokens_read, row_tokens, longest, n_longest, partials, launches = [], [], [], [], [], [], []
     qg = qgs[:, None]
+    full_rows = heads.tile_rows(qg, qg)  # rows of a group with all its slots filled
     for place in places:
         per_chunk = _queries_per_chunk(sight, place)
         per_qg = -(-per_chunk // qg)  # [QG, chunks]
@@ -392,7 +393,7 @@ def _chunk_stats(
         tokens_read.append(per_qg @ place.length)
         # a chunk's groups: per_chunk // qg of qg queries, and one of the rest (if any)
         rest = per_chunk % qg
-        rows = (per_chunk // qg) * heads.tile_rows(qg, qg) + (rest > 0) * heads.tile_rows(rest, qg)
+        rows = (per_chunk // qg) * full_rows + (rest > 0) * heads.tile_rows(rest, qg)
         row_tokens.append(rows @ place.length)
         longest.append(top)
         n_longest.append(per_qg @ (2 * place.length >= top))

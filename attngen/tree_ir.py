@@ -82,15 +82,10 @@ class TreeKernelIR(ModuleIR):
         return min(8, self.heads_q & -self.heads_q)
 
     @property
-    def short_rows(self) -> int:
-        """The narrowest stage-1 tile height (:data:`attngen.cost.ROW_TIERS`, which the
-        cost model charges by): a group whose filled slots fit runs at it."""
-        return ROW_TIERS[0]
-
-    @property
     def row_tiers(self) -> tuple[int, ...]:
-        """The stage-1 tile heights below the plan's own, lowest first: a group runs at the
-        lowest that holds its filled slots' rows, else at the plan's full height."""
+        """The stage-1 tile heights below the plan's own, lowest first (the cost model
+        charges by them): a group runs at the lowest that holds its filled slots' rows,
+        else at the plan's full height, which is never below the lowest tier."""
         return ROW_TIERS
 
 

@@ -54,6 +54,8 @@ class TreeRow:
     rel_err: float
     plan: str = ""  # the cost model's choice: chunk, queries per group, span
     config: str = ""  # the autotuner's pick for that plan
+    #: attngen with every group in the Triton kernel, where the Gluon stage 1 ran (Hopper)
+    triton_only_us: float | None = None
     cold_l2: bool = False  # every replay timed after L2 was overwritten
 
     @property
@@ -201,6 +203,10 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
     out = module.attention(q, k, v, plan)  # autotunes once, outside the timing
     t_ours = _graph_time_us(lambda: module.attention(q, k, v, plan), cold)
     picked = getattr(getattr(module, "_tree_partial_tuned", None), "best_config", None)
+    t_triton = None
+    if getattr(module, "_gluon_ready", lambda k, v: False)(k, v):
+        module.attention(q, k, v, plan, config={"gluon": False})  # autotunes that path too
+        t_triton = _graph_time_us(lambda: module.attention(q, k, v, plan, config={"gluon": False}), cold)
     config = (f"block_n {picked.kwargs['BLOCK_N']}, {picked.num_warps} warps, {picked.num_stages} stages"
               if picked is not None else "")
 
@@ -248,6 +254,7 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
         plan=f"chunk {plan.chunk}, QG {plan.queries_per_group}, span {plan.span}",
         config=config,
         cold_l2=cold,
+        triton_only_us=t_triton,
     )
 
 
@@ -273,14 +280,14 @@ def format_table(rows: list[TreeRow]) -> str:
     def f(x: float | None) -> str:
         return f"{x:9.1f}" if x is not None else "      n/a"
 
-    head = (f"{'workload':16} {'heads':5} {'floor':>9} {'attngen':>9} {'x floor':>7} {'flex':>9} "
+    head = (f"{'workload':16} {'heads':5} {'floor':>9} {'attngen':>9} {'x floor':>7} {'triton':>9} {'flex':>9} "
             f"{'sdpa':>9} {'branch':>9} {'vs best':>7} {'plan ms':>7} {'err':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         best = r.best_peer_us
         speedup = f"{best / r.attngen_us:6.2f}x" if best else "    n/a"
         lines.append(f"{r.workload:16} {r.layout:5} {f(r.floor_us)} {f(r.attngen_us)} {r.ratio:6.2f}x "
-                     f"{f(r.flex_us)} {f(r.sdpa_dense_us)} {f(r.per_branch_us)} {speedup} "
+                     f"{f(r.triton_only_us)} {f(r.flex_us)} {f(r.sdpa_dense_us)} {f(r.per_branch_us)} {speedup} "
                      f"{r.plan_ms:7.2f} {r.rel_err:8.1e}")
     lines.append("")
     lines += [f"{r.workload:16} {r.layout:5} plan: {r.plan}; autotuner: {r.config or 'n/a'}" for r in rows]

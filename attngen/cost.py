@@ -52,6 +52,13 @@ TOK, DRAM, R_wg, NARROW, SLOTS = sp.symbols("TOK DRAM R_wg NARROW SLOTS", positi
 #: Tile heights below a plan's full one that stage 1 runs a group at when its filled
 #: slots fit (the per-warp matrix instructions' 16 rows, one warpgroup instruction's 64).
 ROW_TIERS = (16, 64)
+#: A full group (every slot sees its whole KV range) whose filled rows (slots x query
+#: heads per KV head) fall in ``(DENSE_ROWS[0], DENSE_ROWS[1]]`` is *dense*: pure matrix
+#: work filling both 64-row halves of a 128-row tile, no visibility bits. The planner
+#: lists dense groups first, and on Hopper a generated module runs them in its Gluon
+#: stage-1 kernel (one warpgroup per half). Counting groups from 17 rows up as dense
+#: (one idle warpgroup) was slower on 4 of the 10 reference cases (BENCHMARKS.md).
+DENSE_ROWS = (ROW_TIERS[-1], 128)
 
 #: Bytes of K and V per token over all KV heads.
 KV_TOKEN_BYTES = Hkv * (Dqk + Dv) * E

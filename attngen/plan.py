@@ -22,7 +22,10 @@ runs the group at the tile height they need), ``group_bits[G, QG, chunk // 32]``
 ``j % 32`` of word ``j // 32``: chunk token ``j`` is visible to the slot's query),
 ``merge_ptr[NQ + 1]``,
 ``merge_row[G, QG]`` (-1 for an empty slot), ``q_pos[NQ]``,
-``kv_pos[n_kv]``, ``q_tree[NQ]``. Groups are ordered by chunk, slots by query id.
+``kv_pos[n_kv]``, ``q_tree[NQ]``, ``dense_count[1]``. Groups are ordered by chunk, slots by
+query id, except that the ``n_dense`` dense groups (full, with filled rows in
+:data:`~attngen.cost.DENSE_ROWS` for the plan's heads) come first, in the same order:
+kernels may run them apart (the Gluon stage 1 on Hopper).
 
 >>> from attngen.tree import TreeBatch
 >>> p = plan_tree(TreeBatch.from_parents([-1, 0, 0], [40, 30, 50]), chunk=64, queries_per_group=2)
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from attngen.cost import HeadLayout, Machine, PlanCost, PlanStats, evaluate, plan_cost
+from attngen.cost import DENSE_ROWS, HeadLayout, Machine, PlanCost, PlanStats, evaluate, plan_cost
 from attngen.errors import PlanError
 from attngen.tree import TreeBatch
 
@@ -484,9 +487,16 @@ class Plan:
     q_pos: torch.Tensor
     kv_pos: torch.Tensor
     q_tree: torch.Tensor
+    dense_count: torch.Tensor  # [1]: n_dense on the device
     n_partials: int
+    n_dense: int
     cost: PlanCost
     state: _State = field(repr=False)
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head the plan was made for (its dense groups depend on it)."""
+        return self.state.heads.group
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The plan tensors by contract name."""
@@ -505,6 +515,7 @@ TENSOR_NAMES = (
     "q_pos",
     "kv_pos",
     "q_tree",
+    "dense_count",
 )
 
 
@@ -660,21 +671,28 @@ def _span_stats(
     )
 
 
-def _host_arrays(tree: TreeBatch, groups: _Groups) -> dict[str, np.ndarray]:
-    """Every plan tensor as a numpy array (the single place the format is assembled)."""
+def _host_arrays(tree: TreeBatch, groups: _Groups, heads: HeadLayout) -> dict[str, np.ndarray]:
+    """Every plan tensor as a numpy array (the single place the format is assembled),
+    the dense groups moved to the front. Merge rows are assigned before the move, so a
+    query's partials still merge in KV order."""
+    slots = _filled_slots(groups.query)
+    rows = slots * heads.group
+    dense = groups.full & (rows > DENSE_ROWS[0]) & (rows <= DENSE_ROWS[1]) & (groups.length > 0)
+    order = np.argsort(~dense, kind="stable")
     ptr, row = _merge_order(groups.query, tree.n_queries)
     return {
-        "group_kv_start": groups.start,
-        "group_kv_len": groups.length,
-        "group_q": groups.query,
-        "group_full": groups.full.astype(np.int64),
-        "group_slots": _filled_slots(groups.query),
-        "group_bits": groups.bits,
+        "group_kv_start": groups.start[order],
+        "group_kv_len": groups.length[order],
+        "group_q": groups.query[order],
+        "group_full": groups.full[order].astype(np.int64),
+        "group_slots": slots[order],
+        "group_bits": groups.bits[order],
         "merge_ptr": ptr,
-        "merge_row": row,
+        "merge_row": row[order],
         "q_pos": tree.q_pos,
         "kv_pos": tree.kv_pos,
         "q_tree": tree.q_tree,
+        "dense_count": np.array([dense.sum()]),
     }
 
 
@@ -756,8 +774,8 @@ def _make_plan(
     runs: _Runs | None = None,
 ) -> Plan:
     groups = _span_groups(layout, rows, span, runs)
-    host = _host_arrays(tree, groups)
-    stats = _group_stats(tree, layout.chunk, qg, groups, host["group_slots"], heads)
+    host = _host_arrays(tree, groups, heads)
+    stats = _group_stats(tree, layout.chunk, qg, groups, _filled_slots(groups.query), heads)
     return Plan(
         chunk=layout.chunk,
         queries_per_group=qg,
@@ -767,6 +785,7 @@ def _make_plan(
         n_kv=tree.n_kv,
         **{name: _int32(host[name], device) for name in TENSOR_NAMES},
         n_partials=int(host["merge_ptr"][-1]),
+        n_dense=int(host["dense_count"][0]),
         cost=plan_cost(stats, heads, machine),
         state=_State(tree, layout, rows, heads, machine),
     )
@@ -868,14 +887,20 @@ class PlanSizes:
 
 @dataclass(frozen=True, eq=False)
 class PlanBuffers:
-    """Preallocated plan tensors of fixed capacity; ``chunk``, ``queries_per_group`` and
-    ``span`` are fixed too, since a captured kernel is specialised on them (``span``
-    defaults to the chunk: no coalescing)."""
+    """Preallocated plan tensors of fixed capacity; ``chunk``, ``queries_per_group``,
+    ``span`` and ``heads`` are fixed too, since a captured kernel is specialised on them
+    (``span`` defaults to the chunk: no coalescing)."""
 
     chunk: int
     queries_per_group: int
     span: int
     tensors: dict[str, torch.Tensor]
+    heads: HeadLayout = field(default_factory=HeadLayout)
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head the buffers are planned for."""
+        return self.heads.group
 
     @classmethod
     def allocate(
@@ -887,6 +912,7 @@ class PlanBuffers:
         chunk: int,
         queries_per_group: int,
         span: int | None = None,
+        heads: HeadLayout | None = None,
         device: torch.device | str = "cpu",
     ) -> PlanBuffers:
         shapes = {
@@ -901,10 +927,11 @@ class PlanBuffers:
             "q_pos": (max_queries,),
             "kv_pos": (max_kv,),
             "q_tree": (max_queries,),
+            "dense_count": (1,),
         }
         tensors = {n: torch.zeros(s, dtype=torch.int32, device=device) for n, s in shapes.items()}
         _check_span(span)
-        return cls(chunk, queries_per_group, max(span or chunk, chunk), tensors)
+        return cls(chunk, queries_per_group, max(span or chunk, chunk), tensors, heads or HeadLayout())
 
     def capacity(self) -> PlanSizes:
         t = self.tensors
@@ -931,10 +958,18 @@ def plan_into(
     Unused tails are cleared (-1 query slots, zero bits and lengths; ``merge_ptr`` stays
     flat past the last query) so a kernel launched over the full capacity does no work
     there. A plan that does not fit raises PlanError before anything is written.
+    ``heads`` defaults to the buffers' own; other heads must have the same query heads per
+    KV head (the dense groups depend on it).
     """
-    heads, machine = heads or HeadLayout(), machine or Machine()
+    heads, machine = heads or buffers.heads, machine or Machine()
+    if heads.group != buffers.group:
+        raise PlanError(
+            f"plan_into: heads with {heads.group} query heads per KV head, but the buffers were "
+            f"allocated for {buffers.group} (PlanBuffers.allocate(heads=...)); nothing was written."
+        )
     layout, qg, pairs = _choose(tree, buffers.chunk, buffers.queries_per_group, heads, machine)
-    host = _host_arrays(tree, _span_groups(layout, _rows(pairs, layout, qg), buffers.span))
+    groups = _span_groups(layout, _rows(pairs, layout, qg), buffers.span)
+    host = _host_arrays(tree, groups, heads)
     used = PlanSizes(len(host["group_kv_start"]), tree.n_queries, tree.n_kv, int(host["merge_ptr"][-1]))
     _check_capacity(used, buffers.capacity())
     for name, values in host.items():

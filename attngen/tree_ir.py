@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from attngen import semantics
-from attngen.cost import ROW_TIERS
+from attngen.cost import DENSE_ROWS, ROW_TIERS
 from attngen.errors import SpecError
 from attngen.ir import (
     QK,
@@ -72,6 +72,19 @@ class TreeKernelIR(ModuleIR):
     uses_q_pos: bool
     uses_kv_pos: bool
     uses_batch: bool
+    #: The base-2 score scale, printed, when stage 1's tall full groups can run the Gluon
+    #: program on Hopper (see :func:`gluon_scale`); "" when they cannot.
+    gluon_scale: str
+
+    @property
+    def gluon_dtype(self) -> str:
+        return {"bf16": "bfloat16", "fp16": "float16"}.get(self.dtype, "")
+
+    @property
+    def gluon_rows(self) -> tuple[int, int]:
+        """The dense groups' heights (filled slots x query heads), which the Gluon program
+        takes: both 64-row halves of its one 128-row tile hold rows."""
+        return DENSE_ROWS
 
     @property
     def merge_heads(self) -> int:
@@ -88,6 +101,9 @@ class TreeKernelIR(ModuleIR):
         else at the plan's full height, which is never below the lowest tier."""
         return ROW_TIERS
 
+
+#: Head dims the Gluon stage-1 program is built for (its K/V ring and Q fill shared memory).
+GLUON_HEAD_DIMS = (128,)
 
 # ---------------------------------------------------------------------------------------
 # Passes
@@ -125,6 +141,18 @@ def tree_configs(spec: Spec) -> tuple[TreeTileConfig, ...]:
     return tuple(seen)
 
 
+def gluon_scale(spec: Spec, mask: sp.Basic, modified: sp.Expr) -> str:
+    """The base-2 scale c when the score is c * q.k (c > 0) with nothing else to apply, on a
+    contiguous bf16/fp16 cache of head dim 128: then the full groups of 65 to 128 rows run
+    in the Gluon program (one TMA warp, two warpgroups whose softmax overlaps their p.v),
+    which has no mask, score_mod, tensor or page-table code. "" otherwise."""
+    coeff, rest = modified.as_coeff_Mul()
+    plain = rest == QK and coeff.is_Number and coeff > 0 and mask == sp.true and not spec.tensors
+    layout_ok = spec.topology.kv_layout != "paged" and spec.dtype in ("bf16", "fp16")
+    dims_ok = spec.head_dim.qk == spec.head_dim.v and spec.head_dim.qk in GLUON_HEAD_DIMS
+    return repr(float(coeff)) if plain and layout_ok and dims_ok else ""
+
+
 def verify(ir: TreeKernelIR, mask: sp.Basic, modified: sp.Expr) -> None:
     """Checks at the end of lowering: heads divide, dims padded, symbols bound."""
     assert ir.heads_q % ir.heads_kv == 0
@@ -160,6 +188,7 @@ def lower_tree(spec: Spec) -> TreeKernelIR:
         uses_q_pos=bool(symbols & {q_pos, kv_len}),
         uses_kv_pos=kv_pos in symbols,
         uses_batch=batch in symbols,
+        gluon_scale=gluon_scale(spec, mask, modified),
     )
     verify(ir, mask, modified)
     return ir

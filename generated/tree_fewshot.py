@@ -62,7 +62,7 @@ CONFIGS = [
 #: Stage 2: query heads per merge program.
 MERGE_HEADS = 8
 PLAN_TENSORS = ("group_kv_start", "group_kv_len", "group_q", "group_full", "group_slots", "group_bits",
-                "merge_ptr", "merge_row", "q_pos", "kv_pos", "q_tree")
+                "merge_ptr", "merge_row", "q_pos", "kv_pos", "q_tree", "dense_count")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -273,20 +273,25 @@ def _tree_program(
 @triton.jit
 def _tree_partial_kernel(
     Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
-    GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupSlots, GroupBits, MergeRow, QPos, KvPos, QTree,
+    GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupSlots, GroupBits, MergeRow, QPos, KvPos, QTree, DenseCount,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-    n_words, n_batch, span, groups_bucket,
+    n_words, n_batch, span, first_group, n_groups, groups_bucket,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, SKIP_DENSE: tl.constexpr,
 ):
-    """Stage 1. One program: group g for one KV head. Programs run KV head fastest, so
+    """Stage 1. One program: group g >= first_group for one KV head (with SKIP_DENSE, past
+    the plan's dense_count groups, which _gluon_tree_kernel runs). Programs run KV head fastest, so
     the longest groups (a shared prefix comes first in KV order) start first for every
     head. A group whose slots (up to its last filled one) need no more than 16, or
     64, of the plan's ROWS rows runs as a tile of that height: a branch's one query
     beside a prompt's many then costs a narrow tile, not a tall one of empty rows."""
     pid = tl.program_id(0)
-    g = pid // 32
+    g = first_group + pid // 32
+    if SKIP_DENSE:  # fixed-capacity buffers: the count is known on the device only
+        g += tl.load(DenseCount)
+        if g >= n_groups:
+            return
     kv_head = pid % 32
     kv_start = tl.load(GroupKvStart + g)
     kv_n = tl.load(GroupKvLen + g)
@@ -361,6 +366,218 @@ def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, stride_on, stride_oh,
         lse_out = tl.where(empty, float("-inf"), (m + tl.log2(l_safe)) * 0.6931471805599453)
         tl.store(LSE + qid.to(tl.int64) * 32 + heads, lse_out)
 
+# ---- stage 1 on Hopper: full groups of 65 to 128 rows, in Gluon ----------------------------
+# Triton's pipelined tile loop keeps a 128-row tile's two warpgroups in lockstep (CTA-wide
+# barriers every tile), so no softmax overlaps a matrix product: about 0.79 of the H200's
+# bf16 matrix rate at best. These programs, in Gluon (Triton's explicit dialect), split
+# the work by warps instead: one warp streams K/V tiles by TMA into a 3-stage ring, and
+# two warpgroups of 64 query rows each issue q.k^T of tile j and p.v of tile j - 1 together,
+# then run tile j's softmax while p.v is in flight (0.92 of the matrix rate on a dense
+# shape). They take the groups that are full (every slot sees the whole range: no bits)
+# and taller than the highest row tier; _tree_partial_kernel skips exactly those.
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    _gluon_jit = gluon.jit
+    # Triton 3.6 calls the TMA load async_copy_global_to_shared; later versions async_load
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+except ImportError:  # a Triton without Gluon: every group runs in _tree_partial_kernel
+    GluonDescriptor = None
+
+    def _gluon_jit(fn):
+        return fn
+
+
+@_gluon_jit
+def _gluon_kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_start, kv_head, n_tiles):
+    """Worker, one warp: the range's K/V tiles into the ring. Stage s is refilled once
+    both warpgroups have released it (``empty``); ``ready`` flips when its bytes land."""
+    NS: gl.constexpr = k_smem.shape[0]
+    BN: gl.constexpr = k_smem.shape[1]
+    D: gl.constexpr = k_smem.shape[2]
+    for j in range(n_tiles):
+        s = j % NS
+        mbarrier.wait(empty.index(s), ((j // NS) & 1) ^ 1)
+        mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        _tma_load(k_desc, [kv_start + j * BN, kv_head * D], ready.index(s), k_smem.index(s))
+        _tma_load(v_desc, [kv_start + j * BN, kv_head * D], ready.index(s), v_smem.index(s))
+
+
+@_gluon_jit
+def _gluon_softmax(s, m_i, l_i, j, n_tiles, kv_n):
+    """Tile j's online-softmax step in base 2 on raw q.k^T; the last tile's keys past the
+    range's end get probability 0 (the loader read a neighbour's KV, or TMA's zeros)."""
+    BN: gl.constexpr = s.shape[1]
+    if j == n_tiles - 1:
+        keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s.type.layout))
+        s = gl.where(gl.expand_dims(keys < kv_n, 0), s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * 0.12751743082459868)
+    p = gl.exp2(s * 0.12751743082459868 - gl.expand_dims(m_new, 1))
+    alpha = gl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@_gluon_jit
+def _gluon_warpgroup(half, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg):
+    """One warpgroup: rows [64 * half, 64 * half + 64) of the group's tile over the whole
+    range, then their partials (fp32, normalized) and base-2 LSEs at their merge rows."""
+    NS: gl.constexpr = k_smem.shape[0]
+    BN: gl.constexpr = k_smem.shape[1]
+    D: gl.constexpr = k_smem.shape[2]
+    HM: gl.constexpr = q_smem.shape[0] // 2
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    m_i = gl.full([HM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.full([HM], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([HM, D], gl.float32, o_layout)
+    s_zero = gl.zeros([HM, BN], gl.float32, s_layout)
+    q = q_smem.slice(half * HM, HM)
+
+    mbarrier.wait(ready.index(0), 0)
+    tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=[tok])
+    p, alpha, m_i, l_i = _gluon_softmax(s, m_i, l_i, 0, n_tiles, kv_n)
+    p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    for j in range(1, n_tiles):
+        # q.k^T of tile j and p.v of tile j - 1 in flight together; tile j's softmax runs
+        # while p.v is still on the matrix units
+        st = j % NS
+        prev = (j - 1) % NS
+        mbarrier.wait(ready.index(st), (j // NS) & 1)
+        tok_s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        tok_o = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[tok_s])
+        p, alpha, m_i, l_i = _gluon_softmax(s, m_i, l_i, j, n_tiles, kv_n)
+        acc = warpgroup_mma_wait(0, deps=[tok_o])
+        mbarrier.arrive(empty.index(prev))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+        p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    last = (n_tiles - 1) % NS
+    tok_o = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=[tok_o])
+    mbarrier.arrive(empty.index(last))
+
+    # row = slot * GROUP + head, as in _tree_program; its partial goes to merge_row[g, slot]
+    o = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
+    rows = half * HM + gl.arange(0, HM, layout=o_rows)
+    slot = rows // 1
+    part = g * qg + gl.minimum(slot, qg - 1)
+    ok = (slot < qg) & (gl.load(GroupQ + part) >= 0)
+    dst = gl.load(MergeRow + part, mask=ok, other=0)
+    row = dst.to(gl.int64) * 32 + kv_head * 1 + rows % 1
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    gl.store(O_part + gl.expand_dims(row * D, 1) + gl.expand_dims(cols, 0), o, mask=gl.expand_dims(ok, 1))
+    gl.store(LSE_part + row, gl.convert_layout(m_i + gl.log2(l_i), o_rows), mask=ok)
+
+
+@_gluon_jit
+def _gluon_warpgroup_0(O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty,
+                       g, kv_head, kv_n, n_tiles, qg):
+    _gluon_warpgroup(0, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg)
+
+
+@_gluon_jit
+def _gluon_warpgroup_1(O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty,
+                       g, kv_head, kv_n, n_tiles, qg):
+    _gluon_warpgroup(1, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg)
+
+
+@_gluon_jit
+def _gluon_tree_kernel(Q, k_desc, v_desc, O_part, LSE_part, GroupKvStart, GroupKvLen, GroupQ, MergeRow,
+                       DenseCount, stride_qn, stride_qh, qg):
+    """Stage 1 for the plan's dense groups (its first n_dense: full, 65 to 128 rows), one
+    program per (group, KV head), KV head fastest as in _tree_partial_kernel."""
+    BM: gl.constexpr = 128
+    BN: gl.constexpr = 128
+    D: gl.constexpr = 128
+    NS: gl.constexpr = 3
+    pid = gl.program_id(0)
+    g = pid // 32
+    kv_head = pid % 32
+    if g >= gl.load(DenseCount):  # a launch over fixed-capacity buffers
+        return
+    kv_start = gl.load(GroupKvStart + g)
+    kv_n = gl.load(GroupKvLen + g)
+
+    # the group's query rows (row = slot * GROUP + head), gathered into shared memory
+    gather: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    rows = gl.arange(0, BM, layout=gl.SliceLayout(1, gather))
+    slot = rows // 1
+    qid = gl.load(GroupQ + g * qg + gl.minimum(slot, qg - 1), mask=slot < qg, other=-1)
+    head = kv_head * 1 + rows % 1
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
+    q_ptrs = Q + gl.expand_dims(gl.maximum(qid, 0).to(gl.int64) * stride_qn + head * stride_qh, 1) + gl.expand_dims(d, 0)
+    q = gl.load(q_ptrs, mask=gl.expand_dims(qid >= 0, 1), other=0.0)
+    q_smem = gl.allocate_shared_memory(q.dtype, [BM, D], gl.NVMMASharedLayout.get_default_for([BM, D], q.dtype), q)
+    fence_async_shared()
+
+    k_smem = gl.allocate_shared_memory(q.dtype, [NS, BN, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(q.dtype, [NS, BN, D], v_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NS):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    n_tiles = gl.cdiv(kv_n, BN)
+    args = (O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty, g, kv_head, kv_n, n_tiles, qg)
+    gl.warp_specialize(
+        [
+            (_gluon_warpgroup_0, args),  # the default partition: the kernel's 4 warps
+            (_gluon_warpgroup_1, args),
+            (_gluon_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_start, kv_head, n_tiles)),
+        ],
+        [4, 1],  # the workers' warps
+        [232, 40],  # and registers per thread (a warpgroup's accumulators, the loader's few)
+    )
+
+
+def _gluon_ready(k, v):
+    """Whether this launch can run the Gluon programs: an sm_90 GPU (their wgmma is
+    Hopper's), a Triton with Gluon, and a K/V the copy engine can read as [tokens, heads * dim]."""
+    return (
+        GluonDescriptor is not None and not _INTERPRET and k.is_cuda and k.shape[0] > 0
+        and torch.cuda.get_device_capability(k.device)[0] == 9
+        and k.is_contiguous() and v.is_contiguous() and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0
+    )
+
+
+_SIDE_STREAMS = {}
+
+
+def _side_stream(device):
+    """The stream stage 1's Triton kernel runs on beside the Gluon kernel (one per device)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+def _launch_gluon(q, k, v, t, o_part, lse_part, n_dense, qg):
+    """The dense groups' partials: ``n_dense`` programs per KV head (the plan's count, or
+    the buffers' capacity; programs past the device count return)."""
+    layout = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM_QK], gl.bfloat16)
+    k_desc = GluonDescriptor.from_tensor(k.view(k.shape[0], -1), [128, HEAD_DIM_QK], layout)
+    v_desc = GluonDescriptor.from_tensor(v.view(v.shape[0], -1), [128, HEAD_DIM_V], layout)
+    _gluon_tree_kernel[(n_dense * HEADS_KV,)](
+        q, k_desc, v_desc, o_part, lse_part, t["group_kv_start"], t["group_kv_len"], t["group_q"],
+        t["merge_row"], t["dense_count"], q.stride(0), q.stride(1), qg, num_warps=4)
+
 
 def _prune_tree(configs, named_args, **kwargs):
     chunk = 32 * named_args["n_words"]
@@ -382,6 +599,17 @@ _tree_partial_tuned = triton.autotune(
 
 
 # ---- launch ---------------------------------------------------------------------------
+
+
+def _launch_partial(grid, args, consts, c, tuned):
+    """Stage 1's Triton kernel over ``grid``: autotuned, or on the tile ``c``."""
+    if grid[0] == 0:
+        return
+    if tuned:
+        _tree_partial_tuned[grid](*args, **consts)
+    else:
+        _tree_partial_kernel[grid](*args, **consts, BLOCK_N=c["block_n"], num_warps=c["num_warps"],
+                                   num_stages=c["num_stages"])
 
 _MEMO = {}
 
@@ -438,7 +666,7 @@ def _check_plan(plan, t, n_queries, device):
     need(chunk > 0 and chunk % 32 == 0, f"chunk {chunk} must be a positive multiple of 32")
     shapes = {"group_kv_len": (n_groups,), "group_full": (n_groups,), "group_slots": (n_groups,),
               "group_bits": (n_groups, qg, chunk // 32), "merge_row": (n_groups, qg), "merge_ptr": (n_queries + 1,),
-              "q_pos": (n_queries,), "q_tree": (n_queries,)}
+              "q_pos": (n_queries,), "q_tree": (n_queries,), "dense_count": (1,)}
     for name, shape in shapes.items():
         need(tuple(t[name].shape) == shape, f"{name} must have shape {shape}, got {tuple(t[name].shape)}")
     need(t["kv_pos"].dim() == 1, "kv_pos must be a vector")
@@ -531,15 +759,16 @@ def _single_partial(plan, t, n_queries):
 
 
 def _tree_config(config, chunk):
-    """The config to use without autotuning: the caller's, or the first candidate whose
-    block_n fits the chunk."""
+    """The stage-1 tile to use without autotuning: the caller's, or the first candidate
+    whose block_n fits the chunk."""
     first = next((c for c in CONFIGS if c["block_n"] <= chunk), CONFIGS[0])
     if config is None:
         return first
-    unknown = sorted(set(config) - {"block_n", "num_warps", "num_stages", "fused"})
+    unknown = sorted(set(config) - {"block_n", "num_warps", "num_stages", "fused", "gluon"})
     if unknown:
-        raise LaunchError(f"tree_fewshot: unknown config keys {unknown}; allowed: block_n, num_warps, num_stages, fused")
-    c = dict(first, **{k: v for k, v in config.items() if k != "fused"})
+        raise LaunchError(f"tree_fewshot: unknown config keys {unknown}; "
+                          "allowed: block_n, num_warps, num_stages, fused, gluon")
+    c = dict(first, **{k: v for k, v in config.items() if k not in ("fused", "gluon")})
     bn = c["block_n"]
     if bn < 16 or bn & (bn - 1):
         raise LaunchError(f"tree_fewshot: config block_n={bn} must be a power of two >= 16")
@@ -559,8 +788,10 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
     every query has exactly one partial (stage 1 then writes the output itself).
     Returns ``out`` ``[n_queries, 32, 128]`` and, with ``return_lse``, the
     natural-log LSE ``[n_queries, 32]`` in fp32 (-inf where a query sees nothing).
-    ``config`` (block_n, num_warps, num_stages; ``fused``: False forces two launches)
-    bypasses the autotuner.
+    ``config``: a stage-1 tile (block_n, num_warps, num_stages) bypasses the autotuner;
+    ``fused``: False forces two launches; ``gluon``: False keeps every group in the
+    Triton kernel (on Hopper the full groups of 65 to 128 rows otherwise run in
+    ``_gluon_tree_kernel``, a third launch).
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise LaunchError(f"tree_fewshot: q must be a 3-dim torch.Tensor [n_queries, {HEADS_Q}, {HEAD_DIM_QK}]")
@@ -599,21 +830,39 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         stride_kh, stride_vh = k_cache.stride(1), v_cache.stride(1)
         c = _tree_config(config, chunk)
         k_desc, v_desc, use_tma = _kv_descriptors(k_cache, v_cache, c["block_n"])
+        # The plan's dense groups come first. On Hopper they run in _gluon_tree_kernel and
+        # the rest here, on a second stream so that the two kernels share the SMs as one
+        # launch would. Their count is a host int on an attngen Plan (this kernel then runs
+        # exactly the rest) and on the device in PlanBuffers (this kernel covers the capacity
+        # and skips them). The Gluon programs write partials only, so a fused launch keeps
+        # every group here, as does a plan made for other heads (its dense groups are not
+        # this module's).
+        n_dense = getattr(plan, "n_dense", None)
+        n_dense = n_dense if isinstance(n_dense, int) else None
+        use_gluon = (not fused and n_dense != 0 and (config or {}).get("gluon", True)
+                     and getattr(plan, "group", None) == group and _gluon_ready(k_cache, v_cache))
+        first = n_dense if use_gluon and n_dense is not None else 0
+        skip_on_device = use_gluon and n_dense is None
         args = (q, k_cache, v_cache, k_desc, v_desc, out, lse, o_part, lse_part, pages,
                 t["group_kv_start"], t["group_kv_len"], t["group_q"], t["group_full"], t["group_slots"], t["group_bits"],
-                t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"],
+                t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"], t["dense_count"],
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
-                out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)),
-                triton.next_power_of_2(n_groups))
+                out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)), first, n_groups,
+                triton.next_power_of_2(n_groups - first))
         consts = dict(QG=qg, GROUP=group, ROWS=max(16, triton.next_power_of_2(qg * group)),
                       D_QK=128, D_V=128, FUSED=fused, RETURN_LSE=return_lse,
-                      USE_TMA=use_tma)
-        grid = (n_groups * HEADS_KV,)
-        if config is not None or _INTERPRET:
-            _tree_partial_kernel[grid](*args, **consts, BLOCK_N=c["block_n"],
-                                       num_warps=c["num_warps"], num_stages=c["num_stages"])
+                      USE_TMA=use_tma, SKIP_DENSE=skip_on_device)
+        grid = ((n_groups - first) * HEADS_KV,)
+        tuned = not _INTERPRET and not any(key in (config or {}) for key in ("block_n", "num_warps", "num_stages"))
+        if use_gluon:
+            main, side = torch.cuda.current_stream(device), _side_stream(device)
+            side.wait_stream(main)  # q, the plan and the caches as written so far
+            _launch_gluon(q, k_cache, v_cache, t, o_part, lse_part, n_groups if n_dense is None else n_dense, qg)
+            with torch.cuda.stream(side):
+                _launch_partial(grid, args, consts, c, tuned)
+            main.wait_stream(side)
         else:
-            _tree_partial_tuned[grid](*args, **consts)
+            _launch_partial(grid, args, consts, c, tuned)
     if not fused:
         _tree_merge_kernel[(n_queries, HEADS_Q // MERGE_HEADS)](
             o_part, lse_part, out, lse, t["merge_ptr"], out.stride(0), out.stride(1),

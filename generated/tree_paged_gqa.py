@@ -62,7 +62,7 @@ CONFIGS = [
 #: Stage 2: query heads per merge program.
 MERGE_HEADS = 8
 PLAN_TENSORS = ("group_kv_start", "group_kv_len", "group_q", "group_full", "group_slots", "group_bits",
-                "merge_ptr", "merge_row", "q_pos", "kv_pos", "q_tree")
+                "merge_ptr", "merge_row", "q_pos", "kv_pos", "q_tree", "dense_count")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -275,20 +275,25 @@ def _tree_program(
 @triton.jit
 def _tree_partial_kernel(
     Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
-    GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupSlots, GroupBits, MergeRow, QPos, KvPos, QTree,
+    GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupSlots, GroupBits, MergeRow, QPos, KvPos, QTree, DenseCount,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-    n_words, n_batch, span, groups_bucket,
+    n_words, n_batch, span, first_group, n_groups, groups_bucket,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, SKIP_DENSE: tl.constexpr,
 ):
-    """Stage 1. One program: group g for one KV head. Programs run KV head fastest, so
+    """Stage 1. One program: group g >= first_group for one KV head (with SKIP_DENSE, past
+    the plan's dense_count groups, which _gluon_tree_kernel runs). Programs run KV head fastest, so
     the longest groups (a shared prefix comes first in KV order) start first for every
     head. A group whose slots (up to its last filled one) need no more than 16, or
     64, of the plan's ROWS rows runs as a tile of that height: a branch's one query
     beside a prompt's many then costs a narrow tile, not a tall one of empty rows."""
     pid = tl.program_id(0)
-    g = pid // 8
+    g = first_group + pid // 8
+    if SKIP_DENSE:  # fixed-capacity buffers: the count is known on the device only
+        g += tl.load(DenseCount)
+        if g >= n_groups:
+            return
     kv_head = pid % 8
     kv_start = tl.load(GroupKvStart + g)
     kv_n = tl.load(GroupKvLen + g)
@@ -385,6 +390,17 @@ _tree_partial_tuned = triton.autotune(
 
 # ---- launch ---------------------------------------------------------------------------
 
+
+def _launch_partial(grid, args, consts, c, tuned):
+    """Stage 1's Triton kernel over ``grid``: autotuned, or on the tile ``c``."""
+    if grid[0] == 0:
+        return
+    if tuned:
+        _tree_partial_tuned[grid](*args, **consts)
+    else:
+        _tree_partial_kernel[grid](*args, **consts, BLOCK_N=c["block_n"], num_warps=c["num_warps"],
+                                   num_stages=c["num_stages"])
+
 _MEMO = {}
 
 
@@ -440,7 +456,7 @@ def _check_plan(plan, t, n_queries, device):
     need(chunk > 0 and chunk % 32 == 0, f"chunk {chunk} must be a positive multiple of 32")
     shapes = {"group_kv_len": (n_groups,), "group_full": (n_groups,), "group_slots": (n_groups,),
               "group_bits": (n_groups, qg, chunk // 32), "merge_row": (n_groups, qg), "merge_ptr": (n_queries + 1,),
-              "q_pos": (n_queries,), "q_tree": (n_queries,)}
+              "q_pos": (n_queries,), "q_tree": (n_queries,), "dense_count": (1,)}
     for name, shape in shapes.items():
         need(tuple(t[name].shape) == shape, f"{name} must have shape {shape}, got {tuple(t[name].shape)}")
     need(t["kv_pos"].dim() == 1, "kv_pos must be a vector")
@@ -546,15 +562,16 @@ def _single_partial(plan, t, n_queries):
 
 
 def _tree_config(config, chunk):
-    """The config to use without autotuning: the caller's, or the first candidate whose
-    block_n fits the chunk."""
+    """The stage-1 tile to use without autotuning: the caller's, or the first candidate
+    whose block_n fits the chunk."""
     first = next((c for c in CONFIGS if c["block_n"] <= chunk), CONFIGS[0])
     if config is None:
         return first
-    unknown = sorted(set(config) - {"block_n", "num_warps", "num_stages", "fused"})
+    unknown = sorted(set(config) - {"block_n", "num_warps", "num_stages", "fused", "gluon"})
     if unknown:
-        raise LaunchError(f"tree_paged_gqa: unknown config keys {unknown}; allowed: block_n, num_warps, num_stages, fused")
-    c = dict(first, **{k: v for k, v in config.items() if k != "fused"})
+        raise LaunchError(f"tree_paged_gqa: unknown config keys {unknown}; "
+                          "allowed: block_n, num_warps, num_stages, fused, gluon")
+    c = dict(first, **{k: v for k, v in config.items() if k not in ("fused", "gluon")})
     bn = c["block_n"]
     if bn < 16 or bn & (bn - 1):
         raise LaunchError(f"tree_paged_gqa: config block_n={bn} must be a power of two >= 16")
@@ -575,8 +592,8 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
     every query has exactly one partial (stage 1 then writes the output itself).
     Returns ``out`` ``[n_queries, 32, 128]`` and, with ``return_lse``, the
     natural-log LSE ``[n_queries, 32]`` in fp32 (-inf where a query sees nothing).
-    ``config`` (block_n, num_warps, num_stages; ``fused``: False forces two launches)
-    bypasses the autotuner.
+    ``config``: a stage-1 tile (block_n, num_warps, num_stages) bypasses the autotuner;
+    ``fused``: False forces two launches.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise LaunchError(f"tree_paged_gqa: q must be a 3-dim torch.Tensor [n_queries, {HEADS_Q}, {HEAD_DIM_QK}]")
@@ -615,21 +632,21 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         stride_kh, stride_vh = k_cache.stride(2), v_cache.stride(2)
         c = _tree_config(config, chunk)
         k_desc, v_desc, use_tma = k_cache, v_cache, False  # pages are gathered token by token
+        # The plan's dense groups come first; this module runs them all here
+        # (its spec has no Gluon stage 1).
+        first, skip_on_device = 0, False
         args = (q, k_cache, v_cache, k_desc, v_desc, out, lse, o_part, lse_part, pages,
                 t["group_kv_start"], t["group_kv_len"], t["group_q"], t["group_full"], t["group_slots"], t["group_bits"],
-                t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"],
+                t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"], t["dense_count"],
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
-                out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)),
-                triton.next_power_of_2(n_groups))
+                out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)), first, n_groups,
+                triton.next_power_of_2(n_groups - first))
         consts = dict(QG=qg, GROUP=group, ROWS=max(16, triton.next_power_of_2(qg * group)),
                       D_QK=128, D_V=128, FUSED=fused, RETURN_LSE=return_lse,
-                      USE_TMA=use_tma)
-        grid = (n_groups * HEADS_KV,)
-        if config is not None or _INTERPRET:
-            _tree_partial_kernel[grid](*args, **consts, BLOCK_N=c["block_n"],
-                                       num_warps=c["num_warps"], num_stages=c["num_stages"])
-        else:
-            _tree_partial_tuned[grid](*args, **consts)
+                      USE_TMA=use_tma, SKIP_DENSE=skip_on_device)
+        grid = ((n_groups - first) * HEADS_KV,)
+        tuned = not _INTERPRET and not any(key in (config or {}) for key in ("block_n", "num_warps", "num_stages"))
+        _launch_partial(grid, args, consts, c, tuned)
     if not fused:
         _tree_merge_kernel[(n_queries, HEADS_Q // MERGE_HEADS)](
             o_part, lse_part, out, lse, t["merge_ptr"], out.stride(0), out.stride(1),

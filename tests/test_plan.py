@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attngen.cost import HeadLayout
+from attngen.cost import DENSE_ROWS, HeadLayout
 from attngen.errors import PlanError
 from attngen.plan import (
     TENSOR_NAMES,
@@ -75,6 +75,11 @@ def check_invariants(tree: TreeBatch, plan: Plan) -> None:
         assert (len(parts) > 0) == (tree.query_visible_counts[i] > 0)
     assert plan.q_pos.tolist() == tree.q_pos.tolist()
     assert plan.kv_pos.tolist() == tree.kv_pos.tolist()
+    # the dense groups (full, rows in DENSE_ROWS for the plan's heads) come first
+    rows = last * plan.group
+    dense = full & (rows > DENSE_ROWS[0]) & (rows <= DENSE_ROWS[1])
+    assert plan.n_dense == int(plan.tensors()["dense_count"][0]) == dense.sum()
+    assert dense[: plan.n_dense].all() and not dense[plan.n_dense :].any()
 
 
 # ---- hypothesis strategies: tree shapes -------------------------------------------------
@@ -199,16 +204,20 @@ def test_small_example_groups_and_bits() -> None:
     assert words[1] == [0xFFFFFFFF, 0xFF | (((1 << 23) - 1) ^ ((1 << 18) - 1))]
 
 
-@pytest.mark.parametrize("span", [None, 192])
-def test_plan_into_fixed_buffers(span: int | None) -> None:
+@pytest.mark.parametrize(
+    ("span", "heads"),
+    [(None, None), (192, None), (192, HeadLayout(heads_q=64, heads_kv=1))],  # the last: dense groups
+)
+def test_plan_into_fixed_buffers(span: int | None, heads: HeadLayout | None) -> None:
     tree = TreeBatch.from_parents([-1, 0, 0, 1], [300, 20, 50, 7])
     buffers = PlanBuffers.allocate(
         max_groups=64, max_queries=8, max_kv=1024, chunk=64, queries_per_group=2,
-        span=span,
+        span=span, heads=heads,
     )
     used = plan_into(buffers, tree)
-    fresh = plan_tree(tree, chunk=64, queries_per_group=2, span=buffers.span)
-    assert buffers.span == (span or 64)
+    fresh = plan_tree(tree, chunk=64, queries_per_group=2, span=buffers.span, heads=heads)
+    assert buffers.span == (span or 64) and buffers.group == fresh.group
+    assert (fresh.n_dense > 0) == (heads is not None)
     assert used.n_groups == fresh.n_groups and used.n_partials == fresh.n_partials
     t = buffers.tensors
     for name in TENSOR_NAMES:
@@ -226,6 +235,9 @@ def test_plan_into_fixed_buffers(span: int | None) -> None:
     before = small.tensors["group_q"].clone()
     with pytest.raises(PlanError, match="n_groups"):
         plan_into(small, tree)
+    assert small.tensors["group_q"].equal(before)
+    with pytest.raises(PlanError, match="allocated for 1"):  # dense groups depend on the heads
+        plan_into(small, tree, heads=HeadLayout(heads_q=32, heads_kv=8))
     assert small.tensors["group_q"].equal(before)
 
 

@@ -21,6 +21,7 @@ from helpers import assert_close, assert_lse_close, fresh, poisoned
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from attngen.cost import HeadLayout
 from attngen.errors import LaunchError, SpecError
 from attngen.plan import PlanBuffers, plan_into, plan_tree
 from attngen.reference import tree_reference
@@ -127,6 +128,22 @@ def check(
     ref_o, ref_lse = tree_reference(spec, case.tree, case.q, case.k, case.v, tensors)
     assert_close(o, ref_o, spec.dtype)
     assert_lse_close(lse, ref_lse, spec.dtype)
+
+
+def speculative_tree(widths: tuple[int, ...], prefix: int) -> TreeBatch:
+    """A token tree (``widths[i]`` children per node at depth i) over a ``prefix``-token
+    root; each tree token is a query."""
+    parent, level = [-1], [0]
+    for width in widths:
+        nxt = []
+        for p in level:
+            for _ in range(width):
+                parent.append(p)
+                nxt.append(len(parent) - 1)
+        level = nxt
+    return TreeBatch.from_parents(
+        parent, [prefix] + [1] * (len(parent) - 1), list(range(1, len(parent))), mode="token"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -394,17 +411,7 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         if queries == "node":  # few-shot: prompt x branches
             tree = TreeBatch.from_parents([-1] + [0] * 8, [1000] + [50 + 13 * i for i in range(8)])
         else:  # speculative token tree over a prefix, widths [4, 2, 2]
-            parent, level = [-1], [0]
-            for width in (4, 2, 2):
-                nxt = []
-                for p in level:
-                    for _ in range(width):
-                        parent.append(p)
-                        nxt.append(len(parent) - 1)
-                level = nxt
-            tree = TreeBatch.from_parents(
-                parent, [1000] + [1] * (len(parent) - 1), list(range(1, len(parent))), mode="token"
-            )
+            tree = speculative_tree((4, 2, 2), prefix=1000)
         autotuned = {"block_n": [64, 128, 32], "num_warps": [4, 8], "num_stages": [2, 3]}
         spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries=queries, tune=autotuned)
         case = make_case(tree, spec, "cuda", seed=7)
@@ -416,3 +423,63 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         o_c, _ = run(spec, case, plan, config=c)
         o_p, _ = run(paged, case, plan, paged=True, config=c)
         assert torch.equal(o_c, o_p)
+
+    @pytest.mark.parametrize(("heads", "qg"), [((32, 32), 128), ((32, 8), 32), ((24, 8), 32)])
+    def test_gluon_stage1(self, heads: tuple[int, int], qg: int) -> None:
+        """On Hopper, the plan's dense groups run in the Gluon kernel: its partials alone
+        against float64 (nothing else written), the whole call with and without it against
+        the reference, and the call replayed from a CUDA graph. The plan's 480-token spans
+        end inside a 128-key tile; with (24, 8) a tile's last 32 rows lie past the group's
+        slots; the 56-row groups of mha (one 64-row half) run in the Triton kernel beside."""
+        hq, hkv = heads
+        group = hq // hkv
+        spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries="token")
+        module = load(spec)
+        tree = speculative_tree((8, 2, 2, 2, 1), prefix=1500)
+        case = make_case(tree, spec, "cuda", seed=11)
+        if not module._gluon_ready(case.k, case.v):
+            pytest.skip("the Gluon stage 1 needs an sm_90 GPU and a Triton with Gluon")
+        layout = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128)
+        plan = plan_tree(tree, chunk=160, queries_per_group=qg, span=480, heads=layout, device="cuda")
+        assert 0 < plan.n_dense < plan.n_groups, "both kernels must have groups to run"
+
+        o_part = poisoned(plan.n_partials, hq, 128, device="cuda")
+        lse_part = poisoned(plan.n_partials, hq, device="cuda")
+        module._launch_gluon(case.q, case.k, case.v, plan.tensors(), o_part, lse_part, plan.n_dense, qg)
+        written = torch.zeros(plan.n_partials, dtype=torch.bool)
+        refs_o, refs_lse, got_o, got_lse = [], [], [], []
+        for g in range(plan.n_dense):
+            start, n = int(plan.group_kv_start[g]), int(plan.group_kv_len[g])
+            k = case.k[start : start + n].double().repeat_interleave(group, 1)  # [n, hq, d]
+            v = case.v[start : start + n].double().repeat_interleave(group, 1)
+            for slot in range(int(plan.group_slots[g])):
+                qid, r = int(plan.group_q[g, slot]), int(plan.merge_row[g, slot])
+                if qid < 0:
+                    continue
+                scores = torch.einsum("hd,nhd->hn", case.q[qid].double(), k) * spec.softmax_scale
+                refs_o.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), v))
+                refs_lse.append(scores.logsumexp(-1) / math.log(2))  # base 2, as stored
+                got_o.append(o_part[r])
+                got_lse.append(lse_part[r])
+                written[r] = True
+        assert_close(torch.stack(got_o), torch.stack(refs_o), "bf16", what="Gluon partials")
+        assert_lse_close(torch.stack(got_lse), torch.stack(refs_lse), "bf16")
+        assert torch.isnan(o_part[~written.cuda()]).all(), "the Gluon kernel wrote rows of other groups"
+
+        tile = {"block_n": 64, "num_warps": 4, "num_stages": 2}
+        o, lse = run(spec, case, plan, config=tile)
+        check(spec, case, o, lse)
+        o_triton, lse_triton = run(spec, case, plan, config=tile | {"gluon": False})
+        check(spec, case, o_triton, lse_triton)
+
+        out = poisoned(*case.q.shape[:2], 128, dtype="bf16", device="cuda")
+        module.attention(case.q, case.k, case.v, plan, out=out)  # autotune and compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            module.attention(case.q, case.k, case.v, plan, out=out)
+        case.q.copy_(fresh(*case.q.shape, dtype="bf16", seed=12, device="cuda"))
+        out.fill_(math.nan)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_o, _ = tree_reference(spec, tree, case.q, case.k, case.v, {})
+        assert_close(out, ref_o, "bf16", what="O (CUDA graph)")

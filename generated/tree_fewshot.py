@@ -373,8 +373,9 @@ def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, stride_on, stride_oh,
 # the work by warps instead: one warp streams K/V tiles by TMA into a 3-stage ring, and
 # two warpgroups of 64 query rows each issue q.k^T of tile j and p.v of tile j - 1 together,
 # then run tile j's softmax while p.v is in flight (0.92 of the matrix rate on a dense
-# shape). They take the groups that are full (every slot sees the whole range: no bits)
-# and taller than the highest row tier; _tree_partial_kernel skips exactly those.
+# shape). They take the plan's dense groups (full: every slot sees the whole range, so no
+# bits; rows in both halves), which the planner lists first; _tree_partial_kernel starts
+# after them.
 
 try:
     from triton.experimental import gluon

@@ -54,7 +54,8 @@ class TreeRow:
     rel_err: float
     plan: str = ""  # the cost model's choice: chunk, queries per group, span
     config: str = ""  # the autotuner's pick for that plan
-    #: attngen with every group in the Triton kernel, where the Gluon stage 1 ran (Hopper)
+    #: attngen with every group in the Triton kernel, where the plan has dense groups that
+    #: the Gluon stage 1 ran (Hopper)
     triton_only_us: float | None = None
     cold_l2: bool = False  # every replay timed after L2 was overwritten
 
@@ -204,7 +205,7 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
     t_ours = _graph_time_us(lambda: module.attention(q, k, v, plan), cold)
     picked = getattr(getattr(module, "_tree_partial_tuned", None), "best_config", None)
     t_triton = None
-    if getattr(module, "_gluon_ready", lambda k, v: False)(k, v):
+    if plan.n_dense > 0 and getattr(module, "_gluon_ready", lambda k, v: False)(k, v):
         module.attention(q, k, v, plan, config={"gluon": False})  # autotunes that path too
         t_triton = _graph_time_us(lambda: module.attention(q, k, v, plan, config={"gluon": False}), cold)
     config = (f"block_n {picked.kwargs['BLOCK_N']}, {picked.num_warps} warps, {picked.num_stages} stages"

@@ -717,19 +717,20 @@ def _filled_slots(query: np.ndarray) -> np.ndarray:
 
 
 def _group_stats(
-    tree: TreeBatch, chunk: int, qg: int, groups: _Groups, slots: np.ndarray, heads: HeadLayout
+    tree: TreeBatch, chunk: int, qg: int, host: dict[str, np.ndarray], heads: HeadLayout
 ) -> PlanStats:
-    """The plan's quantities; ``slots``: its ``group_slots``."""
+    """The plan's quantities, from its assembled arrays (``_host_arrays``)."""
+    length, query = host["group_kv_len"], host["group_q"]
     return PlanStats(
         chunk=chunk,
         queries_per_group=qg,
-        groups=len(groups.start),
-        tokens_read=int(groups.length.sum()),
-        row_tokens=int(groups.length @ heads.tile_rows(slots, qg)),
-        longest=int(groups.length.max(initial=0)),
-        n_longest=int((2 * groups.length >= groups.length.max(initial=0)).sum()),
-        partials=int((groups.query >= 0).sum()),
-        **_tree_fields(tree, groups.query),
+        groups=len(length),
+        tokens_read=int(length.sum()),
+        row_tokens=int(length @ heads.tile_rows(host["group_slots"], qg)),
+        longest=int(length.max(initial=0)),
+        n_longest=int((2 * length >= length.max(initial=0)).sum()),
+        partials=int((query >= 0).sum()),
+        **_tree_fields(tree, query),
     )
 
 
@@ -775,7 +776,7 @@ def _make_plan(
 ) -> Plan:
     groups = _span_groups(layout, rows, span, runs)
     host = _host_arrays(tree, groups, heads)
-    stats = _group_stats(tree, layout.chunk, qg, groups, _filled_slots(groups.query), heads)
+    stats = _group_stats(tree, layout.chunk, qg, host, heads)
     return Plan(
         chunk=layout.chunk,
         queries_per_group=qg,

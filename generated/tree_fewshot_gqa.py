@@ -747,19 +747,17 @@ def _check_tensors(device):
     return 1 if n_batch is None else n_batch
 
 
-def _single_partial(plan, t, n_queries):
+def _single_partial(plan, n_queries):
     """Whether every query has exactly one partial: then stage 1 writes the final output
-    and stage 2 is skipped (one launch). From the plan's partial count and cost model
-    when it has them, otherwise from merge_ptr (read once per plan)."""
-    if n_queries == 0:
-        return False
+    and stage 2 is skipped (one launch). Only an attngen Plan says so, from its partial
+    count and cost model. PlanBuffers and plain mappings get two launches, which hold
+    for any plan: their tensors are rewritten in place (plan_into) after a CUDA graph
+    may have captured this choice."""
     n_partials = getattr(plan, "n_partials", None)
     launches = getattr(getattr(plan, "cost", None), "launches", None)
-    if isinstance(n_partials, int) and isinstance(launches, int):
-        return n_partials == n_queries and launches == 1
-    ptr = t["merge_ptr"]
-    return _memo(ptr, "single", lambda: bool(torch.equal(
-        ptr.cpu(), torch.arange(n_queries + 1, dtype=torch.int32))))
+    if n_queries == 0 or not (isinstance(n_partials, int) and isinstance(launches, int)):
+        return False
+    return n_partials == n_queries and launches == 1
 
 
 def _tree_config(config, chunk):
@@ -789,7 +787,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
     ``k_cache`` / ``v_cache`` hold the flattened tree KV ``[n_kv, 8, 128 / 128]``, all bf16.
 
     Two launches (stage 1 partials, stage 2 log-sum-exp merge in plan order), or one when
-    every query has exactly one partial (stage 1 then writes the output itself).
+    an attngen Plan has exactly one partial per query (stage 1 then writes the output).
     Returns ``out`` ``[n_queries, 32, 128]`` and, with ``return_lse``, the
     natural-log LSE ``[n_queries, 32]`` in fp32 (-inf where a query sees nothing).
     ``config``: a stage-1 tile (block_n, num_warps, num_stages) bypasses the autotuner;
@@ -819,7 +817,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
     if n_queries == 0:
         return (out, lse) if return_lse else out
 
-    fused = _single_partial(plan, t, n_queries) and (config or {}).get("fused", True)
+    fused = _single_partial(plan, n_queries) and (config or {}).get("fused", True)
     group = HEADS_Q // HEADS_KV
     if fused:
         o_part = lse_part = out

@@ -274,7 +274,8 @@ class TestTreeKernelsInterpreter:
         assert plan.n_groups == 1 and plan.merge_ptr.tolist() == [0, 1, 2, 3]
         case = make_case(tree, spec, device)
         module = load(spec)
-        assert module._single_partial(plan, plan.tensors(), tree.n_queries)
+        assert module._single_partial(plan, tree.n_queries)
+        assert not module._single_partial(plan.tensors(), tree.n_queries)  # a mapping: two launches
         o1, l1 = run(spec, case, plan)
         o2, l2 = run(spec, case, plan, config={"fused": False})
         assert torch.equal(o1, o2) and torch.equal(l1, l2)
@@ -423,6 +424,35 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         o_c, _ = run(spec, case, plan, config=c)
         o_p, _ = run(paged, case, plan, paged=True, config=c)
         assert torch.equal(o_c, o_p)
+
+    def test_cuda_graph_over_buffers_replanned(self) -> None:
+        """One capture over PlanBuffers, replayed after plan_into wrote other trees: one
+        partial per query (which an attngen Plan would run in one launch), then several,
+        then one again. The buffers always get stage 2, so the capture holds for every
+        plan they take."""
+        spec = tree_spec(heads=(32, 8), head_dim=128, dtype="bf16")
+        module = load(spec)
+        layout = HeadLayout(heads_q=32, heads_kv=8, head_dim_qk=128, head_dim_v=128)
+        buffers = PlanBuffers.allocate(max_groups=64, max_queries=3, max_kv=1200, chunk=128,
+                                       queries_per_group=4, heads=layout, device="cuda")
+        single = TreeBatch.from_parents([-1, 0, 0, 0], [20, 3, 1, 5])  # one chunk, one group
+        several = TreeBatch.from_parents([-1, 0, 0, 0], [700, 30, 64, 200])
+        q = fresh(3, 32, 128, dtype="bf16", seed=20, device="cuda")
+        k = fresh(1200, 8, 128, dtype="bf16", seed=21, device="cuda")
+        v = fresh(1200, 8, 128, dtype="bf16", seed=22, device="cuda")
+        out = poisoned(3, 32, 128, dtype="bf16", device="cuda")
+        plan_into(buffers, single)
+        module.attention(q, k, v, buffers, out=out)  # autotune and compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            module.attention(q, k, v, buffers, out=out)
+        for tree in (single, several, single):
+            plan_into(buffers, tree)
+            out.fill_(math.nan)
+            graph.replay()
+            torch.cuda.synchronize()
+            ref_o, _ = tree_reference(spec, tree, q, k[: tree.n_kv], v[: tree.n_kv], {})
+            assert_close(out, ref_o, "bf16", what=f"O (replay, {tree.n_kv} tokens)")
 
     @pytest.mark.parametrize(("heads", "qg"), [((32, 32), 128), ((32, 8), 32), ((24, 8), 32)])
     def test_gluon_stage1(self, heads: tuple[int, int], qg: int) -> None:

@@ -309,7 +309,7 @@ def fixed(results: list) -> None:
             tree = TreeBatch.from_parents(parents, counts)
             plan = plan_tree(tree, chunk=64, queries_per_group=2, device="cuda")
             q, k, v = tree_inputs(plan.n_queries, plan.n_kv, hq, hkv)
-            single = mod._single_partial(plan, plan.tensors(), plan.n_queries)  # the launch's own rule
+            single = mod._single_partial(plan, plan.n_queries)  # the launch's own rule
             for fused in (True, False):
                 cfg = dict(block_n=64, num_warps=4, num_stages=3, fused=fused)
                 us = graph_us(partial(mod.attention, q, k, v, plan, config=cfg))

@@ -2,7 +2,7 @@
 itself: `python -m attngen.bench_tree` and `python -m attngen.bench` are). Prints one
 line per measurement and a JSON file per part under $OUT (or ./explore_out).
 
-    python scripts/explore_gpu.py tree merge decode prefill prefill_tuned fixed
+    python scripts/explore_gpu.py tree merge decode prefill prefill_tuned fixed stream
 
 tree:    per workload and head layout, plan spans x queries per group x kernel configs,
          and the cost model's plan through the autotuner;
@@ -12,6 +12,10 @@ decode:  the window + sinks decode case over splits and configs, and its merge a
 prefill: the causal prefill case over configs, beside FlexAttention;
 fixed:   the fixed cost of one tree call: a one-node tree (one launch, and forced to two)
          and a root with two leaves (two launches), MHA and GQA.
+stream:  how fast stage 1's KV access pattern can be read at all: programs of one
+         (span, KV head), head fastest, TMA tiles of K and V laid out [tokens, heads, 128]
+         as the tree kernels see them (and [heads, tokens, 128] to compare), summed and
+         nothing else, beside the device copy the benchmarks' floors use.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 
 import attngen
+from attngen.bench import measure_rates
 from attngen.bench_tree import LAYOUTS, tree_spec
 from attngen.cost import HeadLayout
 from attngen.plan import plan_tree
@@ -318,6 +324,55 @@ def fixed(results: list) -> None:
                 print(f"fixed {layout} {label:10} {launches} launch(es) {us:6.2f} us", flush=True)
 
 
+@triton.jit
+def _stream_kernel(K_desc, V_desc, Out, span_len, n_tok, HEADS: tl.constexpr, BN: tl.constexpr,
+                   D: tl.constexpr, HEAD_MAJOR: tl.constexpr, STAGES: tl.constexpr):
+    pid = tl.program_id(0)
+    head = pid % HEADS
+    start = (pid // HEADS) * span_len
+    acc = tl.zeros([BN, D], tl.float32)
+    for t in tl.range(0, span_len, BN, num_stages=STAGES):
+        if HEAD_MAJOR:
+            k = K_desc.load([head * n_tok + start + t, 0])
+            v = V_desc.load([head * n_tok + start + t, 0])
+        else:
+            k = K_desc.load([start + t, head * D])
+            v = V_desc.load([start + t, head * D])
+        acc += k.to(tl.float32) * v.to(tl.float32)
+    tl.store(Out + pid, tl.sum(acc))
+
+
+def stream(results: list) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rates = measure_rates()  # the bandwidth the benchmarks' floors use
+    results.append(dict(part="rates", hbm_gb_s=rates.hbm_gbps, bf16_tflops=rates.matmul_tflops))
+    print(f"device copy {rates.hbm_gbps / 1e3:.2f} TB/s (the floors' bandwidth)", flush=True)
+    # the KV of fewshot_4k_x20 / spec_4k_92 (MHA) and of the few-shot trees (GQA)
+    for heads, n_tok in ((32, 4096), (8, 12288), (8, 32768)):
+        for head_major in (False, True):
+            shape = (heads, n_tok, 128) if head_major else (n_tok, heads, 128)
+            flat = (heads * n_tok, 128) if head_major else (n_tok, heads * 128)
+            k, v = bf16(*shape), bf16(*shape)
+            for bn in (64, 128):
+                k_desc = TensorDescriptor.from_tensor(k.view(flat), [bn, 128])
+                v_desc = TensorDescriptor.from_tensor(v.view(flat), [bn, 128])
+                for span in (256, 512, 1024, 2048):
+                    for stages, warps in ((3, 4), (4, 4), (3, 8)):
+                        n_prog = heads * (n_tok // span)
+                        out = torch.empty(n_prog, device="cuda")
+                        us = graph_us(partial(_stream_kernel[(n_prog,)], k_desc, v_desc, out, span, n_tok,
+                                              HEADS=heads, BN=bn, D=128, HEAD_MAJOR=head_major,
+                                              STAGES=stages, num_warps=warps))
+                        tbs = 2 * k.numel() * 2 / us / 1e6
+                        order = "head-major" if head_major else "token-major"
+                        results.append(dict(part="stream", heads=heads, tokens=n_tok, layout=order, block_n=bn,
+                                            span=span, stages=stages, warps=warps, programs=n_prog, us=us,
+                                            tb_s=tbs))
+                        print(f"stream {heads:2} heads {n_tok:5} tokens {order:11} bn {bn:3} span {span:4} "
+                              f"s{stages} w{warps} {n_prog:4} programs {us:6.1f} us {tbs:.2f} TB/s", flush=True)
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -325,7 +380,7 @@ def main() -> int:
         results: list = []
         try:
             {"tree": tree, "decode": decode, "prefill": prefill, "prefill_tuned": prefill_tuned,
-             "merge": merge, "fixed": fixed}[part](results)
+             "merge": merge, "fixed": fixed, "stream": stream}[part](results)
         finally:
             (OUT / f"{part}.json").write_text(json.dumps(results, indent=1))
     return 0

@@ -327,6 +327,8 @@ def fixed(results: list) -> None:
 @triton.jit
 def _stream_kernel(K_desc, V_desc, Out, span_len, n_tok, HEADS: tl.constexpr, BN: tl.constexpr,
                    D: tl.constexpr, HEAD_MAJOR: tl.constexpr, STAGES: tl.constexpr):
+    """Program (span, head), head fastest: the span's K and V tiles read and reduced, as
+    stage 1 reads them, with no attention work."""
     pid = tl.program_id(0)
     head = pid % HEADS
     start = (pid // HEADS) * span_len
@@ -348,7 +350,7 @@ def stream(results: list) -> None:
     rates = measure_rates()  # the bandwidth the benchmarks' floors use
     results.append(dict(part="rates", hbm_gb_s=rates.hbm_gbps, bf16_tflops=rates.matmul_tflops))
     print(f"device copy {rates.hbm_gbps / 1e3:.2f} TB/s (the floors' bandwidth)", flush=True)
-    # the KV of fewshot_4k_x20 / spec_4k_92 (MHA) and of the few-shot trees (GQA)
+    # about the KV of spec_4k_92 mha (32 heads x 4092 tokens), fewshot_4k_x20 gqa (8 x 12000), and a longer GQA one
     for heads, n_tok in ((32, 4096), (8, 12288), (8, 32768)):
         for head_major in (False, True):
             shape = (heads, n_tok, 128) if head_major else (n_tok, heads, 128)

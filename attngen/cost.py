@@ -57,7 +57,9 @@ ROW_TIERS = (16, 64)
 #: work filling both 64-row halves of a 128-row tile, no visibility bits. The planner
 #: lists dense groups first, and on Hopper a generated module runs them in its Gluon
 #: stage-1 kernel (one warpgroup per half). Counting groups from 17 rows up as dense
-#: (one idle warpgroup) was slower on 4 of the 10 reference cases (BENCHMARKS.md).
+#: was slower on 4 of the 10 reference cases with one warpgroup idle (session 15), and
+#: slower still with the two warpgroups taking alternate KV tiles (session 17; see
+#: BENCHMARKS.md).
 DENSE_ROWS = (ROW_TIERS[-1], 128)
 
 #: Bytes of K and V per token over all KV heads.

@@ -29,6 +29,7 @@ from attngen.runtime import load
 from attngen.spec import Spec, parse_spec
 from attngen.tree import TreeBatch, make_page_table, physical_slots
 from attngen.tree_ir import lower_tree
+from attngen.workloads import speculative
 
 HEAD_LAYOUTS = {"mha": (2, 2), "gqa": (4, 2), "mqa": (4, 1)}
 PAGE = 16
@@ -128,22 +129,6 @@ def check(
     ref_o, ref_lse = tree_reference(spec, case.tree, case.q, case.k, case.v, tensors)
     assert_close(o, ref_o, spec.dtype)
     assert_lse_close(lse, ref_lse, spec.dtype)
-
-
-def speculative_tree(widths: tuple[int, ...], prefix: int) -> TreeBatch:
-    """A token tree (``widths[i]`` children per node at depth i) over a ``prefix``-token
-    root; each tree token is a query."""
-    parent, level = [-1], [0]
-    for width in widths:
-        nxt = []
-        for p in level:
-            for _ in range(width):
-                parent.append(p)
-                nxt.append(len(parent) - 1)
-        level = nxt
-    return TreeBatch.from_parents(
-        parent, [prefix] + [1] * (len(parent) - 1), list(range(1, len(parent))), mode="token"
-    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -412,7 +397,7 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         if queries == "node":  # few-shot: prompt x branches
             tree = TreeBatch.from_parents([-1] + [0] * 8, [1000] + [50 + 13 * i for i in range(8)])
         else:  # speculative token tree over a prefix, widths [4, 2, 2]
-            tree = speculative_tree((4, 2, 2), prefix=1000)
+            tree = speculative(prefix=1000, widths=(4, 2, 2)).tree
         autotuned = {"block_n": [64, 128, 32], "num_warps": [4, 8], "num_stages": [2, 3]}
         spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries=queries, tune=autotuned)
         case = make_case(tree, spec, "cuda", seed=7)
@@ -465,7 +450,7 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         group = hq // hkv
         spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries="token")
         module = load(spec)
-        tree = speculative_tree((8, 2, 2, 2, 1), prefix=1500)
+        tree = speculative(prefix=1500, widths=(8, 2, 2, 2, 1)).tree
         case = make_case(tree, spec, "cuda", seed=11)
         if not module._gluon_ready(case.k, case.v):
             pytest.skip("the Gluon stage 1 needs an sm_90 GPU and a Triton with Gluon")

@@ -52,15 +52,24 @@ TOK, DRAM, R_wg, NARROW, SLOTS = sp.symbols("TOK DRAM R_wg NARROW SLOTS", positi
 #: Tile heights below a plan's full one that stage 1 runs a group at when its filled
 #: slots fit (the per-warp matrix instructions' 16 rows, one warpgroup instruction's 64).
 ROW_TIERS = (16, 64)
+#: The tallest tile of one stage-1 program: two 64-row warpgroup halves. A plan whose
+#: groups have more rows (up to :data:`TALL_ROWS`) runs each group's rows as row blocks
+#: of this height in Triton, and its dense groups as one tile of three warpgroups.
+BLOCK_ROWS = 128
+#: The rows of a tall plan's tile: three 64-row warpgroups share each K/V tile. A plan
+#: of more rows than :data:`BLOCK_ROWS` gets this height (one non-power-of-two QG per
+#: head layout, :meth:`HeadLayout.queries_per_group_choices`): 184 speculative tokens
+#: then fill 96% of one tile instead of 72% of two (session 19, BENCHMARKS.md).
+TALL_ROWS = 192
 #: A full group (every slot sees its whole KV range) whose filled rows (slots x query
 #: heads per KV head) fall in ``(DENSE_ROWS[0], DENSE_ROWS[1]]`` is *dense*: pure matrix
-#: work filling both 64-row halves of a 128-row tile, no visibility bits. The planner
-#: lists dense groups first, and on Hopper a generated module runs them in its Gluon
-#: stage-1 kernel (one warpgroup per half). Counting groups from 17 rows up as dense
-#: was slower on 4 of the 10 reference cases with one warpgroup idle (session 15), and
+#: work filling at least two 64-row warpgroups, no visibility bits. The planner lists
+#: dense groups first, and on Hopper a generated module runs them in its Gluon stage-1
+#: kernel (one warpgroup per 64 rows). Counting groups from 17 rows up as dense was
+#: slower on 4 of the 10 reference cases with one warpgroup idle (session 15), and
 #: slower still with the two warpgroups taking alternate KV tiles (session 17; see
 #: BENCHMARKS.md).
-DENSE_ROWS = (ROW_TIERS[-1], 128)
+DENSE_ROWS = (ROW_TIERS[-1], TALL_ROWS)
 
 #: Bytes of K and V per token over all KV heads.
 KV_TOKEN_BYTES = Hkv * (Dqk + Dv) * E
@@ -170,8 +179,8 @@ _COMPILED: dict[str, Callable[..., np.ndarray]] = {
 class HeadLayout:
     """Head counts, head dims and element size of the attention a plan serves.
 
-    ``max_rows`` bounds the rows of one program (queries per group x query heads per KV
-    head).
+    ``max_rows`` bounds the rows of one group (queries per group x query heads per KV
+    head); :data:`TALL_ROWS` at most.
     """
 
     heads_q: int = 32
@@ -179,7 +188,7 @@ class HeadLayout:
     head_dim_qk: int = 128
     head_dim_v: int = 128
     dtype_bytes: int = 2
-    max_rows: int = 128
+    max_rows: int = TALL_ROWS
 
     @property
     def group(self) -> int:
@@ -188,22 +197,30 @@ class HeadLayout:
 
     def tile_rows(self, filled: np.ndarray, qg: int | np.ndarray) -> np.ndarray:
         """Rows stage 1 runs a group at, from its filled query slots (a prefix of its
-        ``qg``): the plan's full height ``max(16, next_pow2(qg * group))``, or the lowest
-        of :data:`ROW_TIERS` below it that holds the filled slots' rows."""
+        ``qg``): the plan's full height (``max(16, next_pow2(qg * group))``, or
+        :data:`TALL_ROWS` above :data:`BLOCK_ROWS`), or the lowest of :data:`ROW_TIERS`
+        (and, in a tall plan, :data:`BLOCK_ROWS`) below it that holds the filled rows."""
         qg_rows = np.asarray(qg, dtype=np.int64) * self.group
         full = np.maximum(ROW_TIERS[0], 1 << np.ceil(np.log2(np.maximum(qg_rows, 1))).astype(np.int64))
+        full = np.where(qg_rows > BLOCK_ROWS, TALL_ROWS, full)
         used = np.asarray(filled, dtype=np.int64) * self.group
         rows = full
-        for tier in reversed(ROW_TIERS):
+        for tier in reversed((*ROW_TIERS, BLOCK_ROWS)):
             rows = np.where((used <= tier) & (tier < full), tier, rows)
         return rows
 
     def queries_per_group_choices(self) -> tuple[int, ...]:
-        """Powers of two QG with QG * group <= max_rows (at least 1)."""
+        """The QG a plan may use: powers of two with QG * group <= min(max_rows,
+        BLOCK_ROWS) (at least 1), then the tall QG, ``TALL_ROWS // group``, if its rows
+        exceed BLOCK_ROWS and fit max_rows."""
+        limit = min(self.max_rows, BLOCK_ROWS)
         choices, qg = [], 1
-        while qg == 1 or qg * self.group <= self.max_rows:
+        while qg == 1 or qg * self.group <= limit:
             choices.append(qg)
             qg *= 2
+        tall = TALL_ROWS // self.group
+        if tall * self.group > BLOCK_ROWS and tall * self.group <= self.max_rows and tall > choices[-1]:
+            choices.append(tall)
         return tuple(choices)
 
 

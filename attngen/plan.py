@@ -40,7 +40,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from attngen.cost import DENSE_ROWS, HeadLayout, Machine, PlanCost, PlanStats, evaluate, plan_cost
+from attngen.cost import (
+    BLOCK_ROWS,
+    DENSE_ROWS,
+    HeadLayout,
+    Machine,
+    PlanCost,
+    PlanStats,
+    evaluate,
+    plan_cost,
+)
 from attngen.errors import PlanError
 from attngen.tree import TreeBatch
 
@@ -441,13 +450,16 @@ def _choose(
 def _check_params(chunk: int | None, qg: int | None, heads: HeadLayout) -> None:
     if chunk is not None and (chunk < WORD or chunk % WORD):
         raise PlanError(f"chunk {chunk} must be a positive multiple of {WORD} (e.g. 64..512).")
-    if qg is not None and (qg < 1 or qg & (qg - 1)):
-        raise PlanError(f"queries_per_group {qg} must be a power of two >= 1.")
-    if qg is not None and qg > 1 and qg * heads.group > heads.max_rows:
+    if qg is None:
+        return
+    choices = heads.queries_per_group_choices()
+    if qg < 1 or (qg & (qg - 1) and qg not in choices):
+        raise PlanError(f"queries_per_group {qg} must be a power of two >= 1, or one of {list(choices)}.")
+    if qg > 1 and qg not in choices:
         raise PlanError(
             f"queries_per_group {qg} x {heads.group} query heads per KV head = "
-            f"{qg * heads.group} rows exceeds max_rows {heads.max_rows}; allowed: "
-            f"{list(heads.queries_per_group_choices())}."
+            f"{qg * heads.group} rows exceeds the {min(heads.max_rows, BLOCK_ROWS)} of a power-of-two "
+            f"QG (max_rows {heads.max_rows}); allowed: {list(choices)}."
         )
 
 
@@ -803,7 +815,7 @@ def plan_tree(
     device: torch.device | str = "cpu",
 ) -> Plan:
     """Plan ``tree``; ``chunk`` and ``queries_per_group`` default to the cost model's choice
-    among :data:`CHUNK_CHOICES` and the powers of two that fit ``heads.max_rows``, then
+    among :data:`CHUNK_CHOICES` and :meth:`HeadLayout.queries_per_group_choices`, then
     ``span`` (how long a group of a long node's fully visible chunks may grow) among the
     chunk and :data:`SPAN_CHOICES`."""
     heads, machine = heads or HeadLayout(), machine or Machine()

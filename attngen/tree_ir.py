@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from attngen import semantics
-from attngen.cost import DENSE_ROWS, ROW_TIERS
+from attngen.cost import BLOCK_ROWS, DENSE_ROWS, ROW_TIERS
 from attngen.errors import SpecError
 from attngen.ir import (
     QK,
@@ -83,8 +83,13 @@ class TreeKernelIR(ModuleIR):
     @property
     def gluon_rows(self) -> tuple[int, int]:
         """The dense groups' heights (filled slots x query heads), which the Gluon program
-        takes: both 64-row halves of its one 128-row tile hold rows."""
+        takes: at least two of its tile's 64-row warpgroups hold rows."""
         return DENSE_ROWS
+
+    @property
+    def block_rows(self) -> int:
+        """The tallest Triton stage-1 tile; a tall plan's groups run as row blocks of it."""
+        return BLOCK_ROWS
 
     @property
     def merge_heads(self) -> int:
@@ -143,8 +148,8 @@ def tree_configs(spec: Spec) -> tuple[TreeTileConfig, ...]:
 
 def gluon_scale(spec: Spec, mask: sp.Basic, modified: sp.Expr) -> str:
     """The base-2 scale c when the score is c * q.k (c > 0) with nothing else to apply, on a
-    contiguous bf16/fp16 cache of head dim 128: then the full groups of 65 to 128 rows run
-    in the Gluon program (one TMA warp, two warpgroups whose softmax overlaps their p.v),
+    contiguous bf16/fp16 cache of head dim 128: then the full groups of 65 to 192 rows run
+    in the Gluon program (one TMA warp, two or three warpgroups whose softmax overlaps their p.v),
     which has no mask, score_mod, tensor or page-table code. "" otherwise."""
     coeff, rest = modified.as_coeff_Mul()
     plain = rest == QK and coeff.is_Number and coeff > 0 and mask == sp.true and not spec.tensors

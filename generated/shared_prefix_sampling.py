@@ -204,17 +204,17 @@ def _tree_program(
     g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
     GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-    n_words, n_batch,
+    n_words, n_batch, row0,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    """Group g's query slots x the GROUP query heads of KV head kv_head, as a tile of ROWS
-    rows (row = slot * GROUP + head; one K/V tile load serves them all), over the group's
+    """Group g's query slots x the GROUP query heads of KV head kv_head, rows row0 to
+    row0 + ROWS as one tile (row = slot * GROUP + head; one K/V tile load serves them all), over the group's
     KV range [kv_start, kv_start + kv_n) (a chunk, or a span of fully visible chunks).
     Writes a normalized fp32 partial O and base-2 LSE per (slot, head), or with FUSED
     (every query has exactly one partial) the final O and natural-log LSE."""
-    rows = tl.arange(0, ROWS)
+    rows = row0 + tl.arange(0, ROWS)
     part = g * QG + tl.minimum(rows // GROUP, QG - 1)
     qid = tl.load(GroupQ + part, mask=rows < QG * GROUP, other=-1)
     row_ok = qid >= 0
@@ -276,7 +276,7 @@ def _tree_partial_kernel(
     GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupSlots, GroupBits, MergeRow, QPos, KvPos, QTree, DenseCount,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
     n_words, n_batch, span, first_group, n_groups, groups_bucket,
-    QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
     USE_TMA: tl.constexpr, SKIP_DENSE: tl.constexpr,
 ):
@@ -285,50 +285,60 @@ def _tree_partial_kernel(
     the longest groups (a shared prefix comes first in KV order) start first for every
     head. A group whose slots (up to its last filled one) need no more than 16, or
     64, of the plan's ROWS rows runs as a tile of that height: a branch's one query
-    beside a prompt's many then costs a narrow tile, not a tall one of empty rows."""
+    beside a prompt's many then costs a narrow tile, not a tall one of empty rows. A plan
+    of more rows than ROWS (a tall QG) has ROW_BLOCKS programs per (group, KV head), one
+    per ROWS rows; a block past the group's filled rows returns."""
     pid = tl.program_id(0)
-    g = first_group + pid // 8
+    kv_head = pid % 8
+    g = pid // 8
+    row0 = 0
+    if ROW_BLOCKS > 1:
+        row0 = (g % ROW_BLOCKS) * ROWS
+        g = g // ROW_BLOCKS
+    g += first_group
     if SKIP_DENSE:  # fixed-capacity buffers: the count is known on the device only
         g += tl.load(DenseCount)
         if g >= n_groups:
             return
-    kv_head = pid % 8
     kv_start = tl.load(GroupKvStart + g)
     kv_n = tl.load(GroupKvLen + g)
     full = tl.load(GroupFull + g)
-    used = tl.load(GroupSlots + g) * GROUP
+    used = tl.load(GroupSlots + g) * GROUP - row0
+    if ROW_BLOCKS > 1:
+        if used <= 0:
+            return
     if ROWS > 64:
         if used <= 16:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
         elif used <= 64:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, QG, GROUP, 64, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, 64, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
         else:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
     elif ROWS > 16:
         if used <= 16:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
         else:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
     else:
         _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
 
 
 @triton.jit
@@ -366,16 +376,17 @@ def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, stride_on, stride_oh,
         lse_out = tl.where(empty, float("-inf"), (m + tl.log2(l_safe)) * 0.6931471805599453)
         tl.store(LSE + qid.to(tl.int64) * 32 + heads, lse_out)
 
-# ---- stage 1 on Hopper: full groups of 65 to 128 rows, in Gluon ----------------------------
+# ---- stage 1 on Hopper: full groups of 65 to 192 rows, in Gluon ----------------------------
 # Triton's pipelined tile loop keeps a 128-row tile's two warpgroups in lockstep (CTA-wide
 # barriers every tile), so no softmax overlaps a matrix product: about 0.79 of the H200's
 # bf16 matrix rate at best. These programs, in Gluon (Triton's explicit dialect), split
-# the work by warps instead: one warp streams K/V tiles by TMA into a 3-stage ring, and
-# two warpgroups of 64 query rows each issue q.k^T of tile j and p.v of tile j - 1 together,
-# then run tile j's softmax while p.v is in flight (0.92 of the matrix rate on a dense
-# shape). They take the plan's dense groups (full: every slot sees the whole range, so no
-# bits; rows in both halves), which the planner lists first; _tree_partial_kernel starts
-# after them.
+# the work by warps instead: one warp streams K/V tiles by TMA into a ring, and two
+# warpgroups of 64 query rows each (three in a tall plan, whose QG gives 128 to
+# 192 rows) issue q.k^T of tile j and p.v of tile j - 1 together, then run
+# tile j's softmax while p.v is in flight (0.92 of the matrix rate on a dense shape with
+# two). They take the plan's dense groups (full: every slot sees the whole range, so no
+# bits; rows in two warpgroups at least), which the planner lists first;
+# _tree_partial_kernel starts after them.
 
 try:
     from triton.experimental import gluon
@@ -436,7 +447,7 @@ def _gluon_warpgroup(half, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v
     NS: gl.constexpr = k_smem.shape[0]
     BN: gl.constexpr = k_smem.shape[1]
     D: gl.constexpr = k_smem.shape[2]
-    HM: gl.constexpr = q_smem.shape[0] // 2
+    HM: gl.constexpr = q_smem.shape[1]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BN, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -447,7 +458,7 @@ def _gluon_warpgroup(half, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v
     l_i = gl.full([HM], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([HM, D], gl.float32, o_layout)
     s_zero = gl.zeros([HM, BN], gl.float32, s_layout)
-    q = q_smem.slice(half * HM, HM)
+    q = q_smem.index(half)
 
     mbarrier.wait(ready.index(0), 0)
     tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -487,7 +498,7 @@ def _gluon_warpgroup(half, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v
 
 
 # warp_specialize passes every partition the same arguments and no constexpr survives it,
-# so each half is a function of its own
+# so each warpgroup is a function of its own
 
 @_gluon_jit
 def _gluon_warpgroup_0(O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty,
@@ -504,14 +515,20 @@ def _gluon_warpgroup_1(O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_sme
 
 
 @_gluon_jit
+def _gluon_warpgroup_2(O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty,
+                       g, kv_head, kv_n, n_tiles, qg):
+    _gluon_warpgroup(2, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg)
+
+
+@_gluon_jit
 def _gluon_tree_kernel(Q, k_desc, v_desc, O_part, LSE_part, GroupKvStart, GroupKvLen, GroupQ, MergeRow,
-                       DenseCount, stride_qn, stride_qh, qg):
-    """Stage 1 for the plan's dense groups (its first n_dense: full, 65 to 128 rows), one
-    program per (group, KV head), KV head fastest as in _tree_partial_kernel."""
-    BM: gl.constexpr = 128
-    BN: gl.constexpr = 128
+                       DenseCount, stride_qn, stride_qh, qg, WG: gl.constexpr, NS: gl.constexpr):
+    """Stage 1 for the plan's dense groups (its first n_dense: full, 65 to 192 rows), one
+    program per (group, KV head), KV head fastest as in _tree_partial_kernel: WG warpgroups
+    of 64 rows, an NS-stage ring of the descriptors' K/V tiles."""
+    BN: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = 128
-    NS: gl.constexpr = 3
     pid = gl.program_id(0)
     g = pid // 8
     kv_head = pid % 8
@@ -520,36 +537,45 @@ def _gluon_tree_kernel(Q, k_desc, v_desc, O_part, LSE_part, GroupKvStart, GroupK
     kv_start = gl.load(GroupKvStart + g)
     kv_n = gl.load(GroupKvLen + g)
 
-    # the group's query rows (row = slot * GROUP + head), gathered into shared memory
+    # the group's query rows (row = slot * GROUP + head), gathered into shared memory, one
+    # 64-row block per warpgroup
+    dtype: gl.constexpr = Q.dtype.element_ty
+    q_smem = gl.allocate_shared_memory(dtype, [WG, 64, D], gl.NVMMASharedLayout.get_default_for([64, D], dtype))
     gather: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    rows = gl.arange(0, BM, layout=gl.SliceLayout(1, gather))
-    slot = rows // 4
-    qid = gl.load(GroupQ + g * qg + gl.minimum(slot, qg - 1), mask=slot < qg, other=-1)
-    head = kv_head * 4 + rows % 4
     d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
-    q_ptrs = Q + gl.expand_dims(gl.maximum(qid, 0).to(gl.int64) * stride_qn + head * stride_qh, 1) + gl.expand_dims(d, 0)
-    q = gl.load(q_ptrs, mask=gl.expand_dims(qid >= 0, 1), other=0.0)
-    q_smem = gl.allocate_shared_memory(q.dtype, [BM, D], gl.NVMMASharedLayout.get_default_for([BM, D], q.dtype), q)
+    for w in gl.static_range(WG):
+        rows = w * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, gather))
+        slot = rows // 4
+        qid = gl.load(GroupQ + g * qg + gl.minimum(slot, qg - 1), mask=slot < qg, other=-1)
+        head = kv_head * 4 + rows % 4
+        q_ptrs = Q + gl.expand_dims(gl.maximum(qid, 0).to(gl.int64) * stride_qn + head * stride_qh, 1) + gl.expand_dims(d, 0)
+        q_smem.index(w).store(gl.load(q_ptrs, mask=gl.expand_dims(qid >= 0, 1), other=0.0))
     fence_async_shared()
 
-    k_smem = gl.allocate_shared_memory(q.dtype, [NS, BN, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(q.dtype, [NS, BN, D], v_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [NS, BN, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NS, BN, D], v_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NS):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
+        mbarrier.init(empty.index(i), count=WG)
     n_tiles = gl.cdiv(kv_n, BN)
     args = (O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty, g, kv_head, kv_n, n_tiles, qg)
-    gl.warp_specialize(
-        [
-            (_gluon_warpgroup_0, args),  # the default partition: the kernel's 4 warps
-            (_gluon_warpgroup_1, args),
-            (_gluon_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_start, kv_head, n_tiles)),
-        ],
-        [4, 1],  # the workers' warps
-        [232, 40],  # and registers per thread (a warpgroup's accumulators, the loader's few)
-    )
+    ring = (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_start, kv_head, n_tiles)
+    if WG == 3:
+        # 13 warps: three warpgroups at 160 registers and the loader fill the register file
+        gl.warp_specialize([(_gluon_warpgroup_0, args), (_gluon_warpgroup_1, args), (_gluon_warpgroup_2, args),
+                            (_gluon_kv_loader, ring)], [4, 4, 1], [160, 160, 40])
+    else:
+        gl.warp_specialize(
+            [
+                (_gluon_warpgroup_0, args),  # the default partition: the kernel's 4 warps
+                (_gluon_warpgroup_1, args),
+                (_gluon_kv_loader, ring),
+            ],
+            [4, 1],  # the workers' warps
+            [232, 40],  # and registers per thread (a warpgroup's accumulators, the loader's few)
+        )
 
 
 def _gluon_ready(k, v):
@@ -574,13 +600,17 @@ def _side_stream(device):
 
 def _launch_gluon(q, k, v, t, o_part, lse_part, n_dense, qg):
     """The dense groups' partials: ``n_dense`` programs per KV head (the plan's count, or
-    the buffers' capacity; programs past the device count return)."""
-    layout = gl.NVMMASharedLayout.get_default_for([128, HEAD_DIM_QK], gl.bfloat16)
-    k_desc = GluonDescriptor.from_tensor(k.view(k.shape[0], -1), [128, HEAD_DIM_QK], layout)
-    v_desc = GluonDescriptor.from_tensor(v.view(v.shape[0], -1), [128, HEAD_DIM_V], layout)
+    the buffers' capacity; programs past the device count return). Tiles of two
+    warpgroups read 128-key K/V tiles through 3 stages; a tall plan's three warpgroups
+    leave registers for 64-key tiles only (4 stages: 128-key ones spill)."""
+    wg = 3 if qg * (HEADS_Q // HEADS_KV) > 128 else 2
+    block_n, stages = (128, 3) if wg == 2 else (64, 4)
+    layout = gl.NVMMASharedLayout.get_default_for([block_n, HEAD_DIM_QK], gl.bfloat16)
+    k_desc = GluonDescriptor.from_tensor(k.view(k.shape[0], -1), [block_n, HEAD_DIM_QK], layout)
+    v_desc = GluonDescriptor.from_tensor(v.view(v.shape[0], -1), [block_n, HEAD_DIM_V], layout)
     _gluon_tree_kernel[(n_dense * HEADS_KV,)](
         q, k_desc, v_desc, o_part, lse_part, t["group_kv_start"], t["group_kv_len"], t["group_q"],
-        t["merge_row"], t["dense_count"], q.stride(0), q.stride(1), qg, num_warps=4)
+        t["merge_row"], t["dense_count"], q.stride(0), q.stride(1), qg, WG=wg, NS=stages, num_warps=4)
 
 
 def _prune_tree(configs, named_args, **kwargs):
@@ -792,7 +822,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
     natural-log LSE ``[n_queries, 32]`` in fp32 (-inf where a query sees nothing).
     ``config``: a stage-1 tile (block_n, num_warps, num_stages) bypasses the autotuner;
     ``fused``: False forces two launches; ``gluon``: False keeps every group in the
-    Triton kernel (on Hopper the full groups of 65 to 128 rows otherwise run in
+    Triton kernel (on Hopper the full groups of 65 to 192 rows otherwise run in
     ``_gluon_tree_kernel``, a third launch).
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
@@ -851,10 +881,13 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
                 out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)), first, n_groups,
                 triton.next_power_of_2(n_groups - first))
-        consts = dict(QG=qg, GROUP=group, ROWS=max(16, triton.next_power_of_2(qg * group)),
+        # a group's rows as one tile, or (past 128: a tall QG) as row blocks of 128
+        rows = min(128, max(16, triton.next_power_of_2(qg * group)))
+        row_blocks = -(-qg * group // rows)
+        consts = dict(QG=qg, GROUP=group, ROWS=rows, ROW_BLOCKS=row_blocks,
                       D_QK=128, D_V=128, FUSED=fused, RETURN_LSE=return_lse,
                       USE_TMA=use_tma, SKIP_DENSE=skip_on_device)
-        grid = ((n_groups - first) * HEADS_KV,)
+        grid = ((n_groups - first) * HEADS_KV * row_blocks,)
         tuned = not _INTERPRET and not any(key in (config or {}) for key in ("block_n", "num_warps", "num_stages"))
         if use_gluon:
             main, side = torch.cuda.current_stream(device), _side_stream(device)

@@ -206,17 +206,17 @@ def _tree_program(
     g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
     GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-    n_words, n_batch,
+    n_words, n_batch, row0,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    """Group g's query slots x the GROUP query heads of KV head kv_head, as a tile of ROWS
-    rows (row = slot * GROUP + head; one K/V tile load serves them all), over the group's
+    """Group g's query slots x the GROUP query heads of KV head kv_head, rows row0 to
+    row0 + ROWS as one tile (row = slot * GROUP + head; one K/V tile load serves them all), over the group's
     KV range [kv_start, kv_start + kv_n) (a chunk, or a span of fully visible chunks).
     Writes a normalized fp32 partial O and base-2 LSE per (slot, head), or with FUSED
     (every query has exactly one partial) the final O and natural-log LSE."""
-    rows = tl.arange(0, ROWS)
+    rows = row0 + tl.arange(0, ROWS)
     part = g * QG + tl.minimum(rows // GROUP, QG - 1)
     qid = tl.load(GroupQ + part, mask=rows < QG * GROUP, other=-1)
     row_ok = qid >= 0
@@ -278,7 +278,7 @@ def _tree_partial_kernel(
     GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupSlots, GroupBits, MergeRow, QPos, KvPos, QTree, DenseCount,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
     n_words, n_batch, span, first_group, n_groups, groups_bucket,
-    QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
     USE_TMA: tl.constexpr, SKIP_DENSE: tl.constexpr,
 ):
@@ -287,50 +287,60 @@ def _tree_partial_kernel(
     the longest groups (a shared prefix comes first in KV order) start first for every
     head. A group whose slots (up to its last filled one) need no more than 16, or
     64, of the plan's ROWS rows runs as a tile of that height: a branch's one query
-    beside a prompt's many then costs a narrow tile, not a tall one of empty rows."""
+    beside a prompt's many then costs a narrow tile, not a tall one of empty rows. A plan
+    of more rows than ROWS (a tall QG) has ROW_BLOCKS programs per (group, KV head), one
+    per ROWS rows; a block past the group's filled rows returns."""
     pid = tl.program_id(0)
-    g = first_group + pid // 8
+    kv_head = pid % 8
+    g = pid // 8
+    row0 = 0
+    if ROW_BLOCKS > 1:
+        row0 = (g % ROW_BLOCKS) * ROWS
+        g = g // ROW_BLOCKS
+    g += first_group
     if SKIP_DENSE:  # fixed-capacity buffers: the count is known on the device only
         g += tl.load(DenseCount)
         if g >= n_groups:
             return
-    kv_head = pid % 8
     kv_start = tl.load(GroupKvStart + g)
     kv_n = tl.load(GroupKvLen + g)
     full = tl.load(GroupFull + g)
-    used = tl.load(GroupSlots + g) * GROUP
+    used = tl.load(GroupSlots + g) * GROUP - row0
+    if ROW_BLOCKS > 1:
+        if used <= 0:
+            return
     if ROWS > 64:
         if used <= 16:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
         elif used <= 64:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, QG, GROUP, 64, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, 64, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
         else:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
     elif ROWS > 16:
         if used <= 16:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
         else:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
     else:
         _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
 
 
 @triton.jit
@@ -639,10 +649,13 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
                 out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)), first, n_groups,
                 triton.next_power_of_2(n_groups - first))
-        consts = dict(QG=qg, GROUP=group, ROWS=max(16, triton.next_power_of_2(qg * group)),
+        # a group's rows as one tile, or (past 128: a tall QG) as row blocks of 128
+        rows = min(128, max(16, triton.next_power_of_2(qg * group)))
+        row_blocks = -(-qg * group // rows)
+        consts = dict(QG=qg, GROUP=group, ROWS=rows, ROW_BLOCKS=row_blocks,
                       D_QK=128, D_V=128, FUSED=fused, RETURN_LSE=return_lse,
                       USE_TMA=use_tma, SKIP_DENSE=skip_on_device)
-        grid = ((n_groups - first) * HEADS_KV,)
+        grid = ((n_groups - first) * HEADS_KV * row_blocks,)
         tuned = not _INTERPRET and not any(key in (config or {}) for key in ("block_n", "num_warps", "num_stages"))
         _launch_partial(grid, args, consts, c, tuned)
     if not fused:

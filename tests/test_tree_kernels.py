@@ -252,6 +252,22 @@ class TestTreeKernelsInterpreter:
         o_r, lse_r = run(spec, case, reversed_slots, config=tile)
         check(spec, case, o_r, lse_r)
 
+    def test_tall_plan_runs_groups_as_row_blocks(self, device: str) -> None:
+        """A tall QG (24 queries x 8 query heads = 192 rows, past the 128 of one Triton
+        tile) runs each (group, KV head) as two row blocks of up to 128 rows: the prompt's
+        group (22 queries, 176 rows) at 128 + 64, inner node A's (9 queries, 72 rows) at
+        128 in the first block while the second returns, the leaves' at 16."""
+        parents = [-1, 0] + [1] * 9 + [0] * 13
+        tree = TreeBatch.from_parents(parents, [90, 40] + [7 + i % 4 for i in range(22)])
+        spec = tree_spec(heads=(16, 2), dtype="fp16")
+        heads = HeadLayout(heads_q=16, heads_kv=2, head_dim_qk=16, head_dim_v=16)
+        plan = plan_tree(tree, chunk=32, queries_per_group=24, span=256, heads=heads, device=device)
+        assert plan.queries_per_group * 8 == 192 and int(plan.group_slots.max()) == 22
+        case = make_case(tree, spec, device, seed=13)
+        for fused in (True, False):
+            o, lse = run(spec, case, plan, config={"block_n": 32, "num_warps": 4, "num_stages": 2, "fused": fused})
+            check(spec, case, o, lse)
+
     def test_fused_single_launch_equals_two_stage(self, device: str) -> None:
         tree = TreeBatch.from_parents([-1, 0, 0, 0], [20, 3, 1, 5])  # one chunk, one group
         spec = tree_spec(heads=(4, 2), dtype="fp16")
@@ -439,13 +455,17 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
             ref_o, _ = tree_reference(spec, tree, q, k[: tree.n_kv], v[: tree.n_kv], {})
             assert_close(out, ref_o, "bf16", what=f"O (replay, {tree.n_kv} tokens)")
 
-    @pytest.mark.parametrize(("heads", "qg"), [((32, 32), 128), ((32, 8), 32), ((24, 8), 32)])
+    @pytest.mark.parametrize(
+        ("heads", "qg"), [((32, 32), 128), ((32, 8), 32), ((24, 8), 32), ((32, 32), 192), ((32, 8), 48)]
+    )
     def test_gluon_stage1(self, heads: tuple[int, int], qg: int) -> None:
         """On Hopper, the plan's dense groups run in the Gluon kernel: its partials alone
         against float64 (nothing else written), the whole call with and without it against
         the reference, and the call replayed from a CUDA graph. The plan's 480-token spans
         end inside a 128-key tile; with (24, 8) a tile's last 32 rows lie past the group's
-        slots; the 56-row groups of mha (one 64-row half) run in the Triton kernel beside."""
+        slots; the 56-row groups of mha (one 64-row half) run in the Triton kernel beside.
+        The tall QGs (192 rows) run three warpgroups: mha's one 184-row group per span,
+        gqa's groups of 192 and 160 rows; their tree part runs as Triton row blocks."""
         hq, hkv = heads
         group = hq // hkv
         spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries="token")

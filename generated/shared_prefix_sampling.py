@@ -210,8 +210,9 @@ def _tree_program(
     USE_TMA: tl.constexpr,
 ):
     """Group g's query slots x the GROUP query heads of KV head kv_head, rows row0 to
-    row0 + ROWS as one tile (row = slot * GROUP + head; one K/V tile load serves them all), over the group's
-    KV range [kv_start, kv_start + kv_n) (a chunk, or a span of fully visible chunks).
+    row0 + ROWS as one tile (row = slot * GROUP + head; one K/V tile load serves them
+    all), over the group's KV range [kv_start, kv_start + kv_n) (a chunk, or a span of
+    fully visible chunks).
     Writes a normalized fp32 partial O and base-2 LSE per (slot, head), or with FUSED
     (every query has exactly one partial) the final O and natural-log LSE."""
     rows = row0 + tl.arange(0, ROWS)
@@ -440,9 +441,9 @@ def _gluon_softmax(s, m_i, l_i, j, n_tiles, kv_n):
 
 
 @_gluon_jit
-def _gluon_warpgroup(half, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty,
+def _gluon_warpgroup(wg, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty,
                      g, kv_head, kv_n, n_tiles, qg):
-    """One warpgroup: rows [64 * half, 64 * half + 64) of the group's tile over the whole
+    """One warpgroup: rows [64 * wg, 64 * wg + 64) of the group's tile over the whole
     range, then their partials (fp32, normalized) and base-2 LSEs at their merge rows."""
     NS: gl.constexpr = k_smem.shape[0]
     BN: gl.constexpr = k_smem.shape[1]
@@ -458,7 +459,7 @@ def _gluon_warpgroup(half, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v
     l_i = gl.full([HM], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([HM, D], gl.float32, o_layout)
     s_zero = gl.zeros([HM, BN], gl.float32, s_layout)
-    q = q_smem.index(half)
+    q = q_smem.index(wg)
 
     mbarrier.wait(ready.index(0), 0)
     tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -486,7 +487,7 @@ def _gluon_warpgroup(half, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v
 
     # row = slot * GROUP + head, as in _tree_program; its partial goes to merge_row[g, slot]
     o = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
-    rows = half * HM + gl.arange(0, HM, layout=o_rows)
+    rows = wg * HM + gl.arange(0, HM, layout=o_rows)
     slot = rows // 4
     part = g * qg + gl.minimum(slot, qg - 1)
     ok = (slot < qg) & (gl.load(GroupQ + part) >= 0)

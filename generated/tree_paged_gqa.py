@@ -212,8 +212,9 @@ def _tree_program(
     USE_TMA: tl.constexpr,
 ):
     """Group g's query slots x the GROUP query heads of KV head kv_head, rows row0 to
-    row0 + ROWS as one tile (row = slot * GROUP + head; one K/V tile load serves them all), over the group's
-    KV range [kv_start, kv_start + kv_n) (a chunk, or a span of fully visible chunks).
+    row0 + ROWS as one tile (row = slot * GROUP + head; one K/V tile load serves them
+    all), over the group's KV range [kv_start, kv_start + kv_n) (a chunk, or a span of
+    fully visible chunks).
     Writes a normalized fp32 partial O and base-2 LSE per (slot, head), or with FUSED
     (every query has exactly one partial) the final O and natural-log LSE."""
     rows = row0 + tl.arange(0, ROWS)

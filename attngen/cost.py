@@ -219,7 +219,7 @@ class HeadLayout:
             choices.append(qg)
             qg *= 2
         tall = TALL_ROWS // self.group
-        if tall * self.group > BLOCK_ROWS and tall * self.group <= self.max_rows and tall > choices[-1]:
+        if BLOCK_ROWS < tall * self.group <= self.max_rows:
             choices.append(tall)
         return tuple(choices)
 

@@ -453,14 +453,15 @@ def _check_params(chunk: int | None, qg: int | None, heads: HeadLayout) -> None:
     if qg is None:
         return
     choices = heads.queries_per_group_choices()
-    if qg < 1 or (qg & (qg - 1) and qg not in choices):
+    if qg in choices:
+        return
+    if qg < 1 or qg & (qg - 1):
         raise PlanError(f"queries_per_group {qg} must be a power of two >= 1, or one of {list(choices)}.")
-    if qg > 1 and qg not in choices:
-        raise PlanError(
-            f"queries_per_group {qg} x {heads.group} query heads per KV head = "
-            f"{qg * heads.group} rows exceeds the {min(heads.max_rows, BLOCK_ROWS)} of a power-of-two "
-            f"QG (max_rows {heads.max_rows}); allowed: {list(choices)}."
-        )
+    raise PlanError(
+        f"queries_per_group {qg} x {heads.group} query heads per KV head = "
+        f"{qg * heads.group} rows exceeds the {min(heads.max_rows, BLOCK_ROWS)} of a power-of-two "
+        f"QG (max_rows {heads.max_rows}); allowed: {list(choices)}."
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -563,20 +563,15 @@ def _gluon_tree_kernel(Q, k_desc, v_desc, O_part, LSE_part, GroupKvStart, GroupK
     n_tiles = gl.cdiv(kv_n, BN)
     args = (O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty, g, kv_head, kv_n, n_tiles, qg)
     ring = (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_start, kv_head, n_tiles)
+    # warpgroup 0 is the default partition (the kernel's 4 warps); the workers' warps and
+    # registers per thread follow: a warpgroup's accumulators, the loader's few. Three
+    # warpgroups at 160 and the loader fill the register file
     if WG == 3:
-        # 13 warps: three warpgroups at 160 registers and the loader fill the register file
         gl.warp_specialize([(_gluon_warpgroup_0, args), (_gluon_warpgroup_1, args), (_gluon_warpgroup_2, args),
                             (_gluon_kv_loader, ring)], [4, 4, 1], [160, 160, 40])
     else:
-        gl.warp_specialize(
-            [
-                (_gluon_warpgroup_0, args),  # the default partition: the kernel's 4 warps
-                (_gluon_warpgroup_1, args),
-                (_gluon_kv_loader, ring),
-            ],
-            [4, 1],  # the workers' warps
-            [232, 40],  # and registers per thread (a warpgroup's accumulators, the loader's few)
-        )
+        gl.warp_specialize([(_gluon_warpgroup_0, args), (_gluon_warpgroup_1, args), (_gluon_kv_loader, ring)],
+                           [4, 1], [232, 40])
 
 
 def _gluon_ready(k, v):

@@ -588,10 +588,15 @@ _SIDE_STREAMS = {}
 
 
 def _side_stream(device):
-    """The stream stage 1's Triton kernel runs on beside the Gluon kernel (one per device)."""
+    """The stream stage 1's Triton kernel runs on beside the Gluon kernel: never the
+    caller's. torch hands streams out round-robin from a pool, so a stream kept here can
+    come round as the current one (a benchmark's or a graph capture's); both kernels would
+    then queue on it one after the other. Two successive ones of the pool are kept, and
+    the one not current is used."""
     if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
+        _SIDE_STREAMS[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+    first, second = _SIDE_STREAMS[device]
+    return second if first == torch.cuda.current_stream(device) else first
 
 
 def _launch_gluon(q, k, v, t, o_part, lse_part, n_dense, qg):

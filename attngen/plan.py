@@ -929,6 +929,15 @@ class PlanBuffers:
         heads: HeadLayout | None = None,
         device: torch.device | str = "cpu",
     ) -> PlanBuffers:
+        """Zeroed buffers for plans of at most ``max_groups`` groups, ``max_queries``
+        queries and ``max_kv`` KV tokens; the parameters are checked as :func:`plan_tree`
+        checks them, before anything is allocated."""
+        heads = heads or HeadLayout()
+        for name, value in (("max_groups", max_groups), ("max_queries", max_queries), ("max_kv", max_kv)):
+            if value < 1:
+                raise PlanError(f"PlanBuffers.allocate: {name} {value} must be a positive capacity.")
+        _check_params(chunk, queries_per_group, heads)
+        _check_span(span)
         shapes = {
             "group_kv_start": (max_groups,),
             "group_kv_len": (max_groups,),
@@ -944,8 +953,7 @@ class PlanBuffers:
             "dense_count": (1,),
         }
         tensors = {n: torch.zeros(s, dtype=torch.int32, device=device) for n, s in shapes.items()}
-        _check_span(span)
-        return cls(chunk, queries_per_group, max(span or chunk, chunk), tensors, heads or HeadLayout())
+        return cls(chunk, queries_per_group, max(span or chunk, chunk), tensors, heads)
 
     def capacity(self) -> PlanSizes:
         t = self.tensors

@@ -254,6 +254,25 @@ def test_bad_parameters(kwargs: dict[str, int], message: str) -> None:
         plan_tree(TreeBatch.from_parents([-1], [5]), **kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"chunk": 48}, "multiple of 32"),
+        ({"queries_per_group": 3}, "power of two"),
+        # 64 queries x 4 heads per KV head = 256 rows: more than a QG may take
+        ({"queries_per_group": 64, "heads": HeadLayout(heads_q=32, heads_kv=8)}, r"allowed: \[1, 2, 4, 8, 16, 32, 48\]"),
+        ({"span": 0}, "positive number of tokens"),
+        ({"max_kv": 0}, "max_kv 0 must be a positive capacity"),
+    ],
+)
+def test_buffers_check_their_parameters(kwargs: dict[str, object], message: str) -> None:
+    """PlanBuffers.allocate refuses what plan_tree refuses, before allocating: a QG too tall
+    for the heads would otherwise surface only at plan_into or in the kernel."""
+    args: dict[str, object] = {"max_groups": 8, "max_queries": 4, "max_kv": 256, "chunk": 64, "queries_per_group": 4}
+    with pytest.raises(PlanError, match=message):
+        PlanBuffers.allocate(**(args | kwargs))  # type: ignore[arg-type]
+
+
 def test_cost_reports_io_saved_against_per_branch() -> None:
     tree = TreeBatch.from_parents([-1] + [0] * 20, [4000] + [400] * 20)
     cost = plan_tree(tree, heads=HeadLayout(heads_q=32, heads_kv=8)).cost

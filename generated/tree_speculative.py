@@ -587,16 +587,17 @@ def _gluon_ready(k, v):
 _SIDE_STREAMS = {}
 
 
-def _side_stream(device):
-    """The stream stage 1's Triton kernel runs on beside the Gluon kernel: never the
-    caller's. torch hands streams out round-robin from a pool, so a stream kept here can
-    come round as the current one (a benchmark's or a graph capture's); both kernels would
-    then queue on it one after the other. Two successive ones of the pool are kept, and
-    the one not current is used."""
+def _side_stream(current):
+    """The stream stage 1's Triton kernel runs on beside the Gluon kernel, which runs on
+    ``current`` (the caller's). torch hands streams out round-robin from a pool, so a
+    stream kept here can come round as the caller's (a benchmark's or a graph capture's);
+    both kernels would then queue on it one after the other. Two successive ones of the
+    pool are kept per device, and the one that is not ``current`` is used."""
+    device = current.device
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
     first, second = _SIDE_STREAMS[device]
-    return second if first == torch.cuda.current_stream(device) else first
+    return second if first == current else first
 
 
 def _launch_gluon(q, k, v, t, o_part, lse_part, n_dense, qg):
@@ -891,7 +892,8 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         grid = ((n_groups - first) * HEADS_KV * row_blocks,)
         tuned = not _INTERPRET and not any(key in (config or {}) for key in ("block_n", "num_warps", "num_stages"))
         if use_gluon:
-            main, side = torch.cuda.current_stream(device), _side_stream(device)
+            main = torch.cuda.current_stream(device)
+            side = _side_stream(main)
             side.wait_stream(main)  # q, the plan and the caches as written so far
             _launch_gluon(q, k_cache, v_cache, t, o_part, lse_part, n_groups if n_dense is None else n_dense, qg)
             with torch.cuda.stream(side):

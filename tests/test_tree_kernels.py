@@ -463,10 +463,10 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         stream is current, the side stream differs from it."""
         module = load(tree_spec(heads=(32, 8), head_dim=128, dtype="bf16", queries="token"))
         device = torch.device("cuda", torch.cuda.current_device())
-        kept = {module._side_stream(device)}
+        kept = {module._side_stream(torch.cuda.current_stream(device))}
         for stream in [torch.cuda.Stream(device) for _ in range(40)] + list(kept):
             with torch.cuda.stream(stream):
-                side = module._side_stream(device)
+                side = module._side_stream(torch.cuda.current_stream(device))
                 assert side != torch.cuda.current_stream(device)
                 kept.add(side)
         assert len(kept) == 2, "the module keeps two side streams, no more"

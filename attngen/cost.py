@@ -22,7 +22,8 @@ Symbols (all plain sympy Symbols, positive):
   KV token of a program besides its matrix work, ``DRAM`` the share of the unique KV's
   DRAM time that tile work does not hide, ``R_wg`` the rows of a warpgroup's matrix
   instruction, ``NARROW`` how many times slower a program of fewer rows runs alone on
-  an SM, ``SLOTS`` how many such narrow programs share an SM.
+  an SM, ``SLOTS`` how many such narrow programs share an SM, ``PBW`` the bytes/s one
+  program streams at most, ``PSLOTS`` the programs an SM holds at once.
 
 The machine constants that are not plain hardware rates were fitted to the tree
 kernels' plan sweep on an H200 (scripts/explore_gpu.py tree: the five reference
@@ -48,6 +49,7 @@ Hq, Hkv, Dqk, Dv, E = sp.symbols("Hq Hkv Dqk Dv E", positive=True)
 T_branch, T_unique = sp.symbols("T_branch T_unique", positive=True)
 BW, RATE, LAUNCH, SMS, OVH, POVH, EFF = sp.symbols("BW RATE LAUNCH SMS OVH POVH EFF", positive=True)
 TOK, DRAM, R_wg, NARROW, SLOTS = sp.symbols("TOK DRAM R_wg NARROW SLOTS", positive=True)
+PBW, PSLOTS = sp.symbols("PBW PSLOTS", positive=True)
 
 #: Tile heights below a plan's full one that stage 1 runs a group at when its filled
 #: slots fit (the per-warp matrix instructions' 16 rows, one warpgroup instruction's 64).
@@ -118,11 +120,18 @@ LONE_TOKEN_TIME = NARROW_SLOWDOWN * 2 * sp.Max(ROWS, R_wg) * (Dqk + Dv) * SMS / 
 #: of one per SM (SLOTS per SM if narrow): a plan of few or unequal programs cannot
 #: finish before they do, and one just over a wave pays for a second.
 WAVES = sp.ceiling(NW * Hkv / (NARROW_SLOTS * SMS)) * (W * LONE_TOKEN_TIME + OVH)
+#: The same programs bound by their loads: one program streams its KV head's bytes at
+#: most PBW (the loads its ring keeps in flight over the loaded latency), PSLOTS programs
+#: share an SM (its shared memory holds that many K/V rings). A plan whose longest
+#: programs stream twice the bytes of the rest leaves most SMs idle for its second half
+#: (fewshot_4k_x20 GQA: four 1024-token pieces of the prompt per KV head ran 18 us
+#: while the 400-token branches finished by 12; session 22, BENCHMARKS.md).
+STREAM_WAVES = sp.ceiling(NW * Hkv / (PSLOTS * SMS)) * (W * (Dqk + Dv) * E / PBW + OVH)
 #: Each partial row (per query head) costs POVH: stage 1's fp32 store of it and the
 #: merge kernel's load (the merge alone, profiled: ~0.1 ns per row; the fit charges more).
 MERGE = P * Hq * POVH
 #: Stage 1 is bound by the busy SMs or by its longest programs; the merge follows it.
-TIME = sp.Max(SPREAD, WAVES) + MERGE + L * LAUNCH
+TIME = sp.Max(SPREAD, WAVES, STREAM_WAVES) + MERGE + L * LAUNCH
 
 _ARGS = (
     C,
@@ -154,6 +163,8 @@ _ARGS = (
     R_wg,
     NARROW,
     SLOTS,
+    PBW,
+    PSLOTS,
 )
 
 
@@ -252,6 +263,14 @@ class Machine:
     dram_exposed: float = 0.22
     narrow_slowdown: float = 4.1
     narrow_programs_per_sm: float = 5.24  # a fitted average: narrow programs' stages share an SM
+    # session 22's per-program timeline of stage 1 on the H200 measured 28-37 GB/s per
+    # program; like the constants above, the bound is set against the model's other
+    # terms (which run low). At 53 GB/s it moves two reference choices: fewshot_4k_x20
+    # GQA to six pieces of the prompt (23.4 -> 20.2 us measured) and fewshot_32k_x64 MHA
+    # to span 8192 (200.9 against 200.6). Above ~55 it moves neither; below 52 it moves
+    # tot_d3_w3 GQA's chunk, below 45 spec_4k_92 to slower plans.
+    program_bandwidth: float = 53e9
+    programs_per_sm: int = 2  # the 64-key tiles' 96 KB K/V ring: two per SM's 227 KB
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +350,8 @@ def _values(stats: PlanStats, layout: HeadLayout, machine: Machine) -> tuple[obj
         machine.warpgroup_rows,
         machine.narrow_slowdown,
         machine.narrow_programs_per_sm,
+        machine.program_bandwidth,
+        machine.programs_per_sm,
     )
 
 

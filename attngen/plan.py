@@ -56,7 +56,9 @@ from attngen.tree import TreeBatch
 #: Candidate chunk sizes the cost model chooses among (multiples of 32).
 CHUNK_CHOICES = (64, 128, 256, 512)
 #: Candidate spans (tokens per group after coalescing a long node's full chunks).
-SPAN_CHOICES = (1024, 2048, 4096, 8192, 16384)
+SPAN_CHOICES = (768, 1024, 2048, 4096, 8192, 16384)
+#: Tokens a coalesced group's range is cut at (the smallest stage-1 KV tile).
+SPLIT_ALIGN = 64
 WORD = 32
 
 
@@ -615,28 +617,51 @@ def _span_groups(
     layout: _Chunking, rows: _Rows, span: int, runs: _Runs | None = None
 ) -> _Groups:
     """Coalesce each run of full groups (see :class:`_Runs`) into groups of about ``span``
-    tokens: a run of n tokens becomes ceil(n / span) groups of near-equal length (chunk
-    boundaries kept, so each is within one chunk of n / ceil(n / span)). Groups stay in
-    ascending KV order, which is the merge order. ``runs``: those of ``rows``, if known."""
+    tokens: a run of n tokens becomes k = ceil(n / span) groups, the i-th starting at the
+    first of the run's groups at or past i * n / k. Under a span of two chunks, where
+    a chunk's slack would nearly double a piece, pieces that stay longer than a chunk are
+    cut at the first multiple of :data:`SPLIT_ALIGN` tokens (from the run's start) at or past it
+    instead: a full group reads no bits, so its range may start anywhere. On the H200, fewshot_4k_x20 GQA's prompt in six pieces
+    of at most 704 tokens ran 20.2 us against 23.4 for four of 1024; chunk-sized cuts
+    still give 2048 + 1536 on spec_4k_92 MHA, where even ones (1792 + 1792) ran 37.0
+    against 34.9: the long pieces then end at once, and the groups after them wait (session
+    22, BENCHMARKS.md). Groups stay in ascending KV order, which is the merge order.
+    ``runs``: those of ``rows``, if known."""
     start, length = layout.start[rows.chunk], layout.length[rows.chunk]
     if span <= layout.chunk or len(start) < 2 or not rows.full.any():
         return _Groups(start, length, rows.query, rows.bits, rows.full)
     runs = runs if runs is not None else _Runs.of(layout, rows)
     pieces = runs.pieces(span, layout.chunk)
-    at = runs.run
-    piece = (pieces.cumsum() - pieces)[at] + runs.offset * pieces[at] // runs.tokens[at]
-    # a piece's groups are consecutive in runs.order, the first of them lowest in KV: it
-    # stays, with the piece's tokens; every other (not full) group stays as it is
-    head = np.ones(len(piece), dtype=bool)
-    head[1:] = piece[1:] != piece[:-1]
-    heads = head.nonzero()[0]
+    of_run = np.repeat(np.arange(len(pieces)), pieces)
+    k = pieces[of_run]
+    i = np.arange(len(of_run)) - (np.cumsum(pieces) - pieces)[of_run]
+    tokens = runs.tokens[of_run]
+
+    stride = int(runs.tokens.max()) + 1
+    keys = runs.run * stride + runs.offset  # ascending: runs in order, KV order within
+    # under a span of two chunks, where each piece stays longer than a chunk: cut evenly
+    even = (span < 2 * layout.chunk) & (tokens > k * (layout.chunk + SPLIT_ALIGN))
+
+    def cut(at: np.ndarray) -> np.ndarray:
+        target = -(-at * tokens // k)  # ceil(at * n / k)
+        nxt = np.minimum(np.searchsorted(keys, of_run * stride + target), len(keys) - 1)
+        at_group = np.where((runs.run[nxt] == of_run) & (target < tokens), runs.offset[nxt], tokens)
+        at_align = np.minimum(-(-target // SPLIT_ALIGN) * SPLIT_ALIGN, tokens)
+        return np.where(even, at_align, at_group)
+
+    lo, hi = cut(i), cut(i + 1)
+    # a piece takes its slots from the run's group it starts in (a run's groups share
+    # their slots and are full)
+    member = np.searchsorted(keys, of_run * stride + lo, side="right") - 1
     rest = (~rows.full).nonzero()[0]
-    keep = np.concatenate((runs.order[heads], rest))
-    total = np.concatenate((np.add.reduceat(length[runs.order], heads), length[rest]))
-    by_kv = keep.argsort()  # ascending KV
-    keep, total = keep[by_kv], total[by_kv]
-    query, bits = rows.query.take(keep, axis=0), rows.bits.take(keep, axis=0)
-    return _Groups(start[keep], total, query, bits, rows.full[keep])
+    source = np.concatenate((runs.order[member], rest))
+    begin = np.concatenate((start[runs.order[member]] - runs.offset[member] + lo, start[rest]))
+    total = np.concatenate((hi - lo, length[rest]))
+    # ascending KV, and at one start by first query, as the groups of a chunk are
+    by_kv = np.lexsort((rows.query[source, 0], begin))
+    source, begin, total = source[by_kv], begin[by_kv], total[by_kv]
+    query, bits = rows.query.take(source, axis=0), rows.bits.take(source, axis=0)
+    return _Groups(begin, total, query, bits, rows.full[source])
 
 
 def _span_stats(

@@ -121,13 +121,29 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
     tree_batches(),
     st.sampled_from([32, 64, 96, 128, 256]),
     st.sampled_from([1, 2, 4, 16]),
-    st.sampled_from([1, 2, 3, 8]),
+    st.sampled_from([1, 1.5, 1.75, 2, 3, 8]),
 )
 def test_every_visible_pair_covered_exactly_once(
-    tree: TreeBatch, chunk: int, qg: int, span_chunks: int
+    tree: TreeBatch, chunk: int, qg: int, span_chunks: float
 ) -> None:
-    plan = plan_tree(tree, chunk=chunk, queries_per_group=qg, span=span_chunks * chunk)
+    # spans under two chunks cut long runs evenly (SPLIT_ALIGN), the rest at chunks
+    plan = plan_tree(tree, chunk=chunk, queries_per_group=qg, span=int(span_chunks * chunk))
     check_invariants(tree, plan)
+
+
+def test_short_spans_cut_long_runs_evenly() -> None:
+    # one 4000-token prompt seen by 20 queries, in chunks of 512: at span 768 its six
+    # pieces are cut at multiples of 64 tokens, not at chunk boundaries (which would give
+    # pieces of 1024 and 512); at span 1024 (two chunks) they stay chunk-aligned
+    tree = TreeBatch.from_parents([-1] + [0] * 20, [4000] + [400] * 20, list(range(1, 21)))
+    plan = plan_tree(tree, chunk=512, queries_per_group=32, span=768)
+    prompt = plan.group_kv_start.numpy() < 4000
+    assert plan.group_kv_len.numpy()[prompt].tolist() == [704, 640, 704, 640, 704, 608]
+    check_invariants(tree, plan)
+    aligned = plan_tree(tree, chunk=512, queries_per_group=32, span=1024)
+    starts = aligned.group_kv_start.numpy()
+    assert (starts[starts < 4000] % 512 == 0).all()
+    check_invariants(tree, aligned)
 
 
 @SETTINGS

@@ -618,15 +618,16 @@ def _span_groups(
 ) -> _Groups:
     """Coalesce each run of full groups (see :class:`_Runs`) into groups of about ``span``
     tokens: a run of n tokens becomes k = ceil(n / span) groups, the i-th starting at the
-    first of the run's groups at or past i * n / k. Under a span of two chunks, where
-    a chunk's slack would nearly double a piece, pieces that stay longer than a chunk are
-    cut at the first multiple of :data:`SPLIT_ALIGN` tokens (from the run's start) at or past it
-    instead: a full group reads no bits, so its range may start anywhere. On the H200, fewshot_4k_x20 GQA's prompt in six pieces
-    of at most 704 tokens ran 20.2 us against 23.4 for four of 1024; chunk-sized cuts
-    still give 2048 + 1536 on spec_4k_92 MHA, where even ones (1792 + 1792) ran 37.0
-    against 34.9: the long pieces then end at once, and the groups after them wait (session
-    22, BENCHMARKS.md). Groups stay in ascending KV order, which is the merge order.
-    ``runs``: those of ``rows``, if known."""
+    first of the run's groups at or past i * n / k. Under a span of two chunks, where a
+    chunk's slack would nearly double a piece, pieces that stay longer than a chunk start
+    instead at the first multiple of :data:`SPLIT_ALIGN` tokens (from the run's start) at
+    or past it: a full group reads no bits, so its range may start anywhere.
+
+    On the H200, fewshot_4k_x20 GQA's prompt in six pieces of at most 704 tokens ran 20.2
+    us against 23.4 for four of 1024. Chunk cuts still give 2048 + 1536 on spec_4k_92
+    MHA, where even ones (1792 + 1792) ran 37.0 against 34.9: the long pieces then end at
+    once, and the groups after them wait (session 22, BENCHMARKS.md). Groups stay in
+    ascending KV order, which is the merge order. ``runs``: those of ``rows``, if known."""
     start, length = layout.start[rows.chunk], layout.length[rows.chunk]
     if span <= layout.chunk or len(start) < 2 or not rows.full.any():
         return _Groups(start, length, rows.query, rows.bits, rows.full)
@@ -636,7 +637,6 @@ def _span_groups(
     k = pieces[of_run]
     i = np.arange(len(of_run)) - (np.cumsum(pieces) - pieces)[of_run]
     tokens = runs.tokens[of_run]
-
     stride = int(runs.tokens.max()) + 1
     keys = runs.run * stride + runs.offset  # ascending: runs in order, KV order within
     # under a span of two chunks, where each piece stays longer than a chunk: cut evenly

@@ -58,6 +58,7 @@ CONFIGS = [
     dict(block_n=64, num_warps=4, num_stages=3),
     dict(block_n=64, num_warps=4, num_stages=4),
     dict(block_n=64, num_warps=4, num_stages=2),
+    dict(block_n=32, num_warps=4, num_stages=3),
 ]
 #: Stage 2: query heads per merge program.
 MERGE_HEADS = 8

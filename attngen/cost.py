@@ -122,16 +122,21 @@ LONE_TOKEN_TIME = NARROW_SLOWDOWN * 2 * sp.Max(ROWS, R_wg) * (Dqk + Dv) * SMS / 
 WAVES = sp.ceiling(NW * Hkv / (NARROW_SLOTS * SMS)) * (W * LONE_TOKEN_TIME + OVH)
 #: The same programs bound by their loads: one program streams its KV head's bytes at
 #: most PBW (the loads its ring keeps in flight over the loaded latency), PSLOTS programs
-#: share an SM (its shared memory holds that many K/V rings). A plan whose longest
-#: programs stream twice the bytes of the rest leaves most SMs idle for its second half
+#: share an SM (its shared memory holds that many K/V rings). Stage 1 then lasts at least
+#: as long as its longest program, and at least as long as all its programs' streaming
+#: spread over every slot (the bound of list scheduling). A plan whose longest programs
+#: stream twice the bytes of the rest leaves most SMs idle for its second half
 #: (fewshot_4k_x20 GQA: four 1024-token pieces of the prompt per KV head ran 18 us
-#: while the 400-token branches finished by 12; session 22, BENCHMARKS.md).
-STREAM_WAVES = sp.ceiling(NW * Hkv / (PSLOTS * SMS)) * (W * (Dqk + Dv) * E / PBW + OVH)
+#: while the 400-token branches finished by 12; session 22, BENCHMARKS.md). Counting
+#: every program, not only the longest in waves, lets a plan of many short programs win
+#: where it measures faster (tot_d3_w3 GQA at span 512; session 24).
+PROGRAM_TOKEN_TIME = (Dqk + Dv) * E / PBW
+STREAM = sp.Max(W * PROGRAM_TOKEN_TIME + OVH, Hkv * (T * PROGRAM_TOKEN_TIME + G * OVH) / (PSLOTS * SMS))
 #: Each partial row (per query head) costs POVH: stage 1's fp32 store of it and the
 #: merge kernel's load (the merge alone, profiled: ~0.1 ns per row; the fit charges more).
 MERGE = P * Hq * POVH
 #: Stage 1 is bound by the busy SMs or by its longest programs; the merge follows it.
-TIME = sp.Max(SPREAD, WAVES, STREAM_WAVES) + MERGE + L * LAUNCH
+TIME = sp.Max(SPREAD, WAVES, STREAM) + MERGE + L * LAUNCH
 
 _ARGS = (
     C,
@@ -265,11 +270,12 @@ class Machine:
     narrow_programs_per_sm: float = 5.24  # a fitted average: narrow programs' stages share an SM
     # session 22's per-program timeline of stage 1 on the H200 measured 28-37 GB/s per
     # program; like the constants above, the bound is set against the model's other
-    # terms (which run low). At 53 GB/s it moves two reference choices: fewshot_4k_x20
-    # GQA to six pieces of the prompt (23.4 -> 20.2 us measured) and fewshot_32k_x64 MHA
-    # to span 8192 (200.9 against 200.6). Above ~55 it moves neither; below 52 it moves
-    # tot_d3_w3 GQA's chunk, below 45 spec_4k_92 to slower plans.
-    program_bandwidth: float = 53e9
+    # terms (which run low), to the middle of the range that keeps the choices the H200
+    # measured best. With the list-scheduling bound (session 24) that range is 44.5-49 GB/s:
+    # above it, tot_d3_w3 GQA keeps its 1000-token prompt whole (span 1024: 24.7 us against
+    # 23.2 at span 512, same tile, interleaved rounds); below it, spec_4k_92 MHA moves to a
+    # slower plan; fewshot_4k_x20 GQA's six prompt pieces (session 22) hold throughout.
+    program_bandwidth: float = 47e9
     programs_per_sm: int = 2  # the 64-key tiles' 96 KB K/V ring: two per SM's 227 KB
 
 

@@ -73,6 +73,22 @@ def test_narrow_programs_share_an_sm() -> None:
     assert wide == pytest.approx(2 * narrow)
 
 
+def test_streaming_bound_counts_every_program() -> None:
+    # the longest program alone, or every program's stream over the SMs' slots
+    m = Machine()
+    values = {
+        cost.Hkv: 8, cost.Dqk: 128, cost.Dv: 128, cost.E: 2, cost.PBW: m.program_bandwidth,
+        cost.OVH: m.program_overhead, cost.PSLOTS: m.programs_per_sm, cost.SMS: m.sms,
+    }  # fmt: skip
+    longest = 1024 * 512 / m.program_bandwidth + m.program_overhead
+    few = float(cost.STREAM.subs({**values, cost.W: 1024, cost.T: 4096, cost.G: 8}))
+    assert few == pytest.approx(longest)
+    # 200 groups of 1000 tokens (1600 programs) take about six rounds of the 264 slots
+    many = float(cost.STREAM.subs({**values, cost.W: 1024, cost.T: 200_000, cost.G: 200}))
+    assert many == pytest.approx(8 * (200_000 * 512 / m.program_bandwidth + 200 * m.program_overhead) / 264)
+    assert many > 5 * longest
+
+
 def test_partials_and_programs_cost_time() -> None:
     assert time_us(stats(partials=640)) > time_us(stats(partials=64))
     assert time_us(stats(groups=200, n_longest=200, longest=512)) > time_us(stats())
@@ -87,16 +103,18 @@ def test_partials_and_programs_cost_time() -> None:
 # span 512); the constants were not refitted. Since tall plans (192 rows: three
 # warpgroups share a tile, session 19), spec_16k_184 takes QG 192 (mha) and 48 (gqa):
 # 116.1 and 101.2 us against 129.7 and 111.5 for its former choices, same run. Since
-# the streaming bound (STREAM_WAVES, session 22), fewshot_4k_x20 gqa cuts its prompt into
+# the streaming bound (STREAM, session 22), fewshot_4k_x20 gqa cuts its prompt into
 # six pieces (span 768): 20.2 us against 23.4 at span 1024, interleaved rounds; and
-# fewshot_32k_x64 mha takes span 8192: 200.9 against 200.6 at 16384.
+# fewshot_32k_x64 mha takes span 8192: 200.9 against 200.6 at 16384. Since that bound
+# counts every program (list scheduling, session 24), tot_d3_w3 gqa cuts its 1000-token
+# prompt in two (span 512): 23.2 us against 24.7 at span 1024, same tile, interleaved rounds.
 CHOICES = {
     ("fewshot_4k_x20", "mha"): (32, 1024),
     ("fewshot_4k_x20", "gqa"): (16, 768),
     ("fewshot_32k_x64", "mha"): (64, 8192),
     ("fewshot_32k_x64", "gqa"): (32, 4096),
     ("tot_d3_w3", "mha"): (32, 1024),
-    ("tot_d3_w3", "gqa"): (16, 1024),
+    ("tot_d3_w3", "gqa"): (16, 512),
     ("spec_4k_92", "mha"): (64, 2048),
     ("spec_4k_92", "gqa"): (32, 1024),
     ("spec_16k_184", "mha"): (192, 4096),

@@ -4,8 +4,11 @@ line per measurement and a JSON file per part under $OUT (or ./explore_out).
 
     python scripts/explore_gpu.py tree merge decode prefill prefill_tuned fixed stream
 
-tree:    per workload and head layout, plan spans x queries per group x kernel configs,
-         and the cost model's plan through the autotuner;
+tree:    per workload and head layout, plan chunks x queries per group x spans x kernel
+         configs, the cost model's plan through the autotuner, and the four fastest
+         plans timed again against it in interleaved rounds (EXPLORE_CASES, e.g.
+         "tot_d3_w3:gqa,fewshot_4k_x20:gqa", picks cases; EXPLORE_CHUNKS, e.g.
+         "128,256,512", the chunks: default 512);
 merge:   the tree merge kernel alone at several heads per program x warps;
 prefill_tuned: the autotuned prefill launch against its config given explicitly;
 decode:  the window + sinks decode case over splits and configs, and its merge alone;
@@ -35,7 +38,7 @@ import attngen
 from attngen.bench import measure_rates
 from attngen.bench_tree import LAYOUTS, tree_spec
 from attngen.cost import HeadLayout
-from attngen.plan import plan_tree
+from attngen.plan import SPAN_CHOICES, plan_tree
 from attngen.spec import load_spec
 from attngen.tree import TreeBatch
 from attngen.workloads import REFERENCE_SHAPES, WORKLOADS
@@ -75,6 +78,9 @@ def out_of_time() -> bool:
 
 
 TREE_CONFIGS = {
+    "n32w4s3": dict(block_n=32, num_warps=4, num_stages=3),
+    "n32w4s4": dict(block_n=32, num_warps=4, num_stages=4),
+    "n64w4s2": dict(block_n=64, num_warps=4, num_stages=2),
     "n64w4s3": dict(block_n=64, num_warps=4, num_stages=3),
     "n64w4s4": dict(block_n=64, num_warps=4, num_stages=4),
     "n64w8s3": dict(block_n=64, num_warps=8, num_stages=3),
@@ -109,76 +115,93 @@ def kernel_us(fn, reps: int = 20) -> dict[str, float]:
     return out
 
 
+def _cases() -> list[tuple[str, str]]:
+    """The (workload, layout) pairs EXPLORE_CASES names, or every reference one."""
+    named = os.environ.get("EXPLORE_CASES")
+    if named:
+        pairs = [case.split(":") for case in named.split(",")]
+        return [(name, layout) for name, layout in pairs]
+    return [(name, layout) for name in REFERENCE_SHAPES for layout in LAYOUTS]
+
+
+def _interleaved_us(fns: dict, rounds: int = 3) -> dict[str, float]:
+    """Median of ``rounds`` rounds, each timing every fn once in turn."""
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    for _ in range(rounds):
+        for label, fn in fns.items():
+            times[label].append(graph_us(fn))
+    return {label: sorted(ts)[len(ts) // 2] for label, ts in times.items()}
+
+
 def tree(results: list) -> None:
     dev = torch.device("cuda")
-    for name in REFERENCE_SHAPES:
+    chunks = [int(c) for c in os.environ.get("EXPLORE_CHUNKS", "512").split(",")]
+    for name, layout in _cases():
+        if out_of_time():
+            return
         w = WORKLOADS[name]()
-        for layout, (hq, hkv) in LAYOUTS.items():
-            if out_of_time():
-                return
-            spec = tree_spec(w.tree.query_mode, hq, hkv)
-            module = attngen.load(spec)
-            heads = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128)
-            chosen = plan_tree(w.tree, heads=heads)
-            n_kv, n_q = chosen.n_kv, chosen.n_queries
-            gen = torch.Generator(device=dev).manual_seed(0)
-            q, k, v = tree_inputs(n_q, n_kv, hq, hkv, gen)
-            ref = None
-            cap = triton.next_power_of_2(n_q)
-            qgs = sorted({g for g in heads.queries_per_group_choices() if g * heads.group >= 16 and g <= cap}
-                         | {chosen.queries_per_group})
-            best: tuple[float, object, dict] | None = None
-            for chunk in (512,):
-                for qg in qgs:
-                    seen = set()
-                    for span in (chunk, 1024, 2048, 4096, 8192, 16384):
-                        if span < chunk:
+        hq, hkv = LAYOUTS[layout]
+        spec = tree_spec(w.tree.query_mode, hq, hkv)
+        module = attngen.load(spec)
+        heads = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128)
+        chosen = plan_tree(w.tree, heads=heads, device=dev)
+        n_kv, n_q = chosen.n_kv, chosen.n_queries
+        gen = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = tree_inputs(n_q, n_kv, hq, hkv, gen)
+        ref = module.attention(q, k, v, chosen).float()
+        cap = triton.next_power_of_2(n_q)
+        qgs = sorted({g for g in heads.queries_per_group_choices() if g * heads.group >= 16 and g <= cap}
+                     | {chosen.queries_per_group})
+        timed: list[tuple[float, str, object, dict]] = []
+        seen = set()
+        for chunk in chunks:
+            for qg in qgs:
+                for span in (chunk, *(s_ for s_ in SPAN_CHOICES if s_ > chunk)):
+                    plan = plan_tree(w.tree, chunk=chunk, queries_per_group=qg, span=span,
+                                     heads=heads, device=dev)
+                    # the same groups as a plan already timed (a shorter span, another chunk)
+                    key = (qg, tuple(plan.group_kv_len.tolist()), tuple(plan.group_slots.tolist()))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    rows = max(16, triton.next_power_of_2(qg * heads.group))
+                    for cname, cfg in TREE_CONFIGS.items():
+                        if not tree_config_fits(rows, cfg):
                             continue
-                        plan = plan_tree(w.tree, chunk=chunk, queries_per_group=qg, span=span,
-                                         heads=heads, device=dev)
-                        if (plan.n_groups, plan.n_partials) in seen:  # the same plan as a shorter span
+                        if out_of_time():
+                            return
+                        try:
+                            out = module.attention(q, k, v, plan, config=cfg)
+                            err = float((out.float() - ref).norm() / ref.norm())
+                            us = graph_us(partial(module.attention, q, k, v, plan, config=cfg))
+                        except Exception as e:
+                            print(f"tree {name} {layout} c{chunk} qg{qg} s{span} {cname}: {type(e).__name__} {e}"[:200])
                             continue
-                        seen.add((plan.n_groups, plan.n_partials))
-                        rows = max(16, triton.next_power_of_2(qg * heads.group))
-                        for cname, cfg in TREE_CONFIGS.items():
-                            if not tree_config_fits(rows, cfg):
-                                continue
-                            if out_of_time():
-                                return
-                            try:
-                                out = module.attention(q, k, v, plan, config=cfg)
-                                if ref is None:
-                                    ref = out.float()
-                                err = float((out.float() - ref).norm() / ref.norm())
-                                us = graph_us(partial(module.attention, q, k, v, plan, config=cfg))
-                            except Exception as e:
-                                print(f"tree {name} {layout} c{chunk} qg{qg} s{span} {cname}: {type(e).__name__} {e}"[:200])
-                                continue
-                            row = dict(part="tree", workload=name, layout=layout, chunk=chunk, qg=qg,
-                                       span=span, config=cname, us=us, groups=plan.n_groups,
-                                       partials=plan.n_partials, pred_us=plan.cost.time_s * 1e6, err=err,
-                                       chosen=(chunk, qg, span) == (chosen.chunk, chosen.queries_per_group,
-                                                                    chosen.span))
-                            results.append(row)
-                            if best is None or us < best[0]:
-                                best = (us, plan, cfg)
-                            print(f"tree {name:15} {layout} c{chunk:4} qg{qg:3} s{span:5} {cname:9} "
-                                  f"{us:8.1f} us  G={plan.n_groups:5} P={plan.n_partials:5} "
-                                  f"pred {plan.cost.time_s * 1e6:7.1f} err {err:.1e}", flush=True)
-            # the cost model's plan through the autotuner, as a user calls it
-            dev_plan = plan_tree(w.tree, heads=heads, device=dev)
-            module.attention(q, k, v, dev_plan)
-            us = graph_us(partial(module.attention, q, k, v, dev_plan))
-            results.append(dict(part="tree_auto", workload=name, layout=layout, chunk=dev_plan.chunk,
-                                qg=dev_plan.queries_per_group, span=dev_plan.span, us=us))
-            print(f"auto {name:15} {layout} c{dev_plan.chunk} qg{dev_plan.queries_per_group} "
-                  f"s{dev_plan.span} {us:8.1f} us", flush=True)
-            for what, (p, cfg) in (("auto", (dev_plan, None)), ("best", best[1:] if best else (dev_plan, None))):
-                split = kernel_us(partial(module.attention, q, k, v, p, config=cfg))
-                results.append(dict(part="tree_kernels", workload=name, layout=layout, which=what,
-                                    qg=p.queries_per_group, span=p.span, config=cfg, kernels=split))
-                print(f"kernels {what} {name:15} {layout} " + "  ".join(f"{k_}={t:.1f}" for k_, t in split.items()),
-                      flush=True)
+                        label = f"c{chunk} qg{qg} s{span} {cname}"
+                        results.append(dict(part="tree", workload=name, layout=layout, chunk=chunk, qg=qg,
+                                            span=span, config=cname, us=us, groups=plan.n_groups,
+                                            partials=plan.n_partials, pred_us=plan.cost.time_s * 1e6, err=err,
+                                            chosen=(chunk, qg, span) == (chosen.chunk, chosen.queries_per_group,
+                                                                         chosen.span)))
+                        timed.append((us, label, plan, cfg))
+                        print(f"tree {name:15} {layout} {label:24} {us:8.1f} us  G={plan.n_groups:5} "
+                              f"P={plan.n_partials:5} pred {plan.cost.time_s * 1e6:7.1f} err {err:.1e}", flush=True)
+        # the cost model's plan through the autotuner, as a user calls it, against the
+        # four fastest of the sweep in interleaved rounds
+        auto = f"auto c{chosen.chunk} qg{chosen.queries_per_group} s{chosen.span}"
+        fns = {auto: partial(module.attention, q, k, v, chosen)}
+        for _, label, plan, cfg in sorted(timed, key=lambda t: t[0])[:4]:
+            fns[label] = partial(module.attention, q, k, v, plan, config=cfg)
+        for label, us in _interleaved_us(fns).items():
+            results.append(dict(part="tree_confirm", workload=name, layout=layout, plan=label, us=us))
+            print(f"confirm {name:15} {layout} {label:28} {us:8.1f} us", flush=True)
+        best = min(timed, key=lambda t: t[0], default=None)
+        for what, (p, cfg) in (("auto", (chosen, None)), ("best", (best[2], best[3]) if best else (chosen, None))):
+            split = kernel_us(partial(module.attention, q, k, v, p, config=cfg))
+            results.append(dict(part="tree_kernels", workload=name, layout=layout, which=what,
+                                qg=p.queries_per_group, span=p.span, config=cfg, kernels=split))
+            print(f"kernels {what} {name:15} {layout} " + "  ".join(f"{k_}={t:.1f}" for k_, t in split.items()),
+                  flush=True)
 
 
 def decode(results: list) -> None:

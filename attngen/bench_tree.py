@@ -18,6 +18,7 @@ measured in the same run. Every timing is the median of CUDA-graph replays. GPU 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -31,6 +32,7 @@ from attngen.bench import measure_rates
 from attngen.errors import AttngenError
 from attngen.plan import plan_tree
 from attngen.progress import Progress
+from attngen.render import write_atomic
 from attngen.spec import Spec, parse_spec, torch_dtype
 from attngen.workloads import REFERENCE_SHAPES, WORKLOADS, Workload
 
@@ -299,6 +301,13 @@ def format_table(rows: list[TreeRow]) -> str:
     return "\n".join(lines)
 
 
+def save_rows(rows: list[TreeRow], out: Path) -> None:
+    """``out``/tree_results.json, rewritten whole after every case, so that a run cut
+    short (a time limit on a lent GPU) keeps what it measured."""
+    data = [dict(asdict(r), ratio=r.ratio, best_peer_us=r.best_peer_us) for r in rows]
+    write_atomic(out / "tree_results.json", json.dumps(data, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m attngen.bench_tree", description=__doc__.splitlines()[0])
     parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
@@ -326,16 +335,12 @@ def main(argv: list[str] | None = None) -> int:
             spec = tree_spec(WORKLOADS[name]().tree.query_mode, *LAYOUTS[layout])
             rows.append(bench_workload(spec, name, bandwidth, matmul_rate, peers=not args.no_peers,
                                       cold=args.cold_l2))
+            if args.out:
+                save_rows(rows, args.out)
             progress.step(f"{name}/{layout}")
     print(f"GPU {rates.gpu}, torch {rates.torch_version}, triton {rates.triton_version}, "
           f"bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s")
     print(format_table(rows))
-    if args.out:
-        import json
-
-        args.out.mkdir(parents=True, exist_ok=True)
-        data = [dict(asdict(r), ratio=r.ratio, best_peer_us=r.best_peer_us) for r in rows]
-        (args.out / "tree_results.json").write_text(json.dumps(data, indent=1))
     return 0 if all(math.isfinite(r.rel_err) and r.rel_err < 2e-2 for r in rows) else 1
 
 

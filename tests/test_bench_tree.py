@@ -1,8 +1,9 @@
 """The parts of the tree benchmark that need no GPU: which specs it takes, which
-workloads fit a spec, the spec it builds for a head layout, and the table."""
+workloads fit a spec, the spec it builds for a head layout, the table and the saved results."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,12 +44,26 @@ def test_built_spec_matches_the_layout() -> None:
     bench_tree.check_benchable(spec)
 
 
-def test_table_reports_ratio_and_best_peer() -> None:
-    row = bench_tree.TreeRow(
+def _row(**changes: object) -> bench_tree.TreeRow:
+    values: dict = dict(
         workload="fewshot_4k_x20", layout="mha", n_queries=20, n_kv=12000, floor_us=46.0,
         attngen_us=69.0, flex_us=101.0, sdpa_dense_us=None, per_branch_us=355.0, plan_ms=0.3,
         replan_ms=0.34, rel_err=2e-3, plan="chunk 512, QG 32, span 2048",
         config="block_n 64, 4 warps, 3 stages")
+    return bench_tree.TreeRow(**(values | changes))
+
+
+def test_results_are_saved_after_every_case(tmp_path: Path) -> None:
+    bench_tree.save_rows([_row()], tmp_path)
+    bench_tree.save_rows([_row(), _row(layout="gqa", floor_us=11.5, attngen_us=23.0)], tmp_path)
+    saved = json.loads((tmp_path / "tree_results.json").read_text())
+    assert [(r["layout"], r["ratio"]) for r in saved] == [("mha", pytest.approx(1.5)), ("gqa", pytest.approx(2.0))]
+    assert saved[0]["best_peer_us"] == 101.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree_results.json"]  # no temporary left
+
+
+def test_table_reports_ratio_and_best_peer() -> None:
+    row = _row()
     assert row.ratio == pytest.approx(1.5)
     assert row.best_peer_us == 101.0
     table = bench_tree.format_table([row])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from functools import partial
@@ -130,7 +131,7 @@ def _interleaved_us(fns: dict, rounds: int = 3) -> dict[str, float]:
     for _ in range(rounds):
         for label, fn in fns.items():
             times[label].append(graph_us(fn))
-    return {label: sorted(ts)[len(ts) // 2] for label, ts in times.items()}
+    return {label: statistics.median(ts) for label, ts in times.items()}
 
 
 def tree(results: list) -> None:
@@ -189,14 +190,15 @@ def tree(results: list) -> None:
         # the cost model's plan through the autotuner, as a user calls it, against the
         # four fastest of the sweep in interleaved rounds
         auto = f"auto c{chosen.chunk} qg{chosen.queries_per_group} s{chosen.span}"
+        ranked = sorted(timed, key=lambda t: t[0])
         fns = {auto: partial(module.attention, q, k, v, chosen)}
-        for _, label, plan, cfg in sorted(timed, key=lambda t: t[0])[:4]:
+        for _, label, plan, cfg in ranked[:4]:
             fns[label] = partial(module.attention, q, k, v, plan, config=cfg)
         for label, us in _interleaved_us(fns).items():
             results.append(dict(part="tree_confirm", workload=name, layout=layout, plan=label, us=us))
             print(f"confirm {name:15} {layout} {label:28} {us:8.1f} us", flush=True)
-        best = min(timed, key=lambda t: t[0], default=None)
-        for what, (p, cfg) in (("auto", (chosen, None)), ("best", (best[2], best[3]) if best else (chosen, None))):
+        best = (ranked[0][2], ranked[0][3]) if ranked else (chosen, None)
+        for what, (p, cfg) in (("auto", (chosen, None)), ("best", best)):
             split = kernel_us(partial(module.attention, q, k, v, p, config=cfg))
             results.append(dict(part="tree_kernels", workload=name, layout=layout, which=what,
                                 qg=p.queries_per_group, span=p.span, config=cfg, kernels=split))

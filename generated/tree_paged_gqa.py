@@ -279,7 +279,7 @@ def _tree_partial_kernel(
     Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
     GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupSlots, GroupBits, MergeRow, QPos, KvPos, QTree, DenseCount,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-    n_words, n_batch, span, first_group, n_groups, groups_bucket,
+    n_words, n_batch, span, first_group, n_groups, groups_bucket, beside_gluon,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
     USE_TMA: tl.constexpr, SKIP_DENSE: tl.constexpr,
@@ -393,8 +393,10 @@ _tree_partial_tuned = triton.autotune(
                       pre_hook=_set_block_shapes)
         for c in CONFIGS
     ],
-    # a plan's shape (span, about how many groups) changes the best tile: one choice per shape
-    key=["n_words", "span", "groups_bucket", "QG", "GROUP", "FUSED"],
+    # a plan's shape (span, about how many groups, whether its dense groups run beside in
+    # Gluon or here) changes the best tile: one choice per shape. groups_bucket and
+    # beside_gluon are passed for this key only.
+    key=["n_words", "span", "groups_bucket", "beside_gluon", "QG", "GROUP", "FUSED"],
     prune_configs_by={"early_config_prune": _prune_tree},
     do_bench=_replay_timer,
 )(_tree_partial_kernel)
@@ -644,13 +646,13 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         k_desc, v_desc, use_tma = k_cache, v_cache, False  # pages are gathered token by token
         # The plan's dense groups come first; this module runs them all here
         # (its spec has no Gluon stage 1).
-        first, skip_on_device = 0, False
+        use_gluon, first, skip_on_device = False, 0, False
         args = (q, k_cache, v_cache, k_desc, v_desc, out, lse, o_part, lse_part, pages,
                 t["group_kv_start"], t["group_kv_len"], t["group_q"], t["group_full"], t["group_slots"], t["group_bits"],
                 t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"], t["dense_count"],
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
                 out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)), first, n_groups,
-                triton.next_power_of_2(n_groups - first))
+                triton.next_power_of_2(n_groups - first), int(use_gluon))
         # a group's rows as one tile, or (past 128: a tall QG) as row blocks of 128
         rows = min(128, max(16, triton.next_power_of_2(qg * group)))
         row_blocks = -(-qg * group // rows)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import triton
 from helpers import assert_close, assert_lse_close, fresh, poisoned
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -534,3 +535,26 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         torch.cuda.synchronize()
         ref_o, _ = tree_reference(spec, tree, case.q, case.k, case.v, {})
         assert_close(out, ref_o, "bf16", what="O (CUDA graph)")
+
+    def test_autotuner_tells_gluon_beside_from_gluon_off(self) -> None:
+        """The Triton stage 1's best tile depends on whether the plan's dense groups run
+        beside it in Gluon or in it (``gluon: False``). Here the two launches' group counts
+        (5 and 7) share one bucket, so only the Gluon switch in the autotuner's key keeps
+        their picks apart; before, the second call reused the first's."""
+        spec = tree_spec(heads=(32, 32), head_dim=128, dtype="bf16", queries="token")
+        module = load(spec)
+        tree = speculative(prefix=1500, widths=(8, 2, 2, 2, 1)).tree
+        case = make_case(tree, spec, "cuda", seed=13)
+        if not module._gluon_ready(case.k, case.v):
+            pytest.skip("the Gluon stage 1 needs an sm_90 GPU and a Triton with Gluon")
+        layout = HeadLayout(heads_q=32, heads_kv=32, head_dim_qk=128, head_dim_v=128)
+        plan = plan_tree(tree, chunk=160, queries_per_group=128, span=960, heads=layout, device="cuda")
+        beside, alone = plan.n_groups - plan.n_dense, plan.n_groups
+        assert 0 < beside < alone and triton.next_power_of_2(beside) == triton.next_power_of_2(alone)
+        tuner = module._tree_partial_tuned
+        tuner.cache.clear()
+        o, lse = run(spec, case, plan)
+        check(spec, case, o, lse)
+        o, lse = run(spec, case, plan, config={"gluon": False})
+        check(spec, case, o, lse)
+        assert len(tuner.cache) == 2, "one pick beside Gluon, one with every group in Triton"

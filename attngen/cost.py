@@ -12,7 +12,7 @@ Symbols (all plain sympy Symbols, positive):
   (the sum of group KV lengths), ``RT`` row-tokens (the sum over groups of KV tokens
   times the rows stage 1 runs the group at, see :meth:`HeadLayout.tile_rows`), ``W``
   tokens of the longest group and ``NW`` the groups of at least half that, ``P``
-  partials, ``NQ`` queries, ``L`` launches;
+  partials, ``NQ`` queries, ``L`` launches of the two stages, ``DG`` dense groups;
 - heads: ``Hq``, ``Hkv``, ``Dqk``, ``Dv``, ``E`` bytes per element;
 - comparison: ``T_branch`` KV tokens read by per-branch decoding (the sum of each
   query's visible tokens), ``T_unique`` unique KV tokens (the floor);
@@ -23,7 +23,8 @@ Symbols (all plain sympy Symbols, positive):
   DRAM time that tile work does not hide, ``R_wg`` the rows of a warpgroup's matrix
   instruction, ``NARROW`` how many times slower a program of fewer rows runs alone on
   an SM, ``SLOTS`` how many such narrow programs share an SM, ``PBW`` the bytes/s one
-  program streams at most, ``PSLOTS`` the programs an SM holds at once.
+  program streams at most, ``PSLOTS`` the programs an SM holds at once, ``DK`` the
+  launches a plan with dense groups adds (their own kernel).
 
 The machine constants that are not plain hardware rates were fitted to the tree
 kernels' plan sweep on an H200 (scripts/explore_gpu.py tree: the five reference
@@ -50,6 +51,7 @@ T_branch, T_unique = sp.symbols("T_branch T_unique", positive=True)
 BW, RATE, LAUNCH, SMS, OVH, POVH, EFF = sp.symbols("BW RATE LAUNCH SMS OVH POVH EFF", positive=True)
 TOK, DRAM, R_wg, NARROW, SLOTS = sp.symbols("TOK DRAM R_wg NARROW SLOTS", positive=True)
 PBW, PSLOTS = sp.symbols("PBW PSLOTS", positive=True)
+DG, DK = sp.symbols("DG DK", nonnegative=True)
 
 #: Tile heights below a plan's full one that stage 1 runs a group at when its filled
 #: slots fit (the per-warp matrix instructions' 16 rows, one warpgroup instruction's 64).
@@ -135,8 +137,15 @@ STREAM = sp.Max(W * PROGRAM_TOKEN_TIME + OVH, Hkv * (T * PROGRAM_TOKEN_TIME + G 
 #: Each partial row (per query head) costs POVH: stage 1's fp32 store of it and the
 #: merge kernel's load (the merge alone, profiled: ~0.1 ns per row; the fit charges more).
 MERGE = P * Hq * POVH
+#: The dense groups, where a machine runs them in a kernel of their own (the Gluon stage
+#: 1 on Hopper, beside the Triton one on a second stream), cost one more launch and the
+#: streams' fork and join. Without it the model preferred plans of dense groups that
+#: measured slower: tot_d3_w4 GQA at QG 32 (a 1000-token prompt in two 128-row dense
+#: groups) ran 50.3 us against 33.6 at QG 16 (session 25, BENCHMARKS.md). A single
+#: launch (L = 1: no merge) keeps every group in it.
+LAUNCHES = L + DK * sp.Min(DG, 1) * (L - 1)
 #: Stage 1 is bound by the busy SMs or by its longest programs; the merge follows it.
-TIME = sp.Max(SPREAD, WAVES, STREAM) + MERGE + L * LAUNCH
+TIME = sp.Max(SPREAD, WAVES, STREAM) + MERGE + LAUNCHES * LAUNCH
 
 _ARGS = (
     C,
@@ -170,6 +179,8 @@ _ARGS = (
     SLOTS,
     PBW,
     PSLOTS,
+    DG,
+    DK,
 )
 
 
@@ -185,6 +196,7 @@ _COMPILED: dict[str, Callable[..., np.ndarray]] = {
         "total_bytes": TOTAL_BYTES,
         "flops": FLOPS,
         "time_s": TIME,
+        "launches": LAUNCHES,
         "branch_bytes": BRANCH_BYTES,
         "floor_bytes": FLOOR_BYTES,
     }.items()
@@ -277,6 +289,9 @@ class Machine:
     # slower plan; fewshot_4k_x20 GQA's six prompt pieces (session 22) hold throughout.
     program_bandwidth: float = 47e9
     programs_per_sm: int = 2  # the 64-key tiles' 96 KB K/V ring: two per SM's 227 KB
+    # the generated modules run dense groups in the Gluon stage 1 on Hopper (0 where a
+    # machine has no such kernel: they then run in stage 1 itself)
+    dense_kernel_launches: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +310,8 @@ class PlanStats:
     launches: int | np.ndarray
     branch_tokens: int
     unique_tokens: int
+    # the formulas ask only whether there are any (their kernel's launch)
+    dense_groups: int | np.ndarray = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +375,8 @@ def _values(stats: PlanStats, layout: HeadLayout, machine: Machine) -> tuple[obj
         machine.narrow_programs_per_sm,
         machine.program_bandwidth,
         machine.programs_per_sm,
+        stats.dense_groups,
+        machine.dense_kernel_launches,
     )
 
 
@@ -370,7 +389,8 @@ def plan_cost(stats: PlanStats, layout: HeadLayout, machine: Machine | None = No
     """Every formula at one concrete plan."""
     machine = machine or Machine()
     value = {name: float(evaluate(name, stats, layout, machine)) for name in _COMPILED}
-    return PlanCost(launches=int(stats.launches), **value)
+    launches = int(value.pop("launches"))
+    return PlanCost(launches=launches, **value)
 
 
 def kv_bytes_of(tokens: int, layout: HeadLayout) -> float:

@@ -397,6 +397,7 @@ def _chunk_stats(
 ) -> PlanStats:
     """Plan quantities for every (chunking, QG) pair, chunking-major (vectorized over QG)."""
     groups, tokens_read, row_tokens, longest, n_longest, partials, launches = [], [], [], [], [], [], []
+    tall = []
     qg = qgs[:, None]
     full_rows = heads.tile_rows(qg, qg)  # rows of a group with all its slots filled
     for place in places:
@@ -408,6 +409,12 @@ def _chunk_stats(
         # a chunk's groups: per_chunk // qg of qg queries, and one of the rest (if any)
         rest = per_chunk % qg
         rows = (per_chunk // qg) * full_rows + (rest > 0) * heads.tile_rows(rest, qg)
+        # groups tall enough to be dense; whether they are full is not known here, so this
+        # is an upper bound (the QG and span choice that follows counts them exactly)
+        tall.append(
+            ((per_chunk // qg) * _dense_height(qg * heads.group)).sum(axis=1)
+            + _dense_height(rest * heads.group).sum(axis=1)
+        )
         row_tokens.append(rows @ place.length)
         longest.append(top)
         n_longest.append(per_qg @ (2 * place.length >= top))
@@ -427,7 +434,14 @@ def _chunk_stats(
         launches=np.repeat(launches, len(qgs)),
         branch_tokens=int(tree.query_visible_counts.sum()),
         unique_tokens=tree.needed_kv_tokens,
+        dense_groups=np.concatenate(tall),
     )
+
+
+def _dense_height(rows: np.ndarray | int) -> np.ndarray:
+    """Whether groups of ``rows`` filled rows are dense, if full (:data:`DENSE_ROWS`)."""
+    rows = np.asarray(rows)
+    return (rows > DENSE_ROWS[0]) & (rows <= DENSE_ROWS[1])
 
 
 def _choose(
@@ -675,11 +689,14 @@ def _span_stats(
     trial (QG-major, vectorized over spans), without building the groups; piece lengths
     are taken as even splits of their run."""
     column = spans[:, None]
-    groups, tokens_read, row_tokens, longest, n_longest, partials = [], [], [], [], [], []
+    groups, tokens_read, row_tokens, longest, n_longest, partials, dense = [], [], [], [], [], [], []
     for qg, slots, runs in trials:
         length = layout.length[slots.chunk]
-        # coalescing joins groups of equal slots: their rows, hence row-tokens, stay
-        row_tokens.append(int(length @ heads.tile_rows(_filled_slots(slots.query), qg)))
+        filled = _filled_slots(slots.query)
+        # coalescing joins groups of equal slots: their rows, hence row-tokens, stay, and
+        # so does whether there are dense groups (all the formulas ask)
+        row_tokens.append(int(length @ heads.tile_rows(filled, qg)))
+        dense.append(int((slots.full & _dense_height(filled * heads.group) & (length > 0)).sum()))
         rest = length[~slots.full]  # groups that are not full stay as they are
         rest_partials = len(slots.pair_slot) - int(runs.members @ runs.slots)
         pieces = runs.pieces(column, layout.chunk)  # [spans, runs]
@@ -704,6 +721,7 @@ def _span_stats(
         longest=np.concatenate(longest),
         n_longest=np.concatenate(n_longest),
         partials=np.concatenate(partials),
+        dense_groups=np.repeat(dense, len(spans)),
         # the same for every QG: a query has one slot per chunk it sees
         **_tree_fields(tree, trials[0][1].query),
     )
@@ -715,7 +733,7 @@ def _host_arrays(tree: TreeBatch, groups: _Groups, heads: HeadLayout) -> dict[st
     query's partials still merge in KV order."""
     slots = _filled_slots(groups.query)
     rows = slots * heads.group
-    dense = groups.full & (rows > DENSE_ROWS[0]) & (rows <= DENSE_ROWS[1]) & (groups.length > 0)
+    dense = groups.full & _dense_height(rows) & (groups.length > 0)
     order = np.argsort(~dense, kind="stable")
     ptr, row = _merge_order(groups.query, tree.n_queries)
     return {
@@ -768,6 +786,7 @@ def _group_stats(
         longest=int(length.max(initial=0)),
         n_longest=int((2 * length >= length.max(initial=0)).sum()),
         partials=int((query >= 0).sum()),
+        dense_groups=int(host["dense_count"][0]),
         **_tree_fields(tree, query),
     )
 

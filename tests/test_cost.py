@@ -94,6 +94,31 @@ def test_partials_and_programs_cost_time() -> None:
     assert time_us(stats(groups=200, n_longest=200, longest=512)) > time_us(stats())
 
 
+def test_dense_groups_add_their_kernels_launch() -> None:
+    m = Machine()
+    plain, dense = plan_cost(stats(), MHA), plan_cost(stats(dense_groups=4), MHA)
+    assert (plain.launches, dense.launches) == (2, 3)
+    assert dense.time_s - plain.time_s == pytest.approx(m.launch_overhead)
+    # how many dense groups does not matter, only that their kernel runs
+    assert plan_cost(stats(dense_groups=1), MHA).time_s == pytest.approx(dense.time_s)
+    # one launch (no merge) keeps every group in it; a machine without the kernel neither
+    assert plan_cost(stats(dense_groups=4, launches=1), MHA).launches == 1
+    assert plan_cost(stats(dense_groups=4), MHA, Machine(dense_kernel_launches=0)).launches == 2
+
+
+@pytest.mark.parametrize("name", ["tot_d3_w4", "fewshot_4k_x50"])
+def test_dense_kernel_launch_keeps_gqa_trees_off_slow_dense_plans(name: str) -> None:
+    """Without the dense kernel's launch the planner took QG 32 for these GQA trees, whose
+    dense groups run in Gluon beside Triton; QG 16 (no dense group) measured faster on the
+    H200, through the autotuner, interleaved rounds: tot_d3_w4 32.9 us against 50.7,
+    fewshot_4k_x50 39.2 against 46.0 (session 25, BENCHMARKS.md)."""
+    tree = WORKLOADS[name]().tree
+    plan = plan_tree(tree, heads=GQA)
+    assert (plan.chunk, plan.queries_per_group, plan.span, plan.n_dense) == (512, 16, 1024, 0)
+    before = plan_tree(tree, heads=GQA, machine=Machine(dense_kernel_launches=0))
+    assert (before.queries_per_group, before.span) == (32, 1024) and before.n_dense > 0
+
+
 # (workload, layout) -> (queries per group, span) the planner chooses, chunk 512; in the
 # H200 sweep of session 6 each was the best plan or within 6.3% of it (mean 2.8%). Since
 # groups run at the tile height their slots need (session 10), tot_d3_w3 mha takes QG 32
@@ -108,6 +133,7 @@ def test_partials_and_programs_cost_time() -> None:
 # fewshot_32k_x64 mha takes span 8192: 200.9 against 200.6 at 16384. Since that bound
 # counts every program (list scheduling, session 24), tot_d3_w3 gqa cuts its 1000-token
 # prompt in two (span 512): 23.2 us against 24.7 at span 1024, same tile, interleaved rounds.
+# The dense kernel's launch (session 25) moves none of these choices.
 CHOICES = {
     ("fewshot_4k_x20", "mha"): (32, 1024),
     ("fewshot_4k_x20", "gqa"): (16, 768),

@@ -397,7 +397,7 @@ def _chunk_stats(
 ) -> PlanStats:
     """Plan quantities for every (chunking, QG) pair, chunking-major (vectorized over QG)."""
     groups, tokens_read, row_tokens, longest, n_longest, partials, launches = [], [], [], [], [], [], []
-    tall = []
+    tall: list[np.ndarray] = []
     qg = qgs[:, None]
     full_rows = heads.tile_rows(qg, qg)  # rows of a group with all its slots filled
     for place in places:
@@ -407,13 +407,13 @@ def _chunk_stats(
         groups.append(per_qg.sum(axis=1))
         tokens_read.append(per_qg @ place.length)
         # a chunk's groups: per_chunk // qg of qg queries, and one of the rest (if any)
-        rest = per_chunk % qg
-        rows = (per_chunk // qg) * full_rows + (rest > 0) * heads.tile_rows(rest, qg)
-        # groups tall enough to be dense; whether they are full is not known here, so this
-        # is an upper bound (the QG and span choice that follows counts them exactly)
+        n_full, rest = per_chunk // qg, per_chunk % qg
+        rows = n_full * full_rows + (rest > 0) * heads.tile_rows(rest, qg)
+        # groups tall enough to be dense, taken as full: whether they are is not known
+        # here, so this is an upper bound (the QG and span choice that follows is exact)
         tall.append(
-            ((per_chunk // qg) * _dense_height(qg * heads.group)).sum(axis=1)
-            + _dense_height(rest * heads.group).sum(axis=1)
+            (n_full * _dense(qg * heads.group, True, 1)).sum(axis=1)
+            + _dense(rest * heads.group, True, 1).sum(axis=1)
         )
         row_tokens.append(rows @ place.length)
         longest.append(top)
@@ -438,10 +438,11 @@ def _chunk_stats(
     )
 
 
-def _dense_height(rows: np.ndarray | int) -> np.ndarray:
-    """Whether groups of ``rows`` filled rows are dense, if full (:data:`DENSE_ROWS`)."""
+def _dense(rows: np.ndarray | int, full: np.ndarray | bool, length: np.ndarray | int) -> np.ndarray:
+    """Which groups are dense: full, not empty, and of filled ``rows`` in
+    :data:`DENSE_ROWS` (the plan lists them first; Hopper runs them in Gluon)."""
     rows = np.asarray(rows)
-    return (rows > DENSE_ROWS[0]) & (rows <= DENSE_ROWS[1])
+    return np.asarray(full) & (rows > DENSE_ROWS[0]) & (rows <= DENSE_ROWS[1]) & (np.asarray(length) > 0)
 
 
 def _choose(
@@ -696,7 +697,7 @@ def _span_stats(
         # coalescing joins groups of equal slots: their rows, hence row-tokens, stay, and
         # so does whether there are dense groups (all the formulas ask)
         row_tokens.append(int(length @ heads.tile_rows(filled, qg)))
-        dense.append(int((slots.full & _dense_height(filled * heads.group) & (length > 0)).sum()))
+        dense.append(int(_dense(filled * heads.group, slots.full, length).sum()))
         rest = length[~slots.full]  # groups that are not full stay as they are
         rest_partials = len(slots.pair_slot) - int(runs.members @ runs.slots)
         pieces = runs.pieces(column, layout.chunk)  # [spans, runs]
@@ -733,7 +734,7 @@ def _host_arrays(tree: TreeBatch, groups: _Groups, heads: HeadLayout) -> dict[st
     query's partials still merge in KV order."""
     slots = _filled_slots(groups.query)
     rows = slots * heads.group
-    dense = groups.full & _dense_height(rows) & (groups.length > 0)
+    dense = _dense(rows, groups.full, groups.length)
     order = np.argsort(~dense, kind="stable")
     ptr, row = _merge_order(groups.query, tree.n_queries)
     return {

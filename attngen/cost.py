@@ -39,6 +39,7 @@ lose least against the best measured plan; see :class:`Machine`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -203,6 +204,22 @@ _COMPILED: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+@functools.cache
+def _tile_rows_table(group: int) -> np.ndarray:
+    """:meth:`HeadLayout.tile_rows` of every ``[qg, filled]`` up to :data:`TALL_ROWS` (no
+    QG choice exceeds it), for ``group`` query heads per KV head."""
+    qg, filled = np.ogrid[: TALL_ROWS + 1, : TALL_ROWS + 1]
+    qg_rows = qg * group
+    full = np.maximum(ROW_TIERS[0], 1 << np.ceil(np.log2(np.maximum(qg_rows, 1))).astype(np.int64))
+    full = np.where(qg_rows > BLOCK_ROWS, TALL_ROWS, full)
+    used = filled * group
+    rows = np.broadcast_to(full, (TALL_ROWS + 1, TALL_ROWS + 1))
+    for tier in reversed((*ROW_TIERS, BLOCK_ROWS)):
+        rows = np.where((used <= tier) & (tier < full), tier, rows)
+    rows.flags.writeable = False
+    return rows
+
+
 @dataclass(frozen=True, slots=True)
 class HeadLayout:
     """Head counts, head dims and element size of the attention a plan serves.
@@ -227,15 +244,9 @@ class HeadLayout:
         """Rows stage 1 runs a group at, from its filled query slots (a prefix of its
         ``qg``): the plan's full height (``max(16, next_pow2(qg * group))``, or
         :data:`TALL_ROWS` above :data:`BLOCK_ROWS`), or the lowest of :data:`ROW_TIERS`
-        (and, in a tall plan, :data:`BLOCK_ROWS`) below it that holds the filled rows."""
-        qg_rows = np.asarray(qg, dtype=np.int64) * self.group
-        full = np.maximum(ROW_TIERS[0], 1 << np.ceil(np.log2(np.maximum(qg_rows, 1))).astype(np.int64))
-        full = np.where(qg_rows > BLOCK_ROWS, TALL_ROWS, full)
-        used = np.asarray(filled, dtype=np.int64) * self.group
-        rows = full
-        for tier in reversed((*ROW_TIERS, BLOCK_ROWS)):
-            rows = np.where((used <= tier) & (tier < full), tier, rows)
-        return rows
+        (and, in a tall plan, :data:`BLOCK_ROWS`) below it that holds the filled rows.
+        A lookup: the planner asks this for every candidate plan's groups."""
+        return _tile_rows_table(self.group)[qg, filled]
 
     def queries_per_group_choices(self) -> tuple[int, ...]:
         """The QG a plan may use: powers of two with QG * group <= min(max_rows,

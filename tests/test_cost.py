@@ -53,6 +53,19 @@ def test_evaluate_vectorizes_like_plan_cost() -> None:
     np.testing.assert_allclose(many, one, rtol=1e-12)
 
 
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_tile_rows_follows_its_rule(group: int) -> None:
+    """The lookup behind tile_rows against the rule, spelled out group by group: the
+    plan's full height, or the lowest lower tier that holds the filled rows."""
+    layout = HeadLayout(heads_q=32, heads_kv=32 // group)
+    for qg in layout.queries_per_group_choices():
+        full = cost.TALL_ROWS if qg * group > cost.BLOCK_ROWS else max(16, 1 << (qg * group - 1).bit_length())
+        tiers = [t for t in (*cost.ROW_TIERS, cost.BLOCK_ROWS) if t < full]
+        want = [next((t for t in tiers if f * group <= t), full) for f in range(qg + 1)]
+        got = layout.tile_rows(np.arange(qg + 1), qg)
+        np.testing.assert_array_equal(got, want, err_msg=f"QG {qg}")
+
+
 def test_narrow_program_alone_is_slower_than_a_warpgroup_wide_one() -> None:
     # few long programs: the waves bound; 32 rows (MHA, QG 32) is below a warpgroup
     narrow = time_us(stats(queries_per_group=32))

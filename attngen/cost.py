@@ -185,8 +185,20 @@ _ARGS = (
 )
 
 
+def _select(conditions: list, choices: list, default: float = np.nan) -> np.ndarray:
+    """``numpy.select`` for lambdified Piecewise, whose last condition is ``True``: nested
+    ``where`` from the last choice back (numpy.select broadcasts and stacks every choice
+    first, which costs more than the rest of a plan's time formula)."""
+    if conditions[-1] is not True:
+        return np.select(conditions, choices, default)
+    out = choices[-1]
+    for condition, choice in zip(conditions[-2::-1], choices[-2::-1], strict=True):
+        out = np.where(condition, choice, out)
+    return np.asarray(out)
+
+
 def _compile(expr: sp.Expr) -> Callable[..., np.ndarray]:
-    return sp.lambdify(_ARGS, expr, modules="numpy")
+    return sp.lambdify(_ARGS, expr, modules=[{"select": _select}, "numpy"])
 
 
 _COMPILED: dict[str, Callable[..., np.ndarray]] = {

@@ -436,7 +436,27 @@ class TreeBatch:
             extra += _frozen(counts) if len(counts) == self.n_nodes else self._bad_counts(counts)
         if (extra < 0).any():
             raise PlanError("append_tokens: counts must be >= 0 (use prune to remove nodes).")
-        return self._with(self.parent, self.tokens + extra, self.query_nodes)
+        return self._grown(extra)
+
+    def _grown(self, extra: np.ndarray) -> TreeBatch:
+        """This batch with ``extra[node]`` (>= 0) more tokens per node. The structure (and
+        its checks) is unchanged, so it is reused: only the token-dependent fields are
+        derived again, without the node loops of :meth:`_derive` (the decode step's path)."""
+        grown = object.__new__(TreeBatch)
+        for name in ("parent", "query_nodes", "query_mode", "order", "pre_rank", "pre_end", "node_tree"):
+            grown._set(name, getattr(self, name))
+        tokens = _frozen(self.tokens + extra)
+        kv_start = np.empty(self.n_nodes, dtype=np.int64)
+        kv_start[self.order] = np.cumsum(tokens[self.order]) - tokens[self.order]
+        # a node's depth start grows by its strict ancestors' extra: each node's extra
+        # covers the preorder ranks of its subtree after itself
+        cover = np.zeros(self.n_nodes + 1, dtype=np.int64)
+        np.add.at(cover, self.pre_rank + 1, extra)
+        np.add.at(cover, self.pre_end, -extra)
+        grown._set("tokens", tokens)
+        grown._set("node_kv_start", _frozen(kv_start))
+        grown._set("node_depth_start", _frozen(self.node_depth_start + cover.cumsum()[self.pre_rank]))
+        return grown
 
     def _bad_counts(self, counts: Sequence[int] | np.ndarray) -> np.ndarray:
         raise PlanError(

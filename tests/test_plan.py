@@ -193,6 +193,23 @@ def test_incremental_append_equals_fresh_plan(
         assert torch.equal(getattr(plan, name), getattr(fresh, name)), name
 
 
+@SETTINGS
+@given(tree_batches(), st.data())
+def test_appended_batch_equals_a_rebuilt_one(tree: TreeBatch, data: st.DataObject) -> None:
+    """append_tokens reuses the structure and derives only the token-dependent fields;
+    every field and every derived view equals those of the batch built from scratch."""
+    extra = np.array(data.draw(st.lists(st.integers(0, 70), min_size=tree.n_nodes, max_size=tree.n_nodes)))
+    grown = tree.append_tokens(extra)
+    rebuilt = TreeBatch(tree.parent, tree.tokens + extra, tree.query_nodes, tree.query_mode)
+    for name in ("parent", "tokens", "query_nodes", "order", "pre_rank", "pre_end", "node_kv_start",
+                 "node_depth_start", "node_tree", "kv_pos", "q_pos", "q_tree", "query_own_len",
+                 "query_visible_counts"):
+        np.testing.assert_array_equal(getattr(grown, name), getattr(rebuilt, name), err_msg=name)
+    assert grown.query_mode == rebuilt.query_mode and grown.needed_kv_tokens == rebuilt.needed_kv_tokens
+    np.testing.assert_array_equal(grown.visible_matrix(), rebuilt.visible_matrix())
+    assert not grown.tokens.flags.writeable and not grown.node_depth_start.flags.writeable
+
+
 def test_incremental_reuses_unchanged_chunks() -> None:
     tree = TreeBatch.from_parents([-1, 0, 0], [1000, 200, 300])
     plan = plan_tree(tree, chunk=128, queries_per_group=2)

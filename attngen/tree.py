@@ -187,12 +187,10 @@ class TreeBatch:
         for node in order[::-1].tolist():
             if par[node] >= 0:
                 size_l[par[node]] += size_l[node]
-        kv_start = np.empty(n_nodes, dtype=np.int64)
-        kv_start[order] = np.cumsum(tokens[order]) - tokens[order]
         self._set("order", _frozen(order))
         self._set("pre_rank", _frozen(pre_rank))
         self._set("pre_end", _frozen(pre_rank + np.array(size_l, dtype=np.int64)))
-        self._set("node_kv_start", _frozen(kv_start))
+        self._set("node_kv_start", _kv_starts(tokens, order))
         self._set("node_depth_start", _frozen(depth_l))
         self._set("node_tree", _frozen(tree_l))
 
@@ -446,15 +444,13 @@ class TreeBatch:
         for name in ("parent", "query_nodes", "query_mode", "order", "pre_rank", "pre_end", "node_tree"):
             grown._set(name, getattr(self, name))
         tokens = _frozen(self.tokens + extra)
-        kv_start = np.empty(self.n_nodes, dtype=np.int64)
-        kv_start[self.order] = np.cumsum(tokens[self.order]) - tokens[self.order]
         # a node's depth start grows by its strict ancestors' extra: each node's extra
         # covers the preorder ranks of its subtree after itself
         cover = np.zeros(self.n_nodes + 1, dtype=np.int64)
         np.add.at(cover, self.pre_rank + 1, extra)
         np.add.at(cover, self.pre_end, -extra)
         grown._set("tokens", tokens)
-        grown._set("node_kv_start", _frozen(kv_start))
+        grown._set("node_kv_start", _kv_starts(tokens, self.order))
         grown._set("node_depth_start", _frozen(self.node_depth_start + cover.cumsum()[self.pre_rank]))
         return grown
 
@@ -511,6 +507,15 @@ class TreeBatch:
             and np.array_equal(self.parent, other.parent)
             and np.array_equal(self.query_nodes, other.query_nodes)
         )
+
+
+def _kv_starts(tokens: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Each node's first index in the flattened KV (nodes in ``order``, tokens contiguous)."""
+    in_order = tokens[order]
+    starts = np.empty(len(order), dtype=np.int64)
+    starts[order] = np.cumsum(in_order) - in_order
+    starts.setflags(write=False)
+    return starts
 
 
 def _leaves(parent: np.ndarray) -> np.ndarray:

@@ -395,46 +395,44 @@ def _rows(pairs: _Pairs, layout: _Chunking, qg: int) -> _Rows:
 def _chunk_stats(
     tree: TreeBatch, sight: _Sight, places: list[_Placement], qgs: np.ndarray, heads: HeadLayout
 ) -> PlanStats:
-    """Plan quantities for every (chunking, QG) pair, chunking-major (vectorized over QG)."""
-    groups, tokens_read, row_tokens, longest, n_longest, partials, launches = [], [], [], [], [], [], []
-    tall: list[np.ndarray] = []
+    """Plan quantities for every (chunking, QG) pair, chunking-major. Vectorized over both:
+    the chunks of every chunking side by side, summed per chunking by a one-hot product."""
+    per_chunk = np.concatenate([_queries_per_chunk(sight, place) for place in places])
+    length = np.concatenate([place.length for place in places])
+    of = np.repeat(np.arange(len(places)), [len(place.length) for place in places])
+    top = np.array([place.length.max(initial=0) for place in places], dtype=np.int64)
+    by = np.zeros((len(length), len(places)), dtype=np.int64)  # [chunks, chunkings]
+    by[np.arange(len(length)), of] = 1
     qg = qgs[:, None]
-    full_rows = heads.tile_rows(qg, qg)  # rows of a group with all its slots filled
-    for place in places:
-        per_chunk = _queries_per_chunk(sight, place)
-        per_qg = -(-per_chunk // qg)  # [QG, chunks]
-        top = int(place.length.max(initial=0))
-        groups.append(per_qg.sum(axis=1))
-        tokens_read.append(per_qg @ place.length)
-        # a chunk's groups: per_chunk // qg of qg queries, and one of the rest (if any)
-        n_full, rest = per_chunk // qg, per_chunk % qg
-        rows = n_full * full_rows + (rest > 0) * heads.tile_rows(rest, qg)
-        # groups tall enough to be dense, taken as full: whether they are is not known
-        # here, so this is an upper bound (the QG and span choice that follows is exact)
-        tall.append(
-            (n_full * _dense(qg * heads.group, True, 1)).sum(axis=1)
-            + _dense(rest * heads.group, True, 1).sum(axis=1)
-        )
-        row_tokens.append(rows @ place.length)
-        longest.append(top)
-        n_longest.append(per_qg @ (2 * place.length >= top))
-        partials.append(int(per_chunk.sum()))
-        # every query that sees a token has a partial: one launch iff none has two
-        launches.append(1 if partials[-1] <= sight.seeing else 2)
+    per_qg = -(-per_chunk // qg)  # groups per chunk [QG, chunks]
+    # a chunk's groups: per_chunk // qg of qg queries, and one of the rest (if any)
+    n_full, rest = per_chunk // qg, per_chunk % qg
+    rows = n_full * heads.tile_rows(qg, qg) + (rest > 0) * heads.tile_rows(rest, qg)
+    # groups tall enough to be dense, taken as full: whether they are is not known here,
+    # so this is an upper bound (the QG and span choice that follows is exact)
+    tall = n_full * _dense(qg * heads.group, True, 1) + _dense(rest * heads.group, True, 1)
+    partials = per_chunk @ by
+    # every query that sees a token has a partial: one launch iff none has two
+    launches = np.where(partials <= sight.seeing, 1, 2)
+
+    def per_chunking(values: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+        """[QG, chunks] summed per chunking (times ``weight`` per chunk), chunking-major."""
+        return (values @ (by if weight is None else by * weight[:, None])).T.ravel()
+
     return PlanStats(
-        chunk=np.repeat([p.chunk for p in places], len(qgs)),
+        chunk=np.repeat([place.chunk for place in places], len(qgs)),
         queries_per_group=np.tile(qgs, len(places)),
-        groups=np.concatenate(groups),
-        tokens_read=np.concatenate(tokens_read),
-        row_tokens=np.concatenate(row_tokens),
-        longest=np.repeat(longest, len(qgs)),
-        n_longest=np.concatenate(n_longest),
+        groups=per_chunking(per_qg),
+        tokens_read=per_chunking(per_qg, length),
+        row_tokens=per_chunking(rows, length),
+        longest=np.repeat(top, len(qgs)),
+        n_longest=per_chunking(per_qg, 2 * length >= top[of]),
         partials=np.repeat(partials, len(qgs)),
         queries=tree.n_queries,
         launches=np.repeat(launches, len(qgs)),
         branch_tokens=int(tree.query_visible_counts.sum()),
         unique_tokens=tree.needed_kv_tokens,
-        dense_groups=np.concatenate(tall),
+        dense_groups=per_chunking(tall.astype(np.int64)),
     )
 
 

@@ -432,7 +432,7 @@ def _chunk_stats(
         launches=np.repeat(launches, len(qgs)),
         branch_tokens=int(tree.query_visible_counts.sum()),
         unique_tokens=tree.needed_kv_tokens,
-        dense_groups=per_chunking(tall.astype(np.int64)),
+        dense_groups=per_chunking(tall),
     )
 
 

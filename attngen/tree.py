@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import networkx as nx
@@ -441,8 +441,9 @@ class TreeBatch:
         its checks) is unchanged, so it is reused: only the token-dependent fields are
         derived again, without the node loops of :meth:`_derive` (the decode step's path)."""
         grown = object.__new__(TreeBatch)
-        for name in ("parent", "query_nodes", "query_mode", "order", "pre_rank", "pre_end", "node_tree"):
-            grown._set(name, getattr(self, name))
+        for f in fields(self):  # every field but the three set below (no cached views)
+            if f.name not in ("tokens", "node_kv_start", "node_depth_start"):
+                grown._set(f.name, getattr(self, f.name))
         tokens = _frozen(self.tokens + extra)
         # a node's depth start grows by its strict ancestors' extra: each node's extra
         # covers the preorder ranks of its subtree after itself

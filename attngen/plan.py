@@ -663,6 +663,9 @@ def _span_groups(
         return np.where(even, at_align, at_group)
 
     lo, hi = cut(i), cut(i + 1)
+    # a target past the run's last group start cuts at the run's end: that piece is empty
+    filled = hi > lo
+    of_run, lo, hi = of_run[filled], lo[filled], hi[filled]
     # a piece takes its slots from the run's group it starts in (a run's groups share
     # their slots and are full)
     member = np.searchsorted(keys, of_run * stride + lo, side="right") - 1

@@ -131,6 +131,16 @@ def test_every_visible_pair_covered_exactly_once(
     check_invariants(tree, plan)
 
 
+def test_a_cut_past_the_runs_last_group_leaves_no_empty_group() -> None:
+    # found by hypothesis: the last token query sees node 5 (22 tokens, chunk 0) and all of
+    # its own node (27 tokens, chunk 1) whole, a run of 49 tokens; span 48 asks for two
+    # pieces, but the second cut (25) is past the run's last group start (22)
+    tokens = [0] * 29
+    tokens[5], tokens[19] = 22, 27
+    tree = TreeBatch.from_parents([-1] + [0] * 18 + [5] + [0] * 9, tokens, [0, 1, 19], mode="token")
+    check_invariants(tree, plan_tree(tree, chunk=32, queries_per_group=1, span=48))
+
+
 def test_short_spans_cut_long_runs_evenly() -> None:
     # one 4000-token prompt seen by 20 queries, in chunks of 512: at span 768 its six
     # pieces are cut at multiples of 64 tokens, not at chunk boundaries (which would give

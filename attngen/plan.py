@@ -143,7 +143,7 @@ def _place(nodes: _KvNodes, chunk: int) -> _Placement:
     start = (kv_start - first * chunk).repeat(opens)
     start += np.arange(len(start)) * chunk
     local = kv_start - start[first]
-    length = np.diff(start, append=end[-1:])
+    length = _gaps(start, int(end[-1]) if len(end) else 0)
     return _Placement(chunk, first, pieces, local, start, length)
 
 
@@ -294,6 +294,12 @@ def _pairs(tree: TreeBatch, layout: _Chunking, piece_mask: np.ndarray | None = N
         per_chunk=per_chunk,
         rank=np.arange(len(chunk)) - (per_chunk.cumsum() - per_chunk)[chunk],
     )
+
+
+def _gaps(starts: np.ndarray, end: int) -> np.ndarray:
+    """Lengths of the segments that begin at ``starts`` (ascending), the last ending at
+    ``end`` (``np.diff`` with ``append`` costs several times more on short arrays)."""
+    return np.concatenate((starts[1:], [end])) - starts if len(starts) else starts
 
 
 def _segment_sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -615,7 +621,7 @@ class _Runs:
             order,
             run,
             start - start[first][run],
-            np.diff(first, append=len(order)),
+            _gaps(first, len(order)),
             np.add.reduceat(length, first),
             (q[first] >= 0).sum(axis=1),
         )

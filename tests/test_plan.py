@@ -141,6 +141,13 @@ def test_a_cut_past_the_runs_last_group_leaves_no_empty_group() -> None:
     check_invariants(tree, plan_tree(tree, chunk=32, queries_per_group=1, span=48))
 
 
+def test_a_tree_without_kv_plans_no_group() -> None:
+    tree = TreeBatch.from_parents([-1, 0, 0], [0, 0, 0], [1, 2])
+    for plan in (plan_tree(tree), plan_tree(tree, chunk=64, queries_per_group=2, span=256)):
+        assert plan.n_groups == 0 and plan.n_partials == 0
+        check_invariants(tree, plan)
+
+
 def test_short_spans_cut_long_runs_evenly() -> None:
     # one 4000-token prompt seen by 20 queries, in chunks of 512: at span 768 its six
     # pieces are cut at multiples of 64 tokens, not at chunk boundaries (which would give

@@ -364,6 +364,7 @@ class _Slots:
     query: np.ndarray  # [G, QG]
     full: np.ndarray  # [G] bool
     pair_slot: np.ndarray  # [pairs] g * QG + s
+    filled: np.ndarray  # [G] slots filled, from the first (as ``_filled_slots`` counts)
 
     def with_bits(self, pairs: _Pairs, layout: _Chunking) -> _Rows:
         words = layout.chunk // WORD
@@ -387,7 +388,8 @@ def _slots(pairs: _Pairs, layout: _Chunking, qg: int) -> _Slots:
     full = np.ones(total, dtype=bool)
     full[group[~pairs.whole]] = False
     chunks = np.arange(layout.n_chunks).repeat(n_groups)
-    return _Slots(chunks, query.reshape(total, qg), full, pair_slot)
+    # a chunk's queries fill its groups in rank order, so a group's pairs are its slots
+    return _Slots(chunks, query.reshape(total, qg), full, pair_slot, np.bincount(group, minlength=total))
 
 
 def _rows(pairs: _Pairs, layout: _Chunking, qg: int) -> _Rows:
@@ -410,9 +412,10 @@ def _chunk_stats(
     by = np.zeros((len(length), len(places)), dtype=np.int64)  # [chunks, chunkings]
     by[np.arange(len(length)), of] = 1
     qg = qgs[:, None]
-    per_qg = -(-per_chunk // qg)  # groups per chunk [QG, chunks]
     # a chunk's groups: per_chunk // qg of qg queries, and one of the rest (if any)
-    n_full, rest = per_chunk // qg, per_chunk % qg
+    n_full = per_chunk // qg
+    rest = per_chunk - n_full * qg
+    per_qg = n_full + (rest > 0)  # groups per chunk [QG, chunks]
     rows = n_full * heads.tile_rows(qg, qg) + (rest > 0) * heads.tile_rows(rest, qg)
     # groups tall enough to be dense, taken as full: whether they are is not known here,
     # so this is an upper bound (the QG and span choice that follows is exact)
@@ -700,7 +703,7 @@ def _span_stats(
     groups, tokens_read, row_tokens, longest, n_longest, partials, dense = [], [], [], [], [], [], []
     for qg, slots, runs in trials:
         length = layout.length[slots.chunk]
-        filled = _filled_slots(slots.query)
+        filled = slots.filled
         # coalescing joins groups of equal slots: their rows, hence row-tokens, stay, and
         # so does whether there are dense groups (all the formulas ask)
         row_tokens.append(int(length @ heads.tile_rows(filled, qg)))

@@ -697,41 +697,45 @@ def _span_stats(
     heads: HeadLayout,
 ) -> PlanStats:
     """Plan quantities after coalescing at each of ``spans``, for each (QG, slots, runs)
-    trial (QG-major, vectorized over spans), without building the groups; piece lengths
-    are taken as even splits of their run."""
-    column = spans[:, None]
-    groups, tokens_read, row_tokens, longest, n_longest, partials, dense = [], [], [], [], [], [], []
-    for qg, slots, runs in trials:
-        length = layout.length[slots.chunk]
-        filled = slots.filled
-        # coalescing joins groups of equal slots: their rows, hence row-tokens, stay, and
-        # so does whether there are dense groups (all the formulas ask)
-        row_tokens.append(int(length @ heads.tile_rows(filled, qg)))
-        dense.append(int(_dense(filled * heads.group, slots.full, length).sum()))
-        rest = length[~slots.full]  # groups that are not full stay as they are
-        rest_partials = len(slots.pair_slot) - int(runs.members @ runs.slots)
-        pieces = runs.pieces(column, layout.chunk)  # [spans, runs]
-        piece_len = -(-runs.tokens[None, :] // np.maximum(pieces, 1))
-        # uncoalesced: each member is at most a chunk
-        piece_len = np.where(column <= layout.chunk, np.minimum(piece_len, layout.chunk), piece_len)
-        top = np.maximum(piece_len.max(axis=1, initial=0), rest.max(initial=0))
-        n_longest.append(
-            (pieces * (2 * piece_len >= top[:, None])).sum(axis=1)
-            + (2 * rest[None, :] >= top[:, None]).sum(axis=1)
-        )
-        groups.append(pieces.sum(axis=1) + len(rest))
-        tokens_read.append(int(length.sum()))
-        longest.append(top)
-        partials.append((pieces * runs.slots[None, :]).sum(axis=1) + rest_partials)
+    trial (QG-major), without building the groups; piece lengths are taken as even
+    splits of their run. Vectorized over both: the trials' groups and runs side by side,
+    summed per trial by a one-hot product, as in :func:`_chunk_stats`."""
+    n, column = len(trials), spans[:, None]
+    qgs = np.array([qg for qg, _, _ in trials], dtype=np.int64)
+    one_hot = np.eye(n, dtype=np.int64)
+    # the trials' groups: coalescing joins groups of equal slots, so their rows, hence
+    # row-tokens, stay, and so does whether there are dense groups (all the formulas ask)
+    g_trial = np.repeat(np.arange(n), [len(slots.chunk) for _, slots, _ in trials])
+    filled = np.concatenate([slots.filled for _, slots, _ in trials])
+    full = np.concatenate([slots.full for _, slots, _ in trials])
+    length = layout.length[np.concatenate([slots.chunk for _, slots, _ in trials])]
+    by_group = one_hot[g_trial]  # [groups, trials]
+    row_tokens = (length * heads.tile_rows(filled, qgs[g_trial])) @ by_group
+    dense = _dense(filled * heads.group, full, length) @ by_group
+    rest, by_rest = length[~full], by_group[~full]  # groups that are not full stay as they are
+    rest_top = (rest[:, None] * by_rest).max(axis=0, initial=0)
+    # the trials' runs of full groups, cut into pieces at each span [spans, runs]
+    by_run = one_hot[np.repeat(np.arange(n), [len(runs.tokens) for _, _, runs in trials])]
+    tokens = np.concatenate([runs.tokens for _, _, runs in trials])
+    members = np.concatenate([runs.members for _, _, runs in trials])
+    run_slots = np.concatenate([runs.slots for _, _, runs in trials])
+    pieces = np.where(column <= layout.chunk, members, -(-tokens // column))
+    piece_len = -(-tokens // np.maximum(pieces, 1))
+    # uncoalesced: each member is at most a chunk
+    piece_len = np.where(column <= layout.chunk, np.minimum(piece_len, layout.chunk), piece_len)
+    top = np.maximum((piece_len[:, :, None] * by_run).max(axis=1, initial=0), rest_top)  # [spans, trials]
+    n_longest = (pieces * (2 * piece_len >= top @ by_run.T)) @ by_run + (2 * rest >= top @ by_rest.T) @ by_rest
+    pairs = np.array([len(slots.pair_slot) for _, slots, _ in trials], dtype=np.int64)
+    partials = (pieces * run_slots) @ by_run + pairs - (members * run_slots) @ by_run
     return PlanStats(
         chunk=layout.chunk,
-        queries_per_group=np.repeat([qg for qg, _, _ in trials], len(spans)),
-        groups=np.concatenate(groups),
-        tokens_read=np.repeat(tokens_read, len(spans)),
+        queries_per_group=np.repeat(qgs, len(spans)),
+        groups=(pieces @ by_run + by_rest.sum(axis=0)).T.ravel(),
+        tokens_read=np.repeat(length @ by_group, len(spans)),
         row_tokens=np.repeat(row_tokens, len(spans)),
-        longest=np.concatenate(longest),
-        n_longest=np.concatenate(n_longest),
-        partials=np.concatenate(partials),
+        longest=top.T.ravel(),
+        n_longest=n_longest.T.ravel(),
+        partials=partials.T.ravel(),
         dense_groups=np.repeat(dense, len(spans)),
         # the same for every QG: a query has one slot per chunk it sees
         **_tree_fields(tree, trials[0][1].query),

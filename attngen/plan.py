@@ -325,12 +325,19 @@ def _pair_bits(pairs: _Pairs, chunk: int) -> np.ndarray:
         table = _PREFIX_MASKS.setdefault(chunk, _prefix_masks(chunk))
     # ndarray.take: much faster than fancy indexing at gathering rows
     words = table.take(pairs.span_hi, axis=0) ^ table.take(pairs.span_lo, axis=0)
-    if len(pairs.span_starts) != len(words):
-        # each pair's XOR from the running XOR at its last span and before its first
-        running = np.bitwise_xor.accumulate(words, axis=0)
-        words = running.take(np.append(pairs.span_starts[1:], len(words)) - 1, axis=0)
-        words[1:] ^= running.take(pairs.span_starts[1:] - 1, axis=0)
-    return words.view(np.int32)
+    if len(pairs.span_starts) == len(words):
+        return words.view(np.int32)
+    # a pair's first span, then its k-th span XORed into the pairs that have one: few
+    # pairs have several spans and none many (its node and ancestors in one chunk), and a
+    # running XOR over every span costs more
+    spans = _gaps(pairs.span_starts, len(words))
+    pair_words = words.take(pairs.span_starts, axis=0)
+    more, k = (spans > 1).nonzero()[0], 1
+    while len(more):
+        pair_words[more] ^= words.take(pairs.span_starts[more] + k, axis=0)
+        k += 1
+        more = more[spans[more] > k]
+    return pair_words.view(np.int32)
 
 
 @dataclass(frozen=True, slots=True)

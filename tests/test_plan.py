@@ -355,8 +355,8 @@ def test_planning_time_256_nodes_256_queries() -> None:
     # step brings a new token tree, planned at the previous step's parameters
     spec, heads = WORKLOADS["spec_8k_248"]().tree, HeadLayout(heads_q=32, heads_kv=8)
     spec_plan = plan_tree(spec, heads=heads)
-    params = {"chunk": spec_plan.chunk, "queries_per_group": spec_plan.queries_per_group, "span": spec_plan.span}
-    spec_fixed = _median_ms(lambda: plan_tree(spec, heads=heads, **params))
+    chunk, qg, span = spec_plan.chunk, spec_plan.queries_per_group, spec_plan.span
+    spec_fixed = _median_ms(lambda: plan_tree(spec, heads=heads, chunk=chunk, queries_per_group=qg, span=span))
     spec_chosen = _median_ms(lambda: plan_tree(spec, heads=heads))
     print(
         f"\nplanning 256 nodes / 256 queries: {fixed:.3f} ms (chunk 128, QG 8, span 1024), "

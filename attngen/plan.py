@@ -637,9 +637,14 @@ class _Runs:
         )
 
     def pieces(self, span: int | np.ndarray, chunk: int) -> np.ndarray:
-        """Groups each run becomes: ceil(tokens / span), or its members when span <= chunk
-        (spans as a column: one row per span)."""
-        return np.where(span <= chunk, self.members, -(-self.tokens // span))
+        """:func:`_run_pieces` of these runs."""
+        return _run_pieces(self.members, self.tokens, span, chunk)
+
+
+def _run_pieces(members: np.ndarray, tokens: np.ndarray, span: int | np.ndarray, chunk: int) -> np.ndarray:
+    """Groups each run of ``members`` groups and ``tokens`` tokens becomes: ceil(tokens /
+    span), or its members when span <= chunk (spans as a column: one row per span)."""
+    return np.where(span <= chunk, members, -(-tokens // span))
 
 
 def _span_groups(
@@ -726,7 +731,7 @@ def _span_stats(
     tokens = np.concatenate([runs.tokens for _, _, runs in trials])
     members = np.concatenate([runs.members for _, _, runs in trials])
     run_slots = np.concatenate([runs.slots for _, _, runs in trials])
-    pieces = np.where(column <= layout.chunk, members, -(-tokens // column))
+    pieces = _run_pieces(members, tokens, column, layout.chunk)
     piece_len = -(-tokens // np.maximum(pieces, 1))
     # uncoalesced: each member is at most a chunk
     piece_len = np.where(column <= layout.chunk, np.minimum(piece_len, layout.chunk), piece_len)

@@ -636,10 +636,6 @@ class _Runs:
             (q[first] >= 0).sum(axis=1),
         )
 
-    def pieces(self, span: int | np.ndarray, chunk: int) -> np.ndarray:
-        """:func:`_run_pieces` of these runs."""
-        return _run_pieces(self.members, self.tokens, span, chunk)
-
 
 def _run_pieces(members: np.ndarray, tokens: np.ndarray, span: int | np.ndarray, chunk: int) -> np.ndarray:
     """Groups each run of ``members`` groups and ``tokens`` tokens becomes: ceil(tokens /
@@ -666,7 +662,7 @@ def _span_groups(
     if span <= layout.chunk or len(start) < 2 or not rows.full.any():
         return _Groups(start, length, rows.query, rows.bits, rows.full)
     runs = runs if runs is not None else _Runs.of(layout, rows)
-    pieces = runs.pieces(span, layout.chunk)
+    pieces = _run_pieces(runs.members, runs.tokens, span, layout.chunk)
     of_run = np.repeat(np.arange(len(pieces)), pieces)
     k = pieces[of_run]
     i = np.arange(len(of_run)) - (np.cumsum(pieces) - pieces)[of_run]

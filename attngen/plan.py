@@ -411,18 +411,24 @@ def _chunk_stats(
     tree: TreeBatch, sight: _Sight, places: list[_Placement], qgs: np.ndarray, heads: HeadLayout
 ) -> PlanStats:
     """Plan quantities for every (chunking, QG) pair, chunking-major. Vectorized over both:
-    the chunks of every chunking side by side, summed per chunking by a one-hot product."""
+    the chunks of every chunking side by side, summed per chunking by a product with their
+    counts: neighbouring chunks of a chunking alike in length and query count (a long
+    node's inner chunks) are one entry, counted as many times as they repeat."""
     per_chunk = np.concatenate([_queries_per_chunk(sight, place) for place in places])
     length = np.concatenate([place.length for place in places])
     of = np.repeat(np.arange(len(places)), [len(place.length) for place in places])
     top = np.array([place.length.max(initial=0) for place in places], dtype=np.int64)
-    by = np.zeros((len(length), len(places)), dtype=np.int64)  # [chunks, chunkings]
-    by[np.arange(len(length)), of] = 1
+    new = np.ones(len(length), dtype=bool)
+    new[1:] = (per_chunk[1:] != per_chunk[:-1]) | (length[1:] != length[:-1]) | (of[1:] != of[:-1])
+    first = new.nonzero()[0]
+    per_chunk, length, of = per_chunk[first], length[first], of[first]
+    by = np.zeros((len(first), len(places)), dtype=np.int64)  # [entries, chunkings]
+    by[np.arange(len(first)), of] = _gaps(first, len(new))
     qg = qgs[:, None]
     # a chunk's groups: per_chunk // qg of qg queries, and one of the rest (if any)
     n_full = per_chunk // qg
     rest = per_chunk - n_full * qg
-    per_qg = n_full + (rest > 0)  # groups per chunk [QG, chunks]
+    per_qg = n_full + (rest > 0)  # groups per chunk [QG, entries]
     rows = n_full * heads.tile_rows(qg, qg) + (rest > 0) * heads.tile_rows(rest, qg)
     # groups tall enough to be dense, taken as full: whether they are is not known here,
     # so this is an upper bound (the QG and span choice that follows is exact)
@@ -432,7 +438,7 @@ def _chunk_stats(
     launches = np.where(partials <= sight.seeing, 1, 2)
 
     def per_chunking(values: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
-        """[QG, chunks] summed per chunking (times ``weight`` per chunk), chunking-major."""
+        """[QG, entries] summed per chunking (times ``weight`` per chunk), chunking-major."""
         return (values @ (by if weight is None else by * weight[:, None])).T.ravel()
 
     return PlanStats(

@@ -204,7 +204,7 @@ def test_a_spec_that_cannot_be_rendered_stops_the_build_before_any_write(
 
     real = render.render
 
-    def fussy(spec):  # type: ignore[no-untyped-def]
+    def fussy(spec):
         if spec.name == "decode_gqa":
             raise AttngenError("cannot lower this spec")
         return real(spec)

@@ -40,8 +40,8 @@ def coverage(tree: TreeBatch, plan: Plan) -> np.ndarray:
     assert (j < lens[g]).all(), "a bit past the chunk's length"
     cov = np.zeros((tree.n_queries, tree.n_kv), dtype=np.int64)
     np.add.at(cov, (query, starts[g] + j), 1)
-    for g in np.flatnonzero(full):
-        cov[slots[g][slots[g] >= 0], starts[g] : starts[g] + lens[g]] += 1
+    for f in np.flatnonzero(full):
+        cov[slots[f][slots[f] >= 0], starts[f] : starts[f] + lens[f]] += 1
     return cov
 
 

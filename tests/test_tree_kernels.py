@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -155,7 +155,7 @@ def trees(draw: st.DrawFn, max_nodes: int = 10) -> TreeBatch:
     tokens = [draw(st.sampled_from([0, 1, 1, 3, 7, 20, 33, 50])) for _ in range(n)]
     if sum(tokens) == 0:
         tokens[0] = 5
-    mode = draw(st.sampled_from(["node", "token"]))
+    mode: Literal["node", "token"] = draw(st.sampled_from(["node", "token"]))
     nodes = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
     if mode == "token":
         nodes = [i for i in nodes if tokens[i] > 0] or [int(np.argmax(tokens))]
@@ -177,8 +177,8 @@ FAST = settings(
 class TestTreeKernelsInterpreter:
     """Tiny shapes under TRITON_INTERPRET=1 (or on the GPU when there is one)."""
 
-    dtypes = ("fp32", "fp16")
-    head_dims = (16, 32, 64)
+    dtypes: tuple[str, ...] = ("fp32", "fp16")
+    head_dims: tuple[int, ...] = (16, 32, 64)
 
     @FAST
     @given(tree=trees(), data=st.data())
@@ -305,7 +305,7 @@ class TestTreeKernelsInterpreter:
             [-1, 0, 0, 1, 1, 2], [40, 1, 1, 1, 1, 1], [1, 2, 3, 4, 5], mode="token"
         )
         tree = TreeBatch.concat([a, TreeBatch.from_parents([-1, 0], [35, 3], [1], mode="token")])
-        tensors = {"lo": torch.tensor([5, 30], dtype=torch.int32, device=device)}
+        lo = torch.tensor([5, 30], dtype=torch.int32, device=device)
         spec = tree_spec(
             heads=(2, 2),
             queries="token",
@@ -313,10 +313,8 @@ class TestTreeKernelsInterpreter:
             tensors={"lo": {"dims": ["batch"], "dtype": "int32"}},
         )
         case = make_case(tree, spec, device, seed=5)
-        o, lse = run(
-            spec, case, plan_tree(tree, chunk=32, queries_per_group=2, device=device), **tensors
-        )
-        check(spec, case, o, lse, **tensors)
+        o, lse = run(spec, case, plan_tree(tree, chunk=32, queries_per_group=2, device=device), lo=lo)
+        check(spec, case, o, lse, lo=lo)
 
     def test_empty_rows_give_zero_and_neg_inf(self, device: str) -> None:
         # node 2 is an empty root: its query sees nothing; node 1 is empty under a root

@@ -336,8 +336,8 @@ class TreeBatch:
     @functools.cached_property
     def kv_pos(self) -> np.ndarray:
         """Depth position of each flattened token on its root path."""
-        shift = self.node_depth_start - self.node_kv_start
-        return _frozen(np.arange(self.n_kv) + shift[self.token_node])
+        shift = (self.node_depth_start - self.node_kv_start)[self.order]
+        return _frozen(np.arange(self.n_kv) + shift.repeat(self.tokens[self.order]))
 
     @functools.cached_property
     def query_node(self) -> np.ndarray:
@@ -372,10 +372,10 @@ class TreeBatch:
     def needed_kv_tokens(self) -> int:
         """Unique tokens some query sees: those of nodes with a query node in their subtree
         (every token of such a node, since its last token or a descendant is a query)."""
-        q_ranks = np.unique(self.pre_rank[self.query_node])
-        lo = np.searchsorted(q_ranks, self.pre_rank)
-        hi = np.searchsorted(q_ranks, self.pre_end)
-        return int(self.tokens[hi > lo].sum())
+        marked = np.zeros(self.n_nodes + 1, dtype=np.int64)
+        marked[self.pre_rank[self.query_node] + 1] = 1
+        before = marked.cumsum()  # [r]: preorder ranks below r that hold a query node
+        return int(self.tokens[before[self.pre_end] > before[self.pre_rank]].sum())
 
     @functools.cached_property
     def query_visible_counts(self) -> np.ndarray:
@@ -447,12 +447,11 @@ class TreeBatch:
         tokens = _frozen(self.tokens + extra)
         # a node's depth start grows by its strict ancestors' extra: each node's extra
         # covers the preorder ranks of its subtree after itself
-        cover = np.zeros(self.n_nodes + 1, dtype=np.int64)
-        np.add.at(cover, self.pre_rank + 1, extra)
-        np.add.at(cover, self.pre_end, -extra)
+        n = self.n_nodes + 1
+        cover = np.bincount(self.pre_rank + 1, extra, n) - np.bincount(self.pre_end, extra, n)
         grown._set("tokens", tokens)
         grown._set("node_kv_start", _kv_starts(tokens, self.order))
-        grown._set("node_depth_start", _frozen(self.node_depth_start + cover.cumsum()[self.pre_rank]))
+        grown._set("node_depth_start", _frozen(self.node_depth_start + cover.cumsum().astype(np.int64)[self.pre_rank]))
         return grown
 
     def _bad_counts(self, counts: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -514,6 +514,13 @@ class _State:
     rows: _Rows
     heads: HeadLayout
     machine: Machine
+    chunk_index: dict[tuple[int, ...], int] | None = None  # chunk of each signature, if known
+
+    def index(self) -> dict[tuple[int, ...], int]:
+        """The chunk of each of ``layout``'s chunk signatures."""
+        if self.chunk_index is not None:
+            return self.chunk_index
+        return {sig: c for c, sig in enumerate(self.layout.signatures(self.tree.order))}
 
 
 @dataclass(frozen=True, eq=False)
@@ -859,6 +866,7 @@ def _make_plan(
     machine: Machine,
     device: torch.device | str,
     runs: _Runs | None = None,
+    chunk_index: dict[tuple[int, ...], int] | None = None,
 ) -> Plan:
     groups = _span_groups(layout, rows, span, runs)
     host = _host_arrays(tree, groups, heads)
@@ -874,7 +882,7 @@ def _make_plan(
         n_partials=int(host["merge_ptr"][-1]),
         n_dense=int(host["dense_count"][0]),
         cost=plan_cost(stats, heads, machine),
-        state=_State(tree, layout, rows, heads, machine),
+        state=_State(tree, layout, rows, heads, machine, chunk_index),
     )
 
 
@@ -929,15 +937,17 @@ def replan_after_append(plan: Plan, tree: TreeBatch, device: torch.device | str 
             device=device,
         )
     layout = _chunk_layout(tree, plan.chunk)
-    old_index = {sig: c for c, sig in enumerate(old.layout.signatures(old.tree.order))}
-    new_to_old = np.array(
-        [old_index.get(sig, -1) for sig in layout.signatures(tree.order)], dtype=np.int64
-    )
+    old_index, signatures = old.index(), layout.signatures(tree.order)
+    new_to_old = np.array([old_index.get(sig, -1) for sig in signatures], dtype=np.int64)
     reused = _reused_rows(old.rows, new_to_old, old.layout.n_chunks)
     fresh_chunk = new_to_old < 0
     pairs = _pairs(tree, layout, piece_mask=fresh_chunk[layout.piece_chunk])
     rows = _Rows.concat([reused, _rows(pairs, layout, plan.queries_per_group)])
-    return _make_plan(tree, layout, rows, plan.queries_per_group, plan.span, old.heads, old.machine, device)
+    # the next step looks this plan's chunks up by signature
+    index = {sig: c for c, sig in enumerate(signatures)}
+    return _make_plan(
+        tree, layout, rows, plan.queries_per_group, plan.span, old.heads, old.machine, device, chunk_index=index
+    )
 
 
 def _is_append_only(before: TreeBatch, after: TreeBatch) -> bool:

@@ -430,3 +430,19 @@ def test_placement_follows_the_packing_rule(sizes: list[int], chunk: int) -> Non
     # the chunks tile the flattened KV in order, none longer than ``chunk``
     assert place.start.tolist() == (np.cumsum(place.length) - place.length).tolist()
     assert int(place.length.sum()) == sum(sizes) and (place.length <= chunk).all()
+
+
+def test_device_plan_tensors_share_one_aligned_buffer() -> None:
+    """Off the CPU the plan tensors travel as one buffer: each a view at a 16-byte
+    boundary with its own shape ('meta' stands in for a GPU here; the GPU tests run it)."""
+    from attngen import plan
+
+    tree = TreeBatch.from_parents([-1, 0, 0, 1], [70, 9, 33, 5], [1, 2, 3])
+    cpu = plan_tree(tree, chunk=32, queries_per_group=2)
+    host = {name: t.numpy() for name, t in cpu.tensors().items()}
+    moved = plan._int32_tensors(host, "meta")
+    offsets = [moved[name].storage_offset() for name in TENSOR_NAMES]
+    assert offsets == sorted(set(offsets)) and all(o % 4 == 0 for o in offsets)
+    for name, t in moved.items():
+        assert t.shape == host[name].shape and t.dtype == torch.int32 and t.is_contiguous(), name
+        assert t.untyped_storage().nbytes() >= 4 * (offsets[-1] + moved["dense_count"].numel()), name

@@ -449,9 +449,10 @@ class TreeBatch:
         # covers the preorder ranks of its subtree after itself
         n = self.n_nodes + 1
         cover = np.bincount(self.pre_rank + 1, extra, n) - np.bincount(self.pre_end, extra, n)
+        shift = cover.cumsum().astype(np.int64)  # bincount sums in float64: exact here
         grown._set("tokens", tokens)
         grown._set("node_kv_start", _kv_starts(tokens, self.order))
-        grown._set("node_depth_start", _frozen(self.node_depth_start + cover.cumsum().astype(np.int64)[self.pre_rank]))
+        grown._set("node_depth_start", _frozen(self.node_depth_start + shift[self.pre_rank]))
         return grown
 
     def _bad_counts(self, counts: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -514,13 +514,7 @@ class _State:
     rows: _Rows
     heads: HeadLayout
     machine: Machine
-    chunk_index: dict[tuple[int, ...], int] | None = None  # chunk of each signature, if known
-
-    def index(self) -> dict[tuple[int, ...], int]:
-        """The chunk of each of ``layout``'s chunk signatures."""
-        if self.chunk_index is not None:
-            return self.chunk_index
-        return {sig: c for c, sig in enumerate(self.layout.signatures(self.tree.order))}
+    chunk_index: dict[tuple[int, ...], int] | None = None  # ``_chunk_index``, if known
 
 
 @dataclass(frozen=True, eq=False)
@@ -608,12 +602,12 @@ def _int32_tensors(host: dict[str, np.ndarray], device: torch.device | str) -> d
     sizes = [a.size for a in arrays]
     starts = np.cumsum([0] + [-(-n // _ALIGN) * _ALIGN for n in sizes]).tolist()
     buffer = np.zeros(starts[-1], dtype=np.int32)
-    for a, start, n in zip(arrays, starts, sizes, strict=False):  # starts: one more
+    for a, start, n in zip(arrays, starts[:-1], sizes, strict=True):
         buffer[start : start + n] = a.ravel()
     flat = torch.from_numpy(buffer).to(device)
     return {
         name: flat[start : start + n].view(a.shape)
-        for name, a, start, n in zip(TENSOR_NAMES, arrays, starts, sizes, strict=False)
+        for name, a, start, n in zip(TENSOR_NAMES, arrays, starts[:-1], sizes, strict=True)
     }
 
 
@@ -961,17 +955,22 @@ def replan_after_append(plan: Plan, tree: TreeBatch, device: torch.device | str 
             device=device,
         )
     layout = _chunk_layout(tree, plan.chunk)
-    old_index, signatures = old.index(), layout.signatures(tree.order)
-    new_to_old = np.array([old_index.get(sig, -1) for sig in signatures], dtype=np.int64)
+    index = _chunk_index(layout, tree)  # kept in the new plan for the next step
+    old_index = old.chunk_index if old.chunk_index is not None else _chunk_index(old.layout, old.tree)
+    new_to_old = np.array([old_index.get(sig, -1) for sig in index], dtype=np.int64)
     reused = _reused_rows(old.rows, new_to_old, old.layout.n_chunks)
     fresh_chunk = new_to_old < 0
     pairs = _pairs(tree, layout, piece_mask=fresh_chunk[layout.piece_chunk])
     rows = _Rows.concat([reused, _rows(pairs, layout, plan.queries_per_group)])
-    # the next step looks this plan's chunks up by signature
-    index = {sig: c for c, sig in enumerate(signatures)}
     return _make_plan(
         tree, layout, rows, plan.queries_per_group, plan.span, old.heads, old.machine, device, chunk_index=index
     )
+
+
+def _chunk_index(layout: _Chunking, tree: TreeBatch) -> dict[tuple[int, ...], int]:
+    """Each chunk of ``layout`` by its signature, in chunk order (signatures are distinct:
+    each names the chunk's first token)."""
+    return {sig: c for c, sig in enumerate(layout.signatures(tree.order))}
 
 
 def _is_append_only(before: TreeBatch, after: TreeBatch) -> bool:

@@ -35,6 +35,7 @@ kernels may run them apart (the Gluon stage 1 on Hopper).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -588,6 +589,19 @@ def _merge_order(query: np.ndarray, n_queries: int) -> tuple[np.ndarray, np.ndar
 _ALIGN = 4
 
 
+def _packed(arrays: list[np.ndarray], rows: list[int], pads: list[int]) -> tuple[np.ndarray, list[int]]:
+    """One int32 buffer holding each of ``arrays`` padded with its pad to ``rows`` rows (at
+    least its own), each from a 16-byte boundary; and where each starts."""
+    sizes = [m * math.prod(a.shape[1:]) for a, m in zip(arrays, rows, strict=True)]
+    starts = np.cumsum([0] + [-(-n // _ALIGN) * _ALIGN for n in sizes]).tolist()
+    buffer = np.zeros(starts[-1], dtype=np.int32)
+    for a, start, end, pad in zip(arrays, starts[:-1], starts[1:], pads, strict=True):
+        buffer[start : start + a.size] = a.ravel()
+        if pad:
+            buffer[start + a.size : end] = pad
+    return buffer, starts
+
+
 def _int32_tensors(host: dict[str, np.ndarray], device: torch.device | str) -> dict[str, torch.Tensor]:
     """The plan tensors of ``host`` as int32 tensors on ``device``. On the CPU, each array
     as it is (no copy). Elsewhere, views of one buffer copied over at once: on the H200
@@ -599,15 +613,11 @@ def _int32_tensors(host: dict[str, np.ndarray], device: torch.device | str) -> d
             name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
             for name, a in zip(TENSOR_NAMES, arrays, strict=True)
         }
-    sizes = [a.size for a in arrays]
-    starts = np.cumsum([0] + [-(-n // _ALIGN) * _ALIGN for n in sizes]).tolist()
-    buffer = np.zeros(starts[-1], dtype=np.int32)
-    for a, start, n in zip(arrays, starts[:-1], sizes, strict=True):
-        buffer[start : start + n] = a.ravel()
+    buffer, starts = _packed(arrays, [len(a) for a in arrays], [0] * len(arrays))
     flat = torch.from_numpy(buffer).to(device)
     return {
-        name: flat[start : start + n].view(a.shape)
-        for name, a, start, n in zip(TENSOR_NAMES, arrays, starts[:-1], sizes, strict=True)
+        name: flat[start : start + a.size].view(a.shape)
+        for name, a, start in zip(TENSOR_NAMES, arrays, starts[:-1], strict=True)
     }
 
 
@@ -1006,16 +1016,31 @@ class PlanSizes:
 
 
 @dataclass(frozen=True, eq=False)
+class _Store:
+    """One int32 allocation that every buffer is a view of (each from a 16-byte boundary,
+    in :data:`TENSOR_NAMES` order), and a copy of it on the host that :func:`plan_into`
+    writes first: a GPU's buffers then take a plan in one or a few copies."""
+
+    device: torch.Tensor  # [total]
+    host: np.ndarray  # [total] what ``device`` holds; on the CPU, the same memory
+    starts: list[int]  # each buffer's first element, then the total
+    written: list[int]  # per buffer, the rows the last plan used (the rest hold padding)
+
+
+@dataclass(frozen=True, eq=False)
 class PlanBuffers:
-    """Preallocated plan tensors of fixed capacity; ``chunk``, ``queries_per_group``,
-    ``span`` and ``heads`` are fixed too, since a captured kernel is specialised on them
-    (``span`` defaults to the chunk: no coalescing)."""
+    """Preallocated plan tensors of fixed capacity (build them with :meth:`allocate`);
+    ``chunk``, ``queries_per_group``, ``span`` and ``heads`` are fixed too, since a
+    captured kernel is specialised on them (``span`` defaults to the chunk: no
+    coalescing). The tensors are :func:`plan_into`'s to write: it writes only the rows
+    that changed, so nothing else may."""
 
     chunk: int
     queries_per_group: int
     span: int
     tensors: dict[str, torch.Tensor]
-    heads: HeadLayout = field(default_factory=HeadLayout)
+    heads: HeadLayout
+    store: _Store = field(repr=False)
 
     @property
     def group(self) -> int:
@@ -1035,9 +1060,10 @@ class PlanBuffers:
         heads: HeadLayout | None = None,
         device: torch.device | str = "cpu",
     ) -> PlanBuffers:
-        """Zeroed buffers for plans of at most ``max_groups`` groups, ``max_queries``
-        queries and ``max_kv`` KV tokens; the parameters are checked as :func:`plan_tree`
-        checks them, before anything is allocated."""
+        """Empty buffers (-1 query slots and merge rows, zeros elsewhere) for plans of at
+        most ``max_groups`` groups, ``max_queries`` queries and ``max_kv`` KV tokens; the
+        parameters are checked as :func:`plan_tree` checks them, before anything is
+        allocated."""
         heads = heads or HeadLayout()
         for name, value in (("max_groups", max_groups), ("max_queries", max_queries), ("max_kv", max_kv)):
             if value < 1:
@@ -1058,8 +1084,18 @@ class PlanBuffers:
             "q_tree": (max_queries,),
             "dense_count": (1,),
         }
-        tensors = {n: torch.zeros(s, dtype=torch.int32, device=device) for n, s in shapes.items()}
-        return cls(chunk, queries_per_group, max(span or chunk, chunk), tensors, heads)
+        empty = [np.empty((0, *shapes[name][1:])) for name in TENSOR_NAMES]
+        rows = [shapes[name][0] for name in TENSOR_NAMES]
+        host, starts = _packed(empty, rows, [_PAD.get(name, 0) for name in TENSOR_NAMES])
+        flat = torch.from_numpy(host).to(device)
+        if flat.device.type == "cpu":
+            host = flat.numpy()  # one memory: plan_into's writes are the buffers'
+        tensors = {
+            name: flat[start : start + math.prod(shapes[name])].view(shapes[name])
+            for name, start in zip(TENSOR_NAMES, starts[:-1], strict=True)
+        }
+        store = _Store(flat, host, starts, [0] * len(TENSOR_NAMES))
+        return cls(chunk, queries_per_group, max(span or chunk, chunk), tensors, heads, store)
 
     def capacity(self) -> PlanSizes:
         t = self.tensors
@@ -1072,6 +1108,11 @@ class PlanBuffers:
 
 
 _PAD = {"group_q": -1, "merge_row": -1}
+#: Elements between two written stretches of a GPU's buffers below which plan_into copies
+#: them as one. A copy from the host costs its caller 15-20 us on the H200's host (twelve
+#: took 230 us, session 29); 256 KB more at a pageable copy's ~10 GB/s cost about as much
+#: (a judgement: the rate was not measured on its own).
+_COPY_GAP = 64 * 1024
 
 
 def plan_into(
@@ -1088,6 +1129,10 @@ def plan_into(
     there. A plan that does not fit raises PlanError before anything is written.
     ``heads`` defaults to the buffers' own; other heads must have the same query heads per
     KV head (the dense groups depend on it).
+
+    Only the rows the plan uses are written, and those the previous plans used past them
+    (cleared). They are written on the host, then copied to a GPU in one copy per
+    stretch of them (stretches closer than :data:`_COPY_GAP` elements copied as one).
     """
     heads, machine = heads or buffers.heads, machine or Machine()
     if heads.group != buffers.group:
@@ -1100,9 +1145,36 @@ def plan_into(
     host = _host_arrays(tree, groups, heads)
     used = PlanSizes(len(host["group_kv_start"]), tree.n_queries, tree.n_kv, int(host["merge_ptr"][-1]))
     _check_capacity(used, buffers.capacity())
-    for name, values in host.items():
-        _write(buffers.tensors[name], values, name)
+    store = buffers.store
+    stretches = []
+    for i, name in enumerate(TENSOR_NAMES):
+        values, width = host[name], math.prod(buffers.tensors[name].shape[1:])
+        n = len(values)
+        # merge_ptr's tail repeats its last entry, which moves with every plan: all of it
+        end = store.starts[i + 1] if name == "merge_ptr" else store.starts[i] + max(n, store.written[i]) * width
+        at = store.starts[i] + n * width
+        store.host[store.starts[i] : at] = values.ravel()
+        store.host[at:end] = used.n_partials if name == "merge_ptr" else _PAD.get(name, 0)
+        store.written[i] = n
+        stretches.append((store.starts[i], end))
+    if store.device.device.type != "cpu":
+        for lo, hi in _joined(stretches, _COPY_GAP):
+            store.device[lo:hi].copy_(torch.from_numpy(store.host[lo:hi]))
     return used
+
+
+def _joined(stretches: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    """Ascending, disjoint ``[lo, hi)`` stretches, those less than ``gap`` apart joined
+    (empty ones dropped)."""
+    joined: list[tuple[int, int]] = []
+    for lo, hi in stretches:
+        if hi <= lo:
+            continue
+        if joined and lo - joined[-1][1] < gap:
+            joined[-1] = (joined[-1][0], hi)
+        else:
+            joined.append((lo, hi))
+    return joined
 
 
 def _check_capacity(used: PlanSizes, cap: PlanSizes) -> None:
@@ -1113,11 +1185,3 @@ def _check_capacity(used: PlanSizes, cap: PlanSizes) -> None:
                 f"plan_into: the plan needs {name} = {getattr(used, name)} but the buffers hold "
                 f"{getattr(cap, name)}; allocate larger buffers (nothing was written)."
             )
-
-
-def _write(dest: torch.Tensor, values: np.ndarray, name: str) -> None:
-    n = len(values)
-    src = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32))
-    dest[:n].copy_(src)
-    fill = int(values[-1]) if name == "merge_ptr" and n else _PAD.get(name, 0)
-    dest[n:].fill_(fill)

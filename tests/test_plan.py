@@ -18,6 +18,7 @@ from attngen.plan import (
     TENSOR_NAMES,
     Plan,
     PlanBuffers,
+    _joined,
     plan_into,
     plan_tree,
     replan_after_append,
@@ -290,6 +291,72 @@ def test_plan_into_fixed_buffers(span: int | None, heads: HeadLayout | None) -> 
     with pytest.raises(PlanError, match="allocated for 1"):  # dense groups depend on the heads
         plan_into(small, tree, heads=HeadLayout(heads_q=32, heads_kv=8))
     assert small.tensors["group_q"].equal(before)
+
+
+SEQUENCE = [
+    TreeBatch.from_parents([-1, 0, 0, 1], [300, 20, 50, 7]),
+    TreeBatch.from_parents([-1, 0], [40, 3]),  # fewer groups, queries and tokens
+    TreeBatch.from_parents([-1, 0, 0, 0, 2, 2], [500, 64, 1, 90, 33, 120]),
+    TreeBatch.from_parents([-1], [5]),
+]
+
+
+def _buffers(device: str) -> PlanBuffers:
+    return PlanBuffers.allocate(
+        max_groups=64, max_queries=8, max_kv=1024, chunk=64, queries_per_group=2, span=192, device=device
+    )
+
+
+def test_plan_into_a_sequence_of_plans_leaves_each_whole() -> None:
+    """Plans of growing and shrinking size into one set of buffers (plan_into writes only
+    the rows a plan uses and those the previous one used past them): after each, every
+    buffer holds exactly the fresh plan's rows, then padding."""
+    buffers = _buffers("cpu")
+    pads = {"group_q": -1, "merge_row": -1}
+    for tree in SEQUENCE:
+        used = plan_into(buffers, tree)
+        fresh = plan_tree(tree, chunk=64, queries_per_group=2, span=192)
+        for name, got in buffers.tensors.items():
+            want = getattr(fresh, name)
+            n = len(want)
+            assert got[:n].equal(want), name
+            tail = used.n_partials if name == "merge_ptr" else pads.get(name, 0)
+            assert (got[n:] == tail).all(), name
+
+
+@pytest.mark.gpu
+def test_plan_into_gpu_buffers_equal_cpu_ones() -> None:
+    """On a GPU the buffers take each plan in a few copies of their written stretches: after
+    every plan of the sequence, each buffer equals the CPU one, capacity included."""
+    on_gpu, on_cpu = _buffers("cuda"), _buffers("cpu")
+    for tree in SEQUENCE + SEQUENCE[::-1]:
+        plan_into(on_gpu, tree)
+        plan_into(on_cpu, tree)
+        for name in TENSOR_NAMES:
+            assert on_gpu.tensors[name].cpu().equal(on_cpu.tensors[name]), name
+
+
+def test_buffers_are_aligned_views_of_one_allocation() -> None:
+    buffers = _buffers("cpu")
+    base = buffers.store.device
+    for name, t in buffers.tensors.items():
+        assert t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr(), name
+        assert t.storage_offset() % 4 == 0, name  # 16 bytes of int32
+
+
+@pytest.mark.parametrize(
+    ("stretches", "joined"),
+    [
+        ([(0, 10), (12, 20), (40, 50)], [(0, 20), (40, 50)]),
+        ([(0, 0), (5, 5), (8, 9)], [(8, 9)]),
+        ([(0, 10), (15, 20)], [(0, 10), (15, 20)]),
+        ([], []),
+    ],
+)
+def test_written_stretches_close_together_copy_as_one(
+    stretches: list[tuple[int, int]], joined: list[tuple[int, int]]
+) -> None:
+    assert _joined(stretches, gap=5) == joined
 
 
 @pytest.mark.parametrize(

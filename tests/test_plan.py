@@ -18,7 +18,12 @@ from attngen.plan import (
     TENSOR_NAMES,
     Plan,
     PlanBuffers,
+    _alike_sources,
+    _chunk_layout,
     _joined,
+    _layout_rows,
+    _pairs,
+    _rows,
     plan_into,
     plan_tree,
     replan_after_append,
@@ -172,6 +177,31 @@ def test_cost_model_choice_keeps_invariants(tree: TreeBatch, heads: tuple[int, i
     plan = plan_tree(tree, heads=layout)
     assert plan.queries_per_group * layout.group <= layout.max_rows
     check_invariants(tree, plan)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tree_batches(), st.sampled_from([32, 64, 128]), st.sampled_from([1, 2, 4, 16]))
+def test_alike_chunks_planned_once_equal_every_pair_planned(tree: TreeBatch, chunk: int, qg: int) -> None:
+    """The inner chunks of a long node repeat the groups of the chunk before them, rather
+    than listing their pairs again: the rows are those of every pair."""
+    layout = _chunk_layout(tree, chunk)
+    want, got = _rows(_pairs(tree, layout), layout, qg), _layout_rows(tree, layout, qg)
+    for name in ("chunk", "query", "bits", "full"):
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_alike_chunks_are_a_long_nodes_inner_chunks() -> None:
+    """spec_4k_92's 4000-token prefix at chunk 512: chunks 1-6 repeat chunk 0 (7 whole
+    chunks, no query on the prefix); the last, 416 tokens of the prefix and the token
+    tree, is its own. A token-mode query on the prefix would see it in part: no repeats."""
+
+    def sources(tree: TreeBatch) -> list[int] | None:
+        source = _alike_sources(tree, _chunk_layout(tree, 512))
+        return None if source is None else source.tolist()
+
+    assert sources(WORKLOADS["spec_4k_92"]().tree) == [0] * 7 + [7]
+    assert sources(TreeBatch.from_parents([-1, 0], [2000, 3], [0, 1], mode="token")) is None
+    assert sources(TreeBatch.from_parents([-1, 0], [2000, 3], [0, 1])) == [0, 0, 0, 3]
 
 
 @settings(max_examples=25, deadline=None)

@@ -366,26 +366,52 @@ class _Rows:
 @dataclass(frozen=True, slots=True)
 class _Slots:
     """Group rows before their bits, which is all that comparing QG and span needs: the
-    chunk of each group, its query slots, fullness, and the flat slot of each pair."""
+    chunk of each group, its query slots, fullness, and the flat slot of each pair.
+    ``pair_slot`` numbers the ``made_groups`` groups made from the pairs; with ``made``,
+    the groups are those repeated over the chunks (see :meth:`repeated`), and group ``g``
+    is made group ``made[g]``."""
 
     chunk: np.ndarray  # [G]
     query: np.ndarray  # [G, QG]
     full: np.ndarray  # [G] bool
     pair_slot: np.ndarray  # [pairs] g * QG + s
     filled: np.ndarray  # [G] slots filled, from the first (as ``_filled_slots`` counts)
+    made_groups: int
+    made: np.ndarray | None = None  # [G] the made group each group repeats
 
     def with_bits(self, pairs: _Pairs, layout: _Chunking) -> _Rows:
-        words = layout.chunk // WORD
+        words, qg = layout.chunk // WORD, self.query.shape[1]
         # every slot takes its pair's words, a padding slot the zero row after them
         pair_bits = _pair_bits(pairs, layout.chunk)
-        slot_pair = np.full(self.query.size, len(pair_bits))
-        slot_pair[self.pair_slot] = np.arange(len(pair_bits))
-        bits = np.concatenate((pair_bits, np.zeros((1, words), np.int32))).take(slot_pair, axis=0)
+        slot_pair = np.full((self.made_groups, qg), len(pair_bits))
+        slot_pair.reshape(-1)[self.pair_slot] = np.arange(len(pair_bits))
+        if self.made is not None:
+            slot_pair = slot_pair.take(self.made, axis=0)
+        bits = np.concatenate((pair_bits, np.zeros((1, words), np.int32))).take(slot_pair.reshape(-1), axis=0)
         return _Rows(self.chunk, self.query, bits.reshape(*self.query.shape, words), self.full)
 
+    def repeated(self, source: np.ndarray) -> _Slots:
+        """These slots with each chunk's groups those of its ``source`` chunk (in chunk
+        order); the slots must have no groups in chunks that repeat another."""
+        per_chunk = np.bincount(self.chunk, minlength=len(source))
+        count = per_chunk[source]
+        first = (per_chunk.cumsum() - per_chunk)[source]
+        made = np.arange(int(count.sum())) + np.repeat(first - (count.cumsum() - count), count)
+        return _Slots(
+            np.arange(len(source)).repeat(count),
+            self.query.take(made, axis=0),
+            self.full[made],
+            self.pair_slot,
+            self.filled[made],
+            self.made_groups,
+            made,
+        )
 
-def _slots(pairs: _Pairs, layout: _Chunking, qg: int) -> _Slots:
-    """Split each chunk's queries (ascending id) into groups of at most ``qg``."""
+
+def _slots(pairs: _Pairs, layout: _Chunking, qg: int, source: np.ndarray | None = None) -> _Slots:
+    """Split each chunk's queries (ascending id) into groups of at most ``qg``. With
+    ``source`` (:func:`_alike_sources`), ``pairs`` are those of the chunks that repeat no
+    other, and the others repeat their source's groups."""
     n_groups = -(-pairs.per_chunk // qg)
     first_group = n_groups.cumsum() - n_groups
     group = first_group[pairs.chunk] + pairs.rank // qg
@@ -397,11 +423,12 @@ def _slots(pairs: _Pairs, layout: _Chunking, qg: int) -> _Slots:
     full[group[~pairs.whole]] = False
     chunks = np.arange(layout.n_chunks).repeat(n_groups)
     # a chunk's queries fill its groups in rank order, so a group's pairs are its slots
-    return _Slots(chunks, query.reshape(total, qg), full, pair_slot, np.bincount(group, minlength=total))
+    made = _Slots(chunks, query.reshape(total, qg), full, pair_slot, np.bincount(group, minlength=total), total)
+    return made if source is None else made.repeated(source)
 
 
-def _rows(pairs: _Pairs, layout: _Chunking, qg: int) -> _Rows:
-    return _slots(pairs, layout, qg).with_bits(pairs, layout)
+def _rows(pairs: _Pairs, layout: _Chunking, qg: int, source: np.ndarray | None = None) -> _Rows:
+    return _slots(pairs, layout, qg, source).with_bits(pairs, layout)
 
 
 def _alike_sources(tree: TreeBatch, layout: _Chunking) -> np.ndarray | None:
@@ -426,21 +453,20 @@ def _alike_sources(tree: TreeBatch, layout: _Chunking) -> np.ndarray | None:
 
 
 def _layout_rows(tree: TreeBatch, layout: _Chunking, qg: int) -> _Rows:
-    """The group rows of ``layout`` at ``qg``, planned once for chunks that repeat
-    another's (:func:`_alike_sources`); equal to ``_rows`` of all its pairs."""
+    """The group rows of ``layout`` at ``qg``, those of chunks that repeat another's
+    planned once (equal to ``_rows`` of every pair)."""
+    pairs, source = _alike_pairs(tree, layout)
+    return _rows(pairs, layout, qg, source)
+
+
+def _alike_pairs(tree: TreeBatch, layout: _Chunking) -> tuple[_Pairs, np.ndarray | None]:
+    """The pairs of the chunks of ``layout`` that repeat no other, and the chunks' sources
+    (:func:`_alike_sources`; None: every chunk's pairs)."""
     source = _alike_sources(tree, layout)
     if source is None:
-        return _rows(_pairs(tree, layout), layout, qg)
+        return _pairs(tree, layout), None
     own = source == np.arange(layout.n_chunks)
-    rows = _rows(_pairs(tree, layout, piece_mask=own[layout.piece_chunk]), layout, qg)
-    per_chunk = np.bincount(rows.chunk, minlength=layout.n_chunks)
-    count = per_chunk[source]
-    first = (per_chunk.cumsum() - per_chunk)[source]
-    # each chunk's groups, in chunk order: its source's, one after another
-    take = np.arange(int(count.sum())) + np.repeat(first - (count.cumsum() - count), count)
-    return _Rows(
-        np.arange(layout.n_chunks).repeat(count), rows.query.take(take, axis=0), rows.bits.take(take, axis=0), rows.full[take]
-    )
+    return _pairs(tree, layout, piece_mask=own[layout.piece_chunk]), source
 
 
 # ---------------------------------------------------------------------------------------
@@ -811,7 +837,7 @@ def _span_stats(
     piece_len = np.where(column <= layout.chunk, np.minimum(piece_len, layout.chunk), piece_len)
     top = np.maximum((piece_len[:, :, None] * by_run).max(axis=1, initial=0), rest_top)  # [spans, trials]
     n_longest = (pieces * (2 * piece_len >= top @ by_run.T)) @ by_run + (2 * rest >= top @ by_rest.T) @ by_rest
-    pairs = np.array([len(slots.pair_slot) for _, slots, _ in trials], dtype=np.int64)
+    pairs = np.array([slots.filled.sum() for _, slots, _ in trials], dtype=np.int64)
     partials = (pieces * run_slots) @ by_run + pairs - (members * run_slots) @ by_run
     return PlanStats(
         chunk=layout.chunk,
@@ -895,7 +921,6 @@ def _group_stats(
 def _choose_qg_span(
     tree: TreeBatch,
     layout: _Chunking,
-    pairs: _Pairs,
     qg: int,
     fixed_qg: bool,
     span: int | None,
@@ -907,6 +932,7 @@ def _choose_qg_span(
     the chunk itself (no coalescing) and the :data:`SPAN_CHOICES` above it (unless
     given); ties go to the smallest QG, then the smallest span. Only the winner's rows
     get their bits."""
+    pairs, source = _alike_pairs(tree, layout)
     choices = heads.queries_per_group_choices()
     at = choices.index(qg) if qg in choices else 0
     qgs = [qg] if fixed_qg else list(choices[max(at - 1, 0) : at + 2])
@@ -914,7 +940,7 @@ def _choose_qg_span(
         [span] if span is not None else [layout.chunk, *(s for s in SPAN_CHOICES if s > layout.chunk)],
         dtype=np.int64,
     )
-    slots = [_slots(pairs, layout, g) for g in qgs]
+    slots = [_slots(pairs, layout, g, source) for g in qgs]
     trials = [(g, s, _Runs.of(layout, s)) for g, s in zip(qgs, slots, strict=True)]
     times = evaluate("time_s", _span_stats(tree, layout, trials, spans, heads), heads, machine)
     g, i = divmod(int(np.argmin(times)), len(spans))  # the first minimum
@@ -972,7 +998,7 @@ def plan_tree(
         rows, runs = _layout_rows(tree, layout, qg), None
     else:
         qg, span, rows, runs = _choose_qg_span(
-            tree, layout, _pairs(tree, layout), qg, queries_per_group is not None, span, heads, machine
+            tree, layout, qg, queries_per_group is not None, span, heads, machine
         )
     span = max(span, layout.chunk)
     return _make_plan(tree, layout, rows, qg, span, heads, machine, device, runs)

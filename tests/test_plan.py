@@ -18,12 +18,14 @@ from attngen.plan import (
     TENSOR_NAMES,
     Plan,
     PlanBuffers,
+    _alike_pairs,
     _alike_sources,
     _chunk_layout,
     _joined,
     _layout_rows,
     _pairs,
     _rows,
+    _slots,
     plan_into,
     plan_tree,
     replan_after_append,
@@ -188,6 +190,9 @@ def test_alike_chunks_planned_once_equal_every_pair_planned(tree: TreeBatch, chu
     want, got = _rows(_pairs(tree, layout), layout, qg), _layout_rows(tree, layout, qg)
     for name in ("chunk", "query", "bits", "full"):
         assert np.array_equal(getattr(got, name), getattr(want, name)), name
+    # the slots the choice of QG and span counts from (filled slots: rows and pairs)
+    pairs, source = _alike_pairs(tree, layout)
+    assert np.array_equal(_slots(pairs, layout, qg, source).filled, _slots(_pairs(tree, layout), layout, qg).filled)
 
 
 def test_alike_chunks_are_a_long_nodes_inner_chunks() -> None:

@@ -453,8 +453,8 @@ def _alike_sources(tree: TreeBatch, layout: _Chunking) -> np.ndarray | None:
 
 
 def _layout_rows(tree: TreeBatch, layout: _Chunking, qg: int) -> _Rows:
-    """The group rows of ``layout`` at ``qg``, those of chunks that repeat another's
-    planned once (equal to ``_rows`` of every pair)."""
+    """The group rows of ``layout`` at ``qg``, planned once for each set of chunks that
+    repeat one another (:func:`_alike_sources`); equal to ``_rows`` of every pair."""
     pairs, source = _alike_pairs(tree, layout)
     return _rows(pairs, layout, qg, source)
 

@@ -81,15 +81,16 @@ class _Chunking:
     def n_chunks(self) -> int:
         return len(self.start)
 
-    def signatures(self, order: np.ndarray) -> list[tuple[int, ...]]:
-        """Per chunk: (first node, its offset, last node, its end, length), which
-        identifies a chunk's content across token appends that do not touch it."""
-        last = np.cumsum(np.bincount(self.piece_chunk, minlength=self.n_chunks)) - 1
-        first = last - np.bincount(self.piece_chunk, minlength=self.n_chunks) + 1
-        nodes = order[self.piece_rank]
+    def keys(self) -> np.ndarray:
+        """int64 [n_chunks, 5] per chunk: (first piece's node rank, its offset, last
+        piece's node rank, its end, length), which identifies a chunk's content across
+        token appends that do not touch it. Ascending in the first two columns."""
+        count = np.bincount(self.piece_chunk, minlength=self.n_chunks)
+        last = np.cumsum(count) - 1
+        first = last - count + 1
         ends = self.piece_offset + self.piece_len
-        cols = (nodes[first], self.piece_offset[first], nodes[last], ends[last], self.length)
-        return list(zip(*(c.tolist() for c in cols), strict=True))
+        cols = (self.piece_rank[first], self.piece_offset[first], self.piece_rank[last], ends[last], self.length)
+        return np.stack(cols, axis=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -578,7 +579,7 @@ class _State:
     rows: _Rows
     heads: HeadLayout
     machine: Machine
-    chunk_index: dict[tuple[int, ...], int] | None = None  # ``_chunk_index``, if known
+    chunk_keys: np.ndarray | None = None  # ``layout.keys()``, if known
 
 
 @dataclass(frozen=True, eq=False)
@@ -957,7 +958,7 @@ def _make_plan(
     machine: Machine,
     device: torch.device | str,
     runs: _Runs | None = None,
-    chunk_index: dict[tuple[int, ...], int] | None = None,
+    chunk_keys: np.ndarray | None = None,
 ) -> Plan:
     groups = _span_groups(layout, rows, span, runs)
     host = _host_arrays(tree, groups, heads)
@@ -973,7 +974,7 @@ def _make_plan(
         n_partials=int(host["merge_ptr"][-1]),
         n_dense=int(host["dense_count"][0]),
         cost=plan_cost(stats, heads, machine),
-        state=_State(tree, layout, rows, heads, machine, chunk_index),
+        state=_State(tree, layout, rows, heads, machine, chunk_keys),
     )
 
 
@@ -1028,22 +1029,26 @@ def replan_after_append(plan: Plan, tree: TreeBatch, device: torch.device | str 
             device=device,
         )
     layout = _chunk_layout(tree, plan.chunk)
-    index = _chunk_index(layout, tree)  # kept in the new plan for the next step
-    old_index = old.chunk_index if old.chunk_index is not None else _chunk_index(old.layout, old.tree)
-    new_to_old = np.array([old_index.get(sig, -1) for sig in index], dtype=np.int64)
+    keys = layout.keys()  # kept in the new plan for the next step
+    new_to_old = _matched(keys, old.chunk_keys if old.chunk_keys is not None else old.layout.keys())
     reused = _reused_rows(old.rows, new_to_old, old.layout.n_chunks)
     fresh_chunk = new_to_old < 0
     pairs = _pairs(tree, layout, piece_mask=fresh_chunk[layout.piece_chunk])
     rows = _Rows.concat([reused, _rows(pairs, layout, plan.queries_per_group)])
     return _make_plan(
-        tree, layout, rows, plan.queries_per_group, plan.span, old.heads, old.machine, device, chunk_index=index
+        tree, layout, rows, plan.queries_per_group, plan.span, old.heads, old.machine, device, chunk_keys=keys
     )
 
 
-def _chunk_index(layout: _Chunking, tree: TreeBatch) -> dict[tuple[int, ...], int]:
-    """Each chunk of ``layout`` by its signature, in chunk order (signatures are distinct:
-    each names the chunk's first token)."""
-    return {sig: c for c, sig in enumerate(layout.signatures(tree.order))}
+def _matched(keys: np.ndarray, old_keys: np.ndarray) -> np.ndarray:
+    """Per chunk of ``keys`` (:meth:`_Chunking.keys`), the chunk of ``old_keys`` with the
+    same key, or -1. Both ascend in their first token's (rank, offset), so one search
+    finds the only candidate."""
+    if len(old_keys) == 0:
+        return np.full(len(keys), -1, dtype=np.int64)
+    at = (old_keys[:, 0] << 32) | old_keys[:, 1]
+    found = np.minimum(at.searchsorted((keys[:, 0] << 32) | keys[:, 1]), len(old_keys) - 1)
+    return np.where((old_keys[found] == keys).all(axis=1), found, -1)
 
 
 def _is_append_only(before: TreeBatch, after: TreeBatch) -> bool:

@@ -23,6 +23,7 @@ from attngen.plan import (
     _chunk_layout,
     _joined,
     _layout_rows,
+    _matched,
     _pairs,
     _rows,
     _slots,
@@ -271,6 +272,16 @@ def test_incremental_reuses_unchanged_chunks() -> None:
     new = replan_after_append(plan, grown)
     assert new.group_bits[:7].equal(plan.group_bits[:7])  # the prompt's chunks
     check_invariants(grown, new)
+
+
+def test_replan_matches_exactly_the_unchanged_chunks() -> None:
+    """Chunk 128: the prompt fills chunks 0-7; node 1 (200 tokens) chunks 8-9, node 2 (300)
+    10-12. One token more on each leaf changes only their last chunks (9 and 12); the
+    others keep their content, though nodes 1 and 2 now start one token later."""
+    tree = TreeBatch.from_parents([-1, 0, 0], [1000, 200, 300])
+    before, after = _chunk_layout(tree, 128), _chunk_layout(tree.append_to_leaves(1), 128)
+    assert _matched(after.keys(), before.keys()).tolist() == [*range(9), -1, 10, 11, -1]
+    assert _matched(after.keys(), before.keys()[:0]).tolist() == [-1] * 13
 
 
 def test_structure_change_falls_back_to_fresh_plan() -> None:

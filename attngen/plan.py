@@ -579,7 +579,6 @@ class _State:
     rows: _Rows
     heads: HeadLayout
     machine: Machine
-    chunk_keys: np.ndarray | None = None  # ``layout.keys()``, if known
 
 
 @dataclass(frozen=True, eq=False)
@@ -653,17 +652,10 @@ def _merge_order(query: np.ndarray, n_queries: int) -> tuple[np.ndarray, np.ndar
 _ALIGN = 4
 
 
-def _packed(arrays: list[np.ndarray], rows: list[int], pads: list[int]) -> tuple[np.ndarray, list[int]]:
-    """One int32 buffer holding each of ``arrays`` padded with its pad to ``rows`` rows (at
-    least its own), each from a 16-byte boundary; and where each starts."""
-    sizes = [m * math.prod(a.shape[1:]) for a, m in zip(arrays, rows, strict=True)]
-    starts = np.cumsum([0] + [-(-n // _ALIGN) * _ALIGN for n in sizes]).tolist()
-    buffer = np.zeros(starts[-1], dtype=np.int32)
-    for a, start, end, pad in zip(arrays, starts[:-1], starts[1:], pads, strict=True):
-        buffer[start : start + a.size] = a.ravel()
-        if pad:
-            buffer[start + a.size : end] = pad
-    return buffer, starts
+def _starts(sizes: list[int]) -> list[int]:
+    """Where each of int32 arrays of ``sizes`` elements starts in one buffer that holds them
+    all, each from a 16-byte boundary; then the buffer's size."""
+    return np.cumsum([0] + [-(-n // _ALIGN) * _ALIGN for n in sizes]).tolist()
 
 
 def _int32_tensors(host: dict[str, np.ndarray], device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -677,7 +669,10 @@ def _int32_tensors(host: dict[str, np.ndarray], device: torch.device | str) -> d
             name: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
             for name, a in zip(TENSOR_NAMES, arrays, strict=True)
         }
-    buffer, starts = _packed(arrays, [len(a) for a in arrays], [0] * len(arrays))
+    starts = _starts([a.size for a in arrays])
+    buffer = np.zeros(starts[-1], dtype=np.int32)
+    for a, start in zip(arrays, starts[:-1], strict=True):
+        buffer[start : start + a.size] = a.ravel()
     flat = torch.from_numpy(buffer).to(device)
     return {
         name: flat[start : start + a.size].view(a.shape)
@@ -958,7 +953,6 @@ def _make_plan(
     machine: Machine,
     device: torch.device | str,
     runs: _Runs | None = None,
-    chunk_keys: np.ndarray | None = None,
 ) -> Plan:
     groups = _span_groups(layout, rows, span, runs)
     host = _host_arrays(tree, groups, heads)
@@ -974,7 +968,7 @@ def _make_plan(
         n_partials=int(host["merge_ptr"][-1]),
         n_dense=int(host["dense_count"][0]),
         cost=plan_cost(stats, heads, machine),
-        state=_State(tree, layout, rows, heads, machine, chunk_keys),
+        state=_State(tree, layout, rows, heads, machine),
     )
 
 
@@ -1029,15 +1023,12 @@ def replan_after_append(plan: Plan, tree: TreeBatch, device: torch.device | str 
             device=device,
         )
     layout = _chunk_layout(tree, plan.chunk)
-    keys = layout.keys()  # kept in the new plan for the next step
-    new_to_old = _matched(keys, old.chunk_keys if old.chunk_keys is not None else old.layout.keys())
+    new_to_old = _matched(layout.keys(), old.layout.keys())
     reused = _reused_rows(old.rows, new_to_old, old.layout.n_chunks)
     fresh_chunk = new_to_old < 0
     pairs = _pairs(tree, layout, piece_mask=fresh_chunk[layout.piece_chunk])
     rows = _Rows.concat([reused, _rows(pairs, layout, plan.queries_per_group)])
-    return _make_plan(
-        tree, layout, rows, plan.queries_per_group, plan.span, old.heads, old.machine, device, chunk_keys=keys
-    )
+    return _make_plan(tree, layout, rows, plan.queries_per_group, plan.span, old.heads, old.machine, device)
 
 
 def _matched(keys: np.ndarray, old_keys: np.ndarray) -> np.ndarray:
@@ -1152,15 +1143,17 @@ class PlanBuffers:
             "q_tree": (max_queries,),
             "dense_count": (1,),
         }
-        empty = [np.empty((0, *shapes[name][1:])) for name in TENSOR_NAMES]
-        rows = [shapes[name][0] for name in TENSOR_NAMES]
-        host, starts = _packed(empty, rows, [_PAD.get(name, 0) for name in TENSOR_NAMES])
+        sizes = [math.prod(shapes[name]) for name in TENSOR_NAMES]
+        starts = _starts(sizes)
+        host = np.zeros(starts[-1], dtype=np.int32)
+        for name, start, size in zip(TENSOR_NAMES, starts[:-1], sizes, strict=True):
+            host[start : start + size] = _PAD.get(name, 0)
         flat = torch.from_numpy(host).to(device)
         if flat.device.type == "cpu":
             host = flat.numpy()  # one memory: plan_into's writes are the buffers'
         tensors = {
-            name: flat[start : start + math.prod(shapes[name])].view(shapes[name])
-            for name, start in zip(TENSOR_NAMES, starts[:-1], strict=True)
+            name: flat[start : start + size].view(shapes[name])
+            for name, start, size in zip(TENSOR_NAMES, starts[:-1], sizes, strict=True)
         }
         store = _Store(flat, host, starts, [0] * len(TENSOR_NAMES))
         return cls(chunk, queries_per_group, max(span or chunk, chunk), tensors, heads, store)

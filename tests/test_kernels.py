@@ -232,7 +232,7 @@ def test_gaps_between_pieces_are_never_read(device: str, queries: str, mask: str
         start, n_q = int(batch["cu_seqlens_k"][b]), max(q_lens[b], 1)
         visible, _ = spec_terms(spec, q_pos=np.arange(n - n_q, n), kv_pos=np.arange(n), batch=b,
                                 q_len=n_q, kv_len=n, tensors={})
-        seen = np.asarray(np.asarray(visible).any(axis=(0, 1)))  # by any head and query
+        seen = np.any(visible, axis=(0, 1))  # by any head and query
         for t in range(0, n, block_n):
             if seen[t:t + block_n].any():
                 read += 1

@@ -714,13 +714,15 @@ class _Runs:
     @staticmethod
     def of(layout: _Chunking, rows: _Slots | _Rows) -> _Runs:
         full = rows.full.nonzero()[0]
-        if full.size == 0:
-            empty = np.zeros(0, dtype=np.int64)
-            return _Runs(empty, empty, empty, empty, empty, empty)
+        query, chunk = rows.query.take(full, axis=0), rows.chunk[full]
+        if not (chunk[1:] == chunk[:-1] + 1).any():
+            # no full groups in neighbouring chunks (most trees without long nodes): each
+            # is a run of its own, with no need to bring equal slot rows together
+            ones = np.ones(len(full), dtype=np.int64)
+            return _Runs(full, ones.cumsum() - 1, ones - 1, ones, layout.length[chunk], (query >= 0).sum(axis=1))
         # a hash brings equal slot rows together, in KV order (the groups come in KV order
         # and the sort is stable); neighbours are then compared exactly, so a collision
         # can only split a run, never join different queries
-        query = rows.query.take(full, axis=0)
         row_hash = (query + 1) @ _ROW_WEIGHTS[np.arange(query.shape[1]) % len(_ROW_WEIGHTS)]
         by = row_hash.argsort(kind="stable")
         order, q = full[by], query.take(by, axis=0)

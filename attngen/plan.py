@@ -123,30 +123,47 @@ class _Placement:
 
 
 def _place(nodes: _KvNodes, chunk: int) -> _Placement:
-    """Implements the packing rule of the module docstring. A node that starts a chunk
-    leaves its last piece open; the nodes after it join that chunk while they fit, so the
-    next node to start a chunk is one search in the token prefix sums away, and the only
-    loop steps from one such node to the next."""
+    return _places(nodes, (chunk,))[0]
+
+
+def _places(nodes: _KvNodes, chunks: tuple[int, ...]) -> list[_Placement]:
+    """Implements the packing rule of the module docstring for each of ``chunks``, side by
+    side. A node that starts a chunk leaves its last piece open; the nodes after it join
+    that chunk while they fit, so the next node to start a chunk is one search in the
+    token prefix sums away, and the only loop steps from one such node to the next."""
     size, end = nodes.size, nodes.end
-    pieces = -(-size // chunk)
+    n, chunk = len(size), np.asarray(chunks, dtype=np.int64)[:, None]  # [chunkings, 1]
+    pieces = -(-size // chunk)  # [chunkings, nodes]
     last = size - (pieces - 1) * chunk  # tokens of the last piece, in (0, chunk]
     next_start = end.searchsorted(end + (chunk - last), "right").tolist()
-    starters, i, n = [], 0, len(size)
-    while i < n:
-        starters.append(i)
-        i = next_start[i]
-    opens = np.zeros(n, dtype=np.int64)  # chunks each node opens
+    starters = []  # flat [chunking, node] index of the nodes that start a chunk
+    for k, row in enumerate(next_start):
+        i = 0
+        while i < n:
+            starters.append(k * n + i)
+            i = row[i]
+    opens = np.zeros(pieces.size, dtype=np.int64)  # chunks each node opens
     at = np.array(starters, dtype=np.int64)
-    opens[at] = pieces[at]
+    opens[at] = pieces.reshape(-1)[at]
+    opens = opens.reshape(pieces.shape)
     pieces = np.maximum(opens, 1)  # a node that joins a chunk fits whole in it
-    first = opens.cumsum() - pieces
+    first = opens.cumsum(axis=1) - pieces
+    counts = opens.sum(axis=1)
+    bounds = np.concatenate(([0], counts.cumsum()))
     kv_start = end - size
     # chunk first + k of a node that opens chunks starts at the node's token k * chunk
-    start = (kv_start - first * chunk).repeat(opens)
-    start += np.arange(len(start)) * chunk
-    local = kv_start - start[first]
-    length = _gaps(start, int(end[-1]) if len(end) else 0)
-    return _Placement(chunk, first, pieces, local, start, length)
+    start = (kv_start - first * chunk).reshape(-1).repeat(opens.reshape(-1))
+    start += (np.arange(len(start)) - bounds[:-1].repeat(counts)) * chunk.reshape(-1).repeat(counts)
+    local = kv_start - start[first + bounds[:-1, None]]
+    # each chunk ends where the next starts, the last of each chunking at the KV's end
+    length = np.empty_like(start)
+    length[:-1] = start[1:]
+    length[bounds[1:][counts > 0] - 1] = end[-1] if n else 0
+    length -= start
+    return [
+        _Placement(c, first[k], pieces[k], local[k], start[bounds[k] : bounds[k + 1]], length[bounds[k] : bounds[k + 1]])
+        for k, c in enumerate(chunks)
+    ]
 
 
 def _chunk_layout(tree: TreeBatch, chunk: int) -> _Chunking:
@@ -546,7 +563,7 @@ def _choose(
     nodes = _KvNodes.of(tree)
     if chunk is not None and qg is not None:
         return _pieces(nodes, _place(nodes, chunk)), qg
-    places = [_place(nodes, c) for c in (CHUNK_CHOICES if chunk is None else (chunk,))]
+    places = _places(nodes, CHUNK_CHOICES if chunk is None else (chunk,))
     qgs = np.asarray(heads.queries_per_group_choices() if qg is None else [qg], dtype=np.int64)
     stats = _chunk_stats(tree, _Sight.of(tree, nodes), places, qgs, heads)
     best = int(np.argmin(evaluate("time_s", stats, heads, machine)))  # first minimum

@@ -529,20 +529,32 @@ def _placement_by_the_rule(sizes: list[int], chunk: int) -> tuple[list[int], lis
         st.one_of(st.integers(1, 40), st.integers(1, 600), st.sampled_from([32, 64])),
         min_size=1,
         max_size=60,
-    ),
-    st.sampled_from([32, 64, 128, 512]),
+    )
 )
-def test_placement_follows_the_packing_rule(sizes: list[int], chunk: int) -> None:
+def test_placement_follows_the_packing_rule(sizes: list[int]) -> None:
+    """Every chunk size placed side by side (as the chooser does) follows the rule."""
     from attngen import plan
 
-    place = plan._place(plan._KvNodes.of(TreeBatch.from_parents([-1] * len(sizes), sizes)), chunk)
-    first, local, pieces = _placement_by_the_rule(sizes, chunk)
-    assert place.first.tolist() == first
-    assert place.local.tolist() == local
-    assert place.pieces.tolist() == pieces
-    # the chunks tile the flattened KV in order, none longer than ``chunk``
-    assert place.start.tolist() == (np.cumsum(place.length) - place.length).tolist()
-    assert int(place.length.sum()) == sum(sizes) and (place.length <= chunk).all()
+    chunks = (32, 64, 128, 512)
+    places = plan._places(plan._KvNodes.of(TreeBatch.from_parents([-1] * len(sizes), sizes)), chunks)
+    for chunk, place in zip(chunks, places, strict=True):
+        first, local, pieces = _placement_by_the_rule(sizes, chunk)
+        assert place.chunk == chunk
+        assert place.first.tolist() == first
+        assert place.local.tolist() == local
+        assert place.pieces.tolist() == pieces
+        # the chunks tile the flattened KV in order, none longer than ``chunk``
+        assert place.start.tolist() == (np.cumsum(place.length) - place.length).tolist()
+        assert int(place.length.sum()) == sum(sizes) and (place.length <= chunk).all()
+
+
+def test_a_batch_without_kv_plans_no_groups() -> None:
+    """Queries on empty nodes see nothing: every plan of such a batch is empty."""
+    tree = TreeBatch.from_parents([-1, 0, 0, -1], [0, 0, 0, 0], [1, 2, 3])
+    for plan in (plan_tree(tree), plan_tree(tree, chunk=64, queries_per_group=2, span=128)):
+        assert plan.n_groups == 0 and plan.n_partials == 0
+        assert plan.merge_ptr.tolist() == [0, 0, 0, 0]
+        check_invariants(tree, plan)
 
 
 def test_device_plan_tensors_share_one_aligned_buffer() -> None:

@@ -35,6 +35,7 @@ kernels may run them apart (the Gluon stage 1 on Hopper).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -142,10 +143,9 @@ def _places(nodes: _KvNodes, chunks: tuple[int, ...]) -> list[_Placement]:
         while i < n:
             starters.append(k * n + i)
             i = row[i]
-    opens = np.zeros(pieces.size, dtype=np.int64)  # chunks each node opens
+    opens = np.zeros(pieces.shape, dtype=np.int64)  # chunks each node opens
     at = np.array(starters, dtype=np.int64)
-    opens[at] = pieces.reshape(-1)[at]
-    opens = opens.reshape(pieces.shape)
+    opens.reshape(-1)[at] = pieces.reshape(-1)[at]
     pieces = np.maximum(opens, 1)  # a node that joins a chunk fits whole in it
     first = opens.cumsum(axis=1) - pieces
     counts = opens.sum(axis=1)
@@ -508,7 +508,7 @@ def _chunk_stats(
     key = per_chunk * n + of
     bins = (int(per_chunk.max(initial=0)) + 1) * n
     chunks = np.bincount(key, minlength=bins).reshape(-1, n)
-    count = chunks.any(axis=1).nonzero()[0]
+    count = np.flatnonzero(chunks.any(axis=1))
     chunks = chunks[count]
     tokens = np.bincount(key, length, bins).reshape(-1, n)[count].astype(np.int64)
     longest = np.bincount(key, 2 * length >= top[of], bins).reshape(-1, n)[count].astype(np.int64)
@@ -593,13 +593,15 @@ def _check_params(chunk: int | None, qg: int | None, heads: HeadLayout) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _State:
-    """What the incremental path needs from a previous plan (numpy, CPU)."""
+    """What the incremental path needs from a previous plan, and what its cost report is
+    worked out from (numpy, CPU)."""
 
     tree: TreeBatch
     layout: _Chunking
     rows: _Rows
     heads: HeadLayout
     machine: Machine
+    host: dict[str, np.ndarray]  # the plan arrays the cost report reads (_group_stats)
 
 
 @dataclass(frozen=True, eq=False)
@@ -626,8 +628,16 @@ class Plan:
     dense_count: torch.Tensor  # [1]: n_dense on the device
     n_partials: int
     n_dense: int
-    cost: PlanCost
     state: _State = field(repr=False)
+
+    @functools.cached_property
+    def cost(self) -> PlanCost:
+        """The cost model's prediction for this plan and for per-branch decoding of its
+        batch. Worked out when first asked for, so that planning (a decode step's replan
+        above all) does not pay for a report it may not read: 20-45 us of a plan."""
+        s = self.state
+        stats = _group_stats(s.tree, self.chunk, self.queries_per_group, s.host, s.heads)
+        return plan_cost(stats, s.heads, s.machine)
 
     @property
     def group(self) -> int:
@@ -918,6 +928,9 @@ def _filled_slots(query: np.ndarray) -> np.ndarray:
     return filled
 
 
+_STATS_ARRAYS = ("group_kv_len", "group_q", "group_slots", "dense_count")
+
+
 def _group_stats(
     tree: TreeBatch, chunk: int, qg: int, host: dict[str, np.ndarray], heads: HeadLayout
 ) -> PlanStats:
@@ -979,7 +992,6 @@ def _make_plan(
 ) -> Plan:
     groups = _span_groups(layout, rows, span, runs)
     host = _host_arrays(tree, groups, heads)
-    stats = _group_stats(tree, layout.chunk, qg, host, heads)
     return Plan(
         chunk=layout.chunk,
         queries_per_group=qg,
@@ -990,8 +1002,7 @@ def _make_plan(
         **_int32_tensors(host, device),
         n_partials=int(host["merge_ptr"][-1]),
         n_dense=int(host["dense_count"][0]),
-        cost=plan_cost(stats, heads, machine),
-        state=_State(tree, layout, rows, heads, machine),
+        state=_State(tree, layout, rows, heads, machine, {name: host[name] for name in _STATS_ARRAYS}),
     )
 
 

@@ -152,9 +152,11 @@ def test_a_cut_past_the_runs_last_group_leaves_no_empty_group() -> None:
 
 
 def test_a_tree_without_kv_plans_no_group() -> None:
-    tree = TreeBatch.from_parents([-1, 0, 0], [0, 0, 0], [1, 2])
+    # a forest: queries on empty nodes see nothing
+    tree = TreeBatch.from_parents([-1, 0, 0, -1], [0, 0, 0, 0], [1, 2, 3])
     for plan in (plan_tree(tree), plan_tree(tree, chunk=64, queries_per_group=2, span=256)):
         assert plan.n_groups == 0 and plan.n_partials == 0
+        assert plan.merge_ptr.tolist() == [0, 0, 0, 0]
         check_invariants(tree, plan)
 
 
@@ -546,15 +548,6 @@ def test_placement_follows_the_packing_rule(sizes: list[int]) -> None:
         # the chunks tile the flattened KV in order, none longer than ``chunk``
         assert place.start.tolist() == (np.cumsum(place.length) - place.length).tolist()
         assert int(place.length.sum()) == sum(sizes) and (place.length <= chunk).all()
-
-
-def test_a_batch_without_kv_plans_no_groups() -> None:
-    """Queries on empty nodes see nothing: every plan of such a batch is empty."""
-    tree = TreeBatch.from_parents([-1, 0, 0, -1], [0, 0, 0, 0], [1, 2, 3])
-    for plan in (plan_tree(tree), plan_tree(tree, chunk=64, queries_per_group=2, span=128)):
-        assert plan.n_groups == 0 and plan.n_partials == 0
-        assert plan.merge_ptr.tolist() == [0, 0, 0, 0]
-        check_invariants(tree, plan)
 
 
 def test_device_plan_tensors_share_one_aligned_buffer() -> None:

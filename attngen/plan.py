@@ -742,9 +742,7 @@ class _Runs:
     def of(layout: _Chunking, rows: _Slots | _Rows) -> _Runs:
         full = rows.full.nonzero()[0]
         query, chunk = rows.query.take(full, axis=0), rows.chunk[full]
-        if not (chunk[1:] == chunk[:-1] + 1).any():
-            # no full groups in neighbouring chunks (most trees without long nodes): each
-            # is a run of its own, with no need to bring equal slot rows together
+        if not _coalescible(rows):  # each full group is a run of its own
             ones = np.ones(len(full), dtype=np.int64)
             return _Runs(full, ones.cumsum() - 1, ones - 1, ones, layout.length[chunk], (query >= 0).sum(axis=1))
         # a hash brings equal slot rows together, in KV order (the groups come in KV order
@@ -768,6 +766,14 @@ class _Runs:
             np.add.reduceat(length, first),
             (q[first] >= 0).sum(axis=1),
         )
+
+
+def _coalescible(rows: _Slots | _Rows) -> bool:
+    """Whether two full groups sit in neighbouring chunks: only such groups, if their slots
+    are equal, make a run that a span longer than a chunk joins (most trees without long
+    nodes have none)."""
+    chunk = rows.chunk[rows.full]
+    return bool((chunk[1:] == chunk[:-1] + 1).any())
 
 
 def _run_pieces(members: np.ndarray, tokens: np.ndarray, span: int | np.ndarray, chunk: int) -> np.ndarray:
@@ -833,45 +839,53 @@ def _span_groups(
 def _span_stats(
     tree: TreeBatch,
     layout: _Chunking,
-    trials: list[tuple[int, _Slots, _Runs]],
+    qgs: list[int],
+    slots: list[_Slots],
+    runs: list[_Runs] | None,
     spans: np.ndarray,
     heads: HeadLayout,
 ) -> PlanStats:
-    """Plan quantities after coalescing at each of ``spans``, for each (QG, slots, runs)
-    trial (QG-major), without building the groups; piece lengths are taken as even
-    splits of their run. Vectorized over both: the trials' groups and runs side by side,
-    summed per trial by a one-hot product, as in :func:`_chunk_stats`."""
-    n, column = len(trials), spans[:, None]
-    qgs = np.array([qg for qg, _, _ in trials], dtype=np.int64)
+    """Plan quantities after coalescing at each of ``spans``, for each QG trial's slots and
+    runs (QG-major), without building the groups; piece lengths are taken as even splits
+    of their run. Vectorized over both: the trials' groups and runs side by side, summed
+    per trial by a one-hot product, as in :func:`_chunk_stats`. ``runs`` None: nothing
+    coalesces (one span), and every group stays as it is."""
+    n, column = len(slots), spans[:, None]
     one_hot = np.eye(n, dtype=np.int64)
     # the trials' groups: coalescing joins groups of equal slots, so their rows, hence
     # row-tokens, stay, and so does whether there are dense groups (all the formulas ask)
-    g_trial = np.repeat(np.arange(n), [len(slots.chunk) for _, slots, _ in trials])
-    filled = np.concatenate([slots.filled for _, slots, _ in trials])
-    full = np.concatenate([slots.full for _, slots, _ in trials])
-    length = layout.length[np.concatenate([slots.chunk for _, slots, _ in trials])]
+    g_trial = np.repeat(np.arange(n), [len(s.chunk) for s in slots])
+    filled = np.concatenate([s.filled for s in slots])
+    full = np.concatenate([s.full for s in slots])
+    length = layout.length[np.concatenate([s.chunk for s in slots])]
     by_group = one_hot[g_trial]  # [groups, trials]
-    row_tokens = (length * heads.tile_rows(filled, qgs[g_trial])) @ by_group
+    row_tokens = (length * heads.tile_rows(filled, np.asarray(qgs)[g_trial])) @ by_group
     dense = _dense(filled * heads.group, full, length) @ by_group
-    rest, by_rest = length[~full], by_group[~full]  # groups that are not full stay as they are
-    rest_top = (rest[:, None] * by_rest).max(axis=0, initial=0)
-    # the trials' runs of full groups, cut into pieces at each span [spans, runs]
-    by_run = one_hot[np.repeat(np.arange(n), [len(runs.tokens) for _, _, runs in trials])]
-    tokens = np.concatenate([runs.tokens for _, _, runs in trials])
-    members = np.concatenate([runs.members for _, _, runs in trials])
-    run_slots = np.concatenate([runs.slots for _, _, runs in trials])
-    pieces = _run_pieces(members, tokens, column, layout.chunk)
-    piece_len = -(-tokens // np.maximum(pieces, 1))
-    # uncoalesced: each member is at most a chunk
-    piece_len = np.where(column <= layout.chunk, np.minimum(piece_len, layout.chunk), piece_len)
-    top = np.maximum((piece_len[:, :, None] * by_run).max(axis=1, initial=0), rest_top)  # [spans, trials]
-    n_longest = (pieces * (2 * piece_len >= top @ by_run.T)) @ by_run + (2 * rest >= top @ by_rest.T) @ by_rest
-    pairs = np.array([slots.filled.sum() for _, slots, _ in trials], dtype=np.int64)
-    partials = (pieces * run_slots) @ by_run + pairs - (members * run_slots) @ by_run
+    # the groups that stay as they are: all, or those not in a run of full groups
+    stay = np.ones_like(full) if runs is None else ~full
+    rest, by_rest = length[stay], by_group[stay]
+    top = (rest[:, None] * by_rest).max(axis=0, initial=0)[None, :]  # [spans, trials]
+    groups = by_rest.sum(axis=0)[None, :]
+    partials = np.array([[s.filled.sum() for s in slots]], dtype=np.int64)  # a slot per pair
+    n_longest = np.zeros_like(groups)
+    if runs is not None:  # the trials' runs of full groups, cut into pieces at each span [spans, runs]
+        by_run = one_hot[np.repeat(np.arange(n), [len(r.tokens) for r in runs])]
+        tokens = np.concatenate([r.tokens for r in runs])
+        members = np.concatenate([r.members for r in runs])
+        run_slots = np.concatenate([r.slots for r in runs])
+        pieces = _run_pieces(members, tokens, column, layout.chunk)
+        piece_len = -(-tokens // np.maximum(pieces, 1))
+        # uncoalesced: each member is at most a chunk
+        piece_len = np.where(column <= layout.chunk, np.minimum(piece_len, layout.chunk), piece_len)
+        top = np.maximum((piece_len[:, :, None] * by_run).max(axis=1, initial=0), top)
+        n_longest = (pieces * (2 * piece_len >= top @ by_run.T)) @ by_run
+        partials = partials + (pieces * run_slots) @ by_run - (members * run_slots) @ by_run
+        groups = groups + pieces @ by_run
+    n_longest = n_longest + (2 * rest >= top @ by_rest.T) @ by_rest
     return PlanStats(
         chunk=layout.chunk,
         queries_per_group=np.repeat(qgs, len(spans)),
-        groups=(pieces @ by_run + by_rest.sum(axis=0)).T.ravel(),
+        groups=groups.T.ravel(),
         tokens_read=np.repeat(length @ by_group, len(spans)),
         row_tokens=np.repeat(row_tokens, len(spans)),
         longest=top.T.ravel(),
@@ -879,7 +893,7 @@ def _span_stats(
         partials=partials.T.ravel(),
         dense_groups=np.repeat(dense, len(spans)),
         # the same for every QG: a query has one slot per chunk it sees
-        **_tree_fields(tree, trials[0][1].query),
+        **_tree_fields(tree, slots[0].query),
     )
 
 
@@ -958,9 +972,9 @@ def _choose_qg_span(
     span: int | None,
     heads: HeadLayout,
     machine: Machine,
-) -> tuple[int, int, _Rows, _Runs]:
+) -> tuple[int, int, _Rows, _Runs | None]:
     """Queries per group and span of least predicted time, with the rows and runs of the
-    winner. QG ranges over the first choice and its neighbours (unless fixed), span over
+    winner (None if nothing coalesces). QG ranges over the first choice and its neighbours (unless fixed), span over
     the chunk itself (no coalescing) and the :data:`SPAN_CHOICES` above it (unless
     given); ties go to the smallest QG, then the smallest span. Only the winner's rows
     get their bits."""
@@ -973,10 +987,12 @@ def _choose_qg_span(
         dtype=np.int64,
     )
     slots = [_slots(pairs, layout, g, source) for g in qgs]
-    trials = [(g, s, _Runs.of(layout, s)) for g, s in zip(qgs, slots, strict=True)]
-    times = evaluate("time_s", _span_stats(tree, layout, trials, spans, heads), heads, machine)
+    runs = [_Runs.of(layout, s) for s in slots] if any(_coalescible(s) for s in slots) else None
+    if runs is None:  # nothing coalesces: every span plans the same groups
+        spans = spans[:1]
+    times = evaluate("time_s", _span_stats(tree, layout, qgs, slots, runs, spans, heads), heads, machine)
     g, i = divmod(int(np.argmin(times)), len(spans))  # the first minimum
-    return qgs[g], int(spans[i]), slots[g].with_bits(pairs, layout), trials[g][2]
+    return qgs[g], int(spans[i]), slots[g].with_bits(pairs, layout), None if runs is None else runs[g]
 
 
 def _make_plan(

@@ -210,7 +210,7 @@ def _piece_queries(
     sees a piece iff the piece's node is an ancestor-or-self of the query's node (a
     preorder-range test)."""
     q_rank = tree.pre_rank[tree.query_node]
-    by_rank = q_rank.argsort(kind="stable")
+    by_rank = _stable_argsort(q_rank, tree.n_nodes)
     sorted_rank = q_rank[by_rank]
     pieces = np.arange(len(layout.piece_chunk)) if piece_mask is None else piece_mask.nonzero()[0]
     rank = layout.piece_rank[pieces]
@@ -319,6 +319,13 @@ def _gaps(starts: np.ndarray, end: int) -> np.ndarray:
     """Lengths of the segments that begin at ``starts`` (ascending), the last ending at
     ``end`` (``np.diff`` with ``append`` costs several times more on short arrays)."""
     return np.concatenate((starts[1:], [end])) - starts if len(starts) else starts
+
+
+def _stable_argsort(keys: np.ndarray, bound: int) -> np.ndarray:
+    """``keys.argsort(kind="stable")`` of keys in ``[0, bound)``: as uint16 where they fit,
+    which numpy sorts by radix, 3-5x faster than its merge sort of int64 at a plan's
+    thousand partials."""
+    return (keys.astype(np.uint16) if bound <= 1 << 16 else keys).argsort(kind="stable")
 
 
 def _segment_sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -673,7 +680,7 @@ def _merge_order(query: np.ndarray, n_queries: int) -> tuple[np.ndarray, np.ndar
     partial = (flat >= 0).nonzero()[0]
     owner = flat[partial]
     row = np.full(flat.shape, -1, dtype=np.int64)
-    row[partial[owner.argsort(kind="stable")]] = np.arange(len(partial))
+    row[partial[_stable_argsort(owner, n_queries)]] = np.arange(len(partial))
     ptr = np.concatenate(([0], np.bincount(owner, minlength=n_queries).cumsum()))
     return ptr, row.reshape(query.shape)
 

@@ -564,3 +564,11 @@ def test_device_plan_tensors_share_one_aligned_buffer() -> None:
     for name, t in moved.items():
         assert t.shape == host[name].shape and t.dtype == torch.int32 and t.is_contiguous(), name
         assert t.untyped_storage().nbytes() >= 4 * (offsets[-1] + moved["dense_count"].numel()), name
+
+
+@pytest.mark.parametrize("bound", [1, 300, 1 << 16, (1 << 16) + 1, 1 << 40])
+def test_stable_argsort_of_bounded_keys_is_numpys(bound: int) -> None:
+    from attngen import plan
+
+    keys = np.random.default_rng(bound).integers(0, bound, 3000)
+    np.testing.assert_array_equal(plan._stable_argsort(keys, bound), keys.argsort(kind="stable"))

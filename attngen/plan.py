@@ -243,26 +243,29 @@ class _Sight:
 
     @staticmethod
     def of(tree: TreeBatch, nodes: _KvNodes) -> _Sight:
-        kv_node = np.full(tree.n_nodes + 1, -1, dtype=np.int64)  # by preorder rank; [-1]: none
-        kv_node[nodes.rank] = np.arange(len(nodes.rank))
         parent = tree.parent[tree.order]
         parent_rank = np.where(parent >= 0, tree.pre_rank[parent], -1)
-        # the nearest KV node at or above each rank: pointer doubling over empty nodes
-        kv_at = np.append(np.where(kv_node[:-1] >= 0, np.arange(tree.n_nodes), parent_rank), -1)
-        while not np.array_equal(kv_at[kv_at], kv_at):
-            kv_at = kv_at[kv_at]
         q_rank = tree.pre_rank[tree.query_node]
+        if len(nodes.rank) == tree.n_nodes:  # every node holds KV: a rank is its KV node
+            above, own, own_len = parent_rank, q_rank, tree.query_own_len
+        else:
+            kv_node = np.full(tree.n_nodes + 1, -1, dtype=np.int64)  # by preorder rank; [-1]: none
+            kv_node[nodes.rank] = np.arange(len(nodes.rank))
+            # the nearest KV node at or above each rank: pointer doubling over empty nodes
+            kv_at = np.append(np.where(kv_node[:-1] >= 0, np.arange(tree.n_nodes), parent_rank), -1)
+            while not np.array_equal(kv_at[kv_at], kv_at):
+                kv_at = kv_at[kv_at]
+            above, own = kv_node[kv_at[parent_rank[nodes.rank]]], kv_node[q_rank]
+            on_kv = own >= 0
+            own, own_len = own[on_kv], tree.query_own_len[on_kv]
         sorted_rank = np.sort(q_rank)
         end = tree.pre_end[tree.order[nodes.rank]]
         seen_whole = sorted_rank.searchsorted(end) - sorted_rank.searchsorted(nodes.rank, "right")
-        own = kv_node[q_rank]
-        on_kv = own >= 0
-        own, own_len = own[on_kv], tree.query_own_len[on_kv]
         if tree.query_mode == "node":  # a query sees all of its own node
             seen_whole += np.bincount(own, minlength=len(seen_whole))
             own = own_len = own[:0]
         return _Sight(
-            kv_node[kv_at[parent_rank[nodes.rank]]],
+            above,
             seen_whole,
             own,
             own_len,

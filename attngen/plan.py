@@ -504,7 +504,7 @@ def _alike_pairs(tree: TreeBatch, layout: _Chunking) -> tuple[_Pairs, np.ndarray
 def _chunk_stats(
     tree: TreeBatch, sight: _Sight, places: list[_Placement], qgs: np.ndarray, heads: HeadLayout
 ) -> PlanStats:
-    """Plan quantities for every (chunking, QG) pair, chunking-major. Vectorized over both,
+    """Plan quantities for every (chunking, QG) pair, as [chunkings, QG]. Vectorized over both,
     and over the distinct query counts of a chunk rather than the chunks: a chunk's groups
     depend on its query count alone, so the chunks of each count are summed per chunking
     first (their number, tokens, and how many are among the longest), and the groups are
@@ -536,20 +536,21 @@ def _chunk_stats(
     launches = np.where(partials <= sight.seeing, 1, 2)
 
     def per_chunking(values: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        """[QG, counts] summed per chunking with ``weight`` [counts, chunkings], chunking-major."""
-        return (values @ weight).T.ravel()
+        """[QG, counts] summed per chunking with ``weight`` [counts, chunkings]: [chunkings, QG]."""
+        return (values @ weight).T
 
+    # [chunkings, QG], the per-chunking and per-QG quantities as a column and a row
     return PlanStats(
-        chunk=np.repeat([place.chunk for place in places], len(qgs)),
-        queries_per_group=np.tile(qgs, n),
+        chunk=np.array([place.chunk for place in places])[:, None],
+        queries_per_group=qgs[None, :],
         groups=per_chunking(per_qg, chunks),
         tokens_read=per_chunking(per_qg, tokens),
         row_tokens=per_chunking(rows, tokens),
-        longest=np.repeat(top, len(qgs)),
+        longest=top[:, None],
         n_longest=per_chunking(per_qg, longest),
-        partials=np.repeat(partials, len(qgs)),
+        partials=partials[:, None],
         queries=tree.n_queries,
-        launches=np.repeat(launches, len(qgs)),
+        launches=launches[:, None],
         branch_tokens=int(tree.query_visible_counts.sum()),
         unique_tokens=tree.needed_kv_tokens,
         dense_groups=per_chunking(tall, chunks),

@@ -124,6 +124,7 @@ class _Placement:
 
 
 def _place(nodes: _KvNodes, chunk: int) -> _Placement:
+    """The placement for one chunk size (see :func:`_places`)."""
     return _places(nodes, (chunk,))[0]
 
 
@@ -161,8 +162,8 @@ def _places(nodes: _KvNodes, chunks: tuple[int, ...]) -> list[_Placement]:
     length[bounds[1:][counts > 0] - 1] = end[-1] if n else 0
     length -= start
     return [
-        _Placement(c, first[k], pieces[k], local[k], start[bounds[k] : bounds[k + 1]], length[bounds[k] : bounds[k + 1]])
-        for k, c in enumerate(chunks)
+        _Placement(c, first[k], pieces[k], local[k], start[lo:hi], length[lo:hi])
+        for k, (c, lo, hi) in enumerate(zip(chunks, bounds[:-1], bounds[1:], strict=True))
     ]
 
 
@@ -755,7 +756,8 @@ class _Runs:
         query, chunk = rows.query.take(full, axis=0), rows.chunk[full]
         if not _coalescible(rows):  # each full group is a run of its own
             ones = np.ones(len(full), dtype=np.int64)
-            return _Runs(full, ones.cumsum() - 1, ones - 1, ones, layout.length[chunk], (query >= 0).sum(axis=1))
+            slots = (query >= 0).sum(axis=1)
+            return _Runs(full, ones.cumsum() - 1, ones - 1, ones, layout.length[chunk], slots)
         # a hash brings equal slot rows together, in KV order (the groups come in KV order
         # and the sort is stable); neighbours are then compared exactly, so a collision
         # can only split a run, never join different queries
@@ -879,12 +881,12 @@ def _span_stats(
     groups = by_rest.sum(axis=0)[None, :]
     partials = np.array([[s.filled.sum() for s in slots]], dtype=np.int64)  # a slot per pair
     n_longest = np.zeros_like(groups)
-    if runs is not None:  # the trials' runs of full groups, cut into pieces at each span [spans, runs]
+    if runs is not None:  # the trials' runs of full groups, cut into pieces at each span
         by_run = one_hot[np.repeat(np.arange(n), [len(r.tokens) for r in runs])]
         tokens = np.concatenate([r.tokens for r in runs])
         members = np.concatenate([r.members for r in runs])
         run_slots = np.concatenate([r.slots for r in runs])
-        pieces = _run_pieces(members, tokens, column, layout.chunk)
+        pieces = _run_pieces(members, tokens, column, layout.chunk)  # [spans, runs]
         piece_len = -(-tokens // np.maximum(pieces, 1))
         # uncoalesced: each member is at most a chunk
         piece_len = np.where(column <= layout.chunk, np.minimum(piece_len, layout.chunk), piece_len)
@@ -953,6 +955,7 @@ def _filled_slots(query: np.ndarray) -> np.ndarray:
     return filled
 
 
+#: The plan arrays :func:`_group_stats` reads (a plan keeps them for its cost report).
 _STATS_ARRAYS = ("group_kv_len", "group_q", "group_slots", "dense_count")
 
 
@@ -985,10 +988,10 @@ def _choose_qg_span(
     machine: Machine,
 ) -> tuple[int, int, _Rows, _Runs | None]:
     """Queries per group and span of least predicted time, with the rows and runs of the
-    winner (None if nothing coalesces). QG ranges over the first choice and its neighbours (unless fixed), span over
-    the chunk itself (no coalescing) and the :data:`SPAN_CHOICES` above it (unless
-    given); ties go to the smallest QG, then the smallest span. Only the winner's rows
-    get their bits."""
+    winner (runs None if nothing coalesces). QG ranges over the first choice and its
+    neighbours (unless fixed), span over the chunk itself (no coalescing) and the
+    :data:`SPAN_CHOICES` above it (unless given); ties go to the smallest QG, then the
+    smallest span. Only the winner's rows get their bits."""
     pairs, source = _alike_pairs(tree, layout)
     choices = heads.queries_per_group_choices()
     at = choices.index(qg) if qg in choices else 0

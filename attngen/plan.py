@@ -703,7 +703,7 @@ def _starts(sizes: list[int]) -> list[int]:
 
 def _int32_tensors(host: dict[str, np.ndarray], device: torch.device | str) -> dict[str, torch.Tensor]:
     """The plan tensors of ``host`` as int32 tensors on ``device``. On the CPU, each array
-    as it is (no copy). Elsewhere, views of one buffer copied over at once: on the H200
+    converted on its own (int32 ones shared, not copied). Elsewhere, views of one buffer copied over at once: on the H200
     that took 96-123 us a plan, against 174-194 for a copy per tensor and 95-159 through
     page-locked staging memory (session 28; the 256-node tree, spec_8k_248, fewshot_32k_x64)."""
     arrays = [host[name] for name in TENSOR_NAMES]
@@ -751,10 +751,12 @@ class _Runs:
     slots: np.ndarray  # [runs] real query slots (partials per piece)
 
     @staticmethod
-    def of(layout: _Chunking, rows: _Slots | _Rows) -> _Runs:
+    def of(layout: _Chunking, rows: _Slots | _Rows, coalescible: bool | None = None) -> _Runs:
+        """The runs of ``rows``; ``coalescible``: :func:`_coalescible` of them, if known."""
         full = rows.full.nonzero()[0]
         query, chunk = rows.query.take(full, axis=0), rows.chunk[full]
-        if not _coalescible(rows):  # each full group is a run of its own
+        if not (_coalescible(rows) if coalescible is None else coalescible):
+            # each full group is a run of its own
             ones = np.ones(len(full), dtype=np.int64)
             slots = (query >= 0).sum(axis=1)
             return _Runs(full, ones.cumsum() - 1, ones - 1, ones, layout.length[chunk], slots)
@@ -1001,7 +1003,8 @@ def _choose_qg_span(
         dtype=np.int64,
     )
     slots = [_slots(pairs, layout, g, source) for g in qgs]
-    runs = [_Runs.of(layout, s) for s in slots] if any(_coalescible(s) for s in slots) else None
+    coalescible = [_coalescible(s) for s in slots]
+    runs = [_Runs.of(layout, s, c) for s, c in zip(slots, coalescible, strict=True)] if any(coalescible) else None
     if runs is None:  # nothing coalesces: every span plans the same groups
         spans = spans[:1]
     times = evaluate("time_s", _span_stats(tree, layout, qgs, slots, runs, spans, heads), heads, machine)

@@ -701,6 +701,14 @@ def _starts(sizes: list[int]) -> list[int]:
     return np.cumsum([0] + [-(-n // _ALIGN) * _ALIGN for n in sizes]).tolist()
 
 
+def _views(flat: torch.Tensor, starts: list[int], shapes: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The plan tensors (:data:`TENSOR_NAMES` order) as views of ``flat`` at ``starts``."""
+    return {
+        name: flat[start : start + math.prod(shape)].view(shape)
+        for name, start, shape in zip(TENSOR_NAMES, starts, shapes, strict=True)
+    }
+
+
 def _int32_tensors(host: dict[str, np.ndarray], device: torch.device | str) -> dict[str, torch.Tensor]:
     """The plan tensors of ``host`` as int32 tensors on ``device``. On the CPU, each array
     converted on its own (int32 ones shared, not copied). Elsewhere, views of one buffer copied over at once: on the H200
@@ -716,11 +724,7 @@ def _int32_tensors(host: dict[str, np.ndarray], device: torch.device | str) -> d
     buffer = np.zeros(starts[-1], dtype=np.int32)
     for a, start in zip(arrays, starts[:-1], strict=True):
         buffer[start : start + a.size] = a.ravel()
-    flat = torch.from_numpy(buffer).to(device)
-    return {
-        name: flat[start : start + a.size].view(a.shape)
-        for name, a, start in zip(TENSOR_NAMES, arrays, starts[:-1], strict=True)
-    }
+    return _views(torch.from_numpy(buffer).to(device), starts[:-1], [a.shape for a in arrays])
 
 
 @dataclass(frozen=True, slots=True)
@@ -1218,10 +1222,7 @@ class PlanBuffers:
         flat = torch.from_numpy(host).to(device)
         if flat.device.type == "cpu":
             host = flat.numpy()  # one memory: plan_into's writes are the buffers'
-        tensors = {
-            name: flat[start : start + size].view(shapes[name])
-            for name, start, size in zip(TENSOR_NAMES, starts[:-1], sizes, strict=True)
-        }
+        tensors = _views(flat, starts[:-1], [shapes[name] for name in TENSOR_NAMES])
         store = _Store(flat, host, starts, [0] * len(TENSOR_NAMES))
         return cls(chunk, queries_per_group, max(span or chunk, chunk), tensors, heads, store)
 

@@ -711,9 +711,10 @@ def _views(flat: torch.Tensor, starts: list[int], shapes: list[tuple[int, ...]])
 
 def _int32_tensors(host: dict[str, np.ndarray], device: torch.device | str) -> dict[str, torch.Tensor]:
     """The plan tensors of ``host`` as int32 tensors on ``device``. On the CPU, each array
-    converted on its own (int32 ones shared, not copied). Elsewhere, views of one buffer copied over at once: on the H200
-    that took 96-123 us a plan, against 174-194 for a copy per tensor and 95-159 through
-    page-locked staging memory (session 28; the 256-node tree, spec_8k_248, fewshot_32k_x64)."""
+    converted on its own (int32 ones shared, not copied). Elsewhere, views of one buffer
+    copied over at once: on the H200 that took 96-123 us a plan, against 174-194 for a
+    copy per tensor and 95-159 through page-locked staging memory (session 28; the
+    256-node tree, spec_8k_248, fewshot_32k_x64)."""
     arrays = [host[name] for name in TENSOR_NAMES]
     if torch.device(device).type == "cpu":
         return {
@@ -758,12 +759,13 @@ class _Runs:
     def of(layout: _Chunking, rows: _Slots | _Rows, coalescible: bool | None = None) -> _Runs:
         """The runs of ``rows``; ``coalescible``: :func:`_coalescible` of them, if known."""
         full = rows.full.nonzero()[0]
-        query, chunk = rows.query.take(full, axis=0), rows.chunk[full]
+        query = rows.query.take(full, axis=0)
         if not (_coalescible(rows) if coalescible is None else coalescible):
             # each full group is a run of its own
-            ones = np.ones(len(full), dtype=np.int64)
+            n = len(full)
             slots = (query >= 0).sum(axis=1)
-            return _Runs(full, ones.cumsum() - 1, ones - 1, ones, layout.length[chunk], slots)
+            zeros, ones = np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64)
+            return _Runs(full, np.arange(n), zeros, ones, layout.length[rows.chunk[full]], slots)
         # a hash brings equal slot rows together, in KV order (the groups come in KV order
         # and the sort is stable); neighbours are then compared exactly, so a collision
         # can only split a run, never join different queries

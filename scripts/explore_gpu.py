@@ -2,7 +2,7 @@
 itself: `python -m attngen.bench_tree` and `python -m attngen.bench` are). Prints one
 line per measurement and a JSON file per part under $OUT (or ./explore_out).
 
-    python scripts/explore_gpu.py tree merge decode prefill prefill_tuned fixed stream
+    python scripts/explore_gpu.py tree merge decode prefill prefill_tuned fixed stream resources
 
 tree:    per workload and head layout, plan chunks x queries per group x spans x kernel
          configs, the cost model's plan through the autotuner, and the four fastest
@@ -19,6 +19,11 @@ stream:  how fast stage 1's KV access pattern can be read at all: programs of on
          (span, KV head), head fastest, TMA tiles of K and V laid out [tokens, heads, 128]
          as the tree kernels see them (and [heads, tokens, 128] to compare), summed and
          nothing else, beside the device copy the benchmarks' floors use.
+resources: per case (EXPLORE_CASES), the stage-1 kernels one call on the planner's plan
+         compiled (Triton's autotuned candidates, the Gluon kernel), as launched: registers,
+         spills, warps, shared memory, and how many fit on one SM. A compile outside a
+         launch specializes its arguments differently and can report other counts
+         (BENCHMARKS.md, session 32).
 """
 
 from __future__ import annotations
@@ -400,6 +405,63 @@ def stream(results: list) -> None:
                               f"s{stages} w{warps} {n_prog:4} programs {us:6.1f} us {tbs:.2f} TB/s", flush=True)
 
 
+#: An H200 SM's limits that bound how many programs share it (per SM: registers, shared
+#: memory with the 1 KB the driver reserves per block, and warps).
+SM_REGISTERS, SM_SHARED, SM_WARPS, BLOCK_RESERVED = 65536, 233472, 64, 1024
+
+
+def _compiled(fn) -> dict:
+    """The kernels ``fn`` (a Triton or Gluon JIT function) has compiled, by cache key."""
+    return {(device, key): kernel for device, caches in fn.device_caches.items() for key, kernel in caches[0].items()}
+
+
+def kernel_resources(kernel) -> dict:
+    """A compiled kernel as launched: registers, spills, warps, stages, shared memory and how
+    many fit on one SM; one that cannot load (an autotuner candidate that overflows shared
+    memory) is marked as not fitting."""
+    meta = kernel.metadata
+    row = dict(warps=meta.num_warps, stages=meta.num_stages, shared=meta.shared)
+    try:
+        kernel._init_handles()
+    except Exception as err:  # triton's OutOfResources
+        return dict(row, fits=False, why=str(err)[:80])
+    # registers are allocated per warp, 8 a thread at a time
+    regs_per_warp = -(-kernel.n_regs // 8) * 8 * 32
+    per_sm = min(SM_REGISTERS // (regs_per_warp * meta.num_warps), SM_SHARED // (meta.shared + BLOCK_RESERVED),
+                 SM_WARPS // meta.num_warps)
+    return dict(row, fits=True, registers=kernel.n_regs, spills=kernel.n_spills, per_sm=per_sm)
+
+
+def resources(results: list) -> None:
+    """Each case's call on the planner's plan; the kernels it compiled that no earlier case
+    had (one spec's module serves several cases), and the autotuner's pick for it."""
+    dev = torch.device("cuda")
+    for name, layout in _cases():
+        hq, hkv = LAYOUTS[layout]
+        mod = attngen.load(tree_spec(WORKLOADS[name]().tree.query_mode, hq, hkv))
+        heads = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128, dtype_bytes=2)
+        plan = plan_tree(WORKLOADS[name]().tree, heads=heads, device=dev)
+        q, k, v = tree_inputs(plan.n_queries, plan.n_kv, hq, hkv)
+        fns = {"triton": mod._tree_partial_kernel, "gluon": getattr(mod, "_gluon_tree_kernel", None)}
+        before = {kind: set(_compiled(fn)) for kind, fn in fns.items() if fn is not None}
+        mod.attention(q, k, v, plan)
+        torch.cuda.synchronize()
+        best = mod._tree_partial_tuned.best_config
+        pick = f"BLOCK_N {best.kwargs['BLOCK_N']}, {best.num_warps} warps, {best.num_stages} stages"
+        results.append(dict(part="resources_pick", workload=name, layout=layout, qg=plan.queries_per_group, pick=pick))
+        print(f"resources {name:16} {layout} QG {plan.queries_per_group:3} autotuned stage 1: {pick}", flush=True)
+        for kind, seen in before.items():
+            for key, kernel in _compiled(fns[kind]).items():
+                if key in seen:
+                    continue
+                row = kernel_resources(kernel)
+                results.append(dict(part="resources", workload=name, layout=layout, kernel=kind, **row))
+                fit = (f"{row['registers']:3} registers, {row['spills']:4} B spilled, {row['per_sm']} per SM"
+                       if row["fits"] else "does not fit")
+                print(f"resources {name:16} {layout} {kind:6} {row['warps']:2} warps {row['stages']} stages "
+                      f"{row['shared'] / 1024:6.1f} KB: {fit}", flush=True)
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -407,7 +469,7 @@ def main() -> int:
         results: list = []
         try:
             {"tree": tree, "decode": decode, "prefill": prefill, "prefill_tuned": prefill_tuned,
-             "merge": merge, "fixed": fixed, "stream": stream}[part](results)
+             "merge": merge, "fixed": fixed, "stream": stream, "resources": resources}[part](results)
         finally:
             (OUT / f"{part}.json").write_text(json.dumps(results, indent=1))
     return 0

@@ -130,6 +130,17 @@ def _cases() -> list[tuple[str, str]]:
     return [(name, layout) for name in REFERENCE_SHAPES for layout in LAYOUTS]
 
 
+def _tree_case(name: str, layout: str, gen=None):
+    """One (workload, layout) case: the workload, its generated module, the head layout, the
+    planner's plan on the GPU and random q, k, v for it."""
+    w = WORKLOADS[name]()
+    hq, hkv = LAYOUTS[layout]
+    module = attngen.load(tree_spec(w.tree.query_mode, hq, hkv))
+    heads = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128)
+    plan = plan_tree(w.tree, heads=heads, device="cuda")
+    return w, module, heads, plan, tree_inputs(plan.n_queries, plan.n_kv, hq, hkv, gen)
+
+
 def _interleaved_us(fns: dict, rounds: int = 3) -> dict[str, float]:
     """Median of ``rounds`` rounds, each timing every fn once in turn."""
     times: dict[str, list[float]] = {label: [] for label in fns}
@@ -145,15 +156,9 @@ def tree(results: list) -> None:
     for name, layout in _cases():
         if out_of_time():
             return
-        w = WORKLOADS[name]()
-        hq, hkv = LAYOUTS[layout]
-        spec = tree_spec(w.tree.query_mode, hq, hkv)
-        module = attngen.load(spec)
-        heads = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128)
-        chosen = plan_tree(w.tree, heads=heads, device=dev)
-        n_kv, n_q = chosen.n_kv, chosen.n_queries
         gen = torch.Generator(device=dev).manual_seed(0)
-        q, k, v = tree_inputs(n_q, n_kv, hq, hkv, gen)
+        w, module, heads, chosen, (q, k, v) = _tree_case(name, layout, gen)
+        n_q = chosen.n_queries
         ref = module.attention(q, k, v, chosen).float()
         cap = triton.next_power_of_2(n_q)
         qgs = sorted({g for g in heads.queries_per_group_choices() if g * heads.group >= 16 and g <= cap}
@@ -310,13 +315,8 @@ def merge(results: list) -> None:
     cases = [("tot_d3_w3", "mha"), ("spec_16k_184", "mha"), ("fewshot_32k_x64", "gqa"), ("spec_4k_92", "gqa"),
              ("fewshot_4k_x20", "mha")]
     for name, layout in cases:
-        w = WORKLOADS[name]()
-        hq, hkv = LAYOUTS[layout]
-        module = attngen.load(tree_spec(w.tree.query_mode, hq, hkv))
-        heads = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128)
-        plan = plan_tree(w.tree, heads=heads, device=dev)
-        n_q = plan.n_queries
-        q, k, v = tree_inputs(n_q, plan.n_kv, hq, hkv)
+        _, module, heads, plan, (q, k, v) = _tree_case(name, layout)
+        n_q, hq = plan.n_queries, heads.heads_q
         t = plan.tensors()
         o_part = torch.randn(plan.n_partials, hq, 128, device=dev)
         lse_part = torch.randn(plan.n_partials, hq, device=dev)
@@ -435,13 +435,8 @@ def kernel_resources(kernel) -> dict:
 def resources(results: list) -> None:
     """Each case's call on the planner's plan; the kernels it compiled that no earlier case
     had (one spec's module serves several cases), and the autotuner's pick for it."""
-    dev = torch.device("cuda")
     for name, layout in _cases():
-        hq, hkv = LAYOUTS[layout]
-        mod = attngen.load(tree_spec(WORKLOADS[name]().tree.query_mode, hq, hkv))
-        heads = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128, dtype_bytes=2)
-        plan = plan_tree(WORKLOADS[name]().tree, heads=heads, device=dev)
-        q, k, v = tree_inputs(plan.n_queries, plan.n_kv, hq, hkv)
+        _, mod, _, plan, (q, k, v) = _tree_case(name, layout)
         fns = {"triton": mod._tree_partial_kernel, "gluon": getattr(mod, "_gluon_tree_kernel", None)}
         before = {kind: set(_compiled(fn)) for kind, fn in fns.items() if fn is not None}
         mod.attention(q, k, v, plan)

@@ -384,11 +384,11 @@ def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, stride_on, stride_oh,
 # bf16 matrix rate at best. These programs, in Gluon (Triton's explicit dialect), split
 # the work by warps instead: one warp streams K/V tiles by TMA into a ring, and two
 # warpgroups of 64 query rows each (three in a tall plan, whose QG gives 128 to
-# 192 rows) issue q.k^T of tile j and p.v of tile j - 1 together, then run
-# tile j's softmax while p.v is in flight (0.92 of the matrix rate on a dense shape with
-# two). They take the plan's dense groups (full: every slot sees the whole range, so no
-# bits; rows in two warpgroups at least), which the planner lists first;
-# _tree_partial_kernel starts after them.
+# 192 rows) issue q.k^T of tile j and p.v of tile j - 1 as one batch, so
+# one warpgroup's softmax runs while the other's products are on the matrix units (0.92 of
+# the matrix rate on a dense shape with two). They take the plan's dense groups (full:
+# every slot sees the whole range, so no bits; rows in two warpgroups at least), which the
+# planner lists first; _tree_partial_kernel starts after them.
 
 try:
     from triton.experimental import gluon
@@ -468,8 +468,10 @@ def _gluon_warpgroup(wg, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_s
     p, alpha, m_i, l_i = _gluon_softmax(s, m_i, l_i, 0, n_tiles, kv_n)
     p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
     for j in range(1, n_tiles):
-        # q.k^T of tile j and p.v of tile j - 1 in flight together; tile j's softmax runs
-        # while p.v is still on the matrix units
+        # q.k^T of tile j and p.v of tile j - 1 in one batch. ptxas moves the wait on p.v up
+        # to the wait on q.k^T (it reuses the registers p.v reads P from for the softmax), so
+        # a warpgroup's own p.v does not run under its softmax; an order that keeps it there
+        # measured slower (BENCHMARKS.md, session 33)
         st = j % NS
         prev = (j - 1) % NS
         mbarrier.wait(ready.index(st), (j // NS) & 1)

@@ -385,7 +385,7 @@ def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, stride_on, stride_oh,
 # the work by warps instead: one warp streams K/V tiles by TMA into a ring, and two
 # warpgroups of 64 query rows each (three in a tall plan, whose QG gives 128 to
 # 192 rows) issue q.k^T of tile j and p.v of tile j - 1 as one batch, so
-# one warpgroup's softmax runs while the other's products are on the matrix units (0.92 of
+# a warpgroup's softmax runs while the others' products are on the matrix units (0.92 of
 # the matrix rate on a dense shape with two). They take the plan's dense groups (full:
 # every slot sees the whole range, so no bits; rows in two warpgroups at least), which the
 # planner lists first; _tree_partial_kernel starts after them.

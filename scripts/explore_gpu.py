@@ -2,7 +2,7 @@
 itself: `python -m attngen.bench_tree` and `python -m attngen.bench` are). Prints one
 line per measurement and a JSON file per part under $OUT (or ./explore_out).
 
-    python scripts/explore_gpu.py tree merge decode prefill prefill_tuned fixed stream resources
+    python scripts/explore_gpu.py tree merge decode prefill prefill_tuned fixed stream resources loop
 
 tree:    per workload and head layout, plan chunks x queries per group x spans x kernel
          configs, the cost model's plan through the autotuner, and the four fastest
@@ -24,6 +24,13 @@ resources: per case (EXPLORE_CASES), the stage-1 kernels one call on the planner
          spills, warps, shared memory, and how many fit on one SM. A compile outside a
          launch specializes its arguments differently and can report other counts
          (BENCHMARKS.md, session 32).
+loop:    per case (EXPLORE_CASES; default the two with the most dense groups' work), the
+         Gluon kernel alone with parts of its work removed from the rendered module's source
+         (timing only: the outputs are garbage by design): no loads past the ring's first
+         fill, every program loading the same L2-resident tiles, no softmax, one warpgroup
+         computing (the others only wait for each tile and release it), and combinations.
+         Each also runs ~1.5 s of graph replays while nvidia-smi samples the SM clock and
+         power (read only), giving cycles per tile of the longest program.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -457,6 +465,119 @@ def resources(results: list) -> None:
                       f"{row['shared'] / 1024:6.1f} KB: {fit}", flush=True)
 
 
+# The loop part's edits of the rendered tree module, as (old, new) source replacements; a
+# template change that moves the old text makes the part fail on its assert, not measure
+# something else.
+_LOAD = ("        mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)\n"
+         "        _tma_load(k_desc, [kv_start + j * BN, kv_head * D], ready.index(s), k_smem.index(s))\n"
+         "        _tma_load(v_desc, [kv_start + j * BN, kv_head * D], ready.index(s), v_smem.index(s))\n")
+_NO_LOAD = [(_LOAD, "        if j >= NS:\n            mbarrier.arrive(ready.index(s))\n        else:\n"
+             + _LOAD.replace("        ", "            "))]
+_HOT_LOAD = [(_LOAD, _LOAD.replace("kv_start + j * BN", "(j % 8) * BN"))]
+_NO_SOFTMAX = [("""    m_new = gl.maximum(m_i, gl.max(s, axis=1) * 0.12751743082459868)
+    p = gl.exp2(s * 0.12751743082459868 - gl.expand_dims(m_new, 1))
+    alpha = gl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+""", "    return s, gl.full_like(m_i, 1.0), m_i, l_i\n")]
+_ONE_WG = [("\n\n@_gluon_jit\ndef _gluon_warpgroup(wg,", """
+
+@_gluon_jit
+def _gluon_warpgroup(wg, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg):
+    NS: gl.constexpr = k_smem.shape[0]
+    if wg > 0:
+        for j in range(n_tiles):
+            mbarrier.wait(ready.index(j % NS), (j // NS) & 1)
+            mbarrier.arrive(empty.index(j % NS))
+    else:
+        _gluon_warpgroup_all(wg, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_smem, ready, empty,
+                             g, kv_head, kv_n, n_tiles, qg)
+
+
+@_gluon_jit
+def _gluon_warpgroup_all(wg,""")]
+LOOP_VARIANTS = {
+    "main": [], "no loads": _NO_LOAD, "L2 loads": _HOT_LOAD, "no softmax": _NO_SOFTMAX,
+    "no loads, no softmax": _NO_LOAD + _NO_SOFTMAX, "one wg, no loads": _ONE_WG + _NO_LOAD,
+    "one wg, no loads, no softmax": _ONE_WG + _NO_LOAD + _NO_SOFTMAX,
+}
+
+
+def _edited_module(spec, index: int, label: str, edits: list[tuple[str, str]], folder: Path):
+    """The rendered module of ``spec`` with ``edits`` applied, imported from ``folder``."""
+    from attngen.render import render_uncached
+    from attngen.runtime import import_path
+
+    src = render_uncached(spec)
+    for old, new in edits:
+        assert src.count(old) == 1, f"loop variant {label!r}: the template no longer has {old[:60]!r}"
+        src = src.replace(old, new)
+    path = folder / f"loop_{spec.name}_{index}.py"
+    path.write_text(src)
+    return import_path(path, path.stem)
+
+
+def clock_and_power(fn, seconds: float = 1.5) -> tuple[float, float, str]:
+    """Median SM MHz, W and throttle reasons (nvidia-smi, every 50 ms, read only) while
+    ``fn`` replays in a CUDA graph of 20 calls for ~``seconds``."""
+    import subprocess
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(20):
+            fn()
+    query = "--query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active"
+    smi = subprocess.Popen(["nvidia-smi", query, "--format=csv,noheader,nounits", "-lms", "50"],
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        for _ in range(50):
+            graph.replay()
+        torch.cuda.synchronize()
+    smi.terminate()
+    samples = [line.split(",") for line in smi.communicate()[0].strip().splitlines()][6:-1]  # past the warm-up
+    if not samples:
+        return float("nan"), float("nan"), ""
+    return (statistics.median(float(x[0]) for x in samples), statistics.median(float(x[1]) for x in samples),
+            " ".join(sorted({x[2].strip() for x in samples})))
+
+
+def loop(results: list) -> None:
+    cases = _cases() if os.environ.get("EXPLORE_CASES") else [("fewshot_32k_x64", "gqa"), ("spec_16k_184", "mha")]
+    for name, layout in cases:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        w, _, heads, plan, (q, k, v) = _tree_case(name, layout, gen)
+        if not plan.n_dense:
+            print(f"loop {name} {layout}: no dense groups, no Gluon kernel", flush=True)
+            continue
+        spec = tree_spec(w.tree.query_mode, heads.heads_q, heads.heads_kv)
+        folder = Path(tempfile.mkdtemp(prefix="attngen_loop_"))
+        mods = {label: _edited_module(spec, i, label, edits, folder)
+                for i, (label, edits) in enumerate(LOOP_VARIANTS.items())}
+        t = plan.tensors()
+        o_part = torch.empty(plan.n_partials, heads.heads_q, 128, device="cuda", dtype=torch.float32)
+        lse_part = torch.empty(plan.n_partials, heads.heads_q, device="cuda", dtype=torch.float32)
+        qg = plan.queries_per_group
+        wg = 3 if qg * heads.group > 128 else 2  # as _launch_gluon picks
+        block_n = 128 if wg == 2 else 64
+        tiles = max(-(-int(n) // block_n) for n in t["group_kv_len"][: plan.n_dense].tolist())
+        fns = {label: partial(m._launch_gluon, q, k, v, t, o_part, lse_part, plan.n_dense, qg)
+               for label, m in mods.items()}
+        times = _interleaved_us(fns)
+        for label, fn in fns.items():
+            mhz, watts, throttle = clock_and_power(fn)
+            cycles = times[label] * mhz / tiles
+            results.append(dict(part="loop", workload=name, layout=layout, variant=label, warpgroups=wg,
+                                block_n=block_n, tiles=tiles, us=times[label], mhz=mhz, watts=watts,
+                                throttle=throttle, cycles_per_tile=cycles))
+            print(f"loop {name:16} {layout} {wg} wg x 64 rows, {block_n}-key tiles, {tiles} tiles  {label:28} "
+                  f"{times[label]:6.1f} us {mhz:5.0f} MHz {watts:4.0f} W {cycles:5.0f} cycles/tile {throttle}",
+                  flush=True)
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -464,7 +585,8 @@ def main() -> int:
         results: list = []
         try:
             {"tree": tree, "decode": decode, "prefill": prefill, "prefill_tuned": prefill_tuned,
-             "merge": merge, "fixed": fixed, "stream": stream, "resources": resources}[part](results)
+             "merge": merge, "fixed": fixed, "stream": stream, "resources": resources,
+             "loop": loop}[part](results)
         finally:
             (OUT / f"{part}.json").write_text(json.dumps(results, indent=1))
     return 0

@@ -2,7 +2,7 @@
 itself: `python -m attngen.bench_tree` and `python -m attngen.bench` are). Prints one
 line per measurement and a JSON file per part under $OUT (or ./explore_out).
 
-    python scripts/explore_gpu.py tree merge decode prefill prefill_tuned fixed stream resources loop
+    python scripts/explore_gpu.py tree merge decode prefill prefill_tuned fixed stream resources loop timeline
 
 tree:    per workload and head layout, plan chunks x queries per group x spans x kernel
          configs, the cost model's plan through the autotuner, and the four fastest
@@ -31,6 +31,11 @@ loop:    per case (EXPLORE_CASES; default the two with the most dense groups' wo
          computing (the others only wait for each tile and release it), and combinations.
          Each also runs ~1.5 s of graph replays while nvidia-smi samples the SM clock and
          power (read only), giving cycles per tile of the longest program.
+timeline: per case (EXPLORE_CASES; default the reference cases with dense groups), where
+         each Gluon program's time goes: its start (%globaltimer), then by its SM's %clock64
+         the query gather, the wait for the ring's first tile, the tile loop and the
+         epilogue (stores of partials and LSEs), from stamps that an edit of the rendered
+         module writes past the partials. Medians and extremes over the programs.
 """
 
 from __future__ import annotations
@@ -578,6 +583,71 @@ def loop(results: list) -> None:
                   flush=True)
 
 
+# The timeline part's stamps: slot k of program (g, kv_head) is int64 word 8 * program + k
+# past the partials; slots 0-4 read %clock64 (start, query rows gathered, tile 0 landed,
+# loop done, partials stored; 2-4 in warpgroup 0) and 5-6 %globaltimer (start, end).
+_STAMP = ("    _t = gl.inline_asm_elementwise(\"mov.u64 $0, %{reg};\", \"=l,r\", [kv_head], dtype=gl.int64,\n"
+          "                                   is_pure=False, pack=1)\n"
+          "    gl.store((O_part + {offset}).to(gl.pointer_type(gl.int64)) + (g * {heads_kv} + kv_head) * 8 + {slot}, _t)\n")
+
+
+def _timeline_edits(offset: int, heads_kv: int) -> list[tuple[str, str]]:
+    def stamp(slot: int, reg: str = "clock64", indent: str = "") -> str:
+        text = _STAMP.format(reg=reg, offset=offset, heads_kv=heads_kv, slot=slot)
+        return "".join(indent + line + "\n" for line in text.splitlines())
+
+    in_wg0 = "    if wg == 0:\n"
+    lse = "    gl.store(LSE_part + row, gl.convert_layout(m_i + gl.log2(l_i), o_rows), mask=ok)\n"
+    return [
+        ("    kv_n = gl.load(GroupKvLen + g)\n",
+         "    kv_n = gl.load(GroupKvLen + g)\n" + stamp(0) + stamp(5, "globaltimer")),
+        ("    fence_async_shared()\n\n    k_smem", "    fence_async_shared()\n" + stamp(1) + "\n    k_smem"),
+        ("    mbarrier.wait(ready.index(0), 0)\n",
+         "    mbarrier.wait(ready.index(0), 0)\n" + in_wg0 + stamp(2, indent="    ")),
+        ("    mbarrier.arrive(empty.index(last))\n", "    mbarrier.arrive(empty.index(last))\n" + in_wg0 + stamp(3, indent="    ")),
+        (lse, lse + in_wg0 + stamp(4, indent="    ") + stamp(6, "globaltimer", "    ")),
+    ]
+
+
+def timeline(results: list) -> None:
+    cases = _cases() if os.environ.get("EXPLORE_CASES") else [
+        ("fewshot_32k_x64", "gqa"), ("spec_4k_92", "gqa"), ("spec_16k_184", "mha"), ("spec_16k_184", "gqa")]
+    for name, layout in cases:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        w, _, heads, plan, (q, k, v) = _tree_case(name, layout, gen)
+        if not plan.n_dense:
+            print(f"timeline {name} {layout}: no dense groups, no Gluon kernel", flush=True)
+            continue
+        spec = tree_spec(w.tree.query_mode, heads.heads_q, heads.heads_kv)
+        offset = plan.n_partials * heads.heads_q * 128  # fp32 words of the partials
+        programs = plan.n_dense * heads.heads_kv
+        module = _edited_module(spec, 0, "timeline", _timeline_edits(offset, heads.heads_kv),
+                                Path(tempfile.mkdtemp(prefix="attngen_timeline_")))
+        buf = torch.zeros(offset + 16 * programs, device="cuda", dtype=torch.float32)
+        o_part = buf[:offset].view(plan.n_partials, heads.heads_q, 128)
+        lse_part = torch.empty(plan.n_partials, heads.heads_q, device="cuda", dtype=torch.float32)
+        fn = partial(module._launch_gluon, q, k, v, plan.tensors(), o_part, lse_part, plan.n_dense,
+                     plan.queries_per_group)
+        us = graph_us(fn)
+        for _ in range(5):  # the stamps of the last of a few back-to-back calls
+            fn()
+        torch.cuda.synchronize()
+        stamps = buf[offset:].view(torch.int64).view(programs, 8).cpu().double()
+        clock, timer = stamps[:, :5], stamps[:, 5:7]
+        ghz = statistics.median(((clock[:, 4] - clock[:, 0]) / (timer[:, 1] - timer[:, 0])).tolist())
+        start = (timer[:, 0] - timer[:, 0].min()) / 1e3
+        at = (clock - clock[:, :1]) / (ghz * 1e3)  # us since the program's start
+        spans = {"start": start, "gather": at[:, 1], "tile 0 wait": at[:, 2] - at[:, 1],
+                 "loop": at[:, 3] - at[:, 2], "epilogue": at[:, 4] - at[:, 3], "end": start + at[:, 4]}
+        row = {label: (float(x.min()), statistics.median(x.tolist()), float(x.max())) for label, x in spans.items()}
+        results.append(dict(part="timeline", workload=name, layout=layout, programs=programs, us=us,
+                            clock_ghz=ghz, **{label: list(v) for label, v in row.items()}))
+        print(f"timeline {name:16} {layout} {programs} programs, {us:.1f} us alone, SMs at {ghz:.2f} GHz; "
+              "min / median / max, us:", flush=True)
+        for label, (lo, mid, hi) in row.items():
+            print(f"    {label:12} {lo:6.2f} {mid:6.2f} {hi:6.2f}", flush=True)
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -586,7 +656,7 @@ def main() -> int:
         try:
             {"tree": tree, "decode": decode, "prefill": prefill, "prefill_tuned": prefill_tuned,
              "merge": merge, "fixed": fixed, "stream": stream, "resources": resources,
-             "loop": loop}[part](results)
+             "loop": loop, "timeline": timeline}[part](results)
         finally:
             (OUT / f"{part}.json").write_text(json.dumps(results, indent=1))
     return 0

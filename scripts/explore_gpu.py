@@ -57,7 +57,7 @@ import attngen
 from attngen.bench import measure_rates
 from attngen.bench_tree import LAYOUTS, tree_spec
 from attngen.cost import HeadLayout
-from attngen.plan import SPAN_CHOICES, plan_tree
+from attngen.plan import SPAN_CHOICES, Plan, plan_tree
 from attngen.spec import load_spec
 from attngen.tree import TreeBatch
 from attngen.workloads import REFERENCE_SHAPES, WORKLOADS
@@ -176,7 +176,7 @@ def tree(results: list) -> None:
         cap = triton.next_power_of_2(n_q)
         qgs = sorted({g for g in heads.queries_per_group_choices() if g * heads.group >= 16 and g <= cap}
                      | {chosen.queries_per_group})
-        timed: list[tuple[float, str, object, dict]] = []
+        timed: list[tuple[float, str, Plan, dict[str, int]]] = []
         seen = set()
         for chunk in chunks:
             for qg in qgs:
@@ -215,16 +215,16 @@ def tree(results: list) -> None:
         auto = f"auto c{chosen.chunk} qg{chosen.queries_per_group} s{chosen.span}"
         ranked = sorted(timed, key=lambda t: t[0])
         fns = {auto: partial(module.attention, q, k, v, chosen)}
-        for _, label, plan, cfg in ranked[:4]:
-            fns[label] = partial(module.attention, q, k, v, plan, config=cfg)
+        for _, label, top, top_cfg in ranked[:4]:
+            fns[label] = partial(module.attention, q, k, v, top, config=top_cfg)
         for label, us in _interleaved_us(fns).items():
             results.append(dict(part="tree_confirm", workload=name, layout=layout, plan=label, us=us))
             print(f"confirm {name:15} {layout} {label:28} {us:8.1f} us", flush=True)
-        best = (ranked[0][2], ranked[0][3]) if ranked else (chosen, None)
-        for what, (p, cfg) in (("auto", (chosen, None)), ("best", best)):
-            split = kernel_us(partial(module.attention, q, k, v, p, config=cfg))
+        best: tuple[Plan, dict[str, int] | None] = (ranked[0][2], ranked[0][3]) if ranked else (chosen, None)
+        for what, (p, p_cfg) in (("auto", (chosen, None)), ("best", best)):
+            split = kernel_us(partial(module.attention, q, k, v, p, config=p_cfg))
             results.append(dict(part="tree_kernels", workload=name, layout=layout, which=what,
-                                qg=p.queries_per_group, span=p.span, config=cfg, kernels=split))
+                                qg=p.queries_per_group, span=p.span, config=p_cfg, kernels=split))
             print(f"kernels {what} {name:15} {layout} " + "  ".join(f"{k_}={t:.1f}" for k_, t in split.items()),
                   flush=True)
 

@@ -550,15 +550,21 @@ def clock_and_power(fn, seconds: float = 1.5) -> tuple[float, float, str]:
             " ".join(sorted({x[2].strip() for x in samples})))
 
 
-def loop(results: list) -> None:
-    cases = _cases() if os.environ.get("EXPLORE_CASES") else [("fewshot_32k_x64", "gqa"), ("spec_16k_184", "mha")]
-    for name, layout in cases:
+def _gluon_cases(part: str, default: list[tuple[str, str]]):
+    """The cases EXPLORE_CASES names (else ``default``) whose plans have dense groups, as
+    (name, layout, heads, plan, (q, k, v), tree spec); the others are only reported."""
+    for name, layout in _cases() if os.environ.get("EXPLORE_CASES") else default:
         gen = torch.Generator(device="cuda").manual_seed(0)
-        w, _, heads, plan, (q, k, v) = _tree_case(name, layout, gen)
+        w, _, heads, plan, qkv = _tree_case(name, layout, gen)
         if not plan.n_dense:
-            print(f"loop {name} {layout}: no dense groups, no Gluon kernel", flush=True)
+            print(f"{part} {name} {layout}: no dense groups, no Gluon kernel", flush=True)
             continue
-        spec = tree_spec(w.tree.query_mode, heads.heads_q, heads.heads_kv)
+        yield name, layout, heads, plan, qkv, tree_spec(w.tree.query_mode, heads.heads_q, heads.heads_kv)
+
+
+def loop(results: list) -> None:
+    default = [("fewshot_32k_x64", "gqa"), ("spec_16k_184", "mha")]
+    for name, layout, heads, plan, (q, k, v), spec in _gluon_cases("loop", default):
         folder = Path(tempfile.mkdtemp(prefix="attngen_loop_"))
         mods = {label: _edited_module(spec, i, label, edits, folder)
                 for i, (label, edits) in enumerate(LOOP_VARIANTS.items())}
@@ -610,15 +616,8 @@ def _timeline_edits(offset: int, heads_kv: int) -> list[tuple[str, str]]:
 
 
 def timeline(results: list) -> None:
-    cases = _cases() if os.environ.get("EXPLORE_CASES") else [
-        ("fewshot_32k_x64", "gqa"), ("spec_4k_92", "gqa"), ("spec_16k_184", "mha"), ("spec_16k_184", "gqa")]
-    for name, layout in cases:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        w, _, heads, plan, (q, k, v) = _tree_case(name, layout, gen)
-        if not plan.n_dense:
-            print(f"timeline {name} {layout}: no dense groups, no Gluon kernel", flush=True)
-            continue
-        spec = tree_spec(w.tree.query_mode, heads.heads_q, heads.heads_kv)
+    default = [("fewshot_32k_x64", "gqa"), ("spec_4k_92", "gqa"), ("spec_16k_184", "mha"), ("spec_16k_184", "gqa")]
+    for name, layout, heads, plan, (q, k, v), spec in _gluon_cases("timeline", default):
         offset = plan.n_partials * heads.heads_q * 128  # fp32 words of the partials
         programs = plan.n_dense * heads.heads_kv
         module = _edited_module(spec, 0, "timeline", _timeline_edits(offset, heads.heads_kv),

@@ -470,9 +470,9 @@ def resources(results: list) -> None:
                       f"{row['shared'] / 1024:6.1f} KB: {fit}", flush=True)
 
 
-# The loop part's edits of the rendered tree module, as (old, new) source replacements; a
-# template change that moves the old text makes the part fail on its assert, not measure
-# something else.
+# The loop and timeline parts' edits of the rendered tree module, as (old, new) source
+# replacements; a template change that moves the old text makes the part fail on the assert
+# in _edited_module, not measure something else.
 _LOAD = ("        mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)\n"
          "        _tma_load(k_desc, [kv_start + j * BN, kv_head * D], ready.index(s), k_smem.index(s))\n"
          "        _tma_load(v_desc, [kv_start + j * BN, kv_head * D], ready.index(s), v_smem.index(s))\n")
@@ -515,9 +515,9 @@ def _edited_module(spec, index: int, label: str, edits: list[tuple[str, str]], f
 
     src = render_uncached(spec)
     for old, new in edits:
-        assert src.count(old) == 1, f"loop variant {label!r}: the template no longer has {old[:60]!r}"
+        assert src.count(old) == 1, f"edit {label!r}: the template no longer has {old[:60]!r}"
         src = src.replace(old, new)
-    path = folder / f"loop_{spec.name}_{index}.py"
+    path = folder / f"edited_{spec.name}_{index}.py"
     path.write_text(src)
     return import_path(path, path.stem)
 

@@ -603,13 +603,21 @@ def _side_stream(current):
     return second if first == current else first
 
 
+def _gluon_tile(qg):
+    """The Gluon programs' tile for a plan of ``qg`` queries per group: (warpgroups, keys per
+    K/V tile, ring stages). Two warpgroups read 128-key K/V tiles through 3 stages; a tall
+    plan's three warpgroups leave registers for 64-key tiles only (4 stages: 128-key ones
+    spill)."""
+    if qg * (HEADS_Q // HEADS_KV) > 128:
+        return 3, 64, 4
+    return 2, 128, 3
+
+
 def _launch_gluon(q, k, v, t, o_part, lse_part, n_dense, qg):
     """The dense groups' partials: ``n_dense`` programs per KV head (the plan's count, or
-    the buffers' capacity; programs past the device count return). Tiles of two
-    warpgroups read 128-key K/V tiles through 3 stages; a tall plan's three warpgroups
-    leave registers for 64-key tiles only (4 stages: 128-key ones spill)."""
-    wg = 3 if qg * (HEADS_Q // HEADS_KV) > 128 else 2
-    block_n, stages = (128, 3) if wg == 2 else (64, 4)
+    the buffers' capacity; programs past the device count return), on the tile of
+    ``_gluon_tile``."""
+    wg, block_n, stages = _gluon_tile(qg)
     layout = gl.NVMMASharedLayout.get_default_for([block_n, HEAD_DIM_QK], gl.bfloat16)
     k_desc = GluonDescriptor.from_tensor(k.view(k.shape[0], -1), [block_n, HEAD_DIM_QK], layout)
     v_desc = GluonDescriptor.from_tensor(v.view(v.shape[0], -1), [block_n, HEAD_DIM_V], layout)

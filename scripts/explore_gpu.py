@@ -479,11 +479,20 @@ _LOAD = ("        mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_d
 _NO_LOAD = [(_LOAD, "        if j >= NS:\n            mbarrier.arrive(ready.index(s))\n        else:\n"
              + _LOAD.replace("        ", "            "))]
 _HOT_LOAD = [(_LOAD, _LOAD.replace("kv_start + j * BN", "(j % 8) * BN"))]
-_NO_SOFTMAX = [("""    m_new = gl.maximum(m_i, gl.max(s, axis=1) * 0.12751743082459868)
-    p = gl.exp2(s * 0.12751743082459868 - gl.expand_dims(m_new, 1))
+
+
+def _no_softmax(spec) -> list[tuple[str, str]]:
+    """The softmax step replaced by a pass-through; its text holds the spec's base-2 scale."""
+    from attngen.tree_ir import lower_tree
+
+    scale = lower_tree(spec).gluon_scale
+    return [(f"""    m_new = gl.maximum(m_i, gl.max(s, axis=1) * {scale})
+    p = gl.exp2(s * {scale} - gl.expand_dims(m_new, 1))
     alpha = gl.exp2(m_i - m_new)
     return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
 """, "    return s, gl.full_like(m_i, 1.0), m_i, l_i\n")]
+
+
 _ONE_WG = [("\n\n@_gluon_jit\ndef _gluon_warpgroup(wg,", """
 
 @_gluon_jit
@@ -501,11 +510,15 @@ def _gluon_warpgroup(wg, O_part, LSE_part, GroupQ, MergeRow, q_smem, k_smem, v_s
 
 @_gluon_jit
 def _gluon_warpgroup_all(wg,""")]
-LOOP_VARIANTS = {
-    "main": [], "no loads": _NO_LOAD, "L2 loads": _HOT_LOAD, "no softmax": _NO_SOFTMAX,
-    "no loads, no softmax": _NO_LOAD + _NO_SOFTMAX, "one wg, no loads": _ONE_WG + _NO_LOAD,
-    "one wg, no loads, no softmax": _ONE_WG + _NO_LOAD + _NO_SOFTMAX,
-}
+
+
+def _loop_variants(spec) -> dict[str, list[tuple[str, str]]]:
+    no_softmax = _no_softmax(spec)
+    return {
+        "main": [], "no loads": _NO_LOAD, "L2 loads": _HOT_LOAD, "no softmax": no_softmax,
+        "no loads, no softmax": _NO_LOAD + no_softmax, "one wg, no loads": _ONE_WG + _NO_LOAD,
+        "one wg, no loads, no softmax": _ONE_WG + _NO_LOAD + no_softmax,
+    }
 
 
 def _edited_module(spec, index: int, label: str, edits: list[tuple[str, str]], folder: Path):
@@ -567,13 +580,12 @@ def loop(results: list) -> None:
     for name, layout, heads, plan, (q, k, v), spec in _gluon_cases("loop", default):
         folder = Path(tempfile.mkdtemp(prefix="attngen_loop_"))
         mods = {label: _edited_module(spec, i, label, edits, folder)
-                for i, (label, edits) in enumerate(LOOP_VARIANTS.items())}
+                for i, (label, edits) in enumerate(_loop_variants(spec).items())}
         t = plan.tensors()
         o_part = torch.empty(plan.n_partials, heads.heads_q, 128, device="cuda", dtype=torch.float32)
         lse_part = torch.empty(plan.n_partials, heads.heads_q, device="cuda", dtype=torch.float32)
         qg = plan.queries_per_group
-        wg = 3 if qg * heads.group > 128 else 2  # as _launch_gluon picks
-        block_n = 128 if wg == 2 else 64
+        wg, block_n, _ = mods["main"]._gluon_tile(qg)
         tiles = max(-(-int(n) // block_n) for n in t["group_kv_len"][: plan.n_dense].tolist())
         fns = {label: partial(m._launch_gluon, q, k, v, t, o_part, lse_part, plan.n_dense, qg)
                for label, m in mods.items()}

@@ -22,10 +22,12 @@ runs the group at the tile height they need), ``group_bits[G, QG, chunk // 32]``
 ``j % 32`` of word ``j // 32``: chunk token ``j`` is visible to the slot's query),
 ``merge_ptr[NQ + 1]``,
 ``merge_row[G, QG]`` (-1 for an empty slot), ``q_pos[NQ]``,
-``kv_pos[n_kv]``, ``q_tree[NQ]``, ``dense_count[1]``. Groups are ordered by chunk, slots by
+``kv_pos[n_kv]``, ``q_tree[NQ]``, ``dense_count[1]``, ``group_fold[G]`` and
+``group_lead[G]`` (see :func:`_fold`). Groups are ordered by chunk, slots by
 query id, except that the ``n_dense`` dense groups (full, with filled rows in
 :data:`~attngen.cost.DENSE_ROWS` for the plan's heads) come first, in the same order:
-kernels may run them apart (the Gluon stage 1 on Hopper).
+kernels may run them apart (the Gluon stage 1 on Hopper), and there run each group that
+``group_fold`` folds into one as its tail.
 
 >>> from attngen.tree import TreeBatch
 >>> p = plan_tree(TreeBatch.from_parents([-1, 0, 0], [40, 30, 50]), chunk=64, queries_per_group=2)
@@ -61,6 +63,9 @@ CHUNK_CHOICES = (64, 128, 256, 512)
 SPAN_CHOICES = (768, 1024, 2048, 4096, 8192, 16384)
 #: Tokens a coalesced group's range is cut at (the smallest stage-1 KV tile).
 SPLIT_ALIGN = 64
+#: A group is folded into a dense one only if the dense one's length is a multiple of
+#: this: the Gluon stage 1's largest K/V tile, so that the folded range starts on a tile.
+FOLD_ALIGN = 128
 WORD = 32
 
 
@@ -638,8 +643,11 @@ class Plan:
     kv_pos: torch.Tensor
     q_tree: torch.Tensor
     dense_count: torch.Tensor  # [1]: n_dense on the device
+    group_fold: torch.Tensor
+    group_lead: torch.Tensor
     n_partials: int
     n_dense: int
+    n_folded: int  # groups run as a dense group's tail where the dense groups run apart
     state: _State = field(repr=False)
 
     @functools.cached_property
@@ -674,6 +682,8 @@ TENSOR_NAMES = (
     "kv_pos",
     "q_tree",
     "dense_count",
+    "group_fold",
+    "group_lead",
 )
 
 
@@ -918,7 +928,7 @@ def _span_stats(
     )
 
 
-def _host_arrays(tree: TreeBatch, groups: _Groups, heads: HeadLayout) -> dict[str, np.ndarray]:
+def _host_arrays(tree: TreeBatch, groups: _Groups, heads: HeadLayout, machine: Machine) -> dict[str, np.ndarray]:
     """Every plan tensor as a numpy array (the single place the format is assembled),
     the dense groups moved to the front. Merge rows are assigned before the move, so a
     query's partials still merge in KV order."""
@@ -927,7 +937,7 @@ def _host_arrays(tree: TreeBatch, groups: _Groups, heads: HeadLayout) -> dict[st
     dense = _dense(rows, groups.full, groups.length)
     order = np.argsort(~dense, kind="stable")
     ptr, row = _merge_order(groups.query, tree.n_queries)
-    return {
+    host = {
         "group_kv_start": groups.start[order],
         "group_kv_len": groups.length[order],
         "group_q": groups.query[order],
@@ -941,6 +951,67 @@ def _host_arrays(tree: TreeBatch, groups: _Groups, heads: HeadLayout) -> dict[st
         "q_tree": tree.q_tree,
         "dense_count": np.array([dense.sum()]),
     }
+    host["group_fold"], host["group_lead"] = _fold(host, heads, machine)
+    return host
+
+
+def _fold(host: dict[str, np.ndarray], heads: HeadLayout, machine: Machine) -> tuple[np.ndarray, np.ndarray]:
+    """Plan tensors ``group_fold`` and ``group_lead``: which groups a machine with a dense
+    kernel of its own (the Gluon stage 1 on Hopper) runs as the tail of a dense group.
+
+    A group of the rest is folded into the dense group that ends where it starts and has
+    the same query slots (on a speculative tree: the chunk of the tree's own tokens, after
+    the prefix's last span), when that dense group's length is a multiple of
+    :data:`FOLD_ALIGN` and the two together are no longer than the longest dense group.
+    The dense kernel's program then runs both ranges, applying the folded group's bits past
+    its ``group_lead`` leading keys (those every slot sees), and no program of its own
+    runs it. Only when the rest's programs cannot all run beside the dense ones (more
+    than the SMs those leave): otherwise they run there at no cost to the dense kernel.
+    On the H200, spec_16k_184 GQA ran 96.1 us folded against 100.1 not, spec_4k_92 GQA
+    (whose rest fits beside) 23.6 against 21.9 (session 37, BENCHMARKS.md).
+
+    ``group_fold[g]``: for a dense group, the group folded into it; for a folded group,
+    its dense group; -1 elsewhere. ``group_lead[g]``: for a folded group, its leading
+    keys that every filled slot sees; 0 elsewhere."""
+    n, n_dense = len(host["group_kv_start"]), int(host["dense_count"][0])
+    fold, lead = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    kv = heads.heads_kv
+    if not machine.dense_kernel_launches or n_dense == 0 or (n - n_dense) * kv <= machine.sms - n_dense * kv:
+        return fold, lead
+    start, length, query = host["group_kv_start"], host["group_kv_len"], host["group_q"]
+    # a dense group's (end, first slot) against each other group's (start, first slot)
+    width = int(query.max(initial=0)) + 2
+    dense_key = (start[:n_dense] + length[:n_dense]) * width + query[:n_dense, 0] + 1
+    rest_key = start[n_dense:] * width + query[n_dense:, 0] + 1
+    by_key = np.argsort(dense_key, kind="stable")
+    host_of = by_key[np.minimum(np.searchsorted(dense_key, rest_key, sorter=by_key), n_dense - 1)]
+    rest = np.arange(n_dense, n)
+    ok = (
+        (dense_key[host_of] == rest_key)
+        & (query[host_of] == query[n_dense:]).all(axis=1)
+        & (length[host_of] % FOLD_ALIGN == 0)
+        & (length[host_of] + length[n_dense:] <= length[:n_dense].max())
+    )
+    tails, hosts = rest[ok], host_of[ok]
+    fold[hosts], fold[tails] = tails, hosts
+    lead[tails] = _common_lead(host["group_bits"][tails], query[tails], length[tails])
+    return fold, lead
+
+
+def _common_lead(bits: np.ndarray, query: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """Per group of ``bits`` [K, QG, W] (int32 words) and ``query`` [K, QG]: how many of
+    its leading tokens every filled slot sees, at most ``length``."""
+    if len(bits) == 0:
+        return np.zeros(0, dtype=np.int64)
+    words = np.where(query[:, :, None] >= 0, bits.astype(np.int32), np.int32(-1)).view(np.uint32)
+    common = np.bitwise_and.reduce(words, axis=1)  # [K, W]: the tokens every slot sees
+    whole = common == np.uint32(0xFFFFFFFF)
+    n_words = whole.shape[1]
+    first = np.where(whole.all(axis=1), n_words, whole.argmin(axis=1))  # the first word with a gap
+    unseen = ~common[np.arange(len(common)), np.minimum(first, n_words - 1)]
+    lowest = unseen & (~unseen + np.uint32(1))  # its lowest set bit: the gap's first token
+    ones = np.log2(np.maximum(lowest, 1).astype(np.float64)).astype(np.int64)
+    return np.minimum(first * WORD + np.where(first < n_words, ones, 0), length)
 
 
 def _tree_fields(tree: TreeBatch, query: np.ndarray) -> dict[str, int]:
@@ -1030,7 +1101,7 @@ def _make_plan(
     runs: _Runs | None = None,
 ) -> Plan:
     groups = _span_groups(layout, rows, span, runs)
-    host = _host_arrays(tree, groups, heads)
+    host = _host_arrays(tree, groups, heads, machine)
     return Plan(
         chunk=layout.chunk,
         queries_per_group=qg,
@@ -1041,6 +1112,7 @@ def _make_plan(
         **_int32_tensors(host, device),
         n_partials=int(host["merge_ptr"][-1]),
         n_dense=int(host["dense_count"][0]),
+        n_folded=int((host["group_fold"][int(host["dense_count"][0]) :] >= 0).sum()),
         state=_State(tree, layout, rows, heads, machine, {name: host[name] for name in _STATS_ARRAYS}),
     )
 
@@ -1215,6 +1287,8 @@ class PlanBuffers:
             "kv_pos": (max_kv,),
             "q_tree": (max_queries,),
             "dense_count": (1,),
+            "group_fold": (max_groups,),
+            "group_lead": (max_groups,),
         }
         sizes = [math.prod(shapes[name]) for name in TENSOR_NAMES]
         starts = _starts(sizes)
@@ -1238,7 +1312,7 @@ class PlanBuffers:
         )
 
 
-_PAD = {"group_q": -1, "merge_row": -1}
+_PAD = {"group_q": -1, "merge_row": -1, "group_fold": -1}
 #: Elements between two written stretches of a GPU's buffers below which plan_into copies
 #: them as one. A copy from the host costs its caller 15-20 us on the H200's host (twelve
 #: took 230 us, session 29); 256 KB more at a pageable copy's ~10 GB/s cost about as much
@@ -1273,7 +1347,7 @@ def plan_into(
         )
     layout, qg = _choose(tree, buffers.chunk, buffers.queries_per_group, heads, machine)
     groups = _span_groups(layout, _layout_rows(tree, layout, qg), buffers.span)
-    host = _host_arrays(tree, groups, heads)
+    host = _host_arrays(tree, groups, heads, machine)
     used = PlanSizes(len(host["group_kv_start"]), tree.n_queries, tree.n_kv, int(host["merge_ptr"][-1]))
     _check_capacity(used, buffers.capacity())
     store = buffers.store

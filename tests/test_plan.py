@@ -12,9 +12,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attngen.cost import DENSE_ROWS, HeadLayout
+from attngen.cost import DENSE_ROWS, HeadLayout, Machine
 from attngen.errors import PlanError
 from attngen.plan import (
+    FOLD_ALIGN,
     TENSOR_NAMES,
     Plan,
     PlanBuffers,
@@ -90,6 +91,31 @@ def check_invariants(tree: TreeBatch, plan: Plan) -> None:
     dense = full & (rows > DENSE_ROWS[0]) & (rows <= DENSE_ROWS[1])
     assert plan.n_dense == int(plan.tensors()["dense_count"][0]) == dense.sum()
     assert dense[: plan.n_dense].all() and not dense[plan.n_dense :].any()
+    check_fold(plan)
+
+
+def check_fold(plan: Plan) -> None:
+    """group_fold pairs a dense group with the group that continues it (same slots, from
+    its end, itself of whole 128-key tiles); group_lead is the tail's leading tokens that
+    every filled slot sees, and no more."""
+    fold, lead = plan.group_fold.numpy(), plan.group_lead.numpy()
+    starts, lens, query = plan.group_kv_start.numpy(), plan.group_kv_len.numpy(), plan.group_q.numpy()
+    paired = np.flatnonzero(fold >= 0)
+    assert (fold[fold[paired]] == paired).all()
+    hosts = paired[paired < plan.n_dense]
+    tails = fold[hosts]
+    assert (tails >= plan.n_dense).all() and 2 * len(hosts) == len(paired) == 2 * plan.n_folded
+    assert (starts[tails] == starts[hosts] + lens[hosts]).all()
+    assert (query[tails] == query[hosts]).all() and (lens[hosts] % FOLD_ALIGN == 0).all()
+    assert (lens[hosts] + lens[tails] <= lens[: plan.n_dense].max(initial=0)).all()
+    others = np.ones(len(fold), dtype=bool)
+    others[tails] = False
+    assert (lead[others] == 0).all()
+    seen = np.unpackbits(plan.group_bits.numpy().view(np.uint8), axis=-1, bitorder="little").astype(bool)
+    for t in tails:
+        filled = seen[t][query[t] >= 0]  # [slots, chunk]
+        assert filled[:, : lead[t]].all()
+        assert lead[t] == lens[t] or not filled[:, lead[t]].all()
 
 
 # ---- hypothesis strategies: tree shapes -------------------------------------------------
@@ -151,6 +177,27 @@ def test_a_cut_past_the_runs_last_group_leaves_no_empty_group() -> None:
     check_invariants(tree, plan_tree(tree, chunk=32, queries_per_group=1, span=48))
 
 
+@pytest.mark.parametrize(("name", "heads_kv", "folded"), [
+    ("spec_16k_184", 32, 1),  # the tree's chunk after the prefix's last span, one QG
+    ("spec_16k_184", 8, 4),  # the same for each of four QGs
+    ("spec_4k_92", 8, 0),  # its 24 tree-chunk programs fit beside the 96 dense ones
+    ("fewshot_4k_x20", 8, 0),  # no dense groups
+])
+def test_the_fold_on_the_reference_workloads(name: str, heads_kv: int, folded: int) -> None:
+    tree = WORKLOADS[name]().tree
+    heads = HeadLayout(heads_q=32, heads_kv=heads_kv)
+    plan = plan_tree(tree, heads=heads)
+    check_invariants(tree, plan)
+    assert plan.n_folded == folded
+    if folded:
+        tails = plan.group_fold.numpy()[: plan.n_dense]
+        # the tree's chunk: 128 prefix tokens every query sees, then the 184 tree tokens
+        assert plan.group_lead.numpy()[tails[tails >= 0]].tolist() == [128] * folded
+    # a machine without a kernel of its own for dense groups folds nothing
+    alone = plan_tree(tree, heads=heads, machine=Machine(dense_kernel_launches=0))
+    assert alone.n_folded == 0 and (alone.group_fold.numpy() == -1).all()
+
+
 def test_a_tree_without_kv_plans_no_group() -> None:
     # a forest: queries on empty nodes see nothing
     tree = TreeBatch.from_parents([-1, 0, 0, -1], [0, 0, 0, 0], [1, 2, 3])
@@ -182,6 +229,35 @@ def test_cost_model_choice_keeps_invariants(tree: TreeBatch, heads: tuple[int, i
     plan = plan_tree(tree, heads=layout)
     assert plan.queries_per_group * layout.group <= layout.max_rows
     check_invariants(tree, plan)
+
+
+@SETTINGS
+@given(tree_batches(), st.sampled_from([128, 256]), st.sampled_from([None, 512]))
+def test_folds_keep_invariants(tree: TreeBatch, chunk: int, span: int | None) -> None:
+    # one query head per KV head of 32 makes any group of three queries dense, and a
+    # one-SM machine never has room beside the dense groups: every fold the structure
+    # allows is made
+    plan = plan_tree(tree, chunk=chunk, span=span, heads=HeadLayout(heads_q=32, heads_kv=1),
+                     machine=Machine(sms=1))
+    check_invariants(tree, plan)
+
+
+def test_a_token_tree_folds_into_its_prefix() -> None:
+    # a 428-token prefix, then a token tree (a root of 2 tokens with two 1-token children)
+    # queried at each node. Chunks of 128 at span 256: the prefix's first 384 tokens make
+    # dense groups of 256 and 128 tokens; the chunk after them (the prefix's last 44 tokens
+    # and the tree's 4) has bits for the same three queries and is folded into the second
+    tree = TreeBatch.from_parents([-1, 0, 1, 1], [428, 2, 1, 1], [1, 2, 3])
+    plan = plan_tree(tree, chunk=128, queries_per_group=4, span=256, heads=HeadLayout(heads_q=32, heads_kv=1),
+                     machine=Machine(sms=1))
+    check_invariants(tree, plan)
+    assert plan.n_dense == 2 and plan.n_folded == 1
+    assert plan.group_kv_len.tolist() == [256, 128, 48]
+    assert plan.group_fold.tolist() == [-1, 2, 1]
+    assert plan.group_lead.tolist() == [0, 0, 44 + 2]  # the prefix's last tokens and the root's
+    # with the SMs of an H200, the one program per KV head of the tree's chunk runs beside
+    assert plan_tree(tree, chunk=128, queries_per_group=4, span=256,
+                     heads=HeadLayout(heads_q=32, heads_kv=1)).n_folded == 0
 
 
 @settings(max_examples=60, deadline=None)
@@ -360,7 +436,7 @@ def test_plan_into_a_sequence_of_plans_leaves_each_whole() -> None:
     the rows a plan uses and those the previous one used past them): after each, every
     buffer holds exactly the fresh plan's rows, then padding."""
     buffers = _buffers("cpu")
-    pads = {"group_q": -1, "merge_row": -1}
+    pads = {"group_q": -1, "merge_row": -1, "group_fold": -1}
     for tree in SEQUENCE:
         used = plan_into(buffers, tree)
         fresh = plan_tree(tree, chunk=64, queries_per_group=2, span=192)

@@ -22,7 +22,7 @@ from helpers import assert_close, assert_lse_close, fresh, poisoned
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attngen.cost import HeadLayout
+from attngen.cost import HeadLayout, Machine
 from attngen.errors import LaunchError, SpecError
 from attngen.plan import PlanBuffers, plan_into, plan_tree
 from attngen.reference import tree_reference
@@ -533,6 +533,50 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         torch.cuda.synchronize()
         ref_o, _ = tree_reference(spec, tree, case.q, case.k, case.v, {})
         assert_close(out, ref_o, "bf16", what="O (CUDA graph)")
+
+    @pytest.mark.parametrize(("heads", "qg", "widths"), [
+        ((32, 8), 32, (4, 2, 2)), ((32, 8), 48, (4, 2, 2)),
+        ((32, 32), 128, (8, 2, 2, 2, 1)), ((32, 8), 32, (8, 2, 2, 2, 1)), ((32, 8), 48, (8, 2, 2, 2, 1)),
+    ])
+    def test_gluon_runs_folded_groups(self, heads: tuple[int, int], qg: int, widths: tuple[int, ...]) -> None:
+        """Groups folded into a dense one (plan tensor group_fold) run in the Gluon kernel,
+        as its tail, with their bits past group_lead. A one-SM machine makes the planner
+        fold whatever the structure allows: the chunk after the prefix's last 384-token span
+        (its last 92 tokens and the tree's first). With widths (4, 2, 2) the tree's 28
+        tokens all lie there, so no group is left for the Triton kernel (no launch beside);
+        with (8, 2, 2, 2, 1) two chunks of the tree's are (and MHA's 184 rows a group). 48
+        queries per group make tall tiles: three warpgroups, 64-key tiles."""
+        hq, hkv = heads
+        spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries="token")
+        module = load(spec)
+        tree = speculative(prefix=1500, widths=widths).tree
+        case = make_case(tree, spec, "cuda", seed=17)
+        if not module._gluon_ready(case.k, case.v):
+            pytest.skip("the Gluon stage 1 needs an sm_90 GPU and a Triton with Gluon")
+        layout = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128)
+        plan = plan_tree(tree, chunk=128, queries_per_group=qg, span=512, heads=layout,
+                         machine=Machine(sms=1), device="cuda")
+        assert plan.n_folded > 0
+        assert (plan.n_groups - plan.n_dense == plan.n_folded) == (widths == (4, 2, 2))
+        tails = plan.group_fold[: plan.n_dense]
+        assert plan.group_lead[tails[tails >= 0].long()].tolist() == [92] * plan.n_folded
+        tile = {"block_n": 64, "num_warps": 4, "num_stages": 2}
+        o, lse = run(spec, case, plan, config=tile)
+        check(spec, case, o, lse)
+        o_triton, lse_triton = run(spec, case, plan, config=tile | {"gluon": False})
+        check(spec, case, o_triton, lse_triton)
+
+        out = poisoned(*case.q.shape[:2], 128, dtype="bf16", device="cuda")
+        module.attention(case.q, case.k, case.v, plan, out=out)  # autotune and compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            module.attention(case.q, case.k, case.v, plan, out=out)
+        case.q.copy_(fresh(*case.q.shape, dtype="bf16", seed=18, device="cuda"))
+        out.fill_(math.nan)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_o, _ = tree_reference(spec, tree, case.q, case.k, case.v, {})
+        assert_close(out, ref_o, "bf16", what="O (CUDA graph, folded)")
 
     def test_autotuner_tells_gluon_beside_from_gluon_off(self) -> None:
         """The Triton stage 1's best tile depends on whether the plan's dense groups run

@@ -959,16 +959,18 @@ def _fold(host: dict[str, np.ndarray], heads: HeadLayout, machine: Machine) -> t
     """Plan tensors ``group_fold`` and ``group_lead``: which groups a machine with a dense
     kernel of its own (the Gluon stage 1 on Hopper) runs as the tail of a dense group.
 
-    A group of the rest is folded into the dense group that ends where it starts and has
+    A group of the rest can fold into the dense group that ends where it starts and has
     the same query slots (on a speculative tree: the chunk of the tree's own tokens, after
     the prefix's last span), when that dense group's length is a multiple of
     :data:`FOLD_ALIGN` and the two together are no longer than the longest dense group.
     The dense kernel's program then runs both ranges, applying the folded group's bits past
-    its ``group_lead`` leading keys (those every slot sees), and no program of its own
-    runs it. Only when the rest's programs cannot all run beside the dense ones (more
-    than the SMs those leave): otherwise they run there at no cost to the dense kernel.
-    On the H200, spec_16k_184 GQA ran 96.1 us folded against 100.1 not, spec_4k_92 GQA
-    (whose rest fits beside) 23.6 against 21.9 (session 37, BENCHMARKS.md).
+    its ``group_lead`` leading keys (those every slot sees). Groups are folded only when
+    every group of the rest can fold, so that no kernel runs beside the dense one (the
+    gain: a launch and a second stream), and when all the plan's programs outnumber the
+    SMs (else the rest runs beside the dense programs at no cost to them). On the H200:
+    spec_16k_184 95.0 against 100.0 us (GQA) and 111.4 against 115.9 (MHA); folding two
+    of fewshot_32k_x64 GQA's 34 other groups lost 3.4 us, and spec_4k_92 GQA (whose rest
+    fits beside) 1.7 (session 37, BENCHMARKS.md).
 
     ``group_fold[g]``: for a dense group, the group folded into it; for a folded group,
     its dense group; -1 elsewhere. ``group_lead[g]``: for a folded group, its leading
@@ -992,7 +994,9 @@ def _fold(host: dict[str, np.ndarray], heads: HeadLayout, machine: Machine) -> t
         & (length[host_of] % FOLD_ALIGN == 0)
         & (length[host_of] + length[n_dense:] <= length[:n_dense].max())
     )
-    tails, hosts = rest[ok], host_of[ok]
+    if not ok.all():
+        return fold, lead
+    tails, hosts = rest, host_of
     fold[hosts], fold[tails] = tails, hosts
     lead[tails] = _common_lead(host["group_bits"][tails], query[tails], length[tails])
     return fold, lead

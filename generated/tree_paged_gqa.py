@@ -278,7 +278,6 @@ def _tree_program(
 def _tree_partial_kernel(
     Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
     GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupSlots, GroupBits, MergeRow, QPos, KvPos, QTree, DenseCount,
-    GroupFold,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
     n_words, n_batch, span, first_group, n_groups, groups_bucket, beside_gluon,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -286,8 +285,7 @@ def _tree_partial_kernel(
     USE_TMA: tl.constexpr, SKIP_DENSE: tl.constexpr,
 ):
     """Stage 1. One program: group g >= first_group for one KV head (with SKIP_DENSE, past
-    the plan's dense_count groups, which _gluon_tree_kernel runs; beside it, a group that
-    group_fold folds into a dense one returns, as that kernel runs it). Programs run KV head fastest, so
+    the plan's dense_count groups, which _gluon_tree_kernel runs). Programs run KV head fastest, so
     the longest groups (a shared prefix comes first in KV order) start first for every
     head. A group whose slots (up to its last filled one) need no more than 16, or
     64, of the plan's ROWS rows runs as a tile of that height: a branch's one query
@@ -305,9 +303,6 @@ def _tree_partial_kernel(
     if SKIP_DENSE:  # fixed-capacity buffers: the count is known on the device only
         g += tl.load(DenseCount)
         if g >= n_groups:
-            return
-    if beside_gluon:
-        if tl.load(GroupFold + g) >= 0:
             return
     kv_start = tl.load(GroupKvStart + g)
     kv_n = tl.load(GroupKvLen + g)
@@ -493,35 +488,7 @@ def _check_plan(plan, t, n_queries, device):
             g, given, least = bad
             need(False, f"group_slots[{g}] = {given}, but group {g} needs {least} to {qg} "
                         f"(its last filled slot + 1, up to queries_per_group)")
-        # the Gluon stage 1 runs a folded group as its dense group's tail, as the plan says
-        inputs = [t[name] for name in ("group_kv_start", "group_kv_len", "group_q", "dense_count", "group_lead")]
-        bad = _memo(t["group_fold"], ("fold", *((id(x), x._version) for x in inputs)),
-                    lambda: _wrong_fold(t))
-        need(bad is None, f"group_fold: {bad}")
     return n_groups, qg, chunk
-
-
-def _wrong_fold(t):
-    """What is wrong with a plan's ``group_fold`` / ``group_lead`` (as attngen.plan's
-    ``_fold`` makes them), or None."""
-    fold, lead = t["group_fold"].cpu().long(), t["group_lead"].cpu().long()
-    start, length = t["group_kv_start"].cpu().long(), t["group_kv_len"].cpu().long()
-    group_q, n_dense = t["group_q"].cpu(), int(t["dense_count"][0])
-    n = len(fold)
-    for g in (fold >= 0).nonzero().flatten().tolist():
-        other = int(fold[g])
-        if other >= n or int(fold[other]) != g:
-            return f"group_fold[{g}] = {other}, whose entry does not point back to {g}"
-        if (g < n_dense) == (other < n_dense):
-            return f"groups {g} and {other} pair two {'dense' if g < n_dense else 'other'} groups"
-        if g >= n_dense:
-            continue
-        if int(start[other]) != int(start[g] + length[g]) or not torch.equal(group_q[g], group_q[other]):
-            return f"group {other} must start where dense group {g} ends, with its query slots"
-        if int(length[g]) % 128 or not 0 <= int(lead[other]) <= int(length[other]):
-            return (f"dense group {g}'s length ({int(length[g])}) must be a multiple of 128, and "
-                    f"group_lead[{other}] within 0..{int(length[other])}")
-    return None
 
 
 def _wrong_slots(group_q, group_slots):
@@ -683,7 +650,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         use_gluon, first, skip_on_device = False, 0, False
         args = (q, k_cache, v_cache, k_desc, v_desc, out, lse, o_part, lse_part, pages,
                 t["group_kv_start"], t["group_kv_len"], t["group_q"], t["group_full"], t["group_slots"], t["group_bits"],
-                t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"], t["dense_count"], t["group_fold"],
+                t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"], t["dense_count"],
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
                 out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)), first, n_groups,
                 triton.next_power_of_2(n_groups - first), int(use_gluon))

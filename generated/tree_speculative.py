@@ -276,7 +276,6 @@ def _tree_program(
 def _tree_partial_kernel(
     Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
     GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupSlots, GroupBits, MergeRow, QPos, KvPos, QTree, DenseCount,
-    GroupFold,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
     n_words, n_batch, span, first_group, n_groups, groups_bucket, beside_gluon,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -284,8 +283,7 @@ def _tree_partial_kernel(
     USE_TMA: tl.constexpr, SKIP_DENSE: tl.constexpr,
 ):
     """Stage 1. One program: group g >= first_group for one KV head (with SKIP_DENSE, past
-    the plan's dense_count groups, which _gluon_tree_kernel runs; beside it, a group that
-    group_fold folds into a dense one returns, as that kernel runs it). Programs run KV head fastest, so
+    the plan's dense_count groups, which _gluon_tree_kernel runs). Programs run KV head fastest, so
     the longest groups (a shared prefix comes first in KV order) start first for every
     head. A group whose slots (up to its last filled one) need no more than 16, or
     64, of the plan's ROWS rows runs as a tile of that height: a branch's one query
@@ -303,9 +301,6 @@ def _tree_partial_kernel(
     if SKIP_DENSE:  # fixed-capacity buffers: the count is known on the device only
         g += tl.load(DenseCount)
         if g >= n_groups:
-            return
-    if beside_gluon:
-        if tl.load(GroupFold + g) >= 0:
             return
     kv_start = tl.load(GroupKvStart + g)
     kv_n = tl.load(GroupKvLen + g)
@@ -507,12 +502,12 @@ def _gluon_step(q, k_smem, v_smem, ready, empty, s_zero, acc, p_op, m_i, l_i, j,
 
 @_gluon_jit
 def _gluon_warpgroup(wg, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
-                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
+                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, FOLD: gl.constexpr):
     """One warpgroup: rows [64 * wg, 64 * wg + 64) of the group's tile over the whole
     range, then their partials (fp32, normalized) and base-2 LSEs at their merge rows.
-    With a folded group (``tail`` >= 0: its keys follow the dense group's ``dense_n``),
-    the tiles from ``n_head`` on (past the keys every slot sees) apply its bits in a loop
-    of their own, so the dense tiles' loop stays as it is."""
+    FOLD (a plan that folds groups into dense ones, see _gluon_tree_kernel): with a folded
+    group (``tail`` >= 0: its keys follow the dense group's ``dense_n``), the tiles from
+    ``n_head`` on (past the keys every slot sees) apply its bits in a loop of their own."""
     NS: gl.constexpr = k_smem.shape[0]
     BN: gl.constexpr = k_smem.shape[1]
     D: gl.constexpr = k_smem.shape[2]
@@ -534,14 +529,30 @@ def _gluon_warpgroup(wg, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, 
     s = warpgroup_mma_wait(0, deps=[tok])
     p, alpha, m_i, l_i = _gluon_softmax(s, m_i, l_i, 0, n_tiles, kv_n)
     p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-    # tile 0 is a dense one: the planner folds only into dense groups of whole tiles
-    for j in range(1, n_head):
-        acc, p_op, m_i, l_i = _gluon_step(q, k_smem, v_smem, ready, empty, s_zero, acc, p_op, m_i, l_i,
-                                          j, n_tiles, kv_n, None)
-    for j in range(n_head, n_tiles):
-        words = _gluon_tail_words(wg, HM, BN, s_layout, j, GroupBits, tail, dense_n, n_words, qg)
-        acc, p_op, m_i, l_i = _gluon_step(q, k_smem, v_smem, ready, empty, s_zero, acc, p_op, m_i, l_i,
-                                          j, n_tiles, kv_n, words)
+    if FOLD:
+        # tile 0 is a dense one: the planner folds only into dense groups of whole tiles
+        for j in range(1, n_head):
+            acc, p_op, m_i, l_i = _gluon_step(q, k_smem, v_smem, ready, empty, s_zero, acc, p_op, m_i, l_i,
+                                              j, n_tiles, kv_n, None)
+        for j in range(n_head, n_tiles):
+            words = _gluon_tail_words(wg, HM, BN, s_layout, j, GroupBits, tail, dense_n, n_words, qg)
+            acc, p_op, m_i, l_i = _gluon_step(q, k_smem, v_smem, ready, empty, s_zero, acc, p_op, m_i, l_i,
+                                              j, n_tiles, kv_n, words)
+    else:
+        # _gluon_step written out: two loops as above, even with no tail, and the step as a
+        # function measured 1.2-5.0 us slower on the H200 (session 37, BENCHMARKS.md)
+        for j in range(1, n_tiles):
+            st = j % NS
+            prev = (j - 1) % NS
+            mbarrier.wait(ready.index(st), (j // NS) & 1)
+            tok_s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            tok_o = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=[tok_s])
+            p, alpha, m_i, l_i = _gluon_softmax(s, m_i, l_i, j, n_tiles, kv_n)
+            acc = warpgroup_mma_wait(0, deps=[tok_o])
+            mbarrier.arrive(empty.index(prev))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
     last = (n_tiles - 1) % NS
     tok_o = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=[tok_o])
@@ -559,43 +570,60 @@ def _gluon_warpgroup(wg, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, 
     cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     gl.store(O_part + gl.expand_dims(row * D, 1) + gl.expand_dims(cols, 0), o, mask=gl.expand_dims(ok, 1))
     gl.store(LSE_part + row, gl.convert_layout(m_i + gl.log2(l_i), o_rows), mask=ok)
-    if tail >= 0:
-        # the folded group's merge rows (same slots) hold an empty partial: O = 0, LSE = -inf
-        dst = gl.load(MergeRow + tail * qg + gl.minimum(slot, qg - 1), mask=ok, other=0)
-        row = dst.to(gl.int64) * 32 + head
-        gl.store(O_part + gl.expand_dims(row * D, 1) + gl.expand_dims(cols, 0), gl.zeros_like(o),
-                 mask=gl.expand_dims(ok, 1))
-        gl.store(LSE_part + row, gl.full([HM], float("-inf"), gl.float32, o_rows), mask=ok)
+    if FOLD:
+        if tail >= 0:
+            # the folded group's merge rows (same slots) hold an empty partial: O = 0, LSE = -inf
+            dst = gl.load(MergeRow + tail * qg + gl.minimum(slot, qg - 1), mask=ok, other=0)
+            row = dst.to(gl.int64) * 32 + head
+            gl.store(O_part + gl.expand_dims(row * D, 1) + gl.expand_dims(cols, 0), gl.zeros_like(o),
+                     mask=gl.expand_dims(ok, 1))
+            gl.store(LSE_part + row, gl.full([HM], float("-inf"), gl.float32, o_rows), mask=ok)
 
 
 # warp_specialize passes every partition the same arguments and no constexpr survives it,
-# so each warpgroup is a function of its own
+# so each warpgroup is a function of its own, with and without folded groups
 
 @_gluon_jit
-def _gluon_warpgroup_0(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
-                       g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
+def _gluon_warpgroup_0(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
+                       ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
     _gluon_warpgroup(0, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
-                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words)
-
+                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, False)
 
 @_gluon_jit
-def _gluon_warpgroup_1(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
-                       g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
+def _gluon_warpgroup_1(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
+                       ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
     _gluon_warpgroup(1, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
-                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words)
-
+                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, False)
 
 @_gluon_jit
-def _gluon_warpgroup_2(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
-                       g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
+def _gluon_warpgroup_2(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
+                       ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
     _gluon_warpgroup(2, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
-                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words)
+                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, False)
+
+@_gluon_jit
+def _gluon_fold_warpgroup_0(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
+                            ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
+    _gluon_warpgroup(0, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, True)
+
+@_gluon_jit
+def _gluon_fold_warpgroup_1(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
+                            ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
+    _gluon_warpgroup(1, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, True)
+
+@_gluon_jit
+def _gluon_fold_warpgroup_2(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
+                            ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
+    _gluon_warpgroup(2, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, True)
 
 
 @_gluon_jit
 def _gluon_tree_kernel(Q, k_desc, v_desc, O_part, LSE_part, GroupKvStart, GroupKvLen, GroupQ, MergeRow,
                        DenseCount, GroupFold, GroupLead, GroupBits, stride_qn, stride_qh, qg, n_words,
-                       WG: gl.constexpr, NS: gl.constexpr):
+                       WG: gl.constexpr, NS: gl.constexpr, FOLD: gl.constexpr):
     """Stage 1 for the plan's dense groups (its first n_dense: full, 65 to 192 rows), one
     program per (group, KV head), KV head fastest as in _tree_partial_kernel: WG warpgroups
     of 64 rows, an NS-stage ring of the descriptors' K/V tiles."""
@@ -608,15 +636,17 @@ def _gluon_tree_kernel(Q, k_desc, v_desc, O_part, LSE_part, GroupKvStart, GroupK
         return
     kv_start = gl.load(GroupKvStart + g)
     kv_n = gl.load(GroupKvLen + g)
-    # a group folded into this one (group_fold): its range follows, as the tail of this one
-    tail = gl.load(GroupFold + g)
+    # FOLD: a group folded into this one (group_fold) follows it, as its tail
+    tail = -1
     dense_n = kv_n
     n_tiles = gl.cdiv(kv_n, BN)
     n_head = n_tiles  # the tiles before the first with a key some slot does not see
-    if tail >= 0:
-        n_head = (kv_n + gl.load(GroupLead + tail)) // BN
-        kv_n = kv_n + gl.load(GroupKvLen + tail)
-        n_tiles = gl.cdiv(kv_n, BN)
+    if FOLD:
+        tail = gl.load(GroupFold + g)
+        if tail >= 0:
+            n_head = (kv_n + gl.load(GroupLead + tail)) // BN
+            kv_n = kv_n + gl.load(GroupKvLen + tail)
+            n_tiles = gl.cdiv(kv_n, BN)
 
     # the group's query rows (row = slot * GROUP + head), gathered into shared memory, one
     # 64-row block per warpgroup
@@ -646,7 +676,14 @@ def _gluon_tree_kernel(Q, k_desc, v_desc, O_part, LSE_part, GroupKvStart, GroupK
     # warpgroup 0 is the default partition (the kernel's 4 warps); the workers' warps and
     # registers per thread follow: a warpgroup's accumulators, the loader's few. Three
     # warpgroups at 160 and the loader fill the register file
-    if WG == 3:
+    if FOLD:
+        if WG == 3:
+            gl.warp_specialize([(_gluon_fold_warpgroup_0, args), (_gluon_fold_warpgroup_1, args),
+                                (_gluon_fold_warpgroup_2, args), (_gluon_kv_loader, ring)], [4, 4, 1], [160, 160, 40])
+        else:
+            gl.warp_specialize([(_gluon_fold_warpgroup_0, args), (_gluon_fold_warpgroup_1, args),
+                                (_gluon_kv_loader, ring)], [4, 1], [232, 40])
+    elif WG == 3:
         gl.warp_specialize([(_gluon_warpgroup_0, args), (_gluon_warpgroup_1, args), (_gluon_warpgroup_2, args),
                             (_gluon_kv_loader, ring)], [4, 4, 1], [160, 160, 40])
     else:
@@ -690,10 +727,10 @@ def _gluon_tile(qg):
     return 2, 128, 3
 
 
-def _launch_gluon(q, k, v, t, o_part, lse_part, n_dense, qg):
+def _launch_gluon(q, k, v, t, o_part, lse_part, n_dense, qg, fold=False):
     """The dense groups' partials: ``n_dense`` programs per KV head (the plan's count, or
     the buffers' capacity; programs past the device count return), on the tile of
-    ``_gluon_tile``."""
+    ``_gluon_tile``; with ``fold``, those of the groups folded into them too."""
     wg, block_n, stages = _gluon_tile(qg)
     layout = gl.NVMMASharedLayout.get_default_for([block_n, HEAD_DIM_QK], gl.bfloat16)
     k_desc = GluonDescriptor.from_tensor(k.view(k.shape[0], -1), [block_n, HEAD_DIM_QK], layout)
@@ -701,7 +738,7 @@ def _launch_gluon(q, k, v, t, o_part, lse_part, n_dense, qg):
     _gluon_tree_kernel[(n_dense * HEADS_KV,)](
         q, k_desc, v_desc, o_part, lse_part, t["group_kv_start"], t["group_kv_len"], t["group_q"],
         t["merge_row"], t["dense_count"], t["group_fold"], t["group_lead"], t["group_bits"],
-        q.stride(0), q.stride(1), qg, t["group_bits"].shape[-1], WG=wg, NS=stages, num_warps=4)
+        q.stride(0), q.stride(1), qg, t["group_bits"].shape[-1], WG=wg, NS=stages, FOLD=fold, num_warps=4)
 
 
 def _prune_tree(configs, named_args, **kwargs):
@@ -811,35 +848,7 @@ def _check_plan(plan, t, n_queries, device):
             g, given, least = bad
             need(False, f"group_slots[{g}] = {given}, but group {g} needs {least} to {qg} "
                         f"(its last filled slot + 1, up to queries_per_group)")
-        # the Gluon stage 1 runs a folded group as its dense group's tail, as the plan says
-        inputs = [t[name] for name in ("group_kv_start", "group_kv_len", "group_q", "dense_count", "group_lead")]
-        bad = _memo(t["group_fold"], ("fold", *((id(x), x._version) for x in inputs)),
-                    lambda: _wrong_fold(t))
-        need(bad is None, f"group_fold: {bad}")
     return n_groups, qg, chunk
-
-
-def _wrong_fold(t):
-    """What is wrong with a plan's ``group_fold`` / ``group_lead`` (as attngen.plan's
-    ``_fold`` makes them), or None."""
-    fold, lead = t["group_fold"].cpu().long(), t["group_lead"].cpu().long()
-    start, length = t["group_kv_start"].cpu().long(), t["group_kv_len"].cpu().long()
-    group_q, n_dense = t["group_q"].cpu(), int(t["dense_count"][0])
-    n = len(fold)
-    for g in (fold >= 0).nonzero().flatten().tolist():
-        other = int(fold[g])
-        if other >= n or int(fold[other]) != g:
-            return f"group_fold[{g}] = {other}, whose entry does not point back to {g}"
-        if (g < n_dense) == (other < n_dense):
-            return f"groups {g} and {other} pair two {'dense' if g < n_dense else 'other'} groups"
-        if g >= n_dense:
-            continue
-        if int(start[other]) != int(start[g] + length[g]) or not torch.equal(group_q[g], group_q[other]):
-            return f"group {other} must start where dense group {g} ends, with its query slots"
-        if int(length[g]) % 128 or not 0 <= int(lead[other]) <= int(length[other]):
-            return (f"dense group {g}'s length ({int(length[g])}) must be a multiple of 128, and "
-                    f"group_lead[{other}] within 0..{int(length[other])}")
-    return None
 
 
 def _wrong_slots(group_q, group_slots):
@@ -999,7 +1008,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         skip_on_device = use_gluon and n_dense is None
         args = (q, k_cache, v_cache, k_desc, v_desc, out, lse, o_part, lse_part, pages,
                 t["group_kv_start"], t["group_kv_len"], t["group_q"], t["group_full"], t["group_slots"], t["group_bits"],
-                t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"], t["dense_count"], t["group_fold"],
+                t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"], t["dense_count"],
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
                 out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)), first, n_groups,
                 triton.next_power_of_2(n_groups - first), int(use_gluon))
@@ -1011,12 +1020,11 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
                       USE_TMA=use_tma, SKIP_DENSE=skip_on_device)
         grid = ((n_groups - first) * HEADS_KV * row_blocks,)
         tuned = not _INTERPRET and not any(key in (config or {}) for key in ("block_n", "num_warps", "num_stages"))
-        # an attngen Plan whose every other group is folded into a dense one needs no
-        # Triton launch beside the Gluon one
+        # an attngen Plan that folds its other groups into the dense ones (group_fold: all
+        # or none) runs them in the Gluon kernel, and no Triton kernel beside it
         n_folded = getattr(plan, "n_folded", None)
-        rest = n_groups - first - (n_folded if isinstance(n_folded, int) and n_dense is not None else 0)
-        if use_gluon and rest == 0:
-            _launch_gluon(q, k_cache, v_cache, t, o_part, lse_part, n_dense, qg)
+        if use_gluon and n_dense is not None and isinstance(n_folded, int) and 0 < n_folded == n_groups - n_dense:
+            _launch_gluon(q, k_cache, v_cache, t, o_part, lse_part, n_dense, qg, fold=True)
         elif use_gluon:
             main = torch.cuda.current_stream(device)
             side = _side_stream(main)

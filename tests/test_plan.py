@@ -96,8 +96,8 @@ def check_invariants(tree: TreeBatch, plan: Plan) -> None:
 
 def check_fold(plan: Plan) -> None:
     """group_fold pairs a dense group with the group that continues it (same slots, from
-    its end, itself of whole 128-key tiles); group_lead is the tail's leading tokens that
-    every filled slot sees, and no more."""
+    its end, itself of whole 128-key tiles), for every group past the dense ones or for
+    none; group_lead is the tail's leading tokens that every filled slot sees, and no more."""
     fold, lead = plan.group_fold.numpy(), plan.group_lead.numpy()
     starts, lens, query = plan.group_kv_start.numpy(), plan.group_kv_len.numpy(), plan.group_q.numpy()
     paired = np.flatnonzero(fold >= 0)
@@ -105,6 +105,7 @@ def check_fold(plan: Plan) -> None:
     hosts = paired[paired < plan.n_dense]
     tails = fold[hosts]
     assert (tails >= plan.n_dense).all() and 2 * len(hosts) == len(paired) == 2 * plan.n_folded
+    assert plan.n_folded in (0, plan.n_groups - plan.n_dense)
     assert (starts[tails] == starts[hosts] + lens[hosts]).all()
     assert (query[tails] == query[hosts]).all() and (lens[hosts] % FOLD_ALIGN == 0).all()
     assert (lens[hosts] + lens[tails] <= lens[: plan.n_dense].max(initial=0)).all()

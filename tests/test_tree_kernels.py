@@ -534,32 +534,35 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         ref_o, _ = tree_reference(spec, tree, case.q, case.k, case.v, {})
         assert_close(out, ref_o, "bf16", what="O (CUDA graph)")
 
-    @pytest.mark.parametrize(("heads", "qg", "widths"), [
-        ((32, 8), 32, (4, 2, 2)), ((32, 8), 48, (4, 2, 2)),
-        ((32, 32), 128, (8, 2, 2, 2, 1)), ((32, 8), 32, (8, 2, 2, 2, 1)), ((32, 8), 48, (8, 2, 2, 2, 1)),
+    @pytest.mark.parametrize(("heads", "qg", "prefix", "widths"), [
+        ((32, 32), 128, 1428, (6, 2, 2, 2)), ((32, 8), 32, 1428, (6, 2, 2, 2)), ((32, 8), 48, 1428, (6, 2, 2, 2)),
+        ((32, 8), 32, 1500, (8, 2, 2, 2, 1)),
     ])
-    def test_gluon_runs_folded_groups(self, heads: tuple[int, int], qg: int, widths: tuple[int, ...]) -> None:
+    def test_gluon_runs_folded_groups(
+        self, heads: tuple[int, int], qg: int, prefix: int, widths: tuple[int, ...]
+    ) -> None:
         """Groups folded into a dense one (plan tensor group_fold) run in the Gluon kernel,
-        as its tail, with their bits past group_lead. A one-SM machine makes the planner
-        fold whatever the structure allows: the chunk after the prefix's last 384-token span
-        (its last 92 tokens and the tree's first). With widths (4, 2, 2) the tree's 28
-        tokens all lie there, so no group is left for the Triton kernel (no launch beside);
-        with (8, 2, 2, 2, 1) two chunks of the tree's are (and MHA's 184 rows a group). 48
-        queries per group make tall tiles: three warpgroups, 64-key tiles."""
+        as its tail, with their bits past group_lead, and no Triton kernel runs. A one-SM
+        machine makes the planner fold whatever the structure allows. With a 1428-token
+        prefix, the chunk after its last 384-token span holds its last 20 tokens and the
+        whole 90-token tree: each QG's groups fold (MHA's one of 90 rows; GQA's of 128 and
+        104 rows, or at QG 48 tall tiles of 192 and 168: three warpgroups, 64-key tiles).
+        With 1500 tokens and a 184-token tree, two chunks of the tree's cannot fold, so
+        none does (the Triton kernel runs them beside)."""
         hq, hkv = heads
         spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries="token")
         module = load(spec)
-        tree = speculative(prefix=1500, widths=widths).tree
+        tree = speculative(prefix=prefix, widths=widths).tree
         case = make_case(tree, spec, "cuda", seed=17)
         if not module._gluon_ready(case.k, case.v):
             pytest.skip("the Gluon stage 1 needs an sm_90 GPU and a Triton with Gluon")
         layout = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128)
         plan = plan_tree(tree, chunk=128, queries_per_group=qg, span=512, heads=layout,
                          machine=Machine(sms=1), device="cuda")
-        assert plan.n_folded > 0
-        assert (plan.n_groups - plan.n_dense == plan.n_folded) == (widths == (4, 2, 2))
+        folds = prefix == 1428
+        assert plan.n_folded == (plan.n_groups - plan.n_dense if folds else 0) and plan.n_dense > 0
         tails = plan.group_fold[: plan.n_dense]
-        assert plan.group_lead[tails[tails >= 0].long()].tolist() == [92] * plan.n_folded
+        assert plan.group_lead[tails[tails >= 0].long()].tolist() == [20] * plan.n_folded
         tile = {"block_n": 64, "num_warps": 4, "num_stages": 2}
         o, lse = run(spec, case, plan, config=tile)
         check(spec, case, o, lse)

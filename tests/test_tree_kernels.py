@@ -399,6 +399,27 @@ class TestTreeKernelsInterpreter:
             lower_tree(sequence)
 
 
+def check_with_and_without_gluon(spec: Spec, tree: TreeBatch, case: Case, plan: Any, seed: int) -> None:
+    """The call on a GPU with and without the Gluon stage 1, against the reference, then
+    replayed from a CUDA graph on fresh queries (``seed``) into a poisoned output."""
+    tile = {"block_n": 64, "num_warps": 4, "num_stages": 2}
+    for config in (tile, tile | {"gluon": False}):
+        o, lse = run(spec, case, plan, config=config)
+        check(spec, case, o, lse)
+    module = load(spec)
+    out = poisoned(*case.q.shape[:2], 128, dtype="bf16", device="cuda")
+    module.attention(case.q, case.k, case.v, plan, out=out)  # autotune and compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        module.attention(case.q, case.k, case.v, plan, out=out)
+    case.q.copy_(fresh(*case.q.shape, dtype="bf16", seed=seed, device="cuda"))
+    out.fill_(math.nan)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_o, _ = tree_reference(spec, tree, case.q, case.k, case.v, {})
+    assert_close(out, ref_o, "bf16", what="O (CUDA graph)")
+
+
 @pytest.mark.gpu
 class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
     """The same cases on a GPU in bf16 (and fp16), with the larger head dims."""
@@ -516,23 +537,7 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         assert_lse_close(torch.stack(got_lse), torch.stack(refs_lse), "bf16")
         assert torch.isnan(o_part[~written.cuda()]).all(), "the Gluon kernel wrote rows of other groups"
 
-        tile = {"block_n": 64, "num_warps": 4, "num_stages": 2}
-        o, lse = run(spec, case, plan, config=tile)
-        check(spec, case, o, lse)
-        o_triton, lse_triton = run(spec, case, plan, config=tile | {"gluon": False})
-        check(spec, case, o_triton, lse_triton)
-
-        out = poisoned(*case.q.shape[:2], 128, dtype="bf16", device="cuda")
-        module.attention(case.q, case.k, case.v, plan, out=out)  # autotune and compile outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            module.attention(case.q, case.k, case.v, plan, out=out)
-        case.q.copy_(fresh(*case.q.shape, dtype="bf16", seed=12, device="cuda"))
-        out.fill_(math.nan)
-        graph.replay()
-        torch.cuda.synchronize()
-        ref_o, _ = tree_reference(spec, tree, case.q, case.k, case.v, {})
-        assert_close(out, ref_o, "bf16", what="O (CUDA graph)")
+        check_with_and_without_gluon(spec, tree, case, plan, seed=12)
 
     @pytest.mark.parametrize(("heads", "qg", "prefix", "widths"), [
         ((32, 32), 128, 1428, (6, 2, 2, 2)), ((32, 8), 32, 1428, (6, 2, 2, 2)), ((32, 8), 48, 1428, (6, 2, 2, 2)),
@@ -563,23 +568,7 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         assert plan.n_folded == (plan.n_groups - plan.n_dense if folds else 0) and plan.n_dense > 0
         tails = plan.group_fold[: plan.n_dense]
         assert plan.group_lead[tails[tails >= 0].long()].tolist() == [20] * plan.n_folded
-        tile = {"block_n": 64, "num_warps": 4, "num_stages": 2}
-        o, lse = run(spec, case, plan, config=tile)
-        check(spec, case, o, lse)
-        o_triton, lse_triton = run(spec, case, plan, config=tile | {"gluon": False})
-        check(spec, case, o_triton, lse_triton)
-
-        out = poisoned(*case.q.shape[:2], 128, dtype="bf16", device="cuda")
-        module.attention(case.q, case.k, case.v, plan, out=out)  # autotune and compile outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            module.attention(case.q, case.k, case.v, plan, out=out)
-        case.q.copy_(fresh(*case.q.shape, dtype="bf16", seed=18, device="cuda"))
-        out.fill_(math.nan)
-        graph.replay()
-        torch.cuda.synchronize()
-        ref_o, _ = tree_reference(spec, tree, case.q, case.k, case.v, {})
-        assert_close(out, ref_o, "bf16", what="O (CUDA graph, folded)")
+        check_with_and_without_gluon(spec, tree, case, plan, seed=18)
 
     def test_autotuner_tells_gluon_beside_from_gluon_off(self) -> None:
         """The Triton stage 1's best tile depends on whether the plan's dense groups run

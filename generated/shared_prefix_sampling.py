@@ -583,11 +583,13 @@ def _gluon_warpgroup(wg, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, 
 # warp_specialize passes every partition the same arguments and no constexpr survives it,
 # so each warpgroup is a function of its own, with and without folded groups
 
+
 @_gluon_jit
 def _gluon_warpgroup_0(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
                        ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
     _gluon_warpgroup(0, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
                      g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, False)
+
 
 @_gluon_jit
 def _gluon_warpgroup_1(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
@@ -595,11 +597,13 @@ def _gluon_warpgroup_1(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_
     _gluon_warpgroup(1, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
                      g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, False)
 
+
 @_gluon_jit
 def _gluon_warpgroup_2(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
                        ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
     _gluon_warpgroup(2, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
                      g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, False)
+
 
 @_gluon_jit
 def _gluon_fold_warpgroup_0(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
@@ -607,11 +611,13 @@ def _gluon_fold_warpgroup_0(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_sme
     _gluon_warpgroup(0, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
                      g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, True)
 
+
 @_gluon_jit
 def _gluon_fold_warpgroup_1(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
                             ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
     _gluon_warpgroup(1, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
                      g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, True)
+
 
 @_gluon_jit
 def _gluon_fold_warpgroup_2(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,

@@ -632,7 +632,9 @@ def _gluon_tree_kernel(Q, k_desc, v_desc, O_part, LSE_part, GroupKvStart, GroupK
                        WG: gl.constexpr, NS: gl.constexpr, FOLD: gl.constexpr):
     """Stage 1 for the plan's dense groups (its first n_dense: full, 65 to 192 rows), one
     program per (group, KV head), KV head fastest as in _tree_partial_kernel: WG warpgroups
-    of 64 rows, an NS-stage ring of the descriptors' K/V tiles."""
+    of 64 rows, an NS-stage ring of the descriptors' K/V tiles. FOLD (the plan folds every
+    other group into a dense one, plan tensor group_fold): a program runs its group's folded
+    group too, as the tail of its range, and writes an empty partial at that group's rows."""
     BN: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = 128
     pid = gl.program_id(0)

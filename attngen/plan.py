@@ -978,8 +978,8 @@ def _fold(host: dict[str, np.ndarray], heads: HeadLayout, machine: Machine) -> t
     keys that every filled slot sees; 0 elsewhere."""
     n, n_dense = len(host["group_kv_start"]), int(host["dense_count"][0])
     fold, lead = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    kv = heads.heads_kv
-    if not machine.dense_kernel_launches or n_dense == 0 or (n - n_dense) * kv <= machine.sms - n_dense * kv:
+    # (n - n_dense) * kv programs fit beside n_dense * kv on the SMs when n * kv do
+    if not machine.dense_kernel_launches or n_dense in (0, n) or n * heads.heads_kv <= machine.sms:
         return fold, lead
     start, length, query = host["group_kv_start"], host["group_kv_len"], host["group_q"]
     # a dense group's (end, first slot) against each other group's (start, first slot)
@@ -988,7 +988,6 @@ def _fold(host: dict[str, np.ndarray], heads: HeadLayout, machine: Machine) -> t
     rest_key = start[n_dense:] * width + query[n_dense:, 0] + 1
     by_key = np.argsort(dense_key, kind="stable")
     host_of = by_key[np.minimum(np.searchsorted(dense_key, rest_key, sorter=by_key), n_dense - 1)]
-    rest = np.arange(n_dense, n)
     ok = (
         (dense_key[host_of] == rest_key)
         & (query[host_of] == query[n_dense:]).all(axis=1)
@@ -997,18 +996,15 @@ def _fold(host: dict[str, np.ndarray], heads: HeadLayout, machine: Machine) -> t
     )
     if not ok.all():
         return fold, lead
-    tails, hosts = rest, host_of
-    fold[hosts], fold[tails] = tails, hosts
-    lead[tails] = _common_lead(host["group_bits"][tails], query[tails], length[tails])
+    fold[host_of], fold[n_dense:] = np.arange(n_dense, n), host_of
+    lead[n_dense:] = _common_lead(host["group_bits"][n_dense:], query[n_dense:], length[n_dense:])
     return fold, lead
 
 
 def _common_lead(bits: np.ndarray, query: np.ndarray, length: np.ndarray) -> np.ndarray:
     """Per group of ``bits`` [K, QG, W] (int32 words) and ``query`` [K, QG]: how many of
     its leading tokens every filled slot sees, at most ``length``."""
-    if len(bits) == 0:
-        return np.zeros(0, dtype=np.int64)
-    words = np.where(query[:, :, None] >= 0, bits.astype(np.int32), np.int32(-1)).view(np.uint32)
+    words = np.where(query[:, :, None] >= 0, bits, np.int32(-1)).astype(np.int32, copy=False).view(np.uint32)
     common = np.bitwise_and.reduce(words, axis=1)  # [K, W]: the tokens every slot sees
     whole = common == np.uint32(0xFFFFFFFF)
     n_words = whole.shape[1]

@@ -11,7 +11,8 @@ Symbols (all plain sympy Symbols, positive):
 - plan: ``C`` chunk, ``QG`` queries per group, ``G`` groups, ``T`` KV tokens read
   (the sum of group KV lengths), ``RT`` row-tokens (the sum over groups of KV tokens
   times the rows stage 1 runs the group at, see :meth:`HeadLayout.tile_rows`), ``W``
-  tokens of the longest group and ``NW`` the groups of at least half that, ``P``
+  tokens of the longest group and ``NW`` the stage-1 programs per KV head of the groups
+  of at least half that (a tall plan runs a group outside the dense kernel as two), ``P``
   partials, ``NQ`` queries, ``L`` launches of the two stages, ``DG`` dense groups;
 - heads: ``Hq``, ``Hkv``, ``Dqk``, ``Dv``, ``E`` bytes per element;
 - comparison: ``T_branch`` KV tokens read by per-branch decoding (the sum of each
@@ -119,9 +120,12 @@ SPREAD = (TILE_TIME + G * OVH) * Hkv / SMS + DRAM * FLOOR_BYTES / BW
 #: (A lower bound: the fit prefers it to a measured lone time, which charged the plans
 #: of long programs too much against the sweep.)
 LONE_TOKEN_TIME = NARROW_SLOWDOWN * 2 * sp.Max(ROWS, R_wg) * (Dqk + Dv) * SMS / RATE
-#: The longest programs (NW groups of about W tokens, times the KV heads) run in waves
-#: of one per SM (SLOTS per SM if narrow): a plan of few or unequal programs cannot
-#: finish before they do, and one just over a wave pays for a second.
+#: The longest programs (NW per KV head, of about W tokens) run in waves of one per SM
+#: (SLOTS per SM if narrow): a plan of few or unequal programs cannot finish before they
+#: do, and one just over a wave pays for a second. Counting a tall plan's groups outside
+#: the dense kernel as their two row-block programs: spec_4k_92 GQA at QG 48, span 512
+#: (112 dense programs and 32 Triton ones) ran 35.9 us against 22.1 for the choice, QG
+#: 32 at span 1024 (session 38, BENCHMARKS.md).
 WAVES = sp.ceiling(NW * Hkv / (NARROW_SLOTS * SMS)) * (W * LONE_TOKEN_TIME + OVH)
 #: The same programs bound by their loads: one program streams its KV head's bytes at
 #: most PBW (the loads its ring keeps in flight over the loaded latency), PSLOTS programs

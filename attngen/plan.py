@@ -508,7 +508,12 @@ def _alike_pairs(tree: TreeBatch, layout: _Chunking) -> tuple[_Pairs, np.ndarray
 
 
 def _chunk_stats(
-    tree: TreeBatch, sight: _Sight, places: list[_Placement], qgs: np.ndarray, heads: HeadLayout
+    tree: TreeBatch,
+    sight: _Sight,
+    places: list[_Placement],
+    qgs: np.ndarray,
+    heads: HeadLayout,
+    machine: Machine,
 ) -> PlanStats:
     """Plan quantities for every (chunking, QG) pair, as [chunkings, QG]. Vectorized over both,
     and over the distinct query counts of a chunk rather than the chunks: a chunk's groups
@@ -536,7 +541,11 @@ def _chunk_stats(
     rows = n_full * heads.tile_rows(qg, qg) + (rest > 0) * heads.tile_rows(rest, qg)
     # groups tall enough to be dense, taken as full: whether they are is not known here,
     # so this is an upper bound (the QG and span choice that follows is exact)
-    tall = n_full * _dense(qg * heads.group, True, 1) + _dense(rest * heads.group, True, 1)
+    full_dense, rest_dense = _dense(qg * heads.group, True, 1), _dense(rest * heads.group, True, 1)
+    tall = n_full * full_dense + rest_dense
+    programs = n_full * _programs(heads.tile_rows(qg, qg), full_dense, machine) + (rest > 0) * _programs(
+        heads.tile_rows(rest, qg), rest_dense, machine
+    )
     partials = count @ chunks
     # every query that sees a token has a partial: one launch iff none has two
     launches = np.where(partials <= sight.seeing, 1, 2)
@@ -553,7 +562,7 @@ def _chunk_stats(
         tokens_read=per_chunking(per_qg, tokens),
         row_tokens=per_chunking(rows, tokens),
         longest=top[:, None],
-        n_longest=per_chunking(per_qg, longest),
+        n_longest=per_chunking(programs, longest),
         partials=partials[:, None],
         queries=tree.n_queries,
         launches=launches[:, None],
@@ -561,6 +570,14 @@ def _chunk_stats(
         unique_tokens=tree.needed_kv_tokens,
         dense_groups=per_chunking(tall, chunks),
     )
+
+
+def _programs(tile_rows: np.ndarray, dense: np.ndarray, machine: Machine) -> np.ndarray:
+    """Stage-1 programs per (group, KV head): one for a dense group where the machine runs
+    dense groups in a kernel of their own, else one per row block of :data:`BLOCK_ROWS`
+    (a tall plan's other groups run as two)."""
+    blocks = -(-tile_rows // BLOCK_ROWS)
+    return np.where(dense & (machine.dense_kernel_launches > 0), 1, blocks)
 
 
 def _dense(rows: np.ndarray | int, full: np.ndarray | bool, length: np.ndarray | int) -> np.ndarray:
@@ -582,7 +599,7 @@ def _choose(
         return _pieces(nodes, _place(nodes, chunk)), qg
     places = _places(nodes, CHUNK_CHOICES if chunk is None else (chunk,))
     qgs = np.asarray(heads.queries_per_group_choices() if qg is None else [qg], dtype=np.int64)
-    stats = _chunk_stats(tree, _Sight.of(tree, nodes), places, qgs, heads)
+    stats = _chunk_stats(tree, _Sight.of(tree, nodes), places, qgs, heads, machine)
     best = int(np.argmin(evaluate("time_s", stats, heads, machine)))  # first minimum
     return _pieces(nodes, places[best // len(qgs)]), int(qgs[best % len(qgs)])
 
@@ -656,7 +673,7 @@ class Plan:
         batch. Worked out when first asked for, so that planning (a decode step's replan
         above all) does not pay for a report it may not read: 20-45 us of a plan."""
         s = self.state
-        stats = _group_stats(s.tree, self.chunk, self.queries_per_group, s.host, s.heads)
+        stats = _group_stats(s.tree, self.chunk, self.queries_per_group, s.host, s.heads, s.machine)
         return plan_cost(stats, s.heads, s.machine)
 
     @property
@@ -875,10 +892,11 @@ def _span_stats(
     runs: list[_Runs] | None,
     spans: np.ndarray,
     heads: HeadLayout,
+    machine: Machine,
 ) -> PlanStats:
     """Plan quantities after coalescing at each of ``spans``, for each QG trial's slots and
-    runs (QG-major), without building the groups; piece lengths are taken as even splits
-    of their run. Vectorized over both: the trials' groups and runs side by side, summed
+    runs (QG-major), without building the groups; a run's pieces are taken as long as
+    its first (its even share rounded up to where the pieces are cut). Vectorized over both: the trials' groups and runs side by side, summed
     per trial by a one-hot product, as in :func:`_chunk_stats`. ``runs`` None: nothing
     coalesces (one span), and every group stays as it is."""
     n, column = len(slots), spans[:, None]
@@ -890,11 +908,14 @@ def _span_stats(
     full = np.concatenate([s.full for s in slots])
     length = layout.length[np.concatenate([s.chunk for s in slots])]
     by_group = one_hot[g_trial]  # [groups, trials]
-    row_tokens = (length * heads.tile_rows(filled, np.asarray(qgs)[g_trial])) @ by_group
-    dense = _dense(filled * heads.group, full, length) @ by_group
+    tile_rows = heads.tile_rows(filled, np.asarray(qgs)[g_trial])
+    row_tokens = (length * tile_rows) @ by_group
+    is_dense = _dense(filled * heads.group, full, length)
+    dense = is_dense @ by_group
+    programs = _programs(tile_rows, is_dense, machine)
     # the groups that stay as they are: all, or those not in a run of full groups
     stay = np.ones_like(full) if runs is None else ~full
-    rest, by_rest = length[stay], by_group[stay]
+    rest, by_rest, rest_programs = length[stay], by_group[stay], programs[stay]
     top = (rest[:, None] * by_rest).max(axis=0, initial=0)[None, :]  # [spans, trials]
     groups = by_rest.sum(axis=0)[None, :]
     partials = np.array([[s.filled.sum() for s in slots]], dtype=np.int64)  # a slot per pair
@@ -904,15 +925,23 @@ def _span_stats(
         tokens = np.concatenate([r.tokens for r in runs])
         members = np.concatenate([r.members for r in runs])
         run_slots = np.concatenate([r.slots for r in runs])
+        run_rows = heads.tile_rows(run_slots, np.repeat(qgs, [len(r.tokens) for r in runs]))
+        run_programs = _programs(run_rows, _dense(run_slots * heads.group, True, tokens), machine)
         pieces = _run_pieces(members, tokens, column, layout.chunk)  # [spans, runs]
-        piece_len = -(-tokens // np.maximum(pieces, 1))
+        # a piece ends where _span_groups cuts: at the first member start (a chunk
+        # boundary) at or past its even share, or, where it cuts evenly, at the first
+        # multiple of SPLIT_ALIGN; the first piece is then the longest
+        share = -(-tokens // np.maximum(pieces, 1))
+        even = (column < 2 * layout.chunk) & (tokens > pieces * (layout.chunk + SPLIT_ALIGN))
+        grid = np.where(even, SPLIT_ALIGN, layout.chunk)
+        piece_len = np.minimum(-(-share // grid) * grid, tokens)
         # uncoalesced: each member is at most a chunk
         piece_len = np.where(column <= layout.chunk, np.minimum(piece_len, layout.chunk), piece_len)
         top = np.maximum((piece_len[:, :, None] * by_run).max(axis=1, initial=0), top)
-        n_longest = (pieces * (2 * piece_len >= top @ by_run.T)) @ by_run
+        n_longest = (pieces * run_programs * (2 * piece_len >= top @ by_run.T)) @ by_run
         partials = partials + (pieces * run_slots) @ by_run - (members * run_slots) @ by_run
         groups = groups + pieces @ by_run
-    n_longest = n_longest + (2 * rest >= top @ by_rest.T) @ by_rest
+    n_longest = n_longest + ((2 * rest >= top @ by_rest.T) * rest_programs) @ by_rest
     return PlanStats(
         chunk=layout.chunk,
         queries_per_group=np.repeat(qgs, len(spans)),
@@ -978,8 +1007,12 @@ def _fold(host: dict[str, np.ndarray], heads: HeadLayout, machine: Machine) -> t
     keys that every filled slot sees; 0 elsewhere."""
     n, n_dense = len(host["group_kv_start"]), int(host["dense_count"][0])
     fold, lead = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    # (n - n_dense) * kv programs fit beside n_dense * kv on the SMs when n * kv do
-    if not machine.dense_kernel_launches or n_dense in (0, n) or n * heads.heads_kv <= machine.sms:
+    if not machine.dense_kernel_launches or n_dense in (0, n):
+        return fold, lead
+    # the rest's programs (a tall plan's run as two row blocks) fit beside the dense ones
+    rest_rows = heads.tile_rows(host["group_slots"][n_dense:], host["group_q"].shape[1])
+    rest_programs = int(_programs(rest_rows, np.zeros(n - n_dense, dtype=bool), machine).sum())
+    if (n_dense + rest_programs) * heads.heads_kv <= machine.sms:
         return fold, lead
     start, length, query = host["group_kv_start"], host["group_kv_len"], host["group_q"]
     # a dense group's (end, first slot) against each other group's (start, first slot)
@@ -1040,18 +1073,21 @@ _STATS_ARRAYS = ("group_kv_len", "group_q", "group_slots", "dense_count")
 
 
 def _group_stats(
-    tree: TreeBatch, chunk: int, qg: int, host: dict[str, np.ndarray], heads: HeadLayout
+    tree: TreeBatch, chunk: int, qg: int, host: dict[str, np.ndarray], heads: HeadLayout, machine: Machine
 ) -> PlanStats:
     """The plan's quantities, from its assembled arrays (``_host_arrays``)."""
     length, query = host["group_kv_len"], host["group_q"]
+    tile_rows = heads.tile_rows(host["group_slots"], qg)
+    dense = np.arange(len(length)) < host["dense_count"][0]  # listed first
+    longest = 2 * length >= length.max(initial=0)
     return PlanStats(
         chunk=chunk,
         queries_per_group=qg,
         groups=len(length),
         tokens_read=int(length.sum()),
-        row_tokens=int(length @ heads.tile_rows(host["group_slots"], qg)),
+        row_tokens=int(length @ tile_rows),
         longest=int(length.max(initial=0)),
-        n_longest=int((2 * length >= length.max(initial=0)).sum()),
+        n_longest=int(longest @ _programs(tile_rows, dense, machine)),
         partials=int((query >= 0).sum()),
         dense_groups=int(host["dense_count"][0]),
         **_tree_fields(tree, query),
@@ -1085,7 +1121,7 @@ def _choose_qg_span(
     runs = [_Runs.of(layout, s, c) for s, c in zip(slots, coalescible, strict=True)] if any(coalescible) else None
     if runs is None:  # nothing coalesces: every span plans the same groups
         spans = spans[:1]
-    times = evaluate("time_s", _span_stats(tree, layout, qgs, slots, runs, spans, heads), heads, machine)
+    times = evaluate("time_s", _span_stats(tree, layout, qgs, slots, runs, spans, heads, machine), heads, machine)
     g, i = divmod(int(np.argmin(times)), len(spans))  # the first minimum
     return qgs[g], int(spans[i]), slots[g].with_bits(pairs, layout), None if runs is None else runs[g]
 

@@ -22,12 +22,15 @@ from attngen.plan import (
     _alike_pairs,
     _alike_sources,
     _chunk_layout,
+    _group_stats,
     _joined,
     _layout_rows,
     _matched,
     _pairs,
     _rows,
+    _Runs,
     _slots,
+    _span_stats,
     plan_into,
     plan_tree,
     replan_after_append,
@@ -178,13 +181,16 @@ def test_a_cut_past_the_runs_last_group_leaves_no_empty_group() -> None:
     check_invariants(tree, plan_tree(tree, chunk=32, queries_per_group=1, span=48))
 
 
-@pytest.mark.parametrize(("name", "heads_kv", "folded"), [
-    ("spec_16k_184", 32, 1),  # the tree's chunk after the prefix's last span, one QG
-    ("spec_16k_184", 8, 4),  # the same for each of four QGs
-    ("spec_4k_92", 8, 0),  # its 24 tree-chunk programs fit beside the 96 dense ones
-    ("fewshot_4k_x20", 8, 0),  # no dense groups
+@pytest.mark.parametrize(("name", "heads_kv", "folded", "lead"), [
+    # the tree's chunk after the prefix's last span, one QG: 128 prefix tokens every
+    # query sees, then the 184 tree tokens
+    ("spec_16k_184", 32, 1, 128),
+    ("spec_16k_184", 8, 4, 128),  # the same for each of four QGs
+    ("spec_4k_92", 32, 1, 416),  # 416 prefix tokens, then the 92 tree tokens
+    ("spec_4k_92", 8, 0, 0),  # its 24 tree-chunk programs fit beside the 96 dense ones
+    ("fewshot_4k_x20", 8, 0, 0),  # no dense groups
 ])
-def test_the_fold_on_the_reference_workloads(name: str, heads_kv: int, folded: int) -> None:
+def test_the_fold_on_the_reference_workloads(name: str, heads_kv: int, folded: int, lead: int) -> None:
     tree = WORKLOADS[name]().tree
     heads = HeadLayout(heads_q=32, heads_kv=heads_kv)
     plan = plan_tree(tree, heads=heads)
@@ -192,8 +198,7 @@ def test_the_fold_on_the_reference_workloads(name: str, heads_kv: int, folded: i
     assert plan.n_folded == folded
     if folded:
         tails = plan.group_fold.numpy()[: plan.n_dense]
-        # the tree's chunk: 128 prefix tokens every query sees, then the 184 tree tokens
-        assert plan.group_lead.numpy()[tails[tails >= 0]].tolist() == [128] * folded
+        assert plan.group_lead.numpy()[tails[tails >= 0]].tolist() == [lead] * folded
     # a machine without a kernel of its own for dense groups folds nothing
     alone = plan_tree(tree, heads=heads, machine=Machine(dense_kernel_launches=0))
     assert alone.n_folded == 0 and (alone.group_fold.numpy() == -1).all()
@@ -221,6 +226,36 @@ def test_short_spans_cut_long_runs_evenly() -> None:
     starts = aligned.group_kv_start.numpy()
     assert (starts[starts < 4000] % 512 == 0).all()
     check_invariants(tree, aligned)
+
+
+@pytest.mark.parametrize("name", ["fewshot_4k_x20", "fewshot_32k_x64", "spec_4k_92", "spec_16k_184"])
+@pytest.mark.parametrize("heads_kv", [32, 8])
+def test_span_estimates_match_the_built_plans(name: str, heads_kv: int) -> None:
+    """The QG and span choice estimates each candidate's groups without building them
+    (``_span_stats``). On trees whose long nodes are whole chunks, its longest group and
+    group count equal the built plan's at every QG and span: the even split it used
+    before (1792 tokens where the cut gives 2048) ranked spec_4k_92 MHA's plans the wrong
+    way round (session 38). So do the programs of the groups at least half as long (a
+    tall plan's Triton groups count as two row blocks) on the speculative trees; the
+    estimate takes a run's pieces to be as long as its first, which overcounts where a
+    run's last piece is short (few-shot, QG 1: the first branch continues the prompt)."""
+    tree, machine = WORKLOADS[name]().tree, Machine()
+    heads = HeadLayout(heads_q=32, heads_kv=heads_kv)
+    layout = _chunk_layout(tree, 512)
+    pairs, source = _alike_pairs(tree, layout)
+    qgs = list(heads.queries_per_group_choices())
+    slots = [_slots(pairs, layout, qg, source) for qg in qgs]
+    runs = [_Runs.of(layout, s) for s in slots]
+    spans = np.array([512, 768, 1024, 2048, 4096, 8192])
+    estimate = _span_stats(tree, layout, qgs, slots, runs, spans, heads, machine)
+    for i, (qg, span) in enumerate((qg, span) for qg in qgs for span in spans):
+        plan = plan_tree(tree, chunk=512, queries_per_group=qg, span=int(span), heads=heads)
+        built = _group_stats(tree, 512, qg, plan.state.host, heads, machine)
+        assert (estimate.longest[i], estimate.groups[i]) == (built.longest, built.groups), (qg, span)
+        if name.startswith("spec"):
+            assert estimate.n_longest[i] == built.n_longest, (qg, span)
+        else:
+            assert built.n_longest <= estimate.n_longest[i] <= built.n_longest + len(runs[i // len(spans)].tokens)
 
 
 @SETTINGS

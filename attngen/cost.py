@@ -13,7 +13,8 @@ Symbols (all plain sympy Symbols, positive):
   times the rows stage 1 runs the group at, see :meth:`HeadLayout.tile_rows`), ``W``
   tokens of the longest group and ``NW`` the stage-1 programs per KV head of the groups
   of at least half that (a tall plan runs a group outside the dense kernel as two), ``P``
-  partials, ``NQ`` queries, ``L`` launches of the two stages, ``DG`` dense groups;
+  partials, ``NQ`` queries, ``L`` launches of the two stages, ``DG`` dense groups,
+  ``FO`` 1 where the plan folds every other group into the dense ones;
 - heads: ``Hq``, ``Hkv``, ``Dqk``, ``Dv``, ``E`` bytes per element;
 - comparison: ``T_branch`` KV tokens read by per-branch decoding (the sum of each
   query's visible tokens), ``T_unique`` unique KV tokens (the floor);
@@ -53,7 +54,7 @@ T_branch, T_unique = sp.symbols("T_branch T_unique", positive=True)
 BW, RATE, LAUNCH, SMS, OVH, POVH, EFF = sp.symbols("BW RATE LAUNCH SMS OVH POVH EFF", positive=True)
 TOK, DRAM, R_wg, NARROW, SLOTS = sp.symbols("TOK DRAM R_wg NARROW SLOTS", positive=True)
 PBW, PSLOTS = sp.symbols("PBW PSLOTS", positive=True)
-DG, DK = sp.symbols("DG DK", nonnegative=True)
+DG, DK, FO = sp.symbols("DG DK FO", nonnegative=True)
 
 #: Tile heights below a plan's full one that stage 1 runs a group at when its filled
 #: slots fit (the per-warp matrix instructions' 16 rows, one warpgroup instruction's 64).
@@ -147,13 +148,16 @@ MERGE = P * Hq * POVH
 #: streams' fork and join. Without it the model preferred plans of dense groups that
 #: measured slower: tot_d3_w4 GQA at QG 32 (a 1000-token prompt in two 128-row dense
 #: groups) ran 50.3 us against 33.6 at QG 16 (session 25, BENCHMARKS.md). A single
-#: launch (L = 1: no merge) keeps every group in it.
-LAUNCHES = L + DK * sp.Min(DG, 1) * (L - 1)
+#: launch (L = 1: no merge) keeps every group in it. A plan that folds the other groups
+#: into the dense ones (``group_fold``) launches the dense kernel alone. The choice of QG
+#: and span does not know folds (FO = 0: counting them there changed no reference choice
+#: and cost planning 0.18 ms, session 37); a built plan's report does.
+LAUNCHES = L + DK * sp.Min(DG, 1) * (L - 1) * (1 - FO)
 #: Stage 1 is bound by the busy SMs or by its longest programs; the merge follows it.
 TIME = sp.Max(SPREAD, WAVES, STREAM) + MERGE + LAUNCHES * LAUNCH
 
 #: The symbols a plan gives (:class:`PlanStats`), then the head layout's and the machine's.
-_PLAN_ARGS = (C, QG, G, T, RT, W, NW, P, NQ, L, T_branch, T_unique, DG)
+_PLAN_ARGS = (C, QG, G, T, RT, W, NW, P, NQ, L, T_branch, T_unique, DG, FO)
 _CONSTANT_ARGS = (Hq, Hkv, Dqk, Dv, E, BW, RATE, LAUNCH, SMS, OVH, POVH, EFF, TOK, DRAM, R_wg, NARROW, SLOTS, PBW, PSLOTS, DK)
 _ARGS = _PLAN_ARGS + _CONSTANT_ARGS
 _PLAN_SYMBOLS = frozenset(_PLAN_ARGS)
@@ -351,6 +355,8 @@ class PlanStats:
     unique_tokens: int
     # the formulas ask only whether there are any (their kernel's launch)
     dense_groups: int | np.ndarray = 0
+    # 1 where the plan folds every other group into its dense ones (their kernel alone)
+    folded: int | np.ndarray = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,6 +402,7 @@ def _plan_values(stats: PlanStats) -> tuple[object, ...]:
         stats.branch_tokens,
         stats.unique_tokens,
         stats.dense_groups,
+        stats.folded,
     )
 
 

@@ -1069,7 +1069,7 @@ def _filled_slots(query: np.ndarray) -> np.ndarray:
 
 
 #: The plan arrays :func:`_group_stats` reads (a plan keeps them for its cost report).
-_STATS_ARRAYS = ("group_kv_len", "group_q", "group_slots", "dense_count")
+_STATS_ARRAYS = ("group_kv_len", "group_q", "group_slots", "dense_count", "group_fold")
 
 
 def _group_stats(
@@ -1090,6 +1090,7 @@ def _group_stats(
         n_longest=int(longest @ _programs(tile_rows, dense, machine)),
         partials=int((query >= 0).sum()),
         dense_groups=int(host["dense_count"][0]),
+        folded=int((host["group_fold"][int(host["dense_count"][0]) :] >= 0).any()),
         **_tree_fields(tree, query),
     )
 

@@ -23,14 +23,20 @@ def describe(plan: Plan, max_groups: int = 32) -> str:
     start, length = plan.group_kv_start.cpu().numpy(), plan.group_kv_len.cpu().numpy()
     query, full = plan.group_q.cpu().numpy(), plan.group_full.cpu().numpy()
     visible = _popcount(plan.group_bits.cpu().numpy())
+    fold, lead = plan.group_fold.cpu().numpy(), plan.group_lead.cpu().numpy()
     lines = [
-        f"plan: chunk {plan.chunk}, {plan.queries_per_group} queries/group, {plan.n_groups} "
-        f"groups, {plan.n_queries} queries, {plan.n_kv} KV tokens, {plan.n_partials} partials",
+        f"plan: chunk {plan.chunk}, {plan.queries_per_group} queries/group, span {plan.span}, "
+        f"{plan.n_groups} groups ({_kernels(plan)}), {plan.n_queries} queries, {plan.n_kv} KV tokens, "
+        f"{plan.n_partials} partials",
         plan.cost.summary(),
     ]
     for g in range(min(plan.n_groups, max_groups)):
         q = query[g][query[g] >= 0].tolist()
         kind = "full" if full[g] else f"masked ({visible[g]}/{len(q) * length[g]} visible)"
+        if g < plan.n_dense:
+            kind += ", dense" + (f", then group {fold[g]} as its tail" if fold[g] >= 0 else "")
+        elif fold[g] >= 0:
+            kind += f", folded into group {fold[g]} (its first {lead[g]} keys seen by every query)"
         lines.append(f"  group {g}: kv [{start[g]}, {start[g] + length[g]}) queries {q} {kind}")
     if plan.n_groups > max_groups:
         lines.append(f"  ... {plan.n_groups - max_groups} more groups")
@@ -95,12 +101,21 @@ def draw_png(tree: TreeBatch, plan: Plan, path: str) -> bool:
     top.set_ylabel("depth")
     bottom.set_ylabel("groups reading\nthe chunk")
     bottom.set_xlabel("flattened KV token")
-    top.set_title(f"chunk {plan.chunk}, QG {plan.queries_per_group}, {plan.n_groups} groups, "
-                  f"{plan.n_queries} queries, {plan.n_kv} KV tokens")
+    top.set_title(f"chunk {plan.chunk}, QG {plan.queries_per_group}, span {plan.span}, {plan.n_groups} groups "
+                  f"({_kernels(plan)}), {plan.n_queries} queries, {plan.n_kv} KV tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def _kernels(plan: Plan) -> str:
+    """Where the groups run: the dense ones in a kernel of their own on Hopper (Gluon),
+    with the folded ones as their tails."""
+    if not plan.n_dense:
+        return "none dense"
+    folded = f", {plan.n_folded} folded into them" if plan.n_folded else ""
+    return f"{plan.n_dense} dense{folded}"
 
 
 def _node_levels(tree: TreeBatch) -> np.ndarray:

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from attngen.cost import HeadLayout
 from attngen.plan import plan_tree
 from attngen.plan_show import describe, draw_png, to_dot
 from attngen.tree import TreeBatch
+from attngen.workloads import WORKLOADS
 
 
 def test_describe_dot_png(tmp_path: Path) -> None:
@@ -21,3 +23,17 @@ def test_describe_dot_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     assert draw_png(tree, plan, str(tmp_path / "plan.png"))
     assert (tmp_path / "plan.png").stat().st_size > 0
+
+
+def test_describe_shows_dense_and_folded_groups() -> None:
+    plan = plan_tree(WORKLOADS["spec_16k_184"]().tree, heads=HeadLayout(heads_q=32, heads_kv=8))
+    assert plan.n_folded == 4
+    text = describe(plan, max_groups=plan.n_groups)
+    assert f"({plan.n_dense} dense, 4 folded into them)" in text
+    # the report counts the folded plan's launches: the dense kernel alone, then the merge
+    assert "2 launch(es)" in text
+    tails = [int(t) for t in plan.group_fold[: plan.n_dense] if t >= 0]
+    for tail in tails:
+        host = int(plan.group_fold[tail])
+        assert f"group {host}: " in text and f"dense, then group {tail} as its tail" in text
+        assert f"folded into group {host} (its first 128 keys seen by every query)" in text

@@ -70,7 +70,9 @@ def to_dot(tree: TreeBatch, plan: Plan) -> str:
 
 def draw_png(tree: TreeBatch, plan: Plan, path: str) -> bool:
     """Draw the tree (nodes as bars over their flattened KV range, one row per depth) above
-    the chunks and their group counts. Returns False, drawing nothing, without matplotlib."""
+    the plan's groups (bars over their KV ranges, a row per first query, coloured by
+    where they run: dense, folded into a dense group, full, or masked by visibility bits).
+    Returns False, drawing nothing, without matplotlib."""
     try:
         import matplotlib
 
@@ -84,7 +86,7 @@ def draw_png(tree: TreeBatch, plan: Plan, path: str) -> bool:
     level = _node_levels(tree)
     query_nodes = set(tree.query_nodes.tolist())
     fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(12, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+        2, 1, figsize=(12, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
     )
     for node in tree.order.tolist():
         s, t = int(tree.node_kv_start[node]), max(int(tree.tokens[node]), 1)
@@ -95,11 +97,28 @@ def draw_png(tree: TreeBatch, plan: Plan, path: str) -> bool:
     top.legend(handles=[Patch(color="tab:blue", label="node"),
                         Patch(color="tab:orange", label="node with a query")],
                loc="upper right", fontsize=8)
-    layout, groups = plan.state.layout, _groups_per_chunk(plan)
-    bottom.bar(layout.start, groups, width=layout.length, align="edge", edgecolor="black")
-    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
+    # the groups over their KV ranges, one row per first query, by where they run
+    start, length = plan.group_kv_start.cpu().numpy(), plan.group_kv_len.cpu().numpy()
+    first, full = plan.group_q.cpu().numpy()[:, 0], plan.group_full.cpu().numpy().astype(bool)
+    fold = plan.group_fold.cpu().numpy()
+    kinds = {"dense": "tab:blue", "folded into a dense group": "tab:green",
+             "full": "tab:gray", "masked (visibility bits)": "tab:red"}
+    kind = np.where(np.arange(plan.n_groups) < plan.n_dense, "dense",
+                    np.where(fold >= 0, "folded into a dense group",
+                             np.where(full, "full", "masked (visibility bits)")))
+    lanes, lane = np.unique(first, return_inverse=True)
+    for label, color in kinds.items():
+        mine = kind == label
+        if mine.any():
+            bottom.barh(lane[mine], length[mine], left=start[mine], height=0.8, color=color, label=label,
+                        edgecolor="white", linewidth=0.8)
+    bottom.invert_yaxis()
+    ticks = np.unique(np.linspace(0, len(lanes) - 1, min(len(lanes), 12)).round().astype(np.int64))
+    bottom.set_yticks(ticks, [f"q{q}" for q in lanes[ticks].tolist()], fontsize=8)
+    if plan.n_groups:
+        bottom.legend(loc="upper right", fontsize=8)
     top.set_ylabel("depth")
-    bottom.set_ylabel("groups reading\nthe chunk")
+    bottom.set_ylabel("groups, a row per\nfirst query")
     bottom.set_xlabel("flattened KV token")
     top.set_title(f"chunk {plan.chunk}, QG {plan.queries_per_group}, span {plan.span}, {plan.n_groups} groups "
                   f"({_kernels(plan)}), {plan.n_queries} queries, {plan.n_kv} KV tokens")

@@ -543,9 +543,9 @@ def _chunk_stats(
     # so this is an upper bound (the QG and span choice that follows is exact)
     full_dense, rest_dense = _dense(qg * heads.group, True, 1), _dense(rest * heads.group, True, 1)
     tall = n_full * full_dense + rest_dense
-    programs = n_full * _programs(heads.tile_rows(qg, qg), full_dense, machine) + (rest > 0) * _programs(
-        heads.tile_rows(rest, qg), rest_dense, machine
-    )
+    # stage-1 programs per chunk (per KV head)
+    full_programs = _programs(heads.tile_rows(qg, qg), full_dense, machine)
+    programs = n_full * full_programs + (rest > 0) * _programs(heads.tile_rows(rest, qg), rest_dense, machine)
     partials = count @ chunks
     # every query that sees a token has a partial: one launch iff none has two
     launches = np.where(partials <= sight.seeing, 1, 2)
@@ -895,10 +895,11 @@ def _span_stats(
     machine: Machine,
 ) -> PlanStats:
     """Plan quantities after coalescing at each of ``spans``, for each QG trial's slots and
-    runs (QG-major), without building the groups; a run's pieces are taken as long as
-    its first (its even share rounded up to where the pieces are cut). Vectorized over both: the trials' groups and runs side by side, summed
-    per trial by a one-hot product, as in :func:`_chunk_stats`. ``runs`` None: nothing
-    coalesces (one span), and every group stays as it is."""
+    runs (QG-major), without building the groups; a run's pieces are taken to be as long
+    as its first (its even share rounded up to where :func:`_span_groups` cuts).
+    Vectorized over both: the trials' groups and runs side by side, summed per trial by a
+    one-hot product, as in :func:`_chunk_stats`. ``runs`` None: nothing coalesces (one
+    span), and every group stays as it is."""
     n, column = len(slots), spans[:, None]
     one_hot = np.eye(n, dtype=np.int64)
     # the trials' groups: coalescing joins groups of equal slots, so their rows, hence

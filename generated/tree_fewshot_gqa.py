@@ -348,7 +348,8 @@ def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, stride_on, stride_oh,
                        HB: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr):
     """Stage 2. One program: HB query heads of one query. Its partials are the rows
     merge_ptr[q] to merge_ptr[q + 1], merged by fp32 log-sum-exp in that (plan) order,
-    one row per step: a [HB, D_V] tile whose address needs no other load. Same inputs,
+    one row per step: a [HB, D_V] tile whose address needs no other load; a partial of
+    LSE -inf (empty: a folded group's rows) weighs 0, and its O is not loaded. Same inputs,
     same bits. A query with no partial gets O = 0, LSE = -inf."""
     qid = tl.program_id(0)
     heads = tl.program_id(1) * HB + tl.arange(0, HB)
@@ -361,7 +362,7 @@ def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, stride_on, stride_oh,
     for i in range(start, end):
         row = i * 32 + heads.to(tl.int64)
         lse = tl.load(LSE_part + row)
-        o = tl.load(O_part + row[:, None] * D_V + d_v[None, :])
+        o = tl.load(O_part + row[:, None] * D_V + d_v[None, :], mask=(lse > float("-inf"))[:, None], other=0.0)
         m_new = tl.maximum(m, lse)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_use)
@@ -572,11 +573,10 @@ def _gluon_warpgroup(wg, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, 
     gl.store(LSE_part + row, gl.convert_layout(m_i + gl.log2(l_i), o_rows), mask=ok)
     if FOLD:
         if tail >= 0:
-            # the folded group's merge rows (same slots) hold an empty partial: O = 0, LSE = -inf
+            # the folded group's merge rows (same slots) hold an empty partial: LSE = -inf, so
+            # the merge weighs it 0 and does not load its O
             dst = gl.load(MergeRow + tail * qg + gl.minimum(slot, qg - 1), mask=ok, other=0)
             row = dst.to(gl.int64) * 32 + head
-            gl.store(O_part + gl.expand_dims(row * D, 1) + gl.expand_dims(cols, 0), gl.zeros_like(o),
-                     mask=gl.expand_dims(ok, 1))
             gl.store(LSE_part + row, gl.full([HM], float("-inf"), gl.float32, o_rows), mask=ok)
 
 
@@ -634,7 +634,8 @@ def _gluon_tree_kernel(Q, k_desc, v_desc, O_part, LSE_part, GroupKvStart, GroupK
     program per (group, KV head), KV head fastest as in _tree_partial_kernel: WG warpgroups
     of 64 rows, an NS-stage ring of the descriptors' K/V tiles. FOLD (the plan folds every
     other group into a dense one, plan tensor group_fold): a program runs its group's folded
-    group too, as the tail of its range, and writes an empty partial at that group's rows."""
+    group too, as the tail of its range, and writes LSE = -inf (an empty partial) at that
+    group's rows."""
     BN: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = 128
     pid = gl.program_id(0)

@@ -325,6 +325,26 @@ class TestTreeKernelsInterpreter:
         assert torch.all(o[1] == 0) and torch.all(lse[1] == -math.inf)
         check(spec, case, o, lse)
 
+    def test_merge_weighs_an_empty_partial_zero_without_reading_its_o(self, device: str) -> None:
+        # a folded group's merge rows hold LSE = -inf and an O that the Gluon kernel does
+        # not write (NaN here): the merge weighs them 0 and does not load their O
+        spec = tree_spec(heads=(4, 2))
+        module = load(spec)
+        hq, d = spec.heads.q, spec.head_dim.v
+        o_part, lse_part = fresh(5, hq, d, seed=7, device=device), fresh(5, hq, seed=8, device=device)
+        o_part[1], lse_part[1] = math.nan, -math.inf
+        ptr = torch.tensor([0, 3, 5], dtype=torch.int32, device=device)  # query 0: rows 0-2, 1: 3-4
+        out, lse = poisoned(2, hq, d, device=device), poisoned(2, hq, device=device)
+        module._tree_merge_kernel[(2, triton.cdiv(hq, module.MERGE_HEADS))](
+            o_part, lse_part, out, lse, ptr, out.stride(0), out.stride(1),
+            HB=module.MERGE_HEADS, D_V=d, RETURN_LSE=True)
+        for query, rows in enumerate(([0, 2], [3, 4])):
+            base2 = lse_part[rows].double()  # [rows, heads], base-2 LSEs
+            w = torch.softmax(base2 * math.log(2), dim=0)
+            expect = (w[:, :, None] * o_part[rows].double()).sum(0)
+            assert torch.allclose(out[query].double(), expect, rtol=1e-5, atol=1e-6)
+            assert torch.allclose(lse[query].double(), torch.logsumexp(base2 * math.log(2), 0), atol=1e-5)
+
     def test_fixed_capacity_buffers(self, device: str) -> None:
         tree = TreeBatch.from_parents([-1, 0, 0, 2], [37, 5, 40, 2])
         spec = tree_spec(heads=(4, 2))

@@ -248,14 +248,15 @@ def test_span_estimates_match_the_built_plans(name: str, heads_kv: int) -> None:
     runs = [_Runs.of(layout, s) for s in slots]
     spans = np.array([512, 768, 1024, 2048, 4096, 8192])
     estimate = _span_stats(tree, layout, qgs, slots, runs, spans, heads, machine)
+    longest, n_longest, groups = (np.asarray(x) for x in (estimate.longest, estimate.n_longest, estimate.groups))
     for i, (qg, span) in enumerate((qg, span) for qg in qgs for span in spans):
         plan = plan_tree(tree, chunk=512, queries_per_group=qg, span=int(span), heads=heads)
         built = _group_stats(tree, 512, qg, plan.state.host, heads, machine)
-        assert (estimate.longest[i], estimate.groups[i]) == (built.longest, built.groups), (qg, span)
+        assert (longest[i], groups[i]) == (built.longest, built.groups), (qg, span)
         if name.startswith("spec"):
-            assert estimate.n_longest[i] == built.n_longest, (qg, span)
+            assert n_longest[i] == built.n_longest, (qg, span)
         else:
-            assert built.n_longest <= estimate.n_longest[i] <= built.n_longest + len(runs[i // len(spans)].tokens)
+            assert built.n_longest <= n_longest[i] <= built.n_longest + len(runs[i // len(spans)].tokens)
 
 
 @SETTINGS

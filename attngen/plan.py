@@ -1341,6 +1341,18 @@ class PlanBuffers:
         store = _Store(flat, host, starts, [0] * len(TENSOR_NAMES))
         return cls(chunk, queries_per_group, max(span or chunk, chunk), tensors, heads, store)
 
+    @property
+    def n_folded(self) -> int:
+        """Groups of the plan last written (:func:`plan_into`) that run as a dense group's
+        tail, read from the host copy. A launch reads it when it is made: over buffers
+        whose plan folds, a generated module runs the folded groups in its Gluon kernel
+        and has its Triton kernel skip them on the device, so a CUDA graph captured then
+        stays right for any plan written later (one that folds nothing runs the Gluon
+        kernel's folding form, with no tails)."""
+        host, starts, capacity = self.store.host, self.store.starts, self.tensors["group_fold"].numel()
+        fold = host[starts[_FOLD_AT] : starts[_FOLD_AT] + capacity]  # not the alignment past it
+        return int((fold[int(host[starts[_DENSE_AT]]) :] >= 0).sum())
+
     def capacity(self) -> PlanSizes:
         t = self.tensors
         return PlanSizes(
@@ -1352,6 +1364,7 @@ class PlanBuffers:
 
 
 _PAD = {"group_q": -1, "merge_row": -1, "group_fold": -1}
+_FOLD_AT, _DENSE_AT = TENSOR_NAMES.index("group_fold"), TENSOR_NAMES.index("dense_count")
 #: Elements between two written stretches of a GPU's buffers below which plan_into copies
 #: them as one. A copy from the host costs its caller 15-20 us on the H200's host (twelve
 #: took 230 us, session 29); 256 KB more at a pageable copy's ~10 GB/s cost about as much

@@ -276,14 +276,16 @@ def _tree_program(
 def _tree_partial_kernel(
     Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
     GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupSlots, GroupBits, MergeRow, QPos, KvPos, QTree, DenseCount,
+    GroupFold,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
     n_words, n_batch, span, first_group, n_groups, groups_bucket, beside_gluon,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr, SKIP_DENSE: tl.constexpr,
+    USE_TMA: tl.constexpr, SKIP_DENSE: tl.constexpr, SKIP_FOLDED: tl.constexpr,
 ):
     """Stage 1. One program: group g >= first_group for one KV head (with SKIP_DENSE, past
-    the plan's dense_count groups, which _gluon_tree_kernel runs). Programs run KV head fastest, so
+    the plan's dense_count groups, which _gluon_tree_kernel runs; with SKIP_FOLDED too,
+    not a group folded into one of them, which that kernel runs as its tail). Programs run KV head fastest, so
     the longest groups (a shared prefix comes first in KV order) start first for every
     head. A group whose slots (up to its last filled one) need no more than 16, or
     64, of the plan's ROWS rows runs as a tile of that height: a branch's one query
@@ -302,6 +304,9 @@ def _tree_partial_kernel(
         g += tl.load(DenseCount)
         if g >= n_groups:
             return
+        if SKIP_FOLDED:
+            if tl.load(GroupFold + g) >= 0:
+                return
     kv_start = tl.load(GroupKvStart + g)
     kv_n = tl.load(GroupKvLen + g)
     full = tl.load(GroupFull + g)
@@ -1017,7 +1022,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         skip_on_device = use_gluon and n_dense is None
         args = (q, k_cache, v_cache, k_desc, v_desc, out, lse, o_part, lse_part, pages,
                 t["group_kv_start"], t["group_kv_len"], t["group_q"], t["group_full"], t["group_slots"], t["group_bits"],
-                t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"], t["dense_count"],
+                t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"], t["dense_count"], t["group_fold"],
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
                 out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)), first, n_groups,
                 triton.next_power_of_2(n_groups - first), int(use_gluon))
@@ -1026,19 +1031,26 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         row_blocks = -(-qg * group // rows)
         consts = dict(QG=qg, GROUP=group, ROWS=rows, ROW_BLOCKS=row_blocks,
                       D_QK=128, D_V=128, FUSED=fused, RETURN_LSE=return_lse,
-                      USE_TMA=use_tma, SKIP_DENSE=skip_on_device)
+                      USE_TMA=use_tma, SKIP_DENSE=skip_on_device, SKIP_FOLDED=False)
         grid = ((n_groups - first) * HEADS_KV * row_blocks,)
         tuned = not _INTERPRET and not any(key in (config or {}) for key in ("block_n", "num_warps", "num_stages"))
         # an attngen Plan that folds its other groups into the dense ones (group_fold: all
         # or none) runs them in the Gluon kernel, and no Triton kernel beside it
         n_folded = getattr(plan, "n_folded", None)
-        if use_gluon and n_dense is not None and isinstance(n_folded, int) and 0 < n_folded == n_groups - n_dense:
+        folds = isinstance(n_folded, int) and n_folded > 0
+        if use_gluon and n_dense is not None and folds and n_folded == n_groups - n_dense:
             _launch_gluon(q, k_cache, v_cache, t, o_part, lse_part, n_dense, qg, fold=True)
         elif use_gluon:
+            # fixed-capacity buffers whose plan folds when the launch is made (or captured)
+            # run the folded groups in the Gluon kernel, and the Triton kernel skips them on
+            # the device: right for any plan written into them later, folding or not
+            fold = skip_on_device and folds
+            consts["SKIP_FOLDED"] = fold
             main = torch.cuda.current_stream(device)
             side = _side_stream(main)
             side.wait_stream(main)  # q, the plan and the caches as written so far
-            _launch_gluon(q, k_cache, v_cache, t, o_part, lse_part, n_groups if n_dense is None else n_dense, qg)
+            _launch_gluon(q, k_cache, v_cache, t, o_part, lse_part, n_groups if n_dense is None else n_dense, qg,
+                          fold=fold)
             with torch.cuda.stream(side):
                 _launch_partial(grid, args, consts, c, tuned)
             main.wait_stream(side)

@@ -278,14 +278,16 @@ def _tree_program(
 def _tree_partial_kernel(
     Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part, PageTable,
     GroupKvStart, GroupKvLen, GroupQ, GroupFull, GroupSlots, GroupBits, MergeRow, QPos, KvPos, QTree, DenseCount,
+    GroupFold,
     stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
     n_words, n_batch, span, first_group, n_groups, groups_bucket, beside_gluon,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr, SKIP_DENSE: tl.constexpr,
+    USE_TMA: tl.constexpr, SKIP_DENSE: tl.constexpr, SKIP_FOLDED: tl.constexpr,
 ):
     """Stage 1. One program: group g >= first_group for one KV head (with SKIP_DENSE, past
-    the plan's dense_count groups, which _gluon_tree_kernel runs). Programs run KV head fastest, so
+    the plan's dense_count groups, which _gluon_tree_kernel runs; with SKIP_FOLDED too,
+    not a group folded into one of them, which that kernel runs as its tail). Programs run KV head fastest, so
     the longest groups (a shared prefix comes first in KV order) start first for every
     head. A group whose slots (up to its last filled one) need no more than 16, or
     64, of the plan's ROWS rows runs as a tile of that height: a branch's one query
@@ -304,6 +306,9 @@ def _tree_partial_kernel(
         g += tl.load(DenseCount)
         if g >= n_groups:
             return
+        if SKIP_FOLDED:
+            if tl.load(GroupFold + g) >= 0:
+                return
     kv_start = tl.load(GroupKvStart + g)
     kv_n = tl.load(GroupKvLen + g)
     full = tl.load(GroupFull + g)
@@ -651,7 +656,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         use_gluon, first, skip_on_device = False, 0, False
         args = (q, k_cache, v_cache, k_desc, v_desc, out, lse, o_part, lse_part, pages,
                 t["group_kv_start"], t["group_kv_len"], t["group_q"], t["group_full"], t["group_slots"], t["group_bits"],
-                t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"], t["dense_count"],
+                t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"], t["dense_count"], t["group_fold"],
                 q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
                 out.stride(0), out.stride(1), chunk // 32, n_batch, int(getattr(plan, "span", chunk)), first, n_groups,
                 triton.next_power_of_2(n_groups - first), int(use_gluon))
@@ -660,7 +665,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         row_blocks = -(-qg * group // rows)
         consts = dict(QG=qg, GROUP=group, ROWS=rows, ROW_BLOCKS=row_blocks,
                       D_QK=128, D_V=128, FUSED=fused, RETURN_LSE=return_lse,
-                      USE_TMA=use_tma, SKIP_DENSE=skip_on_device)
+                      USE_TMA=use_tma, SKIP_DENSE=skip_on_device, SKIP_FOLDED=False)
         grid = ((n_groups - first) * HEADS_KV * row_blocks,)
         tuned = not _INTERPRET and not any(key in (config or {}) for key in ("block_n", "num_warps", "num_stages"))
         _launch_partial(grid, args, consts, c, tuned)

@@ -181,6 +181,23 @@ def test_a_cut_past_the_runs_last_group_leaves_no_empty_group() -> None:
     check_invariants(tree, plan_tree(tree, chunk=32, queries_per_group=1, span=48))
 
 
+def test_buffers_report_the_folds_of_their_plan() -> None:
+    """PlanBuffers.n_folded (read by a launch over them) counts the folded groups of the
+    plan last written, from the host copy: as plan_tree's, and 0 once an unfolded plan
+    of the same tree replaces it."""
+    tree = WORKLOADS["spec_4k_92"]().tree
+    heads = HeadLayout(heads_q=32, heads_kv=32)
+    # a capacity of 13 groups: the host copy aligns each tensor's start, so 3 spare elements
+    # follow group_fold
+    buffers = PlanBuffers.allocate(max_groups=13, max_queries=tree.n_queries, max_kv=tree.n_kv, chunk=512,
+                                   queries_per_group=128, span=1024, heads=heads)
+    assert buffers.n_folded == 0
+    plan_into(buffers, tree)
+    assert buffers.n_folded == plan_tree(tree, chunk=512, queries_per_group=128, span=1024, heads=heads).n_folded == 1
+    plan_into(buffers, tree, machine=Machine(sms=1000))  # every program fits: nothing folds
+    assert buffers.n_folded == 0 and (buffers.tensors["group_fold"] == -1).all()
+
+
 @pytest.mark.parametrize(("name", "heads_kv", "folded", "lead"), [
     # the tree's chunk after the prefix's last span, one QG: 128 prefix tokens every
     # query sees, then the 184 tree tokens

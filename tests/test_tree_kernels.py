@@ -494,6 +494,40 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
             ref_o, _ = tree_reference(spec, tree, q, k[: tree.n_kv], v[: tree.n_kv], {})
             assert_close(out, ref_o, "bf16", what=f"O (replay, {tree.n_kv} tokens)")
 
+    @pytest.mark.parametrize("heads", [(32, 8), (32, 32)])
+    def test_cuda_graph_over_buffers_that_fold(self, heads: tuple[int, int]) -> None:
+        """Over PlanBuffers whose plan folds (written for a one-SM machine), the folded
+        groups run in the Gluon kernel and the Triton kernel skips them on the device. A
+        graph captured over a folding plan and one captured over the same tree unfolded
+        each replay right after plan_into wrote the other kind."""
+        spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries="token")
+        module = load(spec)
+        tree = speculative(prefix=1428, widths=(4, 2, 2, 2, 1)).tree
+        case = make_case(tree, spec, "cuda", seed=23)
+        if not module._gluon_ready(case.k, case.v):
+            pytest.skip("the Gluon stage 1 needs an sm_90 GPU and a Triton with Gluon")
+        layout = HeadLayout(heads_q=heads[0], heads_kv=heads[1], head_dim_qk=128, head_dim_v=128)
+        ref_o, _ = tree_reference(spec, tree, case.q, case.k, case.v, {})
+        folding, plain = Machine(sms=1), Machine()
+        for capture, other in ((folding, plain), (plain, folding)):
+            buffers = PlanBuffers.allocate(max_groups=32, max_queries=tree.n_queries, max_kv=tree.n_kv, chunk=128,
+                                           queries_per_group=128 // layout.group, span=512, heads=layout,
+                                           device="cuda")
+            plan_into(buffers, tree, machine=capture)
+            assert (buffers.n_folded > 0) == (capture is folding)
+            out = poisoned(*case.q.shape[:2], 128, dtype="bf16", device="cuda")
+            module.attention(case.q, case.k, case.v, buffers, out=out)  # autotune and compile outside
+            assert_close(out, ref_o, "bf16", what=f"O (eager, {buffers.n_folded} folded)")
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                module.attention(case.q, case.k, case.v, buffers, out=out)
+            for machine in (other, capture):
+                plan_into(buffers, tree, machine=machine)
+                out.fill_(math.nan)
+                graph.replay()
+                torch.cuda.synchronize()
+                assert_close(out, ref_o, "bf16", what=f"O (replay, {buffers.n_folded} folded)")
+
     def test_side_stream_is_never_the_callers(self) -> None:
         """The Triton stage 1 goes on a side stream to run beside the Gluon kernel. torch
         lends streams round-robin from a pool, so the caller's stream (a benchmark's, a

@@ -439,6 +439,17 @@ def check_with_and_without_gluon(spec: Spec, tree: TreeBatch, case: Case, plan: 
     assert_close(out, ref_o, "bf16", what="O (CUDA graph)")
 
 
+def gluon_case(heads: tuple[int, int], tree: TreeBatch, seed: int) -> tuple[Spec, Any, Case, HeadLayout]:
+    """A bf16, head-dim-128 token-tree spec, its module, random inputs for ``tree`` on the
+    GPU and the head layout; skips the test where the Gluon stage 1 cannot run."""
+    spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries="token")
+    module = load(spec)
+    case = make_case(tree, spec, "cuda", seed=seed)
+    if not module._gluon_ready(case.k, case.v):
+        pytest.skip("the Gluon stage 1 needs an sm_90 GPU and a Triton with Gluon")
+    return spec, module, case, HeadLayout(heads_q=heads[0], heads_kv=heads[1], head_dim_qk=128, head_dim_v=128)
+
+
 @pytest.mark.gpu
 class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
     """The same cases on a GPU in bf16 (and fp16), with the larger head dims."""
@@ -500,13 +511,8 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         groups run in the Gluon kernel and the Triton kernel skips them on the device. A
         graph captured over a folding plan and one captured over the same tree unfolded
         each replay right after plan_into wrote the other kind."""
-        spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries="token")
-        module = load(spec)
         tree = speculative(prefix=1428, widths=(4, 2, 2, 2, 1)).tree
-        case = make_case(tree, spec, "cuda", seed=23)
-        if not module._gluon_ready(case.k, case.v):
-            pytest.skip("the Gluon stage 1 needs an sm_90 GPU and a Triton with Gluon")
-        layout = HeadLayout(heads_q=heads[0], heads_kv=heads[1], head_dim_qk=128, head_dim_v=128)
+        spec, module, case, layout = gluon_case(heads, tree, seed=23)
         ref_o, _ = tree_reference(spec, tree, case.q, case.k, case.v, {})
         folding, plain = Machine(sms=1), Machine()
         for capture, other in ((folding, plain), (plain, folding)):
@@ -557,13 +563,8 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         gqa's groups of 192 and 160 rows; their tree part runs as Triton row blocks."""
         hq, hkv = heads
         group = hq // hkv
-        spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries="token")
-        module = load(spec)
         tree = speculative(prefix=1500, widths=(8, 2, 2, 2, 1)).tree
-        case = make_case(tree, spec, "cuda", seed=11)
-        if not module._gluon_ready(case.k, case.v):
-            pytest.skip("the Gluon stage 1 needs an sm_90 GPU and a Triton with Gluon")
-        layout = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128)
+        spec, module, case, layout = gluon_case(heads, tree, seed=11)
         plan = plan_tree(tree, chunk=160, queries_per_group=qg, span=480, heads=layout, device="cuda")
         assert 0 < plan.n_dense < plan.n_groups, "both kernels must have groups to run"
 
@@ -607,14 +608,8 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         104 rows, or at QG 48 tall tiles of 192 and 168: three warpgroups, 64-key tiles).
         With 1500 tokens and a 184-token tree, two chunks of the tree's cannot fold, so
         none does (the Triton kernel runs them beside)."""
-        hq, hkv = heads
-        spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries="token")
-        module = load(spec)
         tree = speculative(prefix=prefix, widths=widths).tree
-        case = make_case(tree, spec, "cuda", seed=17)
-        if not module._gluon_ready(case.k, case.v):
-            pytest.skip("the Gluon stage 1 needs an sm_90 GPU and a Triton with Gluon")
-        layout = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=128, head_dim_v=128)
+        spec, _, case, layout = gluon_case(heads, tree, seed=17)
         plan = plan_tree(tree, chunk=128, queries_per_group=qg, span=512, heads=layout,
                          machine=Machine(sms=1), device="cuda")
         folds = prefix == 1428

@@ -572,7 +572,7 @@ def _chunk_stats(
     )
 
 
-def _programs(tile_rows: np.ndarray, dense: np.ndarray, machine: Machine) -> np.ndarray:
+def _programs(tile_rows: np.ndarray, dense: np.ndarray | bool, machine: Machine) -> np.ndarray:
     """Stage-1 programs per (group, KV head): one for a dense group where the machine runs
     dense groups in a kernel of their own, else one per row block of :data:`BLOCK_ROWS`
     (a tall plan's other groups run as two)."""
@@ -1012,7 +1012,7 @@ def _fold(host: dict[str, np.ndarray], heads: HeadLayout, machine: Machine) -> t
         return fold, lead
     # the rest's programs (a tall plan's run as two row blocks) fit beside the dense ones
     rest_rows = heads.tile_rows(host["group_slots"][n_dense:], host["group_q"].shape[1])
-    rest_programs = int(_programs(rest_rows, np.zeros(n - n_dense, dtype=bool), machine).sum())
+    rest_programs = int(_programs(rest_rows, False, machine).sum())
     if (n_dense + rest_programs) * heads.heads_kv <= machine.sms:
         return fold, lead
     start, length, query = host["group_kv_start"], host["group_kv_len"], host["group_q"]
@@ -1033,6 +1033,12 @@ def _fold(host: dict[str, np.ndarray], heads: HeadLayout, machine: Machine) -> t
     fold[host_of], fold[n_dense:] = np.arange(n_dense, n), host_of
     lead[n_dense:] = _common_lead(host["group_bits"][n_dense:], query[n_dense:], length[n_dense:])
     return fold, lead
+
+
+def _n_folded(fold: np.ndarray, n_dense: int) -> int:
+    """Groups of a plan's ``group_fold`` that run as a dense group's tail (past its
+    ``n_dense`` dense groups, those pointing to their dense group)."""
+    return int((fold[n_dense:] >= 0).sum())
 
 
 def _common_lead(bits: np.ndarray, query: np.ndarray, length: np.ndarray) -> np.ndarray:
@@ -1091,7 +1097,7 @@ def _group_stats(
         n_longest=int(longest @ _programs(tile_rows, dense, machine)),
         partials=int((query >= 0).sum()),
         dense_groups=int(host["dense_count"][0]),
-        folded=int((host["group_fold"][int(host["dense_count"][0]) :] >= 0).any()),
+        folded=int(_n_folded(host["group_fold"], int(host["dense_count"][0])) > 0),
         **_tree_fields(tree, query),
     )
 
@@ -1151,7 +1157,7 @@ def _make_plan(
         **_int32_tensors(host, device),
         n_partials=int(host["merge_ptr"][-1]),
         n_dense=int(host["dense_count"][0]),
-        n_folded=int((host["group_fold"][int(host["dense_count"][0]) :] >= 0).sum()),
+        n_folded=_n_folded(host["group_fold"], int(host["dense_count"][0])),
         state=_State(tree, layout, rows, heads, machine, {name: host[name] for name in _STATS_ARRAYS}),
     )
 
@@ -1351,7 +1357,7 @@ class PlanBuffers:
         kernel's folding form, with no tails)."""
         host, starts, capacity = self.store.host, self.store.starts, self.tensors["group_fold"].numel()
         fold = host[starts[_FOLD_AT] : starts[_FOLD_AT] + capacity]  # not the alignment past it
-        return int((fold[int(host[starts[_DENSE_AT]]) :] >= 0).sum())
+        return _n_folded(fold, int(host[starts[_DENSE_AT]]))
 
     def capacity(self) -> PlanSizes:
         t = self.tensors

@@ -103,9 +103,8 @@ def draw_png(tree: TreeBatch, plan: Plan, path: str) -> bool:
     fold = plan.group_fold.cpu().numpy()
     kinds = {"dense": "tab:blue", "folded into a dense group": "tab:green",
              "full": "tab:gray", "masked (visibility bits)": "tab:red"}
-    kind = np.where(np.arange(plan.n_groups) < plan.n_dense, "dense",
-                    np.where(fold >= 0, "folded into a dense group",
-                             np.where(full, "full", "masked (visibility bits)")))
+    labels = list(kinds)  # in the order the conditions pick them; the last where none holds
+    kind = np.select([np.arange(plan.n_groups) < plan.n_dense, fold >= 0, full], labels[:-1], labels[-1])
     lanes, lane = np.unique(first, return_inverse=True)
     for label, color in kinds.items():
         mine = kind == label

@@ -11,6 +11,7 @@ cases in bf16 with head_dim 128 and the issue's head layouts.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,12 +20,12 @@ import pytest
 import torch
 import triton
 from helpers import assert_close, assert_lse_close, fresh, poisoned
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from attngen.cost import HeadLayout, Machine
 from attngen.errors import LaunchError, SpecError
-from attngen.plan import PlanBuffers, plan_into, plan_tree
+from attngen.plan import FOLD_ALIGN, PlanBuffers, plan_into, plan_tree
 from attngen.reference import tree_reference
 from attngen.runtime import load
 from attngen.spec import Spec, parse_spec
@@ -33,6 +34,11 @@ from attngen.tree_ir import lower_tree
 from attngen.workloads import speculative
 
 HEAD_LAYOUTS = {"mha": (2, 2), "gqa": (4, 2), "mqa": (4, 1)}
+#: Examples per kind of tree of the GPU test that draws trees for the Gluon stage 1 (the
+#: first ones compile most of its kernels' variants: about 10 s each on the H200).
+GLUON_EXAMPLES = int(os.environ.get("ATTNGEN_GLUON_EXAMPLES", "6"))
+#: A fixed tile for the Triton stage 1 (no autotuning).
+TILE = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 PAGE = 16
 
 
@@ -162,6 +168,41 @@ def trees(draw: st.DrawFn, max_nodes: int = 10) -> TreeBatch:
     return TreeBatch.from_parents(parent, tokens, sorted(nodes), mode=mode)
 
 
+@st.composite
+def wide_trees(draw: st.DrawFn, kind: str, chunk: int, group: int, span: int | None) -> TreeBatch:
+    """Trees with enough queries over a shared prefix that plans have dense groups (the
+    Gluon kernel's), for ``chunk``, ``span`` and ``group`` query heads per KV head, by
+    ``kind``:
+    - "speculative": a speculative token tree of random widths (17-300 tokens);
+    - "branches": a prompt with 17-140 branches of 1-120 tokens, some of them under
+      other branches (node mode, queries at the leaves);
+    - "folding": a random token tree whose queries fill one 65-128-row group, over a
+      prefix of c whole chunks and a rest that leaves the whole tree room in its last
+      chunk. A plan cuts the c chunks into k = ceil(c / (span / chunk)) pieces at chunk
+      boundaries, the last the shortest; k of 2 or 3 and c not a multiple of k make it
+      shorter than the first by a chunk or more, the structure that lets a plan fold the
+      tree's chunk into it (``span`` a multiple of ``chunk`` by 2 or more, ``chunk`` of
+      FOLD_ALIGN or more)."""
+    prefix = draw(st.integers(200, 2600))
+    if kind == "speculative":
+        widths = draw(st.lists(st.integers(2, 6), min_size=2, max_size=5))
+        while sum(math.prod(widths[: d + 1]) for d in range(len(widths))) > 300:
+            widths = widths[:-1] if widths[-1] == 1 else [*widths[:-1], widths[-1] - 1]
+        return speculative(prefix=prefix, widths=widths).tree
+    if kind == "folding":
+        assert span is not None and span % chunk == 0 and span > chunk >= FOLD_ALIGN
+        size = draw(st.integers(64 // group + 1, min(128 // group, chunk - 1)))  # one dense group's queries
+        per_span, k = span // chunk, draw(st.integers(2, 3))
+        chunks = draw(st.sampled_from([c for c in range((k - 1) * per_span + 1, k * per_span + 1) if c % k]))
+        prefix = chunks * chunk + draw(st.integers(1, chunk - size))
+        parent = [-1, 0] + [draw(st.integers(1, i - 1)) for i in range(2, size + 1)]
+        return TreeBatch.from_parents(parent, [prefix] + [1] * size, list(range(1, size + 1)), mode="token")
+    n = draw(st.integers(17, 140))
+    parent = [-1, 0] + [0 if draw(st.integers(0, 3)) else draw(st.integers(1, i - 1)) for i in range(2, n + 1)]
+    tokens = [prefix, *draw(st.lists(st.integers(1, 120), min_size=n, max_size=n))]
+    return TreeBatch.from_parents(parent, tokens)
+
+
 FAST = settings(
     max_examples=100,
     deadline=None,
@@ -226,7 +267,7 @@ class TestTreeKernelsInterpreter:
         lengths = plan.group_kv_len[plan.group_full.bool()].tolist()
         assert 160 in lengths, f"the prompt should be one full group of 160 keys, got {lengths}"
         case = make_case(tree, spec, device, seed=5)
-        o, lse = run(spec, case, plan, config={"block_n": 64, "num_warps": 4, "num_stages": 2})
+        o, lse = run(spec, case, plan, config=TILE)
         check(spec, case, o, lse)
 
     def test_groups_run_at_the_height_their_filled_slots_need(self, device: str) -> None:
@@ -418,13 +459,19 @@ class TestTreeKernelsInterpreter:
             lower_tree(sequence)
 
 
+def check_launches(spec: Spec, case: Case, launches: list[tuple[Any, dict]]) -> None:
+    """Each launch (a Plan or PlanBuffers, and a config) against one reference."""
+    ref_o, ref_lse = tree_reference(spec, case.tree, case.q, case.k, case.v, {})
+    for plan, config in launches:
+        o, lse = run(spec, case, plan, config=config)
+        assert_close(o, ref_o, spec.dtype, what=f"O ({type(plan).__name__}, {config})")
+        assert_lse_close(lse, ref_lse, spec.dtype)
+
+
 def check_with_and_without_gluon(spec: Spec, tree: TreeBatch, case: Case, plan: Any, seed: int) -> None:
     """The call on a GPU with and without the Gluon stage 1, against the reference, then
     replayed from a CUDA graph on fresh queries (``seed``) into a poisoned output."""
-    tile = {"block_n": 64, "num_warps": 4, "num_stages": 2}
-    for config in (tile, tile | {"gluon": False}):
-        o, lse = run(spec, case, plan, config=config)
-        check(spec, case, o, lse)
+    check_launches(spec, case, [(plan, TILE), (plan, TILE | {"gluon": False})])
     module = load(spec)
     out = poisoned(*case.q.shape[:2], 128, dtype="bf16", device="cuda")
     module.attention(case.q, case.k, case.v, plan, out=out)  # autotune and compile outside the capture
@@ -440,9 +487,10 @@ def check_with_and_without_gluon(spec: Spec, tree: TreeBatch, case: Case, plan: 
 
 
 def gluon_case(heads: tuple[int, int], tree: TreeBatch, seed: int) -> tuple[Spec, Any, Case, HeadLayout]:
-    """A bf16, head-dim-128 token-tree spec, its module, random inputs for ``tree`` on the
-    GPU and the head layout; skips the test where the Gluon stage 1 cannot run."""
-    spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries="token")
+    """A bf16, head-dim-128 spec for ``tree``'s query mode, its module, random inputs for
+    ``tree`` on the GPU and the head layout; skips the test where the Gluon stage 1 cannot
+    run."""
+    spec = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries=tree.query_mode)
     module = load(spec)
     case = make_case(tree, spec, "cuda", seed=seed)
     if not module._gluon_ready(case.k, case.v):
@@ -471,9 +519,8 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         o, lse = run(spec, case, plan)
         check(spec, case, o, lse)
         paged = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries=queries, paged=True)
-        c = {"block_n": 64, "num_warps": 4, "num_stages": 2}
-        o_c, _ = run(spec, case, plan, config=c)
-        o_p, _ = run(paged, case, plan, paged=True, config=c)
+        o_c, _ = run(spec, case, plan, config=TILE)
+        o_p, _ = run(paged, case, plan, paged=True, config=TILE)
         assert torch.equal(o_c, o_p)
 
     def test_cuda_graph_over_buffers_replanned(self) -> None:
@@ -617,6 +664,38 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         tails = plan.group_fold[: plan.n_dense]
         assert plan.group_lead[tails[tails >= 0].long()].tolist() == [20] * plan.n_folded
         check_with_and_without_gluon(spec, tree, case, plan, seed=18)
+
+    @pytest.mark.parametrize("kind", ["speculative", "branches", "folding"])
+    @settings(max_examples=GLUON_EXAMPLES, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(data=st.data())
+    def test_gluon_on_random_wide_trees(self, kind: str, data: st.DataObject) -> None:
+        """Random trees with many queries over a shared prefix (:func:`wide_trees`), at
+        random chunks, QGs and spans, planned for the H200 or for a one-SM machine (which
+        folds whatever the structure allows; always, for the "folding" trees): the call
+        with the Gluon stage 1, without it, and over PlanBuffers holding the same plan (the
+        Triton kernel skips the dense and folded groups on the device), each against the
+        reference. A folding tree's plan folds its tree chunk."""
+        folding = kind == "folding"
+        chunk = data.draw(st.sampled_from([128, 256, 512] if folding else [64, 128, 256, 512]))
+        span = data.draw(st.sampled_from([2 * chunk, 4 * chunk] if folding else [None, chunk, 2 * chunk, 480, 1024]))
+        heads = data.draw(st.sampled_from([(32, 32), (32, 8), (24, 8)]))
+        tree = data.draw(wide_trees(kind, chunk, heads[0] // heads[1], span))
+        spec, _, case, layout = gluon_case(heads, tree, seed=data.draw(st.integers(0, 1000)))
+        # the two QGs whose groups run in Gluon when dense (65-192 rows), or the choice's
+        qg = data.draw(st.sampled_from([None, *layout.queries_per_group_choices()[-2:]]))
+        machine = Machine(sms=1) if folding else data.draw(st.sampled_from([Machine(), Machine(sms=1)]))
+        plan = plan_tree(tree, chunk=chunk, queries_per_group=qg, span=span, heads=layout, machine=machine,
+                         device="cuda")
+        event(f"dense groups: {plan.n_dense > 0}, folds: {plan.n_folded > 0}")
+        if folding:  # its queries fit one group at either QG (128 rows or more)
+            assert plan.n_dense > 0 and plan.n_folded == plan.n_groups - plan.n_dense == 1
+        buffers = PlanBuffers.allocate(max_groups=plan.n_groups + 3, max_queries=tree.n_queries, max_kv=tree.n_kv,
+                                       chunk=chunk, queries_per_group=plan.queries_per_group, span=plan.span,
+                                       heads=layout, device="cuda")
+        plan_into(buffers, tree, machine=machine)
+        assert buffers.n_folded == plan.n_folded
+        check_launches(spec, case, [(plan, TILE), (plan, TILE | {"gluon": False}), (buffers, TILE)])
 
     def test_autotuner_tells_gluon_beside_from_gluon_off(self) -> None:
         """The Triton stage 1's best tile depends on whether the plan's dense groups run

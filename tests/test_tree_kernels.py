@@ -682,13 +682,15 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         heads = data.draw(st.sampled_from([(32, 32), (32, 8), (24, 8)]))
         tree = data.draw(wide_trees(kind, chunk, heads[0] // heads[1], span))
         spec, _, case, layout = gluon_case(heads, tree, seed=data.draw(st.integers(0, 1000)))
-        # the two QGs whose groups run in Gluon when dense (65-192 rows), or the choice's
-        qg = data.draw(st.sampled_from([None, *layout.queries_per_group_choices()[-2:]]))
+        # the two QGs whose groups run in Gluon when dense (65-192 rows), or the choice's;
+        # for a folding tree, those that hold all its queries in one group
+        choices = layout.queries_per_group_choices()[-2:]
+        qg = data.draw(st.sampled_from([c for c in choices if c >= tree.n_queries] if folding else [None, *choices]))
         machine = Machine(sms=1) if folding else data.draw(st.sampled_from([Machine(), Machine(sms=1)]))
         plan = plan_tree(tree, chunk=chunk, queries_per_group=qg, span=span, heads=layout, machine=machine,
                          device="cuda")
         event(f"dense groups: {plan.n_dense > 0}, folds: {plan.n_folded > 0}")
-        if folding:  # its queries fit one group at either QG (128 rows or more)
+        if folding:
             assert plan.n_dense > 0 and plan.n_folded == plan.n_groups - plan.n_dense == 1
         buffers = PlanBuffers.allocate(max_groups=plan.n_groups + 3, max_queries=tree.n_queries, max_kv=tree.n_kv,
                                        chunk=chunk, queries_per_group=plan.queries_per_group, span=plan.span,

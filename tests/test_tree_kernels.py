@@ -183,12 +183,6 @@ def wide_trees(draw: st.DrawFn, kind: str, chunk: int, group: int, span: int | N
       shorter than the first by a chunk or more, the structure that lets a plan fold the
       tree's chunk into it (``span`` a multiple of ``chunk`` by 2 or more, ``chunk`` of
       FOLD_ALIGN or more)."""
-    prefix = draw(st.integers(200, 2600))
-    if kind == "speculative":
-        widths = draw(st.lists(st.integers(2, 6), min_size=2, max_size=5))
-        while sum(math.prod(widths[: d + 1]) for d in range(len(widths))) > 300:
-            widths = widths[:-1] if widths[-1] == 1 else [*widths[:-1], widths[-1] - 1]
-        return speculative(prefix=prefix, widths=widths).tree
     if kind == "folding":
         assert span is not None and span % chunk == 0 and span > chunk >= FOLD_ALIGN
         size = draw(st.integers(64 // group + 1, min(128 // group, chunk - 1)))  # one dense group's queries
@@ -197,6 +191,12 @@ def wide_trees(draw: st.DrawFn, kind: str, chunk: int, group: int, span: int | N
         prefix = chunks * chunk + draw(st.integers(1, chunk - size))
         parent = [-1, 0] + [draw(st.integers(1, i - 1)) for i in range(2, size + 1)]
         return TreeBatch.from_parents(parent, [prefix] + [1] * size, list(range(1, size + 1)), mode="token")
+    prefix = draw(st.integers(200, 2600))
+    if kind == "speculative":
+        widths = draw(st.lists(st.integers(2, 6), min_size=2, max_size=5))
+        while sum(math.prod(widths[: d + 1]) for d in range(len(widths))) > 300:
+            widths = widths[:-1] if widths[-1] == 1 else [*widths[:-1], widths[-1] - 1]
+        return speculative(prefix=prefix, widths=widths).tree
     n = draw(st.integers(17, 140))
     parent = [-1, 0] + [0 if draw(st.integers(0, 3)) else draw(st.integers(1, i - 1)) for i in range(2, n + 1)]
     tokens = [prefix, *draw(st.lists(st.integers(1, 120), min_size=n, max_size=n))]

@@ -19,22 +19,19 @@ from attngen.plan import (
     TENSOR_NAMES,
     Plan,
     PlanBuffers,
-    _alike_pairs,
-    _alike_sources,
-    _chunk_layout,
-    _group_stats,
-    _joined,
-    _layout_rows,
-    _matched,
-    _pairs,
-    _rows,
-    _Runs,
-    _slots,
-    _span_stats,
     plan_into,
     plan_tree,
     replan_after_append,
 )
+from attngen.plan.arrays import _stable_argsort
+from attngen.plan.buffers import _joined
+from attngen.plan.choice import _group_stats, _span_stats
+from attngen.plan.groups import _alike_pairs, _alike_sources, _layout_rows, _rows, _slots
+from attngen.plan.layout import _chunk_layout, _KvNodes, _pieces, _place, _places
+from attngen.plan.planner import _matched
+from attngen.plan.spans import _Runs
+from attngen.plan.tensors import _int32_tensors
+from attngen.plan.visibility import _pairs, _queries_per_chunk, _Sight
 from attngen.tree import QueryMode, TreeBatch
 from attngen.workloads import WORKLOADS
 
@@ -620,20 +617,18 @@ def test_planning_time_256_nodes_256_queries() -> None:
 def test_pair_counts_agree_with_the_pairs(tree: TreeBatch, chunk: int) -> None:
     """The counts that rank candidate chunk sizes, taken from node ranges without listing
     the pairs, are the pairs' own counts; so is the one-launch test."""
-    from attngen import plan
-
-    nodes = plan._KvNodes.of(tree)
-    place = plan._place(nodes, chunk)
-    sight = plan._Sight.of(tree, nodes)
-    pairs = plan._pairs(tree, plan._pieces(nodes, place))
+    nodes = _KvNodes.of(tree)
+    place = _place(nodes, chunk)
+    sight = _Sight.of(tree, nodes)
+    pairs = _pairs(tree, _pieces(nodes, place))
     per_chunk = np.bincount(pairs.chunk, minlength=len(place.start))
-    np.testing.assert_array_equal(plan._queries_per_chunk(sight, place), per_chunk)
+    np.testing.assert_array_equal(_queries_per_chunk(sight, place), per_chunk)
     per_query = np.bincount(pairs.query, minlength=tree.n_queries)
     assert (per_chunk.sum() <= sight.seeing) == (per_query.max(initial=0) <= 1)
 
 
 def _placement_by_the_rule(sizes: list[int], chunk: int) -> tuple[list[int], list[int], list[int]]:
-    """The packing rule of the module docstring, node by node: first chunk, offset in it
+    """The packing rule of :mod:`attngen.plan.layout`, node by node: first chunk, offset in it
     and piece count of each (non-empty) node."""
     first, local, pieces = [], [], []
     n_chunks, fill = 0, 0
@@ -665,10 +660,8 @@ def _placement_by_the_rule(sizes: list[int], chunk: int) -> tuple[list[int], lis
 )
 def test_placement_follows_the_packing_rule(sizes: list[int]) -> None:
     """Every chunk size placed side by side (as the chooser does) follows the rule."""
-    from attngen import plan
-
     chunks = (32, 64, 128, 512)
-    places = plan._places(plan._KvNodes.of(TreeBatch.from_parents([-1] * len(sizes), sizes)), chunks)
+    places = _places(_KvNodes.of(TreeBatch.from_parents([-1] * len(sizes), sizes)), chunks)
     for chunk, place in zip(chunks, places, strict=True):
         first, local, pieces = _placement_by_the_rule(sizes, chunk)
         assert place.chunk == chunk
@@ -683,12 +676,10 @@ def test_placement_follows_the_packing_rule(sizes: list[int]) -> None:
 def test_device_plan_tensors_share_one_aligned_buffer() -> None:
     """Off the CPU the plan tensors travel as one buffer: each a view at a 16-byte
     boundary with its own shape ('meta' stands in for a GPU here; the GPU tests run it)."""
-    from attngen import plan
-
     tree = TreeBatch.from_parents([-1, 0, 0, 1], [70, 9, 33, 5], [1, 2, 3])
     cpu = plan_tree(tree, chunk=32, queries_per_group=2)
     host = {name: t.numpy() for name, t in cpu.tensors().items()}
-    moved = plan._int32_tensors(host, "meta")
+    moved = _int32_tensors(host, "meta")
     offsets = [moved[name].storage_offset() for name in TENSOR_NAMES]
     assert offsets == sorted(set(offsets)) and all(o % 4 == 0 for o in offsets)
     for name, t in moved.items():
@@ -698,7 +689,5 @@ def test_device_plan_tensors_share_one_aligned_buffer() -> None:
 
 @pytest.mark.parametrize("bound", [1, 300, 1 << 16, (1 << 16) + 1, 1 << 40])
 def test_stable_argsort_of_bounded_keys_is_numpys(bound: int) -> None:
-    from attngen import plan
-
     keys = np.random.default_rng(bound).integers(0, bound, 3000)
-    np.testing.assert_array_equal(plan._stable_argsort(keys, bound), keys.argsort(kind="stable"))
+    np.testing.assert_array_equal(_stable_argsort(keys, bound), keys.argsort(kind="stable"))

@@ -1,0 +1,273 @@
+"""Choosing the chunk, the queries per group and the span from the cost model, by counting
+each candidate's plan quantities without building its groups; and the quantities of a
+built plan, for its cost report.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attngen.cost import BLOCK_ROWS, HeadLayout, Machine, PlanStats, evaluate
+from attngen.errors import PlanError
+from attngen.plan.fold import _n_folded
+from attngen.plan.groups import _alike_pairs, _dense, _programs, _Rows, _Slots, _slots
+from attngen.plan.layout import _Chunking, _KvNodes, _pieces, _place, _Placement, _places
+from attngen.plan.spans import SPLIT_ALIGN, _coalescible, _run_pieces, _Runs
+from attngen.plan.visibility import WORD, _queries_per_chunk, _Sight
+from attngen.tree import TreeBatch
+
+#: Candidate chunk sizes the cost model chooses among (multiples of 32).
+CHUNK_CHOICES = (64, 128, 256, 512)
+
+
+#: Candidate spans (tokens per group after coalescing a long node's full chunks).
+SPAN_CHOICES = (768, 1024, 2048, 4096, 8192, 16384)
+
+
+def _check_params(chunk: int | None, qg: int | None, heads: HeadLayout) -> None:
+    if chunk is not None and (chunk < WORD or chunk % WORD):
+        raise PlanError(f"chunk {chunk} must be a positive multiple of {WORD} (e.g. 64..512).")
+    if qg is None:
+        return
+    choices = heads.queries_per_group_choices()
+    if qg in choices:
+        return
+    if qg < 1 or qg & (qg - 1):
+        raise PlanError(f"queries_per_group {qg} must be a power of two >= 1, or one of {list(choices)}.")
+    raise PlanError(
+        f"queries_per_group {qg} x {heads.group} query heads per KV head = "
+        f"{qg * heads.group} rows exceeds the {min(heads.max_rows, BLOCK_ROWS)} of a power-of-two "
+        f"QG (max_rows {heads.max_rows}); allowed: {list(choices)}."
+    )
+
+
+def _check_span(span: int | None) -> None:
+    if span is not None and span < 1:
+        raise PlanError(f"span {span} must be a positive number of tokens (e.g. 1024..16384).")
+
+
+def _chunk_stats(
+    tree: TreeBatch,
+    sight: _Sight,
+    places: list[_Placement],
+    qgs: np.ndarray,
+    heads: HeadLayout,
+    machine: Machine,
+) -> PlanStats:
+    """Plan quantities for every (chunking, QG) pair, as [chunkings, QG]. Vectorized over both,
+    and over the distinct query counts of a chunk rather than the chunks: a chunk's groups
+    depend on its query count alone, so the chunks of each count are summed per chunking
+    first (their number, tokens, and how many are among the longest), and the groups are
+    worked out once per count (41 counts against 338 chunks on a random 256-node tree)."""
+    n = len(places)
+    per_chunk = np.concatenate([_queries_per_chunk(sight, place) for place in places])
+    length = np.concatenate([place.length for place in places])
+    of = np.repeat(np.arange(n), [len(place.length) for place in places])
+    top = np.array([place.length.max(initial=0) for place in places], dtype=np.int64)
+    # [counts, chunkings]: chunks of each query count, their tokens, the longest of them
+    key = per_chunk * n + of
+    bins = (int(per_chunk.max(initial=0)) + 1) * n
+    chunks = np.bincount(key, minlength=bins).reshape(-1, n)
+    count = np.flatnonzero(chunks.any(axis=1))
+    chunks = chunks[count]
+    tokens = np.bincount(key, length, bins).reshape(-1, n)[count].astype(np.int64)
+    longest = np.bincount(key, 2 * length >= top[of], bins).reshape(-1, n)[count].astype(np.int64)
+    qg = qgs[:, None]
+    # a chunk's groups: count // qg of qg queries, and one of the rest (if any)
+    n_full = count // qg
+    rest = count - n_full * qg
+    per_qg = n_full + (rest > 0)  # groups per chunk [QG, counts]
+    rows = n_full * heads.tile_rows(qg, qg) + (rest > 0) * heads.tile_rows(rest, qg)
+    # groups tall enough to be dense, taken as full: whether they are is not known here,
+    # so this is an upper bound (the QG and span choice that follows is exact)
+    full_dense, rest_dense = _dense(qg * heads.group, True, 1), _dense(rest * heads.group, True, 1)
+    tall = n_full * full_dense + rest_dense
+    # stage-1 programs per chunk (per KV head)
+    full_programs = _programs(heads.tile_rows(qg, qg), full_dense, machine)
+    programs = n_full * full_programs + (rest > 0) * _programs(heads.tile_rows(rest, qg), rest_dense, machine)
+    partials = count @ chunks
+    # every query that sees a token has a partial: one launch iff none has two
+    launches = np.where(partials <= sight.seeing, 1, 2)
+
+    def per_chunking(values: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """[QG, counts] summed per chunking with ``weight`` [counts, chunkings]: [chunkings, QG]."""
+        return (values @ weight).T
+
+    # [chunkings, QG], the per-chunking and per-QG quantities as a column and a row
+    return PlanStats(
+        chunk=np.array([place.chunk for place in places])[:, None],
+        queries_per_group=qgs[None, :],
+        groups=per_chunking(per_qg, chunks),
+        tokens_read=per_chunking(per_qg, tokens),
+        row_tokens=per_chunking(rows, tokens),
+        longest=top[:, None],
+        n_longest=per_chunking(programs, longest),
+        partials=partials[:, None],
+        queries=tree.n_queries,
+        launches=launches[:, None],
+        branch_tokens=int(tree.query_visible_counts.sum()),
+        unique_tokens=tree.needed_kv_tokens,
+        dense_groups=per_chunking(tall, chunks),
+    )
+
+
+def _choose(
+    tree: TreeBatch, chunk: int | None, qg: int | None, heads: HeadLayout, machine: Machine
+) -> tuple[_Chunking, int]:
+    """The chunking and QG of least predicted time (ties: the earliest chunk, then the
+    smallest QG). Both given: nothing to compare, nothing evaluated. The candidates are
+    compared on pair counts alone, without listing their pairs."""
+    _check_params(chunk, qg, heads)
+    nodes = _KvNodes.of(tree)
+    if chunk is not None and qg is not None:
+        return _pieces(nodes, _place(nodes, chunk)), qg
+    places = _places(nodes, CHUNK_CHOICES if chunk is None else (chunk,))
+    qgs = np.asarray(heads.queries_per_group_choices() if qg is None else [qg], dtype=np.int64)
+    stats = _chunk_stats(tree, _Sight.of(tree, nodes), places, qgs, heads, machine)
+    best = int(np.argmin(evaluate("time_s", stats, heads, machine)))  # first minimum
+    return _pieces(nodes, places[best // len(qgs)]), int(qgs[best % len(qgs)])
+
+
+def _span_stats(
+    tree: TreeBatch,
+    layout: _Chunking,
+    qgs: list[int],
+    slots: list[_Slots],
+    runs: list[_Runs] | None,
+    spans: np.ndarray,
+    heads: HeadLayout,
+    machine: Machine,
+) -> PlanStats:
+    """Plan quantities after coalescing at each of ``spans``, for each QG trial's slots and
+    runs (QG-major), without building the groups; a run's pieces are taken to be as long
+    as its first (its even share rounded up to where :func:`_span_groups` cuts).
+    Vectorized over both: the trials' groups and runs side by side, summed per trial by a
+    one-hot product, as in :func:`_chunk_stats`. ``runs`` None: nothing coalesces (one
+    span), and every group stays as it is."""
+    n, column = len(slots), spans[:, None]
+    one_hot = np.eye(n, dtype=np.int64)
+    # the trials' groups: coalescing joins groups of equal slots, so their rows, hence
+    # row-tokens, stay, and so does whether there are dense groups (all the formulas ask)
+    g_trial = np.repeat(np.arange(n), [len(s.chunk) for s in slots])
+    filled = np.concatenate([s.filled for s in slots])
+    full = np.concatenate([s.full for s in slots])
+    length = layout.length[np.concatenate([s.chunk for s in slots])]
+    by_group = one_hot[g_trial]  # [groups, trials]
+    tile_rows = heads.tile_rows(filled, np.asarray(qgs)[g_trial])
+    row_tokens = (length * tile_rows) @ by_group
+    is_dense = _dense(filled * heads.group, full, length)
+    dense = is_dense @ by_group
+    programs = _programs(tile_rows, is_dense, machine)
+    # the groups that stay as they are: all, or those not in a run of full groups
+    stay = np.ones_like(full) if runs is None else ~full
+    rest, by_rest, rest_programs = length[stay], by_group[stay], programs[stay]
+    top = (rest[:, None] * by_rest).max(axis=0, initial=0)[None, :]  # [spans, trials]
+    groups = by_rest.sum(axis=0)[None, :]
+    partials = np.array([[s.filled.sum() for s in slots]], dtype=np.int64)  # a slot per pair
+    n_longest = np.zeros_like(groups)
+    if runs is not None:  # the trials' runs of full groups, cut into pieces at each span
+        by_run = one_hot[np.repeat(np.arange(n), [len(r.tokens) for r in runs])]
+        tokens = np.concatenate([r.tokens for r in runs])
+        members = np.concatenate([r.members for r in runs])
+        run_slots = np.concatenate([r.slots for r in runs])
+        run_rows = heads.tile_rows(run_slots, np.repeat(qgs, [len(r.tokens) for r in runs]))
+        run_programs = _programs(run_rows, _dense(run_slots * heads.group, True, tokens), machine)
+        pieces = _run_pieces(members, tokens, column, layout.chunk)  # [spans, runs]
+        # a piece ends where _span_groups cuts: at the first member start (a chunk
+        # boundary) at or past its even share, or, where it cuts evenly, at the first
+        # multiple of SPLIT_ALIGN; the first piece is then the longest
+        share = -(-tokens // np.maximum(pieces, 1))
+        even = (column < 2 * layout.chunk) & (tokens > pieces * (layout.chunk + SPLIT_ALIGN))
+        grid = np.where(even, SPLIT_ALIGN, layout.chunk)
+        piece_len = np.minimum(-(-share // grid) * grid, tokens)
+        # uncoalesced: each member is at most a chunk
+        piece_len = np.where(column <= layout.chunk, np.minimum(piece_len, layout.chunk), piece_len)
+        top = np.maximum((piece_len[:, :, None] * by_run).max(axis=1, initial=0), top)
+        n_longest = (pieces * run_programs * (2 * piece_len >= top @ by_run.T)) @ by_run
+        partials = partials + (pieces * run_slots) @ by_run - (members * run_slots) @ by_run
+        groups = groups + pieces @ by_run
+    n_longest = n_longest + ((2 * rest >= top @ by_rest.T) * rest_programs) @ by_rest
+    return PlanStats(
+        chunk=layout.chunk,
+        queries_per_group=np.repeat(qgs, len(spans)),
+        groups=groups.T.ravel(),
+        tokens_read=np.repeat(length @ by_group, len(spans)),
+        row_tokens=np.repeat(row_tokens, len(spans)),
+        longest=top.T.ravel(),
+        n_longest=n_longest.T.ravel(),
+        partials=partials.T.ravel(),
+        dense_groups=np.repeat(dense, len(spans)),
+        # the same for every QG: a query has one slot per chunk it sees
+        **_tree_fields(tree, slots[0].query),
+    )
+
+
+def _choose_qg_span(
+    tree: TreeBatch,
+    layout: _Chunking,
+    qg: int,
+    fixed_qg: bool,
+    span: int | None,
+    heads: HeadLayout,
+    machine: Machine,
+) -> tuple[int, int, _Rows, _Runs | None]:
+    """Queries per group and span of least predicted time, with the rows and runs of the
+    winner (runs None if nothing coalesces). QG ranges over the first choice and its
+    neighbours (unless fixed), span over the chunk itself (no coalescing) and the
+    :data:`SPAN_CHOICES` above it (unless given); ties go to the smallest QG, then the
+    smallest span. Only the winner's rows get their bits."""
+    pairs, source = _alike_pairs(tree, layout)
+    choices = heads.queries_per_group_choices()
+    at = choices.index(qg) if qg in choices else 0
+    qgs = [qg] if fixed_qg else list(choices[max(at - 1, 0) : at + 2])
+    spans = np.asarray(
+        [span] if span is not None else [layout.chunk, *(s for s in SPAN_CHOICES if s > layout.chunk)],
+        dtype=np.int64,
+    )
+    slots = [_slots(pairs, layout, g, source) for g in qgs]
+    coalescible = [_coalescible(s) for s in slots]
+    runs = [_Runs.of(layout, s, c) for s, c in zip(slots, coalescible, strict=True)] if any(coalescible) else None
+    if runs is None:  # nothing coalesces: every span plans the same groups
+        spans = spans[:1]
+    times = evaluate("time_s", _span_stats(tree, layout, qgs, slots, runs, spans, heads, machine), heads, machine)
+    g, i = divmod(int(np.argmin(times)), len(spans))  # the first minimum
+    return qgs[g], int(spans[i]), slots[g].with_bits(pairs, layout), None if runs is None else runs[g]
+
+
+def _tree_fields(tree: TreeBatch, query: np.ndarray) -> dict[str, int]:
+    """The PlanStats fields that come from the tree and the query slots alone: the slots
+    fix how many partials each query has, hence the launches."""
+    per_query = np.bincount(query[query >= 0], minlength=tree.n_queries)
+    return {
+        "queries": tree.n_queries,
+        "launches": 1 if per_query.max(initial=0) <= 1 else 2,
+        "branch_tokens": int(tree.query_visible_counts.sum()),
+        "unique_tokens": tree.needed_kv_tokens,
+    }
+
+
+#: The plan arrays :func:`_group_stats` reads (a plan keeps them for its cost report).
+_STATS_ARRAYS = ("group_kv_len", "group_q", "group_slots", "dense_count", "group_fold")
+
+
+def _group_stats(
+    tree: TreeBatch, chunk: int, qg: int, host: dict[str, np.ndarray], heads: HeadLayout, machine: Machine
+) -> PlanStats:
+    """The plan's quantities, from its assembled arrays (``_host_arrays``)."""
+    length, query = host["group_kv_len"], host["group_q"]
+    tile_rows = heads.tile_rows(host["group_slots"], qg)
+    dense = np.arange(len(length)) < host["dense_count"][0]  # listed first
+    longest = 2 * length >= length.max(initial=0)
+    return PlanStats(
+        chunk=chunk,
+        queries_per_group=qg,
+        groups=len(length),
+        tokens_read=int(length.sum()),
+        row_tokens=int(length @ tile_rows),
+        longest=int(length.max(initial=0)),
+        n_longest=int(longest @ _programs(tile_rows, dense, machine)),
+        partials=int((query >= 0).sum()),
+        dense_groups=int(host["dense_count"][0]),
+        folded=int(_n_folded(host["group_fold"], int(host["dense_count"][0])) > 0),
+        **_tree_fields(tree, query),
+    )

@@ -1,0 +1,165 @@
+"""Groups: each chunk's queries split into groups of at most ``queries_per_group`` slots,
+which groups are dense, and how many stage-1 programs a group takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from attngen.cost import BLOCK_ROWS, DENSE_ROWS, Machine
+from attngen.plan.layout import _Chunking
+from attngen.plan.visibility import WORD, _pair_bits, _Pairs, _pairs
+from attngen.tree import TreeBatch
+
+
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    """Group rows in numpy: the chunk of each group, its query slots, bits, fullness."""
+
+    chunk: np.ndarray  # [G]
+    query: np.ndarray  # [G, QG]
+    bits: np.ndarray  # [G, QG, W]
+    full: np.ndarray  # [G] bool
+
+    @staticmethod
+    def concat(parts: list[_Rows]) -> _Rows:
+        """Rows of several parts, stably ordered by chunk."""
+        chunk = np.concatenate([p.chunk for p in parts])
+        order = chunk.argsort(kind="stable")
+        return _Rows(
+            chunk[order],
+            np.concatenate([p.query for p in parts]).take(order, axis=0),
+            np.concatenate([p.bits for p in parts]).take(order, axis=0),
+            np.concatenate([p.full for p in parts])[order],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Slots:
+    """Group rows before their bits, which is all that comparing QG and span needs: the
+    chunk of each group, its query slots, fullness, and the flat slot of each pair.
+    ``pair_slot`` numbers the ``made_groups`` groups made from the pairs; with ``made``,
+    the groups are those repeated over the chunks (see :meth:`repeated`), and group ``g``
+    is made group ``made[g]``."""
+
+    chunk: np.ndarray  # [G]
+    query: np.ndarray  # [G, QG]
+    full: np.ndarray  # [G] bool
+    pair_slot: np.ndarray  # [pairs] g * QG + s
+    filled: np.ndarray  # [G] slots filled, from the first (as ``_filled_slots`` counts)
+    made_groups: int
+    made: np.ndarray | None = None  # [G] the made group each group repeats
+
+    def with_bits(self, pairs: _Pairs, layout: _Chunking) -> _Rows:
+        words, qg = layout.chunk // WORD, self.query.shape[1]
+        # every slot takes its pair's words, a padding slot the zero row after them
+        pair_bits = _pair_bits(pairs, layout.chunk)
+        slot_pair = np.full((self.made_groups, qg), len(pair_bits))
+        slot_pair.reshape(-1)[self.pair_slot] = np.arange(len(pair_bits))
+        if self.made is not None:
+            slot_pair = slot_pair.take(self.made, axis=0)
+        bits = np.concatenate((pair_bits, np.zeros((1, words), np.int32))).take(slot_pair.reshape(-1), axis=0)
+        return _Rows(self.chunk, self.query, bits.reshape(*self.query.shape, words), self.full)
+
+    def repeated(self, source: np.ndarray) -> _Slots:
+        """These slots with each chunk's groups those of its ``source`` chunk (in chunk
+        order); the slots must have no groups in chunks that repeat another."""
+        per_chunk = np.bincount(self.chunk, minlength=len(source))
+        count = per_chunk[source]
+        first = (per_chunk.cumsum() - per_chunk)[source]
+        made = np.arange(int(count.sum())) + np.repeat(first - (count.cumsum() - count), count)
+        return _Slots(
+            np.arange(len(source)).repeat(count),
+            self.query.take(made, axis=0),
+            self.full[made],
+            self.pair_slot,
+            self.filled[made],
+            self.made_groups,
+            made,
+        )
+
+
+def _slots(pairs: _Pairs, layout: _Chunking, qg: int, source: np.ndarray | None = None) -> _Slots:
+    """Split each chunk's queries (ascending id) into groups of at most ``qg``. With
+    ``source`` (:func:`_alike_sources`), ``pairs`` are those of the chunks that repeat no
+    other, and the others repeat their source's groups."""
+    n_groups = -(-pairs.per_chunk // qg)
+    first_group = n_groups.cumsum() - n_groups
+    group = first_group[pairs.chunk] + pairs.rank // qg
+    total = int(n_groups.sum())
+    pair_slot = group * qg + pairs.rank % qg
+    query = np.full(total * qg, -1, dtype=np.int64)
+    query[pair_slot] = pairs.query
+    full = np.ones(total, dtype=bool)
+    full[group[~pairs.whole]] = False
+    chunks = np.arange(layout.n_chunks).repeat(n_groups)
+    # a chunk's queries fill its groups in rank order, so a group's pairs are its slots
+    made = _Slots(chunks, query.reshape(total, qg), full, pair_slot, np.bincount(group, minlength=total), total)
+    return made if source is None else made.repeated(source)
+
+
+def _rows(pairs: _Pairs, layout: _Chunking, qg: int, source: np.ndarray | None = None) -> _Rows:
+    return _slots(pairs, layout, qg, source).with_bits(pairs, layout)
+
+
+def _alike_sources(tree: TreeBatch, layout: _Chunking) -> np.ndarray | None:
+    """Per chunk, the chunk whose groups it repeats (itself, for most), or None if none
+    does. A chunk that one piece of a node fills is seen whole by every query that sees
+    the node, except, in token mode, by the node's own queries (they see it up to their
+    token), so nodes with queries are left out there. Such a chunk after another of the
+    same node has that chunk's queries, all whole, hence its groups: the inner chunks of
+    a long prefix (97% of spec_16k_184's (chunk, query) pairs) are planned once."""
+    eligible = layout.piece_len == layout.chunk  # the piece fills its chunk
+    if tree.query_mode == "token":
+        eligible &= ~np.isin(tree.order[layout.piece_rank], tree.query_nodes)
+    chunk, rank = layout.piece_chunk[eligible], layout.piece_rank[eligible]
+    repeats = (chunk[1:] == chunk[:-1] + 1) & (rank[1:] == rank[:-1])
+    if not repeats.any():
+        return None
+    source = np.arange(layout.n_chunks)
+    new_class = np.concatenate(([True], ~repeats))
+    first = chunk[new_class][np.cumsum(new_class) - 1]
+    source[chunk] = first
+    return source
+
+
+def _layout_rows(tree: TreeBatch, layout: _Chunking, qg: int) -> _Rows:
+    """The group rows of ``layout`` at ``qg``, planned once for each set of chunks that
+    repeat one another (:func:`_alike_sources`); equal to ``_rows`` of every pair."""
+    pairs, source = _alike_pairs(tree, layout)
+    return _rows(pairs, layout, qg, source)
+
+
+def _alike_pairs(tree: TreeBatch, layout: _Chunking) -> tuple[_Pairs, np.ndarray | None]:
+    """The pairs of the chunks of ``layout`` that repeat no other, and the chunks' sources
+    (:func:`_alike_sources`; None: every chunk's pairs)."""
+    source = _alike_sources(tree, layout)
+    if source is None:
+        return _pairs(tree, layout), None
+    own = source == np.arange(layout.n_chunks)
+    return _pairs(tree, layout, piece_mask=own[layout.piece_chunk]), source
+
+
+def _filled_slots(query: np.ndarray) -> np.ndarray:
+    """Per group of ``query`` [G, QG] slots: the slots up to its last filled one (0 if
+    none), which set the tile height stage 1 runs it at (plan tensor ``group_slots``)."""
+    filled = query.shape[1] - (query[:, ::-1] >= 0).argmax(axis=1)
+    filled[(query < 0).all(axis=1)] = 0
+    return filled
+
+
+def _dense(rows: np.ndarray | int, full: np.ndarray | bool, length: np.ndarray | int) -> np.ndarray:
+    """Which groups are dense: full, not empty, and of filled ``rows`` in
+    :data:`DENSE_ROWS` (the plan lists them first; Hopper runs them in Gluon)."""
+    rows = np.asarray(rows)
+    return np.asarray(full) & (rows > DENSE_ROWS[0]) & (rows <= DENSE_ROWS[1]) & (np.asarray(length) > 0)
+
+
+def _programs(tile_rows: np.ndarray, dense: np.ndarray | bool, machine: Machine) -> np.ndarray:
+    """Stage-1 programs per (group, KV head): one for a dense group where the machine runs
+    dense groups in a kernel of their own, else one per row block of :data:`BLOCK_ROWS`
+    (a tall plan's other groups run as two)."""
+    blocks = -(-tile_rows // BLOCK_ROWS)
+    return np.where(dense & (machine.dense_kernel_launches > 0), 1, blocks)

@@ -133,9 +133,15 @@ def run(
 def check(
     spec: Spec, case: Case, o: torch.Tensor, lse: torch.Tensor, **tensors: torch.Tensor
 ) -> None:
-    ref_o, ref_lse = tree_reference(spec, case.tree, case.q, case.k, case.v, tensors)
-    assert_close(o, ref_o, spec.dtype)
-    assert_lse_close(lse, ref_lse, spec.dtype)
+    assert_matches(spec, o, lse, tree_reference(spec, case.tree, case.q, case.k, case.v, tensors))
+
+
+def assert_matches(
+    spec: Spec, o: torch.Tensor, lse: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor], what: str = "O"
+) -> None:
+    """O and LSE against a reference's, at the spec's dtype tolerances."""
+    assert_close(o, ref[0], spec.dtype, what=what)
+    assert_lse_close(lse, ref[1], spec.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -461,11 +467,10 @@ class TestTreeKernelsInterpreter:
 
 def check_launches(spec: Spec, case: Case, launches: list[tuple[Any, dict]]) -> None:
     """Each launch (a Plan or PlanBuffers, and a config) against one reference."""
-    ref_o, ref_lse = tree_reference(spec, case.tree, case.q, case.k, case.v, {})
+    ref = tree_reference(spec, case.tree, case.q, case.k, case.v, {})
     for plan, config in launches:
         o, lse = run(spec, case, plan, config=config)
-        assert_close(o, ref_o, spec.dtype, what=f"O ({type(plan).__name__}, {config})")
-        assert_lse_close(lse, ref_lse, spec.dtype)
+        assert_matches(spec, o, lse, ref, what=f"O ({type(plan).__name__}, {config})")
 
 
 def check_with_and_without_gluon(spec: Spec, tree: TreeBatch, case: Case, plan: Any, seed: int) -> None:

@@ -44,6 +44,31 @@ def _frozen(values: Iterable[int] | np.ndarray) -> np.ndarray:
     return out
 
 
+def _ints(values: object, what: str) -> np.ndarray:
+    """A read-only int64 copy of user-given ``values``, a flat sequence of integers
+    (integral floats, as from a float tensor, are taken); PlanError naming ``what``
+    otherwise, where a plain cast would read 3.5 as 3 or "3" as 3."""
+    try:
+        arr = np.asarray(values)
+    except ValueError as err:  # ragged nesting
+        raise PlanError(f"{what}: expected a flat sequence of integers ({err}).") from None
+    if arr.ndim != 1 and arr.size:
+        raise PlanError(f"{what}: expected a flat sequence of integers, got an array of shape {arr.shape}.")
+    if arr.size and arr.dtype.kind not in "iu":
+        ok = np.isfinite(arr) & (arr == np.round(arr)) if arr.dtype.kind == "f" else np.zeros(arr.shape, bool)
+        if not ok.all():
+            bad = int(np.argmin(ok))
+            raise PlanError(f"{what}: entry {bad} is {arr[bad].item()!r}; expected an integer.")
+    return _frozen(arr)
+
+
+def _node_id(node: object, what: str) -> int:
+    """A node argument as an int; PlanError for anything but an integer."""
+    if isinstance(node, (bool, np.bool_)) or not isinstance(node, (int, np.integer)):
+        raise PlanError(f"{what}: a node id is an integer, got {node!r}.")
+    return int(node)
+
+
 # ---------------------------------------------------------------------------------------
 # Validation: each check raises one PlanError paragraph.
 
@@ -135,7 +160,7 @@ class TreeBatch:
     node_tree: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        parent, tokens = _frozen(self.parent), _frozen(self.tokens)
+        parent, tokens = _ints(self.parent, "parent array"), _ints(self.tokens, "token counts")
         _check_parents(parent)
         _check_tokens(tokens, len(parent))
         order = _preorder(parent)
@@ -151,7 +176,7 @@ class TreeBatch:
 
     @staticmethod
     def _checked_queries(query_nodes: Iterable[int] | np.ndarray, n_nodes: int) -> np.ndarray:
-        queries = _frozen(query_nodes)
+        queries = _ints(query_nodes, "queries")
         bad = queries[(queries < 0) | (queries >= n_nodes)]
         if bad.size:
             raise PlanError(
@@ -213,11 +238,11 @@ class TreeBatch:
         ``expect_single_tree`` a forest is an error; with ``kv_len`` the token counts
         must add up to it.
         """
-        parent_arr = _frozen(parent)
+        parent_arr = _ints(parent, "parent array")
         if queries is None:
             _check_parents(parent_arr)
             queries = _leaves(parent_arr)
-        batch = cls(parent_arr, _frozen(tokens), _frozen(queries), mode)
+        batch = cls(parent_arr, _ints(tokens, "token counts"), _ints(queries, "queries"), mode)
         if expect_single_tree:
             batch.check_single_tree()
         if kv_len is not None:
@@ -427,11 +452,11 @@ class TreeBatch:
         one count per node)."""
         extra = np.zeros(self.n_nodes, dtype=np.int64)
         if isinstance(counts, Mapping):
-            for node, count in sorted(counts.items()):
+            for node in counts:
                 self._check_node(node, "append_tokens")
-                extra[node] += count
+            np.add.at(extra, _ints(list(counts), "append_tokens"), _ints(list(counts.values()), "append_tokens counts"))
         else:
-            extra += _frozen(counts) if len(counts) == self.n_nodes else self._bad_counts(counts)
+            extra += _ints(counts, "append_tokens counts") if len(counts) == self.n_nodes else self._bad_counts(counts)
         if (extra < 0).any():
             raise PlanError("append_tokens: counts must be >= 0 (use prune to remove nodes).")
         return self._grown(extra)
@@ -495,7 +520,7 @@ class TreeBatch:
         return self._with(parent, self.tokens[keep], queries), _frozen(remap)
 
     def _check_node(self, node: int, what: str) -> None:
-        if not 0 <= int(node) < self.n_nodes:
+        if not 0 <= _node_id(node, what) < self.n_nodes:
             raise PlanError(
                 f"{what}: node {node} does not exist (the batch has {self.n_nodes} nodes, "
                 f"ids 0..{self.n_nodes - 1})."
@@ -528,7 +553,12 @@ def _leaves(parent: np.ndarray) -> np.ndarray:
 def _node_tokens(graph: nx.DiGraph, label: object) -> int:
     if "tokens" not in graph.nodes[label]:
         raise PlanError(f"graph: node {label!r} has no 'tokens' attribute (its token count).")
-    return int(graph.nodes[label]["tokens"])
+    value = graph.nodes[label]["tokens"]
+    try:
+        (count,) = _ints([value], "tokens")
+    except PlanError:
+        raise PlanError(f"graph: node {label!r} has tokens {value!r}; a token count is an integer.") from None
+    return int(count)
 
 
 def _label_index(index: Mapping[object, int], label: object) -> int:
@@ -567,7 +597,7 @@ def validate_page_table(
 ) -> None:
     """PlanError unless ``page_table`` maps all ``n_kv`` tokens to distinct slots inside a
     cache of ``cache_slots`` token slots."""
-    table = np.asarray(page_table, dtype=np.int64).reshape(-1)
+    table = _ints(page_table, "page table")
     needed, cache_pages = pages_needed(n_kv, page_size), cache_slots // page_size
     if table.size < needed:
         raise PlanError(

@@ -540,9 +540,14 @@ def test_written_stretches_close_together_copy_as_one(
         ({"chunk": 48}, "multiple of 32"),
         ({"queries_per_group": 3}, "power of two"),
         ({"queries_per_group": 256}, "max_rows"),
+        # not ints: 64.0 and "64" used to fail deep inside, 1000.5 to be cut to 1000
+        ({"chunk": 64.0}, "chunk must be an int, got 64.0"),
+        ({"chunk": "64"}, "chunk must be an int, got '64'"),
+        ({"queries_per_group": True}, "queries_per_group must be an int, got True"),
+        ({"span": 1000.5}, r"span must be an int, got 1000\.5"),
     ],
 )
-def test_bad_parameters(kwargs: dict[str, int], message: str) -> None:
+def test_bad_parameters(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(PlanError, match=message):
         plan_tree(TreeBatch.from_parents([-1], [5]), **kwargs)  # type: ignore[arg-type]
 
@@ -556,6 +561,8 @@ def test_bad_parameters(kwargs: dict[str, int], message: str) -> None:
         ({"queries_per_group": 64, "heads": HeadLayout(heads_q=32, heads_kv=8)}, r"allowed: \[1, 2, 4, 8, 16, 32, 48\]"),
         ({"span": 0}, "positive number of tokens"),
         ({"max_kv": 0}, "max_kv 0 must be a positive capacity"),
+        ({"max_groups": 8.5}, "max_groups must be an int, got 8.5"),
+        ({"span": 512.0}, "span must be an int"),
     ],
 )
 def test_buffers_check_their_parameters(kwargs: dict[str, object], message: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -15,6 +16,11 @@ from attngen.tree import (
     physical_slots,
     validate_page_table,
 )
+
+
+def loose(value: object) -> Any:
+    """``value`` with its type hidden from mypy, for inputs of the wrong type on purpose."""
+    return value
 
 
 def _example() -> TreeBatch:
@@ -111,8 +117,21 @@ def test_paged_layout() -> None:
         (lambda: TreeBatch.from_parents([-1, 0], [1, 2, 3]), "one count per node"),
         (lambda: validate_page_table([0, 9], 8, 4, cache_slots=16), "outside the cache"),
         (lambda: validate_page_table([0], 8, 4, cache_slots=16), "need 2"),
+        (lambda: validate_page_table(loose([0, 1.5]), 8, 4, cache_slots=16), "page table: entry 1 is 1.5"),
         (lambda: _example().prune(9), "does not exist"),
         (lambda: _example().query_visible_tokens(5), "does not exist"),
+        # what a plain int64 cast would take silently: 3.5 as 3, "3" as 3, a nested list
+        # (loose(): the wrong types are the point)
+        (lambda: TreeBatch.from_parents([-1, 0], loose([3.5, 2])), r"token counts: entry 0 is 3\.5"),
+        (lambda: TreeBatch.from_parents([-1, 0], loose(["3", 2])), "token counts: entry 0 is '3'"),
+        (lambda: TreeBatch.from_parents([-1, 0], loose([float("nan"), 2])), "entry 0 is nan"),
+        (lambda: TreeBatch.from_parents(loose([[-1, 0]]), [1, 2]), r"parent array: .* shape \(1, 2\)"),
+        (lambda: TreeBatch.from_parents(loose([-1, [0, 1]]), [1, 2]), "parent array: expected a flat"),
+        (lambda: TreeBatch.from_parents([-1, 0], [1, 2], loose([True])), "queries: entry 0 is True"),
+        (lambda: _example().append_tokens(loose({1: 0.5})), "append_tokens counts: entry 0 is 0.5"),
+        (lambda: _example().append_tokens(loose([0, 0, 0, 1.5])), "append_tokens counts: entry 3"),
+        (lambda: _example().append_tokens(loose({"a": 1})), "node id is an integer, got 'a'"),
+        (lambda: _example().prune(loose([1])), r"prune: a node id is an integer, got \[1\]"),
     ],
 )
 def test_bad_input_raises_plan_error(build: Callable[[], object], message: str) -> None:
@@ -120,9 +139,30 @@ def test_bad_input_raises_plan_error(build: Callable[[], object], message: str) 
         build()
 
 
+def test_integer_like_inputs_are_taken() -> None:
+    """Other integer dtypes and integral floats (a count computed in float, a float
+    tensor's values) mean what they say."""
+    for parent, tokens in [
+        ([-1, 0], [3.0, 2.0]),
+        (np.array([-1, 0], dtype=np.int32), np.array([3, 2], dtype=np.uint8)),
+        ((-1, np.int64(0)), (np.float32(3), 2)),
+    ]:
+        tree = TreeBatch.from_parents(loose(parent), loose(tokens))
+        assert tree.parent.tolist() == [-1, 0] and tree.tokens.tolist() == [3, 2]
+    assert _example().prune(loose(np.int64(3)))[0].n_nodes == 3
+
+
 def test_networkx_two_parents_is_an_error() -> None:
     g = nx.DiGraph()
     g.add_nodes_from([(0, {"tokens": 1}), (1, {"tokens": 1}), (2, {"tokens": 1})])
     g.add_edges_from([(0, 2), (1, 2)])
     with pytest.raises(PlanError, match="2 parents"):
+        TreeBatch.from_networkx(g)
+
+
+def test_networkx_fractional_tokens_is_an_error() -> None:
+    g = nx.DiGraph()
+    g.add_nodes_from([("root", {"tokens": 4}), ("leaf", {"tokens": 2.5})])
+    g.add_edge("root", "leaf")
+    with pytest.raises(PlanError, match=r"node 'leaf' has tokens 2\.5"):
         TreeBatch.from_networkx(g)

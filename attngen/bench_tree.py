@@ -301,6 +301,44 @@ def format_table(rows: list[TreeRow]) -> str:
     return "\n".join(lines)
 
 
+#: What the plot draws per case, each time over the floor: (label, TreeRow field, colour).
+PLOTTED = (
+    ("attngen", "attngen_us", "tab:green"),
+    ("attngen, Triton only", "triton_only_us", "tab:olive"),
+    ("FlexAttention", "flex_us", "tab:blue"),
+    ("SDPA, dense mask", "sdpa_dense_us", "tab:purple"),
+    ("per-branch SDPA", "per_branch_us", "tab:gray"),
+)
+
+
+def plot(rows: list[TreeRow], path: str | Path) -> None:
+    """Each case's times over its floor, attngen beside the peers, on a log scale with the
+    floor and the 1.5x target marked; a peer that did not run is left out of its case."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AttngenError("--plot needs matplotlib: pip install 'attngen[plot]'") from None
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(rows) + 2) + 2.5, 4.5))
+    width = 0.8 / len(PLOTTED)
+    for k, (label, name, color) in enumerate(PLOTTED):
+        xs = [i + (k - (len(PLOTTED) - 1) / 2) * width for i, r in enumerate(rows) if getattr(r, name)]
+        ys = [getattr(r, name) / r.floor_us for r in rows if getattr(r, name)]
+        if ys:
+            ax.bar(xs, ys, width, label=label, color=color)
+    ax.axhline(1.0, color="black", linewidth=1, label="floor")
+    ax.axhline(1.5, color="tab:red", linestyle="--", linewidth=1, label="1.5x the floor")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)), [f"{r.workload}\n{r.layout}" for r in rows], fontsize=8)
+    ax.set_ylabel("time / floor (median of CUDA-graph replays)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def save_rows(rows: list[TreeRow], out: Path) -> None:
     """``out``/tree_results.json, rewritten whole after every case, so that a run cut
     short (a time limit on a lent GPU) keeps what it measured."""
@@ -313,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
                         help="workloads to run (default: the five reference shapes)")
     parser.add_argument("--layout", action="append", choices=sorted(LAYOUTS), help="default: mha and gqa")
-    parser.add_argument("--out", type=Path, help="folder for tree_results.json")
+    parser.add_argument("--out", type=Path, help="folder for tree_results.json and tree_plot.png")
     parser.add_argument("--no-peers", action="store_true", help="time attngen only (quick)")
     parser.add_argument("--cold-l2", action="store_true",
                         help="overwrite L2 before every timed replay (KV from DRAM, as between layers)")
@@ -341,6 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GPU {rates.gpu}, torch {rates.torch_version}, triton {rates.triton_version}, "
           f"bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s")
     print(format_table(rows))
+    if args.out:
+        try:
+            plot(rows, args.out / "tree_plot.png")
+        except AttngenError as err:  # no matplotlib: the table and the JSON are written
+            print(f"bench_tree: no tree_plot.png ({err})", file=sys.stderr)
     return 0 if all(math.isfinite(r.rel_err) and r.rel_err < 2e-2 for r in rows) else 1
 
 

@@ -15,16 +15,19 @@ exit code 2 — never a traceback. Exit code 1 means the command ran and found a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from attngen.errors import AttngenError
 from attngen.progress import Progress
+from attngen.render import write_atomic
 from attngen.spec import Spec, load_spec
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
@@ -166,15 +169,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from attngen import bench
 
     spec = load_spec(args.spec)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # before minutes of timing
+        raise AttngenError("--plot needs matplotlib: pip install 'attngen[plot]'")
     if spec.topology.kind != "sequence":
         from attngen import bench_tree
 
-        print(bench_tree.format_table(bench_tree.bench_spec(spec)))
+        if args.shape:
+            raise AttngenError(f"--shape applies to sequence specs; {spec.name} is a tree spec, which runs the "
+                               "reference workloads of its query mode (python -m attngen.bench_tree --workload "
+                               "NAME runs others)")
+        rows = bench_tree.bench_spec(spec)
+        print(bench_tree.format_table(rows))
+        if args.plot:
+            with _writing("--plot", args.plot) as path:
+                bench_tree.plot(rows, path)
         return EXIT_OK
     shapes = [bench.parse_shape(s, spec) for s in args.shape] if args.shape else bench.default_shapes(spec)
     results = bench.run_cases([(spec, s) for s in shapes], seed=args.seed)
     if args.plot:
-        bench.plot(results, args.plot)
+        with _writing("--plot", args.plot) as path:
+            bench.plot(results, path)
     print(bench.format_table(results))
     return EXIT_OK
 
@@ -242,11 +256,11 @@ def cmd_schema(args: argparse.Namespace) -> int:
 # plan (tree family; the planner lives in attngen.plan, its display in attngen.plan_show)
 
 
-def _ints(text: str) -> list[int]:
+def _ints(option: str, text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(",", " ").split()]
     except ValueError:
-        raise AttngenError(f"expected a comma-separated list of integers, given {text!r}") from None
+        raise AttngenError(f"{option}: expected a comma-separated list of integers, given {text!r}") from None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -262,8 +276,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         if args.tokens is None:
             raise AttngenError("--parents needs --tokens (tokens per node, same length)")
-        queries = _ints(args.queries) if args.queries else None
-        tree: Any = TreeBatch.from_parents(_ints(args.parents), _ints(args.tokens), queries, mode=args.mode)
+        queries = _ints("--queries", args.queries) if args.queries else None
+        parents, tokens = _ints("--parents", args.parents), _ints("--tokens", args.tokens)
+        tree: Any = TreeBatch.from_parents(parents, tokens, queries, mode=args.mode)
     elif args.workload:
         tree = _workload_tree(args.workload)
     else:
@@ -276,10 +291,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(plan_show.describe(plan))
     print(f"planned in {elapsed * 1e3:.2f} ms (host)")
     if args.dot:
-        Path(args.dot).write_text(plan_show.to_dot(tree, plan))
-    if args.png and not plan_show.draw_png(tree, plan, args.png):
-        raise AttngenError("--png needs matplotlib: pip install 'attngen[plot]'")
+        with _writing("--dot", args.dot) as path:
+            write_atomic(path, plan_show.to_dot(tree, plan))
+    if args.png:
+        with _writing("--png", args.png) as path:
+            if not plan_show.draw_png(tree, plan, str(path)):
+                raise AttngenError("--png needs matplotlib: pip install 'attngen[plot]'")
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _writing(option: str, name: str) -> Iterator[Path]:
+    """The path to write ``option``'s file at, its folder made as `build -o` makes one; an
+    OSError while writing becomes an AttngenError naming the option and the file."""
+    path = Path(name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield path
+    except OSError as err:
+        raise AttngenError(f"{option} {name}: cannot write it ({err.strerror or err})") from None
 
 
 def _workload_tree(name: str) -> Any:
@@ -350,9 +380,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options whose value is a list of ints that may start with a minus ('--parents -1,0,0').
+LIST_OPTIONS = ("--parents", "--tokens", "--queries")
+
+
+def _joined_list_values(argv: Sequence[str]) -> list[str]:
+    """``argv`` with each list option joined to its value ('--parents=-1,0,0'): argparse
+    takes a word that starts with '-' and is not a plain number for an option, so
+    '--parents -1,0,0' would fail with 'expected one argument'."""
+    out: list[str] = []
+    words = iter(argv)
+    for word in words:
+        value = next(words, None) if word in LIST_OPTIONS else None
+        out.append(word if value is None else f"{word}={value}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``attngen`` script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_joined_list_values(sys.argv[1:] if argv is None else argv))
     try:
         code: int = args.run(args)
     except AttngenError as err:

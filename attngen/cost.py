@@ -48,6 +48,8 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
+from attngen.errors import PlanError
+
 C, QG, G, T, RT, P, NQ, L, W, NW = sp.symbols("C QG G T RT P NQ L W NW", positive=True)
 Hq, Hkv, Dqk, Dv, E = sp.symbols("Hq Hkv Dqk Dv E", positive=True)
 T_branch, T_unique = sp.symbols("T_branch T_unique", positive=True)
@@ -266,6 +268,17 @@ class HeadLayout:
     head_dim_v: int = 128
     dtype_bytes: int = 2
     max_rows: int = TALL_ROWS
+
+    def __post_init__(self) -> None:
+        for name in ("heads_q", "heads_kv", "head_dim_qk", "head_dim_v", "dtype_bytes", "max_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise PlanError(f"HeadLayout: {name} must be a positive int, got {value!r}.")
+        if self.heads_q % self.heads_kv:
+            raise PlanError(
+                f"HeadLayout: heads_kv {self.heads_kv} must divide heads_q {self.heads_q} (each KV "
+                "head serves the same number of query heads: MHA, GQA or MQA)."
+            )
 
     @property
     def group(self) -> int:

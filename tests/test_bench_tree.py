@@ -69,3 +69,11 @@ def test_table_reports_ratio_and_best_peer() -> None:
     table = bench_tree.format_table([row])
     assert "fewshot_4k_x20" in table and "1.50x" in table and "n/a" in table
     assert "plan: chunk 512, QG 32, span 2048; autotuner: block_n 64, 4 warps, 3 stages" in table
+
+
+def test_plot_draws_every_case(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rows = [_row(), _row(layout="gqa", floor_us=11.5, attngen_us=23.0, flex_us=None, triton_only_us=25.0)]
+    path = tmp_path / "tree_plot.png"
+    bench_tree.plot(rows, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -147,6 +147,14 @@ def test_bench_without_gpu_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None
     assert "CUDA" in err and "Traceback" not in err
 
 
+def test_bench_shape_on_a_tree_spec_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """A tree spec runs its workloads; a --shape would be ignored, so it is refused (before
+    any GPU work: this runs without one too)."""
+    code, _, err = run(capsys, "bench", str(ROOT / "specs" / "tree_fewshot.yaml"), "--shape", "1x4096")
+    assert code == 2
+    assert "--shape applies to sequence specs" in err and "Traceback" not in err
+
+
 def test_plan_without_a_tree_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "plan")
     assert code == 2
@@ -182,12 +190,38 @@ def test_readme_main_job_names_real_specs() -> None:
 
 
 def test_plan_from_parents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As the README spells it: '--parents -1,0,0' (a value argparse alone would take
+    for an option), and a DOT file in a folder that does not exist yet."""
     pytest.importorskip("attngen.plan")
-    dot = tmp_path / "plan.dot"
-    code, out, err = run(capsys, "plan", "--parents=-1,0,0", "--tokens", "100,20,30", "--dot", str(dot))
+    dot = tmp_path / "new" / "plan.dot"
+    code, out, err = run(capsys, "plan", "--parents", "-1,0,0", "--tokens", "100,20,30", "--dot", str(dot))
     assert code == 0, err
     assert "group" in out
     assert dot.read_text().startswith("digraph")
+    assert "attngen plan --parents -1,0,0 --tokens" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--parents", "-1,0", "--tokens", "3,x"], "--tokens: expected a comma-separated list of integers"),
+        (["--parents", "-1,0", "--tokens", "3,3", "--queries", "-2"], "queries: node -2 does not exist"),
+        (["fewshot_4k_x20", "--heads-kv", "5"], "heads_kv 5 must divide heads_q 32"),
+        (["fewshot_4k_x20", "--head-dim", "0"], "head_dim_qk must be a positive int"),
+    ],
+)
+def test_plan_bad_arguments_are_exit_2(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    pytest.importorskip("attngen.plan")
+    code, _, err = run(capsys, "plan", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_plan_unwritable_dot_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("attngen.plan")
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the DOT file's folder should be
+    code, _, err = run(capsys, "plan", "--parents", "-1,0", "--tokens", "3,3", "--dot", str(blocker / "plan.dot"))
+    assert code == 2 and "--dot" in err and "cannot write it" in err, err
 
 
 def test_plan_bad_tree_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

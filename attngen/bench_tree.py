@@ -321,7 +321,7 @@ def plot(rows: list[TreeRow], path: str | Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise AttngenError("--plot needs matplotlib: pip install 'attngen[plot]'") from None
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(rows) + 2) + 2.5, 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2) + 2.5, 4.5))
     width = 0.8 / len(PLOTTED)
     for k, (label, name, color) in enumerate(PLOTTED):
         xs = [i + (k - (len(PLOTTED) - 1) / 2) * width for i, r in enumerate(rows) if getattr(r, name)]

@@ -65,7 +65,10 @@ def cmd_build(args: argparse.Namespace) -> int:
                 text = str(err)
                 raise AttngenError(text if path in text else f"{path}: {text}") from None
             bar.step(spec.name)
-    results = [render.build(spec, out_dir, check=args.check) for spec in specs]
+    try:
+        results = [render.build(spec, out_dir, check=args.check) for spec in specs]
+    except OSError as err:  # an unwritable folder: one line, not a traceback
+        raise AttngenError(f"-o {out_dir}: cannot write there ({err.strerror or err})") from None
     stale = [r.path for r in results if r.stale]
     if not args.check:
         written = sum(r.changed for r in results)
@@ -84,7 +87,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
-    device = args.device or _default_device()
+    device = _check_device(args.device) if args.device else _default_device()
     from attngen.check import check_spec
 
     bar = Progress(args.examples, f"check {spec.name}")
@@ -96,6 +99,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     bar.close()
     print(report.summary())
     return EXIT_OK if report.passed else EXIT_FOUND
+
+
+def _check_device(device: str) -> str:
+    """``--device`` as given, if this machine has it: cpu (the Triton interpreter) or a
+    CUDA device; otherwise every case would fail on the same error."""
+    name, _, index = device.partition(":")
+    if name not in ("cpu", "cuda") or (index and not index.isdigit()) or (name == "cpu" and index):
+        raise AttngenError(f"--device {device!r}: allowed are cpu (the Triton interpreter), cuda and cuda:N")
+    if name == "cuda":
+        _default_device()  # torch is there
+        import torch
+
+        count = torch.cuda.device_count()
+        if int(index or 0) >= count:
+            raise AttngenError(f"--device {device}: this machine has {count} CUDA device(s); "
+                               "use --device cpu for the Triton interpreter")
+    return device
 
 
 def _default_device() -> str:
@@ -331,6 +351,16 @@ def _workload_tree(name: str) -> Any:
 # ---------------------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, given {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attngen", description="Compile YAML attention specs to Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -343,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="property-test a spec's kernel against the float64 reference")
     p.add_argument("spec", metavar="SPEC")
-    p.add_argument("--examples", type=int, default=20, metavar="N")
+    p.add_argument("--examples", type=_positive_int, default=20, metavar="N")
     p.add_argument("--seed", type=int, default=None, metavar="S")
     p.add_argument("--device", default=None, help="cuda, or cpu for the Triton interpreter (default: cuda if present)")
     p.set_defaults(run=cmd_check)

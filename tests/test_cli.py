@@ -155,6 +155,32 @@ def test_bench_shape_on_a_tree_spec_is_exit_2(capsys: pytest.CaptureFixture[str]
     assert "--shape applies to sequence specs" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("tpu", "allowed are cpu"), ("cuda:x", "allowed are cpu"), ("cpu:0", "allowed are cpu"), ("cuda:99", "CUDA device")],
+)
+def test_check_bad_device_is_exit_2(capsys: pytest.CaptureFixture[str], device: str, message: str) -> None:
+    """Refused before the first case, where every case would fail on the same error."""
+    pytest.importorskip("torch")
+    code, out, err = run(capsys, "check", str(ROOT / "specs" / "tree_fewshot.yaml"), "--device", device)
+    assert code == 2 and message in err and "case" not in out, err
+
+
+@pytest.mark.parametrize("examples", ["0", "-3", "x"])
+def test_check_examples_must_be_positive(capsys: pytest.CaptureFixture[str], examples: str) -> None:
+    with pytest.raises(SystemExit) as exit_:  # argparse's own error: usage and one line
+        run(capsys, "check", str(ROOT / "specs" / "tree_fewshot.yaml"), "--examples", examples)
+    assert exit_.value.code == 2
+    assert "--examples: expected a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_build_into_an_unwritable_folder_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the output folder should be
+    code, _, err = run(capsys, "build", str(ROOT / "specs" / "tree_fewshot.yaml"), "-o", str(blocker / "out"))
+    assert code == 2 and "cannot write there" in err and "Traceback" not in err, err
+
+
 def test_plan_without_a_tree_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "plan")
     assert code == 2

@@ -280,6 +280,11 @@ def _translate(err: ValidationError) -> SpecError:
                          suggestion=did_you_mean(str(loc[-1]), names))
     if first["type"] == "missing":
         return SpecError(path, "is required")
+    axis = loc.index("dims") + 1 if "dims" in loc else len(loc)
+    if axis < len(loc) and isinstance(loc[axis], int):
+        # one axis of a user tensor: pydantic would name only the union's first branch
+        return SpecError(path, "is not a tensor dim", given=given,
+                         allowed="head, batch, token, or a fixed size (an int >= 1)")
     msg = first["msg"].removeprefix("Value error, ")
     if isinstance(given, dict | list) and len(str(given)) > 80:
         given = None

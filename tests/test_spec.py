@@ -49,6 +49,16 @@ BAD_SPECS: list[tuple[str, str, list[str]]] = [
         _with(tensors={"doc": {"dims": ["token"], "dtyp": "int32"}}),
         ["tensors.doc.dtyp", "did you mean 'dtype'"],
     ),
+    (
+        "unknown tensor dim",
+        _with(tensors={"bias": {"dims": ["head", "wat"], "dtype": "fp32"}}),
+        ["tensors.bias.dims[1]", "is not a tensor dim", "'wat'", "head, batch, token, or a fixed size"],
+    ),
+    (
+        "zero-size tensor dim",
+        _with(tensors={"bias": {"dims": [0], "dtype": "fp32"}}),
+        ["tensors.bias.dims[0]", "given: 0", "an int >= 1"],
+    ),
     ("wrong type", _with(heads={"q": "eight", "kv": 2}), ["heads.q", "integer", "'eight'"]),
     (
         "heads not divisible",

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-from attngen.errors import PlanError
+from attngen.errors import PlanError, plan_int
 
 C, QG, G, T, RT, P, NQ, L, W, NW = sp.symbols("C QG G T RT P NQ L W NW", positive=True)
 Hq, Hkv, Dqk, Dv, E = sp.symbols("Hq Hkv Dqk Dv E", positive=True)
@@ -271,9 +271,8 @@ class HeadLayout:
 
     def __post_init__(self) -> None:
         for name in ("heads_q", "heads_kv", "head_dim_qk", "head_dim_v", "dtype_bytes", "max_rows"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise PlanError(f"HeadLayout: {name} must be a positive int, got {value!r}.")
+            if plan_int(getattr(self, name), f"HeadLayout: {name}") < 1:
+                raise PlanError(f"HeadLayout: {name} must be at least 1, got {getattr(self, name)}.")
         if self.heads_q % self.heads_kv:
             raise PlanError(
                 f"HeadLayout: heads_kv {self.heads_kv} must divide heads_q {self.heads_q} (each KV "

@@ -9,6 +9,7 @@ never a traceback.
 from __future__ import annotations
 
 import difflib
+import numbers
 from collections.abc import Iterable
 
 
@@ -103,3 +104,20 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """
     close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}?" if close else None
+
+
+def plan_int(value: object, what: str) -> int:
+    """``value`` as an int if it is one (Python's or numpy's, not a bool); a PlanError
+    naming ``what`` otherwise, before a float is cut (1000.5 to 1000) or a string fails
+    deep inside.
+
+    >>> plan_int(64, "chunk")
+    64
+    >>> plan_int(64.0, "chunk")
+    Traceback (most recent call last):
+    ...
+    attngen.errors.PlanError: chunk must be an int, got 64.0.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy's register
+        raise PlanError(f"{what} must be an int, got {value!r}.")
+    return int(value)

@@ -31,7 +31,7 @@ from typing import Literal
 import networkx as nx
 import numpy as np
 
-from attngen.errors import PlanError
+from attngen.errors import PlanError, plan_int
 
 QueryMode = Literal["node", "token"]
 IntArray = np.ndarray
@@ -60,13 +60,6 @@ def _ints(values: object, what: str) -> np.ndarray:
             bad = int(np.argmin(ok))
             raise PlanError(f"{what}: entry {bad} is {arr[bad].item()!r}; expected an integer.")
     return _frozen(arr)
-
-
-def _node_id(node: object, what: str) -> int:
-    """A node argument as an int; PlanError for anything but an integer."""
-    if isinstance(node, (bool, np.bool_)) or not isinstance(node, (int, np.integer)):
-        raise PlanError(f"{what}: a node id is an integer, got {node!r}.")
-    return int(node)
 
 
 # ---------------------------------------------------------------------------------------
@@ -520,7 +513,7 @@ class TreeBatch:
         return self._with(parent, self.tokens[keep], queries), _frozen(remap)
 
     def _check_node(self, node: int, what: str) -> None:
-        if not 0 <= _node_id(node, what) < self.n_nodes:
+        if not 0 <= plan_int(node, f"{what}: a node id") < self.n_nodes:
             raise PlanError(
                 f"{what}: node {node} does not exist (the batch has {self.n_nodes} nodes, "
                 f"ids 0..{self.n_nodes - 1})."

@@ -233,7 +233,7 @@ def test_plan_from_parents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         (["--parents", "-1,0", "--tokens", "3,x"], "--tokens: expected a comma-separated list of integers"),
         (["--parents", "-1,0", "--tokens", "3,3", "--queries", "-2"], "queries: node -2 does not exist"),
         (["fewshot_4k_x20", "--heads-kv", "5"], "heads_kv 5 must divide heads_q 32"),
-        (["fewshot_4k_x20", "--head-dim", "0"], "head_dim_qk must be a positive int"),
+        (["fewshot_4k_x20", "--head-dim", "0"], "head_dim_qk must be at least 1, got 0"),
     ],
 )
 def test_plan_bad_arguments_are_exit_2(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:

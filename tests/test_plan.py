@@ -573,6 +573,19 @@ def test_buffers_check_their_parameters(kwargs: dict[str, object], message: str)
         PlanBuffers.allocate(**(args | kwargs))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"heads_kv": 5}, "heads_kv 5 must divide heads_q 32"),
+        ({"heads_q": 0}, "heads_q must be at least 1"),
+        ({"head_dim_qk": 128.0}, "head_dim_qk must be an int, got 128.0"),
+    ],
+)
+def test_head_layout_checks_its_fields(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        HeadLayout(**kwargs)  # type: ignore[arg-type]
+
+
 def test_cost_reports_io_saved_against_per_branch() -> None:
     tree = TreeBatch.from_parents([-1] + [0] * 20, [4000] + [400] * 20)
     cost = plan_tree(tree, heads=HeadLayout(heads_q=32, heads_kv=8)).cost

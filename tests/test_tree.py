@@ -130,8 +130,8 @@ def test_paged_layout() -> None:
         (lambda: TreeBatch.from_parents([-1, 0], [1, 2], loose([True])), "queries: entry 0 is True"),
         (lambda: _example().append_tokens(loose({1: 0.5})), "append_tokens counts: entry 0 is 0.5"),
         (lambda: _example().append_tokens(loose([0, 0, 0, 1.5])), "append_tokens counts: entry 3"),
-        (lambda: _example().append_tokens(loose({"a": 1})), "node id is an integer, got 'a'"),
-        (lambda: _example().prune(loose([1])), r"prune: a node id is an integer, got \[1\]"),
+        (lambda: _example().append_tokens(loose({"a": 1})), "append_tokens: a node id must be an int, got 'a'"),
+        (lambda: _example().prune(loose([1])), r"prune: a node id must be an int, got \[1\]"),
     ],
 )
 def test_bad_input_raises_plan_error(build: Callable[[], object], message: str) -> None:

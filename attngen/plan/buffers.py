@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from attngen.cost import HeadLayout, Machine
-from attngen.errors import PlanError
-from attngen.plan.choice import _check_int, _check_params, _check_span, _choose
+from attngen.errors import PlanError, plan_int
+from attngen.plan.choice import _check_params, _check_span, _choose
 from attngen.plan.fold import _n_folded
 from attngen.plan.groups import _layout_rows
 from attngen.plan.spans import _span_groups
@@ -82,7 +82,7 @@ class PlanBuffers:
         allocated."""
         heads = heads or HeadLayout()
         for name, value in (("max_groups", max_groups), ("max_queries", max_queries), ("max_kv", max_kv)):
-            _check_int(f"PlanBuffers.allocate: {name}", value)
+            plan_int(value, f"PlanBuffers.allocate: {name}")
             if value < 1:
                 raise PlanError(f"PlanBuffers.allocate: {name} {value} must be a positive capacity.")
         _check_params(chunk, queries_per_group, heads)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from attngen.cost import BLOCK_ROWS, HeadLayout, Machine, PlanStats, evaluate
-from attngen.errors import PlanError
+from attngen.errors import PlanError, plan_int
 from attngen.plan.fold import _n_folded
 from attngen.plan.groups import _alike_pairs, _dense, _programs, _Rows, _Slots, _slots
 from attngen.plan.layout import _Chunking, _KvNodes, _pieces, _place, _Placement, _places
@@ -24,18 +24,10 @@ CHUNK_CHOICES = (64, 128, 256, 512)
 SPAN_CHOICES = (768, 1024, 2048, 4096, 8192, 16384)
 
 
-def _check_int(name: str, value: object) -> None:
-    """PlanError unless ``value`` is an int (numpy's too; not a bool, a float or a string),
-    before it is compared or cast: 64.0 or "64" would fail deep inside, 1000.5 would be
-    cut to 1000."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise PlanError(f"{name} must be an int, got {value!r}.")
-
-
 def _check_params(chunk: int | None, qg: int | None, heads: HeadLayout) -> None:
     for name, value in (("chunk", chunk), ("queries_per_group", qg)):
         if value is not None:
-            _check_int(name, value)
+            plan_int(value, name)
     if chunk is not None and (chunk < WORD or chunk % WORD):
         raise PlanError(f"chunk {chunk} must be a positive multiple of {WORD} (e.g. 64..512).")
     if qg is None:
@@ -54,7 +46,7 @@ def _check_params(chunk: int | None, qg: int | None, heads: HeadLayout) -> None:
 
 def _check_span(span: int | None) -> None:
     if span is not None:
-        _check_int("span", span)
+        plan_int(span, "span")
     if span is not None and span < 1:
         raise PlanError(f"span {span} must be a positive number of tokens (e.g. 1024..16384).")
 

@@ -108,10 +108,7 @@ def _check_device(device: str) -> str:
     if name not in ("cpu", "cuda") or (index and not index.isdigit()) or (name == "cpu" and index):
         raise AttngenError(f"--device {device!r}: allowed are cpu (the Triton interpreter), cuda and cuda:N")
     if name == "cuda":
-        _default_device()  # torch is there
-        import torch
-
-        count = torch.cuda.device_count()
+        count = _torch().cuda.device_count()
         if int(index or 0) >= count:
             raise AttngenError(f"--device {device}: this machine has {count} CUDA device(s); "
                                "use --device cpu for the Triton interpreter")
@@ -119,11 +116,15 @@ def _check_device(device: str) -> str:
 
 
 def _default_device() -> str:
+    return "cuda" if _torch().cuda.is_available() else "cpu"
+
+
+def _torch() -> Any:
     try:
         import torch
     except ImportError:
         raise AttngenError("attngen check needs torch; install it first (see README: set-up)") from None
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch
 
 
 # ---------------------------------------------------------------------------------------

@@ -307,6 +307,11 @@ class HeadLayout:
         return tuple(choices)
 
 
+#: The layout a plan serves when none is given (Llama-style MHA, 32 heads of 128); one
+#: instance, so a decode loop's plan calls do not each build and check one.
+DEFAULT_HEADS = HeadLayout()
+
+
 @dataclass(frozen=True, slots=True)
 class Machine:
     """Rates of the target GPU (defaults: measured on an H200, bf16, see BENCHMARKS.md).

@@ -235,7 +235,7 @@ class TreeBatch:
         if queries is None:
             _check_parents(parent_arr)
             queries = _leaves(parent_arr)
-        batch = cls(parent_arr, _ints(tokens, "token counts"), _ints(queries, "queries"), mode)
+        batch = cls(parent_arr, tokens, queries, mode)  # type: ignore[arg-type]  # checked there
         if expect_single_tree:
             batch.check_single_tree()
         if kv_len is not None:
@@ -445,9 +445,8 @@ class TreeBatch:
         one count per node)."""
         extra = np.zeros(self.n_nodes, dtype=np.int64)
         if isinstance(counts, Mapping):
-            for node in counts:
-                self._check_node(node, "append_tokens")
-            np.add.at(extra, _ints(list(counts), "append_tokens"), _ints(list(counts.values()), "append_tokens counts"))
+            nodes = [self._check_node(node, "append_tokens") for node in counts]
+            np.add.at(extra, nodes, _ints(list(counts.values()), "append_tokens counts"))
         else:
             extra += _ints(counts, "append_tokens counts") if len(counts) == self.n_nodes else self._bad_counts(counts)
         if (extra < 0).any():
@@ -512,12 +511,15 @@ class TreeBatch:
         queries = remap[self.query_nodes[~removed[self.query_nodes]]]
         return self._with(parent, self.tokens[keep], queries), _frozen(remap)
 
-    def _check_node(self, node: int, what: str) -> None:
-        if not 0 <= plan_int(node, f"{what}: a node id") < self.n_nodes:
+    def _check_node(self, node: int, what: str) -> int:
+        """``node`` as an int id of this batch; PlanError otherwise."""
+        node_id = plan_int(node, f"{what}: a node id")
+        if not 0 <= node_id < self.n_nodes:
             raise PlanError(
                 f"{what}: node {node} does not exist (the batch has {self.n_nodes} nodes, "
                 f"ids 0..{self.n_nodes - 1})."
             )
+        return node_id
 
     def same_structure(self, other: TreeBatch) -> bool:
         """Whether ``other`` has the same parents, queries and mode (token counts may differ)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from attngen.cost import HeadLayout, Machine
+from attngen.cost import DEFAULT_HEADS, HeadLayout, Machine
 from attngen.errors import PlanError, plan_int
 from attngen.plan.choice import _check_params, _check_span, _choose
 from attngen.plan.fold import _n_folded
@@ -80,7 +80,7 @@ class PlanBuffers:
         most ``max_groups`` groups, ``max_queries`` queries and ``max_kv`` KV tokens; the
         parameters are checked as :func:`plan_tree` checks them, before anything is
         allocated."""
-        heads = heads or HeadLayout()
+        heads = heads or DEFAULT_HEADS
         for name, value in (("max_groups", max_groups), ("max_queries", max_queries), ("max_kv", max_kv)):
             plan_int(value, f"PlanBuffers.allocate: {name}")
             if value < 1:

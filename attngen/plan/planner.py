@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from attngen.cost import HeadLayout, Machine, PlanCost, plan_cost
+from attngen.cost import DEFAULT_HEADS, HeadLayout, Machine, PlanCost, plan_cost
 from attngen.plan.choice import _STATS_ARRAYS, _check_span, _choose, _choose_qg_span, _group_stats
 from attngen.plan.fold import _n_folded
 from attngen.plan.groups import _layout_rows, _Rows, _rows
@@ -122,7 +122,7 @@ def plan_tree(
     among :data:`CHUNK_CHOICES` and :meth:`HeadLayout.queries_per_group_choices`, then
     ``span`` (how long a group of a long node's fully visible chunks may grow) among the
     chunk and :data:`SPAN_CHOICES`."""
-    heads, machine = heads or HeadLayout(), machine or Machine()
+    heads, machine = heads or DEFAULT_HEADS, machine or Machine()
     _check_span(span)
     layout, qg = _choose(tree, chunk, queries_per_group, heads, machine)
     if queries_per_group is not None and span is not None:

@@ -193,6 +193,8 @@ def _stream_kernel(Q, k_desc, v_desc, O_part, LSE_part, ProgPtr, ItemPiece, Item
     sub = gl.program_id(0) * WGS
     first0 = gl.load(ProgPtr + sub)
     last0 = gl.load(ProgPtr + sub + 1)
+    # each warpgroup's ring is written out: Triton 3.6 cannot pass the descriptor's shared
+    # layout to a helper that would allocate it (the layout is not an IR value)
     k0 = gl.allocate_shared_memory(dtype, [NS, BN, _D], k_desc.layout)
     v0 = gl.allocate_shared_memory(dtype, [NS, BN, _D], k_desc.layout)
     r0 = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())

@@ -355,10 +355,14 @@ class _Parser:
         raise self.unknown(token)
 
     def unknown(self, token: Token) -> ExprError:
+        """A name that is none of the expression's: the nearest one if one is close, or
+        everything it may name."""
         choices = [*self.names, *self.tensors, *FUNCTIONS]
-        return self.error(
-            token.column, f"unknown name {token.text!r}", did_you_mean(token.text, choices)
-        )
+        hint = did_you_mean(token.text, choices)
+        if hint is None:
+            kinds = [("names", self.names), ("tensors", self.tensors), ("functions", FUNCTIONS)]
+            hint = "allowed: " + "; ".join(f"{kind} {', '.join(sorted(have))}" for kind, have in kinds if have)
+        return self.error(token.column, f"unknown name {token.text!r}", hint)
 
     def parse_arguments(self, close: str) -> list[_Value]:
         self.advance()  # the opening bracket

@@ -109,6 +109,19 @@ def test_unknown_name_suggests() -> None:
     assert caught.value.suggestion == "did you mean 'clamp'?"
 
 
+def test_unknown_name_far_from_all_lists_what_is_allowed() -> None:
+    with pytest.raises(ExprError) as caught:
+        parse("softcap(score, 30)")
+    hint = caught.value.suggestion or ""
+    names, tensors, functions = hint.removeprefix("allowed: ").split("; ")
+    assert names.split(" ", 1)[1].split(", ") == sorted(SCORE_SYMBOLS)
+    assert tensors == "tensors bias, slopes"
+    assert functions.split(" ", 1)[1].split(", ") == sorted(expr.FUNCTIONS)
+    with pytest.raises(ExprError) as caught:  # no tensors: none listed
+        expr.parse("softcap(score, 30)", names=SCORE_SYMBOLS, tensors={}, want="number")
+    assert "tensors" not in (caught.value.suggestion or "")
+
+
 def test_want_number() -> None:
     with pytest.raises(ExprError, match="expected a number"):
         parse("q_pos < 1", "number")

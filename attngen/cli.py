@@ -292,18 +292,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ImportError:
         raise AttngenError("attngen plan needs the tree planner (attngen.plan), "
                            "which this installation does not have") from None
-    if args.parents is not None:
+    tree_options = [option for option, value in (("--parents", args.parents), ("--tokens", args.tokens),
+                                                 ("--queries", args.queries), ("--mode", args.mode))
+                    if value is not None]
+    if args.workload and tree_options:
+        raise AttngenError(f"give a WORKLOAD or a tree of your own ({', '.join(tree_options)}), "
+                           f"not both: workload {args.workload!r} has its own tree and queries")
+    if args.workload:
+        tree: Any = _workload_tree(args.workload)
+    elif args.parents is not None and args.tokens is not None:
         from attngen.tree import TreeBatch
 
-        if args.tokens is None:
-            raise AttngenError("--parents needs --tokens (tokens per node, same length)")
         queries = _ints("--queries", args.queries) if args.queries else None
         parents, tokens = _ints("--parents", args.parents), _ints("--tokens", args.tokens)
-        tree: Any = TreeBatch.from_parents(parents, tokens, queries, mode=args.mode)
-    elif args.workload:
-        tree = _workload_tree(args.workload)
+        tree = TreeBatch.from_parents(parents, tokens, queries, mode=args.mode or "node")
+    elif tree_options:
+        raise AttngenError("a tree of your own needs both --parents and --tokens "
+                           "(a parent and a token count per node)")
     else:
-        raise AttngenError("attngen plan needs a WORKLOAD name or --parents/--tokens")
+        raise AttngenError("give a WORKLOAD name, or a tree of your own from --parents and --tokens")
     heads = HeadLayout(heads_q=args.heads_q, heads_kv=args.heads_kv,
                        head_dim_qk=args.head_dim, head_dim_v=args.head_dim)
     started = time.perf_counter()
@@ -396,14 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_schema)
 
     p = sub.add_parser("plan", help="show a tree plan: groups, visibility bits, predicted bytes")
-    p.add_argument("workload", nargs="?", metavar="WORKLOAD")
+    p.add_argument("workload", nargs="?", metavar="WORKLOAD",
+                   help="a named tree workload, e.g. fewshot_4k_x20 (an unknown name lists them "
+                        "all); or a tree of your own from --parents and --tokens")
     p.add_argument("--parents", help="parent of each node, -1 for a root: '-1,0,0'")
     p.add_argument("--tokens", help="tokens per node: '4000,400,400'")
     p.add_argument("--queries", help="query nodes (default: the leaves)")
-    p.add_argument("--mode", choices=["node", "token"], default="node")
-    p.add_argument("--heads-q", type=int, default=32)
-    p.add_argument("--heads-kv", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--mode", choices=["node", "token"], default=None,
+                   help="node (the default): a query per query node, seeing the node and its "
+                        "ancestors; token: a query per token of the query nodes, seeing its ancestors "
+                        "and itself (a speculative token tree)")
+    p.add_argument("--heads-q", type=int, default=32, help="query heads (default 32)")
+    p.add_argument("--heads-kv", type=int, default=32, help="KV heads, dividing --heads-q (default 32)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
     p.add_argument("--chunk", type=int, default=None, help="KV chunk size (default: the cost model's choice)")
     p.add_argument("--dot", metavar="FILE", help="write the plan as Graphviz DOT")
     p.add_argument("--png", metavar="FILE", help="draw the tree and its groups")

@@ -234,6 +234,12 @@ def test_plan_from_parents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         (["--parents", "-1,0", "--tokens", "3,3", "--queries", "-2"], "queries: node -2 does not exist"),
         (["fewshot_4k_x20", "--heads-kv", "5"], "heads_kv 5 must divide heads_q 32"),
         (["fewshot_4k_x20", "--head-dim", "0"], "head_dim_qk must be at least 1, got 0"),
+        # a workload has its own tree: options for a tree of one's own are not dropped silently
+        (["fewshot_4k_x20", "--parents", "-1,0", "--tokens", "3,3"], "(--parents, --tokens), not both"),
+        (["fewshot_4k_x20", "--mode", "token"], "(--mode), not both"),
+        (["fewshot_4k_x20", "--queries", "1"], "(--queries), not both"),
+        (["--tokens", "3,3"], "needs both --parents and --tokens"),
+        (["--parents", "-1,0", "--mode", "token"], "needs both --parents and --tokens"),
     ],
 )
 def test_plan_bad_arguments_are_exit_2(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:

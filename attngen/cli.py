@@ -374,29 +374,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("build", help="render specs into generated modules")
-    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="spec YAML files")
     p.add_argument("-o", "--out", default="generated", metavar="DIR", help="output directory (default: generated/)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if any file is stale or missing")
     p.set_defaults(run=cmd_build)
 
     p = sub.add_parser("check", help="property-test a spec's kernel against the float64 reference")
-    p.add_argument("spec", metavar="SPEC")
-    p.add_argument("--examples", type=_positive_int, default=20, metavar="N")
-    p.add_argument("--seed", type=int, default=None, metavar="S")
+    p.add_argument("spec", metavar="SPEC", help="a spec YAML file")
+    p.add_argument("--examples", type=_positive_int, default=20, metavar="N",
+                   help="random cases to draw and check (default 20)")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="draw the cases of an earlier run again (its report prints its seed; default: a new one)")
     p.add_argument("--device", default=None, help="cuda, or cpu for the Triton interpreter (default: cuda if present)")
     p.set_defaults(run=cmd_check)
 
     p = sub.add_parser("show", help="canonical spec, hash, generated path and tile analysis")
-    p.add_argument("spec", metavar="SPEC")
-    p.add_argument("-o", "--out", default="generated", metavar="DIR")
+    p.add_argument("spec", metavar="SPEC", help="a spec YAML file")
+    p.add_argument("-o", "--out", default="generated", metavar="DIR",
+                   help="where `attngen build` writes its module (default: generated/)")
     p.set_defaults(run=cmd_show)
 
     p = sub.add_parser("bench", help="time a spec's kernel against torch SDPA and FlexAttention (GPU)")
-    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("spec", metavar="SPEC", help="a spec YAML file")
     p.add_argument("--shape", action="append", metavar="S",
-                   help="BxS or BxQxKV (prefill), BxKV (decode); repeatable")
-    p.add_argument("--plot", metavar="PNG")
-    p.add_argument("--seed", type=int, default=0)
+                   help="BxS or BxQxKV (prefill), BxKV (decode); repeatable (sequence specs only: a tree "
+                        "spec runs its reference workloads)")
+    p.add_argument("--plot", metavar="PNG", help="draw the timings beside the floor as a PNG (needs matplotlib)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the spec language")

@@ -40,6 +40,7 @@ from attngen.peers import (
     semantic_mask_fn,
     visibility_depends_on,
 )
+from attngen.plotting import pyplot
 from attngen.spec import Spec, parse_spec, torch_dtype
 
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -455,13 +456,7 @@ def markdown_rows(results: Sequence[BenchResult], command: str) -> str:
 
 def plot(results: Sequence[BenchResult], path: str | Path) -> None:
     """Bar chart of µs per variant per case with the floor marked (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise AttngenError("--plot needs matplotlib: pip install 'attngen[plot]'") from None
+    plt = pyplot("--plot")
     fig, axes = plt.subplots(1, max(len(results), 1), figsize=(4.5 * max(len(results), 1), 4), squeeze=False)
     for ax, r in zip(axes[0], results, strict=False):
         ran = [t for t in r.timings if t.us is not None]

@@ -31,6 +31,7 @@ from typing import Any
 from attngen.bench import measure_rates
 from attngen.errors import AttngenError
 from attngen.plan import plan_tree
+from attngen.plotting import pyplot
 from attngen.progress import Progress
 from attngen.render import write_atomic
 from attngen.spec import Spec, parse_spec, torch_dtype
@@ -314,13 +315,7 @@ PLOTTED = (
 def plot(rows: list[TreeRow], path: str | Path) -> None:
     """Each case's times over its floor, attngen beside the peers, on a log scale with the
     floor and the 1.5x target marked; a peer that did not run is left out of its case."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise AttngenError("--plot needs matplotlib: pip install 'attngen[plot]'") from None
+    plt = pyplot("--plot")
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2) + 2.5, 4.5))
     width = 0.8 / len(PLOTTED)
     for k, (label, name, color) in enumerate(PLOTTED):

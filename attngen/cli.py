@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from attngen import plotting
 from attngen.errors import AttngenError
 from attngen.progress import Progress
 from attngen.render import write_atomic
@@ -190,8 +190,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from attngen import bench
 
     spec = load_spec(args.spec)
-    if args.plot and importlib.util.find_spec("matplotlib") is None:  # before minutes of timing
-        raise AttngenError("--plot needs matplotlib: pip install 'attngen[plot]'")
+    if args.plot:  # before minutes of timing
+        plotting.require("--plot")
     if spec.topology.kind != "sequence":
         from attngen import bench_tree
 
@@ -292,6 +292,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ImportError:
         raise AttngenError("attngen plan needs the tree planner (attngen.plan), "
                            "which this installation does not have") from None
+    if args.png:
+        plotting.require("--png")
     tree_options = [option for option, value in (("--parents", args.parents), ("--tokens", args.tokens),
                                                  ("--queries", args.queries), ("--mode", args.mode))
                     if value is not None]
@@ -323,8 +325,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             write_atomic(path, plan_show.to_dot(tree, plan))
     if args.png:
         with _writing("--png", args.png) as path:
-            if not plan_show.draw_png(tree, plan, str(path)):
-                raise AttngenError("--png needs matplotlib: pip install 'attngen[plot]'")
+            plan_show.draw_png(tree, plan, str(path))  # matplotlib: checked before planning
     return EXIT_OK
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from attngen.errors import AttngenError
 from attngen.plan import Plan
+from attngen.plotting import pyplot
 from attngen.tree import TreeBatch
 
 
@@ -74,11 +76,8 @@ def draw_png(tree: TreeBatch, plan: Plan, path: str) -> bool:
     where they run: dense, folded into a dense group, full, or masked by visibility bits).
     Returns False, drawing nothing, without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        plt = pyplot("--png")
+    except AttngenError:
         return False
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator

@@ -248,6 +248,26 @@ def test_plan_bad_arguments_are_exit_2(capsys: pytest.CaptureFixture[str], args:
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_missing_matplotlib_is_named_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without matplotlib, --png stops before the plan is made or its folder written, and
+    the plotting functions name the option that asked for a picture."""
+    pytest.importorskip("attngen.plan")
+    import sys
+
+    from attngen import plotting
+    from attngen.errors import AttngenError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails, find_spec raises ValueError
+    monkeypatch.setattr(plotting.importlib.util, "find_spec", lambda name: None)
+    png = tmp_path / "new" / "plan.png"
+    code, out, err = run(capsys, "plan", "--parents", "-1,0", "--tokens", "3,3", "--png", str(png))
+    assert code == 2 and "--png needs matplotlib" in err and "planned" not in out, err
+    assert not png.parent.exists()
+    with pytest.raises(AttngenError, match="--plot needs matplotlib"):
+        plotting.pyplot("--plot")
+
+
 def test_plan_unwritable_dot_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("attngen.plan")
     blocker = tmp_path / "file"

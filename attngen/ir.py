@@ -17,7 +17,7 @@ import sympy as sp
 from attngen import __version__, analysis, semantics
 from attngen.errors import SpecError
 from attngen.printer import print_triton
-from attngen.spec import TORCH_DTYPE_NAMES, Spec, TensorDecl
+from attngen.spec import DEFAULT_BLOCKS, TORCH_DTYPE_NAMES, Spec, TensorDecl
 from attngen.symbols import batch, head, kv_len, kv_pos, q_len, q_pos, score
 
 #: The raw dot product q.k (fp32) inside a kernel tile.
@@ -276,9 +276,10 @@ def _finite(bound: sp.Expr) -> sp.Expr:
 
 def tile_configs(spec: Spec, family: str, decode_rows: int) -> tuple[TileConfig, ...]:
     tune = spec.tune
-    block_m = tune.block_m if family == "prefill" else (decode_rows,)
+    block_m = (tune.block_m or DEFAULT_BLOCKS) if family == "prefill" else (decode_rows,)
+    block_n = tune.block_n or DEFAULT_BLOCKS
     seen: dict[TileConfig, None] = {}
-    for bm, bn, w, s in itertools.product(block_m, tune.block_n, tune.num_warps, tune.num_stages):
+    for bm, bn, w, s in itertools.product(block_m, block_n, tune.num_warps, tune.num_stages):
         seen.setdefault(TileConfig(bm, bn, w, s), None)
     return tuple(seen)
 

@@ -158,18 +158,29 @@ class TensorDecl(_Model):
         return self.dtype.startswith(("fp", "bf"))
 
 
+#: The tile sizes a spec that leaves ``tune.block_m`` / ``tune.block_n`` unset gets.
+DEFAULT_BLOCKS = (128, 64)
+
+
 class Tune(_Model):
     """Autotuner candidates. Every combination valid for the shapes is tried on a GPU;
-    the interpreter uses the first valid one."""
+    the interpreter uses the first valid one.
 
-    block_m: tuple[Annotated[Int, Field(ge=16, le=256)], ...] = (128, 64)
-    block_n: tuple[Annotated[Int, Field(ge=16, le=256)], ...] = (128, 64)
+    ``block_m`` and ``block_n`` left unset (``null`` in the canonical form) are the
+    family's default, :data:`DEFAULT_BLOCKS`; the tree family then also tries one narrow
+    tile (``attngen.tree_ir.TREE_NARROW_TILE``). Only prefill tiles its queries:
+    ``block_m`` on a decode or tree spec is an error (see :func:`_check_tune`)."""
+
+    block_m: tuple[Annotated[Int, Field(ge=16, le=256)], ...] | None = None
+    block_n: tuple[Annotated[Int, Field(ge=16, le=256)], ...] | None = None
     num_warps: tuple[Literal[1, 2, 4, 8, 16], ...] = (8, 4)
     num_stages: tuple[Annotated[Int, Field(ge=1, le=6)], ...] = (3, 4, 2)
 
     @field_validator("block_m", "block_n")
     @classmethod
-    def _powers_of_two(cls, values: tuple[int, ...]) -> tuple[int, ...]:
+    def _powers_of_two(cls, values: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if values is None:
+            return None
         if not values:
             raise ValueError("needs at least one candidate")
         for v in values:
@@ -222,7 +233,10 @@ class Spec(_Model):
         return self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim.qk)
 
     def canonical(self) -> dict[str, Any]:
-        """Plain data with every default filled in, keys sorted: the hashed form."""
+        """Plain data with every default filled in, keys sorted: the hashed form. The tile
+        sizes left to the family stay ``None`` (see :class:`Tune`), so a spec that
+        spells out ``block_n: [128, 64]`` on a tree, which drops the narrow tile, hashes
+        apart from one that leaves it unset."""
         data = self.model_dump(mode="json")
         data["mask"] = mask_rule_to_yaml(self.mask)
         data["spec_version"] = SPEC_VERSION
@@ -307,10 +321,21 @@ def parse_spec(data: Any, file: str | None = None) -> Spec:
         except ValidationError as err:
             raise _translate(err) from None
         spec = spec.model_copy(update={"mask": mask})
+        _check_tune(spec)
         _check_names(spec)
         return spec
     except SpecError as err:
         raise (err.in_file(file) if file and not err.file else err) from None
+
+
+def _check_tune(spec: Spec) -> None:
+    """Tile candidates the spec's kernels can use: only prefill has query tiles."""
+    if spec.tune.block_m is not None and spec.topology.queries != "prefill":
+        rows = ("one row block per KV head: its query heads" if spec.topology.queries == "decode"
+                else "the rows the plan gives each group")
+        raise SpecError("tune.block_m", f"is only for prefill specs; a {spec.topology.queries} "
+                        f"kernel runs {rows}", given=list(spec.tune.block_m),
+                        allowed="leave block_m out (block_n, num_warps and num_stages still apply)")
 
 
 def _check_names(spec: Spec) -> None:

@@ -36,7 +36,7 @@ from attngen.ir import (
     used_symbols,
 )
 from attngen.printer import print_triton
-from attngen.spec import Spec
+from attngen.spec import DEFAULT_BLOCKS, Spec
 from attngen.symbols import batch, head, kv_len, kv_pos, q_len, q_pos
 
 #: Names the printed element-wise code uses inside the tree kernels' ``_tree_tile``.
@@ -149,9 +149,9 @@ def tree_configs(spec: Spec) -> tuple[TreeTileConfig, ...]:
     come from the plan, so there is no block_m."""
     seen: dict[TreeTileConfig, None] = {}
     tune = spec.tune
-    for bn, w, s in itertools.product(tune.block_n, tune.num_warps, tune.num_stages):
+    for bn, w, s in itertools.product(tune.block_n or DEFAULT_BLOCKS, tune.num_warps, tune.num_stages):
         seen.setdefault(TreeTileConfig(bn, w, s), None)
-    if "block_n" not in tune.model_fields_set:
+    if tune.block_n is None:
         seen.setdefault(TREE_NARROW_TILE, None)
     return tuple(seen)
 

@@ -151,6 +151,16 @@ BAD_SPECS: list[tuple[str, str, list[str]]] = [
     ("missing field", "heads: {q: 8, kv: 2}\nhead_dim: 64\n", ["name", "is required"]),
     ("empty mask", _with(mask=[]), ["mask", "at least one rule"]),
     ("bad tile candidate", _with(tune={"block_m": [48]}), ["tune.block_m", "power of two"]),
+    (
+        "query tiles on a decode spec",
+        _with(topology={"kind": "sequence", "queries": "decode"}, mask="full", tune={"block_m": [64]}),
+        ["tune.block_m", "only for prefill", "[64]", "leave block_m out"],
+    ),
+    (
+        "query tiles on a tree spec",
+        _with(topology={"kind": "tree", "queries": "node"}, mask="full", tune={"block_m": [32]}),
+        ["tune.block_m", "only for prefill", "the plan", "leave block_m out"],
+    ),
 ]
 
 
@@ -225,8 +235,8 @@ def test_hash_is_stable_under_key_order_and_defaults() -> None:
             "tensors": {},
             "name": "demo",
             "description": "",
-            # the defaults, spelled out in reverse key order
-            "tune": {k: list(v) for k, v in reversed(Tune().model_dump().items())},
+            # the defaults, spelled out in reverse key order (null: the family's tiles)
+            "tune": {k: v and list(v) for k, v in reversed(Tune().model_dump().items())},
         }
     )
     assert short == spelled_out
@@ -260,3 +270,19 @@ def test_hash_changes_with_meaning() -> None:
         )
     }
     assert len(hashes) == 6
+
+
+def test_tiles_left_to_the_family_hash_apart_from_spelled_out_ones() -> None:
+    """A tree spec that leaves block_n unset also tries the narrow tile; one that spells
+    out the same list does not. The two build different modules, so they must not share
+    a hash (the render cache is keyed by it)."""
+    from attngen.tree_ir import TREE_NARROW_TILE, tree_configs
+
+    tree = {**yaml.safe_load(GOOD), "mask": "full", "topology": {"kind": "tree", "queries": "node"}}
+    unset = parse_spec(tree)
+    spelled = parse_spec({**tree, "tune": {"block_n": [128, 64]}})
+    assert TREE_NARROW_TILE in tree_configs(unset) and TREE_NARROW_TILE not in tree_configs(spelled)
+    assert unset.content_hash != spelled.content_hash
+    assert unset.canonical()["tune"]["block_n"] is None
+    again = parse_spec(yaml.safe_load(unset.canonical_yaml()))
+    assert tree_configs(again) == tree_configs(unset) and again.content_hash == unset.content_hash

@@ -68,7 +68,11 @@ class ModuleIR:
     user tensors), and the argument lists templates splice in."""
 
     name: str
+    #: The module docstring's first line (``name: the description's first line``) and the
+    #: rest of the description, often empty; ``description_doc`` is all of it, for
+    #: ``attention``'s docstring. All three are escaped to stand in a docstring.
     title: str
+    description_rest: str
     description_doc: str
     spec_hash: str
     spec_yaml: str
@@ -138,16 +142,23 @@ def pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def literal_text(text: str) -> str:
+    """``text`` as it may stand between triple double quotes in generated code, where it
+    reads back as ``text``: backslashes doubled, quotes that would close it escaped."""
+    return text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+
+
 def module_fields(spec: Spec) -> dict[str, object]:
     """The :class:`ModuleIR` fields of ``spec``, shared by every family's lowering."""
     d_qk, d_v = spec.head_dim.qk, spec.head_dim.v
-    first_line = (spec.description.strip().splitlines() or [spec.name])[0]
+    first, *rest = spec.description.strip().splitlines() or [""]
     return dict(
         name=spec.name,
-        title=f"{spec.name}: {first_line}",
-        description_doc=(spec.description.strip() or spec.name).replace('"""', "'''"),
+        title=literal_text(f"{spec.name}: {first}" if first else spec.name),
+        description_rest=literal_text("\n".join(rest).strip()),
+        description_doc=literal_text(spec.description.strip() or spec.name),
         spec_hash=spec.content_hash,
-        spec_yaml=spec.canonical_yaml().replace("\\", "\\\\").replace('"""', '\\"\\"\\"'),
+        spec_yaml=literal_text(spec.canonical_yaml()),
         attngen_version=__version__,
         heads_q=spec.heads.q,
         heads_kv=spec.heads.kv,

@@ -8,6 +8,7 @@ lowering and rendering of specs seen before.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import tempfile
@@ -117,7 +118,13 @@ def render_uncached(spec: Spec) -> str:
         from attngen.tree_ir import lower_tree
 
         ir = lower_tree(spec)
-    return environment().get_template(family_template(spec)).render(ir=ir)
+    source = environment().get_template(family_template(spec)).render(ir=ir)
+    try:  # a module that does not parse is never written or cached
+        ast.parse(source)
+    except SyntaxError as err:
+        raise RuntimeError(f"attngen bug: the module rendered for spec {spec.name!r} does not parse "
+                           f"(line {err.lineno}: {err.msg}); nothing was written") from err
+    return source
 
 
 def write_atomic(path: Path, text: str) -> bool:

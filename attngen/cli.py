@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from attngen import plotting
-from attngen.errors import AttngenError
+from attngen.errors import AttngenError, SpecError
 from attngen.progress import Progress
 from attngen.render import write_atomic
 from attngen.spec import Spec, load_spec
@@ -59,11 +59,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         # build before any file is written.
         for path, spec in zip(args.specs, specs, strict=True):
             bar.begin(spec.name)
-            try:
-                render.render(spec)
-            except AttngenError as err:
-                text = str(err)
-                raise AttngenError(text if path in text else f"{path}: {text}") from None
+            _render(path, spec)
             bar.step(spec.name)
     try:
         results = [render.build(spec, out_dir, check=args.check) for spec in specs]
@@ -85,8 +81,24 @@ def cmd_build(args: argparse.Namespace) -> int:
 # check
 
 
+def _render(path: str, spec: Spec) -> None:
+    """Render ``spec`` (through the cache), so that what its lowering refuses (an
+    expression with no Triton form, a topology the family lacks) is reported against its
+    file before any other work."""
+    from attngen import render
+
+    try:
+        render.render(spec)
+    except SpecError as err:
+        raise (err if err.file else err.in_file(path)) from None
+    except AttngenError as err:
+        text = str(err)
+        raise AttngenError(text if path in text else f"{path}: {text}") from None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
+    _render(args.spec, spec)
     device = _check_device(args.device) if args.device else _default_device()
     from attngen.check import check_spec
 
@@ -190,6 +202,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from attngen import bench
 
     spec = load_spec(args.spec)
+    _render(args.spec, spec)
     if args.plot:  # before minutes of timing
         plotting.require("--plot")
     if spec.topology.kind != "sequence":

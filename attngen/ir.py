@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import sympy as sp
 
 from attngen import __version__, analysis, semantics
 from attngen.errors import SpecError
-from attngen.printer import print_triton
+from attngen.masks import mask_rule_to_yaml
+from attngen.printer import PrintError, TensorLoad, print_triton
 from attngen.spec import DEFAULT_BLOCKS, TORCH_DTYPE_NAMES, Spec, TensorDecl
 from attngen.symbols import batch, head, kv_len, kv_pos, q_len, q_pos, score
 
@@ -263,6 +264,20 @@ def _dim_size(dim: str | int, heads_q: int) -> str:
     return {"head": str(heads_q), "batch": "n_batch", "token": "kv_len"}.get(str(dim), str(dim))
 
 
+def print_for(spec: Spec, expr: sp.Basic, names: Mapping[sp.Symbol, str], load: TensorLoad) -> str:
+    """:func:`print_triton` of one of ``spec``'s expressions. An expression that parses
+    but has no Triton form (``x**7``, a constant beyond float32) is a SpecError on the
+    field it comes from: the mask, or the score (its score_mod, else its scale)."""
+    try:
+        return print_triton(expr, names=names, tensor_load=load)
+    except PrintError as err:
+        if expr.has(score) or expr.has(QK):
+            field, given = ("score_mod", spec.score_mod) if spec.score_mod else ("scale", spec.scale)
+        else:
+            field, given = "mask", mask_rule_to_yaml(spec.mask)
+        raise SpecError(field, str(err), given=given) from None
+
+
 def base2_score(spec: Spec) -> sp.Expr:
     """log2(e) * score_mod(scale * qk): the score the base-2 online softmax needs, with
     the scale folded in exactly once (sympy distributes the constants)."""
@@ -337,10 +352,10 @@ def lower(spec: Spec) -> KernelIR:
     load = make_tensor_load(spec, spec.heads.q)
 
     def element(expr: sp.Basic) -> str:
-        return print_triton(expr, names=ELEMENT_NAMES, tensor_load=load)
+        return print_for(spec, expr, ELEMENT_NAMES, load)
 
     def tile(expr: sp.Basic) -> str:
-        return print_triton(expr, names=TILE_NAMES, tensor_load=load)
+        return print_for(spec, expr, TILE_NAMES, load)
 
     pred = full_visibility(spec)
     tiles = analysis.analyse(pred)

@@ -43,8 +43,14 @@ KNOWN_FUNCTIONS: Mapping[type, str] = {
     sp.log: "tl.log",
     sp.tanh: "_tanh",
 }
+#: Triton functions that take only floating-point arguments (``_tanh`` converts its own).
+FLOAT_ONLY = frozenset({"tl.exp", "tl.log", "tl.sqrt", "tl.log2"})
 
 _SMALL_POWERS = range(2, 5)
+
+#: The largest finite float32: the kernels compute scores in float32, so a constant
+#: beyond it would be inf there and finite in the float64 reference.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class PrintError(AttngenError):
@@ -79,6 +85,10 @@ class TritonPrinter:
 
     def _print(self, expr: sp.Basic) -> tuple[str, int]:
         """Source and precedence of ``expr``."""
+        if expr.is_number and not expr.is_Atom:  # exp(-1000), log(3), 2**(1/2): folded here
+            if expr.is_integer:  # an unevaluated Min(2, 1) in index arithmetic stays an int
+                return self._print_Integer(sp.Integer(expr))
+            return _float_literal(_real_constant(expr))
         for cls in type(expr).__mro__:
             method = getattr(self, f"_print_{cls.__name__}", None)
             if method is not None:
@@ -92,7 +102,17 @@ class TritonPrinter:
         return text if prec > above else f"({text})"
 
     def call(self, function: str, *args: sp.Basic) -> tuple[str, int]:
+        if function in FLOAT_ONLY:
+            return f"{function}({', '.join(self.as_float(a) for a in args)})", PREC_ATOM
         return f"{function}({', '.join(self.doprint(a) for a in args)})", PREC_ATOM
+
+    def as_float(self, expr: sp.Basic) -> str:
+        """``expr`` printed for a function that takes only floats: converted to float32
+        where it may be an integer in Triton (index symbols, integer arithmetic, a load
+        from a user tensor, whose dtype the printer does not know)."""
+        if expr.is_integer or expr.has(sp.Indexed):
+            return f"{self.paren(expr, PREC_POWER)}.to(tl.float32)"
+        return self.doprint(expr)
 
     # -- atoms ---------------------------------------------------------------------------
 
@@ -168,7 +188,17 @@ class TritonPrinter:
             return " * ".join([self.paren(base, PREC_MUL)] * int(exponent)), PREC_MUL
         if exponent.is_Integer and -int(exponent) in (1, *_SMALL_POWERS):
             return f"1.0 / {self.paren(sp.Pow(base, -exponent), PREC_MUL)}", PREC_MUL
-        raise PrintError(f"cannot print the power {expr} as Triton (only x**2..4, x**-1, sqrt)")
+        if base.is_number and base.is_positive:  # c**x = 2**(x * log2(c)), for a constant c > 0
+            log2_base = float(sp.log(base, 2))
+            if log2_base == 1.0:
+                return f"tl.exp2({self.as_float(exponent)})", PREC_ATOM
+            return f"tl.exp2({self.paren(exponent, PREC_MUL - 1)} * {_float_literal(log2_base)[0]})", PREC_ATOM
+        if exponent.is_number and not exponent.is_integer:
+            # x**p = 2**(p * log2(x)): 0 for x = 0 < p, inf for p < 0, nan for x < 0, as in
+            # the float64 reference
+            return f"tl.exp2({_float_literal(float(exponent))[0]} * {self.call('tl.log2', base)[0]})", PREC_ATOM
+        raise PrintError(f"the power {expr} has no Triton form; allowed: x**n for a whole n from -4 "
+                         "to 4, x**p for a constant p that is not whole, c**x for a constant c > 0")
 
     def _print_Min(self, expr: sp.Min) -> tuple[str, int]:
         return self._nested("tl.minimum", list(expr.args))
@@ -244,9 +274,23 @@ class TritonPrinter:
         raise PrintError("cannot print nan")
 
 
+def _real_constant(expr: sp.Basic) -> float:
+    """The value of a constant expression, which must be a finite real number."""
+    value = sp.N(expr, 17)
+    if not value.is_real:
+        raise PrintError(f"the constant {expr} is not a real number")
+    if not value.is_finite or abs(value) > FLOAT32_MAX:
+        raise PrintError(f"the constant {expr} = {sp.N(expr, 6)} is beyond float32's range "
+                         "(the kernels compute in float32)")
+    return float(value)
+
+
 def _float_literal(value: float) -> tuple[str, int]:
     if value != value or value in (float("inf"), float("-inf")):
         raise PrintError(f"cannot print the non-finite number {value}")
+    if abs(value) > FLOAT32_MAX:
+        raise PrintError(f"the constant {value!r} is beyond float32's range (the kernels compute "
+                         "in float32), so it would be inf there")
     text = repr(value)
     return text, PREC_ATOM if value >= 0 else PREC_UNARY
 

@@ -33,9 +33,9 @@ from attngen.ir import (
     check_bound,
     make_tensor_load,
     module_fields,
+    print_for,
     used_symbols,
 )
-from attngen.printer import print_triton
 from attngen.spec import DEFAULT_BLOCKS, Spec
 from attngen.symbols import batch, head, kv_len, kv_pos, q_len, q_pos
 
@@ -185,7 +185,7 @@ def lower_tree(spec: Spec) -> TreeKernelIR:
     load = make_tensor_load(spec, spec.heads.q)
 
     def element(expr: sp.Basic) -> str:
-        return print_triton(expr, names=TREE_ELEMENT_NAMES, tensor_load=load)
+        return print_for(spec, expr, TREE_ELEMENT_NAMES, load)
 
     mask = semantics.visibility(spec)  # the tree's own visibility comes from the plan
     modified = base2_score(spec)

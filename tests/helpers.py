@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from attngen import reference
-from attngen.check import TOLERANCES, Tolerance, compare
+from attngen.check import TOLERANCES, Tolerance, compare, compare_lse
 from attngen.peers import Shape
 from attngen.spec import TORCH_DTYPE_NAMES, Spec, spec_from_mapping
 
@@ -48,7 +48,7 @@ def assert_close(out: Any, ref: Any, dtype: str, *, what: str = "O") -> None:
 def assert_lse_close(lse: Any, ref: Any, dtype: str) -> None:
     """LSE within the LSE tolerance; -inf exactly where the reference has -inf."""
     tol = TOLERANCES[dtype]
-    errors = compare(lse, ref)
+    errors = compare_lse(lse, ref)
     assert not errors.nan, "LSE: NaN in output"
     assert not errors.inf_mismatch, "LSE: -inf pattern differs from the reference"
     assert errors.within(tol.lse_rel, tol.lse_abs), (

@@ -245,12 +245,24 @@ def temperature() -> st.SearchStrategy[ScoreCase]:
     return st.just(ScoreCase("score / 0.7", lambda s, c: s / 0.7))
 
 
+#: Score mods whose float functions take integer positions (float32 in the kernel).
+DISTANCE_MODS: dict[str, ScoreOracle] = {
+    "score - 0.25 * sqrt(abs(q_pos - kv_pos))": lambda s, c: s - 0.25 * torch.sqrt(torch.abs(c.q - c.kv).double()),
+    "score * 0.5 ** (abs(q_pos - kv_pos) // 8)": lambda s, c: s * 0.5 ** (torch.abs(c.q - c.kv) // 8).double(),
+    "score - log(1 + abs(q_pos - kv_pos))": lambda s, c: s - torch.log1p(torch.abs(c.q - c.kv).double()),
+}
+
+
+def distance() -> st.SearchStrategy[ScoreCase]:
+    return st.sampled_from(sorted(DISTANCE_MODS)).map(lambda text: ScoreCase(text, DISTANCE_MODS[text]))
+
+
 def no_score_mod() -> st.SearchStrategy[ScoreCase]:
     return st.just(ScoreCase(None, None))
 
 
 def score_mods() -> st.SearchStrategy[ScoreCase]:
-    return st.one_of(no_score_mod(), softcap(), alibi(), relative_bias(), temperature())
+    return st.one_of(no_score_mod(), softcap(), alibi(), relative_bias(), temperature(), distance())
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from attngen import runtime
-from attngen.check import CheckReport, check_spec, checked_spec
+from attngen.check import TOLERANCES, CheckReport, check_spec, checked_spec, compare, compare_lse
 from attngen.check_tree import INTERPRETER_SIZES, draw_forest
 from attngen.spec import load_spec
 from attngen.tree import TreeBatch
@@ -76,8 +76,10 @@ def test_broken_module_is_reported_failed(
     assert not report.passed
     summary = report.summary()
     assert all(
-        line.endswith("FAILED") or ": FAILED: " in line for line in summary.splitlines()[-3:-1]
+        " FAILED (" in line or ": FAILED: " in line for line in summary.splitlines()[-3:-1]
     )
+    if broken is _untouched:  # the poisoned output: the line says what was wrong
+        assert "(O NaN" in summary
     assert f"{name}: FAILED (2 of 2 cases)" in summary
     if broken is _raises:
         assert "RuntimeError: launch failed" in summary
@@ -113,3 +115,22 @@ def test_drawn_forests_cover_the_edges(kind: str, mode: Any) -> None:
     if kind == "shared_prefix":  # mostly a prefix with its samples as children
         stars = sum(bool((f.parent[f.parent >= 0] == 0).all()) for f in forests if f.n_trees == 1)
         assert stars > 0
+
+
+def test_lse_max_error_counts_relative_to_a_large_lse() -> None:
+    """An fp32 LSE of ~1e7 (a score_mod that adds exp(distance)) is only good to ~1;
+    near 1 the same error is a failure."""
+    tol = TOLERANCES["fp16"]
+    ref = np.array([[8.9e6, 1.2e7], [0.5, -np.inf]])
+    big = np.array([[8.9e6 + 0.75, 1.2e7 - 1.0], [0.5, -np.inf]])
+    assert compare_lse(big, ref).within(tol.lse_rel, tol.lse_abs)
+    off = np.array([[8.9e6, 1.2e7], [0.5 + 0.3, -np.inf]])
+    errors = compare_lse(off, ref)
+    assert not errors.within(tol.lse_rel, tol.lse_abs)
+    assert errors.problems(tol.lse_rel, tol.lse_abs) == [f"max {0.3:.2e} > {tol.lse_abs:g}"]
+
+
+def test_a_reference_with_nan_is_named_as_the_spec_s_problem() -> None:
+    ref = np.array([[1.0, np.nan]])
+    problems = compare(np.array([[1.0, np.nan]]), ref).problems(1e-3, 1e-2)
+    assert problems[0] == "NaN" and "float64 reference too" in problems[1]

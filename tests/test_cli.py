@@ -302,3 +302,23 @@ def test_a_spec_that_cannot_be_rendered_stops_the_build_before_any_write(
     assert code == 2
     assert "decode_gqa.yaml" in err and "cannot lower" in err
     assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(("field", "line", "says"), [
+    ("score_mod", "score_mod: score * q_pos ** 7", "the power q_pos**7 has no Triton form"),
+    ("score_mod", "score_mod: score * exp(1000)", "beyond float32"),
+    ("scale", "scale: 1.0e+300", "beyond float32"),
+    ("mask", "mask: {expr: 'kv_pos ** 9 < q_pos'}", "the power kv_pos**9"),
+])
+@pytest.mark.parametrize("command", ["build", "check"])
+def test_an_expression_with_no_triton_form_names_file_and_field(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, field: str, line: str, says: str) -> None:
+    """It parses, so loading accepts it; lowering refuses it, and the error still names
+    the file and the field, before anything runs or is written."""
+    spec = tmp_path / "odd.yaml"
+    spec.write_text(f"name: odd\nheads: {{q: 4, kv: 2}}\nhead_dim: 16\n{line}\n")
+    out = tmp_path / "gen"
+    code, _, err = run(capsys, command, str(spec), *(["-o", str(out)] if command == "build" else []))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"odd.yaml: {field}: " in err and says in err
+    assert not out.exists()

@@ -110,8 +110,8 @@ class TritonPrinter:
         """``expr`` printed for a function that takes only floats: converted to float32
         where it may be an integer in Triton (index symbols, integer arithmetic, a load
         from a user tensor, whose dtype the printer does not know)."""
-        if expr.is_integer or expr.has(sp.Indexed):
-            return f"{self.paren(expr, PREC_POWER)}.to(tl.float32)"
+        if expr.is_integer or expr.has(sp.Indexed):  # tl.cast, not .to(): it may be a constexpr
+            return f"tl.cast({self.doprint(expr)}, tl.float32)"
         return self.doprint(expr)
 
     # -- atoms ---------------------------------------------------------------------------
@@ -180,6 +180,8 @@ class TritonPrinter:
         base, exponent = expr.as_base_exp()
         if exponent.is_Float and float(exponent) * 2 == int(float(exponent) * 2):
             exponent = sp.Rational(int(float(exponent) * 2), 2)
+        if exponent == 1:  # abs(score * score) ** 0.5 becomes Abs(qk) ** 1.0
+            return self._print(base)
         if exponent == sp.Rational(1, 2):
             return self.call("tl.sqrt", base)
         if exponent == -sp.Rational(1, 2):

@@ -74,6 +74,13 @@ def _pow(node: sp.Pow, env: Mapping[str, Any]) -> Array:
     return np.power(_as_float(b), _as_float(evaluate(exponent, env)))
 
 
+def _ite(node: sp.ITE, env: Mapping[str, Any]) -> Array:
+    """A boolean if-then-else, which sympy makes when it simplifies a ``where`` of
+    comparisons."""
+    cond, then, other = (np.asarray(evaluate(a, env), dtype=bool) for a in node.args)
+    return np.where(cond, then, other)
+
+
 def _piecewise(node: sp.Piecewise, env: Mapping[str, Any]) -> Array:
     values = [evaluate(e, env) for e, _ in node.args]
     conds = [np.asarray(evaluate(c, env), dtype=bool) for _, c in node.args]
@@ -166,6 +173,7 @@ _EVALUATORS: dict[type, Callable[[Any, Mapping[str, Any]], Array]] = {
     sp.ceiling: _rounded(np.ceil),
     sp.Mod: _mod,
     sp.Piecewise: _piecewise,
+    sp.ITE: _ite,
     sp.Indexed: _load,
     sp.Eq: _compare(np.equal),
     sp.Ne: _compare(np.not_equal),

@@ -58,14 +58,14 @@ GOLDEN_NUMBERS = [
     ("score + 1 / 4", "score + 0.25"),
     ("-score", "-score"),
     # functions that take floats get integer arguments (positions, user tensors) as float32
-    ("score - sqrt(abs(q_pos - kv_pos))", "score - tl.sqrt(tl.abs(kv_pos - q_pos).to(tl.float32))"),
+    ("score - sqrt(abs(q_pos - kv_pos))", "score - tl.sqrt(tl.cast(tl.abs(kv_pos - q_pos), tl.float32))"),
     ("exp(q_pos - kv_pos) + log(1 + doc[kv_pos])",
-     "tl.exp((q_pos - kv_pos).to(tl.float32)) + tl.log((tl.load(doc_ptr + kv_pos) + 1).to(tl.float32))"),
+     "tl.exp(tl.cast(q_pos - kv_pos, tl.float32)) + tl.log(tl.cast(tl.load(doc_ptr + kv_pos) + 1, tl.float32))"),
     ("exp(score / 2)", "tl.exp(score / 2)"),
     # powers beyond x**-4..4: through exp2
-    ("score * 2 ** (kv_pos - q_pos)", "tl.exp2((kv_pos - q_pos).to(tl.float32)) * score"),
+    ("score * 2 ** (kv_pos - q_pos)", "tl.exp2(tl.cast(kv_pos - q_pos, tl.float32)) * score"),
     ("score * 0.5 ** q_pos", "tl.exp2(q_pos * -1.0) * score"),
-    ("(1 + q_pos) ** 1.5", "tl.exp2(1.5 * tl.log2((q_pos + 1).to(tl.float32)))"),
+    ("(1 + q_pos) ** 1.5", "tl.exp2(1.5 * tl.log2(tl.cast(q_pos + 1, tl.float32)))"),
     # constant subexpressions are folded in float64
     ("score * exp(-1000) + sqrt(2)", "score * 0.0 + 1.4142135623730951"),
 ]

@@ -1,0 +1,110 @@
+"""Random expressions, end to end: whatever the grammar accepts as a mask or a score_mod
+either builds a kernel that ``attngen check`` passes, or is refused as a SpecError that
+names its field (never a kernel that fails to compile or to run, and never a reference
+that cannot evaluate what sympy made of it).
+
+Found, before this test existed: ``tl.sqrt`` of integer positions, ``tl.exp`` of a Python
+int, the boolean if-then-else sympy makes of a ``where`` over comparisons, which the
+reference could not evaluate, and ``abs(score * score) ** 0.5`` becoming
+``Abs(qk) ** 1.0``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from attngen.check import check_spec
+from attngen.errors import SpecError
+from attngen.render import render_uncached
+from attngen.spec import parse_spec
+
+INTEGERS = ("q_pos", "kv_pos", "head", "batch", "q_len", "kv_len")
+
+
+def integer_expr(depth: int = 0) -> st.SearchStrategy[str]:
+    leaf = st.one_of(st.sampled_from(INTEGERS), st.integers(0, 40).map(str))
+    if depth >= 2:
+        return leaf
+    sub = st.deferred(lambda: integer_expr(depth + 1))
+    return st.one_of(
+        leaf,
+        st.tuples(sub, st.sampled_from("+-*"), sub).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(sub, st.sampled_from(["//", "%"]), st.integers(1, 9)).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(st.sampled_from(["min", "max"]), sub, sub).map(lambda t: f"{t[0]}({t[1]}, {t[2]})"),
+        sub.map(lambda a: f"abs({a})"),
+        st.tuples(sub, st.integers(1, 30)).map(lambda t: f"clamp({t[0]}, 0, {t[1]})"),
+        st.tuples(sub, sub).map(lambda t: f"where({t[0]} > {t[1]}, {t[0]}, {t[1]})"),
+    )
+
+
+def real_expr(depth: int = 0) -> st.SearchStrategy[str]:
+    leaf = st.one_of(st.just("score"), st.floats(-3, 3).map(lambda x: f"{x:.2f}"), integer_expr(2))
+    if depth >= 2:
+        return leaf
+    sub = st.deferred(lambda: real_expr(depth + 1))
+    return st.one_of(
+        leaf,
+        st.tuples(sub, st.sampled_from("+-*"), sub).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(sub, sub).map(lambda t: f"({t[0]} / (1 + abs({t[1]})))"),
+        sub.map(lambda a: f"tanh({a})"),
+        sub.map(lambda a: f"exp(-abs({a}) / 8)"),
+        sub.map(lambda a: f"log(1 + abs({a}))"),
+        sub.map(lambda a: f"sqrt(abs({a}))"),
+        sub.map(lambda a: f"abs({a}) ** 0.5"),
+        integer_expr(2).map(lambda a: f"0.9 ** abs({a})"),
+        st.tuples(sub, sub).map(lambda t: f"min({t[0]}, {t[1]})"),
+        st.tuples(integer_expr(2), integer_expr(2), sub, sub).map(
+            lambda t: f"where({t[0]} > {t[1]}, {t[2]}, {t[3]})"),
+    )
+
+
+BASE: dict[str, object] = {"name": "fuzz", "heads": {"q": 4, "kv": 2}, "head_dim": 16,
+                           "topology": {"kind": "sequence", "queries": "prefill"}}
+
+
+@st.composite
+def odd_specs(draw: st.DrawFn) -> dict[str, object]:
+    spec: dict[str, object] = {
+        **BASE,
+        "topology": draw(st.sampled_from([
+            {"kind": "sequence", "queries": "prefill"},
+            {"kind": "sequence", "queries": "decode"},
+            {"kind": "tree", "queries": "token"},
+            {"kind": "tree", "queries": "node"},
+        ])),
+    }
+    if draw(st.booleans()):
+        rule = {"expr": f"{draw(integer_expr())} {draw(st.sampled_from(['<', '<=', '==', '!=']))} "
+                        f"{draw(integer_expr())}"}
+        spec["mask"] = ["causal", rule] if draw(st.booleans()) else rule
+    spec["score_mod"] = f"score + {draw(real_expr())}"
+    return spec
+
+
+@pytest.mark.interpreter
+@settings(max_examples=int(os.environ.get("ATTNGEN_FUZZ_EXAMPLES", "25")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=odd_specs())
+@example(data={**BASE, "mask": {"expr": "q_pos < where(q_pos > where(q_pos > kv_pos, q_pos, kv_pos), q_pos, "
+                                         "where(q_pos > kv_pos, q_pos, kv_pos))"}, "score_mod": "score + score"})
+@example(data={**BASE, "topology": {"kind": "tree", "queries": "token"},
+               "score_mod": "score + sqrt(abs(-2.76 / (1 + abs(q_len)))) * exp(-abs(0.52) / 8)"})
+@example(data={**BASE, "topology": {"kind": "tree", "queries": "token"},
+               "score_mod": "score + (clamp(kv_pos, 0, 25) - abs(score * score) ** 0.5)"})
+def test_an_accepted_expression_builds_a_kernel_that_checks_or_is_refused_by_field(
+        data: dict[str, object], device: str) -> None:
+    try:
+        spec = parse_spec(data)
+    except SpecError:
+        return  # the grammar's own refusals are tested in test_expr
+    try:
+        render_uncached(spec)
+    except SpecError as err:
+        assert err.field in ("mask", "score_mod"), err
+        return
+    report = check_spec(spec, examples=2, seed=0, device=device)
+    assert report.passed, f"{data}\n{report.summary()}"

@@ -223,6 +223,7 @@ def test_plan_from_parents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     code, out, err = run(capsys, "plan", "--parents", "-1,0,0", "--tokens", "100,20,30", "--dot", str(dot))
     assert code == 0, err
     assert "group" in out
+    assert "(median of 5 calls after a first of " in out  # a decode loop's cost, not the first call's
     assert dot.read_text().startswith("digraph")
     assert "attngen plan --parents -1,0,0 --tokens" in (ROOT / "README.md").read_text()
 

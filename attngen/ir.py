@@ -264,17 +264,21 @@ def _dim_size(dim: str | int, heads_q: int) -> str:
     return {"head": str(heads_q), "batch": "n_batch", "token": "kv_len"}.get(str(dim), str(dim))
 
 
-def print_for(spec: Spec, expr: sp.Basic, names: Mapping[sp.Symbol, str], load: TensorLoad) -> str:
-    """:func:`print_triton` of one of ``spec``'s expressions. An expression that parses
-    but has no Triton form (``x**7``, a constant beyond float32) is a SpecError on the
-    field it comes from: the mask, or the score (its score_mod, else its scale)."""
+def print_for(spec: Spec, expr: sp.Basic, names: Mapping[sp.Symbol, str], load: TensorLoad, *,
+              score: bool = False) -> str:
+    """:func:`print_triton` of one of ``spec``'s expressions: its mask, or with ``score``
+    its modified score. An expression that parses but has no Triton form (``x**7``, a
+    constant beyond float32) is a SpecError on the field it comes from (the mask; the
+    score_mod, else the scale)."""
     try:
         return print_triton(expr, names=names, tensor_load=load)
     except PrintError as err:
-        if expr.has(score) or expr.has(QK):
-            field, given = ("score_mod", spec.score_mod) if spec.score_mod else ("scale", spec.scale)
-        else:
+        if not score:
             field, given = "mask", mask_rule_to_yaml(spec.mask)
+        elif spec.score_mod:
+            field, given = "score_mod", spec.score_mod
+        else:
+            field, given = "scale", spec.scale
         raise SpecError(field, str(err), given=given) from None
 
 
@@ -370,7 +374,7 @@ def lower(spec: Spec) -> KernelIR:
         family=family,
         decode_rows=decode_rows,
         configs=tile_configs(spec, family, decode_rows),
-        score_code=element(base2_score(spec)),
+        score_code=print_for(spec, base2_score(spec), ELEMENT_NAMES, load, score=True),
         mask_code=element(pred),
         # a predicate that is never true still gets one (empty) piece to loop over
         piece_codes=tuple((tile(lo), tile(hi)) for lo, hi in pieces or [(sp.S.Zero, sp.S.Zero)]),

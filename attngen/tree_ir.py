@@ -198,7 +198,7 @@ def lower_tree(spec: Spec) -> TreeKernelIR:
         paged=topology.kv_layout == "paged",
         page_size=topology.page_size or 1,
         configs=tree_configs(spec),
-        score_code=element(modified),
+        score_code=print_for(spec, modified, TREE_ELEMENT_NAMES, load, score=True),
         mask_code="" if mask == sp.true else element(mask),
         uses_q_pos=bool(symbols & {q_pos, kv_len}),
         uses_kv_pos=kv_pos in symbols,

@@ -307,6 +307,7 @@ def test_a_spec_that_cannot_be_rendered_stops_the_build_before_any_write(
 
 @pytest.mark.parametrize(("field", "line", "says"), [
     ("score_mod", "score_mod: score * q_pos ** 7", "the power q_pos**7 has no Triton form"),
+    ("score_mod", "score_mod: q_pos ** 7", "the power q_pos**7"),  # no score in it: still the score_mod's
     ("score_mod", "score_mod: score * exp(1000)", "beyond float32"),
     ("scale", "scale: 1.0e+300", "beyond float32"),
     ("mask", "mask: {expr: 'kv_pos ** 9 < q_pos'}", "the power kv_pos**9"),

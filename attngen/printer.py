@@ -16,6 +16,7 @@ The output calls three helpers that ``templates/expr_helpers.py.j2`` defines:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import sympy as sp
@@ -88,7 +89,10 @@ class TritonPrinter:
         if expr.is_number and not expr.is_Atom:  # exp(-1000), log(3), 2**(1/2): folded here
             if expr.is_integer:  # an unevaluated Min(2, 1) in index arithmetic stays an int
                 return self._print_Integer(sp.Integer(expr))
-            return _float_literal(_real_constant(expr))
+            value = sp.N(expr, 17)
+            if not value.is_real:
+                raise PrintError(f"the constant {expr} is not a real number")
+            return _float_literal(float(value), written=f"{expr} = {sp.N(expr, 6)}")
         for cls in type(expr).__mro__:
             method = getattr(self, f"_print_{cls.__name__}", None)
             if method is not None:
@@ -276,23 +280,11 @@ class TritonPrinter:
         raise PrintError("cannot print nan")
 
 
-def _real_constant(expr: sp.Basic) -> float:
-    """The value of a constant expression, which must be a finite real number."""
-    value = sp.N(expr, 17)
-    if not value.is_real:
-        raise PrintError(f"the constant {expr} is not a real number")
-    if not value.is_finite or abs(value) > FLOAT32_MAX:
-        raise PrintError(f"the constant {expr} = {sp.N(expr, 6)} is beyond float32's range "
+def _float_literal(value: float, written: str | None = None) -> tuple[str, int]:
+    """A float32-range constant as a literal; ``written`` names it in the error."""
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise PrintError(f"the constant {written or repr(value)} is beyond float32's range "
                          "(the kernels compute in float32)")
-    return float(value)
-
-
-def _float_literal(value: float) -> tuple[str, int]:
-    if value != value or value in (float("inf"), float("-inf")):
-        raise PrintError(f"cannot print the non-finite number {value}")
-    if abs(value) > FLOAT32_MAX:
-        raise PrintError(f"the constant {value!r} is beyond float32's range (the kernels compute "
-                         "in float32), so it would be inf there")
     text = repr(value)
     return text, PREC_ATOM if value >= 0 else PREC_UNARY
 

@@ -241,7 +241,9 @@ def _clamp(index: str, size: str) -> str:
 
 
 def make_tensor_load(spec: Spec, heads_q: int) -> Callable[[str, list[str]], str]:
-    """The printer hook that turns ``name[i, j]`` into a clamped Triton load."""
+    """The printer hook that turns ``name[i, j]`` into a clamped Triton load. A 16-bit
+    float tensor is widened to fp32 as it is loaded: expressions compute in fp32, and
+    ``bias[head] * 1000`` must not overflow fp16 (or round to bf16) on its way."""
     decls: dict[str, TensorDecl] = spec.tensors
 
     def load(name: str, indices: list[str]) -> str:
@@ -255,7 +257,8 @@ def make_tensor_load(spec: Spec, heads_q: int) -> Callable[[str, list[str]], str
             stride = " * ".join(sizes[i + 1:])
             term = f"({clamped}) * {stride}" if stride else clamped
             offset = f"{offset} + {term}" if offset else term
-        return f"tl.load(t_{name} + {offset})"
+        loaded = f"tl.load(t_{name} + {offset})"
+        return f"{loaded}.to(tl.float32)" if decl.dtype in ("fp16", "bf16") else loaded
 
     return load
 

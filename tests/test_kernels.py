@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, assert_lse_close, fresh, varlen_batch
+from helpers import assert_close, assert_lse_close, fresh, torch_dtype, varlen_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import GPU_HEAD_DIMS, INTERPRETER_HEAD_DIMS, SpecCase, configs, shapes, spec_cases
@@ -252,3 +252,37 @@ def test_gaps_between_pieces_are_never_read(device: str, queries: str, mask: str
                                     config=dict(config, block_m=16))
         assert_close(out, ref_o, "fp32")
         assert_lse_close(lse, ref_lse, "fp32")
+
+
+# ---------------------------------------------------------------------------------------
+# 16-bit user tensors: expressions over them compute in fp32, as the reference does
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("tensor_dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("queries", ["prefill", "decode"])
+def test_16_bit_user_tensors_compute_in_fp32(device: str, queries: str, tensor_dtype: str) -> None:
+    """``sqrt(bias * bias) - bias`` over values in [300, 400) is about 0. At the tensor's
+    own dtype the product overflows fp16 (the kernel gave NaN) and rounds to a multiple
+    of 512 in bf16 (the score then moves by up to 1.5). Loaded as fp32 it matches."""
+    spec = parse_spec({
+        "name": f"bias_{tensor_dtype}_{queries}", "heads": {"q": 2, "kv": 1}, "head_dim": 16,
+        "dtype": "fp32", "topology": {"queries": queries}, "mask": "causal",
+        "tensors": {"bias": {"dims": ["token"], "dtype": tensor_dtype}},
+        "score_mod": "score + 3 * (sqrt(bias[kv_pos] * bias[kv_pos]) - bias[kv_pos])",
+    })
+    lengths = [(5, 9), (1, 1), (12, 30)] if queries == "prefill" else [(1, 9), (1, 1), (1, 30)]
+    shape = Shape(lengths=tuple(lengths), decode=queries == "decode")
+    inputs = make_inputs(spec, shape, seed=3, device=device)
+    gen = torch.Generator().manual_seed(4)
+    bias = 300 + 100 * torch.rand(inputs.k.shape[0], generator=gen)
+    inputs.tensors["bias"] = bias.to(device=device, dtype=torch_dtype(tensor_dtype))
+    config = {"block_n": 16, "num_warps": 4, "num_stages": 1}
+    if queries == "prefill":
+        config["block_m"] = 16
+    got, lse = launch(runtime.load(spec), inputs, out=poisoned_out(spec, inputs), config=config)
+    ref_o, ref_lse = sequence_reference(
+        spec, inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.tensors
+    )
+    assert_close(got, ref_o, "fp32")
+    assert_lse_close(lse, ref_lse, "fp32")

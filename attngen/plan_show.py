@@ -20,6 +20,19 @@ def _popcount(bits: np.ndarray) -> np.ndarray:
     return np.unpackbits(as_bytes, axis=-1).sum(axis=-1)
 
 
+def runs(values: list[int]) -> str:
+    """Sorted ints as runs, for a person: ``[0..183]``, ``[0..3, 7, 9..10]``."""
+    parts: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(str(values[i]) if i == j else f"{values[i]}..{values[j]}")
+        i = j + 1
+    return f"[{', '.join(parts)}]"
+
+
 def describe(plan: Plan, max_groups: int = 32) -> str:
     """A text summary: sizes, predicted cost, and one line per group (up to ``max_groups``)."""
     start, length = plan.group_kv_start.cpu().numpy(), plan.group_kv_len.cpu().numpy()
@@ -39,7 +52,7 @@ def describe(plan: Plan, max_groups: int = 32) -> str:
             kind += ", dense" + (f", then group {fold[g]} as its tail" if fold[g] >= 0 else "")
         elif fold[g] >= 0:
             kind += f", folded into group {fold[g]} (its first {lead[g]} keys seen by every query)"
-        lines.append(f"  group {g}: kv [{start[g]}, {start[g] + length[g]}) queries {q} {kind}")
+        lines.append(f"  group {g}: kv [{start[g]}, {start[g] + length[g]}) {len(q)} quer{'y' if len(q) == 1 else 'ies'} {runs(q)} {kind}")
     if plan.n_groups > max_groups:
         lines.append(f"  ... {plan.n_groups - max_groups} more groups")
     return "\n".join(lines)

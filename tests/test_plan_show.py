@@ -8,7 +8,7 @@ import pytest
 
 from attngen.cost import HeadLayout
 from attngen.plan import plan_tree
-from attngen.plan_show import describe, draw_png, to_dot
+from attngen.plan_show import describe, draw_png, runs, to_dot
 from attngen.tree import TreeBatch
 from attngen.workloads import WORKLOADS
 
@@ -17,7 +17,7 @@ def test_describe_dot_png(tmp_path: Path) -> None:
     tree = TreeBatch.from_parents([-1, 0, 0], [100, 30, 40])
     plan = plan_tree(tree, chunk=64, queries_per_group=2)
     text = describe(plan)
-    assert "groups" in text and "IO saved" in text and "group 0: kv [0, 64)" in text
+    assert "groups" in text and "IO saved" in text and "group 0: kv [0, 64) 2 queries [0..1] full" in text
     dot = to_dot(tree, plan)
     assert dot.startswith("digraph plan {") and "n0 -> n1;" in dot
     pytest.importorskip("matplotlib")
@@ -37,3 +37,10 @@ def test_describe_shows_dense_and_folded_groups() -> None:
         host = int(plan.group_fold[tail])
         assert f"group {host}: " in text and f"dense, then group {tail} as its tail" in text
         assert f"folded into group {host} (its first 128 keys seen by every query)" in text
+
+
+def test_query_lists_print_as_runs() -> None:
+    assert runs([]) == "[]"
+    assert runs([5]) == "[5]"
+    assert runs(list(range(184))) == "[0..183]"
+    assert runs([0, 1, 2, 3, 7, 9, 10]) == "[0..3, 7, 9..10]"

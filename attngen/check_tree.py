@@ -29,7 +29,14 @@ from attngen.check import (
 from attngen.cost import HeadLayout
 from attngen.reference import tree_reference
 from attngen.spec import Spec, torch_dtype
-from attngen.tree import QueryMode, TreeBatch, make_page_table, pages_needed, physical_slots
+from attngen.tree import (
+    QueryMode,
+    TreeBatch,
+    make_page_table,
+    node_page_slots,
+    pages_needed,
+    physical_slots,
+)
 
 #: Node token counts biased to the edges: empty, one token, around a 16/32 tile.
 EDGE_TOKENS = (0, 1, 1, 2, 3, 15, 16, 17, 31, 33)
@@ -208,6 +215,7 @@ class TreeInputs:
     k_cache: Any
     v_cache: Any
     page_table: Any | None
+    slots: Any | None
     tensors: dict[str, Any]
 
 
@@ -218,9 +226,23 @@ def tree_depths(tree: TreeBatch) -> list[int]:
     return depth.tolist()
 
 
+def random_node_pages(
+    tree: TreeBatch, page_size: int, rng: np.random.Generator, *, spare_pages: int
+) -> tuple[list[np.ndarray], int]:
+    """Pages of a serving cache that each node owns, drawn at random: the pages its tokens
+    fill, plus at random one to grow into. Returns them (by node id) and the cache's page
+    count, ``spare_pages`` more than the nodes hold."""
+    own = -(-tree.tokens // page_size) + rng.integers(0, 2, size=tree.n_nodes)
+    held = int(own.sum())
+    pages = rng.permutation(held + spare_pages)[:held]
+    return np.split(pages, np.cumsum(own)[:-1]), held + spare_pages
+
+
 def make_tree_inputs(spec: Spec, tree: TreeBatch, *, seed: int, device: str) -> TreeInputs:
-    """Fresh N(0,1) q/k/v in the spec dtype; a paged spec gets a random page table into a
-    cache of random pages with one to three spare pages (so a wrong slot reads garbage)."""
+    """Fresh N(0,1) q/k/v in the spec dtype. A paged spec gets a cache of random pages with
+    one to three spare pages (so a wrong slot reads garbage), read through either a random
+    page table over the flattened order, or slots from random pages that each node owns
+    (with room to grow, as a serving cache holds them)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -240,15 +262,22 @@ def make_tree_inputs(spec: Spec, tree: TreeBatch, *, seed: int, device: str) -> 
     q = randn(tree.n_queries, hq, d_qk)
     if spec.topology.kv_layout != "paged":
         k, v = randn(tree.n_kv, hkv, d_qk), randn(tree.n_kv, hkv, d_v)
-        return TreeInputs(q, k, v, k, v, None, tensors)
+        return TreeInputs(q, k, v, k, v, None, None, tensors)
     page = spec.topology.page_size or 1
-    cache_pages = pages_needed(tree.n_kv, page) + int(rng.integers(1, 4))
-    table = make_page_table(tree.n_kv, page, cache_pages=cache_pages, seed=int(rng.integers(2**31)))
+    if rng.random() < 0.5:
+        table = None
+        node_pages, cache_pages = random_node_pages(tree, page, rng, spare_pages=int(rng.integers(1, 4)))
+        token_slots = node_page_slots(tree, node_pages, page, cache_pages=cache_pages)
+    else:
+        cache_pages = pages_needed(tree.n_kv, page) + int(rng.integers(1, 4))
+        table = make_page_table(tree.n_kv, page, cache_pages=cache_pages, seed=int(rng.integers(2**31)))
+        token_slots = physical_slots(table, tree.n_kv, page)
     k_cache, v_cache = randn(cache_pages, page, hkv, d_qk), randn(cache_pages, page, hkv, d_v)
-    slots = torch.from_numpy(physical_slots(table, tree.n_kv, page)).to(device)
+    slots = torch.from_numpy(token_slots.astype(np.int64)).to(device)
     k, v = k_cache.flatten(0, 1)[slots], v_cache.flatten(0, 1)[slots]
-    page_table = torch.from_numpy(table).to(device)
-    return TreeInputs(q, k, v, k_cache, v_cache, page_table, tensors)
+    if table is None:
+        return TreeInputs(q, k, v, k_cache, v_cache, None, slots.int(), tensors)
+    return TreeInputs(q, k, v, k_cache, v_cache, torch.from_numpy(table).to(device), None, tensors)
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,6 +317,7 @@ def tree_case(
             inputs.v_cache,
             plan,
             page_table=inputs.page_table,
+            slots=inputs.slots,
             return_lse=True,
             out=out,
             config=config,

@@ -563,8 +563,11 @@ def _label_index(index: Mapping[object, int], label: object) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Paged KV: logical flattened token L lives in physical slot
-# page_table[L // page_size] * page_size + L % page_size.
+# Paged KV. A paged module reads flattened token L from cache slot
+# page_table[L // page_size] * page_size + L % page_size, or from slots[L]. A page table
+# over the flattened order suits a cache packed in that order; a serving cache whose pages
+# belong to nodes (a node's token t in page node_pages[n][t // page_size]) never moves
+# data as the tree grows, and reads through slots (node_page_slots).
 
 
 def pages_needed(n_kv: int, page_size: int) -> int:
@@ -618,3 +621,61 @@ def physical_slots(page_table: np.ndarray, n_kv: int, page_size: int) -> np.ndar
         np.asarray(page_table, dtype=np.int64)[logical // page_size] * page_size
         + logical % page_size
     )
+
+
+def node_page_slots(
+    tree: TreeBatch,
+    node_pages: Sequence[Sequence[int]] | Mapping[int, Sequence[int]],
+    page_size: int,
+    *,
+    cache_pages: int | None = None,
+) -> np.ndarray:
+    """int32 ``[n_kv]``: the cache slot of every flattened token of ``tree`` when each node
+    owns its pages: token ``t`` of node ``n`` lives in slot
+    ``node_pages[n][t // page_size] * page_size + t % page_size``. Pass it as a paged
+    module's ``slots``. ``node_pages`` is indexed by node id (a mapping may leave out
+    nodes without tokens); a node may hold more pages than its tokens fill (room to grow).
+    PlanError when a node has too few pages, two nodes share a page, or (with
+    ``cache_pages``) a page lies outside the cache.
+
+    >>> tb = TreeBatch.from_parents([-1, 0, 0], [5, 2, 3])
+    >>> node_page_slots(tb, [[7, 2], [0], [4]], 4).tolist()
+    [28, 29, 30, 31, 8, 0, 1, 16, 17, 18]
+    """
+    size = plan_int(page_size, "page_size")
+    if size < 1:
+        raise PlanError(f"page_size must be >= 1, got {size}.")
+    if isinstance(node_pages, Mapping):
+        lists = [node_pages.get(n, ()) for n in range(tree.n_nodes)]
+    elif len(node_pages) == tree.n_nodes:
+        lists = list(node_pages)
+    else:
+        raise PlanError(f"node_pages has {len(node_pages)} entries but the tree has {tree.n_nodes} nodes.")
+    needed = (-(-tree.tokens // size)).tolist()
+    used = []  # each node's pages that its tokens fill, by node id
+    for n, (pages, need) in enumerate(zip(lists, needed, strict=True)):
+        have = _ints(pages, f"node_pages[{n}]")
+        if have.size < need:
+            raise PlanError(
+                f"node_pages[{n}] has {have.size} page(s) but node {n} holds {int(tree.tokens[n])} tokens, "
+                f"which need {need} pages of {size}."
+            )
+        used.append(have[:need])
+    flat = np.concatenate([np.zeros(0, np.int64), *used])
+    owner = np.repeat(np.arange(tree.n_nodes), needed)
+    top = np.iinfo(np.int32).max // size + 1 if cache_pages is None else cache_pages
+    bad = np.flatnonzero((flat < 0) | (flat >= top))
+    if bad.size:
+        raise PlanError(f"node_pages[{int(owner[bad[0]])}] holds page {int(flat[bad[0]])}; "
+                        f"allowed pages are 0..{top - 1}.")
+    values, counts = np.unique(flat, return_counts=True)
+    if (counts > 1).any():
+        page = int(values[counts > 1][0])
+        a, b = owner[flat == page][:2].tolist()
+        holders = f"nodes {a} and {b} both hold" if a != b else f"node {a} holds twice"
+        raise PlanError(f"node_pages: {holders} page {page}; a page holds the tokens of one node.")
+    # flattened token L is token t of node n: entry t // size of n's pages
+    base = np.concatenate(([0], np.cumsum(needed)))[:-1]
+    node = np.asarray(tree.token_node)
+    offset = np.arange(tree.n_kv) - tree.node_kv_start[node]
+    return (flat[base[node] + offset // size] * size + offset % size).astype(np.int32)

@@ -150,7 +150,7 @@ def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, Bits,
                part, row_ok, q_pos, q_tree, head, n_batch, n_words,
                stride_kt, stride_vt,
                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-               USE_TMA: tl.constexpr, EDGE: tl.constexpr):
+               USE_TMA: tl.constexpr, TABLE_PAGE: tl.constexpr, EDGE: tl.constexpr):
     """One KV tile of a group's KV range, online softmax in base 2. EDGE tiles apply the
     plan's visibility bits (unless the group is full) and the range's end to the scores;
     the others are interior tiles of a full group, which every slot sees whole. Keys past the range's end are loaded (a neighbour's KV, or
@@ -205,7 +205,7 @@ def _tree_program(
     n_words, n_batch, row0,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, TABLE_PAGE: tl.constexpr,
 ):
     """Group g's query slots x the GROUP query heads of KV head kv_head, rows row0 to
     row0 + ROWS as one tile (row = slot * GROUP + head; one K/V tile load serves them
@@ -244,12 +244,12 @@ def _tree_program(
             acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, GroupBits,
                                        KvPos, kv_lo, kv_n, kv_start, full, part, row_ok, q_pos, q_tree,
                                        head, n_batch, n_words, stride_kt, stride_vt,
-                                       ROWS, BLOCK_N, D_QK, D_V, USE_TMA, False)
+                                       ROWS, BLOCK_N, D_QK, D_V, USE_TMA, TABLE_PAGE, False)
     for kv_lo in range(inner, kv_n, BLOCK_N):
         acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, GroupBits, KvPos,
                                    kv_lo, kv_n, kv_start, full, part, row_ok, q_pos, q_tree,
                                    head, n_batch, n_words, stride_kt, stride_vt,
-                                   ROWS, BLOCK_N, D_QK, D_V, USE_TMA, True)
+                                   ROWS, BLOCK_N, D_QK, D_V, USE_TMA, TABLE_PAGE, True)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -278,7 +278,7 @@ def _tree_partial_kernel(
     n_words, n_batch, span, first_group, n_groups, groups_bucket, beside_gluon,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr, SKIP_DENSE: tl.constexpr, SKIP_FOLDED: tl.constexpr,
+    USE_TMA: tl.constexpr, TABLE_PAGE: tl.constexpr, SKIP_DENSE: tl.constexpr, SKIP_FOLDED: tl.constexpr,
 ):
     """Stage 1. One program: group g >= first_group for one KV head (with SKIP_DENSE, past
     the plan's dense_count groups, which _gluon_tree_kernel runs; with SKIP_FOLDED too,
@@ -316,33 +316,39 @@ def _tree_partial_kernel(
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, row0, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA,
+                          TABLE_PAGE)
         elif used <= 64:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, row0, QG, GROUP, 64, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, 64, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA,
+                          TABLE_PAGE)
         else:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA,
+                          TABLE_PAGE)
     elif ROWS > 16:
         if used <= 16:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, row0, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA,
+                          TABLE_PAGE)
         else:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA,
+                          TABLE_PAGE)
     else:
         _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA,
+                          TABLE_PAGE)
 
 
 @triton.jit
@@ -876,9 +882,9 @@ def _wrong_slots(group_q, group_slots):
     return g, int(slots[g]), int(least[g])
 
 
-def _check_kv(k_cache, v_cache, page_table, n_kv, device):
-    """K/V cache shapes for this layout, and the page table (bounds checked once per
-    table version)."""
+def _check_kv(k_cache, v_cache, page_table, slots, n_kv, device):
+    """K/V cache shapes for this layout, and the page table or slots (bounds checked
+    once per table version). Returns the table and its page: TABLE_PAGE of the kernel."""
     def need(ok, what):
         if not ok:
             raise LaunchError(f"shared_prefix_sampling: {what}")
@@ -890,10 +896,11 @@ def _check_kv(k_cache, v_cache, page_table, n_kv, device):
         need(x.stride(-1) == 1, f"{name} must be contiguous in its last dim")
         need(x.dim() == 3 and x.shape[1:] == (HEADS_KV, d),
              f"{name} must be [n_kv, {HEADS_KV}, {d}] (contiguous layout), got {tuple(x.shape)}")
-    need(page_table is None, "page_table given, but this spec's KV layout is contiguous")
+    need(page_table is None and slots is None, "page_table or slots given, but this spec's KV layout is contiguous")
     need(k_cache.shape[0] == v_cache.shape[0], "k_cache and v_cache must hold the same tokens")
     need(n_kv is None or k_cache.shape[0] == n_kv,
          f"the plan's tree has {n_kv} tokens but the KV holds {k_cache.shape[0]}")
+    return None, 1
 
 
 def _check_tensors(device):
@@ -949,7 +956,7 @@ def _tree_config(config, chunk):
     return c
 
 
-def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, out=None,
+def attention(q, k_cache, v_cache, plan, *, page_table=None, slots=None, return_lse=False, out=None,
               config=None):
     """Parallel sampling over one long shared prefix (bifurcated / cascade attention; 32k prefix x 64 samples; 32 q / 8 kv heads, D=128).
 
@@ -978,7 +985,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         raise LaunchError(f"shared_prefix_sampling: q has {n_queries} queries but the plan has {t['q_pos'].shape[0]}")
     n_groups, qg, chunk = _check_plan(plan, t, n_queries, device)
     n_kv = getattr(plan, "n_kv", None)
-    _check_kv(k_cache, v_cache, page_table, None if n_kv is None else int(n_kv), device)
+    table, table_page = _check_kv(k_cache, v_cache, page_table, slots, None if n_kv is None else int(n_kv), device)
     n_batch = _check_tensors(device)
     if out is not None and not (out.shape == (n_queries, HEADS_Q, HEAD_DIM_V) and out.dtype == DTYPE
                                 and out.device == device and out.stride(-1) == 1):
@@ -999,7 +1006,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         o_part = torch.empty(rows, HEADS_Q, 128, device=device, dtype=torch.float32)
         lse_part = torch.empty(rows, HEADS_Q, device=device, dtype=torch.float32)
     if n_groups > 0:
-        pages = page_table if page_table is not None else t["kv_pos"]  # unused when contiguous
+        pages = table if table is not None else t["kv_pos"]  # unused when contiguous
         stride_kt, stride_vt = k_cache.stride(0), v_cache.stride(0)
         stride_kh, stride_vh = k_cache.stride(1), v_cache.stride(1)
         c = _tree_config(config, chunk)
@@ -1028,7 +1035,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         row_blocks = -(-qg * group // rows)
         consts = dict(QG=qg, GROUP=group, ROWS=rows, ROW_BLOCKS=row_blocks,
                       D_QK=128, D_V=128, FUSED=fused, RETURN_LSE=return_lse,
-                      USE_TMA=use_tma, SKIP_DENSE=skip_on_device, SKIP_FOLDED=False)
+                      USE_TMA=use_tma, TABLE_PAGE=table_page, SKIP_DENSE=skip_on_device, SKIP_FOLDED=False)
         grid = ((n_groups - first) * HEADS_KV * row_blocks,)
         tuned = not _INTERPRET and not any(key in (config or {}) for key in ("block_n", "num_warps", "num_stages"))
         # an attngen Plan that folds its other groups into the dense ones (group_fold: all

@@ -150,7 +150,7 @@ def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, Bits,
                part, row_ok, q_pos, q_tree, head, n_batch, n_words,
                stride_kt, stride_vt,
                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-               USE_TMA: tl.constexpr, EDGE: tl.constexpr):
+               USE_TMA: tl.constexpr, TABLE_PAGE: tl.constexpr, EDGE: tl.constexpr):
     """One KV tile of a group's KV range, online softmax in base 2. EDGE tiles apply the
     plan's visibility bits (unless the group is full) and the range's end to the scores;
     the others are interior tiles of a full group, which every slot sees whole. Keys past the range's end are loaded (a neighbour's KV, or
@@ -165,9 +165,10 @@ def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, Bits,
     else:
         d_qk = tl.arange(0, D_QK)
         d_v = tl.arange(0, D_V)
-        # paged KV: logical token L lives in slot page_table[L // 16] * 16 + L % 16
-        page = tl.load(PageTable + logical // 16, mask=in_range, other=0)
-        slot = (page * 16 + logical % 16).to(tl.int64)
+        # paged KV: flattened token L lives in cache slot table[L // TABLE_PAGE] * TABLE_PAGE + L % TABLE_PAGE:
+        # a page table (TABLE_PAGE = 16, the page size) or a slot per token (TABLE_PAGE = 1)
+        page = tl.load(PageTable + logical // TABLE_PAGE, mask=in_range, other=0)
+        slot = (page * TABLE_PAGE + logical % TABLE_PAGE).to(tl.int64)
         k = tl.load(K + slot[:, None] * stride_kt + d_qk[None, :], mask=in_range[:, None], other=0.0)
         v = tl.load(V + slot[:, None] * stride_vt + d_v[None, :], mask=in_range[:, None], other=0.0)
     qk = tl.dot(q, tl.trans(k))
@@ -207,7 +208,7 @@ def _tree_program(
     n_words, n_batch, row0,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, TABLE_PAGE: tl.constexpr,
 ):
     """Group g's query slots x the GROUP query heads of KV head kv_head, rows row0 to
     row0 + ROWS as one tile (row = slot * GROUP + head; one K/V tile load serves them
@@ -246,12 +247,12 @@ def _tree_program(
             acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, GroupBits,
                                        KvPos, kv_lo, kv_n, kv_start, full, part, row_ok, q_pos, q_tree,
                                        head, n_batch, n_words, stride_kt, stride_vt,
-                                       ROWS, BLOCK_N, D_QK, D_V, USE_TMA, False)
+                                       ROWS, BLOCK_N, D_QK, D_V, USE_TMA, TABLE_PAGE, False)
     for kv_lo in range(inner, kv_n, BLOCK_N):
         acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, GroupBits, KvPos,
                                    kv_lo, kv_n, kv_start, full, part, row_ok, q_pos, q_tree,
                                    head, n_batch, n_words, stride_kt, stride_vt,
-                                   ROWS, BLOCK_N, D_QK, D_V, USE_TMA, True)
+                                   ROWS, BLOCK_N, D_QK, D_V, USE_TMA, TABLE_PAGE, True)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -280,7 +281,7 @@ def _tree_partial_kernel(
     n_words, n_batch, span, first_group, n_groups, groups_bucket, beside_gluon,
     QG: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, FUSED: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr, SKIP_DENSE: tl.constexpr, SKIP_FOLDED: tl.constexpr,
+    USE_TMA: tl.constexpr, TABLE_PAGE: tl.constexpr, SKIP_DENSE: tl.constexpr, SKIP_FOLDED: tl.constexpr,
 ):
     """Stage 1. One program: group g >= first_group for one KV head (with SKIP_DENSE, past
     the plan's dense_count groups, which _gluon_tree_kernel runs; with SKIP_FOLDED too,
@@ -318,33 +319,39 @@ def _tree_partial_kernel(
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, row0, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA,
+                          TABLE_PAGE)
         elif used <= 64:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, row0, QG, GROUP, 64, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, 64, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA,
+                          TABLE_PAGE)
         else:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA,
+                          TABLE_PAGE)
     elif ROWS > 16:
         if used <= 16:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, row0, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, 16, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA,
+                          TABLE_PAGE)
         else:
             _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA,
+                          TABLE_PAGE)
     else:
         _tree_program(g, kv_head, kv_start, kv_n, full, Q, K, V, K_desc, V_desc, O, LSE, O_part, LSE_part,
                           PageTable, GroupQ, GroupBits, MergeRow, QPos, KvPos, QTree,
                           stride_qn, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_on, stride_oh,
-                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA)
+                          n_words, n_batch, row0, QG, GROUP, ROWS, BLOCK_N, D_QK, D_V, FUSED, RETURN_LSE, USE_TMA,
+                          TABLE_PAGE)
 
 
 @triton.jit
@@ -508,9 +515,9 @@ def _wrong_slots(group_q, group_slots):
     return g, int(slots[g]), int(least[g])
 
 
-def _check_kv(k_cache, v_cache, page_table, n_kv, device):
-    """K/V cache shapes for this layout, and the page table (bounds checked once per
-    table version)."""
+def _check_kv(k_cache, v_cache, page_table, slots, n_kv, device):
+    """K/V cache shapes for this layout, and the page table or slots (bounds checked
+    once per table version). Returns the table and its page: TABLE_PAGE of the kernel."""
     def need(ok, what):
         if not ok:
             raise LaunchError(f"tree_paged_gqa: {what}")
@@ -524,21 +531,25 @@ def _check_kv(k_cache, v_cache, page_table, n_kv, device):
              f"{name} must be [num_pages, {PAGE_SIZE}, {HEADS_KV}, {d}] (paged), got {tuple(x.shape)}")
         need(x.stride(0) == PAGE_SIZE * x.stride(1), f"{name}: pages must be dense ([num_pages, page_size] flattens to slots)")
     need(k_cache.shape[0] == v_cache.shape[0], "k_cache and v_cache must hold the same pages")
-    need(isinstance(page_table, torch.Tensor) and page_table.dtype == torch.int32 and page_table.dim() == 1,
-         "page_table must be an int32 vector (logical page -> physical page)")
-    need(page_table.device == device, f"page_table is on {page_table.device} but q is on {device}")
-    need(page_table.is_contiguous(), "page_table must be contiguous")
+    need((page_table is None) != (slots is None),
+         "give exactly one of page_table (flattened page -> cache page) and slots (flattened token -> cache slot)")
+    name, table, page = ("page_table", page_table, PAGE_SIZE) if slots is None else ("slots", slots, 1)
+    need(isinstance(table, torch.Tensor) and table.dtype == torch.int32 and table.dim() == 1,
+         f"{name} must be an int32 vector")
+    need(table.device == device, f"{name} is on {table.device} but q is on {device}")
+    need(table.is_contiguous(), f"{name} must be contiguous")
     if n_kv is None:
-        return
-    pages, num_pages = triton.cdiv(n_kv, PAGE_SIZE), k_cache.shape[0]
-    need(page_table.shape[0] >= pages, f"page_table has {page_table.shape[0]} entries; {n_kv} tokens need {pages}")
+        return table, page
+    entries, limit = triton.cdiv(n_kv, page), k_cache.shape[0] * PAGE_SIZE // page
+    need(table.shape[0] >= entries, f"{name} has {table.shape[0]} entries; {n_kv} tokens need {entries}")
 
     def bounds():
-        used = page_table[:pages]
-        return pages == 0 or (int(used.min()) >= 0 and int(used.max()) < num_pages)
+        used = table[:entries]
+        return entries == 0 or (int(used.min()) >= 0 and int(used.max()) < limit)
 
-    need(_memo(page_table, ("bounds", pages, num_pages), bounds),
-         f"page_table points outside the cache (allowed pages 0..{num_pages - 1})")
+    need(_memo(table, ("bounds", entries, limit), bounds),
+         f"{name} points outside the cache (allowed {'pages' if page > 1 else 'slots'} 0..{limit - 1})")
+    return table, page
 
 
 def _check_tensors(device):
@@ -594,7 +605,7 @@ def _tree_config(config, chunk):
     return c
 
 
-def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, out=None,
+def attention(q, k_cache, v_cache, plan, *, page_table=None, slots=None, return_lse=False, out=None,
               config=None):
     """Tree branch decoding on a paged KV cache (page size 16, as in serving systems; 32 q / 8 kv heads, D=128).
 
@@ -602,7 +613,9 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
     ``attngen.plan.plan_tree`` (or ``PlanBuffers`` for CUDA graphs). ``q`` is
     ``[n_queries, 32, 128]`` in query-id order;
     ``k_cache`` / ``v_cache`` are paged ``[num_pages, 16, 8, 128 / 128]``, all bf16, and
-    ``page_table`` (int32) maps logical page ``L // 16`` of the flattened tree KV to a cache page.
+    either ``page_table`` (int32) maps page ``L // 16`` of the flattened tree KV to a cache page, or
+    ``slots`` (int32) maps each flattened token ``L`` to its cache slot ``page * 16 + offset`` (for a
+    cache whose pages belong to nodes: ``attngen.tree.node_page_slots``).
 
     Two launches (stage 1 partials, stage 2 log-sum-exp merge in plan order), or one when
     an attngen Plan has exactly one partial per query (stage 1 then writes the output).
@@ -622,7 +635,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         raise LaunchError(f"tree_paged_gqa: q has {n_queries} queries but the plan has {t['q_pos'].shape[0]}")
     n_groups, qg, chunk = _check_plan(plan, t, n_queries, device)
     n_kv = getattr(plan, "n_kv", None)
-    _check_kv(k_cache, v_cache, page_table, None if n_kv is None else int(n_kv), device)
+    table, table_page = _check_kv(k_cache, v_cache, page_table, slots, None if n_kv is None else int(n_kv), device)
     n_batch = _check_tensors(device)
     if out is not None and not (out.shape == (n_queries, HEADS_Q, HEAD_DIM_V) and out.dtype == DTYPE
                                 and out.device == device and out.stride(-1) == 1):
@@ -643,7 +656,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         o_part = torch.empty(rows, HEADS_Q, 128, device=device, dtype=torch.float32)
         lse_part = torch.empty(rows, HEADS_Q, device=device, dtype=torch.float32)
     if n_groups > 0:
-        pages = page_table if page_table is not None else t["kv_pos"]  # unused when contiguous
+        pages = table if table is not None else t["kv_pos"]  # unused when contiguous
         stride_kt, stride_vt = k_cache.stride(1), v_cache.stride(1)
         stride_kh, stride_vh = k_cache.stride(2), v_cache.stride(2)
         c = _tree_config(config, chunk)
@@ -662,7 +675,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, return_lse=False, o
         row_blocks = -(-qg * group // rows)
         consts = dict(QG=qg, GROUP=group, ROWS=rows, ROW_BLOCKS=row_blocks,
                       D_QK=128, D_V=128, FUSED=fused, RETURN_LSE=return_lse,
-                      USE_TMA=use_tma, SKIP_DENSE=skip_on_device, SKIP_FOLDED=False)
+                      USE_TMA=use_tma, TABLE_PAGE=table_page, SKIP_DENSE=skip_on_device, SKIP_FOLDED=False)
         grid = ((n_groups - first) * HEADS_KV * row_blocks,)
         tuned = not _INTERPRET and not any(key in (config or {}) for key in ("block_n", "num_warps", "num_stages"))
         _launch_partial(grid, args, consts, c, tuned)

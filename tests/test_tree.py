@@ -13,6 +13,7 @@ from attngen.errors import PlanError
 from attngen.tree import (
     TreeBatch,
     make_page_table,
+    node_page_slots,
     physical_slots,
     validate_page_table,
 )
@@ -103,6 +104,17 @@ def test_paged_layout() -> None:
     assert slots[5] == table[1] * 4 + 1
 
 
+def test_node_page_slots_read_each_node_from_its_own_pages() -> None:
+    tree = TreeBatch.from_parents([-1, 0, 0, 1], [6, 0, 3, 5])  # preorder 0, 1, 3, 2
+    pages = {0: [9, 2], 2: [4, 7], 3: [0, 5]}  # node 2 has a page to grow into
+    slots = node_page_slots(tree, pages, 4, cache_pages=10)
+    expected = [36, 37, 38, 39, 8, 9, 0, 1, 2, 3, 20, 16, 17, 18]  # nodes 0, 1 (none), 3, 2
+    assert slots.dtype == np.int32 and slots.tolist() == expected
+    assert node_page_slots(tree, [[9, 2], [], [4, 7], [0, 5]], 4).tolist() == expected
+    grown = tree.append_tokens({2: 2})  # node 2 fills its first page, then its second
+    assert node_page_slots(grown, pages, 4).tolist() == [*expected, 19, 28]  # nothing else moves
+
+
 @pytest.mark.parametrize(
     ("build", "message"),
     [
@@ -119,6 +131,14 @@ def test_paged_layout() -> None:
         (lambda: validate_page_table([0], 8, 4, cache_slots=16), "need 2"),
         (lambda: validate_page_table(loose([0, 1.5]), 8, 4, cache_slots=16), "page table: entry 1 is 1.5"),
         (lambda: _example().prune(9), "does not exist"),
+        (lambda: node_page_slots(_example(), [[0], [1], [2]], 4), "node_pages has 3 entries but the tree has 4"),
+        (lambda: node_page_slots(_example(), [[0], [1], [2], [3]], 2), r"node_pages\[0\] has 1 page\(s\) but node 0 holds 3 tokens"),
+        (lambda: node_page_slots(_example(), [[0], [1], [2], [0]], 4), "nodes 0 and 3 both hold page 0"),
+        (lambda: node_page_slots(_example(), [[0], [1], [8], [3]], 4, cache_pages=8),
+         r"node_pages\[2\] holds page 8; allowed pages are 0..7"),
+        (lambda: node_page_slots(_example(), [[0], [1], [-2], [3]], 4), "holds page -2"),
+        (lambda: node_page_slots(_example(), loose([[0], [1.5], [2], [3]]), 4), r"node_pages\[1\]: entry 0 is 1.5"),
+        (lambda: node_page_slots(_example(), [[0], [1], [2], [3]], 0), "page_size must be >= 1"),
         (lambda: _example().query_visible_tokens(5), "does not exist"),
         # what a plain int64 cast would take silently: 3.5 as 3, "3" as 3, a nested list
         # (loose(): the wrong types are the point)

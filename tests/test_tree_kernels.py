@@ -23,13 +23,14 @@ from helpers import assert_close, assert_lse_close, fresh, poisoned
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from attngen.check_tree import random_node_pages
 from attngen.cost import HeadLayout, Machine
 from attngen.errors import LaunchError, SpecError
 from attngen.plan import FOLD_ALIGN, PlanBuffers, plan_into, plan_tree
 from attngen.reference import tree_reference
 from attngen.runtime import load
 from attngen.spec import Spec, parse_spec
-from attngen.tree import TreeBatch, make_page_table, physical_slots
+from attngen.tree import TreeBatch, make_page_table, node_page_slots, physical_slots
 from attngen.tree_ir import lower_tree
 from attngen.workloads import speculative
 
@@ -107,24 +108,41 @@ def paged_cache(x: torch.Tensor, n_kv: int, seed: int) -> tuple[torch.Tensor, to
     return cache.view(pages, PAGE, *x.shape[1:]), torch.from_numpy(table).to(x.device)
 
 
+def node_paged_cache(x: torch.Tensor, tree: TreeBatch, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [n_kv, H, D] in a cache whose pages belong to nodes (drawn at random; every
+    slot no token fills is NaN), and the slots to read it by."""
+    node_pages, pages = random_node_pages(tree, PAGE, np.random.default_rng(seed), spare_pages=1)
+    slots = torch.from_numpy(node_page_slots(tree, node_pages, PAGE)).to(x.device)
+    cache = torch.full((pages * PAGE, *x.shape[1:]), math.nan, dtype=x.dtype, device=x.device)
+    cache[slots.long()] = x
+    return cache.view(pages, PAGE, *x.shape[1:]), slots
+
+
 def run(
     spec: Spec,
     case: Case,
     plan: Any,
     *,
-    paged: bool = False,
+    paged: Literal[False, "table", "slots"] = False,
     config: dict | None = None,
     **tensors: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch into poisoned buffers (anything left unwritten stays NaN)."""
+    """Launch into poisoned buffers (anything left unwritten stays NaN). ``paged``: read
+    a paged cache through a page table over the flattened order, or through slots into
+    pages that each node owns."""
     module = load(spec)
     out = poisoned(*case.q.shape[:2], spec.head_dim.v, dtype=spec.dtype, device=str(case.q.device))
-    k, v, table = case.k, case.v, None
-    if paged:
+    k, v, layout = case.k, case.v, {}
+    if paged == "table":
         k, table = paged_cache(case.k, case.tree.n_kv, seed=1)
         v, _ = paged_cache(case.v, case.tree.n_kv, seed=1)
+        layout = {"page_table": table}
+    elif paged == "slots":
+        k, slots = node_paged_cache(case.k, case.tree, seed=1)
+        v, _ = node_paged_cache(case.v, case.tree, seed=1)
+        layout = {"slots": slots}
     o, lse = module.attention(
-        case.q, k, v, plan, page_table=table, return_lse=True, out=out, config=config, **tensors
+        case.q, k, v, plan, **layout, return_lse=True, out=out, config=config, **tensors
     )
     assert o is out
     return o, lse
@@ -248,8 +266,9 @@ class TestTreeKernelsInterpreter:
         paged = tree_spec(
             heads=heads, head_dim=head_dim, dtype=dtype, queries=tree.query_mode, paged=True
         )
-        o_p, lse_p = run(paged, case, plan, paged=True, config=tile)
-        assert torch.equal(o_p, o) and torch.equal(lse_p, lse), "paged and contiguous differ"
+        for layout in ("table", "slots"):
+            o_p, lse_p = run(paged, case, plan, paged=layout, config=tile)
+            assert torch.equal(o_p, o) and torch.equal(lse_p, lse), f"paged ({layout}) and contiguous differ"
 
     def test_sixteen_key_tiles(self, device: str) -> None:
         """A 16-key tile reads half of a bit word (its low or high half)."""
@@ -260,8 +279,9 @@ class TestTreeKernelsInterpreter:
         tile = {"block_n": 16, "num_warps": 4, "num_stages": 2}
         o, lse = run(spec, case, plan, config=tile)
         check(spec, case, o, lse)
-        o_p, lse_p = run(tree_spec(heads=(4, 2), dtype="fp16", paged=True), case, plan, paged=True, config=tile)
-        assert torch.equal(o_p, o) and torch.equal(lse_p, lse)
+        for layout in ("table", "slots"):
+            o_p, lse_p = run(tree_spec(heads=(4, 2), dtype="fp16", paged=True), case, plan, paged=layout, config=tile)
+            assert torch.equal(o_p, o) and torch.equal(lse_p, lse), layout
 
     def test_interior_tiles_of_128_row_programs(self, device: str) -> None:
         """Programs of 128 rows (16 queries x 8 query heads) run a full group's whole tiles
@@ -418,6 +438,70 @@ class TestTreeKernelsInterpreter:
         second = run(spec, case, plan)
         assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
+    def test_a_growing_tree_reads_its_nodes_pages_where_they_were_written(self, device: str) -> None:
+        """A serving loop on a paged cache whose pages belong to nodes: tokens are written
+        once, into their node's pages, and never move while the tree grows, branches and
+        is pruned (a layout over the flattened order would shift at every step). Slots
+        nothing wrote are NaN. Each step is checked against the reference over the KV as
+        the nodes hold it."""
+        spec = tree_spec(heads=(4, 2), dtype="fp32", paged=True)
+        module = load(spec)
+        hkv, d = spec.heads.kv, spec.head_dim.qk
+        gen = torch.Generator().manual_seed(5)
+        k_cache = torch.full((40, PAGE, hkv, d), math.nan, device=device)
+        v_cache = torch.full_like(k_cache, math.nan)
+        free = torch.randperm(40, generator=gen).tolist()
+        pages: list[list[int]] = []
+        held: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # each node's (k, v) rows, in order
+
+        def write(node: int, count: int) -> None:
+            """``count`` new tokens at the end of ``node``, into its own pages."""
+            for _ in range(count):
+                t = len(held[node])
+                if t % PAGE == 0:
+                    pages[node].append(free.pop())
+                kv = (torch.randn(hkv, d, generator=gen).to(device), torch.randn(hkv, d, generator=gen).to(device))
+                page, at = pages[node][t // PAGE], t % PAGE
+                k_cache[page, at], v_cache[page, at] = kv
+                held[node].append(kv)
+
+        tree = TreeBatch.from_parents([-1, 0, 0], [0, 0, 0])
+        pages, held = [[] for _ in range(3)], [[] for _ in range(3)]
+        for node, count in enumerate((37, 5, 19)):
+            write(node, count)
+        tree = tree.append_tokens([37, 5, 19])
+
+        def step(tree: TreeBatch) -> None:
+            slots = torch.from_numpy(node_page_slots(tree, pages, PAGE, cache_pages=40)).to(device)
+            plan = plan_tree(tree, chunk=32, queries_per_group=2, device=device)
+            q = torch.randn(tree.n_queries, spec.heads.q, d, generator=gen).to(device)
+            out = poisoned(tree.n_queries, spec.heads.q, d, device=device)
+            o, lse = module.attention(q, k_cache, v_cache, plan, slots=slots, return_lse=True, out=out,
+                                      config={"block_n": 16, "num_warps": 4, "num_stages": 1})
+            k = torch.stack([kv[0] for n in tree.order.tolist() for kv in held[n]])
+            v = torch.stack([kv[1] for n in tree.order.tolist() for kv in held[n]])
+            assert_matches(spec, o, lse, tree_reference(spec, tree, q, k, v, {}))
+
+        step(tree)
+        for _ in range(3):  # decode steps: one token on each leaf
+            for leaf in tree.leaves.tolist():
+                write(leaf, 1)
+            tree = tree.append_to_leaves(1)
+            step(tree)
+        tree = tree.add_branch(1, 0)  # a new branch off node 1, then its tokens
+        pages.append([])
+        held.append([])
+        write(3, 21)
+        tree = tree.append_tokens({3: 21})
+        step(tree)
+        tree, remap = tree.prune(2)  # its pages go back to the cache
+        free += pages[2]
+        kept = np.flatnonzero(remap >= 0).tolist()
+        pages, held = [pages[n] for n in kept], [held[n] for n in kept]
+        write(2, 17)  # node 3 is node 2 now; its new pages may be node 2's old ones
+        tree = tree.append_tokens({2: 17})
+        step(tree)
+
     def test_bad_inputs_raise_before_launch(self, device: str) -> None:
         tree = TreeBatch.from_parents([-1, 0, 0], [20, 5, 6])
         spec, paged = tree_spec(), tree_spec(paged=True)
@@ -441,8 +525,19 @@ class TestTreeKernelsInterpreter:
             paged_module.attention(
                 case.q, k, v, plan, page_table=torch.full_like(table, 99), out=out
             )
-        with pytest.raises(LaunchError, match="page_table"):
+        with pytest.raises(LaunchError, match="exactly one of page_table"):
             paged_module.attention(case.q, k, v, plan, out=out)
+        slots = torch.from_numpy(physical_slots(table.cpu().numpy(), tree.n_kv, PAGE)).int().to(device)
+        with pytest.raises(LaunchError, match="exactly one of page_table"):
+            paged_module.attention(case.q, k, v, plan, page_table=table, slots=slots, out=out)
+        with pytest.raises(LaunchError, match=r"slots points outside the cache \(allowed slots 0\.\.63\)"):
+            paged_module.attention(case.q, k, v, plan, slots=slots + 64, out=out)
+        with pytest.raises(LaunchError, match="slots has 30 entries; 31 tokens need 31"):
+            paged_module.attention(case.q, k, v, plan, slots=slots[:-1], out=out)
+        with pytest.raises(LaunchError, match="slots must be an int32 vector"):
+            paged_module.attention(case.q, k, v, plan, slots=slots.long(), out=out)
+        with pytest.raises(LaunchError, match="page_table or slots given"):
+            module.attention(case.q, case.k, case.v, plan, slots=slots)
         own = dict(plan.tensors())  # a caller's own plan mapping: group_slots is checked
         filled = int((plan.group_q[0] >= 0).sum())
         assert filled == 2, "the test needs a group whose second slot is filled"
@@ -525,8 +620,9 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         check(spec, case, o, lse)
         paged = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries=queries, paged=True)
         o_c, _ = run(spec, case, plan, config=TILE)
-        o_p, _ = run(paged, case, plan, paged=True, config=TILE)
-        assert torch.equal(o_c, o_p)
+        for layout in ("table", "slots"):
+            o_p, _ = run(paged, case, plan, paged=layout, config=TILE)
+            assert torch.equal(o_c, o_p), layout
 
     def test_cuda_graph_over_buffers_replanned(self) -> None:
         """One capture over PlanBuffers, replayed after plan_into wrote other trees: one

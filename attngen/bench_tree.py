@@ -28,13 +28,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from attngen.bench import measure_rates
+from attngen.check_tree import random_node_pages
 from attngen.errors import AttngenError
 from attngen.plan import plan_tree
 from attngen.plotting import pyplot
 from attngen.progress import Progress
 from attngen.render import write_atomic
 from attngen.spec import Spec, parse_spec, torch_dtype
+from attngen.tree import TreeBatch, node_page_slots
 from attngen.workloads import REFERENCE_SHAPES, WORKLOADS, Workload
 
 LAYOUTS = {"mha": (32, 32), "gqa": (32, 8)}
@@ -152,7 +156,8 @@ def layout_name(spec: Spec) -> str:
 
 def check_benchable(spec: Spec) -> None:
     """The peers express tree visibility only: a tree spec is benchmarked as it is when
-    its own mask adds nothing, its score is plain and its KV is contiguous."""
+    its own mask adds nothing and its score is plain. A paged spec reads a cache whose
+    pages belong to nodes, through slots; the peers read the same KV flattened."""
     from attngen.masks import Full
 
     if spec.topology.kind == "sequence":
@@ -160,9 +165,6 @@ def check_benchable(spec: Spec) -> None:
     if not isinstance(spec.mask, Full) or spec.score_mod is not None:
         raise AttngenError(f"{spec.name}: the tree benchmark compares with peers that know only tree "
                            "visibility; it supports mask: full and no score_mod")
-    if spec.topology.kv_layout != "contiguous":
-        raise AttngenError(f"{spec.name}: the tree benchmark uses a contiguous KV cache; paged specs "
-                           "are checked ('attngen check'), not benchmarked")
 
 
 def workloads_for(spec: Spec) -> list[str]:
@@ -204,15 +206,23 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
     v = torch.randn(n_kv, heads_kv, d_v, device=dev, dtype=dtype, generator=gen)
     visible = torch.from_numpy(tree.visible_matrix()).to(dev)
 
-    out = module.attention(q, k, v, plan)  # autotunes once, outside the timing
-    t_ours = _graph_time_us(lambda: module.attention(q, k, v, plan), cold)
+    k_cache, v_cache, layout, paged = k, v, {}, ""
+    if spec.topology.kv_layout == "paged":
+        k_cache, v_cache, layout["slots"] = node_paged_cache(tree, k, v, spec.topology.page_size or 1)
+        paged = f"paged {spec.topology.page_size}, slots; "
+
+    def ours(**config: Any) -> Any:
+        return module.attention(q, k_cache, v_cache, plan, **layout, config=config or None)
+
+    out = ours()  # autotunes once, outside the timing
+    t_ours = _graph_time_us(ours, cold)
     picked = getattr(getattr(module, "_tree_partial_tuned", None), "best_config", None)
     t_triton = None
-    if plan.n_dense > 0 and getattr(module, "_gluon_ready", lambda k, v: False)(k, v):
-        module.attention(q, k, v, plan, config={"gluon": False})  # autotunes that path too
-        t_triton = _graph_time_us(lambda: module.attention(q, k, v, plan, config={"gluon": False}), cold)
-    config = (f"block_n {picked.kwargs['BLOCK_N']}, {picked.num_warps} warps, {picked.num_stages} stages"
-              if picked is not None else "")
+    if plan.n_dense > 0 and getattr(module, "_gluon_ready", lambda k, v: False)(k_cache, v_cache):
+        ours(gluon=False)  # autotunes that path too
+        t_triton = _graph_time_us(lambda: ours(gluon=False), cold)
+    config = paged + (f"block_n {picked.kwargs['BLOCK_N']}, {picked.num_warps} warps, {picked.num_stages} stages"
+                      if picked is not None else "")
 
     # dense references in [1, H, N, D] layout. The error is taken against float64, which
     # runs SDPA's math path: on the H200 (torch 2.11), float32 SDPA with this boolean mask
@@ -264,6 +274,21 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
         cold_l2=cold,
         triton_only_us=t_triton,
     )
+
+
+def node_paged_cache(tree: TreeBatch, k: Any, v: Any, page_size: int) -> tuple[Any, Any, Any]:
+    """``k``/``v`` (flattened) copied into paged caches whose pages belong to nodes, drawn
+    at random with room to grow as a serving cache holds them, and the slots to read them."""
+    import torch
+
+    node_pages, cache_pages = random_node_pages(tree, page_size, np.random.default_rng(0), spare_pages=0)
+    slots = torch.from_numpy(node_page_slots(tree, node_pages, page_size)).to(k.device)
+    caches = []
+    for x in (k, v):
+        cache = torch.zeros(cache_pages * page_size, *x.shape[1:], dtype=x.dtype, device=x.device)
+        cache[slots.long()] = x
+        caches.append(cache.view(cache_pages, page_size, *x.shape[1:]))
+    return caches[0], caches[1], slots
 
 
 def bench_spec(spec: Spec, names: list[str] | None = None, *, peers: bool = True) -> list[TreeRow]:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from attngen import bench_tree
 from attngen.errors import AttngenError
@@ -29,12 +30,24 @@ def test_workloads_follow_the_query_mode() -> None:
     ("spec_file", "message"),
     [
         ("causal_prefill", "takes tree specs"),
-        ("tree_paged_gqa", "paged specs"),
     ],
 )
 def test_unsupported_specs_are_refused_before_any_gpu_work(spec_file: str, message: str) -> None:
     with pytest.raises(AttngenError, match=message):
         bench_tree.check_benchable(load_spec(SPECS / f"{spec_file}.yaml"))
+
+
+def test_a_paged_spec_is_timed_on_pages_that_belong_to_nodes() -> None:
+    spec = load_spec(SPECS / "tree_paged_gqa.yaml")
+    bench_tree.check_benchable(spec)
+    tree = WORKLOADS["tot_d3_w3"]().tree
+    k, v = torch.randn(tree.n_kv, 2, 16), torch.randn(tree.n_kv, 2, 8)
+    k_cache, v_cache, slots = bench_tree.node_paged_cache(tree, k, v, 16)
+    assert k_cache.shape[1:] == (16, 2, 16) and v_cache.shape[1:] == (16, 2, 8)
+    assert torch.equal(k_cache.flatten(0, 1)[slots.long()], k)
+    assert torch.equal(v_cache.flatten(0, 1)[slots.long()], v)
+    first = slots[tree.node_kv_start[tree.order]].long()  # every node starts a page of its own
+    assert (first % 16 == 0).all() and first.unique().numel() == tree.n_nodes
 
 
 def test_built_spec_matches_the_layout() -> None:

@@ -625,7 +625,7 @@ def physical_slots(page_table: np.ndarray, n_kv: int, page_size: int) -> np.ndar
 
 def node_page_slots(
     tree: TreeBatch,
-    node_pages: Sequence[Sequence[int]] | Mapping[int, Sequence[int]],
+    node_pages: Sequence[Sequence[int] | np.ndarray] | Mapping[int, Sequence[int] | np.ndarray],
     page_size: int,
     *,
     cache_pages: int | None = None,

@@ -146,7 +146,18 @@ def _set_block_shapes(nargs):
 
 
 @triton.jit
-def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, Bits, KvPos, kv_lo, kv_n, kv_start, full,
+def _tree_slots(PageTable, kv_start, kv_lo, kv_n, BLOCK_N: tl.constexpr, TABLE_PAGE: tl.constexpr):
+    """The cache slots of the tile at kv_lo of a group's KV range. Flattened token L lives in
+    slot table[L // TABLE_PAGE] * TABLE_PAGE + L % TABLE_PAGE: a page table (TABLE_PAGE =
+    16, the page size) or a slot per token (TABLE_PAGE = 1). Past the range: slot 0."""
+    j = kv_lo + tl.arange(0, BLOCK_N)
+    logical = kv_start + j
+    page = tl.load(PageTable + logical // TABLE_PAGE, mask=j < kv_n, other=0)
+    return (page * TABLE_PAGE + logical % TABLE_PAGE).to(tl.int64)
+
+
+@triton.jit
+def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, slot, PageTable, Bits, KvPos, kv_lo, kv_n, kv_start, full,
                part, row_ok, q_pos, q_tree, head, n_batch, n_words,
                stride_kt, stride_vt,
                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
@@ -165,10 +176,6 @@ def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, Bits,
     else:
         d_qk = tl.arange(0, D_QK)
         d_v = tl.arange(0, D_V)
-        # paged KV: flattened token L lives in cache slot table[L // TABLE_PAGE] * TABLE_PAGE + L % TABLE_PAGE:
-        # a page table (TABLE_PAGE = 16, the page size) or a slot per token (TABLE_PAGE = 1)
-        page = tl.load(PageTable + logical // TABLE_PAGE, mask=in_range, other=0)
-        slot = (page * TABLE_PAGE + logical % TABLE_PAGE).to(tl.int64)
         k = tl.load(K + slot[:, None] * stride_kt + d_qk[None, :], mask=in_range[:, None], other=0.0)
         v = tl.load(V + slot[:, None] * stride_vt + d_v[None, :], mask=in_range[:, None], other=0.0)
     qk = tl.dot(q, tl.trans(k))
@@ -240,19 +247,26 @@ def _tree_program(
     # work: there, a full group's whole tiles run in a loop of their own with neither bits,
     # nor the range's end, nor a branch (on the H200, 8-10% faster on the speculative
     # trees). Smaller programs are bound by memory, and a second loop only slows them.
+    # each tile's cache slots are read a tile ahead, so that its K/V loads do not wait on
+    # the table (on the H200, 2-17% faster than reading them in the tile's own step, session 45)
+    slot = _tree_slots(PageTable, kv_start, 0, kv_n, BLOCK_N, TABLE_PAGE)
     inner = 0
     if ROWS >= 128:
         inner = tl.where(full != 0, (kv_n // BLOCK_N) * BLOCK_N, 0)
         for kv_lo in range(0, inner, BLOCK_N):
-            acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, GroupBits,
+            ahead = _tree_slots(PageTable, kv_start, kv_lo + BLOCK_N, kv_n, BLOCK_N, TABLE_PAGE)
+            acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, slot, PageTable, GroupBits,
                                        KvPos, kv_lo, kv_n, kv_start, full, part, row_ok, q_pos, q_tree,
                                        head, n_batch, n_words, stride_kt, stride_vt,
                                        ROWS, BLOCK_N, D_QK, D_V, USE_TMA, TABLE_PAGE, False)
+            slot = ahead
     for kv_lo in range(inner, kv_n, BLOCK_N):
-        acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, GroupBits, KvPos,
+        ahead = _tree_slots(PageTable, kv_start, kv_lo + BLOCK_N, kv_n, BLOCK_N, TABLE_PAGE)
+        acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, slot, PageTable, GroupBits, KvPos,
                                    kv_lo, kv_n, kv_start, full, part, row_ok, q_pos, q_tree,
                                    head, n_batch, n_words, stride_kt, stride_vt,
                                    ROWS, BLOCK_N, D_QK, D_V, USE_TMA, TABLE_PAGE, True)
+        slot = ahead
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

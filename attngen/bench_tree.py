@@ -28,17 +28,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from attngen.bench import measure_rates
-from attngen.check_tree import random_node_pages
 from attngen.errors import AttngenError
 from attngen.plan import plan_tree
 from attngen.plotting import pyplot
 from attngen.progress import Progress
 from attngen.render import write_atomic
 from attngen.spec import Spec, parse_spec, torch_dtype
-from attngen.tree import TreeBatch, node_page_slots
+from attngen.tree import TreeBatch, make_node_pages, node_page_slots
 from attngen.workloads import REFERENCE_SHAPES, WORKLOADS, Workload
 
 LAYOUTS = {"mha": (32, 32), "gqa": (32, 8)}
@@ -281,7 +278,7 @@ def node_paged_cache(tree: TreeBatch, k: Any, v: Any, page_size: int) -> tuple[A
     at random with room to grow as a serving cache holds them, and the slots to read them."""
     import torch
 
-    node_pages, cache_pages = random_node_pages(tree, page_size, np.random.default_rng(0), spare_pages=0)
+    node_pages, cache_pages = make_node_pages(tree, page_size, seed=0)
     slots = torch.from_numpy(node_page_slots(tree, node_pages, page_size)).to(k.device)
     caches = []
     for x in (k, v):

@@ -32,6 +32,7 @@ from attngen.spec import Spec, torch_dtype
 from attngen.tree import (
     QueryMode,
     TreeBatch,
+    make_node_pages,
     make_page_table,
     node_page_slots,
     pages_needed,
@@ -226,18 +227,6 @@ def tree_depths(tree: TreeBatch) -> list[int]:
     return depth.tolist()
 
 
-def random_node_pages(
-    tree: TreeBatch, page_size: int, rng: np.random.Generator, *, spare_pages: int
-) -> tuple[list[np.ndarray], int]:
-    """Pages of a serving cache that each node owns, drawn at random: the pages its tokens
-    fill, plus at random one to grow into. Returns them (by node id) and the cache's page
-    count, ``spare_pages`` more than the nodes hold."""
-    own = -(-tree.tokens // page_size) + rng.integers(0, 2, size=tree.n_nodes)
-    held = int(own.sum())
-    pages = rng.permutation(held + spare_pages)[:held]
-    return np.split(pages, np.cumsum(own)[:-1]), held + spare_pages
-
-
 def make_tree_inputs(spec: Spec, tree: TreeBatch, *, seed: int, device: str) -> TreeInputs:
     """Fresh N(0,1) q/k/v in the spec dtype. A paged spec gets a cache of random pages with
     one to three spare pages (so a wrong slot reads garbage), read through either a random
@@ -266,7 +255,9 @@ def make_tree_inputs(spec: Spec, tree: TreeBatch, *, seed: int, device: str) -> 
     page = spec.topology.page_size or 1
     if rng.random() < 0.5:
         table = None
-        node_pages, cache_pages = random_node_pages(tree, page, rng, spare_pages=int(rng.integers(1, 4)))
+        node_pages, cache_pages = make_node_pages(
+            tree, page, spare_pages=int(rng.integers(1, 4)), seed=int(rng.integers(2**31))
+        )
         token_slots = node_page_slots(tree, node_pages, page, cache_pages=cache_pages)
     else:
         cache_pages = pages_needed(tree.n_kv, page) + int(rng.integers(1, 4))

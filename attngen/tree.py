@@ -590,6 +590,23 @@ def make_page_table(
     return rng.permutation(cache_pages)[:needed].astype(np.int32)
 
 
+def make_node_pages(
+    tree: TreeBatch, page_size: int, *, spare_pages: int = 0, seed: int | None = None
+) -> tuple[list[np.ndarray], int]:
+    """Pages that each node of ``tree`` owns, as a serving cache holds them: the pages its
+    tokens fill and, with ``seed``, at random one more to grow into, all drawn at random
+    (without ``seed``: in node order, none spare). Returns them by node id, for
+    :func:`node_page_slots`, and the cache's page count, ``spare_pages`` more than the
+    nodes hold."""
+    own = -(-tree.tokens // page_size)
+    if seed is None:
+        return np.split(np.arange(int(own.sum())), np.cumsum(own)[:-1]), int(own.sum()) + spare_pages
+    rng = np.random.default_rng(seed)
+    own = own + rng.integers(0, 2, size=tree.n_nodes)
+    held = int(own.sum())
+    return np.split(rng.permutation(held + spare_pages)[:held], np.cumsum(own)[:-1]), held + spare_pages
+
+
 def validate_page_table(
     page_table: np.ndarray | Sequence[int], n_kv: int, page_size: int, cache_slots: int
 ) -> None:

@@ -12,6 +12,7 @@ import pytest
 from attngen.errors import PlanError
 from attngen.tree import (
     TreeBatch,
+    make_node_pages,
     make_page_table,
     node_page_slots,
     physical_slots,
@@ -111,6 +112,13 @@ def test_node_page_slots_read_each_node_from_its_own_pages() -> None:
     expected = [36, 37, 38, 39, 8, 9, 0, 1, 2, 3, 20, 16, 17, 18]  # nodes 0, 1 (none), 3, 2
     assert slots.dtype == np.int32 and slots.tolist() == expected
     assert node_page_slots(tree, [[9, 2], [], [4, 7], [0, 5]], 4).tolist() == expected
+    in_order, cache = make_node_pages(tree, 4, spare_pages=1)
+    assert [p.tolist() for p in in_order] == [[0, 1], [], [2], [3, 4]] and cache == 6
+    drawn, cache = make_node_pages(tree, 4, spare_pages=2, seed=3)
+    held = np.concatenate(drawn)
+    assert all(len(p) >= n for p, n in zip(drawn, [2, 0, 1, 2], strict=True))
+    assert np.unique(held).size == held.size and cache == held.size + 2 and held.max() < cache
+    assert node_page_slots(tree, drawn, 4, cache_pages=cache).size == tree.n_kv
     grown = tree.append_tokens({2: 2})  # node 2 fills its first page, then its second
     assert node_page_slots(grown, pages, 4).tolist() == [*expected, 19, 28]  # nothing else moves
 

@@ -23,14 +23,19 @@ from helpers import assert_close, assert_lse_close, fresh, poisoned
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from attngen.check_tree import random_node_pages
 from attngen.cost import HeadLayout, Machine
 from attngen.errors import LaunchError, SpecError
 from attngen.plan import FOLD_ALIGN, PlanBuffers, plan_into, plan_tree
 from attngen.reference import tree_reference
 from attngen.runtime import load
 from attngen.spec import Spec, parse_spec
-from attngen.tree import TreeBatch, make_page_table, node_page_slots, physical_slots
+from attngen.tree import (
+    TreeBatch,
+    make_node_pages,
+    make_page_table,
+    node_page_slots,
+    physical_slots,
+)
 from attngen.tree_ir import lower_tree
 from attngen.workloads import speculative
 
@@ -111,7 +116,7 @@ def paged_cache(x: torch.Tensor, n_kv: int, seed: int) -> tuple[torch.Tensor, to
 def node_paged_cache(x: torch.Tensor, tree: TreeBatch, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [n_kv, H, D] in a cache whose pages belong to nodes (drawn at random; every
     slot no token fills is NaN), and the slots to read it by."""
-    node_pages, pages = random_node_pages(tree, PAGE, np.random.default_rng(seed), spare_pages=1)
+    node_pages, pages = make_node_pages(tree, PAGE, spare_pages=1, seed=seed)
     slots = torch.from_numpy(node_page_slots(tree, node_pages, PAGE)).to(x.device)
     cache = torch.full((pages * PAGE, *x.shape[1:]), math.nan, dtype=x.dtype, device=x.device)
     cache[slots.long()] = x

@@ -146,11 +146,11 @@ def _set_block_shapes(nargs):
 
 
 @triton.jit
-def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, Bits, KvPos, kv_lo, kv_n, kv_start, full,
+def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, Bits, KvPos, kv_lo, kv_n, kv_start, full,
                part, row_ok, q_pos, q_tree, head, n_batch, n_words,
                stride_kt, stride_vt,
                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-               USE_TMA: tl.constexpr, TABLE_PAGE: tl.constexpr, EDGE: tl.constexpr):
+               USE_TMA: tl.constexpr, EDGE: tl.constexpr):
     """One KV tile of a group's KV range, online softmax in base 2. EDGE tiles apply the
     plan's visibility bits (unless the group is full) and the range's end to the scores;
     the others are interior tiles of a full group, which every slot sees whole. Keys past the range's end are loaded (a neighbour's KV, or
@@ -241,15 +241,15 @@ def _tree_program(
     if ROWS >= 128:
         inner = tl.where(full != 0, (kv_n // BLOCK_N) * BLOCK_N, 0)
         for kv_lo in range(0, inner, BLOCK_N):
-            acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, GroupBits,
+            acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, GroupBits,
                                        KvPos, kv_lo, kv_n, kv_start, full, part, row_ok, q_pos, q_tree,
                                        head, n_batch, n_words, stride_kt, stride_vt,
-                                       ROWS, BLOCK_N, D_QK, D_V, USE_TMA, TABLE_PAGE, False)
+                                       ROWS, BLOCK_N, D_QK, D_V, USE_TMA, False)
     for kv_lo in range(inner, kv_n, BLOCK_N):
-        acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, PageTable, GroupBits, KvPos,
+        acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, GroupBits, KvPos,
                                    kv_lo, kv_n, kv_start, full, part, row_ok, q_pos, q_tree,
                                    head, n_batch, n_words, stride_kt, stride_vt,
-                                   ROWS, BLOCK_N, D_QK, D_V, USE_TMA, TABLE_PAGE, True)
+                                   ROWS, BLOCK_N, D_QK, D_V, USE_TMA, True)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

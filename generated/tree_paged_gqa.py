@@ -157,15 +157,16 @@ def _tree_slots(PageTable, kv_start, kv_lo, kv_n, BLOCK_N: tl.constexpr, TABLE_P
 
 
 @triton.jit
-def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, slot, PageTable, Bits, KvPos, kv_lo, kv_n, kv_start, full,
+def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, slot, Bits, KvPos, kv_lo, kv_n, kv_start, full,
                part, row_ok, q_pos, q_tree, head, n_batch, n_words,
                stride_kt, stride_vt,
                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-               USE_TMA: tl.constexpr, TABLE_PAGE: tl.constexpr, EDGE: tl.constexpr):
+               USE_TMA: tl.constexpr, EDGE: tl.constexpr):
     """One KV tile of a group's KV range, online softmax in base 2. EDGE tiles apply the
     plan's visibility bits (unless the group is full) and the range's end to the scores;
     the others are interior tiles of a full group, which every slot sees whole. Keys past the range's end are loaded (a neighbour's KV, or
-    zeros past the cache) but get probability 0."""
+    zeros past the cache) but get probability 0. slot holds the tile's cache slots
+    (_tree_slots, read a tile ahead)."""
     j = kv_lo + tl.arange(0, BLOCK_N)
     in_range = j < kv_n
     logical = kv_start + j
@@ -255,17 +256,17 @@ def _tree_program(
         inner = tl.where(full != 0, (kv_n // BLOCK_N) * BLOCK_N, 0)
         for kv_lo in range(0, inner, BLOCK_N):
             ahead = _tree_slots(PageTable, kv_start, kv_lo + BLOCK_N, kv_n, BLOCK_N, TABLE_PAGE)
-            acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, slot, PageTable, GroupBits,
+            acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, slot, GroupBits,
                                        KvPos, kv_lo, kv_n, kv_start, full, part, row_ok, q_pos, q_tree,
                                        head, n_batch, n_words, stride_kt, stride_vt,
-                                       ROWS, BLOCK_N, D_QK, D_V, USE_TMA, TABLE_PAGE, False)
+                                       ROWS, BLOCK_N, D_QK, D_V, USE_TMA, False)
             slot = ahead
     for kv_lo in range(inner, kv_n, BLOCK_N):
         ahead = _tree_slots(PageTable, kv_start, kv_lo + BLOCK_N, kv_n, BLOCK_N, TABLE_PAGE)
-        acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, slot, PageTable, GroupBits, KvPos,
+        acc, m_i, l_i = _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, slot, GroupBits, KvPos,
                                    kv_lo, kv_n, kv_start, full, part, row_ok, q_pos, q_tree,
                                    head, n_batch, n_words, stride_kt, stride_vt,
-                                   ROWS, BLOCK_N, D_QK, D_V, USE_TMA, TABLE_PAGE, True)
+                                   ROWS, BLOCK_N, D_QK, D_V, USE_TMA, True)
         slot = ahead
 
     empty = l_i == 0.0

@@ -157,7 +157,6 @@ def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, Bits, KvPos, kv_
     zeros past the cache) but get probability 0."""
     j = kv_lo + tl.arange(0, BLOCK_N)
     in_range = j < kv_n
-    logical = kv_start + j
     if USE_TMA:
         # contiguous cache: one bulk tensor copy per tile, no per-element addresses
         k = K_desc.load([kv_start + kv_lo, kv_head * D_QK])
@@ -165,7 +164,7 @@ def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, Bits, KvPos, kv_
     else:
         d_qk = tl.arange(0, D_QK)
         d_v = tl.arange(0, D_V)
-        slot = logical.to(tl.int64)
+        slot = (kv_start + j).to(tl.int64)
         k = tl.load(K + slot[:, None] * stride_kt + d_qk[None, :], mask=in_range[:, None], other=0.0)
         v = tl.load(V + slot[:, None] * stride_vt + d_v[None, :], mask=in_range[:, None], other=0.0)
     qk = tl.dot(q, tl.trans(k))

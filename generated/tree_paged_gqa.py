@@ -169,7 +169,6 @@ def _tree_tile(acc, m_i, l_i, q, K, V, K_desc, V_desc, kv_head, slot, Bits, KvPo
     (_tree_slots, read a tile ahead)."""
     j = kv_lo + tl.arange(0, BLOCK_N)
     in_range = j < kv_n
-    logical = kv_start + j
     if USE_TMA:
         # contiguous cache: one bulk tensor copy per tile, no per-element addresses
         k = K_desc.load([kv_start + kv_lo, kv_head * D_QK])

@@ -40,8 +40,8 @@ ScoreOracle = Callable[[Any, Ctx], Any]
 
 DOC = {"doc": {"dims": ["token"], "dtype": "int32"}}
 PREFIX = {"prefix": {"dims": ["batch"], "dtype": "int32"}}
-SLOPES = {"slopes": {"dims": ["head"], "dtype": "fp32"}}
-BIAS = {"bias": {"dims": ["head", 64], "dtype": "fp32"}}
+#: Float user tensors come in each float dtype: a 16-bit one is widened as it is loaded.
+FLOAT_TENSOR_DTYPES = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -222,21 +222,21 @@ def softcap(draw: st.DrawFn) -> ScoreCase:
 
 
 def alibi() -> st.SearchStrategy[ScoreCase]:
-    return st.just(
-        ScoreCase(
+    return st.sampled_from(FLOAT_TENSOR_DTYPES).map(
+        lambda dtype: ScoreCase(
             "score - slopes[head] * abs(q_pos - kv_pos)",
             lambda s, c: s - c.t["slopes"][c.h] * torch.abs(c.q - c.kv),
-            SLOPES,
+            {"slopes": {"dims": ["head"], "dtype": dtype}},
         )
     )
 
 
 def relative_bias() -> st.SearchStrategy[ScoreCase]:
-    return st.just(
-        ScoreCase(
+    return st.sampled_from(FLOAT_TENSOR_DTYPES).map(
+        lambda dtype: ScoreCase(
             "score + bias[head, clamp(q_pos - kv_pos, 0, 63)]",
             lambda s, c: s + c.t["bias"][c.h, torch.clamp(c.q - c.kv, 0, 63)],
-            BIAS,
+            {"bias": {"dims": ["head", 64], "dtype": dtype}},
         )
     )
 

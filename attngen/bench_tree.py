@@ -35,7 +35,7 @@ from attngen.plotting import pyplot
 from attngen.progress import Progress
 from attngen.render import write_atomic
 from attngen.spec import Spec, parse_spec, torch_dtype
-from attngen.tree import TreeBatch, make_node_pages, node_page_slots
+from attngen.tree import TreeBatch, make_node_pages, node_page_slots, paged_copy
 from attngen.workloads import REFERENCE_SHAPES, WORKLOADS, Workload
 
 LAYOUTS = {"mha": (32, 32), "gqa": (32, 8)}
@@ -279,13 +279,9 @@ def node_paged_cache(tree: TreeBatch, k: Any, v: Any, page_size: int) -> tuple[A
     import torch
 
     node_pages, cache_pages = make_node_pages(tree, page_size, seed=0)
-    slots = torch.from_numpy(node_page_slots(tree, node_pages, page_size)).to(k.device)
-    caches = []
-    for x in (k, v):
-        cache = torch.zeros(cache_pages * page_size, *x.shape[1:], dtype=x.dtype, device=x.device)
-        cache[slots.long()] = x
-        caches.append(cache.view(cache_pages, page_size, *x.shape[1:]))
-    return caches[0], caches[1], slots
+    slots = node_page_slots(tree, node_pages, page_size)
+    return (paged_copy(k, slots, cache_pages, page_size), paged_copy(v, slots, cache_pages, page_size),
+            torch.from_numpy(slots).to(k.device))
 
 
 def bench_spec(spec: Spec, names: list[str] | None = None, *, peers: bool = True) -> list[TreeRow]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
 
 import networkx as nx
 import numpy as np
@@ -638,6 +638,17 @@ def physical_slots(page_table: np.ndarray, n_kv: int, page_size: int) -> np.ndar
         np.asarray(page_table, dtype=np.int64)[logical // page_size] * page_size
         + logical % page_size
     )
+
+
+def paged_copy(x: Any, slots: Any, cache_pages: int, page_size: int, *, fill: float = 0.0) -> Any:
+    """``x`` (a torch tensor ``[n_kv, ...]`` in flattened order) laid out in a paged cache
+    ``[cache_pages, page_size, ...]``: token ``L`` in slot ``slots[L]`` (from
+    :func:`physical_slots` or :func:`node_page_slots`), every other slot ``fill``."""
+    import torch
+
+    cache = torch.full((cache_pages * page_size, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+    cache[torch.as_tensor(slots, device=x.device).long()] = x
+    return cache.view(cache_pages, page_size, *x.shape[1:])
 
 
 def node_page_slots(

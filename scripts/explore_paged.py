@@ -25,7 +25,7 @@ from attngen.bench_tree import _graph_time_us, node_paged_cache
 from attngen.cost import HeadLayout
 from attngen.plan import plan_tree
 from attngen.spec import Spec, parse_spec
-from attngen.tree import make_page_table, physical_slots
+from attngen.tree import make_page_table, paged_copy, physical_slots
 from attngen.workloads import WORKLOADS
 
 PAGE = 16
@@ -47,13 +47,9 @@ def table_cache(k: torch.Tensor, v: torch.Tensor, page: int, seed: int | None) -
     """k and v in a paged cache behind a page table over the flattened order: shuffled
     pages (``seed``), or pages in order (None: the cache is the flattened KV, padded)."""
     table = make_page_table(k.shape[0], page, seed=seed)
-    where = torch.from_numpy(physical_slots(table, k.shape[0], page)).to(k.device)
-    caches = []
-    for x in (k, v):
-        cache = torch.zeros(len(table) * page, *x.shape[1:], device=x.device, dtype=x.dtype)
-        cache[where] = x
-        caches.append(cache.view(len(table), page, *x.shape[1:]))
-    return caches[0], caches[1], torch.from_numpy(table).to(k.device)
+    where = physical_slots(table, k.shape[0], page)
+    return (paged_copy(k, where, len(table), page), paged_copy(v, where, len(table), page),
+            torch.from_numpy(table).to(k.device))
 
 
 def measure(name: str, heads_kv: int) -> dict:

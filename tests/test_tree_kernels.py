@@ -34,6 +34,7 @@ from attngen.tree import (
     make_node_pages,
     make_page_table,
     node_page_slots,
+    paged_copy,
     physical_slots,
 )
 from attngen.tree_ir import lower_tree
@@ -107,20 +108,16 @@ def paged_cache(x: torch.Tensor, n_kv: int, seed: int) -> tuple[torch.Tensor, to
     """``x`` [n_kv, H, D] scattered into a shuffled paged cache with two spare pages."""
     pages = -(-n_kv // PAGE) + 2
     table = make_page_table(n_kv, PAGE, cache_pages=pages, seed=seed)
-    cache = torch.zeros(pages * PAGE, *x.shape[1:], dtype=x.dtype, device=x.device)
-    slots = torch.from_numpy(physical_slots(table, n_kv, PAGE)).to(x.device)
-    cache[slots] = x
-    return cache.view(pages, PAGE, *x.shape[1:]), torch.from_numpy(table).to(x.device)
+    cache = paged_copy(x, physical_slots(table, n_kv, PAGE), pages, PAGE)
+    return cache, torch.from_numpy(table).to(x.device)
 
 
 def node_paged_cache(x: torch.Tensor, tree: TreeBatch, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [n_kv, H, D] in a cache whose pages belong to nodes (drawn at random; every
     slot no token fills is NaN), and the slots to read it by."""
     node_pages, pages = make_node_pages(tree, PAGE, spare_pages=1, seed=seed)
-    slots = torch.from_numpy(node_page_slots(tree, node_pages, PAGE)).to(x.device)
-    cache = torch.full((pages * PAGE, *x.shape[1:]), math.nan, dtype=x.dtype, device=x.device)
-    cache[slots.long()] = x
-    return cache.view(pages, PAGE, *x.shape[1:]), slots
+    slots = node_page_slots(tree, node_pages, PAGE)
+    return paged_copy(x, slots, pages, PAGE, fill=math.nan), torch.from_numpy(slots).to(x.device)
 
 
 def run(

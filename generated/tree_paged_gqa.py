@@ -435,6 +435,8 @@ try:
     # and the cp.async gather async_copy.async_copy_global_to_shared, later async_load
     _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     _warp_sync = getattr(gl, "barrier", None) or gl.thread_barrier
+    #: Rows per block of a paged tile: one TMA box, or one cp.async gather.
+    GATHER_ROWS = gl.constexpr(16)
 except ImportError:  # a Triton without Gluon: every group runs in _tree_partial_kernel
     GluonDescriptor = None
 
@@ -443,20 +445,34 @@ except ImportError:  # a Triton without Gluon: every group runs in _tree_partial
 
 
 @_gluon_jit
-def _gluon_paged_loader(K, V, Table, slot_smem, k_smem, v_smem, ready, empty, kv_start, kv_head, n_tiles, kv_n,
-                        stride_kt, stride_kh, stride_vt, stride_vh, table_page):
-    """Worker, one warp: the range's K/V tiles gathered from the paged cache into the ring
-    row by row (cp.async, 16 bytes a lane), since a tile's tokens need not be contiguous
-    there. Flattened token L lives in cache slot table[L // table_page] * table_page +
-    L % table_page: a page table, or a slot per token (table_page = 1). A tile's slots are
-    read before the wait for its stage (the table's latency hides behind it) and staged in
-    ``slot_smem``, whence each 16-row copy takes its own; rows past the range are
-    zero-filled, not read. ``ready`` flips when every lane's copies of the stage have landed."""
+def _gluon_block(slot_smem, r, b, tile_lo, kv_n):
+    """Block b of a paged tile whose slots ``slot_smem`` holds (``r``: the block's row
+    offsets): its slots, its first slot, and whether it comes as one TMA box: its slots
+    run on in order and its rows all lie in the range."""
+    R: gl.constexpr = r.shape[0]
+    slot = slot_smem.slice(b * R, R).load(r.type.layout)
+    first = gl.min(slot - r, axis=0)
+    return slot, first, (gl.max(slot - r, axis=0) == first) & (tile_lo + b * R + R <= kv_n)
+
+
+@_gluon_jit
+def _gluon_paged_loader(K, V, k_desc, v_desc, Table, slot_smem, k_smem, v_smem, ready, empty, kv_start, kv_head,
+                        n_tiles, kv_n, stride_kt, stride_kh, stride_vt, stride_vh, table_page):
+    """Worker, one warp: the range's K/V tiles from the paged cache into the ring, in
+    blocks of GATHER_ROWS rows. Flattened token L lives in cache slot
+    table[L // table_page] * table_page + L % table_page: a page table, or a slot per
+    token (table_page = 1). A block whose slots run on in order (it lies in one page, or
+    in pages that follow each other) comes by TMA, as a box; any other, and a block past
+    the range's end, is gathered row by row by cp.async (16 bytes a lane; rows past the
+    end zero-filled, not read). A tile's slots are read before the wait for its stage,
+    so the table's latency hides behind it, and staged in ``slot_smem``. ``ready`` takes
+    one arrival per block (a box's with its bytes), the last ones after the barrier has
+    been told to track the lane's copies."""
     NS: gl.constexpr = k_smem.shape[0]
     BN: gl.constexpr = k_smem.shape[1]
     D: gl.constexpr = k_smem.shape[2]
-    R: gl.constexpr = 16  # rows per copy: 8 addresses a lane
-    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 1], [1, 0])
+    R: gl.constexpr = GATHER_ROWS
+    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 1], [1, 0])  # 8 addresses a lane
     flat: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     t = gl.arange(0, BN, layout=flat)
     r = gl.arange(0, R, layout=gl.SliceLayout(1, rows_layout))
@@ -469,14 +485,23 @@ def _gluon_paged_loader(K, V, Table, slot_smem, k_smem, v_smem, ready, empty, kv
         slot_smem.store((page * table_page + tok % table_page).to(gl.int64))
         _warp_sync()
         for b in gl.static_range(BN // R):
-            slot = slot_smem.slice(b * R, R).load(gl.SliceLayout(1, rows_layout))
-            ok = gl.expand_dims(j * BN + b * R + r < kv_n, 1)
-            k_rows = K + gl.expand_dims(slot * stride_kt + kv_head * stride_kh, 1)
-            v_rows = V + gl.expand_dims(slot * stride_vt + kv_head * stride_vh, 1)
-            _cp_async(k_smem.index(s).slice(b * R, R), k_rows + d, mask=ok)
-            _cp_async(v_smem.index(s).slice(b * R, R), v_rows + d, mask=ok)
+            slot, first, boxed = _gluon_block(slot_smem, r, b, j * BN, kv_n)
+            if boxed:
+                mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+                _tma_load(k_desc, [first.to(gl.int32), kv_head * D], ready.index(s), k_smem.index(s).slice(b * R, R))
+                _tma_load(v_desc, [first.to(gl.int32), kv_head * D], ready.index(s), v_smem.index(s).slice(b * R, R))
+            else:
+                ok = gl.expand_dims(j * BN + b * R + r < kv_n, 1)
+                k_rows = K + gl.expand_dims(slot * stride_kt + kv_head * stride_kh, 1)
+                v_rows = V + gl.expand_dims(slot * stride_vt + kv_head * stride_vh, 1)
+                _cp_async(k_smem.index(s).slice(b * R, R), k_rows + d, mask=ok)
+                _cp_async(v_smem.index(s).slice(b * R, R), v_rows + d, mask=ok)
+        # the barrier tracks the lane's copies from here (+1 now, -1 when they land), then
+        # the gathered blocks arrive: it cannot flip before their rows are in
         async_copy.mbarrier_arrive(ready.index(s))
-        mbarrier.arrive(ready.index(s))
+        for b in gl.static_range(BN // R):
+            _, _, boxed = _gluon_block(slot_smem, r, b, j * BN, kv_n)
+            mbarrier.arrive(ready.index(s), pred=~boxed)
         _warp_sync()  # every lane's slots read before the next tile's overwrite them
 
 
@@ -682,7 +707,7 @@ def _gluon_fold_warpgroup_2(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_sme
 
 
 @_gluon_jit
-def _gluon_tree_kernel(Q, K, V, Table, O_part, LSE_part, GroupKvStart, GroupKvLen, GroupQ, MergeRow,
+def _gluon_tree_kernel(Q, K, V, k_desc, v_desc, Table, O_part, LSE_part, GroupKvStart, GroupKvLen, GroupQ, MergeRow,
                        DenseCount, GroupFold, GroupLead, GroupBits, stride_qn, stride_qh, stride_kt, stride_kh,
                        stride_vt, stride_vh, qg, n_words, WG: gl.constexpr, NS: gl.constexpr, BN: gl.constexpr,
                        KV_SMEM: gl.constexpr, table_page, FOLD: gl.constexpr):
@@ -732,12 +757,12 @@ def _gluon_tree_kernel(Q, K, V, Table, O_part, LSE_part, GroupKvStart, GroupKvLe
     ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NS):
-        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(ready.index(i), count=BN // GATHER_ROWS)
         mbarrier.init(empty.index(i), count=WG)
     args = (O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty, g, kv_head, kv_n,
             n_tiles, qg, tail, dense_n, n_head, n_words)
     slot_smem = gl.allocate_shared_memory(gl.int64, [BN], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    ring = (K, V, Table, slot_smem, k_smem, v_smem, ready, empty, kv_start, kv_head, n_tiles, kv_n,
+    ring = (K, V, k_desc, v_desc, Table, slot_smem, k_smem, v_smem, ready, empty, kv_start, kv_head, n_tiles, kv_n,
             stride_kt, stride_kh, stride_vt, stride_vh, table_page)
     # warpgroup 0 is the default partition (the kernel's 4 warps); the workers' warps and
     # registers per thread follow: a warpgroup's accumulators, the loader's few. Three
@@ -800,13 +825,16 @@ def _launch_gluon(q, k, v, t, o_part, lse_part, n_dense, qg, fold=False, *, tabl
     table, ``table_page`` = PAGE_SIZE, or slots, 1); with ``fold``, those of the groups
     folded into them too."""
     wg, block_n, stages = _gluon_tile(qg)
+    layout = gl.NVMMASharedLayout.get_default_for([block_n, HEAD_DIM_QK], gl.bfloat16)
+    box = [GATHER_ROWS, HEAD_DIM_QK]
+    k_desc = GluonDescriptor.from_tensor(k.view(-1, HEADS_KV * HEAD_DIM_QK), box, layout)
+    v_desc = GluonDescriptor.from_tensor(v.view(-1, HEADS_KV * HEAD_DIM_V), box, layout)
     _gluon_tree_kernel[(n_dense * HEADS_KV,)](
-        q, k, v, table, o_part, lse_part, t["group_kv_start"], t["group_kv_len"], t["group_q"],
+        q, k, v, k_desc, v_desc, table, o_part, lse_part, t["group_kv_start"], t["group_kv_len"], t["group_q"],
         t["merge_row"], t["dense_count"], t["group_fold"], t["group_lead"], t["group_bits"],
         q.stride(0), q.stride(1), k.stride(1), k.stride(2), v.stride(1), v.stride(2), qg, t["group_bits"].shape[-1],
         WG=wg, NS=stages, BN=block_n,
-        KV_SMEM=gl.NVMMASharedLayout.get_default_for([block_n, HEAD_DIM_QK], gl.bfloat16),
-        table_page=table_page, FOLD=fold, num_warps=4)
+        KV_SMEM=layout, table_page=table_page, FOLD=fold, num_warps=4)
 
 
 def _prune_tree(configs, named_args, **kwargs):

@@ -826,7 +826,7 @@ def _launch_gluon(q, k, v, t, o_part, lse_part, n_dense, qg, fold=False, *, tabl
     folded into them too."""
     wg, block_n, stages = _gluon_tile(qg)
     layout = gl.NVMMASharedLayout.get_default_for([block_n, HEAD_DIM_QK], gl.bfloat16)
-    box = [GATHER_ROWS, HEAD_DIM_QK]
+    box = [GATHER_ROWS.value, HEAD_DIM_QK]
     k_desc = GluonDescriptor.from_tensor(k.view(-1, HEADS_KV * HEAD_DIM_QK), box, layout)
     v_desc = GluonDescriptor.from_tensor(v.view(-1, HEADS_KV * HEAD_DIM_V), box, layout)
     _gluon_tree_kernel[(n_dense * HEADS_KV,)](

@@ -11,7 +11,7 @@ from attngen.tree import make_page_table, paged_copy, physical_slots
 
 def spec(kv, page):
     topo = {"kind": "tree", "queries": "node"} | ({"kv_layout": "paged", "page_size": page} if page else {})
-    return parse_spec({"name": f"var_{kv}_{page}", "heads": {"q": 32, "kv": kv}, "head_dim": 128, "dtype": "bf16", "topology": topo})
+    return parse_spec({"name": f"var_{kv}_{page or 0}", "heads": {"q": 32, "kv": kv}, "head_dim": 128, "dtype": "bf16", "topology": topo})
 
 for case in sys.argv[1:]:
     name, kv = case.split(":"); kv = int(kv)

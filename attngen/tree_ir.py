@@ -87,6 +87,12 @@ class TreeKernelIR(ModuleIR):
         return DENSE_ROWS
 
     @property
+    def gluon_loader_regs(self) -> int:
+        """Registers per thread of the Gluon programs' one-warp loader: a TMA issuer needs
+        few; a paged gather holds a 16-row copy's addresses (8 a lane) and its slots."""
+        return 56 if self.paged else 40
+
+    @property
     def block_rows(self) -> int:
         """The tallest Triton stage-1 tile; a tall plan's groups run as row blocks of it."""
         return BLOCK_ROWS
@@ -158,12 +164,14 @@ def tree_configs(spec: Spec) -> tuple[TreeTileConfig, ...]:
 
 def gluon_scale(spec: Spec, mask: sp.Basic, modified: sp.Expr) -> str:
     """The base-2 scale c when the score is c * q.k (c > 0) with nothing else to apply, on a
-    contiguous bf16/fp16 cache of head dim 128: then the full groups of 65 to 192 rows run
-    in the Gluon program (one TMA warp, two or three warpgroups whose softmax overlaps their p.v),
-    which has no mask, score_mod, tensor or page-table code. "" otherwise."""
+    bf16/fp16 cache of head dim 128: then the full groups of 65 to 192 rows run
+    in the Gluon program (one loader warp, two or three warpgroups whose softmax overlaps
+    their p.v), which has no mask, score_mod or tensor code. Its loader reads a contiguous
+    cache by TMA, and a paged one by TMA boxes of 16 rows where the slots run on, by
+    cp.async where they do not. "" otherwise."""
     coeff, rest = modified.as_coeff_Mul()
     plain = rest == QK and coeff.is_Number and coeff > 0 and mask == sp.true and not spec.tensors
-    layout_ok = spec.topology.kv_layout != "paged" and spec.dtype in ("bf16", "fp16")
+    layout_ok = spec.dtype in ("bf16", "fp16")
     dims_ok = spec.head_dim.qk == spec.head_dim.v and spec.head_dim.qk in GLUON_HEAD_DIMS
     return repr(float(coeff)) if plain and layout_ok and dims_ok else ""
 

@@ -438,7 +438,7 @@ def _gluon_kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_start, kv_
 @_gluon_jit
 def _gluon_softmax(s, m_i, l_i, j, n_tiles, kv_n):
     """Tile j's online-softmax step in base 2 on raw q.k^T; the last tile's keys past the
-    range's end get probability 0 (the loader read a neighbour's KV, or TMA's zeros)."""
+    range's end get probability 0 (the loader read a neighbour's KV, or zeros)."""
     BN: gl.constexpr = s.shape[1]
     if j == n_tiles - 1:
         keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s.type.layout))
@@ -644,6 +644,7 @@ def _gluon_tree_kernel(Q, k_desc, v_desc, O_part, LSE_part, GroupKvStart, GroupK
     group too, as the tail of its range, and writes LSE = -inf (an empty partial) at that
     group's rows."""
     BN: gl.constexpr = k_desc.block_type.shape[0]
+    KV_SMEM: gl.constexpr = k_desc.layout
     D: gl.constexpr = 128
     pid = gl.program_id(0)
     g = pid // 8
@@ -679,8 +680,8 @@ def _gluon_tree_kernel(Q, k_desc, v_desc, O_part, LSE_part, GroupKvStart, GroupK
         q_smem.index(w).store(gl.load(q_ptrs, mask=gl.expand_dims(qid >= 0, 1), other=0.0))
     fence_async_shared()
 
-    k_smem = gl.allocate_shared_memory(dtype, [NS, BN, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [NS, BN, D], v_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [NS, BN, D], KV_SMEM)
+    v_smem = gl.allocate_shared_memory(dtype, [NS, BN, D], KV_SMEM)
     ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NS):

@@ -404,6 +404,434 @@ def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, stride_on, stride_oh,
         lse_out = tl.where(empty, float("-inf"), (m + tl.log2(l_safe)) * 0.6931471805599453)
         tl.store(LSE + qid.to(tl.int64) * 32 + heads, lse_out)
 
+# ---- stage 1 on Hopper: full groups of 65 to 192 rows, in Gluon ----------------------------
+# Triton's pipelined tile loop keeps a 128-row tile's two warpgroups in lockstep (CTA-wide
+# barriers every tile), so no softmax overlaps a matrix product: about 0.79 of the H200's
+# bf16 matrix rate at best. These programs, in Gluon (Triton's explicit dialect), split
+# the work by warps instead: one warp streams K/V tiles by TMA (16-row boxes from pages; rows cp.async gathers where a box cannot go) into a ring, and two
+# warpgroups of 64 query rows each (three in a tall plan, whose QG gives 128 to
+# 192 rows) issue q.k^T of tile j and p.v of tile j - 1 as one batch, so
+# a warpgroup's softmax runs while the others' products are on the matrix units (0.92 of
+# the matrix rate on a dense shape with two). They take the plan's dense groups (full:
+# every slot sees the whole range, so no bits; rows in two warpgroups at least), which the
+# planner lists first; _tree_partial_kernel starts after them.
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    _gluon_jit = gluon.jit
+    # Triton 3.6 calls the TMA load async_copy_global_to_shared; later versions async_load
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    # and the cp.async gather async_copy.async_copy_global_to_shared, later async_load
+    _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    _warp_sync = getattr(gl, "barrier", None) or gl.thread_barrier
+    #: Rows per block of a paged tile: one TMA box, or one cp.async gather.
+    GATHER_ROWS = gl.constexpr(16)
+except ImportError:  # a Triton without Gluon: every group runs in _tree_partial_kernel
+    GluonDescriptor = None
+
+    def _gluon_jit(fn):
+        return fn
+
+
+@_gluon_jit
+def _gluon_paged_loader(K, V, k_desc, v_desc, Table, slot_smem, k_smem, v_smem, ready, empty, kv_start, kv_head,
+                        n_tiles, kv_n, stride_kt, stride_kh, stride_vt, stride_vh, table_page):
+    """Worker, one warp: the range's K/V tiles from the paged cache into the ring. Flattened
+    token L lives in cache slot table[L // table_page] * table_page + L % table_page: a page
+    table, or a slot per token (table_page = 1). A tile comes by TMA, one box per block of
+    GATHER_ROWS rows, when it lies whole in the range and each block's slots run on in
+    order (the block lies in one page, as pages of a multiple of 16 tokens give, or in
+    pages that follow each other). Any other tile (the range's last, where the range ends
+    inside it; one with a block across two pages) is gathered row by row by cp.async, 16
+    bytes a lane, rows past the range zero-filled rather than read: a page's unwritten
+    rows never reach p.v. A tile's slots are read and checked before the wait for its
+    stage, so the table's latency hides behind it. ``ready`` takes one arrival a tile:
+    the expect of its boxes' bytes, or the lane's once its copies have landed."""
+    NS: gl.constexpr = k_smem.shape[0]
+    BN: gl.constexpr = k_smem.shape[1]
+    D: gl.constexpr = k_smem.shape[2]
+    R: gl.constexpr = GATHER_ROWS
+    NB: gl.constexpr = BN // R
+    blocks: gl.constexpr = gl.BlockedLayout([1, 1], [32 // R, R], [1, 1], [1, 0])  # a tile's [NB, R] slots
+    rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 1], [1, 0])  # a block's rows: 8 addresses a lane
+    b = gl.arange(0, NB, layout=gl.SliceLayout(1, blocks))
+    i = gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(0, blocks)), 0)
+    at = gl.expand_dims(b, 1) * R + i
+    r = gl.arange(0, R, layout=gl.SliceLayout(1, rows_layout))
+    d = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, rows_layout)), 0)
+    for j in range(n_tiles):
+        s = j % NS
+        tok = kv_start + j * BN + at
+        page = gl.load(Table + tok // table_page, mask=j * BN + at < kv_n, other=0)
+        slot = page * table_page + tok % table_page
+        first = gl.min(slot - i, axis=1)  # a block's first slot, if its slots run on
+        runs = gl.max(slot - i, axis=1) == first
+        boxed = (gl.min(runs.to(gl.int32), axis=0) == 1) & (j * BN + BN <= kv_n)
+        mbarrier.wait(empty.index(s), ((j // NS) & 1) ^ 1)
+        if boxed:
+            mbarrier.expect(ready.index(s), NB * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+            for c in gl.static_range(NB):
+                row = gl.sum(gl.where(b == c, first, 0), axis=0)
+                _tma_load(k_desc, [row, kv_head * D], ready.index(s), k_smem.index(s).slice(c * R, R))
+                _tma_load(v_desc, [row, kv_head * D], ready.index(s), v_smem.index(s).slice(c * R, R))
+        else:
+            slot_smem.reshape([NB, R]).store(slot)
+            _warp_sync()
+            for c in gl.static_range(NB):
+                rows = slot_smem.slice(c * R, R).load(gl.SliceLayout(1, rows_layout)).to(gl.int64)
+                ok = gl.expand_dims(j * BN + c * R + r < kv_n, 1)
+                k_rows = K + gl.expand_dims(rows * stride_kt + kv_head * stride_kh, 1)
+                v_rows = V + gl.expand_dims(rows * stride_vt + kv_head * stride_vh, 1)
+                _cp_async(k_smem.index(s).slice(c * R, R), k_rows + d, mask=ok)
+                _cp_async(v_smem.index(s).slice(c * R, R), v_rows + d, mask=ok)
+            # the barrier tracks the lane's copies (+1 now, -1 when they land), then arrives
+            async_copy.mbarrier_arrive(ready.index(s))
+            mbarrier.arrive(ready.index(s))
+            _warp_sync()  # every lane's slots read before a later tile's overwrite them
+
+
+@_gluon_jit
+def _gluon_softmax(s, m_i, l_i, j, n_tiles, kv_n):
+    """Tile j's online-softmax step in base 2 on raw q.k^T; the last tile's keys past the
+    range's end get probability 0 (the loader read a neighbour's KV, or zeros)."""
+    BN: gl.constexpr = s.shape[1]
+    if j == n_tiles - 1:
+        keys = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s.type.layout))
+        s = gl.where(gl.expand_dims(keys < kv_n, 0), s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * 0.12751743082459868)
+    p = gl.exp2(s * 0.12751743082459868 - gl.expand_dims(m_new, 1))
+    alpha = gl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@_gluon_jit
+def _gluon_tail_words(wg: gl.constexpr, HM: gl.constexpr, BN: gl.constexpr, layout: gl.constexpr, j,
+                      GroupBits, tail, dense_n, n_words, qg):
+    """Tile j's visibility words of a folded group (tile j lies past the dense range of
+    dense_n keys, a whole number of tiles): the BN / 32 words of each of the warpgroup's
+    rows, one vector per word, so that a row's word is loaded once, not per key."""
+    rows = wg * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, layout))
+    first = (j * BN - dense_n) // 32
+    base = GroupBits + (tail * qg + gl.minimum(rows // 4, qg - 1)) * n_words + first
+    w0 = gl.load(base, mask=first < n_words, other=0)
+    w1 = gl.load(base + 1, mask=first + 1 < n_words, other=0)
+    w2 = w0
+    w3 = w1
+    if BN // 32 > 2:
+        w2 = gl.load(base + 2, mask=first + 2 < n_words, other=0)
+        w3 = gl.load(base + 3, mask=first + 3 < n_words, other=0)
+    return w0, w1, w2, w3
+
+
+@_gluon_jit
+def _gluon_tail_bits(s, words):
+    """q.k^T tile ``s`` with the keys its rows do not see at -inf (``words``: from
+    _gluon_tail_words). Each key picks its row's word, then its bit."""
+    BN: gl.constexpr = s.shape[1]
+    cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s.type.layout))
+    which = gl.expand_dims(cols // 32, 0)
+    w0, w1, w2, w3 = words
+    word = gl.where(which == 0, gl.expand_dims(w0, 1), gl.expand_dims(w1, 1))
+    if BN // 32 > 2:
+        word = gl.where(which == 2, gl.expand_dims(w2, 1), word)
+        word = gl.where(which == 3, gl.expand_dims(w3, 1), word)
+    seen = ((word >> gl.expand_dims(cols % 32, 0)) & 1) != 0
+    return gl.where(seen, s, float("-inf"))
+
+
+@_gluon_jit
+def _gluon_step(q, k_smem, v_smem, ready, empty, s_zero, acc, p_op, m_i, l_i, j, n_tiles, kv_n, words):
+    """q.k^T of tile j and p.v of tile j - 1 in one batch, then tile j's softmax, with a
+    folded group's ``words`` applied (None: a dense tile). ptxas moves the wait on p.v up
+    to the wait on q.k^T (it reuses the registers p.v reads P from for the softmax), so a
+    warpgroup's own p.v does not run under its softmax; an order that keeps it there
+    measured slower (BENCHMARKS.md, session 33)."""
+    NS: gl.constexpr = k_smem.shape[0]
+    st = j % NS
+    prev = (j - 1) % NS
+    mbarrier.wait(ready.index(st), (j // NS) & 1)
+    fence_async_shared()  # cp.async wrote the stage; wgmma reads it through the async proxy
+    tok_s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    tok_o = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+    s = warpgroup_mma_wait(1, deps=[tok_s])
+    if words is not None:
+        s = _gluon_tail_bits(s, words)
+    p, alpha, m_i, l_i = _gluon_softmax(s, m_i, l_i, j, n_tiles, kv_n)
+    acc = warpgroup_mma_wait(0, deps=[tok_o])
+    mbarrier.arrive(empty.index(prev))
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1)
+    p_op = gl.convert_layout(p.to(p_op.dtype), p_op.type.layout)
+    return acc, p_op, m_i, l_i
+
+
+@_gluon_jit
+def _gluon_warpgroup(wg, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, FOLD: gl.constexpr):
+    """One warpgroup: rows [64 * wg, 64 * wg + 64) of the group's tile over the whole
+    range, then their partials (fp32, normalized) and base-2 LSEs at their merge rows.
+    FOLD (a plan that folds groups into dense ones, see _gluon_tree_kernel): with a folded
+    group (``tail`` >= 0: its keys follow the dense group's ``dense_n``), the tiles from
+    ``n_head`` on (past the keys every slot sees) apply its bits in a loop of their own."""
+    NS: gl.constexpr = k_smem.shape[0]
+    BN: gl.constexpr = k_smem.shape[1]
+    D: gl.constexpr = k_smem.shape[2]
+    HM: gl.constexpr = q_smem.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    m_i = gl.full([HM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.full([HM], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([HM, D], gl.float32, o_layout)
+    s_zero = gl.zeros([HM, BN], gl.float32, s_layout)
+    q = q_smem.index(wg)
+
+    mbarrier.wait(ready.index(0), 0)
+    fence_async_shared()  # cp.async wrote the stage; wgmma reads it through the async proxy
+    tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=[tok])
+    p, alpha, m_i, l_i = _gluon_softmax(s, m_i, l_i, 0, n_tiles, kv_n)
+    p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    if FOLD:
+        # tile 0 is a dense one: the planner folds only into dense groups of whole tiles
+        for j in range(1, n_head):
+            acc, p_op, m_i, l_i = _gluon_step(q, k_smem, v_smem, ready, empty, s_zero, acc, p_op, m_i, l_i,
+                                              j, n_tiles, kv_n, None)
+        for j in range(n_head, n_tiles):
+            words = _gluon_tail_words(wg, HM, BN, s_layout, j, GroupBits, tail, dense_n, n_words, qg)
+            acc, p_op, m_i, l_i = _gluon_step(q, k_smem, v_smem, ready, empty, s_zero, acc, p_op, m_i, l_i,
+                                              j, n_tiles, kv_n, words)
+    else:
+        # _gluon_step written out: two loops as above, even with no tail, and the step as a
+        # function measured 1.2-5.0 us slower on the H200 (session 37, BENCHMARKS.md)
+        for j in range(1, n_tiles):
+            st = j % NS
+            prev = (j - 1) % NS
+            mbarrier.wait(ready.index(st), (j // NS) & 1)
+            fence_async_shared()
+            tok_s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            tok_o = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=[tok_s])
+            p, alpha, m_i, l_i = _gluon_softmax(s, m_i, l_i, j, n_tiles, kv_n)
+            acc = warpgroup_mma_wait(0, deps=[tok_o])
+            mbarrier.arrive(empty.index(prev))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    last = (n_tiles - 1) % NS
+    tok_o = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=[tok_o])
+    mbarrier.arrive(empty.index(last))
+
+    # row = slot * GROUP + head, as in _tree_program; its partial goes to merge_row[g, slot]
+    o = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
+    rows = wg * HM + gl.arange(0, HM, layout=o_rows)
+    slot = rows // 4
+    part = g * qg + gl.minimum(slot, qg - 1)
+    ok = (slot < qg) & (gl.load(GroupQ + part) >= 0)
+    dst = gl.load(MergeRow + part, mask=ok, other=0)
+    head = kv_head * 4 + rows % 4
+    row = dst.to(gl.int64) * 32 + head
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    gl.store(O_part + gl.expand_dims(row * D, 1) + gl.expand_dims(cols, 0), o, mask=gl.expand_dims(ok, 1))
+    gl.store(LSE_part + row, gl.convert_layout(m_i + gl.log2(l_i), o_rows), mask=ok)
+    if FOLD:
+        if tail >= 0:
+            # the folded group's merge rows (same slots) hold an empty partial: LSE = -inf, so
+            # the merge weighs it 0 and does not load its O
+            dst = gl.load(MergeRow + tail * qg + gl.minimum(slot, qg - 1), mask=ok, other=0)
+            row = dst.to(gl.int64) * 32 + head
+            gl.store(LSE_part + row, gl.full([HM], float("-inf"), gl.float32, o_rows), mask=ok)
+
+
+# warp_specialize passes every partition the same arguments and no constexpr survives it,
+# so each warpgroup is a function of its own, with and without folded groups
+
+
+@_gluon_jit
+def _gluon_warpgroup_0(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
+                       ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
+    _gluon_warpgroup(0, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, False)
+
+
+@_gluon_jit
+def _gluon_warpgroup_1(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
+                       ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
+    _gluon_warpgroup(1, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, False)
+
+
+@_gluon_jit
+def _gluon_warpgroup_2(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
+                       ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
+    _gluon_warpgroup(2, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, False)
+
+
+@_gluon_jit
+def _gluon_fold_warpgroup_0(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
+                            ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
+    _gluon_warpgroup(0, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, True)
+
+
+@_gluon_jit
+def _gluon_fold_warpgroup_1(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
+                            ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
+    _gluon_warpgroup(1, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, True)
+
+
+@_gluon_jit
+def _gluon_fold_warpgroup_2(O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem,
+                            ready, empty, g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words):
+    _gluon_warpgroup(2, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty,
+                     g, kv_head, kv_n, n_tiles, qg, tail, dense_n, n_head, n_words, True)
+
+
+@_gluon_jit
+def _gluon_tree_kernel(Q, K, V, k_desc, v_desc, Table, O_part, LSE_part, GroupKvStart, GroupKvLen, GroupQ, MergeRow,
+                       DenseCount, GroupFold, GroupLead, GroupBits, stride_qn, stride_qh, stride_kt, stride_kh,
+                       stride_vt, stride_vh, qg, n_words, WG: gl.constexpr, NS: gl.constexpr, BN: gl.constexpr,
+                       KV_SMEM: gl.constexpr, table_page, FOLD: gl.constexpr):
+    """Stage 1 for the plan's dense groups (its first n_dense: full, 65 to 192 rows), one
+    program per (group, KV head), KV head fastest as in _tree_partial_kernel: WG warpgroups
+    of 64 rows, an NS-stage ring of K/V tiles gathered from the paged cache. FOLD (the plan folds every
+    other group into a dense one, plan tensor group_fold): a program runs its group's folded
+    group too, as the tail of its range, and writes LSE = -inf (an empty partial) at that
+    group's rows."""
+    D: gl.constexpr = 128
+    pid = gl.program_id(0)
+    g = pid // 8
+    kv_head = pid % 8
+    if g >= gl.load(DenseCount):  # a launch over fixed-capacity buffers
+        return
+    kv_start = gl.load(GroupKvStart + g)
+    kv_n = gl.load(GroupKvLen + g)
+    # FOLD: a group folded into this one (group_fold) follows it, as its tail
+    tail = -1
+    dense_n = kv_n
+    n_tiles = gl.cdiv(kv_n, BN)
+    n_head = n_tiles  # the tiles before the first with a key some slot does not see
+    if FOLD:
+        tail = gl.load(GroupFold + g)
+        if tail >= 0:
+            n_head = (kv_n + gl.load(GroupLead + tail)) // BN
+            kv_n = kv_n + gl.load(GroupKvLen + tail)
+            n_tiles = gl.cdiv(kv_n, BN)
+
+    # the group's query rows (row = slot * GROUP + head), gathered into shared memory, one
+    # 64-row block per warpgroup
+    dtype: gl.constexpr = Q.dtype.element_ty
+    q_smem = gl.allocate_shared_memory(dtype, [WG, 64, D], gl.NVMMASharedLayout.get_default_for([64, D], dtype))
+    gather: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, gather))
+    for w in gl.static_range(WG):
+        rows = w * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, gather))
+        slot = rows // 4
+        qid = gl.load(GroupQ + g * qg + gl.minimum(slot, qg - 1), mask=slot < qg, other=-1)
+        head = kv_head * 4 + rows % 4
+        q_ptrs = Q + gl.expand_dims(gl.maximum(qid, 0).to(gl.int64) * stride_qn + head * stride_qh, 1) + gl.expand_dims(d, 0)
+        q_smem.index(w).store(gl.load(q_ptrs, mask=gl.expand_dims(qid >= 0, 1), other=0.0))
+    fence_async_shared()
+
+    k_smem = gl.allocate_shared_memory(dtype, [NS, BN, D], KV_SMEM)
+    v_smem = gl.allocate_shared_memory(dtype, [NS, BN, D], KV_SMEM)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NS):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=WG)
+    args = (O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, k_smem, v_smem, ready, empty, g, kv_head, kv_n,
+            n_tiles, qg, tail, dense_n, n_head, n_words)
+    slot_smem = gl.allocate_shared_memory(gl.int32, [BN], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    ring = (K, V, k_desc, v_desc, Table, slot_smem, k_smem, v_smem, ready, empty, kv_start, kv_head, n_tiles, kv_n,
+            stride_kt, stride_kh, stride_vt, stride_vh, table_page)
+    # warpgroup 0 is the default partition (the kernel's 4 warps); the workers' warps and
+    # registers per thread follow: a warpgroup's accumulators, the loader's few. Three
+    # warpgroups at 160 and the loader fill the register file
+    if FOLD:
+        if WG == 3:
+            gl.warp_specialize([(_gluon_fold_warpgroup_0, args), (_gluon_fold_warpgroup_1, args),
+                                (_gluon_fold_warpgroup_2, args), (_gluon_paged_loader, ring)], [4, 4, 1], [160, 160, 56])
+        else:
+            gl.warp_specialize([(_gluon_fold_warpgroup_0, args), (_gluon_fold_warpgroup_1, args),
+                                (_gluon_paged_loader, ring)], [4, 1], [232, 56])
+    elif WG == 3:
+        gl.warp_specialize([(_gluon_warpgroup_0, args), (_gluon_warpgroup_1, args), (_gluon_warpgroup_2, args),
+                            (_gluon_paged_loader, ring)], [4, 4, 1], [160, 160, 56])
+    else:
+        gl.warp_specialize([(_gluon_warpgroup_0, args), (_gluon_warpgroup_1, args), (_gluon_paged_loader, ring)],
+                           [4, 1], [232, 56])
+
+
+def _gluon_ready(k, v):
+    """Whether this launch can run the Gluon programs: an sm_90 GPU (their wgmma is
+    Hopper's), a Triton with Gluon, and a K/V the copy engine can read as [tokens, heads * dim]."""
+    return (
+        GluonDescriptor is not None and not _INTERPRET and k.is_cuda and k.shape[0] > 0
+        and torch.cuda.get_device_capability(k.device)[0] == 9
+        and k.is_contiguous() and v.is_contiguous() and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0
+    )
+
+
+_SIDE_STREAMS = {}
+
+
+def _side_stream(current):
+    """The stream stage 1's Triton kernel runs on beside the Gluon kernel, which runs on
+    ``current`` (the caller's). torch hands streams out round-robin from a pool, so a
+    stream kept here can come round as the caller's (a benchmark's or a graph capture's);
+    both kernels would then queue on it one after the other. Two successive ones of the
+    pool are kept per device, and the one that is not ``current`` is used."""
+    device = current.device
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+    first, second = _SIDE_STREAMS[device]
+    return second if first == current else first
+
+
+def _gluon_tile(qg):
+    """The Gluon programs' tile for a plan of ``qg`` queries per group: (warpgroups, keys per
+    K/V tile, ring stages). Two warpgroups read 128-key K/V tiles through 3 stages; a tall
+    plan's three warpgroups leave registers for 64-key tiles only (4 stages: 128-key ones
+    spill)."""
+    if qg * (HEADS_Q // HEADS_KV) > 128:
+        return 3, 64, 4
+    return 2, 128, 3
+
+
+def _launch_gluon(q, k, v, t, o_part, lse_part, n_dense, qg, fold=False, *, table, table_page):
+    """The dense groups' partials: ``n_dense`` programs per KV head (the plan's count, or
+    the buffers' capacity; programs past the device count return), on the tile of
+    ``_gluon_tile``, their K/V gathered from the paged cache through ``table`` (a page
+    table, ``table_page`` = PAGE_SIZE, or slots, 1); with ``fold``, those of the groups
+    folded into them too."""
+    wg, block_n, stages = _gluon_tile(qg)
+    layout = gl.NVMMASharedLayout.get_default_for([block_n, HEAD_DIM_QK], gl.bfloat16)
+    box = [GATHER_ROWS.value, HEAD_DIM_QK]
+    k_desc = GluonDescriptor.from_tensor(k.view(-1, HEADS_KV * HEAD_DIM_QK), box, layout)
+    v_desc = GluonDescriptor.from_tensor(v.view(-1, HEADS_KV * HEAD_DIM_V), box, layout)
+    _gluon_tree_kernel[(n_dense * HEADS_KV,)](
+        q, k, v, k_desc, v_desc, table, o_part, lse_part, t["group_kv_start"], t["group_kv_len"], t["group_q"],
+        t["merge_row"], t["dense_count"], t["group_fold"], t["group_lead"], t["group_bits"],
+        q.stride(0), q.stride(1), k.stride(1), k.stride(2), v.stride(1), v.stride(2), qg, t["group_bits"].shape[-1],
+        WG=wg, NS=stages, BN=block_n,
+        KV_SMEM=layout, table_page=table_page, FOLD=fold, num_warps=4)
+
 
 def _prune_tree(configs, named_args, **kwargs):
     chunk = 32 * named_args["n_words"]
@@ -636,7 +1064,9 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, slots=None, return_
     Returns ``out`` ``[n_queries, 32, 128]`` and, with ``return_lse``, the
     natural-log LSE ``[n_queries, 32]`` in fp32 (-inf where a query sees nothing).
     ``config``: a stage-1 tile (block_n, num_warps, num_stages) bypasses the autotuner;
-    ``fused``: False forces two launches.
+    ``fused``: False forces two launches; ``gluon``: False keeps every group in the
+    Triton kernel (on Hopper the full groups of 65 to 192 rows otherwise run in
+    ``_gluon_tree_kernel``, a third launch).
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise LaunchError(f"tree_paged_gqa: q must be a 3-dim torch.Tensor [n_queries, {HEADS_Q}, {HEAD_DIM_QK}]")
@@ -675,9 +1105,19 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, slots=None, return_
         stride_kh, stride_vh = k_cache.stride(2), v_cache.stride(2)
         c = _tree_config(config, chunk)
         k_desc, v_desc, use_tma = k_cache, v_cache, False  # pages are gathered token by token
-        # The plan's dense groups come first; this module runs them all here
-        # (its spec has no Gluon stage 1).
-        use_gluon, first, skip_on_device = False, 0, False
+        # The plan's dense groups come first. On Hopper they run in _gluon_tree_kernel and
+        # the rest here, on a second stream so that the two kernels share the SMs as one
+        # launch would. Their count is a host int on an attngen Plan (this kernel then runs
+        # exactly the rest) and on the device in PlanBuffers (this kernel covers the capacity
+        # and skips them). The Gluon programs write partials only, so a fused launch keeps
+        # every group here, as does a plan made for other heads (its dense groups are not
+        # this module's).
+        n_dense = getattr(plan, "n_dense", None)
+        n_dense = n_dense if isinstance(n_dense, int) else None
+        use_gluon = (not fused and n_dense != 0 and (config or {}).get("gluon", True)
+                     and getattr(plan, "group", None) == group and _gluon_ready(k_cache, v_cache))
+        first = n_dense if use_gluon and n_dense is not None else 0
+        skip_on_device = use_gluon and n_dense is None
         args = (q, k_cache, v_cache, k_desc, v_desc, out, lse, o_part, lse_part, pages,
                 t["group_kv_start"], t["group_kv_len"], t["group_q"], t["group_full"], t["group_slots"], t["group_bits"],
                 t["merge_row"], t["q_pos"], t["kv_pos"], t["q_tree"], t["dense_count"], t["group_fold"],
@@ -692,7 +1132,28 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, slots=None, return_
                       USE_TMA=use_tma, TABLE_PAGE=table_page, SKIP_DENSE=skip_on_device, SKIP_FOLDED=False)
         grid = ((n_groups - first) * HEADS_KV * row_blocks,)
         tuned = not _INTERPRET and not any(key in (config or {}) for key in ("block_n", "num_warps", "num_stages"))
-        _launch_partial(grid, args, consts, c, tuned)
+        # an attngen Plan that folds its other groups into the dense ones (group_fold: all
+        # or none) runs them in the Gluon kernel, and no Triton kernel beside it
+        n_folded = getattr(plan, "n_folded", None)
+        folds = isinstance(n_folded, int) and n_folded > 0
+        if use_gluon and n_dense is not None and folds and n_folded == n_groups - n_dense:
+            _launch_gluon(q, k_cache, v_cache, t, o_part, lse_part, n_dense, qg, fold=True, table=table, table_page=table_page)
+        elif use_gluon:
+            # fixed-capacity buffers whose plan folds when the launch is made (or captured)
+            # run the folded groups in the Gluon kernel, and the Triton kernel skips them on
+            # the device: right for any plan written into them later, folding or not
+            fold = skip_on_device and folds
+            consts["SKIP_FOLDED"] = fold
+            main = torch.cuda.current_stream(device)
+            side = _side_stream(main)
+            side.wait_stream(main)  # q, the plan and the caches as written so far
+            _launch_gluon(q, k_cache, v_cache, t, o_part, lse_part, n_groups if n_dense is None else n_dense, qg,
+                          fold=fold, table=table, table_page=table_page)
+            with torch.cuda.stream(side):
+                _launch_partial(grid, args, consts, c, tuned)
+            main.wait_stream(side)
+        else:
+            _launch_partial(grid, args, consts, c, tuned)
     if not fused:
         _tree_merge_kernel[(n_queries, HEADS_Q // MERGE_HEADS)](
             o_part, lse_part, out, lse, t["merge_ptr"], out.stride(0), out.stride(1),

@@ -105,10 +105,11 @@ def make_case(tree: TreeBatch, spec: Spec, device: str, seed: int = 0) -> Case:
 
 
 def paged_cache(x: torch.Tensor, n_kv: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` [n_kv, H, D] scattered into a shuffled paged cache with two spare pages."""
+    """``x`` [n_kv, H, D] scattered into a shuffled paged cache with two spare pages (every
+    slot no token fills is NaN)."""
     pages = -(-n_kv // PAGE) + 2
     table = make_page_table(n_kv, PAGE, cache_pages=pages, seed=seed)
-    cache = paged_copy(x, physical_slots(table, n_kv, PAGE), pages, PAGE)
+    cache = paged_copy(x, physical_slots(table, n_kv, PAGE), pages, PAGE, fill=math.nan)
     return cache, torch.from_numpy(table).to(x.device)
 
 
@@ -767,6 +768,53 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         tails = plan.group_fold[: plan.n_dense]
         assert plan.group_lead[tails[tails >= 0].long()].tolist() == [20] * plan.n_folded
         check_with_and_without_gluon(spec, tree, case, plan, seed=18)
+
+    @pytest.mark.parametrize(("heads", "qg", "sms", "lead"),
+                             [((32, 8), 32, None, 0), ((32, 32), 192, None, 0), ((32, 8), 48, 1, 0),
+                              ((32, 8), 32, None, 37)])
+    def test_gluon_reads_paged_caches(self, heads: tuple[int, int], qg: int, sms: int | None, lead: int) -> None:
+        """On a paged cache the Gluon programs read each K/V tile as 16-row TMA boxes where
+        every block's slots run on, and gather it row by row by cp.async where not (a block
+        across two pages; the range's last tile, whose rows past the range are zero-filled).
+        The caches are a page table over shuffled pages and slots into pages that belong to
+        nodes, every slot no token fills NaN. The programs run the same tiles in the same
+        order as on the contiguous cache, so the calls are bitwise equal: with two
+        warpgroups (128-key tiles), with three (64-key tiles), with the tree's chunk folded
+        in (a one-SM machine's plan; the 1428-token prefix leaves a 20-token lead), and
+        behind a ``lead``-token tree, which puts the prefix's blocks across the table's
+        pages (every tile gathered) but not across its own pages. Over PlanBuffers, the
+        Triton kernel skips the dense and folded groups on the device, as contiguous."""
+        tree = speculative(prefix=1428, widths=(6, 2, 2, 2)).tree
+        if lead:
+            tree = TreeBatch.concat([speculative(prefix=lead, widths=(1,)).tree, tree])
+        spec, _, case, layout = gluon_case(heads, tree, seed=31)
+        machine = Machine() if sms is None else Machine(sms=sms)
+        plan = plan_tree(tree, chunk=128, queries_per_group=qg, span=480, heads=layout, machine=machine,
+                         device="cuda")
+        assert plan.n_dense > 0 and (plan.n_folded > 0) == (sms == 1)
+        buffers = PlanBuffers.allocate(max_groups=plan.n_groups + 2, max_queries=tree.n_queries, max_kv=tree.n_kv,
+                                       chunk=128, queries_per_group=qg, span=480, heads=layout, device="cuda")
+        plan_into(buffers, tree, machine=machine)
+        paged = tree_spec(heads=heads, head_dim=128, dtype="bf16", queries=tree.query_mode, paged=True)
+        module = load(paged)
+        calls = []
+
+        def spy(*args: Any, **kwargs: Any) -> None:
+            calls.append(kwargs["table_page"])
+            launch(*args, **kwargs)
+
+        launch = module._launch_gluon
+        module._launch_gluon = spy
+        try:
+            for p in (plan, buffers):
+                o, lse = run(spec, case, p, config=TILE)
+                check(spec, case, o, lse)
+                for kv in ("table", "slots"):
+                    o_p, lse_p = run(paged, case, p, paged=kv, config=TILE)
+                    assert torch.equal(o_p, o) and torch.equal(lse_p, lse), f"{kv} over {type(p).__name__}"
+        finally:
+            module._launch_gluon = launch
+        assert calls == [PAGE, 1] * 2, "the paged module's dense groups must run in the Gluon kernel"
 
     @pytest.mark.parametrize("kind", ["speculative", "branches", "folding"])
     @settings(max_examples=GLUON_EXAMPLES, deadline=None,

@@ -472,19 +472,17 @@ def _gluon_paged_loader(K, V, k_desc, v_desc, Table, slot_smem, k_smem, v_smem, 
     d = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, rows_layout)), 0)
     for j in range(n_tiles):
         s = j % NS
-        lo = kv_start + j * BN
-        tok = lo + at
-        slot = gl.load(Table + tok // table_page, mask=j * BN + at < kv_n, other=0) * table_page + tok % table_page
-        head = lo + b * R  # each block's first token, and where its rows lie if they run on
-        first = gl.load(Table + head // table_page, mask=j * BN + b * R < kv_n, other=0) * table_page + head % table_page
-        stray = (slot - i != gl.expand_dims(first, 1)).to(gl.int32)
-        boxed = (gl.max(gl.max(stray, axis=1), axis=0) == 0) & (j * BN + BN <= kv_n)
+        tok = kv_start + j * BN + at
+        page = gl.load(Table + tok // table_page, mask=j * BN + at < kv_n, other=0)
+        slot = page * table_page + tok % table_page
+        first = gl.min(slot - i, axis=1)  # a block's first slot, if its slots run on
+        runs = gl.max(slot - i, axis=1) == first
+        boxed = (gl.min(runs.to(gl.int32), axis=0) == 1) & (j * BN + BN <= kv_n)
         mbarrier.wait(empty.index(s), ((j // NS) & 1) ^ 1)
         if boxed:
             mbarrier.expect(ready.index(s), NB * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
             for c in gl.static_range(NB):
-                at_c = lo + c * R
-                row = gl.load(Table + at_c // table_page) * table_page + at_c % table_page
+                row = gl.sum(gl.where(b == c, first, 0), axis=0)
                 _tma_load(k_desc, [row, kv_head * D], ready.index(s), k_smem.index(s).slice(c * R, R))
                 _tma_load(v_desc, [row, kv_head * D], ready.index(s), v_smem.index(s).slice(c * R, R))
         else:

@@ -709,7 +709,7 @@ def _gluon_tree_kernel(Q, K, V, k_desc, v_desc, Table, O_part, LSE_part, GroupKv
                        KV_SMEM: gl.constexpr, table_page, FOLD: gl.constexpr):
     """Stage 1 for the plan's dense groups (its first n_dense: full, 65 to 192 rows), one
     program per (group, KV head), KV head fastest as in _tree_partial_kernel: WG warpgroups
-    of 64 rows, an NS-stage ring of K/V tiles gathered from the paged cache. FOLD (the plan folds every
+    of 64 rows, an NS-stage ring of K/V tiles read from the paged cache (see _gluon_paged_loader). FOLD (the plan folds every
     other group into a dense one, plan tensor group_fold): a program runs its group's folded
     group too, as the tail of its range, and writes LSE = -inf (an empty partial) at that
     group's rows."""
@@ -817,7 +817,7 @@ def _gluon_tile(qg):
 def _launch_gluon(q, k, v, t, o_part, lse_part, n_dense, qg, fold=False, *, table, table_page):
     """The dense groups' partials: ``n_dense`` programs per KV head (the plan's count, or
     the buffers' capacity; programs past the device count return), on the tile of
-    ``_gluon_tile``, their K/V gathered from the paged cache through ``table`` (a page
+    ``_gluon_tile``, their K/V read from the paged cache through ``table`` (a page
     table, ``table_page`` = PAGE_SIZE, or slots, 1); with ``fold``, those of the groups
     folded into them too."""
     wg, block_n, stages = _gluon_tile(qg)

@@ -2,9 +2,9 @@
 groups in the Gluon kernel, by TMA; and with gluon off, all in Triton) against a paged
 module read through a page table over the flattened order (pages of 16 shuffled; pages
 of 64 shuffled) and through slots into pages of 16 that each node owns
-(attngen.tree.node_page_slots): with its dense groups in the Gluon kernel, gathered by
-cp.async, and with gluon off. CUDA-graph replays, medians, µs; every output is compared
-with the contiguous one.
+(attngen.tree.node_page_slots): with its dense groups in the Gluon kernel (TMA boxes
+where a tile's slots run on, cp.async where not), and with gluon off. CUDA-graph replays,
+medians, µs; every output is compared with the contiguous one.
 
     PYTHONPATH=. python scripts/explore_paged.py [--out DIR]
 """

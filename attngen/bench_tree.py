@@ -35,7 +35,7 @@ from attngen.plotting import pyplot
 from attngen.progress import Progress
 from attngen.render import write_atomic
 from attngen.spec import Spec, parse_spec, torch_dtype
-from attngen.tree import TreeBatch, make_node_pages, node_page_slots, paged_copy
+from attngen.tree import node_paged_cache
 from attngen.workloads import REFERENCE_SHAPES, WORKLOADS, Workload
 
 LAYOUTS = {"mha": (32, 32), "gqa": (32, 8)}
@@ -271,17 +271,6 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
         cold_l2=cold,
         triton_only_us=t_triton,
     )
-
-
-def node_paged_cache(tree: TreeBatch, k: Any, v: Any, page_size: int) -> tuple[Any, Any, Any]:
-    """``k``/``v`` (flattened) copied into paged caches whose pages belong to nodes, drawn
-    at random with room to grow as a serving cache holds them, and the slots to read them."""
-    import torch
-
-    node_pages, cache_pages = make_node_pages(tree, page_size, seed=0)
-    slots = node_page_slots(tree, node_pages, page_size)
-    return (paged_copy(k, slots, cache_pages, page_size), paged_copy(v, slots, cache_pages, page_size),
-            torch.from_numpy(slots).to(k.device))
 
 
 def bench_spec(spec: Spec, names: list[str] | None = None, *, peers: bool = True) -> list[TreeRow]:

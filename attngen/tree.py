@@ -707,3 +707,34 @@ def node_page_slots(
     node = np.asarray(tree.token_node)
     offset = np.arange(tree.n_kv) - tree.node_kv_start[node]
     return (flat[base[node] + offset // size] * size + offset % size).astype(np.int32)
+
+
+def node_paged_cache(
+    tree: TreeBatch, k: Any, v: Any, page_size: int, *, spare_pages: int = 0, seed: int = 0, fill: float = 0.0
+) -> tuple[Any, Any, Any]:
+    """``k`` and ``v`` (torch, ``[n_kv, ...]`` in flattened order) in paged caches whose
+    pages belong to the nodes, drawn at random with room to grow (:func:`make_node_pages`),
+    every other slot ``fill``; and the int32 slots to read them by, on ``k``'s device."""
+    import torch
+
+    node_pages, cache_pages = make_node_pages(tree, page_size, spare_pages=spare_pages, seed=seed)
+    slots = node_page_slots(tree, node_pages, page_size)
+    return (paged_copy(k, slots, cache_pages, page_size, fill=fill),
+            paged_copy(v, slots, cache_pages, page_size, fill=fill), torch.from_numpy(slots).to(k.device))
+
+
+def table_paged_cache(
+    k: Any, v: Any, page_size: int, *, spare_pages: int = 0, seed: int | None = None, fill: float = 0.0
+) -> tuple[Any, Any, Any]:
+    """``k`` and ``v`` (torch, ``[n_kv, ...]`` in flattened order) in paged caches read
+    through a page table over the flattened order (:func:`make_page_table`: pages in
+    order, or with ``seed`` shuffled), every other slot ``fill``; and the int32 table, on
+    ``k``'s device."""
+    import torch
+
+    n_kv = k.shape[0]
+    cache_pages = pages_needed(n_kv, page_size) + spare_pages
+    table = make_page_table(n_kv, page_size, cache_pages=cache_pages, seed=seed)
+    where = physical_slots(table, n_kv, page_size)
+    return (paged_copy(k, where, cache_pages, page_size, fill=fill),
+            paged_copy(v, where, cache_pages, page_size, fill=fill), torch.from_numpy(table).to(k.device))

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 import attngen
-from attngen.bench_tree import _graph_time_us, node_paged_cache
+from attngen.bench_tree import _graph_time_us
 from attngen.cost import HeadLayout
 from attngen.plan import plan_tree
 from attngen.spec import Spec, parse_spec
-from attngen.tree import make_page_table, paged_copy, physical_slots
+from attngen.tree import node_paged_cache, table_paged_cache
 from attngen.workloads import WORKLOADS
 
 PAGE = 16
@@ -44,15 +44,6 @@ def spec(mode: str, heads_kv: int, page: int | None) -> Spec:
                        "head_dim": 128, "dtype": "bf16", "topology": topology})
 
 
-def table_cache(k: torch.Tensor, v: torch.Tensor, page: int, seed: int | None) -> tuple[torch.Tensor, ...]:
-    """k and v in a paged cache behind a page table over the flattened order: shuffled
-    pages (``seed``), or pages in order (None: the cache is the flattened KV, padded)."""
-    table = make_page_table(k.shape[0], page, seed=seed)
-    where = physical_slots(table, k.shape[0], page)
-    return (paged_copy(k, where, len(table), page), paged_copy(v, where, len(table), page),
-            torch.from_numpy(table).to(k.device))
-
-
 def measure(name: str, heads_kv: int) -> dict:
     """One case: each layout's time and its output's distance from the contiguous call."""
     tree = WORKLOADS[name]().tree
@@ -64,8 +55,8 @@ def measure(name: str, heads_kv: int) -> dict:
     v = torch.randn_like(k)
     flat, paged = attngen.load(spec(tree.query_mode, heads_kv, None)), attngen.load(spec(tree.query_mode, heads_kv, PAGE))
     paged64 = attngen.load(spec(tree.query_mode, heads_kv, 64))
-    kt, vt, table = table_cache(k, v, PAGE, seed=1)
-    k64, v64, table64 = table_cache(k, v, 64, seed=1)
+    kt, vt, table = table_paged_cache(k, v, PAGE, seed=1)
+    k64, v64, table64 = table_paged_cache(k, v, 64, seed=1)
     ks, vs, slots = node_paged_cache(tree, k, v, PAGE)
     triton_only = {"gluon": False}
     calls = {

@@ -12,6 +12,7 @@ import torch
 from attngen import bench_tree
 from attngen.errors import AttngenError
 from attngen.spec import load_spec
+from attngen.tree import node_paged_cache
 from attngen.workloads import WORKLOADS
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
@@ -42,7 +43,7 @@ def test_a_paged_spec_is_timed_on_pages_that_belong_to_nodes() -> None:
     bench_tree.check_benchable(spec)
     tree = WORKLOADS["tot_d3_w3"]().tree
     k, v = torch.randn(tree.n_kv, 2, 16), torch.randn(tree.n_kv, 2, 8)
-    k_cache, v_cache, slots = bench_tree.node_paged_cache(tree, k, v, 16)
+    k_cache, v_cache, slots = node_paged_cache(tree, k, v, 16)
     assert k_cache.shape[1:] == (16, 2, 16) and v_cache.shape[1:] == (16, 2, 8)
     assert torch.equal(k_cache.flatten(0, 1)[slots.long()], k)
     assert torch.equal(v_cache.flatten(0, 1)[slots.long()], v)

@@ -16,6 +16,7 @@ from attngen.tree import (
     make_page_table,
     node_page_slots,
     physical_slots,
+    table_paged_cache,
     validate_page_table,
 )
 
@@ -121,6 +122,19 @@ def test_node_page_slots_read_each_node_from_its_own_pages() -> None:
     assert node_page_slots(tree, drawn, 4, cache_pages=cache).size == tree.n_kv
     grown = tree.append_tokens({2: 2})  # node 2 fills its first page, then its second
     assert node_page_slots(grown, pages, 4).tolist() == [*expected, 19, 28]  # nothing else moves
+
+
+def test_table_paged_cache_holds_the_flattened_kv_behind_its_table() -> None:
+    import torch
+
+    k, v = torch.randn(13, 2, 8), torch.randn(13, 2, 4)
+    k_cache, v_cache, table = table_paged_cache(k, v, 4, spare_pages=2, seed=5, fill=float("nan"))
+    assert k_cache.shape == (6, 4, 2, 8) and v_cache.shape == (6, 4, 2, 4) and table.dtype == torch.int32
+    where = torch.from_numpy(physical_slots(table.numpy(), 13, 4))
+    assert torch.equal(k_cache.flatten(0, 1)[where], k) and torch.equal(v_cache.flatten(0, 1)[where], v)
+    assert int(k_cache.isnan().flatten(0, 1).all(-1).all(-1).sum()) == 6 * 4 - 13  # every other slot
+    in_order, _, identity = table_paged_cache(k, v, 4)
+    assert identity.tolist() == [0, 1, 2, 3] and torch.equal(in_order.flatten(0, 1)[:13], k)
 
 
 @pytest.mark.parametrize(

@@ -31,11 +31,10 @@ from attngen.runtime import load
 from attngen.spec import Spec, parse_spec
 from attngen.tree import (
     TreeBatch,
-    make_node_pages,
-    make_page_table,
     node_page_slots,
-    paged_copy,
+    node_paged_cache,
     physical_slots,
+    table_paged_cache,
 )
 from attngen.tree_ir import lower_tree
 from attngen.workloads import speculative
@@ -104,23 +103,6 @@ def make_case(tree: TreeBatch, spec: Spec, device: str, seed: int = 0) -> Case:
     )
 
 
-def paged_cache(x: torch.Tensor, n_kv: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` [n_kv, H, D] scattered into a shuffled paged cache with two spare pages (every
-    slot no token fills is NaN)."""
-    pages = -(-n_kv // PAGE) + 2
-    table = make_page_table(n_kv, PAGE, cache_pages=pages, seed=seed)
-    cache = paged_copy(x, physical_slots(table, n_kv, PAGE), pages, PAGE, fill=math.nan)
-    return cache, torch.from_numpy(table).to(x.device)
-
-
-def node_paged_cache(x: torch.Tensor, tree: TreeBatch, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` [n_kv, H, D] in a cache whose pages belong to nodes (drawn at random; every
-    slot no token fills is NaN), and the slots to read it by."""
-    node_pages, pages = make_node_pages(tree, PAGE, spare_pages=1, seed=seed)
-    slots = node_page_slots(tree, node_pages, PAGE)
-    return paged_copy(x, slots, pages, PAGE, fill=math.nan), torch.from_numpy(slots).to(x.device)
-
-
 def run(
     spec: Spec,
     case: Case,
@@ -136,13 +118,12 @@ def run(
     module = load(spec)
     out = poisoned(*case.q.shape[:2], spec.head_dim.v, dtype=spec.dtype, device=str(case.q.device))
     k, v, layout = case.k, case.v, {}
-    if paged == "table":
-        k, table = paged_cache(case.k, case.tree.n_kv, seed=1)
-        v, _ = paged_cache(case.v, case.tree.n_kv, seed=1)
+    # every slot no token fills is NaN, so that a read of one shows
+    if paged == "table":  # shuffled pages, two spare
+        k, v, table = table_paged_cache(case.k, case.v, PAGE, spare_pages=2, seed=1, fill=math.nan)
         layout = {"page_table": table}
-    elif paged == "slots":
-        k, slots = node_paged_cache(case.k, case.tree, seed=1)
-        v, _ = node_paged_cache(case.v, case.tree, seed=1)
+    elif paged == "slots":  # pages drawn at random for each node, with room to grow
+        k, v, slots = node_paged_cache(case.tree, case.k, case.v, PAGE, spare_pages=1, seed=1, fill=math.nan)
         layout = {"slots": slots}
     o, lse = module.attention(
         case.q, k, v, plan, **layout, return_lse=True, out=out, config=config, **tensors
@@ -522,8 +503,7 @@ class TestTreeKernelsInterpreter:
             module.attention(
                 case.q, case.k, case.v, plan, page_table=torch.zeros(4, dtype=torch.int32)
             )
-        k, table = paged_cache(case.k, tree.n_kv, seed=0)
-        v, _ = paged_cache(case.v, tree.n_kv, seed=0)
+        k, v, table = table_paged_cache(case.k, case.v, PAGE, spare_pages=2, seed=0, fill=math.nan)
         with pytest.raises(LaunchError, match="outside the cache"):
             paged_module.attention(
                 case.q, k, v, plan, page_table=torch.full_like(table, 99), out=out

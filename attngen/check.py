@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from attngen.errors import AttngenError
+from attngen.ir import pow2
 from attngen.reference import sequence_reference, to_numpy
 from attngen.spec import Spec, torch_dtype
 
@@ -164,11 +165,27 @@ def draw_shape(rng: random.Random, *, decode: bool, max_len: int, max_batch: int
     return Shape(tuple(lengths), decode)
 
 
+#: A K and V tile of at most this many bytes (one stage, head dims padded to powers of
+#: two) fits a GPU's shared memory at every stage count drawn here; bigger ones may not
+#: (fp32 with head dim 192 and 128 keys takes 272 KiB on an H200, which has 227), and a
+#: generated module refuses a config that does not fit with a LaunchError.
+SURE_FIT_TILE_BYTES = 64 * 1024
+
+
+def kv_tile_bytes(spec: Spec, block_n: int) -> int:
+    """Bytes of one stage of ``block_n`` keys and values of ``spec``, as the kernel holds them."""
+    return block_n * (pow2(spec.head_dim.qk) + pow2(spec.head_dim.v)) * (4 if spec.dtype == "fp32" else 2)
+
+
 def draw_config(
     rng: random.Random, spec: Spec, shape: Shape, *, interpreter: bool
 ) -> dict[str, int]:
-    """A launch config with tiles valid for the head dims and small under the interpreter."""
-    blocks = (16, 32) if interpreter else (32, 64, 128)
+    """A launch config with tiles valid for the head dims, small under the interpreter and
+    sure to fit the GPU's shared memory on it (:data:`SURE_FIT_TILE_BYTES`)."""
+    if interpreter:
+        blocks = [16, 32]
+    else:
+        blocks = [32] + [b for b in (64, 128) if kv_tile_bytes(spec, b) <= SURE_FIT_TILE_BYTES]
     config = {
         "block_n": rng.choice(blocks),
         "num_warps": 4,

@@ -99,11 +99,24 @@ try:
 except ImportError:  # older Triton: pointer loads only
     TensorDescriptor = None
 
+from triton.runtime.errors import OutOfResources
+
 try:
     from attngen.errors import LaunchError
 except ImportError:  # the module also works without attngen installed
     class LaunchError(ValueError):
         """Inputs that do not fit this kernel's spec."""
+
+
+def _launch_tile(kernel, grid, args, consts, c):
+    """``kernel`` on the caller's config ``c``, past the autotuner. A tile whose shared
+    memory or registers this GPU lacks is the caller's choice, so it is reported as one."""
+    try:
+        kernel[grid](*args, **consts, num_warps=c["num_warps"], num_stages=c["num_stages"])
+    except OutOfResources as err:
+        shown = ", ".join(f"{key}={c[key]}" for key in ("block_m", "block_n", "num_warps", "num_stages") if key in c)
+        raise LaunchError(f"shared_prefix_sampling: config ({shown}) needs more {err.name} than this GPU has "
+                          f"({err.required} against {err.limit}): use a smaller block_n, block_m or num_stages") from None
 
 
 def _bucket(n):
@@ -789,8 +802,7 @@ def _launch_partial(grid, args, consts, c, tuned):
     if tuned:
         _tree_partial_tuned[grid](*args, **consts)
     else:
-        _tree_partial_kernel[grid](*args, **consts, BLOCK_N=c["block_n"], num_warps=c["num_warps"],
-                                   num_stages=c["num_stages"])
+        _launch_tile(_tree_partial_kernel, grid, args, dict(consts, BLOCK_N=c["block_n"]), c)
 
 _MEMO = {}
 

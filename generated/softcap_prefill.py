@@ -102,11 +102,24 @@ try:
 except ImportError:  # older Triton: pointer loads only
     TensorDescriptor = None
 
+from triton.runtime.errors import OutOfResources
+
 try:
     from attngen.errors import LaunchError
 except ImportError:  # the module also works without attngen installed
     class LaunchError(ValueError):
         """Inputs that do not fit this kernel's spec."""
+
+
+def _launch_tile(kernel, grid, args, consts, c):
+    """``kernel`` on the caller's config ``c``, past the autotuner. A tile whose shared
+    memory or registers this GPU lacks is the caller's choice, so it is reported as one."""
+    try:
+        kernel[grid](*args, **consts, num_warps=c["num_warps"], num_stages=c["num_stages"])
+    except OutOfResources as err:
+        shown = ", ".join(f"{key}={c[key]}" for key in ("block_m", "block_n", "num_warps", "num_stages") if key in c)
+        raise LaunchError(f"softcap_prefill: config ({shown}) needs more {err.name} than this GPU has "
+                          f"({err.required} against {err.limit}): use a smaller block_n, block_m or num_stages") from None
 
 
 def _bucket(n):
@@ -408,8 +421,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seq
         consts = dict(GROUP=group, D_QK=256, D_V=256, RETURN_LSE=return_lse, USE_TMA=use_tma)
         if config is not None or _INTERPRET:
             grid = (triton.cdiv(max_seqlen_q, c["block_m"] // group), HEADS_KV, n_batch)
-            _prefill_kernel[grid](*args, **consts, BLOCK_M=c["block_m"], BLOCK_N=c["block_n"],
-                                  num_warps=c["num_warps"], num_stages=c["num_stages"])
+            _launch_tile(_prefill_kernel, grid, args, dict(consts, BLOCK_M=c["block_m"], BLOCK_N=c["block_n"]), c)
         else:
             grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"] // group), HEADS_KV, n_batch)
             _prefill_tuned[grid](*args, **consts)

@@ -17,9 +17,20 @@ import pytest
 import torch
 
 from attngen import runtime
-from attngen.check import TOLERANCES, CheckReport, check_spec, checked_spec, compare, compare_lse
+from attngen.check import (
+    SURE_FIT_TILE_BYTES,
+    TOLERANCES,
+    CheckReport,
+    Shape,
+    check_spec,
+    checked_spec,
+    compare,
+    compare_lse,
+    draw_config,
+    kv_tile_bytes,
+)
 from attngen.check_tree import INTERPRETER_SIZES, draw_forest
-from attngen.spec import load_spec
+from attngen.spec import load_spec, parse_spec
 from attngen.tree import TreeBatch
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
@@ -115,6 +126,21 @@ def test_drawn_forests_cover_the_edges(kind: str, mode: Any) -> None:
     if kind == "shared_prefix":  # mostly a prefix with its samples as children
         stars = sum(bool((f.parent[f.parent >= 0] == 0).all()) for f in forests if f.n_trees == 1)
         assert stars > 0
+
+
+@pytest.mark.parametrize(("dtype", "head_dim", "blocks"), [
+    ("fp16", 128, {32, 64, 128}),  # 64 KiB of K and V at 128 keys
+    ("fp32", 128, {32, 64}),
+    ("fp32", 192, {32}),  # padded to 256: 128 KiB at 64 keys, 272 KiB in all at 128 (session 48)
+])
+def test_gpu_configs_drawn_fit_shared_memory(dtype: str, head_dim: int, blocks: set[int]) -> None:
+    spec = parse_spec({"name": "fit", "heads": {"q": 2, "kv": 1}, "head_dim": head_dim,
+                       "dtype": dtype, "topology": {"queries": "decode"}})
+    rng = random.Random(0)
+    shape = Shape(((1, 300),), decode=True)
+    drawn = {draw_config(rng, spec, shape, interpreter=False)["block_n"] for _ in range(60)}
+    assert drawn == blocks
+    assert all(kv_tile_bytes(spec, b) <= SURE_FIT_TILE_BYTES for b in drawn)
 
 
 def test_lse_max_error_counts_relative_to_a_large_lse() -> None:

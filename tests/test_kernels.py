@@ -17,11 +17,19 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_close, assert_lse_close, fresh, torch_dtype, varlen_batch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from strategies import GPU_HEAD_DIMS, INTERPRETER_HEAD_DIMS, SpecCase, configs, shapes, spec_cases
 
-from attngen.check import Shape, launch, make_inputs, poisoned_out
+from attngen.check import (
+    SURE_FIT_TILE_BYTES,
+    Shape,
+    kv_tile_bytes,
+    launch,
+    make_inputs,
+    poisoned_out,
+)
+from attngen.errors import LaunchError
 from attngen.reference import sequence_reference, spec_terms
 from attngen.spec import Spec, parse_spec
 
@@ -41,7 +49,13 @@ def run_and_compare(
     module = runtime.load(spec)
     inputs = make_inputs(spec, shape, seed=seed, device=device)
     out = poisoned_out(spec, inputs)
-    got, lse = launch(module, inputs, out=out, config=config)
+    try:
+        got, lse = launch(module, inputs, out=out, config=config)
+    except LaunchError as err:
+        # a tile the GPU's shared memory cannot hold is refused, by name; only big tiles may be
+        assert config is not None and "shared memory" in str(err), err
+        assert kv_tile_bytes(spec, config["block_n"]) > SURE_FIT_TILE_BYTES, err
+        reject()
     assert got.data_ptr() == out.data_ptr(), "the kernel did not write into `out`"
     assert got.dtype == inputs.q.dtype and lse.dtype == torch.float32
     ref_o, ref_lse = sequence_reference(
@@ -137,6 +151,20 @@ class TestKernelsGPU(KernelProperties):
     )
     def test_decode_matches_reference(self, case: SpecCase, data: st.DataObject) -> None:
         self.check(case, data)
+
+
+@pytest.mark.gpu
+def test_a_tile_too_big_for_shared_memory_is_refused_by_name() -> None:
+    """fp32 with head dim 256 and 128 keys a tile: 256 KiB of K and V, more than an H200's
+    227 KiB of shared memory. The caller's config is named, not a compiler traceback.
+    (Every family launches a caller's config through the same helper; decode stands for
+    them: the compile that fails takes about a minute.)"""
+    spec = parse_spec({"name": "too_big", "heads": {"q": 2, "kv": 1}, "head_dim": 256,
+                       "dtype": "fp32", "mask": "causal", "topology": {"queries": "decode"}})
+    inputs = make_inputs(spec, Shape(((1, 300),), decode=True), seed=3, device="cuda")
+    config = {"block_n": 128, "num_warps": 4, "num_stages": 1, "num_splits": 2}
+    with pytest.raises(LaunchError, match=r"too_big: config \(.*block_n=128.*\) needs more shared memory than this GPU has \(\d+ against \d+\)"):
+        launch(runtime.load(spec), inputs, out=poisoned_out(spec, inputs), config=config)
 
 
 # ---------------------------------------------------------------------------------------

@@ -177,15 +177,19 @@ def kv_tile_bytes(spec: Spec, block_n: int) -> int:
     return block_n * (pow2(spec.head_dim.qk) + pow2(spec.head_dim.v)) * (4 if spec.dtype == "fp32" else 2)
 
 
+def drawn_blocks(spec: Spec, *, interpreter: bool) -> list[int]:
+    """Tile sizes a check draws: small under the interpreter; on a GPU, those sure to fit
+    its shared memory (:data:`SURE_FIT_TILE_BYTES`)."""
+    if interpreter:
+        return [16, 32]
+    return [32] + [b for b in (64, 128) if kv_tile_bytes(spec, b) <= SURE_FIT_TILE_BYTES]
+
+
 def draw_config(
     rng: random.Random, spec: Spec, shape: Shape, *, interpreter: bool
 ) -> dict[str, int]:
-    """A launch config with tiles valid for the head dims, small under the interpreter and
-    sure to fit the GPU's shared memory on it (:data:`SURE_FIT_TILE_BYTES`)."""
-    if interpreter:
-        blocks = [16, 32]
-    else:
-        blocks = [32] + [b for b in (64, 128) if kv_tile_bytes(spec, b) <= SURE_FIT_TILE_BYTES]
+    """A launch config with tiles valid for the head dims (:func:`drawn_blocks`)."""
+    blocks = drawn_blocks(spec, interpreter=interpreter)
     config = {
         "block_n": rng.choice(blocks),
         "num_warps": 4,

@@ -23,6 +23,7 @@ import numpy as np
 from attngen.check import (
     CaseResult,
     Outputs,
+    drawn_blocks,
     judge,
     tensor_values,
 )
@@ -188,9 +189,12 @@ def draw_plan_params(rng: random.Random, spec: Spec, *, interpreter: bool) -> tu
     return chunk, qg, chunk * rng.choice((1, 3, 8))
 
 
-def draw_tree_config(rng: random.Random, chunk: int, *, interpreter: bool) -> dict[str, int]:
-    """block_n no larger than the chunk; now and then the two-launch path forced."""
-    blocks = (16, 32) if interpreter else (32, 64, 128)
+def draw_tree_config(
+    rng: random.Random, spec: Spec, chunk: int, *, interpreter: bool
+) -> dict[str, int]:
+    """block_n no larger than the chunk (:func:`~attngen.check.drawn_blocks`); now and then
+    the two-launch path forced."""
+    blocks = drawn_blocks(spec, interpreter=interpreter)
     config = {
         "block_n": rng.choice([b for b in blocks if b <= chunk]),
         "num_warps": 4,
@@ -286,7 +290,7 @@ def tree_case(
     )
     chunk, qg, span = draw_plan_params(rng, spec, interpreter=interpreter)
     shape = TreeShape(tree, chunk, qg, span)
-    config = draw_tree_config(rng, chunk, interpreter=interpreter)
+    config = draw_tree_config(rng, spec, chunk, interpreter=interpreter)
     seed = rng.randrange(2**31)
 
     def attempt() -> Outputs:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, assert_lse_close, fresh, torch_dtype, varlen_batch
+from helpers import GPU_PHASES, assert_close, assert_lse_close, fresh, torch_dtype, varlen_batch
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from strategies import GPU_HEAD_DIMS, INTERPRETER_HEAD_DIMS, SpecCase, configs, shapes, spec_cases
@@ -124,7 +124,7 @@ class TestKernelsGPU(KernelProperties):
     max_len = 700
     max_batch = 6
 
-    @settings(max_examples=GPU_EXAMPLES, **SETTINGS)  # type: ignore[arg-type]
+    @settings(max_examples=GPU_EXAMPLES, phases=GPU_PHASES, **SETTINGS)  # type: ignore[arg-type]
     @given(
         case=spec_cases(
             dtypes=dtypes,
@@ -138,7 +138,7 @@ class TestKernelsGPU(KernelProperties):
     def test_prefill_matches_reference(self, case: SpecCase, data: st.DataObject) -> None:
         self.check(case, data)
 
-    @settings(max_examples=GPU_EXAMPLES, **SETTINGS)  # type: ignore[arg-type]
+    @settings(max_examples=GPU_EXAMPLES, phases=GPU_PHASES, **SETTINGS)  # type: ignore[arg-type]
     @given(
         case=spec_cases(
             dtypes=dtypes,

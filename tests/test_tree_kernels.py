@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import triton
-from helpers import assert_close, assert_lse_close, fresh, poisoned
+from helpers import GPU_PHASES, assert_close, assert_lse_close, fresh, poisoned
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -797,7 +797,7 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         assert calls == [PAGE, 1] * 2, "the paged module's dense groups must run in the Gluon kernel"
 
     @pytest.mark.parametrize("kind", ["speculative", "branches", "folding"])
-    @settings(max_examples=GLUON_EXAMPLES, deadline=None,
+    @settings(max_examples=GLUON_EXAMPLES, deadline=None, phases=GPU_PHASES,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(data=st.data())
     def test_gluon_on_random_wide_trees(self, kind: str, data: st.DataObject) -> None:

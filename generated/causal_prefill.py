@@ -91,8 +91,9 @@ except ImportError:  # the module also works without attngen installed
 
 
 def _launch_tile(kernel, grid, args, consts, c):
-    """``kernel`` on the caller's config ``c``, past the autotuner. A tile whose shared
-    memory or registers this GPU lacks is the caller's choice, so it is reported as one."""
+    """``kernel`` on the caller's config ``c``, past the autotuner. A tile this GPU cannot
+    hold (Triton's OutOfResources: its shared memory, most often) is the caller's choice,
+    so it is reported as one, by name."""
     try:
         kernel[grid](*args, **consts, num_warps=c["num_warps"], num_stages=c["num_stages"])
     except OutOfResources as err:

@@ -108,16 +108,19 @@ except ImportError:  # the module also works without attngen installed
         """Inputs that do not fit this kernel's spec."""
 
 
-def _launch_tile(kernel, grid, args, consts, c):
-    """``kernel`` on the caller's config ``c``, past the autotuner. A tile this GPU cannot
+def _launch_tile(kernel, grid, args, consts, c, tile):
+    """``kernel`` on the caller's config ``c``, past the autotuner; ``tile`` names the keys
+    of ``c`` the kernel takes as constants (block_n -> BLOCK_N). A tile this GPU cannot
     hold (Triton's OutOfResources: its shared memory, most often) is the caller's choice,
     so it is reported as one, by name."""
     try:
-        kernel[grid](*args, **consts, num_warps=c["num_warps"], num_stages=c["num_stages"])
+        kernel[grid](*args, **consts, **{key.upper(): c[key] for key in tile},
+                     num_warps=c["num_warps"], num_stages=c["num_stages"])
     except OutOfResources as err:
-        shown = ", ".join(f"{key}={c[key]}" for key in ("block_m", "block_n", "num_warps", "num_stages") if key in c)
+        shown = ", ".join(f"{key}={c[key]}" for key in (*tile, "num_warps", "num_stages"))
         raise LaunchError(f"tree_speculative: config ({shown}) needs more {err.name} than this GPU has "
-                          f"({err.required} against {err.limit}): use a smaller block_n, block_m or num_stages") from None
+                          f"({err.required} against {err.limit}): use a smaller {', '.join(tile)} "
+                          "or num_stages") from None
 
 
 def _bucket(n):
@@ -803,7 +806,7 @@ def _launch_partial(grid, args, consts, c, tuned):
     if tuned:
         _tree_partial_tuned[grid](*args, **consts)
     else:
-        _launch_tile(_tree_partial_kernel, grid, args, dict(consts, BLOCK_N=c["block_n"]), c)
+        _launch_tile(_tree_partial_kernel, grid, args, consts, c, ("block_n",))
 
 _MEMO = {}
 

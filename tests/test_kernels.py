@@ -167,6 +167,34 @@ def test_a_tile_too_big_for_shared_memory_is_refused_by_name() -> None:
         launch(runtime.load(spec), inputs, out=poisoned_out(spec, inputs), config=config)
 
 
+@pytest.mark.parametrize(("queries", "tile"), [("decode", ("block_n",)), ("prefill", ("block_m", "block_n"))])
+def test_a_refused_tile_names_only_the_knobs_the_kernel_takes(queries: str, tile: tuple[str, ...]) -> None:
+    """The refusal names the config's tile knobs the kernel was given (decode's rows are
+    its own, not the caller's block_m), and what the GPU lacked. Triton's refusal is
+    stood in for, since only a GPU raises it."""
+    from triton.runtime.errors import OutOfResources
+
+    launched: dict[str, Any] = {}
+
+    class Refusing:
+        def __getitem__(self, grid: tuple[int, ...]) -> Any:
+            def run(*args: Any, **consts: Any) -> None:
+                launched.update(consts)
+                raise OutOfResources(278528, 232448, "shared memory")
+
+            return run
+
+    spec = parse_spec({"name": "refused", "heads": {"q": 2, "kv": 1}, "head_dim": 64, "dtype": "fp16",
+                       "mask": "causal", "topology": {"queries": queries}})
+    config = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3}
+    with pytest.raises(LaunchError) as err:
+        runtime.load(spec)._launch_tile(Refusing(), (1,), (), {"GROUP": 2}, config, tile)
+    shown = ", ".join(f"{key}={config[key]}" for key in (*tile, "num_warps", "num_stages"))
+    assert str(err.value) == (f"refused: config ({shown}) needs more shared memory than this GPU has "
+                              f"(278528 against 232448): use a smaller {', '.join(tile)} or num_stages")
+    assert launched == {"GROUP": 2, **{key.upper(): config[key] for key in tile}, "num_warps": 4, "num_stages": 3}
+
+
 # ---------------------------------------------------------------------------------------
 # return_lse and out
 

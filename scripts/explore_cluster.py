@@ -1,0 +1,213 @@
+"""What thread-block clusters give a Gluon kernel on this GPU and Triton (session 49).
+
+BENCHMARKS.md ("Where it stands") names one direction for the small GQA cases that was
+never tried: one launch, a cluster of programs per KV head, each streaming an equal share
+of the head's KV, the partials merged inside the cluster behind a cluster barrier, so no
+merge launch. It left open whether Triton 3.6's Gluon can launch clusters at all, how a
+kernel tells its CTAs apart, whether a CTA's global writes are seen by the others after a
+cluster barrier, and whether 16-CTA clusters (8 KV heads x 16 = 128 SMs) can all be
+resident. This script answers those, and times an empty launch with and without the
+barrier against the same grid without clusters. It changes nothing in attngen.
+
+Prints the API it finds, a line per cluster size (ids and barrier checked, occupancy,
+timings) and writes cluster.json under $OUT. Needs an sm_90 GPU.
+
+    python scripts/explore_cluster.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+OUT = Path(os.environ.get("OUT", "explore_out"))
+THREADS = 128  # 4 warps, one element each in the layouts below
+
+
+def api_facts() -> dict[str, object]:
+    """The cluster-related names this Triton's Gluon has."""
+    from triton.experimental.gluon.language.nvidia import hopper
+
+    facts: dict[str, object] = {"triton": triton.__version__, "torch": torch.__version__}
+    facts["BlockedLayout fields"] = [f.name for f in dataclasses.fields(gl.BlockedLayout)]
+    facts["gl.num_ctas"] = hasattr(gl, "num_ctas")
+    facts["gl.barrier"] = str(inspect.signature(gl.barrier)) if hasattr(gl, "barrier") else None
+    facts["hopper.cluster"] = sorted(n for n in dir(getattr(hopper, "cluster", None) or object()) if not n.startswith("_")) \
+        if hasattr(hopper, "cluster") else None
+    desc = getattr(gl, "shared_memory_descriptor", None)
+    facts["shared_memory_descriptor methods"] = sorted(n for n in dir(desc) if not n.startswith("_")) if desc else None
+    facts["mbarrier"] = sorted(n for n in dir(hopper.mbarrier) if not n.startswith("_"))
+    return facts
+
+
+def split_layout(n_ctas: int) -> gl.BlockedLayout:
+    """A 1-D layout of n_ctas * 128 elements, 128 to a CTA, one to a thread, CTA r holding
+    elements [128 r, 128 (r + 1)). Triton 3.6 spells the CTA split with ctas_per_cga /
+    cta_split_num; later versions with cga_layout bases."""
+    fields = {f.name for f in dataclasses.fields(gl.BlockedLayout)}
+    if "cga_layout" in fields:
+        return gl.BlockedLayout([1], [32], [4], [0], cga_layout=[[THREADS << i] for i in range(n_ctas.bit_length() - 1)])
+    return gl.BlockedLayout([1], [32], [4], [0], ctas_per_cga=[n_ctas], cta_split_num=[n_ctas], cta_order=[0])
+
+
+@gluon.jit
+def _sreg(like, ASM: gl.constexpr):
+    """A special register's value (ASM moves it to $0), as a tensor like ``like``."""
+    return gl.inline_asm_elementwise(ASM, "=r,r", [like], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _cluster_sync(like, HOW: gl.constexpr):
+    """0: none; 1: Gluon's barrier(cluster=True); 2: PTX barrier.cluster arrive.release +
+    wait.acquire. Returns zeros to add to addresses, so later loads depend on it."""
+    if HOW == 1:
+        gl.barrier(cluster=True)
+    zero = like * 0
+    if HOW == 2:
+        zero = gl.inline_asm_elementwise(
+            "barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\nmov.u32 $0, 0;",
+            "=r,r", [like], dtype=gl.int32, is_pure=False, pack=1)
+    return zero
+
+
+@gluon.jit
+def _ids_kernel(Ids, Seen, N: gl.constexpr, LAYOUT: gl.constexpr, HOW: gl.constexpr):
+    """Each element records (cluster rank, cluster id, CTA id, program id) of the CTA that
+    holds it; after the barrier each reads its right-hand neighbour CTA's rank back."""
+    offs = gl.arange(0, N * 128, layout=LAYOUT)
+    pid = gl.program_id(0)
+    base = pid * (N * 128)
+    rank = _sreg(offs, "mov.u32 $0, %cluster_ctarank;")
+    gl.store(Ids + (base + offs) * 4 + 0, rank)
+    gl.store(Ids + (base + offs) * 4 + 1, _sreg(offs, "mov.u32 $0, %clusterid.x;"))
+    gl.store(Ids + (base + offs) * 4 + 2, _sreg(offs, "mov.u32 $0, %ctaid.x;"))
+    gl.store(Ids + (base + offs) * 4 + 3, offs * 0 + pid)
+    zero = _cluster_sync(offs, HOW)
+    other = (offs + 128 + zero) % (N * 128)
+    gl.store(Seen + base + offs, gl.load(Ids + (base + other) * 4))
+
+
+@gluon.jit
+def _empty_kernel(Out, N: gl.constexpr, LAYOUT: gl.constexpr, HOW: gl.constexpr):
+    offs = gl.arange(0, N * 128, layout=LAYOUT)
+    zero = _cluster_sync(offs, HOW)
+    gl.store(Out + gl.program_id(0) * (N * 128) + offs, offs + zero)
+
+
+def tile_layout(n_ctas: int) -> gl.BlockedLayout:
+    """A [n_ctas * 32, 256] layout, 32 rows to a CTA (8 x 8 elements a thread)."""
+    fields = {f.name for f in dataclasses.fields(gl.BlockedLayout)}
+    if "cga_layout" in fields:
+        return gl.BlockedLayout([8, 8], [1, 32], [4, 1], [1, 0],
+                                cga_layout=[[32 << i, 0] for i in range(n_ctas.bit_length() - 1)])
+    return gl.BlockedLayout([8, 8], [1, 32], [4, 1], [1, 0], ctas_per_cga=[n_ctas, 1], cta_split_num=[n_ctas, 1],
+                            cta_order=[1, 0])
+
+
+@gluon.jit
+def _stream_kernel(X, Out, n_iter, N: gl.constexpr, LAYOUT: gl.constexpr, HOW: gl.constexpr):
+    """Each CTA sums its 32-row share of each step's rows (two steps' loads in flight at a
+    time), then (HOW) syncs the cluster, then stores its row sums."""
+    R: gl.constexpr = N * 32
+    rows = gl.arange(0, R, layout=gl.SliceLayout(1, LAYOUT))
+    cols = gl.arange(0, 256, layout=gl.SliceLayout(0, LAYOUT))
+    tile = gl.expand_dims(rows, 1) * 256 + gl.expand_dims(cols, 0)
+    pid = gl.program_id(0)
+    step = gl.num_programs(0) * R * 256
+    acc = gl.zeros([R, 256], gl.float32, LAYOUT)
+    for i in range(0, n_iter, 2):
+        a = gl.load(X + pid * R * 256 + i * step + tile)
+        b = gl.load(X + pid * R * 256 + (i + 1) * step + tile)
+        acc += a.to(gl.float32) + b.to(gl.float32)
+    total = gl.sum(acc, axis=1)
+    zero = _cluster_sync(rows, HOW)
+    gl.store(Out + pid * R + rows + zero, total)
+
+
+def time_stream(n: int, clusters: int, how: int, mbytes: int) -> tuple[float, bool]:
+    """µs of a streaming read of ``mbytes`` MB, and whether its sums are right."""
+    rows_per_step = clusters * n * 32
+    n_iter = max(2, (mbytes * 2**20 // 2 // (rows_per_step * 256)) // 2 * 2)
+    x = torch.randn(n_iter * rows_per_step * 256, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(rows_per_step, dtype=torch.float32, device="cuda")
+    fn = lambda: _stream_kernel[(clusters,)](x, out, n_iter, n, tile_layout(n), how, num_warps=4, num_ctas=n)
+    fn()
+    want = x.view(n_iter, rows_per_step, 256).float().sum(dim=(0, 2))
+    ok = bool(torch.allclose(out, want, rtol=1e-3, atol=1e-1))
+    return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")) * 1e3, ok
+
+
+def check_ids(n: int, clusters: int, how: int) -> dict[str, object]:
+    ids = torch.full((clusters, n * THREADS, 4), -7, dtype=torch.int32, device="cuda")
+    seen = torch.full((clusters, n * THREADS), -7, dtype=torch.int32, device="cuda")
+    compiled = _ids_kernel[(clusters,)](ids, seen, n, split_layout(n), how, num_warps=4, num_ctas=n)
+    torch.cuda.synchronize()
+    e = torch.arange(n * THREADS, device="cuda")
+    c = torch.arange(clusters, device="cuda")[:, None]
+    want_rank = (e // THREADS).expand(clusters, -1)
+    result: dict[str, object] = {
+        "rank is the element's CTA": bool((ids[..., 0] == want_rank).all()),
+        "clusterid.x is the program id": bool((ids[..., 1] == ids[..., 3]).all()),
+        "program id is the cluster": bool((ids[..., 3] == c).all()),
+        "ctaid = cluster * n + rank": bool((ids[..., 2] == c * n + want_rank).all()),
+        "every element written": bool((ids != -7).all()),
+        "neighbour's rank seen after the barrier": bool((seen == (want_rank + 1) % n).all()),
+        "registers": getattr(compiled, "n_regs", None),
+    }
+    try:
+        occupancy = triton.runtime.driver.active.utils.cuOccupancyMaxActiveClusters
+        compiled._init_handles()
+        result["max active clusters (dyn smem 0 / 100 KB / 200 KB)"] = [
+            occupancy(compiled.function, smem, n) for smem in (0, 100 * 1024, 200 * 1024)]
+    except Exception as err:  # the occupancy query is Triton's private helper
+        result["max active clusters"] = f"{type(err).__name__}: {err}"
+    return result
+
+
+def time_empty(n: int, clusters: int, how: int) -> float:
+    out = torch.empty(clusters * n * THREADS, dtype=torch.int32, device="cuda")
+    fn = lambda: _empty_kernel[(clusters,)](out, n, split_layout(n), how, num_warps=4, num_ctas=n)
+    fn()
+    return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")) * 1e3
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    report: dict[str, object] = {"api": api_facts(), "device": torch.cuda.get_device_name()}
+    print(json.dumps(report["api"], indent=1))
+    rows = []
+    for n, how in [(1, 0), (2, 2), (4, 2), (8, 2), (16, 2), (16, 1), (16, 0), (8, 0)]:
+        clusters = 128 // n
+        row: dict[str, object] = {"cluster": n, "clusters": clusters, "barrier": ["none", "gl.barrier", "ptx"][how]}
+        try:
+            row.update(check_ids(n, clusters, how))
+            row["empty launch us"] = round(time_empty(n, clusters, how), 2)
+            for mb in (48, 192):
+                us, ok = time_stream(n, clusters, how, mb)
+                row[f"stream {mb} MB us"], row[f"stream {mb} MB right"] = round(us, 2), ok
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            row["trace"] = traceback.format_exc()[-1500:]
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "trace"}, flush=True)
+    report["rows"] = rows
+    (OUT / "cluster.json").write_text(json.dumps(report, indent=1, default=str))
+    print("\ncluster barrier    ids   seen  occupancy (0/100K/200K)  empty us  48 MB us  192 MB us  error")
+    for r in rows:
+        occ = r.get("max active clusters (dyn smem 0 / 100 KB / 200 KB)", r.get("max active clusters", "-"))
+        ids, seen = r.get("rank is the element's CTA", "-"), r.get("neighbour's rank seen after the barrier", "-")
+        print(f"{r['cluster']:>7} {r['barrier']:>10}  {ids!s:>5}  {seen!s:>5}  {occ!s:>23}  "
+              f"{r.get('empty launch us', '-')!s:>8}  {r.get('stream 48 MB us', '-')!s:>8}  "
+              f"{r.get('stream 192 MB us', '-')!s:>9}  {str(r.get('error', ''))[:80]}")
+
+if __name__ == "__main__":
+    main()

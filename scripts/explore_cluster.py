@@ -21,6 +21,8 @@ import dataclasses
 import inspect
 import json
 import os
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -51,11 +53,11 @@ def api_facts() -> dict[str, object]:
 
 def split_layout(n_ctas: int) -> gl.BlockedLayout:
     """A 1-D layout of n_ctas * 128 elements, 128 to a CTA, one to a thread, CTA r holding
-    elements [128 r, 128 (r + 1)). Triton 3.6 spells the CTA split with ctas_per_cga /
-    cta_split_num; later versions with cga_layout bases."""
+    elements [128 r, 128 (r + 1)). cga_layout's bases count CTA tiles: basis i is the tile
+    that CTA bit i moves to (older Tritons spelled it ctas_per_cga / cta_split_num)."""
     fields = {f.name for f in dataclasses.fields(gl.BlockedLayout)}
     if "cga_layout" in fields:
-        return gl.BlockedLayout([1], [32], [4], [0], cga_layout=[[THREADS << i] for i in range(n_ctas.bit_length() - 1)])
+        return gl.BlockedLayout([1], [32], [4], [0], cga_layout=[[1 << i] for i in range(n_ctas.bit_length() - 1)])
     return gl.BlockedLayout([1], [32], [4], [0], ctas_per_cga=[n_ctas], cta_split_num=[n_ctas], cta_order=[0])
 
 
@@ -108,7 +110,7 @@ def tile_layout(n_ctas: int) -> gl.BlockedLayout:
     fields = {f.name for f in dataclasses.fields(gl.BlockedLayout)}
     if "cga_layout" in fields:
         return gl.BlockedLayout([8, 8], [1, 32], [4, 1], [1, 0],
-                                cga_layout=[[32 << i, 0] for i in range(n_ctas.bit_length() - 1)])
+                                cga_layout=[[1 << i, 0] for i in range(n_ctas.bit_length() - 1)])
     return gl.BlockedLayout([8, 8], [1, 32], [4, 1], [1, 0], ctas_per_cga=[n_ctas, 1], cta_split_num=[n_ctas, 1],
                             cta_order=[1, 0])
 
@@ -180,23 +182,39 @@ def time_empty(n: int, clusters: int, how: int) -> float:
     return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")) * 1e3
 
 
+def one_row(n: int, how: int) -> dict[str, object]:
+    clusters = 128 // n
+    row: dict[str, object] = {"cluster": n, "clusters": clusters, "barrier": ["none", "gl.barrier", "ptx"][how]}
+    try:
+        row.update(check_ids(n, clusters, how))
+        row["empty launch us"] = round(time_empty(n, clusters, how), 2)
+        for mb in (48, 192):
+            us, ok = time_stream(n, clusters, how, mb)
+            row[f"stream {mb} MB us"], row[f"stream {mb} MB right"] = round(us, 2), ok
+    except Exception as err:
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        row["trace"] = traceback.format_exc()[-1500:]
+    return row
+
+
 def main() -> None:
+    """Each row in a process of its own: a layout the compiler rejects aborts in LLVM."""
+    if len(sys.argv) == 4 and sys.argv[1] == "--row":
+        print("ROW " + json.dumps(one_row(int(sys.argv[2]), int(sys.argv[3])), default=str))
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     report: dict[str, object] = {"api": api_facts(), "device": torch.cuda.get_device_name()}
     print(json.dumps(report["api"], indent=1))
     rows = []
     for n, how in [(1, 0), (2, 2), (4, 2), (8, 2), (16, 2), (16, 1), (16, 0), (8, 0)]:
-        clusters = 128 // n
-        row: dict[str, object] = {"cluster": n, "clusters": clusters, "barrier": ["none", "gl.barrier", "ptx"][how]}
-        try:
-            row.update(check_ids(n, clusters, how))
-            row["empty launch us"] = round(time_empty(n, clusters, how), 2)
-            for mb in (48, 192):
-                us, ok = time_stream(n, clusters, how, mb)
-                row[f"stream {mb} MB us"], row[f"stream {mb} MB right"] = round(us, 2), ok
-        except Exception as err:
-            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-            row["trace"] = traceback.format_exc()[-1500:]
+        run = subprocess.run([sys.executable, __file__, "--row", str(n), str(how)], capture_output=True, text=True,
+                             timeout=240)
+        found = [line[4:] for line in run.stdout.splitlines() if line.startswith("ROW ")]
+        row = json.loads(found[0]) if found else {
+            "cluster": n, "barrier": ["none", "gl.barrier", "ptx"][how],
+            "error": f"exit {run.returncode}: " + next((ln for ln in run.stderr.splitlines() if "ERROR" in ln),
+                                                        (run.stderr.strip().splitlines() or [""])[-1])[:200],
+            "trace": run.stderr[-1500:]}
         rows.append(row)
         print({k: v for k, v in row.items() if k != "trace"}, flush=True)
     report["rows"] = rows
@@ -208,6 +226,7 @@ def main() -> None:
         print(f"{r['cluster']:>7} {r['barrier']:>10}  {ids!s:>5}  {seen!s:>5}  {occ!s:>23}  "
               f"{r.get('empty launch us', '-')!s:>8}  {r.get('stream 48 MB us', '-')!s:>8}  "
               f"{r.get('stream 192 MB us', '-')!s:>9}  {str(r.get('error', ''))[:80]}")
+
 
 if __name__ == "__main__":
     main()

@@ -30,9 +30,17 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
 OUT = Path(os.environ.get("OUT", "explore_out"))
 THREADS = 128  # 4 warps, one element each in the layouts below
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 def api_facts() -> dict[str, object]:
@@ -148,6 +156,73 @@ def time_stream(n: int, clusters: int, how: int, mbytes: int) -> tuple[float, bo
     return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")) * 1e3, ok
 
 
+def replicated(n_ctas: int, rank: int) -> list[list[int]]:
+    """cga_layout bases that give every CTA of the cluster the whole tensor (each CTA bit
+    moves to tile 0): the layout an unchanged single-CTA kernel would need."""
+    return [[0] * rank for _ in range(n_ctas.bit_length() - 1)]
+
+
+@gluon.jit
+def _replicated_kernel(Out, N: gl.constexpr, LAYOUT: gl.constexpr):
+    """Every CTA holds all 128 elements and stores them at its own (cluster, rank) row:
+    does Triton mask the stores of CTAs past the first, as copies of the same data?"""
+    offs = gl.arange(0, 128, layout=LAYOUT)
+    rank = _sreg(offs, "mov.u32 $0, %cluster_ctarank;")
+    gl.store(Out + (gl.program_id(0) * N + rank) * 128 + offs, rank)
+
+
+@gluon.jit
+def _tma_mma_kernel(a_desc, b_desc, C, N: gl.constexpr, LINE: gl.constexpr, ACC: gl.constexpr,
+                    BAR: gl.constexpr):
+    """Each CTA: its own 64 x 64 tiles of A and B by TMA (coordinates from its rank), one
+    wgmma, C's tile stored; every layout replicated across the cluster."""
+    rank = gl.max(_sreg(gl.arange(0, 128, layout=LINE), "mov.u32 $0, %cluster_ctarank;"), axis=0)
+    tile = gl.program_id(0) * N + rank
+    a_smem = gl.allocate_shared_memory(gl.float16, [64, 64], a_desc.layout)
+    b_smem = gl.allocate_shared_memory(gl.float16, [64, 64], b_desc.layout)
+    bar = gl.allocate_shared_memory(gl.int64, [1], BAR)
+    mbarrier.init(bar, count=1)
+    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+    _tma_load(a_desc, [tile * 64, 0], bar, a_smem)
+    _tma_load(b_desc, [tile * 64, 0], bar, b_smem)
+    mbarrier.wait(bar, 0)
+    tok = warpgroup_mma(a_smem, b_smem.permute((1, 0)), gl.zeros([64, 64], gl.float32, ACC), use_acc=False,
+                        is_async=True)
+    acc = warpgroup_mma_wait(0, deps=[tok])
+    rows = tile * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, ACC))
+    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, ACC))
+    gl.store(C + gl.expand_dims(rows, 1) * 64 + gl.expand_dims(cols, 0), acc)
+
+
+def check_replicated(n: int) -> dict[str, object]:
+    clusters = 128 // n
+    out = torch.full((clusters * n, 128), -7, dtype=torch.int32, device="cuda")
+    layout = gl.BlockedLayout([1], [32], [4], [0], cga_layout=replicated(n, 1))
+    _replicated_kernel[(clusters,)](out, n, layout, num_warps=4, num_ctas=n)
+    torch.cuda.synchronize()
+    ranks = torch.arange(clusters * n, device="cuda")[:, None] % n
+    result: dict[str, object] = {"every CTA's stores land": bool((out == ranks).all()),
+                                 "rows written": int((out != -7).all(dim=1).sum())}
+    tiles = clusters * n
+    a = torch.randn(tiles * 64, 64, dtype=torch.float16, device="cuda")
+    b = torch.randn(tiles * 64, 64, dtype=torch.float16, device="cuda")
+    c = torch.full((tiles * 64, 64), float("nan"), dtype=torch.float32, device="cuda")
+    shared = dataclasses.replace(gl.NVMMASharedLayout.get_default_for([64, 64], gl.float16),
+                                 cga_layout=replicated(n, 2))
+    acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16],
+                                    cga_layout=replicated(n, 2))
+    bar = mbarrier.MBarrierLayout(cga_layout=replicated(n, 1)) if n > 1 else mbarrier.MBarrierLayout()
+    _tma_mma_kernel[(clusters,)](GluonDescriptor.from_tensor(a, [64, 64], shared),
+                                 GluonDescriptor.from_tensor(b, [64, 64], shared), c, n, layout, acc, bar,
+                                 num_warps=4, num_ctas=n)
+    torch.cuda.synchronize()
+    want = torch.bmm(a.view(tiles, 64, 64).float(), b.view(tiles, 64, 64).float().transpose(1, 2))
+    got = c.view(tiles, 64, 64)
+    right = ((got - want).abs().amax(dim=(1, 2)) < 1e-2)
+    result["TMA + wgmma tiles right"] = f"{int(right.sum())} of {tiles}"
+    return result
+
+
 def check_ids(n: int, clusters: int, how: int) -> dict[str, object]:
     ids = torch.full((clusters, n * THREADS, 4), -7, dtype=torch.int32, device="cuda")
     seen = torch.full((clusters, n * THREADS), -7, dtype=torch.int32, device="cuda")
@@ -183,8 +258,18 @@ def time_empty(n: int, clusters: int, how: int) -> float:
 
 
 def one_row(n: int, how: int) -> dict[str, object]:
+    """how < 0: the replicated layouts (an unchanged kernel in a cluster); else the split
+    layouts with barrier ``how``."""
     clusters = 128 // n
-    row: dict[str, object] = {"cluster": n, "clusters": clusters, "barrier": ["none", "gl.barrier", "ptx"][how]}
+    if how < 0:
+        row: dict[str, object] = {"cluster": n, "clusters": clusters, "barrier": "replicated"}
+        try:
+            row.update(check_replicated(n))
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            row["trace"] = traceback.format_exc()[-1500:]
+        return row
+    row = {"cluster": n, "clusters": clusters, "barrier": ["none", "gl.barrier", "ptx"][how]}
     try:
         row.update(check_ids(n, clusters, how))
         row["empty launch us"] = round(time_empty(n, clusters, how), 2)
@@ -206,12 +291,15 @@ def main() -> None:
     report: dict[str, object] = {"api": api_facts(), "device": torch.cuda.get_device_name()}
     print(json.dumps(report["api"], indent=1))
     rows = []
-    for n, how in [(1, 0), (2, 2), (4, 2), (8, 2), (16, 2), (16, 1), (16, 0), (8, 0)]:
+    cases = [(1, 0), (2, 2), (4, 2), (8, 2), (16, 2), (16, 1), (16, 0), (8, 0), (1, -1), (2, -1), (16, -1)]
+    if os.environ.get("EXPLORE_CASES"):  # e.g. "16:-1,2:-1"
+        cases = [tuple(int(x) for x in c.split(":")) for c in os.environ["EXPLORE_CASES"].split(",")]
+    for n, how in cases:
         run = subprocess.run([sys.executable, __file__, "--row", str(n), str(how)], capture_output=True, text=True,
                              timeout=240)
         found = [line[4:] for line in run.stdout.splitlines() if line.startswith("ROW ")]
         row = json.loads(found[0]) if found else {
-            "cluster": n, "barrier": ["none", "gl.barrier", "ptx"][how],
+            "cluster": n, "barrier": ["none", "gl.barrier", "ptx", "replicated"][how],
             "error": f"exit {run.returncode}: " + next((ln for ln in run.stderr.splitlines() if "ERROR" in ln),
                                                         (run.stderr.strip().splitlines() or [""])[-1])[:200],
             "trace": run.stderr[-1500:]}
@@ -221,6 +309,11 @@ def main() -> None:
     (OUT / "cluster.json").write_text(json.dumps(report, indent=1, default=str))
     print("\ncluster barrier    ids   seen  occupancy (0/100K/200K)  empty us  48 MB us  192 MB us  error")
     for r in rows:
+        if r["barrier"] == "replicated":
+            land = r.get("every CTA's stores land", "-")
+            print(f"{r['cluster']:>7} replicated layouts: every CTA's stores land: {land}; TMA + wgmma tiles right: "
+                  f"{r.get('TMA + wgmma tiles right', '-')}  {str(r.get('error', ''))[:80]}")
+            continue
         occ = r.get("max active clusters (dyn smem 0 / 100 KB / 200 KB)", r.get("max active clusters", "-"))
         ids, seen = r.get("rank is the element's CTA", "-"), r.get("neighbour's rank seen after the barrier", "-")
         print(f"{r['cluster']:>7} {r['barrier']:>10}  {ids!s:>5}  {seen!s:>5}  {occ!s:>23}  "

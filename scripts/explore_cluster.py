@@ -172,10 +172,11 @@ def _replicated_kernel(Out, N: gl.constexpr, LAYOUT: gl.constexpr):
 
 
 @gluon.jit
-def _tma_mma_kernel(a_desc, b_desc, C, N: gl.constexpr, LINE: gl.constexpr, ACC: gl.constexpr,
-                    BAR: gl.constexpr):
+def _tma_mma_kernel(a_desc, b_desc, C, c_addr, N: gl.constexpr, LINE: gl.constexpr, ACC: gl.constexpr,
+                    BAR: gl.constexpr, PTX_STORE: gl.constexpr):
     """Each CTA: its own 64 x 64 tiles of A and B by TMA (coordinates from its rank), one
-    wgmma, C's tile stored; every layout replicated across the cluster."""
+    wgmma, C's tile stored; every layout replicated across the cluster. PTX_STORE: the
+    store as inline st.global, which Triton cannot mask by CTA."""
     rank = gl.max(_sreg(gl.arange(0, 128, layout=LINE), "mov.u32 $0, %cluster_ctarank;"), axis=0)
     tile = gl.program_id(0) * N + rank
     a_smem = gl.allocate_shared_memory(gl.float16, [64, 64], a_desc.layout)
@@ -191,7 +192,13 @@ def _tma_mma_kernel(a_desc, b_desc, C, N: gl.constexpr, LINE: gl.constexpr, ACC:
     acc = warpgroup_mma_wait(0, deps=[tok])
     rows = tile * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, ACC))
     cols = gl.arange(0, 64, layout=gl.SliceLayout(0, ACC))
-    gl.store(C + gl.expand_dims(rows, 1) * 64 + gl.expand_dims(cols, 0), acc)
+    ptrs = C + gl.expand_dims(rows, 1) * 64 + gl.expand_dims(cols, 0)
+    if PTX_STORE:
+        at = c_addr + (gl.expand_dims(rows, 1) * 64 + gl.expand_dims(cols, 0)).to(gl.int64) * 4  # C as an address
+        gl.inline_asm_elementwise("st.global.f32 [$1], $2;\nmov.u32 $0, 0;", "=r,l,f", [at, acc], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+    else:
+        gl.store(ptrs, acc)
 
 
 def check_replicated(n: int) -> dict[str, object]:
@@ -212,14 +219,16 @@ def check_replicated(n: int) -> dict[str, object]:
     acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16],
                                     cga_layout=replicated(n, 2))
     bar = mbarrier.MBarrierLayout(cga_layout=replicated(n, 1)) if n > 1 else mbarrier.MBarrierLayout()
-    _tma_mma_kernel[(clusters,)](GluonDescriptor.from_tensor(a, [64, 64], shared),
-                                 GluonDescriptor.from_tensor(b, [64, 64], shared), c, n, layout, acc, bar,
-                                 num_warps=4, num_ctas=n)
-    torch.cuda.synchronize()
     want = torch.bmm(a.view(tiles, 64, 64).float(), b.view(tiles, 64, 64).float().transpose(1, 2))
-    got = c.view(tiles, 64, 64)
-    right = ((got - want).abs().amax(dim=(1, 2)) < 1e-2)
-    result["TMA + wgmma tiles right"] = f"{int(right.sum())} of {tiles}"
+    for ptx in (False, True):
+        c.fill_(float("nan"))
+        _tma_mma_kernel[(clusters,)](GluonDescriptor.from_tensor(a, [64, 64], shared),
+                                     GluonDescriptor.from_tensor(b, [64, 64], shared), c, c.data_ptr(), n, layout, acc,
+                                     bar, ptx,
+                                     num_warps=4, num_ctas=n)
+        torch.cuda.synchronize()
+        right = (c.view(tiles, 64, 64) - want).abs().amax(dim=(1, 2)) < 1e-2
+        result["TMA + wgmma tiles right" + (", stored by PTX" if ptx else "")] = f"{int(right.sum())} of {tiles}"
     return result
 
 
@@ -312,7 +321,8 @@ def main() -> None:
         if r["barrier"] == "replicated":
             land = r.get("every CTA's stores land", "-")
             print(f"{r['cluster']:>7} replicated layouts: every CTA's stores land: {land}; TMA + wgmma tiles right: "
-                  f"{r.get('TMA + wgmma tiles right', '-')}  {str(r.get('error', ''))[:80]}")
+                  f"{r.get('TMA + wgmma tiles right', '-')}; by PTX stores: "
+                  f"{r.get('TMA + wgmma tiles right, stored by PTX', '-')}  {str(r.get('error', ''))[:80]}")
             continue
         occ = r.get("max active clusters (dyn smem 0 / 100 KB / 200 KB)", r.get("max active clusters", "-"))
         ids, seen = r.get("rank is the element's CTA", "-"), r.get("neighbour's rank seen after the barrier", "-")

@@ -6,13 +6,18 @@ of the head's KV, the partials merged inside the cluster behind a cluster barrie
 merge launch. It left open whether Triton 3.6's Gluon can launch clusters at all, how a
 kernel tells its CTAs apart, whether a CTA's global writes are seen by the others after a
 cluster barrier, and whether 16-CTA clusters (8 KV heads x 16 = 128 SMs) can all be
-resident. This script answers those, and times an empty launch with and without the
-barrier against the same grid without clusters. It changes nothing in attngen.
+resident. This script answers those, and times an empty launch and a streaming read with
+and without the barrier against the same grid without clusters. Last, it asks whether
+today's single-CTA Gluon kernel could run in a cluster as it is: with replicated layouts
+(every CTA holds the whole tensor), do TMA, mbarriers and wgmma run per CTA, and do every
+CTA's stores land (gl.store, or inline PTX)? It changes nothing in attngen; the answers
+are in BENCHMARKS.md, session 49.
 
-Prints the API it finds, a line per cluster size (ids and barrier checked, occupancy,
-timings) and writes cluster.json under $OUT. Needs an sm_90 GPU.
+Prints the API it finds, a line per (cluster size, barrier or "replicated") and writes
+cluster.json under $OUT. Each row runs in a process of its own. Needs an sm_90 GPU.
 
     python scripts/explore_cluster.py
+    EXPLORE_CASES=2:-1,16:-1 python scripts/explore_cluster.py   # the replicated rows only
 """
 
 from __future__ import annotations

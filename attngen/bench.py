@@ -41,10 +41,7 @@ from attngen.peers import (
     visibility_depends_on,
 )
 from attngen.plotting import pyplot
-from attngen.spec import Spec, parse_spec, torch_dtype
-
-DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
-
+from attngen.spec import DTYPE_BYTES, Spec, parse_spec, torch_dtype
 
 # ---------------------------------------------------------------------------------------
 # Shapes and presets

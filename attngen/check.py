@@ -31,7 +31,7 @@ import numpy as np
 from attngen.errors import AttngenError
 from attngen.ir import pow2
 from attngen.reference import sequence_reference, to_numpy
-from attngen.spec import Spec, torch_dtype
+from attngen.spec import DTYPE_BYTES, Spec, torch_dtype
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +174,7 @@ SURE_FIT_TILE_BYTES = 64 * 1024
 
 def kv_tile_bytes(spec: Spec, block_n: int) -> int:
     """Bytes of one stage of ``block_n`` keys and values of ``spec``, as the kernel holds them."""
-    return block_n * (pow2(spec.head_dim.qk) + pow2(spec.head_dim.v)) * (4 if spec.dtype == "fp32" else 2)
+    return block_n * (pow2(spec.head_dim.qk) + pow2(spec.head_dim.v)) * DTYPE_BYTES[spec.dtype]
 
 
 def drawn_blocks(spec: Spec, *, interpreter: bool) -> list[int]:

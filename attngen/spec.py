@@ -50,6 +50,8 @@ from attngen.masks import (
 SPEC_VERSION = 1
 HEAD_DIMS = (16, 32, 64, 96, 128, 192, 256)
 DTYPES = ("fp16", "bf16", "fp32")
+#: Bytes of an element of each spec dtype.
+DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 TENSOR_DTYPES = ("fp32", "fp16", "bf16", "int32", "int64")
 TENSOR_DIMS = ("head", "batch", "token")
 #: The torch dtype (its name in ``torch``) of every dtype a spec may name.

@@ -8,8 +8,9 @@ The spec's own mask and score_mod compose with the plan's visibility bits throug
 same element printer as the sequence family, with tree bindings for the symbols:
 
 - ``q_pos`` / ``kv_pos``: tree positions (depth on the root path), from the plan;
-- ``batch``: the query's tree (``plan.q_tree``); ``q_len`` = 1; ``kv_len`` = q_pos + 1
-  (the query's root path holds q_pos + 1 tokens);
+- ``batch``: the query's tree (``plan.q_tree``);
+- ``q_len`` = 1 and ``kv_len`` = q_pos + 1 (the query's root path holds q_pos + 1
+  tokens), substituted into the expressions before they are printed;
 - ``head``: the query head.
 
 Per-token user tensors are not supported here (a tree position does not name one token
@@ -46,9 +47,10 @@ TREE_ELEMENT_NAMES: dict[sp.Symbol, str] = {
     kv_pos: "kv_pos",
     head: "head",
     batch: "q_tree",
-    q_len: "1",
-    kv_len: "(q_pos + 1)",
 }
+#: The lengths a tree query has, substituted before printing, so that the printer folds
+#: what they make constant (``tanh(q_len)`` is a number, not ``_tanh`` of a Python int).
+TREE_LENGTHS: dict[sp.Basic, sp.Basic] = {q_len: sp.Integer(1), kv_len: q_pos + 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +197,9 @@ def lower_tree(spec: Spec) -> TreeKernelIR:
     def element(expr: sp.Basic) -> str:
         return print_for(spec, expr, TREE_ELEMENT_NAMES, load)
 
-    mask = semantics.visibility(spec)  # the tree's own visibility comes from the plan
-    modified = base2_score(spec)
+    # the tree's own visibility comes from the plan
+    mask = semantics.visibility(spec).xreplace(TREE_LENGTHS)
+    modified = base2_score(spec).xreplace(TREE_LENGTHS)
     symbols = used_symbols(mask, modified)
     topology = spec.topology
     ir = TreeKernelIR(
@@ -208,7 +211,7 @@ def lower_tree(spec: Spec) -> TreeKernelIR:
         configs=tree_configs(spec),
         score_code=print_for(spec, modified, TREE_ELEMENT_NAMES, load, score=True),
         mask_code="" if mask == sp.true else element(mask),
-        uses_q_pos=bool(symbols & {q_pos, kv_len}),
+        uses_q_pos=q_pos in symbols,
         uses_kv_pos=kv_pos in symbols,
         uses_batch=batch in symbols,
         gluon_scale=gluon_scale(spec, mask, modified),

@@ -95,6 +95,9 @@ def odd_specs(draw: st.DrawFn) -> dict[str, object]:
                "score_mod": "score + sqrt(abs(-2.76 / (1 + abs(q_len)))) * exp(-abs(0.52) / 8)"})
 @example(data={**BASE, "topology": {"kind": "tree", "queries": "token"},
                "score_mod": "score + (clamp(kv_pos, 0, 25) - abs(score * score) ** 0.5)"})
+# a tree's q_len is the constant 1: tanh of it once printed as _tanh(1), a Python int
+@example(data={**BASE, "topology": {"kind": "tree", "queries": "token"},
+               "score_mod": "score + log(1 + abs(tanh(q_len)))"})
 def test_an_accepted_expression_builds_a_kernel_that_checks_or_is_refused_by_field(
         data: dict[str, object], device: str) -> None:
     try:

@@ -764,15 +764,19 @@ def _gluon_tile(qg):
 def _launch_gluon(q, k, v, t, o_part, lse_part, n_dense, qg, fold=False):
     """The dense groups' partials: ``n_dense`` programs per KV head (the plan's count, or
     the buffers' capacity; programs past the device count return), on the tile of
-    ``_gluon_tile``; with ``fold``, those of the groups folded into them too."""
+    ``_gluon_tile``; with ``fold``, those of the
+    groups folded into them too."""
     wg, block_n, stages = _gluon_tile(qg)
     layout = gl.NVMMASharedLayout.get_default_for([block_n, HEAD_DIM_QK], gl.bfloat16)
-    k_desc = GluonDescriptor.from_tensor(k.view(k.shape[0], -1), [block_n, HEAD_DIM_QK], layout)
-    v_desc = GluonDescriptor.from_tensor(v.view(v.shape[0], -1), [block_n, HEAD_DIM_V], layout)
+    # the copy engine's box: a whole K/V tile
+    box = block_n
+    k_desc = GluonDescriptor.from_tensor(k.view(-1, HEADS_KV * HEAD_DIM_QK), [box, HEAD_DIM_QK], layout)
+    v_desc = GluonDescriptor.from_tensor(v.view(-1, HEADS_KV * HEAD_DIM_V), [box, HEAD_DIM_V], layout)
     _gluon_tree_kernel[(n_dense * HEADS_KV,)](
-        q, k_desc, v_desc, o_part, lse_part, t["group_kv_start"], t["group_kv_len"], t["group_q"],
-        t["merge_row"], t["dense_count"], t["group_fold"], t["group_lead"], t["group_bits"],
-        q.stride(0), q.stride(1), qg, t["group_bits"].shape[-1], WG=wg, NS=stages, FOLD=fold, num_warps=4)
+        q, k_desc, v_desc, o_part, lse_part, t["group_kv_start"], t["group_kv_len"],
+        t["group_q"], t["merge_row"], t["dense_count"], t["group_fold"], t["group_lead"], t["group_bits"],
+        q.stride(0), q.stride(1), qg, t["group_bits"].shape[-1],
+        WG=wg, NS=stages, FOLD=fold, num_warps=4)
 
 
 def _prune_tree(configs, named_args, **kwargs):

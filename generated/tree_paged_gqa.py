@@ -835,19 +835,19 @@ def _launch_gluon(q, k, v, t, o_part, lse_part, n_dense, qg, fold=False, *, tabl
     """The dense groups' partials: ``n_dense`` programs per KV head (the plan's count, or
     the buffers' capacity; programs past the device count return), on the tile of
     ``_gluon_tile``, their K/V read from the paged cache through ``table`` (a page
-    table, ``table_page`` = PAGE_SIZE, or slots, 1); with ``fold``, those of the groups
-    folded into them too."""
+    table, ``table_page`` = PAGE_SIZE, or slots, 1); with ``fold``, those of the
+    groups folded into them too."""
     wg, block_n, stages = _gluon_tile(qg)
     layout = gl.NVMMASharedLayout.get_default_for([block_n, HEAD_DIM_QK], gl.bfloat16)
-    box = [GATHER_ROWS.value, HEAD_DIM_QK]
-    k_desc = GluonDescriptor.from_tensor(k.view(-1, HEADS_KV * HEAD_DIM_QK), box, layout)
-    v_desc = GluonDescriptor.from_tensor(v.view(-1, HEADS_KV * HEAD_DIM_V), box, layout)
+    # the copy engine's box: a block of GATHER_ROWS tokens, one page's at most
+    box = GATHER_ROWS.value
+    k_desc = GluonDescriptor.from_tensor(k.view(-1, HEADS_KV * HEAD_DIM_QK), [box, HEAD_DIM_QK], layout)
+    v_desc = GluonDescriptor.from_tensor(v.view(-1, HEADS_KV * HEAD_DIM_V), [box, HEAD_DIM_V], layout)
     _gluon_tree_kernel[(n_dense * HEADS_KV,)](
-        q, k, v, k_desc, v_desc, table, o_part, lse_part, t["group_kv_start"], t["group_kv_len"], t["group_q"],
-        t["merge_row"], t["dense_count"], t["group_fold"], t["group_lead"], t["group_bits"],
+        q, k, v, k_desc, v_desc, table, o_part, lse_part, t["group_kv_start"], t["group_kv_len"],
+        t["group_q"], t["merge_row"], t["dense_count"], t["group_fold"], t["group_lead"], t["group_bits"],
         q.stride(0), q.stride(1), k.stride(1), k.stride(2), v.stride(1), v.stride(2), qg, t["group_bits"].shape[-1],
-        WG=wg, NS=stages, BN=block_n,
-        KV_SMEM=layout, table_page=table_page, FOLD=fold, num_warps=4)
+        WG=wg, NS=stages, FOLD=fold, num_warps=4, BN=block_n, KV_SMEM=layout, table_page=table_page)
 
 
 def _prune_tree(configs, named_args, **kwargs):

@@ -798,6 +798,43 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
             module._launch_gluon = launch
         assert calls == [PAGE, 1] * 2, "the paged module's dense groups must run in the Gluon kernel"
 
+    @pytest.mark.parametrize("lead", [0, 37])
+    def test_paged_gluon_reads_by_box_where_blocks_run_on(self, lead: int) -> None:
+        """Which path a paged tile takes, shown rather than assumed: the Gluon descriptors
+        are built over NaN copies of the cache, so a tile the copy engine reads by box turns
+        its queries' outputs NaN, and one gathered by cp.async (from the cache itself) does
+        not. A node's own pages (slots) hold its tokens in 16-row blocks that run on, so
+        their tiles come by box; so do a page table's with no lead. Behind a 37-token lead
+        every block of the table's pages crosses a page, so every tile is gathered: that
+        call is bitwise the call with the real descriptors."""
+        tree = speculative(prefix=1428, widths=(6, 2, 2, 2)).tree
+        if lead:
+            tree = TreeBatch.concat([speculative(prefix=lead, widths=(1,)).tree, tree])
+        _, _, case, layout = gluon_case((32, 8), tree, seed=37)
+        plan = plan_tree(tree, chunk=128, queries_per_group=32, span=480, heads=layout, device="cuda")
+        assert plan.n_dense > 0
+        paged = tree_spec(heads=(32, 8), head_dim=128, dtype="bf16", queries=tree.query_mode, paged=True)
+        module = load(paged)
+        real = module.GluonDescriptor
+
+        class NanCopies:
+            @staticmethod
+            def from_tensor(t: torch.Tensor, box: list[int], layout: Any) -> Any:
+                return real.from_tensor(torch.full_like(t, math.nan), box, layout)
+
+        paths: list[tuple[Literal["table", "slots"], bool]] = [("table", lead == 0), ("slots", True)]
+        for kv, boxed in paths:
+            o, lse = run(paged, case, plan, paged=kv, config=TILE)
+            assert not o.isnan().any(), kv
+            module.GluonDescriptor = NanCopies
+            try:
+                o_nan, lse_nan = run(paged, case, plan, paged=kv, config=TILE)
+            finally:
+                module.GluonDescriptor = real
+            assert bool(o_nan.isnan().any()) == boxed, f"{kv}: expected {'box' if boxed else 'gathered'} tiles"
+            if not boxed:
+                assert torch.equal(o_nan, o) and torch.equal(lse_nan, lse), kv
+
     @pytest.mark.parametrize("kind", ["speculative", "branches", "folding"])
     @settings(max_examples=GLUON_EXAMPLES, deadline=None, phases=GPU_PHASES,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -1,7 +1,9 @@
 """``attngen check SPEC``: property tests of one generated kernel against the reference.
 
 Each case draws a batch (sizes and lengths including 0, 1 and non-multiples of the
-tile; chunked prefill where q_len < kv_len), fresh random data (never zeros), user
+tile; chunked prefill where q_len < kv_len; where the mask has constants, such as a
+window's width, one case at the lengths where it changes shape, however far: see
+:func:`mask_boundaries`), fresh random data (never zeros), user
 tensors that fit their declared dims, and a launch config with tiles valid for the
 shapes. The output buffer is poisoned with NaN before the launch. O and LSE are compared
 with :func:`attngen.reference.sequence_reference` at the tolerances of
@@ -500,6 +502,7 @@ def check_spec(
     seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
     run_spec, notes = checked_spec(spec, device)
     interpreter = not device.startswith("cuda")
+    notes += boundary_notes(spec, examples=examples, interpreter=interpreter)
     module = runtime.load(run_spec)
     draw_case = _case_family(spec)
     rng = random.Random(seed)
@@ -526,8 +529,10 @@ def sequence_case(
     """Case ``index`` of a sequence spec: a fixed edge batch first, then random ones."""
     decode = spec.topology.queries == "decode"
     max_len, max_batch = (40, 3) if interpreter else (700, 6)
-    shape = _edge_shape(index, decode) or draw_shape(
-        rng, decode=decode, max_len=max_len, max_batch=max_batch
+    shape = (
+        _edge_shape(index, decode)
+        or (_boundary_shape(spec, rng, max_len=max_len, interpreter=interpreter) if index == BOUNDARY_CASE else None)
+        or draw_shape(rng, decode=decode, max_len=max_len, max_batch=max_batch)
     )
     config = draw_config(rng, spec, shape, interpreter=interpreter)
     return check_case(
@@ -539,6 +544,55 @@ def sequence_case(
         device=device,
         config=config,
     )
+
+
+#: The case that runs the mask's far boundaries (:func:`mask_boundaries`), after the
+#: fixed edges of :func:`_edge_shape`.
+BOUNDARY_CASE = 3
+
+#: The longest KV a boundary case runs: the interpreter's cost grows with it.
+BOUNDARY_CAP = {True: 8192, False: 65536}
+
+
+def mask_boundaries(spec: Spec) -> list[int]:
+    """KV lengths where a sequence spec's mask changes shape: each integer constant of its
+    visibility predicate and each sum of two, and one either side (a 4095-token window
+    behind 4 sinks: 3..5, 4094..4096 and 4098..4100, where the window's start passes the
+    sinks). Random lengths, at most a few hundred tokens, would never reach the far ones."""
+    import sympy as sp
+
+    from attngen.ir import full_visibility
+
+    constants = sorted({abs(int(c)) for c in full_visibility(spec).atoms(sp.Integer)} - {0})
+    sums = {a + b for i, a in enumerate(constants) for b in constants[i + 1:]}
+    return sorted({n + d for n in {*constants, *sums} for d in (-1, 0, 1) if n + d > 0})
+
+
+def _boundary_shape(spec: Spec, rng: random.Random, *, max_len: int, interpreter: bool) -> Shape | None:
+    """One sequence at each of the mask's boundaries past the random draws' ``max_len``
+    (and within :data:`BOUNDARY_CAP`); a prefill sequence's last few queries, so that
+    the case stays cheap. None where the mask has no such boundary."""
+    decode = spec.topology.queries == "decode"
+    far = [n for n in mask_boundaries(spec) if max_len < n <= BOUNDARY_CAP[interpreter]]
+    if not far:
+        return None
+    return Shape(tuple((1 if decode else rng.choice((1, 5, 17)), n) for n in far), decode)
+
+
+def boundary_notes(spec: Spec, *, examples: int, interpreter: bool) -> list[str]:
+    """What a check cannot reach of the mask's boundaries, said in its report."""
+    if spec.topology.kind != "sequence":
+        return []
+    beyond = [n for n in mask_boundaries(spec) if n > BOUNDARY_CAP[interpreter]]
+    notes = []
+    if beyond:
+        notes.append(f"note: the mask changes shape at KV lengths {beyond}, past the longest this check "
+                     f"runs here ({BOUNDARY_CAP[interpreter]})")
+    if examples <= BOUNDARY_CASE and _boundary_shape(spec, random.Random(0), max_len=40 if interpreter else 700,
+                                                     interpreter=interpreter):
+        notes.append(f"note: the mask's far boundaries run in case {BOUNDARY_CASE}; "
+                     f"--examples {examples} stops before it")
+    return notes
 
 
 def _edge_shape(index: int, decode: bool) -> Shape | None:

@@ -108,6 +108,13 @@ except ImportError:  # the module also works without attngen installed
         """Inputs that do not fit this kernel's spec."""
 
 
+def _check_device(q):
+    """The kernels run on a CUDA GPU, or on CPU tensors under Triton's interpreter."""
+    if not (q.is_cuda or _INTERPRET):
+        raise LaunchError(f"shared_prefix_sampling: q is on {q.device}; these kernels run on a CUDA GPU, or on CPU "
+                          "tensors under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported)")
+
+
 def _launch_tile(kernel, grid, args, consts, c, tile):
     """``kernel`` on the caller's config ``c``, past the autotuner; ``tile`` names the keys
     of ``c`` the kernel takes as constants (block_n -> BLOCK_N). A tile this GPU cannot
@@ -999,6 +1006,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, slots=None, return_
     if q.dtype != DTYPE or q.shape[1:] != (HEADS_Q, HEAD_DIM_QK) or q.stride(-1) != 1:
         raise LaunchError(f"shared_prefix_sampling: q must be {DTYPE} [n_queries, {HEADS_Q}, {HEAD_DIM_QK}] contiguous in "
                           f"its last dim, got {q.dtype} {tuple(q.shape)}")
+    _check_device(q)
     device, n_queries = q.device, q.shape[0]
     t = _plan_tensors(plan)
     if t["q_pos"].shape[0] != n_queries:

@@ -103,6 +103,13 @@ except ImportError:  # the module also works without attngen installed
         """Inputs that do not fit this kernel's spec."""
 
 
+def _check_device(q):
+    """The kernels run on a CUDA GPU, or on CPU tensors under Triton's interpreter."""
+    if not (q.is_cuda or _INTERPRET):
+        raise LaunchError(f"sliding_window_sinks_decode: q is on {q.device}; these kernels run on a CUDA GPU, or on CPU "
+                          "tensors under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported)")
+
+
 def _launch_tile(kernel, grid, args, consts, c, tile):
     """``kernel`` on the caller's config ``c``, past the autotuner; ``tile`` names the keys
     of ``c`` the kernel takes as constants (block_n -> BLOCK_N). A tile this GPU cannot
@@ -404,6 +411,7 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, n_batch, out, decode):
         need(t.dim() == 3, f"{name} must have 3 dims, got shape {tuple(t.shape)}")
         need(t.device == q.device, f"{name} is on {t.device} but q is on {q.device}")
         need(t.stride(-1) == 1, f"{name} must be contiguous in its last dim")
+    _check_device(q)
     need(q.shape[1:] == (HEADS_Q, HEAD_DIM_QK), f"q must be [*, {HEADS_Q}, {HEAD_DIM_QK}], got {tuple(q.shape)}")
     need(k.shape[1:] == (HEADS_KV, HEAD_DIM_QK), f"k must be [*, {HEADS_KV}, {HEAD_DIM_QK}], got {tuple(k.shape)}")
     need(v.shape[1:] == (HEADS_KV, HEAD_DIM_V), f"v must be [*, {HEADS_KV}, {HEAD_DIM_V}], got {tuple(v.shape)}")

@@ -8,6 +8,7 @@ interpreter. The tree drawing itself is checked without launching anything.
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from pathlib import Path
 from typing import Any
@@ -18,16 +19,19 @@ import torch
 
 from attngen import runtime
 from attngen.check import (
+    BOUNDARY_CASE,
     SURE_FIT_TILE_BYTES,
     TOLERANCES,
     CheckReport,
     Shape,
+    boundary_notes,
     check_spec,
     checked_spec,
     compare,
     compare_lse,
     draw_config,
     kv_tile_bytes,
+    mask_boundaries,
 )
 from attngen.check_tree import INTERPRETER_SIZES, draw_forest
 from attngen.spec import load_spec, parse_spec
@@ -160,3 +164,56 @@ def test_a_reference_with_nan_is_named_as_the_spec_s_problem() -> None:
     ref = np.array([[1.0, np.nan]])
     problems = compare(np.array([[1.0, np.nan]]), ref).problems(1e-3, 1e-2)
     assert problems[0] == "NaN" and "float64 reference too" in problems[1]
+
+
+#: Decode behind a window of 1000 tokens and 4 sinks: its mask changes shape at KV lengths
+#: past what random draws reach (40 under the interpreter, 700 on a GPU).
+WINDOW_SPEC = {
+    "name": "check_window_boundaries", "heads": {"q": 2, "kv": 1}, "head_dim": 16, "dtype": "fp16",
+    "topology": {"kind": "sequence", "queries": "decode"},
+    "mask": {"all": ["causal", {"any": [{"window": {"left": 1000, "right": 0}}, {"sink": 4}]}]},
+}
+
+
+def test_mask_boundaries_are_the_predicate_s_constants_and_their_sums() -> None:
+    spec = parse_spec(WINDOW_SPEC)
+    assert mask_boundaries(spec) == [3, 4, 5, 999, 1000, 1001, 1003, 1004, 1005]
+    assert mask_boundaries(load_spec(SPECS / "causal_prefill.yaml")) == []
+
+
+@pytest.mark.interpreter
+def test_the_boundary_case_catches_a_window_one_token_short(
+    device: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A kernel whose window is 900 tokens instead of 1000 agrees with the reference on
+    every length the random draws reach; the boundary case runs the lengths where the
+    window fills and passes the sinks, and fails it. The right kernel passes it. (A
+    window one token short drops one key of a thousand there, which the tolerances do
+    not see.)"""
+    spec = parse_spec(WINDOW_SPEC)
+    assert check_spec(spec, examples=BOUNDARY_CASE + 1, seed=0, device=device).passed
+    module = runtime.load(checked_spec(spec, device)[0])
+    source = Path(module.__file__).read_text()
+    assert "1000" in source and "900" not in source
+    path = tmp_path / "window_900.py"
+    path.write_text(source.replace("1000", "900"))
+    loader = importlib.util.spec_from_file_location("window_900", path)
+    assert loader is not None and loader.loader is not None
+    short = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(short)
+    monkeypatch.setattr(runtime, "load", lambda _: short)
+    assert check_spec(spec, examples=BOUNDARY_CASE, seed=0, device=device).passed
+    report = check_spec(spec, examples=BOUNDARY_CASE + 1, seed=0, device=device)
+    assert not report.passed and [c.passed for c in report.cases] == [True] * BOUNDARY_CASE + [False]
+    assert report.cases[-1].shape.describe() == "B=6 kv_len=[999, 1000, 1001, 1003, 1004, 1005]"
+
+
+def test_the_report_says_which_boundaries_a_check_does_not_reach() -> None:
+    spec = parse_spec(WINDOW_SPEC)
+    assert boundary_notes(spec, examples=BOUNDARY_CASE + 1, interpreter=True) == []
+    assert boundary_notes(spec, examples=2, interpreter=True) == [
+        f"note: the mask's far boundaries run in case {BOUNDARY_CASE}; --examples 2 stops before it"]
+    wide = parse_spec({**WINDOW_SPEC, "mask": {"all": ["causal", {"window": {"left": 100_000, "right": 0}}]}})
+    assert boundary_notes(wide, examples=20, interpreter=False) == [
+        "note: the mask changes shape at KV lengths [99999, 100000, 100001], past the longest this check "
+        "runs here (65536)"]

@@ -80,6 +80,26 @@ def test_decode_rejects_wrong_batch(decode: Any) -> None:
                          config=CONFIG, slopes=torch.rand(4))
 
 
+@pytest.mark.parametrize("family", ["prefill", "decode"])
+def test_cpu_tensors_outside_the_interpreter_are_refused(
+    family: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPU tensors run only under Triton's interpreter; without it the call says so
+    before anything is launched, not from deep inside the autotuner's CUDA timer."""
+    module = request.getfixturevalue(family)
+    monkeypatch.setattr(module, "_INTERPRET", False)
+    args = _inputs()
+    out = torch.full((12, 4, 16), 7.0, dtype=torch.float16)
+    q, k, v, cu_q, cu_k = (args.pop(name) for name in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"))
+    lengths: tuple[torch.Tensor, ...] = (cu_q, cu_k)
+    if family == "decode":
+        q, out, lengths = q[:2], out[:2], (cu_k,)
+    with pytest.raises(LaunchError, match=r"q is on cpu; these kernels run on a CUDA GPU, or on CPU tensors under "
+                                          r"Triton's interpreter \(TRITON_INTERPRET=1"):
+        module.attention(q, k, v, *lengths, out=out, **args)
+    assert bool((out == 7.0).all()), "nothing may be written before the error"
+
+
 def test_bad_config(prefill: Any) -> None:
     args = _inputs()
     with pytest.raises(LaunchError, match="block_m=1 must be a power of two"):

@@ -528,10 +528,10 @@ def sequence_case(
 ) -> CaseResult:
     """Case ``index`` of a sequence spec: a fixed edge batch first, then random ones."""
     decode = spec.topology.queries == "decode"
-    max_len, max_batch = (40, 3) if interpreter else (700, 6)
+    max_len, max_batch = RANDOM_REACH[interpreter], 3 if interpreter else 6
     shape = (
         _edge_shape(index, decode)
-        or (_boundary_shape(spec, rng, max_len=max_len, interpreter=interpreter) if index == BOUNDARY_CASE else None)
+        or (_boundary_shape(spec, rng, interpreter=interpreter) if index == BOUNDARY_CASE else None)
         or draw_shape(rng, decode=decode, max_len=max_len, max_batch=max_batch)
     )
     config = draw_config(rng, spec, shape, interpreter=interpreter)
@@ -550,12 +550,14 @@ def sequence_case(
 #: fixed edges of :func:`_edge_shape`.
 BOUNDARY_CASE = 3
 
-#: The longest KV a boundary case runs: the interpreter's cost grows with it.
+#: The longest KV a boundary case runs (the interpreter's cost grows with it), and the
+#: lengths past which random draws seldom go: (interpreter, GPU).
 BOUNDARY_CAP = {True: 8192, False: 65536}
+RANDOM_REACH = {True: 40, False: 700}
 
 
 def mask_boundaries(spec: Spec) -> list[int]:
-    """KV lengths where a sequence spec's mask changes shape: each integer constant of its
+    """KV lengths where a spec's mask changes shape: each integer constant of its
     visibility predicate and each sum of two, and one either side (a 4095-token window
     behind 4 sinks: 3..5, 4094..4096 and 4098..4100, where the window's start passes the
     sinks). Random lengths, at most a few hundred tokens, would never reach the far ones."""
@@ -568,12 +570,17 @@ def mask_boundaries(spec: Spec) -> list[int]:
     return sorted({n + d for n in {*constants, *sums} for d in (-1, 0, 1) if n + d > 0})
 
 
-def _boundary_shape(spec: Spec, rng: random.Random, *, max_len: int, interpreter: bool) -> Shape | None:
-    """One sequence at each of the mask's boundaries past the random draws' ``max_len``
-    (and within :data:`BOUNDARY_CAP`); a prefill sequence's last few queries, so that
-    the case stays cheap. None where the mask has no such boundary."""
+def far_boundaries(spec: Spec, *, interpreter: bool) -> list[int]:
+    """The mask's boundaries a check runs in case :data:`BOUNDARY_CASE`: those past
+    :data:`RANDOM_REACH`, up to :data:`BOUNDARY_CAP`."""
+    return [n for n in mask_boundaries(spec) if RANDOM_REACH[interpreter] < n <= BOUNDARY_CAP[interpreter]]
+
+
+def _boundary_shape(spec: Spec, rng: random.Random, *, interpreter: bool) -> Shape | None:
+    """One sequence at each far boundary of the mask (a prefill sequence's last few
+    queries, so that the case stays cheap); None where there is none."""
     decode = spec.topology.queries == "decode"
-    far = [n for n in mask_boundaries(spec) if max_len < n <= BOUNDARY_CAP[interpreter]]
+    far = far_boundaries(spec, interpreter=interpreter)
     if not far:
         return None
     return Shape(tuple((1 if decode else rng.choice((1, 5, 17)), n) for n in far), decode)
@@ -581,15 +588,12 @@ def _boundary_shape(spec: Spec, rng: random.Random, *, max_len: int, interpreter
 
 def boundary_notes(spec: Spec, *, examples: int, interpreter: bool) -> list[str]:
     """What a check cannot reach of the mask's boundaries, said in its report."""
-    if spec.topology.kind != "sequence":
-        return []
     beyond = [n for n in mask_boundaries(spec) if n > BOUNDARY_CAP[interpreter]]
     notes = []
     if beyond:
         notes.append(f"note: the mask changes shape at KV lengths {beyond}, past the longest this check "
                      f"runs here ({BOUNDARY_CAP[interpreter]})")
-    if examples <= BOUNDARY_CASE and _boundary_shape(spec, random.Random(0), max_len=40 if interpreter else 700,
-                                                     interpreter=interpreter):
+    if examples <= BOUNDARY_CASE and far_boundaries(spec, interpreter=interpreter):
         notes.append(f"note: the mask's far boundaries run in case {BOUNDARY_CASE}; "
                      f"--examples {examples} stops before it")
     return notes

@@ -3,7 +3,8 @@
 Each case draws a batch of one to three trees (random recursive trees, chains, stars;
 for ``shared_prefix`` mostly a prefix with its samples as children) whose nodes include
 empty and one-token ones, and places queries at the leaves or at chosen nodes (in token
-mode every token of a chosen node is a query). The batch is planned with
+mode every token of a chosen node is a query); where the mask has constants, one case
+runs trees as deep as the lengths where it changes shape (:func:`boundary_tree`). The batch is planned with
 :func:`attngen.plan.plan_tree` at a drawn chunk and queries_per_group, and launched on
 fresh random q/k/v (never zeros; a paged spec reads a random page table into a cache of
 random pages with spare ones) into a NaN-poisoned ``out``, with a drawn small config.
@@ -21,9 +22,11 @@ from typing import Any
 import numpy as np
 
 from attngen.check import (
+    BOUNDARY_CASE,
     CaseResult,
     Outputs,
     drawn_blocks,
+    far_boundaries,
     judge,
     tensor_values,
 )
@@ -167,6 +170,20 @@ def edge_tree(index: int, mode: QueryMode) -> TreeBatch | None:
     return None
 
 
+def boundary_tree(spec: Spec, mode: QueryMode, *, interpreter: bool) -> TreeBatch | None:
+    """Case BOUNDARY_CASE: one two-node tree for each far boundary N of the mask
+    (:func:`attngen.check.far_boundaries`), whose queries see N tokens: the leaf's one
+    token in node mode, the last of the leaf's three query tokens in token mode. None
+    where the mask has no far boundary."""
+    far = far_boundaries(spec, interpreter=interpreter)
+    if not far:
+        return None
+    leaf = 1 if mode == "node" else 3
+    return TreeBatch.concat(
+        [TreeBatch.from_parents([-1, 0], [n - leaf, leaf], [1], mode=mode) for n in far]
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Plan and launch choices
 
@@ -285,8 +302,10 @@ def tree_case(
     """Case ``index`` of a tree-family spec: a fixed edge forest first, then random ones."""
     mode: QueryMode = "token" if spec.topology.queries == "token" else "node"
     sizes = INTERPRETER_SIZES if interpreter else GPU_SIZES
-    tree = edge_tree(index, mode) or draw_forest(
-        rng, kind=spec.topology.kind, mode=mode, sizes=sizes
+    tree = (
+        edge_tree(index, mode)
+        or (boundary_tree(spec, mode, interpreter=interpreter) if index == BOUNDARY_CASE else None)
+        or draw_forest(rng, kind=spec.topology.kind, mode=mode, sizes=sizes)
     )
     chunk, qg, span = draw_plan_params(rng, spec, interpreter=interpreter)
     shape = TreeShape(tree, chunk, qg, span)

@@ -33,7 +33,7 @@ from attngen.check import (
     kv_tile_bytes,
     mask_boundaries,
 )
-from attngen.check_tree import INTERPRETER_SIZES, draw_forest
+from attngen.check_tree import INTERPRETER_SIZES, boundary_tree, draw_forest
 from attngen.spec import load_spec, parse_spec
 from attngen.tree import TreeBatch
 
@@ -217,3 +217,18 @@ def test_the_report_says_which_boundaries_a_check_does_not_reach() -> None:
     assert boundary_notes(wide, examples=20, interpreter=False) == [
         "note: the mask changes shape at KV lengths [99999, 100000, 100001], past the longest this check "
         "runs here (65536)"]
+
+
+@pytest.mark.parametrize(("mode", "leaf"), [("node", 1), ("token", 3)])
+def test_tree_boundary_case_runs_paths_as_long_as_the_boundaries(mode: Any, leaf: int) -> None:
+    """A tree spec's window over tree positions: case BOUNDARY_CASE is one two-node tree
+    per far boundary N, whose last query sees N tokens."""
+    spec = parse_spec({
+        "name": "check_tree_window", "heads": {"q": 4, "kv": 2}, "head_dim": 16, "dtype": "fp16",
+        "topology": {"kind": "tree", "queries": mode}, "mask": {"window": {"left": 100, "right": 0}},
+    })
+    tree = boundary_tree(spec, mode, interpreter=True)
+    assert tree is not None and tree.n_trees == 3
+    assert tree.tokens.tolist() == [99 - leaf, leaf, 100 - leaf, leaf, 101 - leaf, leaf]
+    assert boundary_tree(parse_spec({**WINDOW_SPEC, "topology": {"kind": "tree", "queries": mode},
+                                     "mask": "causal"}), mode, interpreter=True) is None

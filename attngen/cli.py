@@ -28,15 +28,24 @@ from typing import Any
 from attngen import plotting
 from attngen.errors import AttngenError, SpecError
 from attngen.progress import Progress
-from attngen.render import write_atomic
 from attngen.spec import Spec, load_spec
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 
 
+def _load_spec(path: str) -> Spec:
+    """:func:`load_spec`, with a file that is not UTF-8 text refused like any unreadable
+    one (load_spec lets its UnicodeDecodeError through)."""
+    try:
+        return load_spec(path)
+    except UnicodeDecodeError as err:
+        raise SpecError("", f"cannot read the spec: it is not UTF-8 text (byte {err.object[err.start]:#04x} "
+                        f"at offset {err.start})", file=path) from None
+
+
 def _load_all(paths: Sequence[str]) -> list[Spec]:
     """Validate every spec before anything is written, so one bad spec writes nothing."""
-    specs = [load_spec(p) for p in paths]
+    specs = [_load_spec(p) for p in paths]
     seen: dict[str, str] = {}
     for path, spec in zip(paths, specs, strict=True):
         if spec.name in seen:
@@ -62,10 +71,15 @@ def cmd_build(args: argparse.Namespace) -> int:
             bar.begin(spec.name)
             _render(path, spec)
             bar.step(spec.name)
-    try:
-        results = [render.build(spec, out_dir, check=args.check) for spec in specs]
-    except OSError as err:  # an unwritable folder: one line, not a traceback
-        raise AttngenError(f"-o {out_dir}: cannot write there ({err.strerror or err})") from None
+    if not args.check:
+        _check_targets(args.specs, specs, out_dir)
+    results = []
+    for spec in specs:
+        try:
+            results.append(render.build(spec, out_dir, check=args.check))
+        except OSError as err:  # what the checks cannot foresee (a full disk): one line, not a traceback
+            target = render.generated_path(spec, out_dir)
+            raise AttngenError(f"-o {out_dir}: cannot write {target} ({err.strerror or err})") from None
     stale = [r.path for r in results if r.stale]
     if not args.check:
         written = sum(r.changed for r in results)
@@ -76,6 +90,18 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"  {path}", file=sys.stderr)
         return EXIT_FOUND
     return EXIT_OK
+
+
+def _check_targets(paths: Sequence[str], specs: Sequence[Spec], out_dir: Path) -> None:
+    """Every module's file can be written, checked before the first is: exit 2 means
+    nothing was written."""
+    from attngen.render import generated_path
+
+    for path, spec in zip(paths, specs, strict=True):
+        target = generated_path(spec, out_dir)
+        if why := _why_unwritable(target):
+            raise AttngenError(f"-o {out_dir}: cannot write {target}, the module of {path}: {why}; "
+                               "nothing was written")
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,7 +124,7 @@ def _render(path: str, spec: Spec) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
+    spec = _load_spec(args.spec)
     _render(args.spec, spec)
     device = _check_device(args.device) if args.device else _default_device()
     from attngen.check import check_spec
@@ -146,11 +172,11 @@ def _torch() -> Any:
 
 def tile_classification(spec: Spec) -> list[str]:
     """Lines describing the symbolic tile analysis the sequence lowering uses: the
-    spec's mask within the sequence bounds."""
-    from attngen import analysis
-    from attngen.ir import full_visibility
+    spec's mask within the sequence bounds, with the key bounds the kernels read (clamped
+    into [0, kv_len) by the same function the lowering calls)."""
+    from attngen.ir import sequence_tiles
 
-    result = analysis.analyse(full_visibility(spec))
+    result = sequence_tiles(spec)
     meaning = {
         "all_visible": "every pair visible: the mask is skipped",
         "none_visible": "no pair visible: the tile is skipped",
@@ -178,7 +204,7 @@ def tree_visibility(spec: Spec) -> list[str]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
+    spec = _load_spec(args.spec)
     from attngen import semantics
 
     print(spec.canonical_yaml().rstrip())
@@ -202,10 +228,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from attngen import bench
 
-    spec = load_spec(args.spec)
+    spec = _load_spec(args.spec)
     _render(args.spec, spec)
-    if args.plot:  # before minutes of timing
+    if args.plot is not None:  # before minutes of timing
         plotting.require("--plot")
+    plot = _output_file("--plot", args.plot, example="bench.png", png=True) if args.plot is not None else None
     if spec.topology.kind != "sequence":
         from attngen import bench_tree
 
@@ -215,14 +242,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                "NAME runs others)")
         rows = bench_tree.bench_spec(spec)
         print(bench_tree.format_table(rows))
-        if args.plot:
-            with _writing("--plot", args.plot) as path:
+        if plot:
+            with _writing("--plot", plot) as path:
                 bench_tree.plot(rows, path)
         return EXIT_OK
     shapes = [bench.parse_shape(s, spec) for s in args.shape] if args.shape else bench.default_shapes(spec)
     results = bench.run_cases([(spec, s) for s in shapes], seed=args.seed)
-    if args.plot:
-        with _writing("--plot", args.plot) as path:
+    if plot:
+        with _writing("--plot", plot) as path:
             bench.plot(results, path)
     print(bench.format_table(results))
     return EXIT_OK
@@ -291,11 +318,22 @@ def cmd_schema(args: argparse.Namespace) -> int:
 # plan (tree family; the planner lives in attngen.plan, its display in attngen.plan_show)
 
 
+#: What each list option of `attngen plan` holds, for its errors.
+LIST_MEANING = {
+    "--parents": "the parent of each node, -1 for a root, such as '-1,0,0'",
+    "--tokens": "the token count of each node (0 for an empty one), such as '4000,400,400'",
+    "--queries": "the query nodes, such as '1,2' (leave the option out for the leaves)",
+}
+
+
 def _ints(option: str, text: str) -> list[int]:
     try:
-        return [int(x) for x in text.replace(",", " ").split()]
+        values = [int(x) for x in text.replace(",", " ").split()]
     except ValueError:
         raise AttngenError(f"{option}: expected a comma-separated list of integers, given {text!r}") from None
+    if not values:  # a tree of no nodes, or no queries, is a slip, not a request
+        raise AttngenError(f"{option}: given an empty list; expected {LIST_MEANING[option]}")
+    return values
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -306,8 +344,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ImportError:
         raise AttngenError("attngen plan needs the tree planner (attngen.plan), "
                            "which this installation does not have") from None
-    if args.png:
+    if args.png is not None:
         plotting.require("--png")
+    dot = _output_file("--dot", args.dot, example="plan.dot") if args.dot is not None else None
+    png = _output_file("--png", args.png, example="plan.png", png=True) if args.png is not None else None
+    if dot and png and dot.resolve() == png.resolve():
+        raise AttngenError(f"--dot {args.dot} and --png {args.png} name the same file; give each its own")
     tree_options = [option for option, value in (("--parents", args.parents), ("--tokens", args.tokens),
                                                  ("--queries", args.queries), ("--mode", args.mode))
                     if value is not None]
@@ -319,7 +361,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     elif args.parents is not None and args.tokens is not None:
         from attngen.tree import TreeBatch
 
-        queries = _ints("--queries", args.queries) if args.queries else None
+        queries = _ints("--queries", args.queries) if args.queries is not None else None
         parents, tokens = _ints("--parents", args.parents), _ints("--tokens", args.tokens)
         tree = TreeBatch.from_parents(parents, tokens, queries, mode=args.mode or "node")
     elif tree_options:
@@ -337,25 +379,64 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(plan_show.describe(plan))
     print(f"planned in {statistics.median(times[1:]) * 1e3:.2f} ms on the host (median of 5 calls "
           f"after a first of {times[0] * 1e3:.2f} ms)")
-    if args.dot:
-        with _writing("--dot", args.dot) as path:
-            write_atomic(path, plan_show.to_dot(tree, plan))
-    if args.png:
-        with _writing("--png", args.png) as path:
+    if dot:
+        with _writing("--dot", dot) as path:
+            path.write_text(plan_show.to_dot(tree, plan), encoding="utf-8")
+    if png:
+        with _writing("--png", png) as path:
             plan_show.draw_png(tree, plan, str(path))  # matplotlib: checked before planning
     return EXIT_OK
 
 
-@contextlib.contextmanager
-def _writing(option: str, name: str) -> Iterator[Path]:
-    """The path to write ``option``'s file at, its folder made as `build -o` makes one; an
-    OSError while writing becomes an AttngenError naming the option and the file."""
+# ---------------------------------------------------------------------------------------
+# output files: checked before any work, written whole or not at all
+
+
+def _why_unwritable(path: Path) -> str | None:
+    """Why no file can be written at ``path`` (its missing folders made first), or None."""
+    if path.is_dir():
+        return "it is a directory"
+    folder = path.parent
+    while not folder.is_dir() and folder != folder.parent:
+        if folder.exists() or folder.is_symlink():  # a file (or a dangling link) where a folder must go
+            return f"{folder} is not a directory"
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not writable"
+    return None
+
+
+def _output_file(option: str, name: str, *, example: str, png: bool = False) -> Path:
+    """``name`` as the path of the file ``option`` writes, exactly as given: refused
+    before any work when it names a folder, lacks the .png ending a picture needs (the
+    file written would otherwise be another, or none), or lies where nothing can be
+    written. ``example`` is a file name to suggest."""
     path = Path(name)
+    if not name:
+        raise AttngenError(f"{option}: given an empty path; allowed is the path of a file, such as {example}")
+    if name.endswith(("/", os.sep)) or path.is_dir():
+        raise AttngenError(f"{option} {name}: names a directory; allowed is the path of a file, such as "
+                           f"{path / example}")
+    if png and path.suffix.lower() != ".png":
+        raise AttngenError(f"{option} {name}: the picture is written as PNG; allowed is a file name "
+                           f"ending in .png, such as {path.with_suffix('.png')}")
+    if why := _why_unwritable(path):
+        raise AttngenError(f"{option} {name}: cannot write it: {why}")
+    return path
+
+
+@contextlib.contextmanager
+def _writing(option: str, path: Path) -> Iterator[Path]:
+    """A temporary file to write ``option``'s file into; moved onto ``path`` (its folder
+    made as `build -o` makes one) only once written whole. An OSError while writing
+    becomes an AttngenError naming the option and the file."""
+    from attngen.render import replacing
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield path
+        with replacing(path, suffix=".tmp" + path.suffix) as tmp:  # the suffix tells matplotlib PNG
+            yield tmp
     except OSError as err:
-        raise AttngenError(f"{option} {name}: cannot write it ({err.strerror or err})") from None
+        raise AttngenError(f"{option} {path}: cannot write it ({err.strerror or err})") from None
 
 
 def _workload_tree(name: str) -> Any:

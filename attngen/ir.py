@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 
@@ -307,6 +307,28 @@ def _finite(bound: sp.Expr) -> sp.Expr:
     return bound
 
 
+def clamp_to_sequence(tiles: analysis.TileAnalysis) -> analysis.TileAnalysis:
+    """``tiles`` with its key bounds inside the sequence ``[0, kv_len)``: the pieces and
+    their hull clamped into it, the fully visible run into the hull. These are the bounds
+    the kernels use, and the ones ``attngen show`` prints."""
+    kv_lo = sp.Max(_finite(tiles.kv_lo), 0)
+    kv_hi = sp.Min(_finite(tiles.kv_hi), kv_len)
+    return replace(
+        tiles,
+        kv_lo=kv_lo,
+        kv_hi=kv_hi,
+        full_lo=sp.Max(_finite(tiles.full_lo), kv_lo),
+        full_hi=sp.Min(_finite(tiles.full_hi), kv_hi),
+        pieces=tuple((sp.Max(_finite(lo), 0), sp.Min(_finite(hi), kv_len)) for lo, hi in tiles.pieces),
+    )
+
+
+def sequence_tiles(spec: Spec) -> analysis.TileAnalysis:
+    """The tile analysis a sequence kernel is generated from: the spec's mask within the
+    sequence, its bounds clamped into it."""
+    return clamp_to_sequence(analysis.analyse(full_visibility(spec)))
+
+
 def tile_configs(spec: Spec, family: str, decode_rows: int) -> tuple[TileConfig, ...]:
     tune = spec.tune
     block_m = (tune.block_m or DEFAULT_BLOCKS) if family == "prefill" else (decode_rows,)
@@ -365,13 +387,7 @@ def lower(spec: Spec) -> KernelIR:
         return print_for(spec, expr, TILE_NAMES, load)
 
     pred = full_visibility(spec)
-    tiles = analysis.analyse(pred)
-    # clamp the pieces into the sequence and the fully visible run into their hull
-    pieces = [(sp.Max(_finite(lo), 0), sp.Min(_finite(hi), kv_len)) for lo, hi in tiles.pieces]
-    kv_lo = sp.Max(_finite(tiles.kv_lo), 0)
-    kv_hi = sp.Min(_finite(tiles.kv_hi), kv_len)
-    full_lo = sp.Max(_finite(tiles.full_lo), kv_lo)
-    full_hi = sp.Min(_finite(tiles.full_hi), kv_hi)
+    tiles = clamp_to_sequence(analysis.analyse(pred))
     ir = KernelIR(
         **module_fields(spec),  # type: ignore[arg-type]
         family=family,
@@ -380,9 +396,9 @@ def lower(spec: Spec) -> KernelIR:
         score_code=print_for(spec, base2_score(spec), ELEMENT_NAMES, load, score=True),
         mask_code=element(pred),
         # a predicate that is never true still gets one (empty) piece to loop over
-        piece_codes=tuple((tile(lo), tile(hi)) for lo, hi in pieces or [(sp.S.Zero, sp.S.Zero)]),
-        full_lo_code=tile(full_lo),
-        full_hi_code=tile(full_hi),
+        piece_codes=tuple((tile(lo), tile(hi)) for lo, hi in tiles.pieces or [(sp.S.Zero, sp.S.Zero)]),
+        full_lo_code=tile(tiles.full_lo),
+        full_hi_code=tile(tiles.full_hi),
         may_see_code=tile(sp.Not(tiles.none_visible)),
     )
     verify(ir, spec)

@@ -15,8 +15,9 @@ from attngen.tree import TreeBatch
 
 
 def _popcount(bits: np.ndarray) -> np.ndarray:
-    """Set bits per row of the last two axes."""
-    as_bytes = np.ascontiguousarray(bits).view(np.uint8).reshape(*bits.shape[:-2], -1)
+    """Set bits per row of the last two axes (zero rows, as in a plan with no groups, included)."""
+    *lead, rows, words = bits.shape
+    as_bytes = np.ascontiguousarray(bits).view(np.uint8).reshape(*lead, rows * words * bits.itemsize)
     return np.unpackbits(as_bytes, axis=-1).sum(axis=-1)
 
 
@@ -53,6 +54,8 @@ def describe(plan: Plan, max_groups: int = 32) -> str:
         elif fold[g] >= 0:
             kind += f", folded into group {fold[g]} (its first {lead[g]} keys seen by every query)"
         lines.append(f"  group {g}: kv [{start[g]}, {start[g] + length[g]}) {len(q)} quer{'y' if len(q) == 1 else 'ies'} {runs(q)} {kind}")
+    if not plan.n_groups:
+        lines.append("  no groups: the queries see no KV tokens, so the kernels read none")
     if plan.n_groups > max_groups:
         lines.append(f"  ... {plan.n_groups - max_groups} more groups")
     return "\n".join(lines)
@@ -134,7 +137,7 @@ def draw_png(tree: TreeBatch, plan: Plan, path: str) -> bool:
     top.set_title(f"chunk {plan.chunk}, QG {plan.queries_per_group}, span {plan.span}, {plan.n_groups} groups "
                   f"({_kernels(plan)}), {plan.n_queries} queries, {plan.n_kv} KV tokens")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")  # the path as given, whatever its ending
     plt.close(fig)
     return True
 

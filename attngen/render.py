@@ -9,9 +9,12 @@ lowering and rendering of specs seen before.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import os
+import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -127,20 +130,44 @@ def render_uncached(spec: Spec) -> str:
     return source
 
 
-def write_atomic(path: Path, text: str) -> bool:
-    """Write ``text`` to ``path`` through a temporary file and a rename; return whether
-    the content changed (an unchanged file is left untouched)."""
-    if path.is_file() and path.read_text() == text:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def new_file_mode(path: Path) -> int:
+    """The mode ``open(path, "w")`` would leave ``path`` with: an existing file keeps its
+    own, a new one gets 0o666 less the umask."""
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def replacing(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary file beside ``path`` (named to end in ``suffix``) for the block to
+    write; when the block ends it is renamed onto ``path``, so a reader sees the old file
+    or the new one, never half of one, with the mode ``open(path, "w")`` would give (not
+    mkstemp's 0o600). If the block raises, the temporary file is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, new_file_mode(path))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, content: str | bytes) -> bool:
+    """Write ``content`` (text as UTF-8) to ``path`` through a temporary file and a
+    rename; return whether the content changed (an unchanged file is left untouched)."""
+    data = content.encode() if isinstance(content, str) else content
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
     return True
 
 
@@ -161,8 +188,8 @@ def build(spec: Spec, out_dir: Path | str = "generated", *, check: bool = False)
     report whether the file is missing or differs (stale)."""
     path = generated_path(spec, out_dir)
     source = render(spec)
-    current = path.read_text() if path.is_file() else None
-    stale = current != source
+    current = path.read_bytes() if path.is_file() else None
+    stale = current != source.encode()
     if check:
         return BuildResult(spec, path, changed=False, stale=stale)
     changed = write_atomic(path, source) if stale else False

@@ -87,6 +87,16 @@ def test_bad_spec_is_one_paragraph_exit_2_and_writes_nothing(
     assert not out.exists() or list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["build", "show"])
+def test_a_spec_that_is_not_utf8_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"name: x\n\xff\xfe: 1\n")
+    code, _, err = run(capsys, command, str(bad), *(["-o", str(tmp_path / "gen")] if command == "build" else []))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{bad}: cannot read the spec: it is not UTF-8 text (byte 0xff at offset 8)" in err
+    assert _files(tmp_path) == ["bad.yaml"]
+
+
 def test_did_you_mean_reaches_the_user(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_SPECS["unknown_rule"])
@@ -178,7 +188,7 @@ def test_build_into_an_unwritable_folder_is_exit_2(tmp_path: Path, capsys: pytes
     blocker = tmp_path / "file"
     blocker.write_text("")  # a file where the output folder should be
     code, _, err = run(capsys, "build", str(ROOT / "specs" / "tree_fewshot.yaml"), "-o", str(blocker / "out"))
-    assert code == 2 and "cannot write there" in err and "Traceback" not in err, err
+    assert code == 2 and f"{blocker} is not a directory" in err and "Traceback" not in err, err
 
 
 def test_plan_without_a_tree_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -324,3 +334,185 @@ def test_an_expression_with_no_triton_form_names_file_and_field(
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"odd.yaml: {field}: " in err and says in err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# output files: checked before any work, written whole, at the path given, with the umask
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_build_checks_every_target_before_writing_any(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder where the second module goes stops the build before the first is written,
+    and the message names that module's file."""
+    out = tmp_path / "gen"
+    (out / "decode_gqa.py").mkdir(parents=True)
+    code, _, err = run(capsys, "build", str(ROOT / "specs" / "causal_prefill.yaml"),
+                       str(ROOT / "specs" / "decode_gqa.yaml"), "-o", str(out))
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{out / 'decode_gqa.py'}" in err and "is a directory" in err and "nothing was written" in err
+    assert _files(out) == ["decode_gqa.py"]
+
+
+def test_build_over_a_file_says_it_is_not_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    code, _, err = run(capsys, "build", str(ROOT / "specs" / "causal_prefill.yaml"), "-o", str(blocker))
+    assert code == 2 and f"{blocker} is not a directory" in err and "File exists" not in err, err
+    assert _files(tmp_path) == ["afile"]
+
+
+def test_an_unforeseen_write_error_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from attngen import render
+
+    def full_disk(spec, out_dir, *, check=False):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(render, "build", full_disk)
+    out = tmp_path / "gen"
+    code, _, err = run(capsys, "build", str(ROOT / "specs" / "causal_prefill.yaml"), "-o", str(out))
+    assert code == 2 and f"cannot write {out / 'causal_prefill.py'} (No space left on device)" in err, err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_written_files_have_the_mode_open_would_give(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    umask: int) -> None:
+    """Not mkstemp's 0600: 0666 less the umask for a new file, an existing file's own mode
+    when it is rewritten."""
+    import os
+
+    pytest.importorskip("attngen.plan")
+    out, dot = tmp_path / "gen", tmp_path / "plan.dot"
+    old = os.umask(umask)
+    try:
+        assert run(capsys, "build", str(ROOT / "specs" / "causal_prefill.yaml"), "-o", str(out))[0] == 0
+        assert run(capsys, "plan", "--parents", "-1,0", "--tokens", "3,3", "--dot", str(dot))[0] == 0
+        target = out / "causal_prefill.py"
+        target.chmod(0o600)
+        target.write_text("stale\n")
+        assert run(capsys, "build", str(ROOT / "specs" / "causal_prefill.yaml"), "-o", str(out))[0] == 0
+    finally:
+        os.umask(old)
+    assert dot.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert target.stat().st_mode & 0o777 == 0o600 and target.read_text() != "stale\n"
+    assert _files(tmp_path) == ["gen", "gen/causal_prefill.py", "plan.dot"]  # no temporary file left
+
+
+@pytest.mark.parametrize(("option", "name", "says"), [
+    ("--png", "{tmp}/", "names a directory; allowed is the path of a file, such as {tmp}/plan.png"),
+    ("--png", "{tmp}", "names a directory"),
+    ("--png", "{tmp}/p.txt", "written as PNG; allowed is a file name ending in .png, such as {tmp}/p.png"),
+    ("--png", "{tmp}/pnoext", "ending in .png, such as {tmp}/pnoext.png"),
+    ("--png", "{tmp}/afile/x.png", "cannot write it: {tmp}/afile is not a directory"),
+    ("--dot", "{tmp}/", "names a directory; allowed is the path of a file, such as {tmp}/plan.dot"),
+    ("--dot", "{tmp}/new/", "names a directory"),
+    ("--dot", "{tmp}/afile/x.dot", "cannot write it: {tmp}/afile is not a directory"),
+    ("--dot", "", "given an empty path; allowed is the path of a file, such as plan.dot"),
+])
+def test_plan_output_that_is_no_file_of_its_kind_is_exit_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, name: str, says: str) -> None:
+    """Refused before planning, naming the option, the path and what is allowed; nothing
+    is written, in the folder or beside it."""
+    pytest.importorskip("attngen.plan")
+    pytest.importorskip("matplotlib")
+    (tmp_path / "afile").write_text("")
+    name, says = name.format(tmp=tmp_path), says.format(tmp=tmp_path)
+    code, out, err = run(capsys, "plan", "tot_d3_w3", option, name)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"attngen plan: {option} {name}".rstrip() in err and says in err and "planned" not in out
+    assert _files(tmp_path) == ["afile"]
+    assert not tmp_path.with_suffix(".png").exists() and not tmp_path.with_suffix(".dot").exists()
+
+
+def test_plan_png_is_written_at_exactly_the_path_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("attngen.plan")
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "new" / "Plan.PNG"
+    code, _, err = run(capsys, "plan", "--parents", "-1,0,0", "--tokens", "40,8,8", "--png", str(png))
+    assert code == 0, err
+    assert _files(tmp_path) == ["new", "new/Plan.PNG"]
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_plan_dot_and_png_at_one_path_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("attngen.plan")
+    pytest.importorskip("matplotlib")
+    both = str(tmp_path / "plan.png")
+    code, _, err = run(capsys, "plan", "tot_d3_w3", "--dot", both, "--png", both)
+    assert code == 2 and "name the same file" in err, err
+    assert _files(tmp_path) == []
+
+
+def test_bench_plot_that_is_not_a_png_is_refused_before_timing(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked before any GPU work (so this runs without a GPU too)."""
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "timings.txt"
+    code, _, err = run(capsys, "bench", str(ROOT / "specs" / "tree_fewshot.yaml"), "--plot", str(plot))
+    assert code == 2 and f"--plot {plot}: the picture is written as PNG" in err and "CUDA" not in err, err
+    assert _files(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------
+# plan: trees with no nodes, no queries, no tokens
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--parents", "", "--tokens", ""], "--parents: given an empty list; expected the parent of each node"),
+    (["--parents", "-1,0", "--tokens", "3,3", "--queries", ""], "--queries: given an empty list"),
+])
+def test_plan_empty_list_is_exit_2(capsys: pytest.CaptureFixture[str], args: list[str], says: str) -> None:
+    pytest.importorskip("attngen.plan")
+    code, _, err = run(capsys, "plan", *args)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("mode", ["node", "token"])
+def test_plan_of_a_tree_holding_no_tokens_is_an_empty_plan(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str) -> None:
+    """Nodes with no tokens yet (a tree about to be filled) plan to nothing: no groups."""
+    pytest.importorskip("attngen.plan")
+    dot = tmp_path / "plan.dot"
+    code, out, err = run(capsys, "plan", "--parents", "-1,0,0", "--tokens", "0,0,0", "--mode", mode, "--dot", str(dot))
+    assert code == 0, err
+    assert "0 groups" in out and "0 KV tokens" in out and "no groups: the queries see no KV tokens" in out
+    assert dot.read_text().startswith("digraph")
+
+
+# ---------------------------------------------------------------------------------------
+# show prints the bounds the kernels use
+
+
+def test_show_prints_the_clamped_bounds_of_the_kernels(capsys: pytest.CaptureFixture[str]) -> None:
+    """The pieces and bounds clamped into [0, kv_len), as the lowering uses them: the sink
+    piece starts at 0, not -oo."""
+    code, out, err = run(capsys, "show", str(ROOT / "specs" / "sliding_window_sinks_decode.yaml"))
+    assert code == 0, err
+    assert "oo" not in out
+    assert "  kv_lo: 0    #" in out
+    assert "  pieces: [0, Min(4, kv_len, q_hi + 1)), [Max(0, q_lo - 4095), Min(kv_len, q_hi + 1))    #" in out
+
+
+@pytest.mark.parametrize("path", [p for p in SPECS if load_spec(p).topology.kind == "sequence"], ids=lambda p: p.stem)
+def test_show_and_the_lowering_read_one_analysis(path: Path) -> None:
+    """Every piece `show` prints is one the kernel visits: its printed ends are those of
+    sequence_tiles, whose Triton forms are the kernel's piece_codes."""
+    from attngen.ir import TILE_NAMES, lower, make_tensor_load, print_for, sequence_tiles
+
+    spec = load_spec(path)
+    tiles = sequence_tiles(spec)
+    lines = cli.tile_classification(spec)
+    assert not any("oo" in line for line in lines)
+    for lo, hi in tiles.pieces:
+        assert f"[{lo}, {hi})" in "\n".join(lines)
+    kernel = lower(spec).piece_codes
+    assert len(kernel) == max(len(tiles.pieces), 1)
+    if tiles.pieces:
+        load = make_tensor_load(spec, spec.heads.q)
+        assert kernel == tuple((print_for(spec, lo, TILE_NAMES, load), print_for(spec, hi, TILE_NAMES, load))
+                               for lo, hi in tiles.pieces)

@@ -44,3 +44,17 @@ def test_query_lists_print_as_runs() -> None:
     assert runs([5]) == "[5]"
     assert runs(list(range(184))) == "[0..183]"
     assert runs([0, 1, 2, 3, 7, 9, 10]) == "[0..3, 7, 9..10]"
+
+
+def test_a_plan_with_no_groups_is_shown(tmp_path: Path) -> None:
+    """Nodes that hold no tokens yet plan to no groups: described, drawn and graphed as
+    such, not a reshape error from counting the visibility bits of no groups."""
+    tree = TreeBatch.from_parents([-1, 0, 0], [0, 0, 0])
+    plan = plan_tree(tree)
+    assert plan.n_groups == 0
+    text = describe(plan)
+    assert "0 groups" in text and "no groups: the queries see no KV tokens" in text
+    assert to_dot(tree, plan).count(" -> ") == 2
+    pytest.importorskip("matplotlib")
+    assert draw_png(tree, plan, str(tmp_path / "empty"))  # PNG whatever the name's ending
+    assert (tmp_path / "empty").read_bytes().startswith(b"\x89PNG")

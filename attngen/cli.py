@@ -33,19 +33,9 @@ from attngen.spec import Spec, load_spec
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 
 
-def _load_spec(path: str) -> Spec:
-    """:func:`load_spec`, with a file that is not UTF-8 text refused like any unreadable
-    one (load_spec lets its UnicodeDecodeError through)."""
-    try:
-        return load_spec(path)
-    except UnicodeDecodeError as err:
-        raise SpecError("", f"cannot read the spec: it is not UTF-8 text (byte {err.object[err.start]:#04x} "
-                        f"at offset {err.start})", file=path) from None
-
-
 def _load_all(paths: Sequence[str]) -> list[Spec]:
     """Validate every spec before anything is written, so one bad spec writes nothing."""
-    specs = [_load_spec(p) for p in paths]
+    specs = [load_spec(p) for p in paths]
     seen: dict[str, str] = {}
     for path, spec in zip(paths, specs, strict=True):
         if spec.name in seen:
@@ -124,7 +114,7 @@ def _render(path: str, spec: Spec) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    spec = _load_spec(args.spec)
+    spec = load_spec(args.spec)
     _render(args.spec, spec)
     device = _check_device(args.device) if args.device else _default_device()
     from attngen.check import check_spec
@@ -204,7 +194,7 @@ def tree_visibility(spec: Spec) -> list[str]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    spec = _load_spec(args.spec)
+    spec = load_spec(args.spec)
     from attngen import semantics
 
     print(spec.canonical_yaml().rstrip())
@@ -228,7 +218,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from attngen import bench
 
-    spec = _load_spec(args.spec)
+    spec = load_spec(args.spec)
     _render(args.spec, spec)
     if args.plot is not None:  # before minutes of timing
         plotting.require("--plot")
@@ -301,9 +291,6 @@ def json_schema() -> dict[str, Any]:
     schema["properties"]["score_mod"]["description"] = (
         "Expression over score (= scale * q.k), q_pos, kv_pos, head, batch, q_len, kv_len and "
         "declared tensors, e.g. '30 * tanh(score / 30)'")
-    schema["properties"]["head_dim"] = {"anyOf": [{"type": "integer"}, {"$ref": "#/$defs/HeadDim"}]}
-    schema["properties"]["topology"] = {"anyOf": [{"enum": ["sequence", "tree", "shared_prefix"]},
-                                                  {"$ref": "#/$defs/Topology"}]}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "attngen spec"
     return schema

@@ -12,6 +12,10 @@ import difflib
 import numbers
 from collections.abc import Iterable
 
+#: ``given`` of a SpecError that shows no value (``None`` is YAML's ``null``, a value
+#: a spec can give).
+NOT_GIVEN: object = object()
+
 
 class AttngenError(Exception):
     """Base class of every user-facing attngen error."""
@@ -23,6 +27,8 @@ class SpecError(AttngenError):
 
     >>> str(SpecError("heads.kv", "must divide heads.q", given=3, allowed="a divisor of 32", file="a.yaml"))
     'a.yaml: heads.kv: must divide heads.q (given: 3; allowed: a divisor of 32)'
+    >>> str(SpecError("mask", "is empty", given=None))
+    'mask: is empty (given: null)'
     """
 
     def __init__(
@@ -30,7 +36,7 @@ class SpecError(AttngenError):
         field: str,
         problem: str,
         *,
-        given: object = None,
+        given: object = NOT_GIVEN,
         allowed: str | None = None,
         suggestion: str | None = None,
         file: str | None = None,
@@ -46,8 +52,8 @@ class SpecError(AttngenError):
     def _format(self) -> str:
         where = ": ".join(p for p in (self.file, self.field) if p)
         details = []
-        if self.given is not None:
-            details.append(f"given: {self.given!r}")
+        if self.given is not NOT_GIVEN:
+            details.append(f"given: {'null' if self.given is None else repr(self.given)}")
         if self.allowed:
             details.append(f"allowed: {self.allowed}")
         text = f"{where}: {self.problem}" if where else self.problem

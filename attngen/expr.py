@@ -3,7 +3,10 @@
 A small tokenizer and recursive-descent parser with Python's precedence; nothing here
 calls ``eval``, ``sympify`` or ``lambdify`` on user text. Every value the parser builds
 carries its kind (boolean or number), so type mistakes are reported at the column where
-they start instead of surfacing later as a sympy error.
+they start instead of surfacing later as a sympy error. The same goes for what the
+Triton printer could not write: a constant that is not a finite float32, a power with no
+Triton form, a tensor index that would not print as an integer. The parser asks
+:mod:`attngen.printer` as it builds each value, and quotes the user's own text.
 
 >>> from attngen.symbols import MASK_SYMBOLS
 >>> parse("kv_pos <= q_pos", names=MASK_SYMBOLS, tensors={}, want="bool")
@@ -13,7 +16,7 @@ kv_pos <= q_pos
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
@@ -21,6 +24,14 @@ from typing import Literal
 import sympy as sp
 
 from attngen.errors import ExprError, did_you_mean
+from attngen.printer import (
+    CONSTANT_RULE,
+    POWER_RULE,
+    constant_problem,
+    folded_constants,
+    power_form,
+    prints_integer,
+)
 
 Kind = Literal["bool", "number"]
 
@@ -109,13 +120,18 @@ class Token:
     column: int
 
 
+#: Functions whose value is a real number even of integers (they make no index).
+_REAL_FUNCTIONS = frozenset({"exp", "log", "tanh", "sqrt"})
+
+
 @dataclass(frozen=True, slots=True)
 class _Value:
-    """A parsed sub-expression, its kind and where it starts."""
+    """A parsed sub-expression, its kind and the columns it spans (``end`` exclusive)."""
 
     expr: sp.Basic
     kind: Kind
     column: int
+    end: int
 
 
 def tokenize(text: str) -> list[Token]:
@@ -140,14 +156,16 @@ def parse(
     names: Mapping[str, sp.Symbol],
     tensors: Mapping[str, int],
     want: Kind,
+    integer_tensors: Collection[str] = frozenset(),
 ) -> sp.Basic:
     """Parse ``text`` into a sympy expression of kind ``want``.
 
     ``names`` are the plain symbols the text may use; ``tensors`` maps each tensor name
-    to its number of indices (it must be indexed with exactly that many). Raises
-    :class:`ExprError` naming the column of the first problem.
+    to its number of indices (it must be indexed with exactly that many), and
+    ``integer_tensors`` names those whose elements are integers (only they may appear in
+    an index). Raises :class:`ExprError` naming the column of the first problem.
     """
-    value = _Parser(text, names, tensors).parse_all()
+    value = _Parser(text, names, tensors, frozenset(integer_tensors)).parse_all()
     if value.kind != want:
         wanted = "a boolean (a condition)" if want == "bool" else "a number"
         raise ExprError(text, 0, f"expected {wanted}, got {_describe(value.kind)}")
@@ -161,12 +179,20 @@ def _describe(kind: Kind) -> str:
 class _Parser:
     """Recursive descent, one method per precedence level (lowest first)."""
 
-    def __init__(self, text: str, names: Mapping[str, sp.Symbol], tensors: Mapping[str, int]):
+    def __init__(
+        self,
+        text: str,
+        names: Mapping[str, sp.Symbol],
+        tensors: Mapping[str, int],
+        integer_tensors: frozenset[str],
+    ):
         self.text = text
         self.names = names
         self.tensors = tensors
+        self.integer_tensors = integer_tensors
         self.tokens = tokenize(text)
         self.pos = 0
+        self.end = 0  # the column just past the last token consumed
 
     # -- token helpers -------------------------------------------------------------------
 
@@ -177,6 +203,7 @@ class _Parser:
     def advance(self) -> Token:
         token = self.tokens[self.pos]
         self.pos += 1
+        self.end = token.column + len(token.text)
         return token
 
     def accept(self, *texts: str) -> Token | None:
@@ -209,6 +236,47 @@ class _Parser:
             )
         return value
 
+    # -- values, checked as they are built -----------------------------------------------
+
+    def source(self, start: int) -> str:
+        """The user's text from ``start`` to the end of the last token consumed."""
+        return self.text[start : self.end]
+
+    def boolean(self, expr: sp.Basic, start: int) -> _Value:
+        return _Value(expr, "bool", start, self.end)
+
+    def number(self, expr: sp.Basic, start: int) -> _Value:
+        """A number spanning ``start`` to the last token consumed, once its constants and
+        powers are known to have a Triton form (sympy may have folded or merged them)."""
+        self.check_constants(expr, start)
+        self.check_powers(expr, start)
+        return _Value(expr, "number", start, self.end)
+
+    def check_constants(self, expr: sp.Basic, start: int) -> None:
+        for constant in folded_constants(expr):
+            problem = constant_problem(constant)
+            if problem is None:
+                continue
+            hint = CONSTANT_RULE
+            if problem == "is not a real number":
+                hint += (
+                    "; log and sqrt need an argument >= 0, a power that is not whole a base >= 0"
+                )
+            what = (
+                f"the constant {self.source(start)!r}"
+                if constant == expr
+                else f"{self.source(start)!r} makes the constant {_shown(constant)}, which"
+            )
+            raise self.error(start, f"{what} {problem}", hint)
+
+    def check_powers(self, expr: sp.Basic, start: int) -> None:
+        for power in sorted(expr.atoms(sp.Pow), key=sp.default_sort_key):
+            if power.is_number or power_form(power) is not None:
+                continue  # a constant is folded into one literal
+            # sympy's form names what it merged (score * score * ... is score**5)
+            problem = f"the power {power} has no Triton form (written {self.source(start)!r})"
+            raise self.error(start, problem, f"allowed: {POWER_RULE}")
+
     # -- grammar -------------------------------------------------------------------------
 
     def parse_all(self) -> _Value:
@@ -233,14 +301,14 @@ class _Parser:
         if len(parts) == 1:
             return first
         exprs = [self.need(p, "bool", f"'{word}'").expr for p in parts]
-        return _Value(combine(*exprs), "bool", first.column)
+        return self.boolean(combine(*exprs), first.column)
 
     def parse_not(self) -> _Value:
         token = self.accept("not")
         if token is None:
             return self.parse_comparison()
         inner = self.need(self.parse_not(), "bool", "'not'")
-        return _Value(sp.Not(inner.expr), "bool", token.column)
+        return self.boolean(sp.Not(inner.expr), token.column)
 
     def parse_comparison(self) -> _Value:
         left = self.parse_sum()
@@ -253,7 +321,7 @@ class _Parser:
             left = right
         if not relations:
             return left
-        return _Value(sp.And(*relations), "bool", start)
+        return self.boolean(sp.And(*relations), start)
 
     def parse_sum(self) -> _Value:
         value = self.parse_product()
@@ -261,7 +329,7 @@ class _Parser:
             right = self.need(self.parse_product(), "number", f"{op.text!r}")
             left = self.need(value, "number", f"{op.text!r}")
             combined = left.expr + right.expr if op.text == "+" else left.expr - right.expr
-            value = _Value(combined, "number", left.column)
+            value = self.number(combined, left.column)
         return value
 
     def parse_product(self) -> _Value:
@@ -269,7 +337,7 @@ class _Parser:
         while (op := self.accept("*", "/", "//", "%")) is not None:
             right = self.need(self.parse_unary(), "number", f"{op.text!r}")
             left = self.need(value, "number", f"{op.text!r}")
-            value = _Value(self._product(op, left, right), "number", left.column)
+            value = self.number(self._product(op, left, right), left.column)
         return value
 
     def _product(self, op: Token, left: _Value, right: _Value) -> sp.Basic:
@@ -300,7 +368,7 @@ class _Parser:
             return self.parse_power()
         operand = self.need(self.parse_unary(), "number", f"unary {token.text!r}")
         expr = -operand.expr if token.text == "-" else operand.expr
-        return _Value(expr, "number", token.column)
+        return self.number(expr, token.column)
 
     def parse_power(self) -> _Value:
         base = self.parse_primary()
@@ -309,13 +377,13 @@ class _Parser:
             return base
         exponent = self.need(self.parse_unary(), "number", "'**'")
         base = self.need(base, "number", "'**'")
-        return _Value(self.defined(base.expr**exponent.expr, op.column), "number", base.column)
+        return self.number(self.defined(base.expr**exponent.expr, op.column), base.column)
 
     def parse_primary(self) -> _Value:
         token = self.peek
         if token.kind == "number":
             self.advance()
-            return _Value(_number(token.text), "number", token.column)
+            return self.number(_number(token.text), token.column)
         if token.kind == "name":
             return self.parse_name()
         if self.accept("("):
@@ -325,14 +393,14 @@ class _Parser:
                 raise self.error(
                     self.peek.column, "only a function can be called and only a tensor indexed"
                 )
-            return _Value(inner.expr, inner.kind, token.column)
+            return _Value(inner.expr, inner.kind, token.column, self.end)
         raise self.unexpected()
 
     def parse_name(self) -> _Value:
         token = self.advance()
         name = token.text
         if name in ("true", "false"):
-            return _Value(sp.true if name == "true" else sp.false, "bool", token.column)
+            return self.boolean(sp.true if name == "true" else sp.false, token.column)
         if name in _KEYWORDS:
             raise self.error(token.column, f"unexpected {name!r}")
         if self.peek.text == "(":
@@ -340,7 +408,7 @@ class _Parser:
         if self.peek.text == "[":
             return self.parse_index(token)
         if name in self.names:
-            return _Value(self.names[name], "number", token.column)
+            return self.number(self.names[name], token.column)
         if name in self.tensors:
             dims = ", ".join(["i"] * self.tensors[name])
             raise self.error(
@@ -361,7 +429,9 @@ class _Parser:
         hint = did_you_mean(token.text, choices)
         if hint is None:
             kinds = [("names", self.names), ("tensors", self.tensors), ("functions", FUNCTIONS)]
-            hint = "allowed: " + "; ".join(f"{kind} {', '.join(sorted(have))}" for kind, have in kinds if have)
+            hint = "allowed: " + "; ".join(
+                f"{kind} {', '.join(sorted(have))}" for kind, have in kinds if have
+            )
         return self.error(token.column, f"unknown name {token.text!r}", hint)
 
     def parse_arguments(self, close: str) -> list[_Value]:
@@ -385,7 +455,7 @@ class _Parser:
             self.need(a, k, f"argument {i + 1} of {function.name}()").expr
             for i, (a, k) in enumerate(zip(args, kinds, strict=True))
         ]
-        return _Value(self.defined(function.build(exprs), token.column), "number", token.column)
+        return self.number(self.defined(function.build(exprs), token.column), token.column)
 
     def check_arity(self, function: Function, args: Sequence[_Value], token: Token) -> None:
         n = len(args)
@@ -411,8 +481,64 @@ class _Parser:
                 token.column,
                 f"tensor {name!r} takes {self.tensors[name]} index(es), got {len(indices)}",
             )
-        element = sp.IndexedBase(name)[tuple(i.expr for i in indices)]
-        return _Value(element, "number", token.column)
+        for index in indices:
+            self.check_index(name, index)
+        # an integer tensor's elements are integers to sympy too, so that doc[i] // 2
+        # prints as Triton integer division
+        base = (
+            sp.IndexedBase(name, integer=True)
+            if name in self.integer_tensors
+            else sp.IndexedBase(name)
+        )
+        element = base[tuple(i.expr for i in indices)]
+        return self.number(element, token.column)
+
+    def check_index(self, name: str, index: _Value) -> None:
+        """An ExprError at ``index`` unless it prints as a Triton integer: the load's
+        pointer offset (a float offset fails inside Triton, far from the spec)."""
+        if prints_integer(index.expr):
+            return
+        source = self.text[index.column : index.end]
+        spanned = [t for t in self.tokens if index.column <= t.column < index.end]
+        reasons = dict.fromkeys(r for t in spanned if (r := self.why_real(t)) is not None)
+        raise self.error(
+            index.column,
+            f"an index of {name!r} must be an integer expression, got {source!r}",
+            "; ".join([*reasons, self.allowed_in_index()]),
+        )
+
+    def why_real(self, token: Token) -> str | None:
+        """Why ``token`` may make an index a real number, in the user's terms, or None."""
+        text = token.text
+        if token.kind == "number" and not text.isdigit():
+            return f"{text} is a float constant (a whole constant has no '.' or 'e')"
+        if text == "/":
+            return "'/' divides exactly: write // for floor division"
+        if text == "**":
+            return "'**' gives an integer only for a constant exponent 2, 3 or 4"
+        if text in _REAL_FUNCTIONS:
+            return f"{text}() gives a real number"
+        if text in self.names and not self.names[text].is_integer:
+            return f"{text!r} is a real number"
+        if text in self.tensors and text not in self.integer_tensors:
+            return f"{text!r} holds real numbers (an index may read only an int32 or int64 tensor)"
+        return None
+
+    def allowed_in_index(self) -> str:
+        positions = ", ".join(n for n, s in self.names.items() if s.is_integer)
+        integer_tensors = sorted(self.integer_tensors & set(self.tensors))
+        tensors = f" ({', '.join(integer_tensors)})" if integer_tensors else ""
+        return (
+            f"allowed: {positions}, whole constants and elements of int32/int64 tensors"
+            f"{tensors}, combined with +, -, *, // (floor division), %, min, max, abs, "
+            "clamp, where and ** 2 to 4"
+        )
+
+
+def _shown(constant: sp.Basic) -> str:
+    """A constant sympy folded, as a number (1e+60, 3.14159*I)."""
+    value = sp.N(constant, 6)
+    return f"{float(value):g}" if value.is_real and abs(value) < 1e300 else str(value)
 
 
 def _number(text: str) -> sp.Basic:

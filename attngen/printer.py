@@ -17,7 +17,8 @@ The output calls three helpers that ``templates/expr_helpers.py.j2`` defines:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from functools import lru_cache
 
 import sympy as sp
 
@@ -53,9 +54,118 @@ _SMALL_POWERS = range(2, 5)
 #: beyond it would be inf there and finite in the float64 reference.
 FLOAT32_MAX = 3.4028234663852886e38
 
+#: The powers the printer has a form for, in the grammar's terms (see :func:`power_form`).
+POWER_RULE = ("x ** n for a constant whole n from -4 to 4, x ** p for a constant p that is "
+              "not whole (x ** 0.5), or c ** x for a constant c > 0 (2 ** q_pos)")
+#: The constants the printer can write as a float32 literal (see :func:`constant_problem`).
+CONSTANT_RULE = ("constants must be finite real numbers no larger in magnitude than "
+                 f"{FLOAT32_MAX:.3g} (float32's largest; the kernels compute in float32)")
+
 
 class PrintError(AttngenError):
     """An expression node the Triton printer has no rule for."""
+
+
+# -- what has a Triton form: asked by the parser, where the user's text is known -------
+
+
+def power_form(expr: sp.Pow) -> str | None:
+    """The Triton form :meth:`TritonPrinter._print_Pow` gives ``expr``, or None where it
+    has none (``x**7``, ``x**q_pos``, ``(-2)**x``).
+
+    >>> power_form(sp.Symbol("x") ** 3), power_form(sp.Symbol("x") ** 7)
+    ('repeat', None)
+    """
+    base, exponent = _base_exp(expr)
+    if exponent in (0, 1):
+        return "one" if exponent == 0 else "base"
+    if abs(exponent) == sp.Rational(1, 2):
+        return "sqrt" if exponent > 0 else "rsqrt"
+    if exponent.is_Integer and abs(int(exponent)) in _SMALL_POWERS:
+        return "repeat" if exponent > 0 else "reciprocal"
+    if exponent == -1:
+        return "reciprocal"
+    if base.is_number and base.is_positive:
+        return "exp2_base"
+    if exponent.is_number and not exponent.is_integer:
+        return "exp2_log2"
+    return None
+
+
+def _base_exp(expr: sp.Pow) -> tuple[sp.Basic, sp.Basic]:
+    """Base and exponent, a float exponent that is a multiple of 1/2 made exact (x**2.0
+    prints as x * x, x**0.5 as a square root)."""
+    base, exponent = expr.as_base_exp()
+    if exponent.is_Float and float(exponent) * 2 == int(float(exponent) * 2):
+        exponent = sp.Rational(int(float(exponent) * 2), 2)
+    return base, exponent
+
+
+@lru_cache(maxsize=1024)
+def constant_problem(value: sp.Basic) -> str | None:
+    """What keeps the constant ``value`` from being a float32 literal ("is not a real
+    number", "is beyond float32's range"), or None.
+
+    >>> constant_problem(sp.log(-1)), constant_problem(sp.Float(1e39)), constant_problem(sp.sqrt(2))
+    ('is not a real number', "is beyond float32's range", None)
+    """
+    number = value if value.is_Atom else sp.N(value, 17)
+    if number.has(sp.nan, sp.zoo):
+        return "is undefined"
+    if number.is_extended_real is not True:
+        return "is not a real number"
+    if number.is_finite is not True or abs(number) > FLOAT32_MAX:
+        return "is beyond float32's range"
+    return None
+
+
+def folded_constants(expr: sp.Basic) -> Iterator[sp.Basic]:
+    """The largest constant sub-expressions of ``expr``: those the printer folds into one
+    literal each (``exp(-1000)``, ``sqrt(2)``, ``3``)."""
+    if expr.is_number:
+        yield expr
+        return
+    for arg in expr.args:
+        yield from folded_constants(arg)
+
+
+def prints_integer(expr: sp.Basic) -> bool:
+    """Whether the printer writes ``expr`` as a Triton integer (what a pointer offset
+    needs): integer constants, integer symbols, elements of an integer tensor
+    (``IndexedBase(name, integer=True)``), and ``+``, ``*``, floor division, ``%``, min,
+    max, abs, ``where`` and small positive powers of those. A true division, a float
+    constant or a float function is not.
+
+    >>> q = sp.Symbol("q", integer=True)
+    >>> prints_integer(sp.floor((q + 1) / 2)), prints_integer(q / 2), prints_integer(2**q)
+    (True, False, False)
+    """
+    if expr.is_number:
+        return bool(expr.is_Integer if expr.is_Atom else expr.is_integer)
+    if isinstance(expr, sp.Symbol | sp.Indexed):
+        return bool(expr.is_integer)
+    if isinstance(expr, sp.Mul):
+        if expr.as_coeff_Mul()[0].is_negative:
+            return prints_integer(-expr)
+        numerator, denominator = _split_fraction(expr)
+        return not denominator and all(prints_integer(f) for f in numerator)
+    if isinstance(expr, sp.Pow):
+        return power_form(expr) in ("base", "repeat") and prints_integer(_base_exp(expr)[0])
+    if isinstance(expr, sp.floor):  # _floordiv(n, d) only when sympy knows both integer
+        parts = _floor_fraction(expr)
+        return all(p.is_integer and prints_integer(p) for p in parts)
+    if isinstance(expr, sp.Piecewise):
+        return all(prints_integer(value) for value, _ in expr.args)
+    if isinstance(expr, sp.Add | sp.Min | sp.Max | sp.Abs | sp.Mod):
+        return all(prints_integer(a) for a in expr.args)
+    return False
+
+
+def _floor_fraction(expr: sp.floor) -> tuple[sp.Basic, sp.Basic]:
+    """Numerator and denominator of a floor's argument, over one fraction bar: ``(q + 1)
+    // 2`` is floor(q/2 + 1/2) to sympy, and prints as ``_floordiv(q + 1, 2)``."""
+    numerator, denominator = sp.fraction(sp.together(expr.args[0]))
+    return numerator, denominator
 
 
 def print_triton(
@@ -181,30 +291,30 @@ class TritonPrinter:
         return text, PREC_MUL
 
     def _print_Pow(self, expr: sp.Pow) -> tuple[str, int]:
-        base, exponent = expr.as_base_exp()
-        if exponent.is_Float and float(exponent) * 2 == int(float(exponent) * 2):
-            exponent = sp.Rational(int(float(exponent) * 2), 2)
-        if exponent == 1:  # abs(score * score) ** 0.5 becomes Abs(qk) ** 1.0
-            return self._print(base)
-        if exponent == sp.Rational(1, 2):
-            return self.call("tl.sqrt", base)
-        if exponent == -sp.Rational(1, 2):
-            return f"1.0 / {self.call('tl.sqrt', base)[0]}", PREC_MUL
-        if exponent.is_Integer and int(exponent) in _SMALL_POWERS:
-            return " * ".join([self.paren(base, PREC_MUL)] * int(exponent)), PREC_MUL
-        if exponent.is_Integer and -int(exponent) in (1, *_SMALL_POWERS):
-            return f"1.0 / {self.paren(sp.Pow(base, -exponent), PREC_MUL)}", PREC_MUL
-        if base.is_number and base.is_positive:  # c**x = 2**(x * log2(c)), for a constant c > 0
-            log2_base = float(sp.log(base, 2))
-            if log2_base == 1.0:
-                return f"tl.exp2({self.as_float(exponent)})", PREC_ATOM
-            return f"tl.exp2({self.paren(exponent, PREC_MUL - 1)} * {_float_literal(log2_base)[0]})", PREC_ATOM
-        if exponent.is_number and not exponent.is_integer:
-            # x**p = 2**(p * log2(x)): 0 for x = 0 < p, inf for p < 0, nan for x < 0, as in
-            # the float64 reference
-            return f"tl.exp2({_float_literal(float(exponent))[0]} * {self.call('tl.log2', base)[0]})", PREC_ATOM
-        raise PrintError(f"the power {expr} has no Triton form; allowed: x**n for a whole n from -4 "
-                         "to 4, x**p for a constant p that is not whole, c**x for a constant c > 0")
+        base, exponent = _base_exp(expr)
+        match power_form(expr):
+            case "one":
+                return "1.0", PREC_ATOM
+            case "base":  # abs(score * score) ** 0.5 becomes Abs(qk) ** 1.0
+                return self._print(base)
+            case "sqrt":
+                return self.call("tl.sqrt", base)
+            case "rsqrt":
+                return f"1.0 / {self.call('tl.sqrt', base)[0]}", PREC_MUL
+            case "repeat":
+                return " * ".join([self.paren(base, PREC_MUL)] * int(exponent)), PREC_MUL
+            case "reciprocal":
+                return f"1.0 / {self.paren(sp.Pow(base, -exponent), PREC_MUL)}", PREC_MUL
+            case "exp2_base":  # c**x = 2**(x * log2(c)), for a constant c > 0
+                log2_base = float(sp.log(base, 2))
+                if log2_base == 1.0:
+                    return f"tl.exp2({self.as_float(exponent)})", PREC_ATOM
+                return f"tl.exp2({self.paren(exponent, PREC_MUL - 1)} * {_float_literal(log2_base)[0]})", PREC_ATOM
+            case "exp2_log2":
+                # x**p = 2**(p * log2(x)): 0 for x = 0 < p, inf for p < 0, nan for x < 0, as in
+                # the float64 reference
+                return f"tl.exp2({_float_literal(float(exponent))[0]} * {self.call('tl.log2', base)[0]})", PREC_ATOM
+        raise PrintError(f"the power {expr} has no Triton form; allowed: {POWER_RULE}")
 
     def _print_Min(self, expr: sp.Min) -> tuple[str, int]:
         return self._nested("tl.minimum", list(expr.args))
@@ -226,7 +336,7 @@ class TritonPrinter:
         return self.call(function, *expr.args)
 
     def _print_floor(self, expr: sp.floor) -> tuple[str, int]:
-        numerator, denominator = sp.fraction(expr.args[0])
+        numerator, denominator = _floor_fraction(expr)
         if not (numerator.is_integer and denominator.is_integer):
             return self.call("tl.floor", expr.args[0])
         return self.call("_floordiv", numerator, denominator)

@@ -28,6 +28,8 @@ from attngen.spec import Spec
 from attngen.symbols import batch, kv_pos, q_pos
 
 RESERVED_NAMES = frozenset(symbols.SCORE_SYMBOLS) | frozenset(expr.FUNCTIONS)
+#: Tensor dtypes whose elements are integers: only these may appear in an index.
+INTEGER_DTYPES = frozenset({"int32", "int64"})
 
 
 def tensor(name: str) -> sp.IndexedBase:
@@ -39,8 +41,14 @@ def _tensor_ndims(spec: Spec) -> dict[str, int]:
     return {name: len(decl.dims) for name, decl in spec.tensors.items()}
 
 
-def rule_to_sympy(rule: MaskRule, tensor_ndims: dict[str, int]) -> sp.Basic:
-    """The visibility predicate of one mask rule."""
+def _integer_tensors(spec: Spec) -> frozenset[str]:
+    return frozenset(name for name, decl in spec.tensors.items() if decl.dtype in INTEGER_DTYPES)
+
+
+def rule_to_sympy(
+    rule: MaskRule, tensor_ndims: dict[str, int], integer_tensors: frozenset[str] = frozenset()
+) -> sp.Basic:
+    """The visibility predicate of one mask rule; ``integer_tensors`` may be indexed with."""
     match rule:
         case Full():
             return sp.true
@@ -61,13 +69,14 @@ def rule_to_sympy(rule: MaskRule, tensor_ndims: dict[str, int]) -> sp.Basic:
         case Document(name):
             return sp.Eq(tensor(name)[q_pos], tensor(name)[kv_pos])
         case ExprRule(text):
-            return expr.parse(text, names=symbols.MASK_SYMBOLS, tensors=tensor_ndims, want="bool")
+            return expr.parse(text, names=symbols.MASK_SYMBOLS, tensors=tensor_ndims, want="bool",
+                              integer_tensors=integer_tensors)
         case AllOf(rules):
-            return sp.And(*(rule_to_sympy(r, tensor_ndims) for r in rules))
+            return sp.And(*(rule_to_sympy(r, tensor_ndims, integer_tensors) for r in rules))
         case AnyOf(rules):
-            return sp.Or(*(rule_to_sympy(r, tensor_ndims) for r in rules))
+            return sp.Or(*(rule_to_sympy(r, tensor_ndims, integer_tensors) for r in rules))
         case NotRule(inner):
-            return sp.Not(rule_to_sympy(inner, tensor_ndims))
+            return sp.Not(rule_to_sympy(inner, tensor_ndims, integer_tensors))
     raise TypeError(rule)
 
 
@@ -75,7 +84,7 @@ def rule_to_sympy(rule: MaskRule, tensor_ndims: dict[str, int]) -> sp.Basic:
 def visibility(spec: Spec) -> sp.Basic:
     """The spec's visibility predicate over q_pos, kv_pos, head, batch, q_len, kv_len
     and tensors (not including the sequence bounds, which every kernel adds)."""
-    return rule_to_sympy(spec.mask, _tensor_ndims(spec))
+    return rule_to_sympy(spec.mask, _tensor_ndims(spec), _integer_tensors(spec))
 
 
 @lru_cache(maxsize=256)
@@ -84,4 +93,5 @@ def score(spec: Spec) -> sp.Basic:
     symbols; ``score`` itself when the spec has no score_mod."""
     if spec.score_mod is None:
         return symbols.score
-    return expr.parse(spec.score_mod, names=symbols.SCORE_SYMBOLS, tensors=_tensor_ndims(spec), want="number")
+    return expr.parse(spec.score_mod, names=symbols.SCORE_SYMBOLS, tensors=_tensor_ndims(spec),
+                      want="number", integer_tensors=_integer_tensors(spec))

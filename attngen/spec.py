@@ -14,26 +14,30 @@ Every problem is a :class:`~attngen.errors.SpecError` naming the file, the field
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     Strict,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import core_schema
 
-from attngen.errors import ExprError, SpecError, did_you_mean
+from attngen.errors import NOT_GIVEN, ExprError, SpecError, did_you_mean
 from attngen.masks import (
     AllOf,
     AnyOf,
@@ -48,7 +52,13 @@ from attngen.masks import (
 )
 
 SPEC_VERSION = 1
+#: What a spec's ``name`` may be: a lower-case identifier, at most 64 characters (anchored,
+#: so that JSON Schema, which searches, and ``re.fullmatch`` read it alike).
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 HEAD_DIMS = (16, 32, 64, 96, 128, 192, 256)
+#: The tile sizes ``tune.block_m`` / ``tune.block_n`` may list: powers of two.
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+NUM_WARPS = (1, 2, 4, 8, 16)
 DTYPES = ("fp16", "bf16", "fp32")
 #: Bytes of an element of each spec dtype.
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -69,6 +79,42 @@ def torch_dtype(name: str) -> Any:
 Int = Annotated[int, Strict()]
 
 
+class _RuleError(ValueError):
+    """A validator's objection, carrying what the SpecError shows: the value it is about
+    (``given``), what is allowed, and the sub-field it concerns (``kv`` of ``heads``)."""
+
+    def __init__(self, problem: str, *, given: object = NOT_GIVEN, allowed: str | None = None,
+                 field: str | None = None) -> None:
+        super().__init__(problem)
+        self.problem, self.given, self.allowed, self.field = problem, given, allowed, field
+
+
+@dataclasses.dataclass(frozen=True)
+class _OneOf:
+    """Annotated metadata for an int that must be one of ``choices``: checked after the
+    int itself (our message, not pydantic's) and stated as the JSON Schema's ``enum``, so
+    that the schema and the validator agree."""
+
+    choices: tuple[int, ...]
+    problem: str
+
+    def _check(self, value: int) -> int:
+        if value not in self.choices:
+            raise _RuleError(self.problem, given=value, allowed=f"one of {list(self.choices)}")
+        return value
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: GetJsonSchemaHandler) -> Any:
+        return {**handler(schema), "enum": list(self.choices)}
+
+
+HeadDimSize = Annotated[Int, _OneOf(HEAD_DIMS, "is not a supported head dim")]
+BlockSize = Annotated[Int, _OneOf(BLOCK_SIZES, "is not a power of two from 16 to 256")]
+NumWarps = Annotated[Int, _OneOf(NUM_WARPS, "is not a supported number of warps")]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
 
@@ -83,7 +129,8 @@ class Heads(_Model):
     def _kv_divides_q(self) -> Heads:
         if self.q % self.kv:
             divisors = [d for d in range(1, self.q + 1) if self.q % d == 0]
-            raise ValueError(f"kv={self.kv} must divide q={self.q}; divisors of q: {divisors}")
+            raise _RuleError(f"must divide heads.q = {self.q}", given=self.kv,
+                             allowed=f"a divisor of {self.q}: {divisors}", field="kv")
         return self
 
     @property
@@ -95,15 +142,8 @@ class Heads(_Model):
 class HeadDim(_Model):
     """Head dimension of Q·K (``qk``) and of V/O (``v``)."""
 
-    qk: Int
-    v: Int
-
-    @field_validator("qk", "v")
-    @classmethod
-    def _supported(cls, value: int) -> int:
-        if value not in HEAD_DIMS:
-            raise ValueError(f"{value} is not a supported head dim; allowed: {list(HEAD_DIMS)}")
-        return value
+    qk: HeadDimSize
+    v: HeadDimSize
 
 
 class Topology(_Model):
@@ -128,13 +168,18 @@ class Topology(_Model):
         if self.queries is None:
             object.__setattr__(self, "queries", allowed[0])
         elif self.queries not in allowed:
-            raise ValueError(f"queries={self.queries!r} does not fit kind={self.kind!r}; allowed: {list(allowed)}")
-        if self.kv_layout == "paged" and self.page_size is None:
-            raise ValueError("kv_layout 'paged' needs page_size")
-        if self.kv_layout == "contiguous" and self.page_size is not None:
-            raise ValueError("page_size is only meaningful with kv_layout 'paged'")
+            raise _RuleError(f"does not fit kind {self.kind!r}", given=self.queries,
+                             allowed=" or ".join(map(repr, allowed)), field="queries")
         if self.kind == "sequence" and self.kv_layout == "paged":
-            raise ValueError("paged KV is supported for tree and shared_prefix topologies")
+            raise _RuleError("paged KV is supported for tree and shared_prefix topologies",
+                             given=self.kv_layout, allowed="'contiguous' with kind 'sequence'",
+                             field="kv_layout")
+        if self.kv_layout == "paged" and self.page_size is None:
+            raise _RuleError("is required with kv_layout 'paged'", field="page_size",
+                             allowed=_ALLOWED["topology.page_size"])
+        if self.kv_layout == "contiguous" and self.page_size is not None:
+            raise _RuleError("is only meaningful with kv_layout 'paged'", given=self.page_size,
+                             allowed="leave page_size out, or set kv_layout: paged", field="page_size")
         return self
 
 
@@ -143,16 +188,19 @@ class TensorDecl(_Model):
     (size heads.q), ``batch`` (one per sequence/tree), ``token`` (packed like the KV,
     indexed by a position within its sequence) or a fixed positive size."""
 
-    dims: tuple[Literal["head", "batch", "token"] | Annotated[Int, Field(ge=1)], ...]
+    dims: Annotated[tuple[Literal["head", "batch", "token"] | Annotated[Int, Field(ge=1)], ...],
+                    Field(json_schema_extra={"minItems": 1})]
     dtype: Literal["fp32", "fp16", "bf16", "int32", "int64"] = "fp32"
 
     @field_validator("dims")
     @classmethod
     def _not_empty(cls, dims: tuple[Any, ...]) -> tuple[Any, ...]:
         if not dims:
-            raise ValueError("a tensor needs at least one dim")
+            raise _RuleError("a tensor needs at least one dim", given=[],
+                             allowed=_ALLOWED["tensors.*.dims"])
         if "token" in dims and len(dims) > 1:
-            raise ValueError("a per-token tensor has exactly one dim, ['token'] (packed like the KV)")
+            raise _RuleError("a per-token tensor has exactly one dim (packed like the KV)",
+                             given=list(dims), allowed="['token']")
         return dims
 
     @property
@@ -162,6 +210,10 @@ class TensorDecl(_Model):
 
 #: The tile sizes a spec that leaves ``tune.block_m`` / ``tune.block_n`` unset gets.
 DEFAULT_BLOCKS = (128, 64)
+
+_T = TypeVar("_T")
+#: Autotuner candidates: a list, never empty (the JSON Schema says so too).
+Candidates = Annotated[tuple[_T, ...], Field(json_schema_extra={"minItems": 1})]
 
 
 class Tune(_Model):
@@ -173,21 +225,17 @@ class Tune(_Model):
     tile (``attngen.tree_ir.TREE_NARROW_TILE``). Only prefill tiles its queries:
     ``block_m`` on a decode or tree spec is an error (see :func:`_check_tune`)."""
 
-    block_m: tuple[Annotated[Int, Field(ge=16, le=256)], ...] | None = None
-    block_n: tuple[Annotated[Int, Field(ge=16, le=256)], ...] | None = None
-    num_warps: tuple[Literal[1, 2, 4, 8, 16], ...] = (8, 4)
-    num_stages: tuple[Annotated[Int, Field(ge=1, le=6)], ...] = (3, 4, 2)
+    block_m: Candidates[BlockSize] | None = None
+    block_n: Candidates[BlockSize] | None = None
+    num_warps: Candidates[NumWarps] = (8, 4)
+    num_stages: Candidates[Annotated[Int, Field(ge=1, le=6)]] = (3, 4, 2)
 
-    @field_validator("block_m", "block_n")
+    @field_validator("block_m", "block_n", "num_warps", "num_stages")
     @classmethod
-    def _powers_of_two(cls, values: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        if values is None:
-            return None
-        if not values:
-            raise ValueError("needs at least one candidate")
-        for v in values:
-            if v & (v - 1):
-                raise ValueError(f"{v} is not a power of two")
+    def _not_empty(cls, values: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        # an empty list would leave the autotuner nothing to try
+        if values is not None and not values:
+            raise _RuleError("needs at least one candidate", given=[])
         return values
 
 
@@ -197,7 +245,7 @@ class Tune(_Model):
 class Spec(_Model):
     """A validated attention variant. Build one with :func:`load_spec` or :func:`parse_spec`."""
 
-    name: str
+    name: Annotated[str, Field(json_schema_extra={"pattern": NAME_PATTERN})]
     description: str = ""
     heads: Heads
     head_dim: HeadDim
@@ -212,16 +260,17 @@ class Spec(_Model):
     @field_validator("name")
     @classmethod
     def _identifier(cls, value: str) -> str:
-        if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", value):
-            raise ValueError("must be a lower-case identifier (a-z, 0-9, _; starts with a letter)")
+        if not re.fullmatch(NAME_PATTERN, value):
+            raise _RuleError("is not a usable spec name", given=value, allowed=_ALLOWED["name"])
         return value
 
-    @field_validator("head_dim", mode="before")
+    @field_validator("head_dim", mode="before", json_schema_input_type=HeadDimSize | HeadDim)
     @classmethod
     def _head_dim_short(cls, value: Any) -> Any:
         return {"qk": value, "v": value} if isinstance(value, int) and not isinstance(value, bool) else value
 
-    @field_validator("topology", mode="before")
+    @field_validator("topology", mode="before",
+                     json_schema_input_type=Literal["sequence", "tree", "shared_prefix"] | Topology)
     @classmethod
     def _topology_short(cls, value: Any) -> Any:
         return {"kind": value} if isinstance(value, str) else value
@@ -262,56 +311,154 @@ def _sorted(value: Any) -> Any:
     return value
 
 
-def _pydantic_path(loc: tuple[Any, ...]) -> str:
+def _pydantic_path(loc: tuple[Any, ...], *, key: bool = False) -> str:
+    """The field path of pydantic's ``loc`` (``tensors.bias.dims[1]``; a union's branch
+    tags dropped), or with ``key`` its :data:`_ALLOWED` key (``tensors.*.dims[]``)."""
     out = ""
     for part in loc:
         if isinstance(part, int):
-            out += f"[{part}]"
+            out += "[]" if key else f"[{part}]"
         elif not str(part).startswith(("function-", "literal[", "constrained-")):
-            out += f".{part}" if out else str(part)
+            name = "*" if key and out == "tensors" else str(part)
+            out += f".{name}" if out else name
     return out
 
+
+def _listed(values: tuple[Any, ...]) -> str:
+    """``'fp16', 'bf16' or 'fp32'``: choices as pydantic's own messages list them."""
+    shown = [repr(v) for v in values]
+    return f"{', '.join(shown[:-1])} or {shown[-1]}"
+
+
+#: What each field allows, keyed by its path with ``[]`` for a list index and ``*`` for a
+#: tensor's name: the "allowed" of an error about the field's type, range or absence.
+_ALLOWED: dict[str, str] = {
+    "name": "a lower-case identifier: a-z, 0-9 and _, starting with a letter, at most 64 characters",
+    "description": "a string",
+    "heads": "a mapping {q: N, kv: M}",
+    "heads.q": "an integer from 1 to 1024",
+    "heads.kv": "an integer from 1 to 1024 that divides heads.q",
+    "head_dim": f"an integer (one of {list(HEAD_DIMS)}) or {{qk: N, v: M}}",
+    "head_dim.qk": f"one of {list(HEAD_DIMS)}",
+    "head_dim.v": f"one of {list(HEAD_DIMS)}",
+    "dtype": _listed(DTYPES),
+    "topology": "'sequence', 'tree', 'shared_prefix', or a mapping {kind, queries, kv_layout, page_size}",
+    "topology.kind": "'sequence', 'tree' or 'shared_prefix'",
+    "topology.queries": "'prefill' or 'decode' (kind sequence); 'node' or 'token' (kind tree or shared_prefix)",
+    "topology.kv_layout": "'contiguous', or 'paged' (kind tree or shared_prefix)",
+    "topology.page_size": "an integer from 1 to 4096",
+    "tensors": "a mapping from tensor names to {dims: [...], dtype: ...}",
+    "tensors.*": "a mapping {dims: [...], dtype: ...}",
+    "tensors.*.dims": "a non-empty list of dims, e.g. [head] or [token]",
+    "tensors.*.dims[]": "head, batch, token, or a fixed size (an int >= 1)",
+    "tensors.*.dtype": _listed(TENSOR_DTYPES),
+    "score_mod": "an expression string, e.g. '30 * tanh(score / 30)'",
+    "scale": "a number > 0",
+    "tune": "a mapping {block_m, block_n, num_warps, num_stages}",
+    "tune.block_m": "a list of candidates, e.g. [64, 128]",
+    "tune.block_m[]": f"one of {list(BLOCK_SIZES)}",
+    "tune.block_n": "a list of candidates, e.g. [64, 128]",
+    "tune.block_n[]": f"one of {list(BLOCK_SIZES)}",
+    "tune.num_warps": "a list of candidates, e.g. [4, 8]",
+    "tune.num_warps[]": f"one of {list(NUM_WARPS)}",
+    "tune.num_stages": "a list of candidates, e.g. [2, 3]",
+    "tune.num_stages[]": "an integer from 1 to 6",
+}
 
 _FIELD_NAMES: dict[str, tuple[str, ...]] = {
     "": tuple(Spec.model_fields),
     "heads": tuple(Heads.model_fields),
     "head_dim": tuple(HeadDim.model_fields),
     "topology": tuple(Topology.model_fields),
+    "tensors.*": tuple(TensorDecl.model_fields),
     "tune": tuple(Tune.model_fields),
+}
+
+#: Our words for pydantic's error types (the rest: "has the wrong type", or pydantic's).
+_PROBLEMS = {
+    "missing": "is required",
+    "literal_error": "is not one of the allowed values",
+    "greater_than": "is out of range",
+    "greater_than_equal": "is out of range",
+    "less_than": "is out of range",
+    "less_than_equal": "is out of range",
 }
 
 
 def _translate(err: ValidationError) -> SpecError:
-    """The first pydantic error as one SpecError paragraph."""
-    first = err.errors()[0]
+    """The pydantic error most worth fixing first, as one SpecError paragraph."""
+    errors = err.errors()
+    misspelt = _misspelt_required(errors)
+    if misspelt:
+        return _unknown_field(*misspelt)
+    first = errors[0]
     loc = tuple(first["loc"])
-    path = _pydantic_path(loc) or "spec"
-    given = first.get("input")
     if first["type"] == "extra_forbidden":
-        parent = _pydantic_path(loc[:-1])
-        names = _FIELD_NAMES.get(parent, ())
-        if parent.startswith("tensors."):
-            names = tuple(TensorDecl.model_fields)
-        return SpecError(path, "unknown field", allowed=", ".join(names) or None,
-                         suggestion=did_you_mean(str(loc[-1]), names))
-    if first["type"] == "missing":
-        return SpecError(path, "is required")
-    axis = loc.index("dims") + 1 if "dims" in loc else len(loc)
-    if axis < len(loc) and isinstance(loc[axis], int):
-        # one axis of a user tensor: pydantic would name only the union's first branch
-        return SpecError(path, "is not a tensor dim", given=given,
-                         allowed="head, batch, token, or a fixed size (an int >= 1)")
-    msg = first["msg"].removeprefix("Value error, ")
+        return _unknown_field(loc)
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, _RuleError):
+        return _rule_error(loc, cause)
+    return _field_error(loc, first)
+
+
+def _misspelt_required(errors: list[Any]) -> tuple[tuple[Any, ...], str] | None:
+    """An unknown key that looks like a missing required field beside it (``headdim``
+    for head_dim), with its hint. Pydantic lists the missing field first, but the
+    unknown key is what the user has to fix."""
+    missing = [tuple(e["loc"]) for e in errors if e["type"] == "missing"]
+    for error in errors:
+        loc = tuple(error["loc"])
+        if error["type"] == "extra_forbidden":
+            wanted = [str(m[-1]) for m in missing if m[:-1] == loc[:-1]]
+            hint = did_you_mean(str(loc[-1]), wanted)
+            if hint:
+                return loc, hint
+    return None
+
+
+def _unknown_field(loc: tuple[Any, ...], hint: str | None = None) -> SpecError:
+    names = _FIELD_NAMES.get(_pydantic_path(loc[:-1], key=True), ())
+    return SpecError(_pydantic_path(loc), "unknown field", allowed=", ".join(names) or None,
+                     suggestion=hint or did_you_mean(str(loc[-1]), names))
+
+
+def _rule_error(loc: tuple[Any, ...], cause: _RuleError) -> SpecError:
+    """One of our validators' objections, at the sub-field it names."""
+    full = loc + ((cause.field,) if cause.field else ())
+    allowed = cause.allowed or _ALLOWED.get(_pydantic_path(full, key=True))
+    return SpecError(_pydantic_path(full), cause.problem, given=cause.given, allowed=allowed)
+
+
+def _field_error(loc: tuple[Any, ...], error: Any) -> SpecError:
+    """A type, range or missing-field error, in our words: what was given, what is allowed."""
+    path, key = _pydantic_path(loc) or "spec", _pydantic_path(loc, key=True)
+    given = NOT_GIVEN if error["type"] == "missing" else error.get("input")
     if isinstance(given, dict | list) and len(str(given)) > 80:
-        given = None
-    return SpecError(path, msg, given=given)
+        given = NOT_GIVEN
+    allowed = _ALLOWED.get(key)
+    if allowed is None:  # a field the table does not describe: pydantic's words, as they are
+        return SpecError(path, error["msg"].removeprefix("Value error, "), given=given)
+    if key == "tensors.*.dims[]":
+        # one axis of a user tensor: pydantic would name only the union's first branch
+        return SpecError(path, "is not a tensor dim", given=given, allowed=allowed)
+    problem = _PROBLEMS.get(error["type"])
+    if problem is None:
+        problem = "has the wrong type" if error["type"].endswith(("_type", "_parsing")) else error["msg"]
+    hint = None
+    if error["type"] == "literal_error" and isinstance(given, str):
+        hint = did_you_mean(given, re.findall(r"'([^']*)'", error["ctx"]["expected"]))
+    return SpecError(path, problem, given=given, allowed=allowed, suggestion=hint)
 
 
 def parse_spec(data: Any, file: str | None = None) -> Spec:
     """Validate already-loaded YAML data into a :class:`Spec`."""
     try:
+        if data is None:
+            raise SpecError("spec", "the file holds no spec (it is empty)",
+                            allowed="a mapping with at least name, heads and head_dim")
         if not isinstance(data, dict):
-            raise SpecError("spec", "the top level must be a mapping", given=type(data).__name__)
+            raise SpecError("spec", "the top level must be a mapping", given=type(data).__name__,
+                            allowed="a mapping with at least name, heads and head_dim")
         data = dict(data)
         version = data.pop("spec_version", SPEC_VERSION)  # present in the canonical form
         if version != SPEC_VERSION:
@@ -422,9 +569,12 @@ def load_spec(path: str | Path) -> Spec:
     """Read and validate a YAML spec file (safe loader only)."""
     file = str(path)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise SpecError("", f"cannot read the spec: {err.strerror}", file=file) from None
+    except UnicodeDecodeError as err:
+        raise SpecError("", f"cannot read the spec: it is not UTF-8 text (byte {err.object[err.start]:#04x} "
+                        f"at offset {err.start})", file=file) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as err:

@@ -320,13 +320,14 @@ def test_a_spec_that_cannot_be_rendered_stops_the_build_before_any_write(
     ("score_mod", "score_mod: q_pos ** 7", "the power q_pos**7"),  # no score in it: still the score_mod's
     ("score_mod", "score_mod: score * exp(1000)", "beyond float32"),
     ("scale", "scale: 1.0e+300", "beyond float32"),
-    ("mask", "mask: {expr: 'kv_pos ** 9 < q_pos'}", "the power kv_pos**9"),
+    ("mask.expr", "mask: {expr: 'kv_pos ** 9 < q_pos'}", "the power kv_pos**9"),
 ])
 @pytest.mark.parametrize("command", ["build", "check"])
 def test_an_expression_with_no_triton_form_names_file_and_field(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, field: str, line: str, says: str) -> None:
-    """It parses, so loading accepts it; lowering refuses it, and the error still names
-    the file and the field, before anything runs or is written."""
+    """An expression with no Triton form is refused where it is read (or, for the scale,
+    when it is lowered), naming the file and the field, before anything runs or is
+    written."""
     spec = tmp_path / "odd.yaml"
     spec.write_text(f"name: odd\nheads: {{q: 4, kv: 2}}\nhead_dim: 16\n{line}\n")
     out = tmp_path / "gen"

@@ -7,15 +7,25 @@ import pytest
 import sympy as sp
 
 from attngen import expr
-from attngen.errors import ExprError
+from attngen.errors import ExprError, SpecError
+from attngen.spec import parse_spec
 from attngen.symbols import SCORE_SYMBOLS, head, kv_pos, q_pos, score
 
-TENSORS = {"slopes": 1, "bias": 2}
+TENSORS = {"slopes": 1, "bias": 2, "doc": 1}
+INTEGER_TENSORS = frozenset({"doc"})  # slopes and bias hold floats
 SLOPES, BIAS = sp.IndexedBase("slopes"), sp.IndexedBase("bias")
 
 
 def parse(text: str, want: expr.Kind = "number") -> sp.Basic:
-    return expr.parse(text, names=SCORE_SYMBOLS, tensors=TENSORS, want=want)
+    return expr.parse(
+        text, names=SCORE_SYMBOLS, tensors=TENSORS, want=want, integer_tensors=INTEGER_TENSORS
+    )
+
+
+def refusal(text: str) -> ExprError:
+    with pytest.raises(ExprError) as caught:
+        parse(text)
+    return caught.value
 
 
 @pytest.mark.parametrize(
@@ -115,7 +125,7 @@ def test_unknown_name_far_from_all_lists_what_is_allowed() -> None:
     hint = caught.value.suggestion or ""
     names, tensors, functions = hint.removeprefix("allowed: ").split("; ")
     assert names.split(" ", 1)[1].split(", ") == sorted(SCORE_SYMBOLS)
-    assert tensors == "tensors bias, slopes"
+    assert tensors == "tensors bias, doc, slopes"
     assert functions.split(" ", 1)[1].split(", ") == sorted(expr.FUNCTIONS)
     with pytest.raises(ExprError) as caught:  # no tensors: none listed
         expr.parse("softcap(score, 30)", names=SCORE_SYMBOLS, tensors={}, want="number")
@@ -139,3 +149,194 @@ def test_functions_table() -> None:
         "where",
         "clamp",
     }
+
+
+# -- tensor indices: only what prints as a Triton integer (a float pointer offset fails
+#    inside Triton, far from the spec) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "given", "why"),
+    [
+        ("score + slopes[head / 2]", 15, "'head / 2'", "write // for floor division"),
+        ("score + slopes[0.5]", 15, "'0.5'", "0.5 is a float constant"),
+        ("score + slopes[2.0]", 15, "'2.0'", "2.0 is a float constant"),
+        ("score + slopes[score]", 15, "'score'", "'score' is a real number"),
+        ("score + doc[kv_pos * 0.5]", 12, "'kv_pos * 0.5'", "0.5 is a float constant"),
+        ("score + doc[slopes[head]]", 12, "'slopes[head]'", "'slopes' holds real numbers"),
+        ("score + slopes[2 ** head]", 15, "'2 ** head'", "constant exponent 2, 3 or 4"),
+        ("score + slopes[sqrt(head)]", 15, "'sqrt(head)'", "sqrt() gives a real number"),
+        ("score + bias[head, (q_pos - kv_pos) / 4]", 19, "'(q_pos - kv_pos) / 4'", "write //"),
+        ("score + slopes[where(q_pos > 1, head, 1.5)]", 15, "'where(q_pos > 1, head, 1.5)'", "1.5"),
+    ],
+)
+def test_a_tensor_index_must_be_an_integer_expression(
+    text: str, column: int, given: str, why: str
+) -> None:
+    err = refusal(text)
+    assert err.column == column
+    name = text.split("[")[0].split()[-1]
+    assert err.problem == f"an index of {name!r} must be an integer expression, got {given}"
+    hint = err.suggestion or ""
+    assert why in hint
+    assert "allowed: q_pos, kv_pos, head, batch, q_len, kv_len, whole constants" in hint
+    assert "int32/int64 tensors (doc)" in hint and "// (floor division), %" in hint
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        "head",
+        "(head + 1) // 2",
+        "q_pos % 4 - min(kv_pos, 3)",
+        "doc[kv_pos]",
+        "doc[kv_pos] // 2 * 2",
+        "head ** 2",
+        "abs(q_pos - kv_pos)",
+        "clamp(q_pos - kv_pos, 0, 7)",
+        "where(q_pos > kv_pos, head, 0)",
+        "-3",
+        "4 / 2",  # sympy folds it to the integer 2
+    ],
+)
+def test_integer_indices_are_accepted(index: str) -> None:
+    assert parse(f"slopes[{index}]").has(SLOPES)
+
+
+# -- constants and powers: refused where the user wrote them, in the user's terms -------
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "problem"),
+    [
+        ("score + log(-1)", 8, "the constant 'log(-1)' is not a real number"),
+        ("score + sqrt(-1)", 8, "the constant 'sqrt(-1)' is not a real number"),
+        ("score + (-2) ** 0.5", 8, "the constant '(-2) ** 0.5' is not a real number"),
+        ("score + 1e400", 8, "the constant '1e400' is beyond float32's range"),
+        ("score - 1e39", 8, "the constant '1e39' is beyond float32's range"),
+        ("score + exp(1000)", 8, "the constant 'exp(1000)' is beyond float32's range"),
+        ("score + 2 ** 200", 8, "the constant '2 ** 200' is beyond float32's range"),
+        # sympy folds the two literals into one constant, which the printer would write
+        (
+            "score * 1e30 * 1e30",
+            0,
+            "'score * 1e30 * 1e30' makes the constant 1e+60, which is beyond float32's range",
+        ),
+    ],
+)
+def test_a_constant_must_be_a_finite_float32(text: str, column: int, problem: str) -> None:
+    err = refusal(text)
+    assert (err.column, err.problem) == (column, problem)
+    assert (err.suggestion or "").startswith(
+        "constants must be finite real numbers no larger in magnitude than 3.4e+38"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "problem"),
+    [
+        ("score ** -5", 0, "the power score**(-5) has no Triton form (written 'score ** -5')"),
+        (
+            "score ** q_pos",
+            0,
+            "the power score**q_pos has no Triton form (written 'score ** q_pos')",
+        ),
+        (
+            "1 + (score + 1) ** 7.0",
+            4,
+            "the power (score + 1)**7.0 has no Triton form (written '(score + 1) ** 7.0')",
+        ),
+        (
+            "score * (-2) ** q_pos",
+            8,
+            "the power (-2)**q_pos has no Triton form (written '(-2) ** q_pos')",
+        ),
+        # sympy merges the factors into one power: named, with what the user wrote
+        (
+            "1 + score * score * score * score * score",
+            4,
+            "the power score**5 has no Triton form (written 'score * score * score * score * score')",
+        ),
+        ("slopes[head ** 5]", 7, "the power head**5 has no Triton form (written 'head ** 5')"),
+    ],
+)
+def test_a_power_must_have_a_triton_form(text: str, column: int, problem: str) -> None:
+    err = refusal(text)
+    assert (err.column, err.problem) == (column, problem)
+    assert err.suggestion == (
+        "allowed: x ** n for a constant whole n from -4 to 4, x ** p for a constant p that is "
+        "not whole (x ** 0.5), or c ** x for a constant c > 0 (2 ** q_pos)"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "score ** -4",
+        "score ** 0.5",
+        "score ** 2.0",
+        "abs(score) ** 1.5",
+        "0.9 ** q_pos",
+        "2 ** (kv_pos - q_pos)",
+        "score ** 0.0",
+        "3.4e38 - 1e-45",
+    ],
+)
+def test_powers_and_constants_with_a_triton_form_are_accepted(text: str) -> None:
+    parse(text)
+
+
+@pytest.mark.parametrize(
+    ("score_mod", "message"),
+    [
+        (
+            "score + slopes[head / 2]",
+            "score_mod: an index of 'slopes' must be an integer "
+            "expression, got 'head / 2' at column 16 (given: 'score + slopes[head / 2]')",
+        ),
+        (
+            "score ** -5",
+            "score_mod: the power score**(-5) has no Triton form (written "
+            "'score ** -5') at column 1 (given: 'score ** -5')",
+        ),
+        (
+            "score + log(-1)",
+            "score_mod: the constant 'log(-1)' is not a real number at column 9 "
+            "(given: 'score + log(-1)')",
+        ),
+        (
+            "score + 1e400",
+            "score_mod: the constant '1e400' is beyond float32's range at column 9 "
+            "(given: 'score + 1e400')",
+        ),
+    ],
+)
+def test_a_spec_names_file_field_column_and_the_users_text(score_mod: str, message: str) -> None:
+    """The audit's cases, as ``attngen show`` reports them: the tensors are declared with
+    their dtypes, and nothing internal (``qk``, the log2(e) factor) leaks."""
+    data = {
+        "name": "t",
+        "heads": {"q": 4, "kv": 2},
+        "head_dim": 16,
+        "score_mod": score_mod,
+        "tensors": {
+            "slopes": {"dims": ["head"], "dtype": "fp32"},
+            "doc": {"dims": ["token"], "dtype": "int32"},
+        },
+    }
+    with pytest.raises(SpecError) as caught:
+        parse_spec(data, file="t.yaml")
+    assert str(caught.value).startswith(f"t.yaml: {message}")
+    assert "qk" not in str(caught.value) and "1.44" not in str(caught.value)
+
+
+def test_a_mask_may_index_with_an_integer_tensor_only() -> None:
+    tensors = {"slopes": {"dims": ["head"]}, "doc": {"dims": ["token"], "dtype": "int64"}}
+    base = {"name": "t", "heads": {"q": 4, "kv": 2}, "head_dim": 16, "tensors": tensors}
+    parse_spec({**base, "mask": {"expr": "doc[doc[kv_pos] % 4] <= q_pos"}})
+    with pytest.raises(SpecError) as caught:
+        parse_spec({**base, "mask": ["causal", {"expr": "doc[slopes[head]] <= q_pos"}]})
+    assert caught.value.field == "mask[1].expr"
+    assert "an index of 'doc' must be an integer expression, got 'slopes[head]' at column 5" in str(
+        caught.value
+    )

@@ -3,6 +3,10 @@ either builds a kernel that ``attngen check`` passes, or is refused as a SpecErr
 names its field (never a kernel that fails to compile or to run, and never a reference
 that cannot evaluate what sympy made of it).
 
+A tensor index the grammar accepts must print as a Triton integer (a float pointer offset
+fails inside Triton): every integer expression, as the index of a float and of an integer
+tensor, builds a kernel that checks.
+
 Found, before this test existed: ``tl.sqrt`` of integer positions, ``tl.exp`` of a Python
 int, the boolean if-then-else sympy makes of a ``where`` over comparisons, which the
 reference could not evaluate, and ``abs(score * score) ** 0.5`` becoming
@@ -25,15 +29,19 @@ from attngen.spec import parse_spec
 INTEGERS = ("q_pos", "kv_pos", "head", "batch", "q_len", "kv_len")
 
 
-def integer_expr(depth: int = 0) -> st.SearchStrategy[str]:
+#: The right operands of // and % (a zero is refused by the grammar, tested in test_expr).
+DIVISORS = st.integers(1, 9)
+
+
+def integer_expr(depth: int = 0, divisors: st.SearchStrategy[int] = DIVISORS) -> st.SearchStrategy[str]:
     leaf = st.one_of(st.sampled_from(INTEGERS), st.integers(0, 40).map(str))
     if depth >= 2:
         return leaf
-    sub = st.deferred(lambda: integer_expr(depth + 1))
+    sub = st.deferred(lambda: integer_expr(depth + 1, divisors))
     return st.one_of(
         leaf,
         st.tuples(sub, st.sampled_from("+-*"), sub).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
-        st.tuples(sub, st.sampled_from(["//", "%"]), st.integers(1, 9)).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(sub, st.sampled_from(["//", "%"]), divisors).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
         st.tuples(st.sampled_from(["min", "max"]), sub, sub).map(lambda t: f"{t[0]}({t[1]}, {t[2]})"),
         sub.map(lambda a: f"abs({a})"),
         st.tuples(sub, st.integers(1, 30)).map(lambda t: f"clamp({t[0]}, 0, {t[1]})"),
@@ -116,3 +124,38 @@ def test_an_accepted_expression_builds_a_kernel_that_checks_or_is_refused_by_fie
     # a forced tile meets it: such a case is the toolchain's, and any other fails the test.
     ours = [c for c in report.failures if not (c.error or "").startswith("PTXASError")]
     assert not ours, f"{data}\n{report.summary()}"
+
+
+# ids: a fixed size, not per token, which the tree kernels do not support
+TENSORS = {"slopes": {"dims": ["head"], "dtype": "fp32"}, "ids": {"dims": [16], "dtype": "int32"}}
+
+
+@st.composite
+def indexed_specs(draw: st.DrawFn) -> dict[str, object]:
+    # Divisors whose reciprocals are exact in binary: the float64 reference evaluates
+    # (q_pos + 2) // 3, which sympy holds as floor(q_pos/3 + 2/3), in floats and gets 2 at
+    # q_pos = 7 (the kernel's integer division gets 3)
+    index = draw(integer_expr(divisors=st.sampled_from([1, 2, 4, 8])))
+    load = draw(st.sampled_from([f"slopes[{index}]", f"ids[{index}]", f"slopes[ids[{index}] % 7]"]))
+    topology = draw(st.sampled_from([{"kind": "sequence", "queries": "prefill"},
+                                     {"kind": "sequence", "queries": "decode"},
+                                     {"kind": "tree", "queries": "token"}]))
+    return {**BASE, "topology": topology, "tensors": TENSORS, "mask": "causal",
+            "score_mod": f"score + {load}"}
+
+
+@pytest.mark.interpreter
+@settings(max_examples=int(os.environ.get("ATTNGEN_FUZZ_EXAMPLES", "10")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=indexed_specs())
+# floor(head/2 + 1/2) to sympy: printed as tl.floor of a float once, a float pointer offset
+@example(data={**BASE, "tensors": TENSORS, "score_mod": "score + slopes[(head + 1) // 2]"})
+@example(data={**BASE, "tensors": TENSORS, "score_mod": "score + slopes[ids[kv_pos] // 2 % 4]"})
+@example(data={**BASE, "topology": {"kind": "tree", "queries": "token"}, "tensors": TENSORS,
+               "score_mod": "score + ids[(kv_len + q_len) // 4] * slopes[abs(q_pos - kv_pos) ** 2]"})
+def test_an_integer_index_is_accepted_and_builds_a_kernel_that_checks(
+        data: dict[str, object], device: str) -> None:
+    spec = parse_spec(data)
+    render_uncached(spec)
+    report = check_spec(spec, examples=2, seed=0, device=device)
+    assert not report.failures, f"{data}\n{report.summary()}"

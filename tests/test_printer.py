@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -15,7 +16,7 @@ import pytest
 import sympy as sp
 
 from attngen import expr
-from attngen.printer import PrintError, print_triton
+from attngen.printer import PrintError, power_form, print_triton, prints_integer
 from attngen.symbols import SCORE_SYMBOLS
 
 TENSORS = {"slopes": 1, "bias": 2, "doc": 1}
@@ -27,9 +28,12 @@ def load(name: str, indices: list[str]) -> str:
     return f"tl.load({name}_ptr + {' + '.join(indices)})"
 
 
+def parsed(text: str, want: expr.Kind = "number") -> sp.Basic:
+    return expr.parse(text, names=SCORE_SYMBOLS, tensors=TENSORS, want=want, integer_tensors={"doc"})
+
+
 def printed(text: str, want: expr.Kind = "number") -> str:
-    parsed = expr.parse(text, names=SCORE_SYMBOLS, tensors=TENSORS, want=want)
-    return print_triton(parsed, names=NAMES, tensor_load=load)
+    return print_triton(parsed(text, want), names=NAMES, tensor_load=load)
 
 
 GOLDEN_NUMBERS = [
@@ -68,6 +72,14 @@ GOLDEN_NUMBERS = [
     ("(1 + q_pos) ** 1.5", "tl.exp2(1.5 * tl.log2(tl.cast(q_pos + 1, tl.float32)))"),
     # constant subexpressions are folded in float64
     ("score * exp(-1000) + sqrt(2)", "score * 0.0 + 1.4142135623730951"),
+    ("score ** 0.0 + score", "1.0 + score"),
+    # floor division of integers is integer division, also over a sum sympy splits
+    # ((head + 1) // 2 is floor(head/2 + 1/2)) and of an integer tensor's elements: an
+    # index stays an integer
+    ("score + slopes[(head + 1) // 2]", "score + tl.load(slopes_ptr + _floordiv(head + 1, 2))"),
+    ("score + slopes[doc[kv_pos] // 2]",
+     "score + tl.load(slopes_ptr + _floordiv(tl.load(doc_ptr + kv_pos), 2))"),
+    ("(q_pos + 1) // 2 + score", "score + _floordiv(q_pos + 1, 2)"),
 ]
 
 GOLDEN_BOOLEANS = [
@@ -126,6 +138,36 @@ def test_constants_print_as_floats() -> None:
 def test_refuses_what_it_cannot_print(node: sp.Basic) -> None:
     with pytest.raises(PrintError):
         print_triton(node, names=NAMES, tensor_load=load)
+
+
+# What makes printed Triton a float (a float literal, true division, a float function)
+# in the texts below, none of which loads a float tensor.
+FLOAT_MARKERS = re.compile(r"\b\d+\.\d*| / |\btl\.(exp|log|sqrt|floor)|_tanh")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "q_pos", "3", "-head", "q_pos - 2 * kv_pos", "(head + 1) // 2", "q_pos % (head + 1)",
+        "min(q_pos, kv_pos) * 3", "abs(q_pos - kv_pos) ** 3", "where(q_pos > 1, head, 0)",
+        "doc[kv_pos] // 2 + doc[q_pos] % 4", "clamp(q_pos - kv_pos, 0, 7)", "4 / 2",
+        "head / 2", "0.5 * q_pos", "2.0", "q_pos ** -1", "2 ** q_pos", "sqrt(head)",
+        "(head + 0.5) // 1", "where(q_pos > 1, head, 0.5)", "score // 1", "q_pos ** 0.0",
+    ],
+)
+def test_prints_integer_agrees_with_what_is_printed(text: str) -> None:
+    """The parser refuses an index ``prints_integer`` calls a float: it must call a float
+    exactly what the printer writes as one."""
+    source = printed(text)
+    assert prints_integer(parsed(text)) == (FLOAT_MARKERS.search(source) is None), source
+
+
+def test_power_form_names_each_printed_form() -> None:
+    x, q = SCORE_SYMBOLS["score"], SCORE_SYMBOLS["q_pos"]
+    forms = {x**0.0: "one", x**1.0: "base", sp.sqrt(x): "sqrt", 1 / sp.sqrt(x): "rsqrt",
+             x**4: "repeat", x**-4: "reciprocal", 1 / x: "reciprocal", 3**q: "exp2_base",
+             x**1.5: "exp2_log2", x**5: None, x**-5: None, x**q: None, (-2) ** q: None}
+    assert {str(p): power_form(p) for p in forms} == {str(p): f for p, f in forms.items()}
 
 
 # -- the helpers, run under the Triton interpreter ---------------------------------------

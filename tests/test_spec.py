@@ -33,7 +33,10 @@ BAD_SPECS: list[tuple[str, str, list[str]]] = [
         "name: demo\nheads: {q: 8, kv: 2\nhead_dim: 64\n",
         ["malformed YAML", "line 3"],
     ),
-    ("top level not a mapping", "- causal\n", ["top level must be a mapping"]),
+    ("top level not a mapping", "- causal\n", ["top level must be a mapping", "given: 'list'"]),
+    ("empty file", "", ["holds no spec (it is empty)", "allowed: a mapping with at least name"]),
+    # \udce9 is written as the lone byte 0xe9 (see write_spec)
+    ("not UTF-8", "name: caf\udce9\n", ["not UTF-8 text (byte 0xe9 at offset 9)"]),
     (
         "unknown top-level field",
         GOOD + "maks: [causal]\n",
@@ -149,8 +152,69 @@ BAD_SPECS: list[tuple[str, str, list[str]]] = [
         ["topology", "'node'", "prefill", "decode"],
     ),
     ("missing field", "heads: {q: 8, kv: 2}\nhead_dim: 64\n", ["name", "is required"]),
+    (
+        "misspelt required field",
+        GOOD.replace("head_dim:", "headdim:"),
+        ["headdim", "unknown field", "did you mean 'head_dim'"],
+    ),
+    (
+        "misspelt required mapping",
+        GOOD.replace("heads:", "head:"),
+        ["head", "unknown field", "did you mean 'heads'"],
+    ),
+    (
+        "misspelt required nested field",
+        _with(head_dim={"qk": 192, "vv": 128}),
+        ["head_dim.vv", "unknown field", "qk, v", "did you mean 'v'"],
+    ),
+    (
+        "heads as a list",
+        _with(heads=[32, 8]),
+        ["heads", "given: [32, 8]", "allowed: a mapping {q: N, kv: M}"],
+    ),
+    (
+        "head_dim as a string",
+        _with(head_dim="128"),
+        ["head_dim", "given: '128'", "an integer (one of [16, 32, 64, 96, 128, 192, 256]) or {qk: N, v: M}"],
+    ),
+    (
+        "tile candidates as a scalar",
+        _with(tune={"block_n": 64}),
+        ["tune.block_n", "given: 64", "allowed: a list of candidates, e.g. [64, 128]"],
+    ),
+    ("null mask", _with(mask=None), ["mask", "given: null", "allowed: causal, full, window"]),
+    (
+        "paged KV on a sequence topology",
+        _with(topology={"kind": "sequence", "kv_layout": "paged", "page_size": 16}),
+        ["topology.kv_layout", "tree and shared_prefix", "given: 'paged'", "allowed: 'contiguous'"],
+    ),
+    (
+        "misspelt dtype",
+        _with(dtype="fp61"),
+        ["dtype", "given: 'fp61'", "'fp16', 'bf16' or 'fp32'", "did you mean 'fp16'"],
+    ),
     ("empty mask", _with(mask=[]), ["mask", "at least one rule"]),
     ("bad tile candidate", _with(tune={"block_m": [48]}), ["tune.block_m", "power of two"]),
+    (
+        "no tile candidates",
+        _with(tune={"block_n": []}),
+        ["tune.block_n", "needs at least one candidate", "given: []", "a list of candidates"],
+    ),
+    (
+        "no warp candidates",
+        _with(tune={"num_warps": []}),
+        ["tune.num_warps", "needs at least one candidate", "given: []", "a list of candidates"],
+    ),
+    (
+        "no stage candidates",
+        _with(tune={"num_stages": []}),
+        ["tune.num_stages", "needs at least one candidate", "given: []", "a list of candidates"],
+    ),
+    (
+        "unsupported warp count",
+        _with(tune={"num_warps": [3]}),
+        ["tune.num_warps[0]", "given: 3", "[1, 2, 4, 8, 16]"],
+    ),
     (
         "query tiles on a decode spec",
         _with(topology={"kind": "sequence", "queries": "decode"}, mask="full", tune={"block_m": [64]}),
@@ -164,12 +228,17 @@ BAD_SPECS: list[tuple[str, str, list[str]]] = [
 ]
 
 
+def write_spec(path: Path, text: str) -> None:
+    """``text`` as UTF-8, a lone surrogate (\udc80-\udcff) as the raw byte it stands for."""
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+
+
 @pytest.mark.parametrize(("label", "text", "expected"), BAD_SPECS, ids=[b[0] for b in BAD_SPECS])
 def test_bad_spec_gives_its_error(
     tmp_path: Path, label: str, text: str, expected: list[str]
 ) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    write_spec(path, text)
     with pytest.raises(SpecError) as caught:
         load_spec(path)
     message = str(caught.value)
@@ -177,6 +246,73 @@ def test_bad_spec_gives_its_error(
     assert "\n" not in message and "Traceback" not in message, message
     for part in expected:
         assert part in message, f"{label}: {part!r} not in {message!r}"
+    # pydantic's own words name its classes and leave out what is allowed
+    assert "Input should" not in message and "instance of" not in message, message
+
+
+@pytest.mark.parametrize(
+    ("spec", "unknown", "meant"),
+    [
+        (GOOD.replace("head_dim:", "headdim:"), "headdim", "head_dim"),
+        (GOOD.replace("heads:", "head:"), "head", "heads"),
+        (_with(heads={"q": 8, "kvv": 2}), "heads.kvv", "kv"),
+    ],
+    ids=["headdim", "head", "kvv"],
+)
+def test_misspelt_required_field_names_the_unknown_key(spec: str, unknown: str, meant: str) -> None:
+    """A required field spelt wrong is both missing and unknown; the unknown key, with its
+    hint, is what the user can act on, not 'is required'."""
+    with pytest.raises(SpecError) as caught:
+        parse_spec(yaml.safe_load(spec))
+    message = str(caught.value)
+    assert message.startswith(f"{unknown}: unknown field"), message
+    assert f"did you mean {meant!r}?" in message and "is required" not in message, message
+
+
+def test_num_warps_accepts_powers_of_two_up_to_16() -> None:
+    """The README's "1–16" is these five values; 3, 32 and YAML's true are refused."""
+    for warps in (1, 2, 4, 8, 16):
+        assert parse_spec(yaml.safe_load(_with(tune={"num_warps": [warps]}))).tune.num_warps == (warps,)
+    for bad in (3, 32, 0, True, 4.0):
+        with pytest.raises(SpecError, match=r"tune\.num_warps\[0\].*\[1, 2, 4, 8, 16\]"):
+            parse_spec(yaml.safe_load(_with(tune={"num_warps": [bad]})))
+
+
+#: Spec changes on which the JSON Schema and the validator must agree (accept or refuse).
+SCHEMA_CASES: list[dict[str, object]] = [
+    {},
+    {"name": "My-Spec"},
+    {"name": "a" * 64},
+    {"name": "a" * 65},
+    {"head_dim": 100},
+    {"head_dim": 128},
+    {"head_dim": {"qk": 192, "v": 100}},
+    {"head_dim": {"qk": 192, "v": 128}},
+    {"tune": {"num_warps": []}},
+    {"tune": {"num_stages": []}},
+    {"tune": {"num_warps": [3]}},
+    {"tune": {"num_warps": [True]}},
+    {"tune": {"block_n": [48]}},
+    {"tune": {"block_n": [512]}},
+    {"tune": {"block_n": [16, 256]}},
+    {"tensors": {"bias": {"dims": []}}},
+    {"topology": "tree", "mask": "full"},
+]
+
+
+@pytest.mark.parametrize("change", SCHEMA_CASES, ids=[str(c) for c in SCHEMA_CASES])
+def test_json_schema_agrees_with_the_validator(change: dict[str, object]) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from attngen.spec import Spec
+
+    data = {**yaml.safe_load(GOOD), **change}
+    try:
+        parse_spec(data)
+        valid = True
+    except SpecError:
+        valid = False
+    schema_errors = list(jsonschema.Draft202012Validator(Spec.model_json_schema()).iter_errors(data))
+    assert (not schema_errors) == valid, (valid, [e.message for e in schema_errors])
 
 
 @pytest.mark.parametrize(
@@ -188,7 +324,7 @@ def test_bad_spec_builds_nothing(
     cli = pytest.importorskip("attngen.cli")
     good, bad, out = tmp_path / "good.yaml", tmp_path / "bad.yaml", tmp_path / "out"
     good.write_text(GOOD)
-    bad.write_text(text)
+    write_spec(bad, text)
     assert cli.main(["build", str(good), str(bad), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(bad) in err, err  # one paragraph naming the file

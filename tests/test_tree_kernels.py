@@ -534,12 +534,12 @@ class TestTreeKernelsInterpreter:
         with pytest.raises(LaunchError, match=r"group_slots\[0\] = 3"):
             module.attention(case.q, case.k, case.v, own, out=out)
         if device == "cpu":  # CPU tensors run only under the interpreter
-            setattr(module, "_INTERPRET", False)
+            module._INTERPRET = False
             try:
                 with pytest.raises(LaunchError, match="q is on cpu; these kernels run on a CUDA GPU"):
                     module.attention(case.q, case.k, case.v, plan, out=out)
             finally:
-                setattr(module, "_INTERPRET", True)
+                module._INTERPRET = True
         assert torch.isnan(out).all(), "a rejected launch wrote its output"
         own["group_slots"][0] = 2  # right again (a new tensor version): the launch runs
         check(spec, case, *run(spec, case, own))

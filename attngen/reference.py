@@ -114,11 +114,19 @@ def _unary(
     return apply
 
 
-def _rounded(fn: Callable[[Array], Array]) -> Callable[[sp.Basic, Mapping[str, Any]], Array]:
-    """floor/ceiling: int64 when the argument is a ratio of integers (``a // b``)."""
+def _rounded(
+    fn: Callable[[Array], Array], exact: Callable[[Array, Array], Array]
+) -> Callable[[sp.Basic, Mapping[str, Any]], Array]:
+    """floor/ceiling. A ratio of integers (``a // b``, which sympy may hold as
+    ``floor(a/3 + 2/3)``) is rounded exactly, in integers, by ``exact(numerator,
+    denominator)``: in float64, 7/3 + 2/3 is 2.9999999999999996."""
 
     def apply(node: sp.Basic, env: Mapping[str, Any]) -> Array:
         (arg,) = node.args
+        if _integral(arg):
+            n, d = (np.asarray(evaluate(part, env)) for part in sp.fraction(sp.together(arg)))
+            if n.dtype.kind in "iub" and d.dtype.kind in "iub" and np.all(d != 0):
+                return exact(n.astype(np.int64), d.astype(np.int64))
         x = np.asarray(evaluate(arg, env))
         if x.dtype.kind in "iub":
             return x
@@ -169,8 +177,8 @@ _EVALUATORS: dict[type, Callable[[Any, Mapping[str, Any]], Array]] = {
     sp.log: _unary(np.log),
     sp.tanh: _unary(np.tanh),
     sp.sqrt: _unary(np.sqrt),  # sympy writes sqrt as Pow(x, 1/2); kept for completeness
-    sp.floor: _rounded(np.floor),
-    sp.ceiling: _rounded(np.ceil),
+    sp.floor: _rounded(np.floor, np.floor_divide),
+    sp.ceiling: _rounded(np.ceil, lambda n, d: -np.floor_divide(-n, d)),
     sp.Mod: _mod,
     sp.Piecewise: _piecewise,
     sp.ITE: _ite,

@@ -36,6 +36,17 @@ def test_floor_division_and_mod_follow_python() -> None:
     assert evaluate(sp.floor(x / 3), {"x": values}).dtype == np.int64
 
 
+def test_integer_floor_and_ceiling_are_exact() -> None:
+    """sympy holds (x + 2) // 3 as floor(x/3 + 2/3), which float64 rounds below 3 at x = 7
+    (7/3 + 2/3 = 2.9999999999999996): it is rounded in integers instead."""
+    x = sp.Symbol("x", integer=True)
+    values = np.arange(-40, 41)
+    floor = sp.floor((x + 2) / 3)
+    assert floor.args[0].is_Add, "sympy no longer splits the sum: this test no longer tests it"
+    assert evaluate(floor, {"x": values}).tolist() == [(v + 2) // 3 for v in values]
+    assert evaluate(sp.ceiling((x + 2) / 3), {"x": values}).tolist() == [-((-v - 2) // 3) for v in values]
+
+
 def test_indexed_loads_clamp_per_axis() -> None:
     table = np.arange(12).reshape(3, 4)
     node = sp.IndexedBase("t")[q_pos, kv_pos]

@@ -350,15 +350,52 @@ def _solve_for_kv(a: sp.Basic, b: sp.Basic, t: sp.Basic, strict: bool) -> _KvBou
 
 
 def _kv_ranges(bound: _KvBound) -> tuple[_Range, _Range]:
-    """Hull (loosest over the tile's queries) and full range (tightest)."""
+    """Hull (loosest over the tile's queries) and full range (tightest), with integer
+    ends where the value is a ratio of integers (``q_pos < 2 * kv_pos``: kv > q/2, so kv
+    >= q // 2 + 1), since kv is an integer and the ends are loop bounds. Other values
+    (a float tensor's) keep sound but looser real ends."""
     loosest, tightest = (_q_min, _q_max) if bound.lower else (_q_max, _q_min)
     wide, narrow = loosest(bound.value), tightest(bound.value)
-    if bound.lower:  # kv >= value, or (not equivalent) kv > value
-        return _Range(wide, None), _Range(narrow if bound.equivalent else narrow + 1, None)
-    if not bound.equivalent:  # kv < value
-        return _Range(None, wide), _Range(None, narrow)
-    # kv <= value; kv < value + 1 is the same only for an integer value
-    return _Range(None, wide + 1), _Range(None, narrow + 1 if narrow.is_integer else narrow)
+    strict = not bound.equivalent
+    if bound.lower:  # kv >= value, or (strict) kv > value: the least such integer
+        hull_lo = _above(wide, strict)
+        return _Range(wide if hull_lo is None else hull_lo, None), _Range(
+            _above(narrow, strict) or (narrow + 1 if strict else narrow), None)
+    # kv < value (strict), or kv <= value: the end past the greatest such integer
+    hull_hi = _past(wide, strict)
+    full_hi = _past(narrow, strict)
+    if hull_hi is None:  # kv < value + 1 follows from kv <= value, and from kv < value
+        hull_hi = wide if strict else wide + 1
+    if full_hi is None:  # kv < value + 1 equals kv <= value only for an integer value
+        full_hi = narrow + 1 if not strict and narrow.is_integer else narrow
+    return _Range(None, hull_hi), _Range(None, full_hi)
+
+
+def _integer_ratio(value: sp.Basic) -> tuple[sp.Basic, sp.Basic] | None:
+    """``value`` as numerator and positive integer denominator of integers, or None."""
+    n, d = sp.fraction(sp.together(value))
+    return (n, d) if n.is_integer and d.is_Integer and d > 0 else None
+
+
+def _above(value: sp.Basic, strict: bool) -> sp.Basic | None:
+    """The least integer kv with kv > value (strict) or kv >= value; None where value is
+    no ratio of integers. floor((n + d - 1) / d) is ceil(n / d): the printer has floor
+    division only."""
+    ratio = _integer_ratio(value)
+    if ratio is None:
+        return None
+    n, d = ratio
+    return sp.floor(n / d) + 1 if strict else sp.floor((n + d - 1) / d)
+
+
+def _past(value: sp.Basic, strict: bool) -> sp.Basic | None:
+    """One past the greatest integer kv with kv < value (strict) or kv <= value; None
+    where value is no ratio of integers."""
+    ratio = _integer_ratio(value)
+    if ratio is None:
+        return None
+    n, d = ratio
+    return sp.floor((n + d - 1) / d) if strict else sp.floor(n / d) + 1
 
 
 def _q_min(expr: sp.Basic) -> sp.Basic:

@@ -3,6 +3,9 @@ that every answer is sound (and exact where it should be) on random tiles."""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
 import sympy as sp
 from hypothesis import given, settings
@@ -227,3 +230,26 @@ def test_sound_on_random_predicates(pred: sp.Basic, env: dict[sp.Symbol, int]) -
 def test_exact_on_conjunctions_of_simple_masks(pred: sp.Basic, env: dict[sp.Symbol, int]) -> None:
     assert analyse(pred).exact
     check(pred, env, exact_all_none=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-3, 3), st.sampled_from([-3, -2, 2, 3]), st.integers(-20, 20),
+       st.sampled_from([sp.Lt, sp.Le, sp.Gt, sp.Ge]), tiles())
+def test_a_scaled_key_gets_integer_bounds_that_are_exact(
+        a: int, b: int, c: int, op: Any, env: dict[sp.Symbol, int]) -> None:
+    """``a*q + b*kv + c (op) 0`` with |b| > 1 bounds kv by a ratio (kv > q/2): the ends
+    are the integers the loops need, and as tight as one atom allows: the hull holds
+    exactly the keys some query of the tile sees, the full range exactly those all see."""
+    pred = op(a * q_pos + b * kv_pos + c, 0)
+    r = analyse(pred)
+    grid = visibility_grid(pred, env)
+    ends = [r.kv_lo, r.kv_hi, r.full_lo, r.full_hi, *(e for piece in r.pieces for e in piece)]
+    for end in ends:
+        v = value(end, env)
+        assert math.isinf(v) or v == int(v), (pred, env, end)
+    lo, hi = max(value(r.kv_lo, env), 0), min(value(r.kv_hi, env), len(KV_SCAN))
+    seen = np.flatnonzero(grid.any(axis=0))
+    if seen.size:  # the scan holds every key some query sees, not just past its end
+        assert (lo, hi) == (seen[0], seen[-1] + 1) or hi == len(KV_SCAN), (pred, env, r)
+    full = (value(r.full_lo, env) <= KV_SCAN) & (value(r.full_hi, env) > KV_SCAN)
+    assert (full == grid.all(axis=0)).all(), (pred, env, r)

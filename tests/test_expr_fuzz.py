@@ -106,6 +106,9 @@ def odd_specs(draw: st.DrawFn) -> dict[str, object]:
 # a tree's q_len is the constant 1: tanh of it once printed as _tanh(1), a Python int
 @example(data={**BASE, "topology": {"kind": "tree", "queries": "token"},
                "score_mod": "score + log(1 + abs(tanh(q_len)))"})
+# kv > q_pos / 2: its tile bounds were real numbers, which the loops could not take
+@example(data={**BASE, "mask": {"expr": "q_pos < kv_pos * 2"}, "score_mod": "score + 1"})
+@example(data={**BASE, "mask": {"expr": "3 * kv_pos <= q_pos + 1"}, "score_mod": "score + 1"})
 def test_an_accepted_expression_builds_a_kernel_that_checks_or_is_refused_by_field(
         data: dict[str, object], device: str) -> None:
     try:

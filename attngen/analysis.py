@@ -358,12 +358,14 @@ def _kv_ranges(bound: _KvBound) -> tuple[_Range, _Range]:
     wide, narrow = loosest(bound.value), tightest(bound.value)
     strict = not bound.equivalent
     if bound.lower:  # kv >= value, or (strict) kv > value: the least such integer
-        hull_lo = _above(wide, strict)
-        return _Range(wide if hull_lo is None else hull_lo, None), _Range(
-            _above(narrow, strict) or (narrow + 1 if strict else narrow), None)
+        hull_lo, full_lo = _above(wide, strict), _above(narrow, strict)
+        if hull_lo is None:  # kv >= value follows from both
+            hull_lo = wide
+        if full_lo is None:  # kv >= value + 1 implies kv > value
+            full_lo = narrow + 1 if strict else narrow
+        return _Range(hull_lo, None), _Range(full_lo, None)
     # kv < value (strict), or kv <= value: the end past the greatest such integer
-    hull_hi = _past(wide, strict)
-    full_hi = _past(narrow, strict)
+    hull_hi, full_hi = _past(wide, strict), _past(narrow, strict)
     if hull_hi is None:  # kv < value + 1 follows from kv <= value, and from kv < value
         hull_hi = wide if strict else wide + 1
     if full_hi is None:  # kv < value + 1 equals kv <= value only for an integer value

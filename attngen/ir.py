@@ -387,7 +387,7 @@ def lower(spec: Spec) -> KernelIR:
         return print_for(spec, expr, TILE_NAMES, load)
 
     pred = full_visibility(spec)
-    tiles = clamp_to_sequence(analysis.analyse(pred))
+    tiles = sequence_tiles(spec)
     ir = KernelIR(
         **module_fields(spec),  # type: ignore[arg-type]
         family=family,

@@ -13,7 +13,8 @@ Symbols (all plain sympy Symbols, positive):
   times the rows stage 1 runs the group at, see :meth:`HeadLayout.tile_rows`), ``W``
   tokens of the longest group and ``NW`` the stage-1 programs per KV head of the groups
   of at least half that (a tall plan runs a group outside the dense kernel as two), ``P``
-  partials, ``NQ`` queries, ``L`` launches of the two stages, ``DG`` dense groups,
+  partials, ``NQ`` queries, ``L`` launches of the two stages (stage 1 when there are
+  groups, the merge unless every query has exactly one partial), ``DG`` dense groups,
   ``FO`` 1 where the plan folds every other group into the dense ones;
 - heads: ``Hq``, ``Hkv``, ``Dqk``, ``Dv``, ``E`` bytes per element;
 - comparison: ``T_branch`` KV tokens read by per-branch decoding (the sum of each
@@ -92,7 +93,8 @@ PARTIAL_BYTES = 2 * P * Hq * (Dv + 1) * 4
 OUT_BYTES = NQ * Hq * Dv * E
 TOTAL_BYTES = KV_BYTES + Q_BYTES + PARTIAL_BYTES + OUT_BYTES
 #: Per-branch (sequence-based) decoding: each query reads its whole root path's KV.
-BRANCH_BYTES = T_branch * KV_TOKEN_BYTES + NQ * Hq * (Dqk + Dv) * E
+BRANCH_KV_BYTES = T_branch * KV_TOKEN_BYTES
+BRANCH_BYTES = BRANCH_KV_BYTES + NQ * Hq * (Dqk + Dv) * E
 #: The IO floor: each unique KV byte once.
 FLOOR_BYTES = T_unique * KV_TOKEN_BYTES
 
@@ -139,9 +141,13 @@ WAVES = sp.ceiling(NW * Hkv / (NARROW_SLOTS * SMS)) * (W * LONE_TOKEN_TIME + OVH
 #: (fewshot_4k_x20 GQA: four 1024-token pieces of the prompt per KV head ran 18 us
 #: while the 400-token branches finished by 12; session 22, BENCHMARKS.md). Counting
 #: every program, not only the longest in waves, lets a plan of many short programs win
-#: where it measures faster (tot_d3_w3 GQA at span 512; session 24).
+#: where it measures faster (tot_d3_w3 GQA at span 512; session 24). A plan of no groups
+#: launches no stage 1 (templates/tree.py.j2), so it has no longest program: Min(NW, 1)
+#: drops that program's fixed OVH, which the report of an empty plan charged.
 PROGRAM_TOKEN_TIME = (Dqk + Dv) * E / PBW
-STREAM = sp.Max(W * PROGRAM_TOKEN_TIME + OVH, Hkv * (T * PROGRAM_TOKEN_TIME + G * OVH) / (PSLOTS * SMS))
+STREAM = sp.Max(
+    (W * PROGRAM_TOKEN_TIME + OVH) * sp.Min(NW, 1), Hkv * (T * PROGRAM_TOKEN_TIME + G * OVH) / (PSLOTS * SMS)
+)
 #: Each partial row (per query head) costs POVH: stage 1's fp32 store of it and the
 #: merge kernel's load (the merge alone, profiled: ~0.1 ns per row; the fit charges more).
 MERGE = P * Hq * POVH
@@ -230,6 +236,7 @@ _FORMULAS: dict[str, sp.Expr] = {
     "time_s": TIME,
     "launches": LAUNCHES,
     "branch_bytes": BRANCH_BYTES,
+    "branch_kv_bytes": BRANCH_KV_BYTES,
     "floor_bytes": FLOOR_BYTES,
 }
 _COMPILED: dict[str, _Compiled] = {name: _compile(expr) for name, expr in _FORMULAS.items()}
@@ -387,19 +394,34 @@ class PlanCost:
     launches: int
     time_s: float
     branch_bytes: float
+    branch_kv_bytes: float  # the KV part of branch_bytes
     floor_bytes: float
 
     @property
     def io_saved(self) -> float:
-        """Fraction of per-branch decoding's bytes this plan does not move."""
-        return 1.0 - self.total_bytes / self.branch_bytes if self.branch_bytes else 0.0
+        """Fraction of per-branch decoding's bytes this plan does not move; 0 when
+        per-branch decoding reads no KV either. A plan saves KV reads: with none to save,
+        what is left of the difference (the queries per-branch decoding loads, which an
+        empty plan's merge does not) is no saving to report."""
+        if not self.branch_kv_bytes:
+            return 0.0
+        return 1.0 - self.total_bytes / self.branch_bytes
 
     def summary(self) -> str:
+        if self.branch_kv_bytes:
+            versus = (
+                f"per-branch decoding {self.branch_bytes / 1e6:.2f} MB -> "
+                f"{100 * self.io_saved:.1f}% IO saved"
+            )
+        else:
+            versus = (
+                f"per-branch decoding reads no KV either ({self.branch_bytes / 1e6:.2f} MB of "
+                "queries and outputs): no IO saved"
+            )
         return (
             f"predicted {self.total_bytes / 1e6:.2f} MB ({self.kv_bytes / 1e6:.2f} MB KV, "
             f"{self.partial_bytes / 1e6:.2f} MB partials), {self.flops / 1e9:.2f} GFLOP, "
-            f"{self.launches} launch(es), {self.time_s * 1e6:.1f} us; per-branch decoding "
-            f"{self.branch_bytes / 1e6:.2f} MB -> {100 * self.io_saved:.1f}% IO saved; floor "
+            f"{self.launches} launch(es), {self.time_s * 1e6:.1f} us; {versus}; floor "
             f"{self.floor_bytes / 1e6:.2f} MB"
         )
 

@@ -55,7 +55,11 @@ def describe(plan: Plan, max_groups: int = 32) -> str:
             kind += f", folded into group {fold[g]} (its first {lead[g]} keys seen by every query)"
         lines.append(f"  group {g}: kv [{start[g]}, {start[g] + length[g]}) {len(q)} quer{'y' if len(q) == 1 else 'ies'} {runs(q)} {kind}")
     if not plan.n_groups:
-        lines.append("  no groups: the queries see no KV tokens, so the kernels read none")
+        # what a generated module launches for it (templates/tree.py.j2): no stage 1; the
+        # merge alone writes the outputs, or, without queries, nothing
+        runs_then = ("stage 1 does not run and the merge alone writes their outputs (0, LSE -inf)"
+                     if plan.n_queries else "nothing is launched")
+        lines.append(f"  no groups: the queries see no KV tokens, so the kernels read none; {runs_then}")
     if plan.n_groups > max_groups:
         lines.append(f"  ... {plan.n_groups - max_groups} more groups")
     return "\n".join(lines)

@@ -18,13 +18,14 @@ ancestor token). A node-mode query on an empty node sees its ancestors' tokens o
 Batches are immutable; mutations (:meth:`TreeBatch.append_tokens`,
 :meth:`TreeBatch.add_branch`, :meth:`TreeBatch.prune`) return a new batch. Every
 invalid input raises :class:`~attngen.errors.PlanError` before anything is computed
-from it.
+from it, token counts past :data:`MAX_KV_TOKENS` (the kernels' int32 KV offsets) too.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -36,6 +37,22 @@ from attngen.errors import PlanError, plan_int
 QueryMode = Literal["node", "token"]
 IntArray = np.ndarray
 
+#: The most KV tokens a batch may hold, in all and so in any one node (its appends
+#: included). The tree kernels hold KV offsets in int32: the plan's group_kv_start,
+#: group_kv_len, kv_pos and q_pos are int32 tensors, and stage 1 forms a token's index
+#: kv_start + j in int32 before widening it (templates/tree_triton.py.j2), so a flattened
+#: index past 2**31 - 1 would wrap; token mode makes a query of each token, and query
+#: ids (group_q) are int32 too. The planner relies on it as well: replan keys pack a
+#: node offset into 32 bits (plan/planner.py ``_matched``), and an append's depth shift
+#: is summed in float64, exact below 2**53.
+MAX_KV_TOKENS = 2**31 - 1
+#: Slots a paged cache may have: page tables and slots are int32, and stage 1 forms a
+#: slot, page * page_size + offset, in int32 before widening it (``_tree_slots``).
+MAX_CACHE_SLOTS = 2**31
+
+_INT64 = np.iinfo(np.int64)
+_TOKENS_ALLOWED = f"0..{MAX_KV_TOKENS} per node, {MAX_KV_TOKENS} in all"
+
 
 def _frozen(values: Iterable[int] | np.ndarray) -> np.ndarray:
     """A read-only int64 copy of ``values``."""
@@ -44,22 +61,46 @@ def _frozen(values: Iterable[int] | np.ndarray) -> np.ndarray:
     return out
 
 
-def _ints(values: object, what: str) -> np.ndarray:
+def _ints(values: object, what: str, expected: str = "an integer") -> np.ndarray:
     """A read-only int64 copy of user-given ``values``, a flat sequence of integers
-    (integral floats, as from a float tensor, are taken); PlanError naming ``what``
-    otherwise, where a plain cast would read 3.5 as 3 or "3" as 3."""
+    (integral floats, as from a float tensor, are taken); PlanError naming ``what`` and
+    saying what was ``expected`` otherwise, where a plain cast would read 3.5 as 3, "3"
+    as 3, or wrap an integer past int64 (2**63 as a uint64, 3e20 as a float) to a
+    negative one."""
     try:
         arr = np.asarray(values)
     except ValueError as err:  # ragged nesting
         raise PlanError(f"{what}: expected a flat sequence of integers ({err}).") from None
     if arr.ndim != 1 and arr.size:
         raise PlanError(f"{what}: expected a flat sequence of integers, got an array of shape {arr.shape}.")
-    if arr.size and arr.dtype.kind not in "iu":
-        ok = np.isfinite(arr) & (arr == np.round(arr)) if arr.dtype.kind == "f" else np.zeros(arr.shape, bool)
+    if arr.size and (arr.dtype.kind not in "iu" or arr.dtype == np.uint64):
+        ok = _int64_entries(arr)
         if not ok.all():
             bad = int(np.argmin(ok))
-            raise PlanError(f"{what}: entry {bad} is {arr[bad].item()!r}; expected an integer.")
+            # tolist: a Python value whatever the dtype (an object array's big int has no .item())
+            raise PlanError(f"{what}: entry {bad} is {arr.tolist()[bad]!r}; expected {expected}.")
     return _frozen(arr)
+
+
+def _int64_entries(arr: np.ndarray) -> np.ndarray:
+    """Which entries of ``arr`` (of any dtype but the int64-safe integer ones) are integers
+    that int64 holds: numpy keeps a Python int past int64 as an object."""
+    kind = arr.dtype.kind
+    if kind == "u":
+        return arr <= _INT64.max
+    if kind == "f":  # 2.0**63 itself is past int64.max
+        return np.isfinite(arr) & (arr == np.round(arr)) & (np.abs(arr) < 2.0**63)
+    if kind == "O":
+        return np.array([_is_int64(v) for v in arr.tolist()], dtype=bool)
+    return np.zeros(arr.shape, dtype=bool)  # strings, bools, ...
+
+
+def _is_int64(value: object) -> bool:
+    return (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and _INT64.min <= int(value) <= _INT64.max
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -83,13 +124,36 @@ def _check_tokens(tokens: np.ndarray, n_nodes: int) -> None:
             f"token counts: got {tokens.size} counts for {n_nodes} nodes; give exactly one "
             "count per node (0 is allowed for an empty node)."
         )
-    bad = np.flatnonzero(tokens < 0)
+    # one unsigned comparison finds the negative counts (huge as uint64) and those past
+    # the limit, the pass the negative ones alone took; with every count bounded, the
+    # total (checked in _derive) cannot wrap int64
+    bad = np.flatnonzero(tokens.view(np.uint64) > MAX_KV_TOKENS)
     if bad.size:
         n = int(bad[0])
+        if tokens[n] < 0:
+            raise PlanError(
+                f"token counts: node {n} has {int(tokens[n])} tokens; a node holds 0 or more "
+                f"tokens ({int((tokens < 0).sum())} node(s) are negative)."
+            )
         raise PlanError(
-            f"token counts: node {n} has {int(tokens[n])} tokens; a node holds 0 or more "
-            f"tokens ({bad.size} node(s) are negative)."
+            f"token counts: node {n} has {int(tokens[n])} tokens, more than the tree kernels "
+            f"address (allowed: {_TOKENS_ALLOWED}; KV offsets are int32)."
         )
+
+
+def _check_total(
+    tokens: np.ndarray, kv_start: np.ndarray, order: np.ndarray, message: Callable[[int], str]
+) -> None:
+    """PlanError with ``message(total)`` if the batch holds more than :data:`MAX_KV_TOKENS`
+    tokens in all. The total is where the last node in ``order`` ends in the flattened KV:
+    one lookup, where a sum would be another pass (the message, worked out only on error,
+    may take one)."""
+    if not len(order):
+        return
+    last = int(order[-1])
+    total = int(kv_start[last]) + int(tokens[last])
+    if total > MAX_KV_TOKENS:
+        raise PlanError(message(total))
 
 
 def _find_cycle(parent: np.ndarray, start: int) -> list[int]:
@@ -153,7 +217,8 @@ class TreeBatch:
     node_tree: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        parent, tokens = _ints(self.parent, "parent array"), _ints(self.tokens, "token counts")
+        parent = _ints(self.parent, "parent array")
+        tokens = _ints(self.tokens, "token counts", f"an integer in {_TOKENS_ALLOWED}")
         _check_parents(parent)
         _check_tokens(tokens, len(parent))
         order = _preorder(parent)
@@ -208,7 +273,13 @@ class TreeBatch:
         self._set("order", _frozen(order))
         self._set("pre_rank", _frozen(pre_rank))
         self._set("pre_end", _frozen(pre_rank + np.array(size_l, dtype=np.int64)))
-        self._set("node_kv_start", _kv_starts(tokens, order))
+        kv_start = _kv_starts(tokens, order)
+        _check_total(
+            tokens, kv_start, order,
+            lambda total: f"token counts: the batch holds {total} tokens in all, more than the "
+            f"tree kernels address (allowed: {_TOKENS_ALLOWED}; KV offsets are int32).",
+        )
+        self._set("node_kv_start", kv_start)
         self._set("node_depth_start", _frozen(depth_l))
         self._set("node_tree", _frozen(tree_l))
 
@@ -449,8 +520,16 @@ class TreeBatch:
             np.add.at(extra, nodes, _ints(list(counts.values()), "append_tokens counts"))
         else:
             extra += _ints(counts, "append_tokens counts") if len(counts) == self.n_nodes else self._bad_counts(counts)
-        if (extra < 0).any():
-            raise PlanError("append_tokens: counts must be >= 0 (use prune to remove nodes).")
+        # as in _check_tokens: one unsigned comparison for both bounds, and none can wrap
+        # int64 when added to a node's count
+        if (extra.view(np.uint64) > MAX_KV_TOKENS).any():
+            if (extra < 0).any():
+                raise PlanError("append_tokens: counts must be >= 0 (use prune to remove nodes).")
+            n = int(np.argmax(extra))
+            raise PlanError(
+                f"append_tokens: {int(extra[n])} tokens appended to node {n}, more than the tree "
+                f"kernels address (allowed: {_TOKENS_ALLOWED}; KV offsets are int32)."
+            )
         return self._grown(extra)
 
     def _grown(self, extra: np.ndarray) -> TreeBatch:
@@ -467,8 +546,15 @@ class TreeBatch:
         n = self.n_nodes + 1
         cover = np.bincount(self.pre_rank + 1, extra, n) - np.bincount(self.pre_end, extra, n)
         shift = cover.cumsum().astype(np.int64)  # bincount sums in float64: exact here
+        kv_start = _kv_starts(tokens, self.order)
+        _check_total(
+            tokens, kv_start, self.order,
+            lambda total: f"append_tokens: the batch would hold {total} tokens ({self.n_kv} held, "
+            f"{int(extra.sum())} appended), more than the tree kernels address (allowed: "
+            f"{_TOKENS_ALLOWED}; KV offsets are int32).",
+        )
         grown._set("tokens", tokens)
-        grown._set("node_kv_start", _kv_starts(tokens, self.order))
+        grown._set("node_kv_start", kv_start)
         grown._set("node_depth_start", _frozen(self.node_depth_start + shift[self.pre_rank]))
         return grown
 
@@ -480,6 +566,11 @@ class TreeBatch:
 
     def append_to_leaves(self, count: int = 1) -> TreeBatch:
         """A new batch with ``count`` tokens appended to every leaf (one decode step)."""
+        # checked before it is stored: numpy would cut 1.5 to 1, and refuse 2**63 with an
+        # OverflowError
+        count = plan_int(count, "append_to_leaves: count")
+        if not 0 <= count <= MAX_KV_TOKENS:
+            raise PlanError(f"append_to_leaves: count {count} is out of range (allowed: {_TOKENS_ALLOWED}).")
         extra = np.zeros(self.n_nodes, dtype=np.int64)
         extra[self.leaves] = count
         return self.append_tokens(extra)
@@ -552,7 +643,10 @@ def _node_tokens(graph: nx.DiGraph, label: object) -> int:
     try:
         (count,) = _ints([value], "tokens")
     except PlanError:
-        raise PlanError(f"graph: node {label!r} has tokens {value!r}; a token count is an integer.") from None
+        raise PlanError(
+            f"graph: node {label!r} has tokens {value!r}; a token count is an integer "
+            f"(allowed: {_TOKENS_ALLOWED})."
+        ) from None
     return int(count)
 
 
@@ -570,6 +664,18 @@ def _label_index(index: Mapping[object, int], label: object) -> int:
 # data as the tree grows, and reads through slots (node_page_slots).
 
 
+def _bounded(value: object, what: str, lo: int, hi: int) -> int:
+    """``value`` as an int in ``lo..hi``; PlanError naming ``what`` otherwise, before a
+    size reaches an allocation (an arange, a permutation) or an int32 table."""
+    count = plan_int(value, what)
+    if not lo <= count <= hi:
+        raise PlanError(
+            f"{what} {count} is out of range (allowed: {lo}..{hi}; a paged cache holds at most "
+            f"{MAX_CACHE_SLOTS} slots, as its int32 slots address, and a batch {MAX_KV_TOKENS} tokens)."
+        )
+    return count
+
+
 def pages_needed(n_kv: int, page_size: int) -> int:
     """Logical pages that hold ``n_kv`` tokens."""
     return -(-n_kv // page_size)
@@ -580,8 +686,11 @@ def make_page_table(
 ) -> np.ndarray:
     """An int32 page table for ``n_kv`` tokens: identity, or (with ``seed``) distinct pages
     drawn at random from a cache of ``cache_pages`` pages (default: just enough)."""
+    n_kv = _bounded(n_kv, "page table: n_kv", 0, MAX_KV_TOKENS)
+    page_size = _bounded(page_size, "page table: page_size", 1, MAX_CACHE_SLOTS)
     needed = pages_needed(n_kv, page_size)
-    cache_pages = needed if cache_pages is None else cache_pages
+    top = MAX_CACHE_SLOTS // page_size
+    cache_pages = needed if cache_pages is None else _bounded(cache_pages, "page table: cache_pages", 0, top)
     if cache_pages < needed:
         raise PlanError(f"page table: {needed} pages needed but the cache has {cache_pages}.")
     if seed is None:
@@ -598,6 +707,9 @@ def make_node_pages(
     (without ``seed``: in node order, none spare). Returns them by node id, for
     :func:`node_page_slots`, and the cache's page count, ``spare_pages`` more than the
     nodes hold."""
+    page_size = _bounded(page_size, "node pages: page_size", 1, MAX_CACHE_SLOTS)
+    # the most a cache may need: every node's pages, one more each, and the spares
+    spare_pages = _bounded(spare_pages, "node pages: spare_pages", 0, MAX_CACHE_SLOTS // page_size)
     own = -(-tree.tokens // page_size)
     if seed is None:
         return np.split(np.arange(int(own.sum())), np.cumsum(own)[:-1]), int(own.sum()) + spare_pages
@@ -633,7 +745,7 @@ def validate_page_table(
 
 def physical_slots(page_table: np.ndarray, n_kv: int, page_size: int) -> np.ndarray:
     """Physical cache slot of every logical flattened token."""
-    logical = np.arange(n_kv, dtype=np.int64)
+    logical = np.arange(_bounded(n_kv, "physical slots: n_kv", 0, MAX_KV_TOKENS), dtype=np.int64)
     return (
         np.asarray(page_table, dtype=np.int64)[logical // page_size] * page_size
         + logical % page_size
@@ -691,7 +803,8 @@ def node_page_slots(
         used.append(have[:need])
     flat = np.concatenate([np.zeros(0, np.int64), *used])
     owner = np.repeat(np.arange(tree.n_nodes), needed)
-    top = np.iinfo(np.int32).max // size + 1 if cache_pages is None else cache_pages
+    # every slot page * size + offset must fit int32: MAX_CACHE_SLOTS // size pages
+    top = MAX_CACHE_SLOTS // size if cache_pages is None else cache_pages
     bad = np.flatnonzero((flat < 0) | (flat >= top))
     if bad.size:
         raise PlanError(f"node_pages[{int(owner[bad[0]])}] holds page {int(flat[bad[0]])}; "

@@ -5,13 +5,18 @@ sweep measured best (or within noise of it)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from attngen import cost
 from attngen.cost import HeadLayout, Machine, PlanStats, evaluate, plan_cost
 from attngen.plan import plan_tree
+from attngen.runtime import load
+from attngen.spec import parse_spec
+from attngen.tree import TreeBatch
 from attngen.workloads import REFERENCE_SHAPES, WORKLOADS
 
 MHA = HeadLayout(heads_q=32, heads_kv=32)
@@ -92,6 +97,7 @@ def test_streaming_bound_counts_every_program() -> None:
     values = {
         cost.Hkv: 8, cost.Dqk: 128, cost.Dv: 128, cost.E: 2, cost.PBW: m.program_bandwidth,
         cost.OVH: m.program_overhead, cost.PSLOTS: m.programs_per_sm, cost.SMS: m.sms,
+        cost.NW: 8,  # programs of the longest: some (a plan of none has no longest)
     }  # fmt: skip
     longest = 1024 * 512 / m.program_bandwidth + m.program_overhead
     few = float(cost.STREAM.subs({**values, cost.W: 1024, cost.T: 4096, cost.G: 8}))
@@ -169,3 +175,74 @@ CHOICES = {
 def test_reference_choices(name: str, layout: str) -> None:
     plan = plan_tree(WORKLOADS[name]().tree, heads=MHA if layout == "mha" else GQA)
     assert (plan.chunk, plan.queries_per_group, plan.span) == (512, *CHOICES[(name, layout)])
+
+
+def _count_launches(module: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The kernels a generated tree module launches from now on, by name, each still run:
+    stage 1 in Triton (a grid of no programs is not launched), in Gluon, and the merge."""
+    launched: list[str] = []
+    stage1, merge = module._launch_partial, module._tree_merge_kernel
+
+    def launch_partial(grid: tuple[int, ...], *args: Any) -> None:
+        if grid[0]:
+            launched.append("stage 1")
+        stage1(grid, *args)
+
+    class Merge:
+        def __getitem__(self, grid: tuple[int, ...]) -> Any:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                launched.append("merge")
+                return merge[grid](*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(module, "_launch_partial", launch_partial)
+    monkeypatch.setattr(module, "_tree_merge_kernel", Merge())
+    if hasattr(module, "_launch_gluon"):  # Hopper's stage 1 of the dense groups
+        gluon = module._launch_gluon
+
+        def launch_gluon(*args: Any, **kwargs: Any) -> Any:
+            launched.append("gluon")
+            return gluon(*args, **kwargs)
+
+        monkeypatch.setattr(module, "_launch_gluon", launch_gluon)
+    return launched
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    ("parents", "tokens", "queries", "kernels"),
+    [
+        ([-1, 0, 0], [0, 0, 0], None, ["merge"]),  # no groups: the merge writes O 0, LSE -inf
+        ([-1, 0], [0, 0], [], []),  # no queries: nothing
+        ([-1, 0, -1], [6, 0, 0], [1, 2], ["stage 1", "merge"]),  # query 2 sees nothing
+        ([-1, 0, 0, 0], [20, 3, 1, 5], None, ["stage 1"]),  # one partial each: fused
+        ([-1, 0, 0, 0], [200, 30, 64, 50], None, ["stage 1", "merge"]),
+    ],
+)
+def test_reported_launches_are_the_kernels_launches(
+    parents: list[int],
+    tokens: list[int],
+    queries: list[int] | None,
+    kernels: list[str],
+    device: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """plan.cost.launches against the launches a generated module makes for the plan
+    (the empty plan's report counted a stage 1 that never runs, charging its program)."""
+    spec = parse_spec({
+        "name": "tree_launches", "heads": {"q": 2, "kv": 2}, "head_dim": 16, "dtype": "fp32",
+        "topology": {"kind": "tree", "queries": "node"}, "mask": "full",
+        "tune": {"block_n": [32], "num_warps": [4], "num_stages": [2]},
+    })  # fmt: skip
+    module = load(spec)
+    tree = TreeBatch.from_parents(parents, tokens, queries)
+    plan = plan_tree(tree, chunk=32, heads=HeadLayout(heads_q=2, heads_kv=2, head_dim_qk=16, head_dim_v=16),
+                     device=device)
+    launched = _count_launches(module, monkeypatch)
+    q = torch.randn(tree.n_queries, 2, 16, device=device)
+    k, v = torch.randn(tree.n_kv, 2, 16, device=device), torch.randn(tree.n_kv, 2, 16, device=device)
+    out = module.attention(q, k, v, plan, config={"block_n": 32, "num_warps": 4, "num_stages": 2})
+    assert launched == kernels and plan.cost.launches == len(kernels)
+    if tree.n_kv == 0:  # what the merge alone writes
+        assert torch.all(out == 0)

@@ -12,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from attngen import cli
 from attngen.cost import DENSE_ROWS, HeadLayout, Machine
 from attngen.errors import PlanError
 from attngen.plan import (
@@ -25,13 +26,13 @@ from attngen.plan import (
 )
 from attngen.plan.arrays import _stable_argsort
 from attngen.plan.buffers import _joined
-from attngen.plan.choice import _group_stats, _span_stats
+from attngen.plan.choice import MAX_CHUNK, _chunk_stats, _group_stats, _span_stats
 from attngen.plan.groups import _alike_pairs, _alike_sources, _layout_rows, _rows, _slots
 from attngen.plan.layout import _chunk_layout, _KvNodes, _pieces, _place, _places
 from attngen.plan.planner import _matched
 from attngen.plan.spans import _Runs
 from attngen.plan.tensors import _int32_tensors
-from attngen.plan.visibility import _pairs, _queries_per_chunk, _Sight
+from attngen.plan.visibility import _pairs, _prefix_masks, _queries_per_chunk, _Sight
 from attngen.tree import QueryMode, TreeBatch
 from attngen.workloads import WORKLOADS
 
@@ -545,6 +546,13 @@ def test_written_stretches_close_together_copy_as_one(
         ({"chunk": "64"}, "chunk must be an int, got '64'"),
         ({"queries_per_group": True}, "queries_per_group must be an int, got True"),
         ({"span": 1000.5}, r"span must be an int, got 1000\.5"),
+        # past the caps: a (chunk + 1) x chunk / 32 mask table of 1.25 PB, and a span
+        # past int64 (an OverflowError in the span choice)
+        ({"chunk": 100_000_000}, r"chunk 100000000 must be a positive multiple of 32 up to 4096 \(allowed: 32\.\.4096 in steps of 32"),
+        ({"chunk": 4096 + 32}, r"chunk 4128 must be .* \(allowed: 32\.\.4096"),
+        ({"span": 10**30}, rf"span {10**30} must be a positive number of tokens up to 2147483647 \(allowed: 1\.\.2147483647"),
+        ({"queries_per_group": 2**70}, rf"queries_per_group {2**70} .* allowed: \[1, 2, 4, 8, 16, 32, 64, 128, 192\]"),
+        ({"queries_per_group": 3 * 2**70}, rf"queries_per_group {3 * 2**70} must be a power of two >= 1 \(allowed: \[1, 2,"),
     ],
 )
 def test_bad_parameters(kwargs: dict[str, object], message: str) -> None:
@@ -563,6 +571,13 @@ def test_bad_parameters(kwargs: dict[str, object], message: str) -> None:
         ({"max_kv": 0}, "max_kv 0 must be a positive capacity"),
         ({"max_groups": 8.5}, "max_groups must be an int, got 8.5"),
         ({"span": 512.0}, "span must be an int"),
+        # sizes that reach the one allocation: refused before it, with the allowed range
+        ({"max_kv": 2**31}, r"max_kv 2147483648 must be a positive capacity up to 2147483647 \(allowed: 1\.\.2147483647; KV offsets"),
+        ({"max_queries": 10**12}, r"max_queries 1000000000000 must be .* \(allowed: 1\.\.2147483647; query ids"),
+        # group_bits of 8 groups x 4 slots x 2 words: 2**31 - 1 // 8 groups at most
+        ({"max_groups": 2**28}, r"max_groups 268435456 must be a positive capacity up to 268435455 \(allowed: 1\.\.268435455; group_bits"),
+        ({"chunk": 100_000_000}, r"chunk 100000000 must be .* up to 4096 \(allowed: 32\.\.4096"),
+        ({"span": 2**31}, r"span 2147483648 must be .* \(allowed: 1\.\.2147483647"),
     ],
 )
 def test_buffers_check_their_parameters(kwargs: dict[str, object], message: str) -> None:
@@ -584,6 +599,85 @@ def test_buffers_check_their_parameters(kwargs: dict[str, object], message: str)
 def test_head_layout_checks_its_fields(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(PlanError, match=message):
         HeadLayout(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_largest_chunk_plans_and_keeps_its_mask_table_small() -> None:
+    """MAX_CHUNK plans like any chunk, and its prefix-mask table (kept for the process's
+    life) stays at chunk**2 / 8 bytes: 2 MB."""
+    tree = TreeBatch.from_parents([-1, 0, 0, 1], [5000, 900, 30, 7000])
+    plan = plan_tree(tree, chunk=MAX_CHUNK)
+    assert plan.chunk == MAX_CHUNK and plan.group_bits.shape[-1] == MAX_CHUNK // 32
+    check_invariants(tree, plan)
+    assert _prefix_masks(MAX_CHUNK).nbytes == (MAX_CHUNK + 1) * MAX_CHUNK // 8 <= 2**21 + MAX_CHUNK
+
+
+@pytest.mark.parametrize(
+    ("argv", "parts"),
+    [
+        # the two commands that ended in a numpy MemoryError deep in the planner
+        (["--tokens", "3,3000000000000"], ["token counts: node 1 has 3000000000000 tokens",
+                                            "(allowed: 0..2147483647 per node, 2147483647 in all"]),
+        (["--tokens", "3,3000", "--chunk", "100000000"], ["chunk 100000000 must be a positive multiple of 32 up to 4096",
+                                                           "(allowed: 32..4096 in steps of 32"]),
+        (["--tokens", "2147483000,1000"], ["token counts: the batch holds 2147484000 tokens in all"]),
+    ],
+)
+def test_cli_refuses_huge_sizes_in_one_line(
+    argv: list[str], parts: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`attngen plan` with sizes past the limits: exit 2 and one line naming the argument,
+    the value and the allowed range, before anything is sized by them (the planner's
+    allocations raised MemoryError, which the CLI does not catch)."""
+    code = cli.main(["plan", "--parents=-1,0", *argv])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("attngen plan: ") and "Traceback" not in err
+    for part in parts:
+        assert part in err
+
+
+@pytest.mark.parametrize(
+    ("parents", "tokens", "queries", "launches"),
+    [
+        ([-1, 0, 0], [0, 0, 0], None, 1),  # no groups: the merge alone writes the outputs
+        ([-1, 0], [0, 0], [], 0),  # no queries: nothing is launched
+        ([-1, 0, -1], [6, 0, 0], [1, 2], 2),  # query 2 sees nothing: the merge writes it
+        ([-1, 0, 0, 0], [20, 3, 1, 5], None, 1),  # one partial each: stage 1 writes the outputs
+        ([-1, 0, 0, 0], [700, 30, 64, 200], None, 2),
+    ],
+)
+def test_launches_are_the_ones_the_kernels_make(
+    parents: list[int], tokens: list[int], queries: list[int] | None, launches: int
+) -> None:
+    """The launches the cost model reports for a built plan (and the span choice, from the
+    same slots), and the chunk choice's count for its candidate, are those of
+    templates/tree.py.j2's ``attention``: stage 1 iff there are groups, the merge unless
+    every query has exactly one partial (test_cost runs the kernels and counts them)."""
+    tree = TreeBatch.from_parents(parents, tokens, queries)
+    plan = plan_tree(tree, chunk=64)
+    assert plan.cost.launches == launches
+    heads, machine = plan.state.heads, plan.state.machine
+    nodes = _KvNodes.of(tree)
+    place = _place(nodes, 64)
+    chosen = _chunk_stats(tree, _Sight.of(tree, nodes), [place], np.array([plan.queries_per_group]), heads, machine)
+    assert np.asarray(chosen.launches).tolist() == [[launches]]
+
+
+def test_an_empty_plan_costs_the_merge_launch_and_saves_nothing() -> None:
+    """No groups: no KV read, no stage 1; the merge's one launch writes the outputs. Per-
+    branch decoding reads no KV either, so the report says nothing is saved (it printed
+    50% from the query and output bytes alone, and charged a stage-1 program)."""
+    heads, machine = HeadLayout(heads_q=32, heads_kv=8), Machine()
+    cost = plan_tree(TreeBatch.from_parents([-1, 0, 0], [0, 0, 0]), heads=heads).cost
+    assert (cost.kv_bytes, cost.partial_bytes, cost.flops, cost.branch_kv_bytes, cost.floor_bytes) == (0, 0, 0, 0, 0)
+    assert cost.total_bytes == 2 * 32 * 128 * 2  # the outputs the merge writes
+    assert cost.launches == 1 and cost.time_s == pytest.approx(machine.launch_overhead)
+    assert cost.io_saved == 0.0
+    summary = cost.summary()
+    assert "1 launch(es), 3.0 us; per-branch decoding reads no KV either (0.03 MB of queries and outputs): no IO saved;" in summary
+    assert "%" not in summary
+    none = plan_tree(TreeBatch.from_parents([-1], [0], [])).cost
+    assert (none.launches, none.time_s, none.total_bytes, none.io_saved) == (0, 0.0, 0.0, 0.0)
 
 
 def test_cost_reports_io_saved_against_per_branch() -> None:

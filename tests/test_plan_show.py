@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,23 @@ def test_a_plan_with_no_groups_is_shown(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     assert draw_png(tree, plan, str(tmp_path / "empty"))  # PNG whatever the name's ending
     assert (tmp_path / "empty").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_cost_line_of_an_empty_plan_says_what_runs_and_that_nothing_is_saved() -> None:
+    """An empty plan launches the merge alone, and per-branch decoding reads no KV either:
+    no percentage made of query and output bytes (it printed '50.0% IO saved'). Other
+    plans keep their line as it was."""
+    empty = describe(plan_tree(TreeBatch.from_parents([-1, 0, 0], [0, 0, 0]))).splitlines()
+    assert empty[1] == (
+        "predicted 0.02 MB (0.00 MB KV, 0.00 MB partials), 0.00 GFLOP, 1 launch(es), 3.0 us; "
+        "per-branch decoding reads no KV either (0.03 MB of queries and outputs): no IO saved; floor 0.00 MB"
+    )
+    assert empty[2].endswith("stage 1 does not run and the merge alone writes their outputs (0, LSE -inf)")
+    none = describe(plan_tree(TreeBatch.from_parents([-1], [0], []))).splitlines()
+    assert "0 launch(es), 0.0 us" in none[1] and none[2].endswith("; nothing is launched")
+    ordinary = describe(plan_tree(TreeBatch.from_parents([-1, 0, 0], [100, 30, 40]), chunk=64)).splitlines()[1]
+    assert re.fullmatch(
+        r"predicted \d+\.\d\d MB \(\d+\.\d\d MB KV, \d+\.\d\d MB partials\), \d+\.\d\d GFLOP, 2 launch\(es\), "
+        r"\d+\.\d us; per-branch decoding \d+\.\d\d MB -> -?\d+\.\d% IO saved; floor \d+\.\d\d MB",
+        ordinary,
+    ), ordinary

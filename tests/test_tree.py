@@ -11,6 +11,8 @@ import pytest
 
 from attngen.errors import PlanError
 from attngen.tree import (
+    MAX_CACHE_SLOTS,
+    MAX_KV_TOKENS,
     TreeBatch,
     make_node_pages,
     make_page_table,
@@ -208,3 +210,80 @@ def test_networkx_fractional_tokens_is_an_error() -> None:
     g.add_edge("root", "leaf")
     with pytest.raises(PlanError, match=r"node 'leaf' has tokens 2\.5"):
         TreeBatch.from_networkx(g)
+
+
+# ---- size limits: what the tree kernels address (int32 KV offsets) ---------------------
+
+TOO_BIG = 2**31  # MAX_KV_TOKENS + 1
+ALLOWED = r"\(allowed: 0\.\.2147483647 per node, 2147483647 in all"
+
+
+def _near_full() -> TreeBatch:
+    """A root and a leaf one token short of the limit, built from counts alone (a batch
+    allocates nothing per token until a plan or a per-token view asks)."""
+    return TreeBatch.from_parents([-1, 0], [MAX_KV_TOKENS - 2, 1])
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        # a node past the limit: the numpy out-of-memory error in the planner's chunking
+        (lambda: TreeBatch.from_parents([-1, 0], [3, 3_000_000_000_000]),
+         rf"token counts: node 1 has 3000000000000 tokens, .* {ALLOWED}"),
+        (lambda: TreeBatch.from_parents([-1, 0], [MAX_KV_TOKENS, 1]),
+         rf"token counts: the batch holds 2147483648 tokens in all, .* {ALLOWED}"),
+        # four 2**62-token nodes add up to 2**64, which int64 wraps to 0
+        (lambda: TreeBatch.from_parents([-1, 0, 0, 0], [2**62] * 4), rf"node 0 has {2**62} tokens, .* {ALLOWED}"),
+        # past int64: numpy keeps a Python int as an object, a uint64 wraps negative
+        (lambda: TreeBatch.from_parents([-1, 0], [3, 3 * 10**20]),
+         r"token counts: entry 1 is 300000000000000000000; expected an integer in 0\.\.2147483647"),
+        (lambda: TreeBatch.from_parents([-1], np.array([2**63], dtype=np.uint64)),
+         "token counts: entry 0 is 9223372036854775808; expected an integer in"),
+        (lambda: TreeBatch.from_parents([-1], loose([3e20])), r"token counts: entry 0 is 3e\+20; expected an integer"),
+        (lambda: TreeBatch.from_parents([-1, 0], loose([3, None])), "token counts: entry 1 is None; expected an integer"),
+        (lambda: _near_full().append_tokens([0, 2]),
+         rf"append_tokens: the batch would hold 2147483648 tokens \(2147483646 held, 2 appended\), .* {ALLOWED}"),
+        (lambda: _near_full().append_tokens({1: 2**63 - 1}),
+         rf"append_tokens: {2**63 - 1} tokens appended to node 1, .* {ALLOWED}"),
+        (lambda: _near_full().append_to_leaves(2), "append_tokens: the batch would hold 2147483648 tokens"),
+        (lambda: _example().append_to_leaves(10**30), rf"append_to_leaves: count {10**30} is out of range {ALLOWED}"),
+        (lambda: _example().append_to_leaves(-1), rf"append_to_leaves: count -1 is out of range {ALLOWED}"),
+        (lambda: _example().append_to_leaves(loose(1.5)), "append_to_leaves: count must be an int, got 1.5"),
+        (lambda: _near_full().add_branch(0, 2), "token counts: the batch holds 2147483648 tokens in all"),
+        (lambda: TreeBatch.concat([_near_full(), _example()]), "token counts: the batch holds 2147483656 tokens in all"),
+        (lambda: make_page_table(2**40, 16), r"page table: n_kv 1099511627776 is out of range \(allowed: 0\.\.2147483647"),
+        (lambda: make_page_table(10, 4, cache_pages=2**40, seed=0),
+         r"page table: cache_pages 1099511627776 is out of range \(allowed: 0\.\.536870912"),
+        (lambda: make_page_table(10, 0), r"page table: page_size 0 is out of range \(allowed: 1\.\.2147483648"),
+        (lambda: make_node_pages(_example(), 4, spare_pages=2**40, seed=0),
+         r"node pages: spare_pages 1099511627776 is out of range \(allowed: 0\.\.536870912"),
+        (lambda: physical_slots(np.zeros(1, np.int32), 2**40, 16), r"physical slots: n_kv 1099511627776 is out of range"),
+    ],
+)
+def test_sizes_past_the_kernels_offsets_raise_plan_error(build: Callable[[], object], message: str) -> None:
+    """Every count a batch holds, or an append adds, is refused past MAX_KV_TOKENS before
+    anything is sized by it: a PlanError naming the argument, the value and the allowed
+    range, never a MemoryError, an OverflowError or a count wrapped negative."""
+    with pytest.raises(PlanError, match=message):
+        build()
+
+
+def test_sizes_at_the_limit_are_taken() -> None:
+    tree = _near_full().append_tokens([0, 1])
+    assert tree.n_kv == MAX_KV_TOKENS and tree.node_depth_start.tolist() == [0, MAX_KV_TOKENS - 2]
+    assert TreeBatch.from_parents([-1], [MAX_KV_TOKENS]).n_kv == MAX_KV_TOKENS
+    assert TreeBatch.from_parents([-1], np.array([7], dtype=np.uint64)).tokens.tolist() == [7]
+    g = nx.DiGraph()
+    g.add_node("root", tokens=10**20)
+    with pytest.raises(PlanError, match=r"node 'root' has tokens 100000000000000000000; .* \(allowed: 0\.\."):
+        TreeBatch.from_networkx(g)
+
+
+def test_node_page_slots_keep_every_slot_in_int32() -> None:
+    """Pages of a size that does not divide 2**31: the last page whose slots all fit int32
+    is the highest allowed (the bound was one page higher, whose last slot is 2**31)."""
+    tree = TreeBatch.from_parents([-1], [3])
+    top = MAX_CACHE_SLOTS // 3  # 715827882 pages of 3 slots
+    assert node_page_slots(tree, [[top - 1]], 3).tolist() == [2147483643, 2147483644, 2147483645]
+    with pytest.raises(PlanError, match=rf"node_pages\[0\] holds page {top}; allowed pages are 0..{top - 1}"):
+        node_page_slots(tree, [[top]], 3)

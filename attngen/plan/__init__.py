@@ -38,7 +38,7 @@ What this module exports is the API; the rest is the planner's own.
 """
 
 from attngen.plan.buffers import PlanBuffers, PlanSizes, plan_into
-from attngen.plan.choice import CHUNK_CHOICES, SPAN_CHOICES
+from attngen.plan.choice import CHUNK_CHOICES, MAX_CHUNK, MAX_SPAN, SPAN_CHOICES
 from attngen.plan.fold import FOLD_ALIGN
 from attngen.plan.planner import Plan, plan_tree, replan_after_append
 from attngen.plan.spans import SPLIT_ALIGN
@@ -47,6 +47,8 @@ from attngen.plan.tensors import TENSOR_NAMES
 __all__ = [
     "CHUNK_CHOICES",
     "FOLD_ALIGN",
+    "MAX_CHUNK",
+    "MAX_SPAN",
     "SPAN_CHOICES",
     "SPLIT_ALIGN",
     "TENSOR_NAMES",

@@ -18,7 +18,7 @@ from attngen.plan.groups import _layout_rows
 from attngen.plan.spans import _span_groups
 from attngen.plan.tensors import TENSOR_NAMES, _host_arrays, _starts, _views
 from attngen.plan.visibility import WORD
-from attngen.tree import TreeBatch
+from attngen.tree import MAX_KV_TOKENS, TreeBatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +81,19 @@ class PlanBuffers:
         parameters are checked as :func:`plan_tree` checks them, before anything is
         allocated."""
         heads = heads or DEFAULT_HEADS
-        for name, value in (("max_groups", max_groups), ("max_queries", max_queries), ("max_kv", max_kv)):
-            plan_int(value, f"PlanBuffers.allocate: {name}")
-            if value < 1:
-                raise PlanError(f"PlanBuffers.allocate: {name} {value} must be a positive capacity.")
         _check_params(chunk, queries_per_group, heads)
         _check_span(span)
+        for name, value, top in (
+            ("max_groups", max_groups, _MAX_BITS // (queries_per_group * (chunk // WORD))),
+            ("max_queries", max_queries, MAX_KV_TOKENS),
+            ("max_kv", max_kv, MAX_KV_TOKENS),
+        ):
+            plan_int(value, f"PlanBuffers.allocate: {name}")
+            if not 1 <= value <= top:
+                raise PlanError(
+                    f"PlanBuffers.allocate: {name} {value} must be a positive capacity up to {top} "
+                    f"(allowed: 1..{top}; {_CAPACITY_WHY[name]})."
+                )
         shapes = {
             "group_kv_start": (max_groups,),
             "group_kv_len": (max_groups,),
@@ -138,6 +145,19 @@ class PlanBuffers:
 
 
 _PAD = {"group_q": -1, "merge_row": -1, "group_fold": -1}
+
+
+#: Elements group_bits may hold: stage 1 finds a slot's words at (group * QG + slot) *
+#: (chunk // 32) in int32 (tree_triton.py.j2, ``Bits + part * n_words``), so every
+#: element must have an int32 index.
+_MAX_BITS = 2**31 - 1
+
+#: Why each capacity has its upper bound, for the error.
+_CAPACITY_WHY = {
+    "max_groups": "group_bits, max_groups x queries_per_group x chunk / 32 words, is indexed in int32",
+    "max_queries": "query ids (group_q) and merge offsets (merge_ptr) are int32",
+    "max_kv": "KV offsets are int32 (tree.MAX_KV_TOKENS)",
+}
 
 
 _FOLD_AT, _DENSE_AT = TENSOR_NAMES.index("group_fold"), TENSOR_NAMES.index("dense_count")

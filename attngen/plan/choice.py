@@ -14,29 +14,48 @@ from attngen.plan.groups import _alike_pairs, _dense, _programs, _Rows, _Slots, 
 from attngen.plan.layout import _Chunking, _KvNodes, _pieces, _place, _Placement, _places
 from attngen.plan.spans import SPLIT_ALIGN, _coalescible, _run_pieces, _Runs
 from attngen.plan.visibility import WORD, _queries_per_chunk, _Sight
-from attngen.tree import TreeBatch
+from attngen.tree import MAX_KV_TOKENS, TreeBatch
 
 #: Candidate chunk sizes the cost model chooses among (multiples of 32).
 CHUNK_CHOICES = (64, 128, 256, 512)
 
+#: The largest chunk a plan may be given. The kernels take any multiple of 32 (stage 1
+#: reads a masked group's bits tile by tile, ``chunk // 32`` int32 words per slot), so
+#: this is a sane bound, not a kernel limit: 8x the largest chunk the cost model chooses
+#: and the H200 sweep measured (512). The planner keeps a table of prefix masks per chunk
+#: size for the process's life, (chunk + 1) x chunk / 32 words (visibility.py
+#: ``_prefix_masks``), chunk**2 / 8 bytes: 32 KB at 512, 2 MB here, and 1.25 PB at the
+#: 10**8 of a typo; and each slot of a masked group carries chunk / 8 bytes of bits.
+MAX_CHUNK = 4096
+
 
 #: Candidate spans (tokens per group after coalescing a long node's full chunks).
 SPAN_CHOICES = (768, 1024, 2048, 4096, 8192, 16384)
+
+#: The longest span a plan may be given: a group's KV range is int32 in the plan
+#: (group_kv_start, group_kv_len) and no batch holds more tokens (tree.MAX_KV_TOKENS), so
+#: a longer span plans the same groups; past int64 one would not even reach the planner's
+#: arrays (``np.asarray([span], np.int64)``).
+MAX_SPAN = MAX_KV_TOKENS
 
 
 def _check_params(chunk: int | None, qg: int | None, heads: HeadLayout) -> None:
     for name, value in (("chunk", chunk), ("queries_per_group", qg)):
         if value is not None:
             plan_int(value, name)
-    if chunk is not None and (chunk < WORD or chunk % WORD):
-        raise PlanError(f"chunk {chunk} must be a positive multiple of {WORD} (e.g. 64..512).")
+    if chunk is not None and not (WORD <= chunk <= MAX_CHUNK and chunk % WORD == 0):
+        raise PlanError(
+            f"chunk {chunk} must be a positive multiple of {WORD} up to {MAX_CHUNK} (allowed: "
+            f"{WORD}..{MAX_CHUNK} in steps of {WORD}; the cost model chooses among 64..512)."
+        )
     if qg is None:
         return
+    # bounded above by the heads' choices (at most TALL_ROWS), each a few int comparisons
     choices = heads.queries_per_group_choices()
     if qg in choices:
         return
     if qg < 1 or qg & (qg - 1):
-        raise PlanError(f"queries_per_group {qg} must be a power of two >= 1, or one of {list(choices)}.")
+        raise PlanError(f"queries_per_group {qg} must be a power of two >= 1 (allowed: {list(choices)}).")
     raise PlanError(
         f"queries_per_group {qg} x {heads.group} query heads per KV head = "
         f"{qg * heads.group} rows exceeds the {min(heads.max_rows, BLOCK_ROWS)} of a power-of-two "
@@ -47,8 +66,12 @@ def _check_params(chunk: int | None, qg: int | None, heads: HeadLayout) -> None:
 def _check_span(span: int | None) -> None:
     if span is not None:
         plan_int(span, "span")
-    if span is not None and span < 1:
-        raise PlanError(f"span {span} must be a positive number of tokens (e.g. 1024..16384).")
+    if span is not None and not 1 <= span <= MAX_SPAN:
+        raise PlanError(
+            f"span {span} must be a positive number of tokens up to {MAX_SPAN} (allowed: "
+            f"1..{MAX_SPAN}, a group's int32 KV range; the cost model chooses among the chunk "
+            f"and {SPAN_CHOICES[0]}..{SPAN_CHOICES[-1]})."
+        )
 
 
 def _chunk_stats(
@@ -91,8 +114,9 @@ def _chunk_stats(
     full_programs = _programs(heads.tile_rows(qg, qg), full_dense, machine)
     programs = n_full * full_programs + (rest > 0) * _programs(heads.tile_rows(rest, qg), rest_dense, machine)
     partials = count @ chunks
-    # every query that sees a token has a partial: one launch iff none has two
-    launches = np.where(partials <= sight.seeing, 1, 2)
+    # every query that sees a token has a partial, so each has exactly one iff every query
+    # sees a token and there are no more partials than such queries
+    launches = _launches(partials, (partials <= sight.seeing) & (sight.seeing == tree.n_queries))
 
     def per_chunking(values: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """[QG, counts] summed per chunking with ``weight`` [counts, chunkings]: [chunkings, QG]."""
@@ -239,13 +263,26 @@ def _choose_qg_span(
     return qgs[g], int(spans[i]), slots[g].with_bits(pairs, layout), None if runs is None else runs[g]
 
 
+def _launches(partials: np.ndarray, one_each: np.ndarray) -> np.ndarray:
+    """The launches of the two stages that a generated module makes (templates/tree.py.j2,
+    ``attention``) for plans of ``partials`` partials, where ``one_each`` says whether every
+    query has exactly one: stage 1 when there are partials (groups); the merge unless every
+    query has exactly one partial (stage 1 then writes the outputs). So a plan of no
+    groups launches the merge alone, which writes its queries' outputs (O 0, LSE -inf),
+    and one without queries launches nothing. :func:`_tree_fields` counts one plan's so."""
+    return np.add(np.greater(partials, 0), np.logical_not(one_each), dtype=np.int64)
+
+
 def _tree_fields(tree: TreeBatch, query: np.ndarray) -> dict[str, int]:
     """The PlanStats fields that come from the tree and the query slots alone: the slots
-    fix how many partials each query has, hence the launches."""
-    per_query = np.bincount(query[query >= 0], minlength=tree.n_queries)
+    fix how many partials each query has, hence the launches (:func:`_launches`' rule, in
+    Python ints: numpy's calls on scalars cost more than the rest here)."""
+    filled = query[query >= 0]
+    per_query = np.bincount(filled, minlength=tree.n_queries)
+    one_each = len(filled) == tree.n_queries and per_query.max(initial=0) <= 1
     return {
         "queries": tree.n_queries,
-        "launches": 1 if per_query.max(initial=0) <= 1 else 2,
+        "launches": int(len(filled) > 0) + int(not one_each),
         "branch_tokens": int(tree.query_visible_counts.sum()),
         "unique_tokens": tree.needed_kv_tokens,
     }

@@ -573,7 +573,11 @@ def mask_boundaries(spec: Spec) -> list[int]:
 def far_boundaries(spec: Spec, *, interpreter: bool) -> list[int]:
     """The mask's boundaries a check runs in case :data:`BOUNDARY_CASE`: those past
     :data:`RANDOM_REACH`, up to :data:`BOUNDARY_CAP`."""
-    return [n for n in mask_boundaries(spec) if RANDOM_REACH[interpreter] < n <= BOUNDARY_CAP[interpreter]]
+    return _far(mask_boundaries(spec), interpreter)
+
+
+def _far(boundaries: list[int], interpreter: bool) -> list[int]:
+    return [n for n in boundaries if RANDOM_REACH[interpreter] < n <= BOUNDARY_CAP[interpreter]]
 
 
 def _boundary_shape(spec: Spec, rng: random.Random, *, interpreter: bool) -> Shape | None:
@@ -588,12 +592,13 @@ def _boundary_shape(spec: Spec, rng: random.Random, *, interpreter: bool) -> Sha
 
 def boundary_notes(spec: Spec, *, examples: int, interpreter: bool) -> list[str]:
     """What a check cannot reach of the mask's boundaries, said in its report."""
-    beyond = [n for n in mask_boundaries(spec) if n > BOUNDARY_CAP[interpreter]]
+    boundaries = mask_boundaries(spec)
+    beyond = [n for n in boundaries if n > BOUNDARY_CAP[interpreter]]
     notes = []
     if beyond:
         notes.append(f"note: the mask changes shape at KV lengths {beyond}, past the longest this check "
                      f"runs here ({BOUNDARY_CAP[interpreter]})")
-    if examples <= BOUNDARY_CASE and far_boundaries(spec, interpreter=interpreter):
+    if examples <= BOUNDARY_CASE and _far(boundaries, interpreter):
         notes.append(f"note: the mask's far boundaries run in case {BOUNDARY_CASE}; "
                      f"--examples {examples} stops before it")
     return notes

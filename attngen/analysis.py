@@ -35,7 +35,7 @@ from functools import reduce
 import sympy as sp
 from sympy.core.relational import Relational
 
-from attngen.symbols import TILE_UNIFORM, kv_pos, q_pos
+from attngen.symbols import TILE_UNIFORM, int_floor, kv_pos, q_pos
 
 q_lo = sp.Symbol("q_lo", integer=True)
 q_hi = sp.Symbol("q_hi", integer=True)
@@ -351,25 +351,27 @@ def _solve_for_kv(a: sp.Basic, b: sp.Basic, t: sp.Basic, strict: bool) -> _KvBou
 
 def _kv_ranges(bound: _KvBound) -> tuple[_Range, _Range]:
     """Hull (loosest over the tile's queries) and full range (tightest), with integer
-    ends where the value is a ratio of integers (``q_pos < 2 * kv_pos``: kv > q/2, so kv
-    >= q // 2 + 1), since kv is an integer and the ends are loop bounds. Other values
-    (a float tensor's) keep sound but looser real ends."""
+    ends, since kv is an integer and the ends are loop bounds. Where the value is a ratio
+    of integers they are exact (``q_pos < 2 * kv_pos``: kv > q/2, so kv >= q // 2 + 1);
+    a real value (``kv_pos >= 0.9 * q_pos``, a float tensor's element) gets the integer
+    ends of :class:`~attngen.symbols.int_floor`, the hull one looser and the full range
+    one tighter where the value is whole, so both stay sound in the kernel's float32."""
     loosest, tightest = (_q_min, _q_max) if bound.lower else (_q_max, _q_min)
     wide, narrow = loosest(bound.value), tightest(bound.value)
     strict = not bound.equivalent
     if bound.lower:  # kv >= value, or (strict) kv > value: the least such integer
         hull_lo, full_lo = _above(wide, strict), _above(narrow, strict)
-        if hull_lo is None:  # kv >= value follows from both
-            hull_lo = wide
-        if full_lo is None:  # kv >= value + 1 implies kv > value
-            full_lo = narrow + 1 if strict else narrow
+        if hull_lo is None:  # kv >= value >= floor(value)
+            hull_lo = int_floor(wide)
+        if full_lo is None:  # kv >= floor(value) + 1 > value
+            full_lo = int_floor(narrow) + 1
         return _Range(hull_lo, None), _Range(full_lo, None)
     # kv < value (strict), or kv <= value: the end past the greatest such integer
     hull_hi, full_hi = _past(wide, strict), _past(narrow, strict)
-    if hull_hi is None:  # kv < value + 1 follows from kv <= value, and from kv < value
-        hull_hi = wide if strict else wide + 1
-    if full_hi is None:  # kv < value + 1 equals kv <= value only for an integer value
-        full_hi = narrow + 1 if not strict and narrow.is_integer else narrow
+    if hull_hi is None:  # kv <= value < floor(value) + 1
+        hull_hi = int_floor(wide) + 1
+    if full_hi is None:  # kv < ceil(value) is kv <= ceil(value) - 1 < value
+        full_hi = -int_floor(-narrow)
     return _Range(None, hull_hi), _Range(None, full_hi)
 
 

@@ -15,6 +15,7 @@ kv_pos <= q_pos
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,12 +27,16 @@ import sympy as sp
 from attngen.errors import ExprError, did_you_mean
 from attngen.printer import (
     CONSTANT_RULE,
+    INTEGER_LIMIT,
+    INTEGER_RULE,
     POWER_RULE,
     constant_problem,
     folded_constants,
+    integer_constants,
     power_form,
     prints_integer,
 )
+from attngen.symbols import Fixed
 
 Kind = Literal["bool", "number"]
 
@@ -134,6 +139,20 @@ class _Value:
     end: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """A value the parser built from operands (``parts``), kept for the checks that need
+    the whole text first: ``op`` names the operation ('/', 'log'), ``form`` shows it from
+    its operands ('{} / {}', 'log({})')."""
+
+    expr: sp.Basic
+    column: int
+    end: int
+    op: str
+    form: str
+    parts: tuple[sp.Basic, ...]
+
+
 def tokenize(text: str) -> list[Token]:
     """Split ``text`` into tokens, ending with an ``end`` token; raise ExprError on a
     character that starts no token."""
@@ -157,19 +176,30 @@ def parse(
     tensors: Mapping[str, int],
     want: Kind,
     integer_tensors: Collection[str] = frozenset(),
+    fixed: Fixed | None = None,
 ) -> sp.Basic:
     """Parse ``text`` into a sympy expression of kind ``want``.
 
     ``names`` are the plain symbols the text may use; ``tensors`` maps each tensor name
     to its number of indices (it must be indexed with exactly that many), and
     ``integer_tensors`` names those whose elements are integers (only they may appear in
-    an index). Raises :class:`ExprError` naming the column of the first problem.
+    an index). ``fixed`` gives the values the spec's topology fixes (a tree's q_len is
+    1): the text must be defined with them. Raises :class:`ExprError` naming the column
+    of the first problem.
+
+    Whole constants are integers where they meet integers (they must then fit the
+    kernels' int32, see :data:`~attngen.printer.INTEGER_RULE`) and real numbers where they
+    meet real ones: ``score + 10**20`` is ``score + 1.0e20``.
     """
-    value = _Parser(text, names, tensors, frozenset(integer_tensors)).parse_all()
+    parser = _Parser(text, names, tensors, frozenset(integer_tensors))
+    value = parser.parse_all()
     if value.kind != want:
         wanted = "a boolean (a condition)" if want == "bool" else "a number"
         raise ExprError(text, 0, f"expected {wanted}, got {_describe(value.kind)}")
-    return value.expr
+    if fixed is not None:
+        parser.check_fixed(value, fixed)
+    # a score is real: a constant one too wide for an integer is a float
+    return _real(value.expr) if want == "number" else value.expr
 
 
 def _describe(kind: Kind) -> str:
@@ -193,6 +223,7 @@ class _Parser:
         self.tokens = tokenize(text)
         self.pos = 0
         self.end = 0  # the column just past the last token consumed
+        self.steps: list[_Step] = []  # the values built from operands, innermost first
 
     # -- token helpers -------------------------------------------------------------------
 
@@ -242,15 +273,70 @@ class _Parser:
         """The user's text from ``start`` to the end of the last token consumed."""
         return self.text[start : self.end]
 
-    def boolean(self, expr: sp.Basic, start: int) -> _Value:
+    def boolean(
+        self, expr: sp.Basic, start: int, op: str = "", form: str = "", parts: Sequence[_Value] = ()
+    ) -> _Value:
+        """A boolean spanning ``start`` to the last token consumed, built by ``op`` from
+        ``parts`` (see :meth:`number`)."""
+        self.check_integers(expr, start, parts)
+        self.record(expr, start, op, form, parts)
         return _Value(expr, "bool", start, self.end)
 
-    def number(self, expr: sp.Basic, start: int) -> _Value:
+    def number(
+        self, expr: sp.Basic, start: int, op: str = "", form: str = "", parts: Sequence[_Value] = ()
+    ) -> _Value:
         """A number spanning ``start`` to the last token consumed, once its constants and
-        powers are known to have a Triton form (sympy may have folded or merged them)."""
+        powers are known to have a Triton form (sympy may have folded or merged them).
+        ``op`` built it from the operands ``parts``, shown as ``form`` ('{} / {}')."""
         self.check_constants(expr, start)
         self.check_powers(expr, start)
+        self.check_integers(expr, start, parts)
+        self.record(expr, start, op, form, parts)
         return _Value(expr, "number", start, self.end)
+
+    def record(
+        self, expr: sp.Basic, start: int, op: str, form: str, parts: Sequence[_Value]
+    ) -> None:
+        if op:
+            self.steps.append(_Step(expr, start, self.end, op, form, tuple(p.expr for p in parts)))
+
+    def combine(
+        self, build: Callable[[list[sp.Basic]], sp.Basic], parts: Sequence[_Value]
+    ) -> sp.Basic:
+        """``build`` of the operands; where the result is real arithmetic, a whole
+        constant too wide for the kernels' integers is a float there (``score + 10**20``
+        adds 1e20 in float32, as the float64 reference does), not an integer Triton and
+        numpy's int64 would refuse."""
+        exprs = [p.expr for p in parts]
+        result = build(exprs)
+        if any(_too_wide(e) for e in exprs) and not _integer_arithmetic(result, exprs):
+            result = build([_real(e) for e in exprs])
+        return result
+
+    def check_integers(self, expr: sp.Basic, start: int, parts: Sequence[_Value]) -> None:
+        """An ExprError unless every whole constant of ``expr`` in integer arithmetic fits
+        :data:`~attngen.printer.INTEGER_LIMIT`, at the operand that is that constant if
+        one is (``kv_pos + 2 ** 40``), else at the whole value (``kv_pos * 65536 * 65536``
+        makes 4294967296)."""
+        for constant in integer_constants(expr):
+            if abs(constant) <= INTEGER_LIMIT:
+                continue
+            for part in parts:
+                if part.expr.is_Integer and abs(part.expr) == abs(constant):  # (- it, too)
+                    text = self.text[part.column : part.end]
+                    literal = text.strip().lstrip("+-").strip().isdigit()
+                    shown = "" if literal else f" ({constant})"
+                    raise self.error(
+                        part.column,
+                        f"the constant {text!r}{shown} is out of the integer range",
+                        INTEGER_RULE,
+                    )
+            raise self.error(
+                start,
+                f"{self.source(start)!r} makes the constant {constant}, which is out of the "
+                "integer range",
+                INTEGER_RULE,
+            )
 
     def check_constants(self, expr: sp.Basic, start: int) -> None:
         for constant in folded_constants(expr):
@@ -277,6 +363,83 @@ class _Parser:
             problem = f"the power {power} has no Triton form (written {self.source(start)!r})"
             raise self.error(start, problem, f"allowed: {POWER_RULE}")
 
+    def check_offset(self, relation: sp.Basic, left: _Value, right: _Value) -> None:
+        """An ExprError if the integer comparison ``relation`` has constants on its two
+        sides that, moved to one side, leave the integer range: the kernels' tile bounds
+        solve ``kv_pos + c < q_pos - c`` as ``kv_pos < q_pos - 2c``."""
+        if not isinstance(relation, sp.core.relational.Relational):
+            return  # sympy decided it
+        if not (prints_integer(left.expr) and prints_integer(right.expr)):
+            return
+        offset = (left.expr - right.expr).as_coeff_Add()[0]
+        if offset.is_Integer and abs(offset) > INTEGER_LIMIT:
+            raise self.error(
+                left.column,
+                f"{self.source(left.column)!r} makes the constant {abs(offset)} when its "
+                "constants are moved to one side (as the kernels' tile bounds do), which is "
+                "out of the integer range",
+                INTEGER_RULE,
+            )
+
+    # -- the values a topology fixes -----------------------------------------------------
+
+    def check_fixed(self, value: _Value, fixed: Fixed) -> None:
+        """An ExprError if ``value`` is undefined (a division by zero, log(0), ...) once
+        ``fixed``'s values are substituted, at the innermost part of the text that is,
+        stated in the user's terms. A part guarded by ``where`` does not count when the
+        ``where`` is defined: ``where(q_len > 1, log(q_len - 1), 0)`` is 0 in a tree."""
+        if _fixed_problem(value.expr, fixed) is None:
+            return
+        failing = {id(s) for s in self.steps if _fixed_problem(s.expr, fixed) is not None}
+
+        def unguarded(step: _Step) -> bool:
+            """Whether every part of the text around ``step`` fails as well."""
+            return all(
+                id(outer) in failing
+                for outer in self.steps
+                if outer is not step and outer.column <= step.column and step.end <= outer.end
+            )
+
+        candidates = [s for s in self.steps if id(s) in failing and unguarded(s)]
+        if not candidates:  # sympy merged the parts: the whole value, then
+            step = _Step(value.expr, value.column, value.end, "", "", ())
+        else:
+            step = min(candidates, key=lambda s: s.end - s.column)
+        raise self.error(step.column, self.fixed_message(step, fixed), _FIXED_RULE)
+
+    def fixed_message(self, step: _Step, fixed: Fixed) -> str:
+        """'in a tree spec q_len is 1 (...), so 'log(q_len - 1)' is log(0) = -inf'."""
+        used = step.expr.free_symbols
+        facts = [fact for symbol, fact in fixed.facts.items() if symbol in used]
+        facts = facts or list(fixed.facts.values())
+        parts = [_substituted(p, fixed) for p in step.parts]
+        whole = _substituted(step.expr, fixed)
+        left = parts[0] if parts else None
+        right = parts[1] if len(parts) > 1 else None
+        if step.form and all(p is not None for p in parts):
+            shown = step.form.format(*(_shown_operand(p) for p in parts if p is not None))
+        elif whole is not None and not whole.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+            shown = _shown_operand(whole)
+        else:
+            shown = ""
+        if step.op in _DIVISIONS and right == 0:
+            outcome = "a modulo by zero" if step.op == "%" else "a division by zero"
+        elif step.op == "**" and left == 0 and right is not None and right.is_negative:
+            outcome = "a division by zero"
+        elif step.op == "log" and left == 0:
+            outcome = "= -inf"
+        else:
+            problem = _fixed_problem(step.expr, fixed) or "is undefined"
+            outcome = "which " + problem
+        if not shown:
+            says = outcome.removeprefix("which ")  # "is undefined"
+        elif outcome.startswith("="):
+            says = f"is {shown} {outcome}"
+        else:
+            says = f"is {shown}, {outcome}"
+        source = self.text[step.column : step.end]
+        return f"in {fixed.where} {' and '.join(facts)}, so {source!r} {says}"
+
     # -- grammar -------------------------------------------------------------------------
 
     def parse_all(self) -> _Value:
@@ -301,14 +464,14 @@ class _Parser:
         if len(parts) == 1:
             return first
         exprs = [self.need(p, "bool", f"'{word}'").expr for p in parts]
-        return self.boolean(combine(*exprs), first.column)
+        return self.boolean(combine(*exprs), first.column, word, f" {word} ".join("{}" for _ in parts), parts)
 
     def parse_not(self) -> _Value:
         token = self.accept("not")
         if token is None:
             return self.parse_comparison()
         inner = self.need(self.parse_not(), "bool", "'not'")
-        return self.boolean(sp.Not(inner.expr), token.column)
+        return self.boolean(sp.Not(inner.expr), token.column, "not", "not {}", (inner,))
 
     def parse_comparison(self) -> _Value:
         left = self.parse_sum()
@@ -317,7 +480,11 @@ class _Parser:
             right = self.parse_sum()
             context = f"comparison {op.text!r}"
             a, b = self.need(left, "number", context), self.need(right, "number", context)
-            relations.append(_COMPARISONS[op.text](a.expr, b.expr))
+            relation = self.combine(_binary(_COMPARISONS[op.text]), (a, b))
+            self.check_integers(relation, a.column, (a, b))
+            self.check_offset(relation, a, b)
+            self.record(relation, a.column, op.text, f"{{}} {op.text} {{}}", (a, b))
+            relations.append(relation)
             left = right
         if not relations:
             return left
@@ -328,8 +495,9 @@ class _Parser:
         while (op := self.accept("+", "-")) is not None:
             right = self.need(self.parse_product(), "number", f"{op.text!r}")
             left = self.need(value, "number", f"{op.text!r}")
-            combined = left.expr + right.expr if op.text == "+" else left.expr - right.expr
-            value = self.number(combined, left.column)
+            parts = (left, right)
+            combined = self.combine(_binary(operator.add if op.text == "+" else operator.sub), parts)
+            value = self.number(combined, left.column, op.text, f"{{}} {op.text} {{}}", parts)
         return value
 
     def parse_product(self) -> _Value:
@@ -337,24 +505,19 @@ class _Parser:
         while (op := self.accept("*", "/", "//", "%")) is not None:
             right = self.need(self.parse_unary(), "number", f"{op.text!r}")
             left = self.need(value, "number", f"{op.text!r}")
-            value = self.number(self._product(op, left, right), left.column)
+            product = self._product(op, left, right)
+            value = self.number(product, left.column, op.text, f"{{}} {op.text} {{}}", (left, right))
         return value
 
     def _product(self, op: Token, left: _Value, right: _Value) -> sp.Basic:
         if op.text == "*":
-            return left.expr * right.expr
+            return self.combine(_binary(operator.mul), (left, right))
         if right.expr == 0:
             raise self.error(
                 right.column, "division by zero" if op.text != "%" else "modulo by zero"
             )
-        result: sp.Basic
-        if op.text == "/":
-            result = left.expr / right.expr
-        elif op.text == "//":
-            result = sp.floor(left.expr / right.expr)
-        else:
-            result = sp.Mod(left.expr, right.expr)
-        return self.defined(result, op.column)
+        build = _DIVISIONS[op.text]
+        return self.defined(self.combine(build, (left, right)), op.column)
 
     def defined(self, result: sp.Basic, column: int) -> sp.Basic:
         """``result``, unless sympy folded it to an undefined value (zoo, nan)."""
@@ -367,8 +530,9 @@ class _Parser:
         if token is None:
             return self.parse_power()
         operand = self.need(self.parse_unary(), "number", f"unary {token.text!r}")
-        expr = -operand.expr if token.text == "-" else operand.expr
-        return self.number(expr, token.column)
+        if token.text == "+":
+            return self.number(operand.expr, token.column)
+        return self.number(-operand.expr, token.column, "-", "-{}", (operand,))
 
     def parse_power(self) -> _Value:
         base = self.parse_primary()
@@ -377,7 +541,9 @@ class _Parser:
             return base
         exponent = self.need(self.parse_unary(), "number", "'**'")
         base = self.need(base, "number", "'**'")
-        return self.number(self.defined(base.expr**exponent.expr, op.column), base.column)
+        parts = (base, exponent)
+        power = self.defined(self.combine(_binary(operator.pow), parts), op.column)
+        return self.number(power, base.column, "**", "{} ** {}", parts)
 
     def parse_primary(self) -> _Value:
         token = self.peek
@@ -451,11 +617,13 @@ class _Parser:
         args = self.parse_arguments(")")
         self.check_arity(function, args, token)
         kinds = [function.arg_kinds(i) for i in range(len(args))]
-        exprs = [
-            self.need(a, k, f"argument {i + 1} of {function.name}()").expr
+        parts = [
+            self.need(a, k, f"argument {i + 1} of {function.name}()")
             for i, (a, k) in enumerate(zip(args, kinds, strict=True))
         ]
-        return self.number(self.defined(function.build(exprs), token.column), token.column)
+        result = self.defined(self.combine(function.build, parts), token.column)
+        form = f"{function.name}({', '.join('{}' for _ in parts)})"
+        return self.number(result, token.column, function.name, form, parts)
 
     def check_arity(self, function: Function, args: Sequence[_Value], token: Token) -> None:
         n = len(args)
@@ -491,7 +659,8 @@ class _Parser:
             else sp.IndexedBase(name)
         )
         element = base[tuple(i.expr for i in indices)]
-        return self.number(element, token.column)
+        form = f"{name}[{', '.join('{}' for _ in indices)}]"
+        return self.number(element, token.column, "[]", form, indices)
 
     def check_index(self, name: str, index: _Value) -> None:
         """An ExprError at ``index`` unless it prints as a Triton integer: the load's
@@ -533,6 +702,86 @@ class _Parser:
             f"{tensors}, combined with +, -, *, // (floor division), %, min, max, abs, "
             "clamp, where and ** 2 to 4"
         )
+
+
+def _binary(
+    operation: Callable[[sp.Basic, sp.Basic], sp.Basic],
+) -> Callable[[list[sp.Basic]], sp.Basic]:
+    """``operation`` of two operands, as :meth:`_Parser.combine` calls it (on a list)."""
+    return lambda e: operation(e[0], e[1])
+
+
+#: ``/``, ``//`` and ``%`` of two operands (a zero right operand is refused before).
+_DIVISIONS: dict[str, Callable[[list[sp.Basic]], sp.Basic]] = {
+    "/": _binary(operator.truediv),
+    "//": _binary(lambda a, b: sp.floor(a / b)),
+    "%": _binary(sp.Mod),
+}
+
+
+def _too_wide(expr: sp.Basic) -> bool:
+    """Whether ``expr`` is a whole constant beyond the integer range of the kernels."""
+    return isinstance(expr, sp.Integer) and abs(int(expr)) > INTEGER_LIMIT
+
+
+def _real(expr: sp.Basic) -> sp.Basic:
+    """``expr``, a float if it is a whole constant too wide for an integer (as the float64
+    reference reads it; one beyond float64 stays whole, for the float32 check to refuse)."""
+    if not _too_wide(expr):
+        return expr
+    try:
+        return sp.Float(float(int(expr)))
+    except OverflowError:
+        return expr
+
+
+def _integer_arithmetic(result: sp.Basic, operands: Sequence[sp.Basic]) -> bool:
+    """Whether the operation that made ``result`` of ``operands`` computes in integers:
+    a comparison of two integers, or a value that prints as one."""
+    if not isinstance(result, sp.Expr):  # a comparison (or what sympy decided of it)
+        return all(prints_integer(o) for o in operands if isinstance(o, sp.Expr))
+    return prints_integer(result)
+
+
+#: What an expression must be with the values its topology fixes.
+_FIXED_RULE = (
+    "allowed: expressions defined for every query this topology has; drop the term, or keep "
+    "it defined there: a divisor as max(q_len - 1, 1), a real value as "
+    "where(q_len > 1, log(q_len - 1), 0)"
+)
+
+
+def _substituted(expr: sp.Basic, fixed: Fixed) -> sp.Basic | None:
+    """``expr`` with ``fixed``'s values, or None where sympy finds it undefined (it
+    raises on a modulo by zero)."""
+    try:
+        return expr.xreplace(dict(fixed.values))
+    except (ZeroDivisionError, TypeError):  # Mod(x, 0); zoo > 0 is no comparison
+        return None
+
+
+def _fixed_problem(expr: sp.Basic, fixed: Fixed) -> str | None:
+    """What ``expr`` becomes with ``fixed``'s values that the kernels cannot compute
+    ("is undefined", "is beyond float32's range", ...), or None."""
+    value = _substituted(expr, fixed)
+    if value is None or value.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+        return "is undefined"
+    for constant in folded_constants(value):
+        problem = constant_problem(constant)
+        if problem is not None:
+            return problem
+    if any(abs(c) > INTEGER_LIMIT for c in integer_constants(value)):
+        return "is out of the integer range"
+    return None
+
+
+def _shown_operand(value: sp.Basic) -> str:
+    """An operand as the message shows it: a number as one, a sum in parentheses."""
+    if isinstance(value, sp.Expr) and value.is_number:
+        return str(int(value)) if value.is_Integer else _shown(value)
+    text = str(value)
+    atomic = isinstance(value, sp.Symbol | sp.Indexed | sp.Function) or value.is_Boolean
+    return text if atomic else f"({text})"
 
 
 def _shown(constant: sp.Basic) -> str:

@@ -5,8 +5,8 @@ found along the class's MRO), known functions come from a table, and parentheses
 from a precedence table. The printer is strict: a node it has no rule for raises
 :class:`PrintError` rather than emitting something Triton would misread.
 
-The output calls three helpers that ``templates/expr_helpers.py.j2`` defines:
-``_floordiv`` and ``_mod`` (Python floor semantics) and ``_tanh``.
+The output calls the helpers that ``templates/expr_helpers.py.j2`` defines:
+``_floordiv`` and ``_mod`` (Python floor semantics), ``_int_floor`` and ``_tanh``.
 
 >>> import sympy as sp
 >>> x = sp.Symbol("x")
@@ -23,6 +23,7 @@ from functools import lru_cache
 import sympy as sp
 
 from attngen.errors import AttngenError
+from attngen.symbols import int_floor
 
 TensorLoad = Callable[[str, list[str]], str]
 
@@ -60,6 +61,22 @@ POWER_RULE = ("x ** n for a constant whole n from -4 to 4, x ** p for a constant
 #: The constants the printer can write as a float32 literal (see :func:`constant_problem`).
 CONSTANT_RULE = ("constants must be finite real numbers no larger in magnitude than "
                  f"{FLOAT32_MAX:.3g} (float32's largest; the kernels compute in float32)")
+
+#: The kernels compute positions, lengths, heads and tensor indices in int32, and Triton
+#: refuses a whole constant beyond it beside one (``Scalar ... is out of range for type
+#: int32``). Symmetric: ``x - 2147483648`` would need 2147483648.
+INT32_MAX = 2**31 - 1
+#: The largest magnitude of a whole constant in integer arithmetic: half of int32's range,
+#: the other half left for what the kernels add to it (a position below 2**30, a tile
+#: offset), so that ``kv_pos + c`` and the tile bounds derived from it stay in int32.
+INTEGER_LIMIT = 2**30
+#: What :data:`INTEGER_LIMIT` allows, in the grammar's terms (see :func:`integer_constants`).
+INTEGER_RULE = (
+    f"allowed: whole constants from -{INTEGER_LIMIT} to {INTEGER_LIMIT} (2**30) where they "
+    "meet integers (positions, lengths, heads, indices, int tensor elements): the kernels "
+    f"compute these in int32 (up to {INT32_MAX}) and keep half of its range for the "
+    "positions added to a constant; where a real number is meant, write one (1e20)"
+)
 
 
 class PrintError(AttngenError):
@@ -127,6 +144,51 @@ def folded_constants(expr: sp.Basic) -> Iterator[sp.Basic]:
         return
     for arg in expr.args:
         yield from folded_constants(arg)
+
+
+def integer_constants(expr: sp.Basic) -> Iterator[sp.Integer]:
+    """The whole constants of ``expr`` that the printer writes into integer arithmetic:
+    those beside an integer (a sum, product, floor division, ``%``, min, max, abs or
+    ``where`` that :func:`prints_integer`, a comparison of two such), and in a tensor
+    index. A constant in real arithmetic is not one (``score + 3``, ``q_pos * 0.5 < 3``),
+    nor is a constant sub-expression on its own (the printer folds it).
+
+    >>> q = sp.Symbol("q", integer=True)
+    >>> list(integer_constants(sp.Lt(q + 7, sp.floor(q / 3)))), list(integer_constants(q * 0.5 + 7))
+    ([7, 3], [])
+    """
+    return _integer_constants(expr, inside=False)
+
+
+def _integer_constants(expr: sp.Basic, *, inside: bool) -> Iterator[sp.Integer]:
+    if isinstance(expr, sp.Expr) and expr.is_number:
+        if inside:
+            yield from _whole_parts(expr)
+        return
+    children: tuple[sp.Basic, ...] = expr.args
+    if isinstance(expr, sp.Indexed):
+        children, inside = tuple(expr.indices), True
+    elif isinstance(expr, sp.core.relational.Relational):
+        inside = all(prints_integer(side) for side in expr.args)
+    elif isinstance(expr, sp.floor) and prints_integer(expr):
+        children, inside = _floor_fraction(expr), True  # printed _floordiv(n, d)
+    elif isinstance(expr, sp.Expr):
+        inside = prints_integer(expr)
+    # else And, Or, Not (each comparison in them decides for itself) or one (value,
+    # condition) pair of a Piecewise, whose value is in the Piecewise's arithmetic
+    for child in children:
+        yield from _integer_constants(child, inside=inside)
+
+
+def _whole_parts(number: sp.Expr) -> Iterator[sp.Integer]:
+    """The whole numbers a constant in integer arithmetic is written with: itself, or
+    the two sides of a fraction (a coefficient 1/3 of a floor division)."""
+    if number.is_Integer:
+        yield number
+    elif number.is_Rational:
+        yield from (sp.Integer(p) for p in number.as_numer_denom())
+    elif number.is_integer:  # an unevaluated Min(2, 1): printed as one integer
+        yield sp.Integer(number)
 
 
 def prints_integer(expr: sp.Basic) -> bool:
@@ -241,6 +303,10 @@ class TritonPrinter:
 
     def _print_Integer(self, expr: sp.Integer) -> tuple[str, int]:
         value = int(expr)
+        if abs(value) > INT32_MAX:  # the parser refuses the user's; this catches derived ones
+            raise PrintError(f"the whole constant {value} is beyond int32, in which the kernels "
+                             f"compute positions and indices (allowed: -{INT32_MAX} to {INT32_MAX}); "
+                             f"keep whole constants from -{INTEGER_LIMIT} to {INTEGER_LIMIT}")
         return str(value), PREC_ATOM if value >= 0 else PREC_UNARY
 
     def _print_Rational(self, expr: sp.Rational) -> tuple[str, int]:
@@ -340,6 +406,9 @@ class TritonPrinter:
         if not (numerator.is_integer and denominator.is_integer):
             return self.call("tl.floor", expr.args[0])
         return self.call("_floordiv", numerator, denominator)
+
+    def _print_int_floor(self, expr: int_floor) -> tuple[str, int]:
+        return self.call("_int_floor", expr.args[0])  # clamps to int_floor.LIMIT
 
     def _print_Mod(self, expr: sp.Mod) -> tuple[str, int]:
         return self.call("_mod", *expr.args)

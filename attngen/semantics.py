@@ -6,6 +6,7 @@ and the lowering analyses and prints it. Nothing here knows about Triton.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 
 import sympy as sp
@@ -46,9 +47,13 @@ def _integer_tensors(spec: Spec) -> frozenset[str]:
 
 
 def rule_to_sympy(
-    rule: MaskRule, tensor_ndims: dict[str, int], integer_tensors: frozenset[str] = frozenset()
+    rule: MaskRule,
+    tensor_ndims: dict[str, int],
+    integer_tensors: frozenset[str] = frozenset(),
+    fixed: symbols.Fixed | None = None,
 ) -> sp.Basic:
-    """The visibility predicate of one mask rule; ``integer_tensors`` may be indexed with."""
+    """The visibility predicate of one mask rule; ``integer_tensors`` may be indexed with,
+    and an expression must be defined with the values ``fixed`` gives (see :func:`fixed_values`)."""
     match rule:
         case Full():
             return sp.true
@@ -70,21 +75,31 @@ def rule_to_sympy(
             return sp.Eq(tensor(name)[q_pos], tensor(name)[kv_pos])
         case ExprRule(text):
             return expr.parse(text, names=symbols.MASK_SYMBOLS, tensors=tensor_ndims, want="bool",
-                              integer_tensors=integer_tensors)
+                              integer_tensors=integer_tensors, fixed=fixed)
         case AllOf(rules):
-            return sp.And(*(rule_to_sympy(r, tensor_ndims, integer_tensors) for r in rules))
+            return sp.And(*(rule_to_sympy(r, tensor_ndims, integer_tensors, fixed) for r in rules))
         case AnyOf(rules):
-            return sp.Or(*(rule_to_sympy(r, tensor_ndims, integer_tensors) for r in rules))
+            return sp.Or(*(rule_to_sympy(r, tensor_ndims, integer_tensors, fixed) for r in rules))
         case NotRule(inner):
-            return sp.Not(rule_to_sympy(inner, tensor_ndims, integer_tensors))
+            return sp.Not(rule_to_sympy(inner, tensor_ndims, integer_tensors, fixed))
     raise TypeError(rule)
+
+
+def fixed_values(spec: Spec) -> symbols.Fixed | None:
+    """The values ``spec``'s topology gives some symbols for every query (a decode query
+    is its sequence's last token; a tree query is one token on its root path), which
+    its expressions must be defined with; None where it fixes none (prefill)."""
+    topology = spec.topology
+    if topology.kind == "sequence":
+        return symbols.DECODE_FIXED if topology.queries == "decode" else None
+    return dataclasses.replace(symbols.TREE_FIXED, where=f"a {topology.kind} spec")
 
 
 @lru_cache(maxsize=256)
 def visibility(spec: Spec) -> sp.Basic:
     """The spec's visibility predicate over q_pos, kv_pos, head, batch, q_len, kv_len
     and tensors (not including the sequence bounds, which every kernel adds)."""
-    return rule_to_sympy(spec.mask, _tensor_ndims(spec), _integer_tensors(spec))
+    return rule_to_sympy(spec.mask, _tensor_ndims(spec), _integer_tensors(spec), fixed_values(spec))
 
 
 @lru_cache(maxsize=256)
@@ -94,4 +109,4 @@ def score(spec: Spec) -> sp.Basic:
     if spec.score_mod is None:
         return symbols.score
     return expr.parse(spec.score_mod, names=symbols.SCORE_SYMBOLS, tensors=_tensor_ndims(spec),
-                      want="number", integer_tensors=_integer_tensors(spec))
+                      want="number", integer_tensors=_integer_tensors(spec), fixed=fixed_values(spec))

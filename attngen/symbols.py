@@ -7,6 +7,9 @@ root path). ``q_pos`` of a prefill query is ``kv_len - q_len + i``: queries are 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import sympy as sp
 
 q_pos = sp.Symbol("q_pos", integer=True, nonnegative=True)
@@ -27,3 +30,50 @@ SCORE_SYMBOLS: dict[str, sp.Symbol] = {**MASK_SYMBOLS, "score": score}
 #: Symbols whose value is the same for every element of a (query tile, KV tile) pair in
 #: the sequence kernels; tile analysis may treat them as run-time scalars.
 TILE_UNIFORM: frozenset[sp.Symbol] = frozenset({batch, q_len, kv_len})
+
+
+class int_floor(sp.Function):  # lower case, as sympy names floor
+    """floor(x) of a real ``x`` as an integer, clamped to [-2**30, 2**30] (positions are
+    below 2**30): the tile analysis's loop bounds where a mask compares a key with a real
+    value (``kv_pos >= 0.9 * q_pos``), which the kernels' loops need as integers."""
+
+    is_integer = True
+    LIMIT = 2**30
+
+    @classmethod
+    def eval(cls, x: sp.Basic) -> sp.Basic | None:
+        if x.is_number and x.is_finite:
+            return sp.Integer(max(-cls.LIMIT, min(cls.LIMIT, int(sp.floor(x)))))
+        if x.is_integer:
+            return x
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Fixed:
+    """The values a topology gives some symbols, for every query it has: ``values``
+    substituted into an expression, ``facts`` stating each in the user's terms, and
+    ``where`` naming the topology ("a decode spec")."""
+
+    where: str
+    values: Mapping[sp.Symbol, sp.Basic]
+    facts: Mapping[sp.Symbol, str]
+
+
+#: A decode query is the last token of its sequence (the sequence decode kernels set
+#: ``q_len = 1`` and ``q_pos = kv_len - 1``; so does the reference).
+DECODE_FIXED = Fixed(
+    "a decode spec",
+    {q_len: sp.Integer(1), q_pos: kv_len - 1},
+    {q_len: "q_len is 1 (one query per sequence)",
+     q_pos: "q_pos is kv_len - 1 (the query is its sequence's last token)"},
+)
+#: A tree-family query sees its root path: ``q_len`` = 1 and ``kv_len`` = q_pos + 1,
+#: substituted before printing (``attngen.tree_ir.TREE_LENGTHS``) and given so to the
+#: reference.
+TREE_FIXED = Fixed(
+    "a tree spec",
+    {q_len: sp.Integer(1), kv_len: q_pos + 1},
+    {q_len: "q_len is 1 (each query is one token)",
+     kv_len: "kv_len is q_pos + 1 (the tokens on the query's root path)"},
+)

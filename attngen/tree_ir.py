@@ -38,7 +38,7 @@ from attngen.ir import (
     used_symbols,
 )
 from attngen.spec import DEFAULT_BLOCKS, Spec
-from attngen.symbols import batch, head, kv_len, kv_pos, q_len, q_pos
+from attngen.symbols import TREE_FIXED, batch, head, kv_pos, q_pos
 
 #: Names the printed element-wise code uses inside the tree kernels' ``_tree_tile``.
 TREE_ELEMENT_NAMES: dict[sp.Symbol, str] = {
@@ -48,9 +48,10 @@ TREE_ELEMENT_NAMES: dict[sp.Symbol, str] = {
     head: "head",
     batch: "q_tree",
 }
-#: The lengths a tree query has, substituted before printing, so that the printer folds
+#: The lengths a tree query has (:data:`attngen.symbols.TREE_FIXED`, which the parser
+#: checks expressions against), substituted before printing, so that the printer folds
 #: what they make constant (``tanh(q_len)`` is a number, not ``_tanh`` of a Python int).
-TREE_LENGTHS: dict[sp.Basic, sp.Basic] = {q_len: sp.Integer(1), kv_len: q_pos + 1}
+TREE_LENGTHS: dict[sp.Basic, sp.Basic] = dict(TREE_FIXED.values)
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,6 +88,13 @@ def _mod(a, b):
 
 
 @triton.jit
+def _int_floor(x):
+    # floor of a real tile bound as an int32 loop bound, clamped to +-2**30 first (the
+    # positions are below it), so that no float converts out of range.
+    return tl.floor(tl.minimum(tl.maximum(x, -1073741824.0), 1073741824.0)).to(tl.int32)
+
+
+@triton.jit
 def _tanh(x):
     # tanh in fp32 from exp(-2|x|), which never overflows, so large |x| gives +-1, not
     # NaN; below |x| = 0.125 a Taylor polynomial avoids the cancellation in 1 - e.

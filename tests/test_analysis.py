@@ -15,7 +15,7 @@ from attngen import expr
 from attngen.analysis import TileAnalysis, analyse, k_hi, k_lo, q_hi, q_lo
 from attngen.symbols import MASK_SYMBOLS, batch, head, kv_len, kv_pos, q_len, q_pos
 
-PREFIX = sp.IndexedBase("prefix")
+PREFIX = sp.IndexedBase("prefix", integer=True)  # an int tensor, as the specs declare prefix lengths
 DOC = sp.IndexedBase("doc")
 CAUSAL = sp.Le(kv_pos, q_pos)
 SINK = sp.Lt(kv_pos, 4)
@@ -253,3 +253,26 @@ def test_a_scaled_key_gets_integer_bounds_that_are_exact(
         assert (lo, hi) == (seen[0], seen[-1] + 1) or hi == len(KV_SCAN), (pred, env, r)
     full = (value(r.full_lo, env) <= KV_SCAN) & (value(r.full_hi, env) > KV_SCAN)
     assert (full == grid.all(axis=0)).all(), (pred, env, r)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([0.0, 0.5, 0.9, -0.75, 1.3]), st.sampled_from([1.0, -1.0, 2.5, -0.6]),
+       st.sampled_from([0.0, 1.5, -7.25, 12.0]), st.sampled_from([sp.Lt, sp.Le, sp.Gt, sp.Ge]), tiles())
+def test_a_real_bound_on_the_key_gets_integer_ends_that_are_sound(
+        a: float, b: float, c: float, op: Any, env: dict[sp.Symbol, int]) -> None:
+    """``a*q + b*kv + c (op) 0`` with real coefficients (``kv_pos >= 0.9 * q_pos``): the
+    ends are integers the loops can take (real ones failed to compile in the kernels),
+    the hull holds every key some query sees and at most one more on its bounded side,
+    and the full range only keys every query sees, at most one fewer."""
+    pred = op(sp.Float(a) * q_pos + sp.Float(b) * kv_pos + sp.Float(c), 0)
+    r = analyse(pred)
+    grid = visibility_grid(pred, env)
+    for end in [r.kv_lo, r.kv_hi, r.full_lo, r.full_hi, *(e for piece in r.pieces for e in piece)]:
+        v = value(end, env)
+        assert math.isinf(v) or v == int(v), (pred, env, end)
+    hull = (value(r.kv_lo, env) <= KV_SCAN) & (value(r.kv_hi, env) > KV_SCAN)
+    assert not (grid.any(axis=0) & ~hull).any(), (pred, env, r)
+    assert (hull & ~grid.any(axis=0)).sum() <= 1 or not grid.any(), (pred, env, r)
+    full = (value(r.full_lo, env) <= KV_SCAN) & (value(r.full_hi, env) > KV_SCAN)
+    assert grid[:, full].all(), (pred, env, r)
+    assert (grid.all(axis=0) & ~full).sum() <= 1, (pred, env, r)

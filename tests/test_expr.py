@@ -340,3 +340,113 @@ def test_a_mask_may_index_with_an_integer_tensor_only() -> None:
     assert "an index of 'doc' must be an integer expression, got 'slopes[head]' at column 5" in str(
         caught.value
     )
+
+
+# -- whole constants: integers where they meet integers, which the kernels hold in int32 --
+
+INTEGER_RULE_START = "allowed: whole constants from -1073741824 to 1073741824 (2**30)"
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "problem"),
+    [
+        # the audit's case: built, then every check case failed inside Triton
+        (
+            "q_pos < kv_pos + 100000000000000000000",
+            17,
+            "the constant '100000000000000000000' is out of the integer range",
+        ),
+        # folded by sympy into one literal, which is what the kernel would compute with
+        ("q_pos < kv_pos + 2 ** 40", 17, "the constant '2 ** 40' (1099511627776) is out of"),
+        ("q_pos < kv_pos + 100000 * 100000", 17, "the constant '100000 * 100000' (10000000000)"),
+        (
+            "kv_pos * 65536 * 65536 < q_pos",
+            0,
+            "'kv_pos * 65536 * 65536' makes the constant 4294967296, which is out of",
+        ),
+        # int32's own largest, as "no limit": the tile bounds add a tile to it and overflow
+        ("kv_pos - q_pos < 2147483647", 17, "the constant '2147483647' is out of"),
+        ("kv_pos > q_pos - 2147483648", 17, "the constant '2147483648' is out of"),
+        ("kv_pos // 3000000000 == 0", 10, "the constant '3000000000' is out of"),
+        ("kv_pos % -3000000000 == 0", 9, "the constant '-3000000000' is out of"),
+        ("kv_pos <= q_pos < 100000000000000000000", 18, "the constant '100000000000000000000'"),
+        # each side fits; the tile bounds solve it as kv_pos < q_pos - 2147483648
+        (
+            "kv_pos + 1073741824 < q_pos - 1073741824",
+            0,
+            "'kv_pos + 1073741824 < q_pos - 1073741824' makes the constant 2147483648 when its "
+            "constants are moved to one side",
+        ),
+    ],
+)
+def test_a_whole_constant_in_an_integer_mask_must_fit_int32(
+    text: str, column: int, problem: str
+) -> None:
+    with pytest.raises(ExprError) as caught:
+        parse(text, "bool")
+    assert caught.value.column == column
+    assert caught.value.problem.startswith(problem), caught.value.problem
+    assert (caught.value.suggestion or "").startswith(INTEGER_RULE_START)
+    assert "int32 (up to 2147483647)" in (caught.value.suggestion or "")
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "problem"),
+    [
+        ("score + slopes[2 ** 40]", 15, "the constant '2 ** 40' (1099511627776)"),
+        ("score + slopes[min(kv_pos, 3000000000)]", 27, "the constant '3000000000'"),
+        ("score * (kv_pos + 100000000000000000000)", 18, "the constant '100000000000000000000'"),
+        ("score + doc[kv_pos] * 100000000000", 22, "the constant '100000000000'"),
+        # where of two whole numbers is integer arithmetic (tl.where of Python ints)
+        ("score + where(kv_pos > 0, 100000000000000000000, 0)", 26, "the constant '1000"),
+        ("score + where(kv_pos > 100000000000000000000, 1, 0)", 23, "the constant '1000"),
+    ],
+)
+def test_a_whole_constant_beside_an_integer_in_a_score_must_fit_int32(
+    text: str, column: int, problem: str
+) -> None:
+    err = refusal(text)
+    assert (err.column, err.problem[: len(problem)]) == (column, problem), err.problem
+    assert (err.suggestion or "").startswith(INTEGER_RULE_START)
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        # real arithmetic: the constant is a float32 value there, as the reference's float64
+        ("score + 100000000000000000000000", score + sp.Float(1e23)),
+        ("score - 3000000000", score - sp.Float(3e9)),
+        ("max(score, 100000000000000000000)", sp.Max(score, sp.Float(1e20))),
+        ("100000000000000000000", sp.Float(1e20)),
+        ("log(100000000000000000000)", sp.log(sp.Float(1e20))),
+        ("kv_pos / 3000000000", kv_pos / sp.Float(3e9)),
+        # an integer float32 cannot hold exactly is rounded there, not refused
+        ("score + 16777217", score + 16777217),
+        ("score + kv_pos + 16777217", score + kv_pos + 16777217),
+        # within the range, in integer arithmetic
+        ("slopes[kv_pos + 1073741824]", SLOPES[kv_pos + 1073741824]),
+        ("slopes[kv_pos - 1073741824]", SLOPES[kv_pos - 1073741824]),
+        # folded away before the kernel sees it
+        ("slopes[kv_pos + 2 ** 40 // 2 ** 20]", SLOPES[kv_pos + 1048576]),
+    ],
+)
+def test_a_whole_constant_in_real_arithmetic_is_a_float_of_any_size(
+    text: str, want: sp.Basic
+) -> None:
+    assert parse(text) == want
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("q_pos * 0.5 < 100000000000000000000", sp.Lt(0.5 * q_pos, sp.Float(1e20))),
+        ("kv_pos - q_pos < 1073741824", sp.Lt(kv_pos - q_pos, 1073741824)),
+        ("kv_pos + 1073741824 > q_pos", sp.Gt(kv_pos + 1073741824, q_pos)),
+        # sympy decides it (kv_pos >= 0): nothing is left for the kernel to compute
+        ("kv_pos > -100000000000000000000", sp.true),
+    ],
+)
+def test_masks_with_a_real_comparison_or_a_constant_in_range_are_accepted(
+    text: str, want: sp.Basic
+) -> None:
+    assert parse(text, "bool") == want

@@ -106,6 +106,15 @@ def odd_specs(draw: st.DrawFn) -> dict[str, object]:
 # a tree's q_len is the constant 1: tanh of it once printed as _tanh(1), a Python int
 @example(data={**BASE, "topology": {"kind": "tree", "queries": "token"},
                "score_mod": "score + log(1 + abs(tanh(q_len)))"})
+# a whole constant too wide for an integer, in real arithmetic: once an int64 overflow in
+# the reference and 'Nonrepresentable integer' in Triton; now a float there
+@example(data={**BASE, "score_mod": "score + 100000000000000000000000"})
+@example(data={**BASE, "mask": {"expr": "q_pos * 0.5 < 100000000000000000000"},
+               "score_mod": "max(score, -3000000000)"})
+# the largest whole constant allowed beside positions, and a tree's q_len guarded by where
+@example(data={**BASE, "mask": {"expr": "kv_pos - q_pos < 1073741824"}, "score_mod": "score"})
+@example(data={**BASE, "topology": {"kind": "tree", "queries": "token"},
+               "score_mod": "score + where(q_len > 1, log(q_len - 1), 0) + kv_pos % max(q_len - 1, 1)"})
 # kv > q_pos / 2: its tile bounds were real numbers, which the loops could not take
 @example(data={**BASE, "mask": {"expr": "q_pos < kv_pos * 2"}, "score_mod": "score + 1"})
 @example(data={**BASE, "mask": {"expr": "3 * kv_pos <= q_pos + 1"}, "score_mod": "score + 1"})

@@ -16,7 +16,14 @@ import pytest
 import sympy as sp
 
 from attngen import expr
-from attngen.printer import PrintError, power_form, print_triton, prints_integer
+from attngen.printer import (
+    INT32_MAX,
+    PrintError,
+    integer_constants,
+    power_form,
+    print_triton,
+    prints_integer,
+)
 from attngen.symbols import SCORE_SYMBOLS
 
 TENSORS = {"slopes": 1, "bias": 2, "doc": 1}
@@ -118,6 +125,47 @@ def test_constants_print_as_floats() -> None:
     assert print_triton(sp.E, names={}, tensor_load=load) == repr(math.e)
     assert print_triton(sp.Rational(1, 3), names={}, tensor_load=load) == repr(1 / 3)
     assert print_triton(sp.Float(2.0), names={}, tensor_load=load) == "2.0"
+
+
+def test_a_whole_constant_prints_only_within_int32() -> None:
+    """Triton refuses a whole constant beside an int32 beyond int32 ('Scalar ... is out of
+    range for type int32'); ``x - 2147483648`` would need one. The parser refuses the
+    user's own; this stops one the tile analysis derives (a sum of two) at the build."""
+    q_pos = SCORE_SYMBOLS["q_pos"]
+    assert print_triton(q_pos + INT32_MAX, names=NAMES, tensor_load=load) == "q_pos + 2147483647"
+    assert print_triton(q_pos - INT32_MAX, names=NAMES, tensor_load=load) == "q_pos - 2147483647"
+    for wide in (INT32_MAX + 1, -INT32_MAX - 1, 10**20):
+        with pytest.raises(PrintError, match=f"the whole constant {abs(wide)} is beyond int32"):
+            print_triton(q_pos + wide, names=NAMES, tensor_load=load)
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("score + 100000000000000000000000", "score + 1e+23"),
+        ("max(score, 3000000000)", "tl.maximum(3000000000.0, score)"),
+        ("q_pos * 0.5 < 100000000000000000000", "0.5 * q_pos < 1e+20"),
+    ],
+)
+def test_a_wide_whole_constant_in_real_arithmetic_prints_as_a_float(text: str, want: str) -> None:
+    """Not as a Python int beside a float (Triton: 'Nonrepresentable integer')."""
+    assert printed(text, "bool" if "<" in text else "number") == want
+
+
+@pytest.mark.parametrize(
+    ("text", "constants"),
+    [
+        ("q_pos + 7 < kv_pos // 3", [7, 3]),
+        ("q_pos * 0.5 < 7", []),  # a real comparison
+        ("score + 7", []),
+        ("slopes[7] + slopes[q_pos % 5]", [7, 5]),  # an index, even a constant one
+        ("where(q_pos > 2, 6, 7) > 1", [2, 6, 7, 1]),
+        ("where(q_pos > 2, score, 7) > 1", [2]),  # a real where: 7 and 1 are reals there
+    ],
+)
+def test_integer_constants_are_those_beside_integers(text: str, constants: list[int]) -> None:
+    got = list(integer_constants(parsed(text, "bool" if ">" in text or "<" in text else "number")))
+    assert sorted(got) == sorted(constants)
 
 
 @pytest.mark.parametrize(

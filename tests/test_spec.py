@@ -422,3 +422,165 @@ def test_tiles_left_to_the_family_hash_apart_from_spelled_out_ones() -> None:
     assert unset.canonical()["tune"]["block_n"] is None
     again = parse_spec(yaml.safe_load(unset.canonical_yaml()))
     assert tree_configs(again) == tree_configs(unset) and again.content_hash == unset.content_hash
+
+
+# -- what a topology fixes: q_len is 1 in a tree or a decode, ... -----------------------
+
+TREE = {"kind": "tree", "queries": "token"}
+DECODE = {"kind": "sequence", "queries": "decode"}
+
+
+def _expression_spec(topology: dict[str, str], field: str, text: str) -> dict[str, object]:
+    data: dict[str, object] = {**yaml.safe_load(GOOD), "topology": topology}
+    if field == "mask":
+        data["mask"] = [{"expr": text}]
+    else:
+        data["score_mod"] = text
+    return data
+
+
+@pytest.mark.parametrize(
+    ("topology", "field", "text", "message"),
+    [
+        # the audit's case: the build once said "cannot print infinity; substitute a bound"
+        (
+            TREE, "score_mod", "score + log(q_len - 1)",
+            "score_mod: in a tree spec q_len is 1 (each query is one token), so "
+            "'log(q_len - 1)' is log(0) = -inf at column 9 (given: 'score + log(q_len - 1)')",
+        ),
+        (
+            TREE, "score_mod", "score / (q_len - 1)",
+            "score_mod: in a tree spec q_len is 1 (each query is one token), so "
+            "'score / (q_len - 1)' is score / 0, a division by zero at column 1",
+        ),
+        # sympy's Mod raised ZeroDivisionError from inside the tree lowering
+        (
+            TREE, "mask", "kv_pos % (q_len - 1) == 0",
+            "mask[0].expr: in a tree spec q_len is 1 (each query is one token), so "
+            "'kv_pos % (q_len - 1)' is kv_pos % 0, a modulo by zero at column 1",
+        ),
+        (
+            TREE, "score_mod", "score + kv_pos // (q_len - 1)",
+            "so 'kv_pos // (q_len - 1)' is kv_pos // 0, a division by zero at column 9",
+        ),
+        (
+            TREE, "score_mod", "score + 1 / (kv_len - q_pos - 1)",
+            "in a tree spec kv_len is q_pos + 1 (the tokens on the query's root path), so "
+            "'1 / (kv_len - q_pos - 1)' is 1 / 0, a division by zero at column 9",
+        ),
+        (
+            TREE, "score_mod", "score + (q_len - 1) ** -1",
+            "so '(q_len - 1) ** -1' is 0 ** -1, a division by zero",
+        ),
+        (
+            TREE, "score_mod", "score + sqrt(q_len - 2)",
+            "so 'sqrt(q_len - 2)' is sqrt(-1), which is not a real number at column 9",
+        ),
+        (
+            TREE, "score_mod", "score + exp(q_len * 100)",
+            "so 'exp(q_len * 100)' is exp(100), which is beyond float32's range at column 9",
+        ),
+        # 'and' does not spare it: sympy evaluates both sides, as the tree lowering does
+        (
+            TREE, "mask", "q_len > 1 and kv_pos % (q_len - 1) == 0",
+            "so 'kv_pos % (q_len - 1)' is kv_pos % 0, a modulo by zero at column 15",
+        ),
+        (
+            {"kind": "shared_prefix", "queries": "node"}, "score_mod", "score + log(q_len - 1)",
+            "in a shared_prefix spec q_len is 1",
+        ),
+        # a decode query is its sequence's last token (the kernel sets q_len = 1)
+        (
+            DECODE, "score_mod", "score / (q_len - 1)",
+            "score_mod: in a decode spec q_len is 1 (one query per sequence), so "
+            "'score / (q_len - 1)' is score / 0, a division by zero at column 1",
+        ),
+        (
+            DECODE, "score_mod", "score + log(kv_len - q_pos - 1)",
+            "in a decode spec q_pos is kv_len - 1 (the query is its sequence's last token), "
+            "so 'log(kv_len - q_pos - 1)' is log(0) = -inf at column 9",
+        ),
+        # zoo > 0 is no comparison to sympy: once a TypeError from inside the parser
+        (
+            DECODE, "mask", "kv_pos <= q_pos and 1 / (kv_len - q_pos - 1) > 0",
+            "so '1 / (kv_len - q_pos - 1)' is 1 / 0, a division by zero at column 21",
+        ),
+    ],
+)
+def test_an_expression_must_be_defined_with_what_its_topology_fixes(
+    topology: dict[str, str], field: str, text: str, message: str
+) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(_expression_spec(topology, field, text), file="t.yaml")
+    error = str(caught.value)
+    assert error.startswith("t.yaml: ") and message in error, error
+    assert "allowed: expressions defined for every query this topology has" in error
+    assert "\n" not in error and "qk" not in error and "1.44" not in error
+
+
+@pytest.mark.parametrize(
+    ("topology", "field", "text"),
+    [
+        (TREE, "score_mod", "score + where(q_len > 1, log(q_len - 1), 0)"),
+        (TREE, "score_mod", "score + where(q_len > 1, 1 / (q_len - 1), 0)"),
+        (TREE, "score_mod", "score + kv_pos % max(q_len - 1, 1)"),
+        (TREE, "score_mod", "score + log(kv_len - q_pos)"),
+        (TREE, "mask", "kv_pos % max(q_len - 1, 1) == 0"),
+        (DECODE, "mask", "kv_pos % q_len == 0"),
+        (DECODE, "score_mod", "score + tanh(q_len)"),
+        # prefill fixes nothing: q_len - 1 is 0 only where a batch has one query
+        ({"kind": "sequence", "queries": "prefill"}, "score_mod", "score + log(q_len - 1)"),
+    ],
+)
+def test_an_expression_defined_with_what_its_topology_fixes_is_accepted(
+    topology: dict[str, str], field: str, text: str
+) -> None:
+    parse_spec(_expression_spec(topology, field, text))
+
+
+def test_the_fixed_values_are_those_the_kernels_use() -> None:
+    """What the check substitutes is what the decode kernel sets (the tree lowering
+    substitutes TREE_FIXED itself; the template writes its own, kept equal here)."""
+    from attngen.render import templates_root
+    from attngen.symbols import DECODE_FIXED, kv_len, q_len, q_pos
+
+    assert dict(DECODE_FIXED.values) == {q_len: 1, q_pos: kv_len - 1}
+    decode = templates_root().joinpath("sequence_decode.py.j2").read_text()
+    for line in ("q_len = 1", "q_lo = kv_len - 1", "q_pos = q_lo"):
+        assert f"    {line}\n" in decode, line
+
+
+BRIEF_SPECS = {
+    "integer constant": (
+        "name: c\nheads: {q: 4, kv: 4}\nhead_dim: 64\ndtype: fp16\n"
+        "topology: {kind: sequence, queries: prefill}\n"
+        'mask:\n  - expr: "q_pos < kv_pos + 100000000000000000000"\n',
+        "mask[0].expr: the constant '100000000000000000000' is out of the integer range at "
+        "column 18 (given: 'q_pos < kv_pos + 100000000000000000000'). allowed: whole "
+        "constants from -1073741824 to 1073741824 (2**30)",
+    ),
+    "tree q_len": (
+        "name: t\nheads: {q: 4, kv: 4}\nhead_dim: 64\ndtype: fp16\n"
+        "topology: {kind: tree, queries: token}\nscore_mod: score + log(q_len - 1)\n",
+        "score_mod: in a tree spec q_len is 1 (each query is one token), so 'log(q_len - 1)' "
+        "is log(0) = -inf at column 9",
+    ),
+}
+
+
+@pytest.mark.parametrize("label", sorted(BRIEF_SPECS))
+def test_an_expression_the_kernels_cannot_compute_stops_the_build_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], label: str
+) -> None:
+    """Once built, then failed in every check case (the constant) or at the build with
+    'cannot print infinity' (the tree): now exit 2, one line naming file and field, and
+    nothing written."""
+    cli = pytest.importorskip("attngen.cli")
+    text, message = BRIEF_SPECS[label]
+    good, bad, out = tmp_path / "good.yaml", tmp_path / "bad.yaml", tmp_path / "out"
+    good.write_text(GOOD)
+    bad.write_text(text)
+    assert cli.main(["build", str(good), str(bad), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}: {message}" in err, err
+    assert not out.exists() or not any(out.iterdir()), "a failed build left files behind"

@@ -36,7 +36,7 @@ from attngen.printer import (
     power_form,
     prints_integer,
 )
-from attngen.symbols import Fixed
+from attngen.symbols import Fixed, tensor
 
 Kind = Literal["bool", "number"]
 
@@ -651,13 +651,7 @@ class _Parser:
             )
         for index in indices:
             self.check_index(name, index)
-        # an integer tensor's elements are integers to sympy too, so that doc[i] // 2
-        # prints as Triton integer division
-        base = (
-            sp.IndexedBase(name, integer=True)
-            if name in self.integer_tensors
-            else sp.IndexedBase(name)
-        )
+        base = tensor(name, integer=name in self.integer_tensors)
         element = base[tuple(i.expr for i in indices)]
         form = f"{name}[{', '.join('{}' for _ in indices)}]"
         return self.number(element, token.column, "[]", form, indices)

@@ -33,11 +33,6 @@ RESERVED_NAMES = frozenset(symbols.SCORE_SYMBOLS) | frozenset(expr.FUNCTIONS)
 INTEGER_DTYPES = frozenset({"int32", "int64"})
 
 
-def tensor(name: str) -> sp.IndexedBase:
-    """The sympy handle of a user tensor (indexed as ``tensor(name)[i, j]``)."""
-    return sp.IndexedBase(name)
-
-
 def _tensor_ndims(spec: Spec) -> dict[str, int]:
     return {name: len(decl.dims) for name, decl in spec.tensors.items()}
 
@@ -69,10 +64,11 @@ def rule_to_sympy(
         case Sink(tokens):
             return sp.Lt(kv_pos, tokens)
         case PrefixLM(length, name):
-            bound = tensor(name)[batch] if name is not None else length
+            bound = symbols.tensor(name, integer=name in integer_tensors)[batch] if name is not None else length
             return sp.Or(sp.Le(kv_pos, q_pos), sp.Lt(kv_pos, bound))
         case Document(name):
-            return sp.Eq(tensor(name)[q_pos], tensor(name)[kv_pos])
+            doc = symbols.tensor(name, integer=name in integer_tensors)
+            return sp.Eq(doc[q_pos], doc[kv_pos])
         case ExprRule(text):
             return expr.parse(text, names=symbols.MASK_SYMBOLS, tensors=tensor_ndims, want="bool",
                               integer_tensors=integer_tensors, fixed=fixed)

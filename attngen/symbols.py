@@ -32,6 +32,14 @@ SCORE_SYMBOLS: dict[str, sp.Symbol] = {**MASK_SYMBOLS, "score": score}
 TILE_UNIFORM: frozenset[sp.Symbol] = frozenset({batch, q_len, kv_len})
 
 
+def tensor(name: str, *, integer: bool = False) -> sp.IndexedBase:
+    """The sympy handle of a user tensor (indexed as ``tensor(name)[i, j]``); an
+    ``integer`` one's elements are integers to sympy, so that ``doc[i] // 2`` prints as
+    integer division and the tile analysis bounds keys by them exactly (kv <
+    prefix_len[batch])."""
+    return sp.IndexedBase(name, integer=True) if integer else sp.IndexedBase(name)
+
+
 class int_floor(sp.Function):  # lower case, as sympy names floor
     """floor(x) of a real ``x`` as an integer, clamped to [-2**30, 2**30] (positions are
     below 2**30): the tile analysis's loop bounds where a mask compares a key with a real

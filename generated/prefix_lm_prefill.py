@@ -253,11 +253,11 @@ def _tile_range(q_lo, q_hi, pid_b, q_len, kv_len, kv_start, n_batch, t_prefix_le
     """Tile-aligned KV ranges for queries q_lo..q_hi: [f_lo, f_hi), whole tiles every one
     of them sees, and [lo0, hi0), whose tiles hold every key any of them may see."""
     f_lo = 0
-    f_hi = tl.minimum(kv_len, tl.minimum(tl.maximum(q_hi + 1, _int_floor(tl.load(t_prefix_len + tl.maximum(tl.minimum(pid_b, n_batch - 1), 0))) + 1), tl.where(q_lo >= -_int_floor(-tl.load(t_prefix_len + tl.maximum(tl.minimum(pid_b, n_batch - 1), 0))) - 1, q_lo + 1, -_int_floor(-tl.load(t_prefix_len + tl.maximum(tl.minimum(pid_b, n_batch - 1), 0))))))
+    f_hi = tl.minimum(kv_len, tl.minimum(tl.maximum(q_hi + 1, tl.load(t_prefix_len + tl.maximum(tl.minimum(pid_b, n_batch - 1), 0))), tl.where(q_lo >= tl.load(t_prefix_len + tl.maximum(tl.minimum(pid_b, n_batch - 1), 0)) - 1, q_lo + 1, tl.load(t_prefix_len + tl.maximum(tl.minimum(pid_b, n_batch - 1), 0)))))
     f_lo = tl.cdiv(f_lo, BLOCK_N) * BLOCK_N
     f_hi = tl.maximum((f_hi // BLOCK_N) * BLOCK_N, f_lo)
     lo0 = 0
-    hi0 = tl.minimum(kv_len, tl.maximum(q_hi + 1, _int_floor(tl.load(t_prefix_len + tl.maximum(tl.minimum(pid_b, n_batch - 1), 0))) + 1))
+    hi0 = tl.minimum(kv_len, tl.maximum(q_hi + 1, tl.load(t_prefix_len + tl.maximum(tl.minimum(pid_b, n_batch - 1), 0))))
     lo0 = (lo0 // BLOCK_N) * BLOCK_N
     hi0 = tl.cdiv(hi0, BLOCK_N) * BLOCK_N
     return f_lo, f_hi, lo0, hi0

@@ -276,3 +276,19 @@ def test_a_real_bound_on_the_key_gets_integer_ends_that_are_sound(
     full = (value(r.full_lo, env) <= KV_SCAN) & (value(r.full_hi, env) > KV_SCAN)
     assert grid[:, full].all(), (pred, env, r)
     assert (grid.all(axis=0) & ~full).sum() <= 1, (pred, env, r)
+
+
+def test_an_integer_tensor_bounds_keys_exactly() -> None:
+    """A declared int32 tensor's element is an integer to the analysis (semantics makes it
+    so, as the parser does): prefix_lm's kv < prefix_len[batch] is its own loop end, not
+    an int_floor of it, which would pass it through float32."""
+    from pathlib import Path
+
+    from attngen.semantics import visibility
+    from attngen.spec import load_spec
+    from attngen.symbols import int_floor
+
+    spec = load_spec(Path(__file__).parent.parent / "specs" / "prefix_lm_prefill.yaml")
+    r = analyse(visibility(spec))
+    for end in (r.kv_lo, r.kv_hi, r.full_lo, r.full_hi, *(e for piece in r.pieces for e in piece)):
+        assert not sp.sympify(end).has(int_floor), end

@@ -85,9 +85,14 @@ def odd_specs(draw: st.DrawFn) -> dict[str, object]:
             {"kind": "tree", "queries": "node"},
         ])),
     }
-    if draw(st.booleans()):
-        rule = {"expr": f"{draw(integer_expr())} {draw(st.sampled_from(['<', '<=', '==', '!=']))} "
-                        f"{draw(integer_expr())}"}
+    kind = draw(st.sampled_from(["none", "integer", "real"]))
+    if kind != "none":
+        op = draw(st.sampled_from(['<', '<=', '==', '!='] if kind == "integer" else ['<', '<=', '>', '>=']))
+        if kind == "integer":
+            rule = {"expr": f"{draw(integer_expr())} {op} {draw(integer_expr())}"}
+        else:  # a key against a real value: loop bounds through _int_floor
+            a, c = draw(st.floats(-2, 2).map(lambda x: f"{x:.2f}")), draw(st.floats(-20, 20).map(lambda x: f"{x:.1f}"))
+            rule = {"expr": f"kv_pos * {draw(st.sampled_from(['1', '1.5', '0.7']))} {op} {a} * q_pos + {c}"}
         spec["mask"] = ["causal", rule] if draw(st.booleans()) else rule
     spec["score_mod"] = f"score + {draw(real_expr())}"
     return spec
@@ -118,6 +123,10 @@ def odd_specs(draw: st.DrawFn) -> dict[str, object]:
 # kv > q_pos / 2: its tile bounds were real numbers, which the loops could not take
 @example(data={**BASE, "mask": {"expr": "q_pos < kv_pos * 2"}, "score_mod": "score + 1"})
 @example(data={**BASE, "mask": {"expr": "3 * kv_pos <= q_pos + 1"}, "score_mod": "score + 1"})
+# a key against a real value: its tile bounds were real too, and tl.cdiv refused them
+@example(data={**BASE, "mask": ["causal", {"expr": "kv_pos >= 0.9 * q_pos - 3"}], "score_mod": "score + 1"})
+@example(data={**BASE, "topology": {"kind": "sequence", "queries": "decode"},
+               "mask": {"expr": "kv_pos * 1.5 >= kv_len - 20.5"}, "score_mod": "score"})
 def test_an_accepted_expression_builds_a_kernel_that_checks_or_is_refused_by_field(
         data: dict[str, object], device: str) -> None:
     try:

@@ -23,7 +23,7 @@ from functools import lru_cache
 import sympy as sp
 
 from attngen.errors import AttngenError
-from attngen.symbols import int_floor
+from attngen.symbols import INTEGER_LIMIT, int_floor
 
 TensorLoad = Callable[[str, list[str]], str]
 
@@ -66,10 +66,6 @@ CONSTANT_RULE = ("constants must be finite real numbers no larger in magnitude t
 #: refuses a whole constant beyond it beside one (``Scalar ... is out of range for type
 #: int32``). Symmetric: ``x - 2147483648`` would need 2147483648.
 INT32_MAX = 2**31 - 1
-#: The largest magnitude of a whole constant in integer arithmetic: half of int32's range,
-#: the other half left for what the kernels add to it (a position below 2**30, a tile
-#: offset), so that ``kv_pos + c`` and the tile bounds derived from it stay in int32.
-INTEGER_LIMIT = 2**30
 #: What :data:`INTEGER_LIMIT` allows, in the grammar's terms (see :func:`integer_constants`).
 INTEGER_RULE = (
     f"allowed: whole constants from -{INTEGER_LIMIT} to {INTEGER_LIMIT} (2**30) where they "
@@ -408,7 +404,7 @@ class TritonPrinter:
         return self.call("_floordiv", numerator, denominator)
 
     def _print_int_floor(self, expr: int_floor) -> tuple[str, int]:
-        return self.call("_int_floor", expr.args[0])  # clamps to int_floor.LIMIT
+        return self.call("_int_floor", expr.args[0])  # clamps to INTEGER_LIMIT
 
     def _print_Mod(self, expr: sp.Mod) -> tuple[str, int]:
         return self.call("_mod", *expr.args)

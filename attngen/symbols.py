@@ -40,18 +40,23 @@ def tensor(name: str, *, integer: bool = False) -> sp.IndexedBase:
     return sp.IndexedBase(name, integer=True) if integer else sp.IndexedBase(name)
 
 
+#: The largest magnitude of a whole constant in the kernels' integer arithmetic, and of an
+#: integer tile bound: half of int32's range, the other half left for the positions (below
+#: it) and tile offsets added to it (see attngen.printer.INTEGER_RULE).
+INTEGER_LIMIT = 2**30
+
+
 class int_floor(sp.Function):  # lower case, as sympy names floor
     """floor(x) of a real ``x`` as an integer, clamped to [-2**30, 2**30] (positions are
     below 2**30): the tile analysis's loop bounds where a mask compares a key with a real
     value (``kv_pos >= 0.9 * q_pos``), which the kernels' loops need as integers."""
 
     is_integer = True
-    LIMIT = 2**30
 
     @classmethod
     def eval(cls, x: sp.Basic) -> sp.Basic | None:
         if x.is_number and x.is_finite:
-            return sp.Integer(max(-cls.LIMIT, min(cls.LIMIT, int(sp.floor(x)))))
+            return sp.Integer(max(-INTEGER_LIMIT, min(INTEGER_LIMIT, int(sp.floor(x)))))
         if x.is_integer:
             return x
         return None

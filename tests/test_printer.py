@@ -296,3 +296,14 @@ def test_tanh_is_accurate_and_finite(helpers: ModuleType) -> None:
     got = y.numpy()
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, np.tanh(x.astype(np.float64)), rtol=2e-6, atol=1e-7)
+
+
+def test_the_int_floor_helper_clamps_where_sympy_does() -> None:
+    """_int_floor in the kernels and int_floor to sympy clamp at one limit."""
+    from attngen.render import templates_root
+    from attngen.symbols import INTEGER_LIMIT, int_floor
+
+    helper = templates_root().joinpath("expr_helpers.py.j2").read_text()
+    assert f"tl.maximum(x, -{INTEGER_LIMIT}.0), {INTEGER_LIMIT}.0)" in helper
+    assert int_floor(sp.Float(1e12)) == INTEGER_LIMIT and int_floor(sp.Float(-1e12)) == -INTEGER_LIMIT
+    assert int_floor(sp.Float(-2.5)) == -3

@@ -5,6 +5,8 @@ built plan, for its cost report.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from attngen.cost import BLOCK_ROWS, HeadLayout, Machine, PlanStats, evaluate
@@ -263,26 +265,27 @@ def _choose_qg_span(
     return qgs[g], int(spans[i]), slots[g].with_bits(pairs, layout), None if runs is None else runs[g]
 
 
-def _launches(partials: np.ndarray, one_each: np.ndarray) -> np.ndarray:
+def _launches(partials: Any, one_each: Any) -> Any:
     """The launches of the two stages that a generated module makes (templates/tree.py.j2,
     ``attention``) for plans of ``partials`` partials, where ``one_each`` says whether every
     query has exactly one: stage 1 when there are partials (groups); the merge unless every
     query has exactly one partial (stage 1 then writes the outputs). So a plan of no
     groups launches the merge alone, which writes its queries' outputs (O 0, LSE -inf),
-    and one without queries launches nothing. :func:`_tree_fields` counts one plan's so."""
-    return np.add(np.greater(partials, 0), np.logical_not(one_each), dtype=np.int64)
+    and one without queries launches nothing. Arithmetic only, so that it takes numpy
+    arrays (the candidates of :func:`_chunk_stats`) and Python ints (one plan's, in
+    :func:`_tree_fields`, where numpy's calls on scalars would cost more than the rest)."""
+    return (partials > 0) * 1 + (1 - one_each)
 
 
 def _tree_fields(tree: TreeBatch, query: np.ndarray) -> dict[str, int]:
     """The PlanStats fields that come from the tree and the query slots alone: the slots
-    fix how many partials each query has, hence the launches (:func:`_launches`' rule, in
-    Python ints: numpy's calls on scalars cost more than the rest here)."""
+    fix how many partials each query has, hence the launches."""
     filled = query[query >= 0]
     per_query = np.bincount(filled, minlength=tree.n_queries)
     one_each = len(filled) == tree.n_queries and per_query.max(initial=0) <= 1
     return {
         "queries": tree.n_queries,
-        "launches": int(len(filled) > 0) + int(not one_each),
+        "launches": _launches(len(filled), bool(one_each)),
         "branch_tokens": int(tree.query_visible_counts.sum()),
         "unique_tokens": tree.needed_kv_tokens,
     }

@@ -6,7 +6,8 @@ from a precedence table. The printer is strict: a node it has no rule for raises
 :class:`PrintError` rather than emitting something Triton would misread.
 
 The output calls the helpers that ``templates/expr_helpers.py.j2`` defines:
-``_floordiv`` and ``_mod`` (Python floor semantics), ``_int_floor`` and ``_tanh``.
+``_floordiv`` and ``_mod`` (Python floor semantics), their ``_or_0`` forms for divisors
+that may be zero, ``_int_floor`` and ``_tanh``.
 
 >>> import sympy as sp
 >>> x = sp.Symbol("x")
@@ -219,6 +220,19 @@ def prints_integer(expr: sp.Basic) -> bool:
     return False
 
 
+def _zero_guarded(helper: str, divisor: sp.Basic) -> str:
+    """``helper`` (an integer ``//`` or ``%``) for ``divisor``, or its ``_or_0`` form where
+    sympy cannot prove the divisor nonzero (``kv_pos // q_pos`` at q_pos = 0): integer
+    division by zero is 0 in the language, as in the reference's numpy, while Triton's
+    gives an undefined value.
+
+    >>> q = sp.Symbol("q", integer=True, nonnegative=True)
+    >>> _zero_guarded("_mod", sp.Integer(3)), _zero_guarded("_mod", q + 1), _zero_guarded("_mod", q)
+    ('_mod', '_mod', '_mod_or_0')
+    """
+    return helper if divisor.is_zero is False else f"{helper}_or_0"
+
+
 def _floor_fraction(expr: sp.floor) -> tuple[sp.Basic, sp.Basic]:
     """Numerator and denominator of a floor's argument, over one fraction bar: ``(q + 1)
     // 2`` is floor(q/2 + 1/2) to sympy, and prints as ``_floordiv(q + 1, 2)``."""
@@ -400,14 +414,16 @@ class TritonPrinter:
     def _print_floor(self, expr: sp.floor) -> tuple[str, int]:
         numerator, denominator = _floor_fraction(expr)
         if not (numerator.is_integer and denominator.is_integer):
-            return self.call("tl.floor", expr.args[0])
-        return self.call("_floordiv", numerator, denominator)
+            return self.call("tl.floor", expr.args[0])  # IEEE: x / 0 is +-inf or NaN
+        return self.call(_zero_guarded("_floordiv", denominator), numerator, denominator)
 
     def _print_int_floor(self, expr: int_floor) -> tuple[str, int]:
         return self.call("_int_floor", expr.args[0])  # clamps to INTEGER_LIMIT
 
     def _print_Mod(self, expr: sp.Mod) -> tuple[str, int]:
-        return self.call("_mod", *expr.args)
+        if not prints_integer(expr):
+            return self.call("_mod", *expr.args)  # IEEE: x % 0.0 is NaN, as numpy's
+        return self.call(_zero_guarded("_mod", expr.args[1]), *expr.args)
 
     def _print_Piecewise(self, expr: sp.Piecewise) -> tuple[str, int]:
         *pieces, (last_value, last_cond) = expr.args

@@ -119,14 +119,16 @@ def _rounded(
 ) -> Callable[[sp.Basic, Mapping[str, Any]], Array]:
     """floor/ceiling. A ratio of integers (``a // b``, which sympy may hold as
     ``floor(a/3 + 2/3)``) is rounded exactly, in integers, by ``exact(numerator,
-    denominator)``: in float64, 7/3 + 2/3 is 2.9999999999999996."""
+    denominator)``: in float64, 7/3 + 2/3 is 2.9999999999999996. Where the denominator
+    is 0 the ratio is 0 (the language's integer division by zero, as numpy's)."""
 
     def apply(node: sp.Basic, env: Mapping[str, Any]) -> Array:
         (arg,) = node.args
         if _integral(arg):
             n, d = (np.asarray(evaluate(part, env)) for part in sp.fraction(sp.together(arg)))
-            if n.dtype.kind in "iub" and d.dtype.kind in "iub" and np.all(d != 0):
-                return exact(n.astype(np.int64), d.astype(np.int64))
+            if n.dtype.kind in "iub" and d.dtype.kind in "iub":
+                n, d = n.astype(np.int64), d.astype(np.int64)
+                return np.where(d == 0, 0, exact(n, np.where(d == 0, 1, d)))
         x = np.asarray(evaluate(arg, env))
         if x.dtype.kind in "iub":
             return x
@@ -143,9 +145,13 @@ def _integral(arg: sp.Basic) -> bool:
 
 
 def _mod(node: sp.Basic, env: Mapping[str, Any]) -> Array:
-    a, b = (evaluate(x, env) for x in node.args)
+    """Python's (floor) modulo, which numpy's follows; of integers, 0 where ``b`` is 0 (the
+    language's, as numpy's), of reals NaN there."""
+    a, b = (np.asarray(evaluate(x, env)) for x in node.args)
+    if a.dtype.kind in "iub" and b.dtype.kind in "iub":
+        return np.where(b == 0, 0, np.mod(a, np.where(b == 0, 1, b)))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.mod(a, b)  # numpy's mod follows Python (floor) semantics
+        return np.mod(a, b)
 
 
 def _compare(fn: Callable[[Array, Array], Array]) -> Callable[[sp.Basic, Mapping[str, Any]], Array]:

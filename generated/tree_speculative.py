@@ -80,6 +80,21 @@ def _mod(a, b):
 
 
 @triton.jit
+def _floordiv_or_0(a, b):
+    # a // b of integers where b may be 0 at some positions: 0 there, as in the reference
+    # (numpy), where Triton's integer division by zero gives an undefined value.
+    nonzero = b != 0
+    return tl.where(nonzero, _floordiv(a, tl.where(nonzero, b, 1)), 0)
+
+
+@triton.jit
+def _mod_or_0(a, b):
+    # a % b of integers where b may be 0 at some positions: 0 there, as in the reference.
+    nonzero = b != 0
+    return tl.where(nonzero, _mod(a, tl.where(nonzero, b, 1)), 0)
+
+
+@triton.jit
 def _int_floor(x):
     # floor of a real tile bound as an int32 loop bound, clamped to +-2**30 first (the
     # positions are below it), so that no float converts out of range.

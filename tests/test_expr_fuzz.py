@@ -29,11 +29,13 @@ from attngen.spec import parse_spec
 INTEGERS = ("q_pos", "kv_pos", "head", "batch", "q_len", "kv_len")
 
 
-#: The right operands of // and % (a zero is refused by the grammar, tested in test_expr).
-DIVISORS = st.integers(1, 9)
+#: The right operands of // and %: constants (a constant zero is refused by the grammar,
+#: tested in test_expr), and positions, lengths and heads, which are zero somewhere, where
+#: the quotient and the remainder are 0 in kernel and reference alike.
+DIVISORS = st.one_of(st.integers(1, 9).map(str), st.sampled_from(INTEGERS), st.just("(kv_pos - q_pos)"))
 
 
-def integer_expr(depth: int = 0, divisors: st.SearchStrategy[int] = DIVISORS) -> st.SearchStrategy[str]:
+def integer_expr(depth: int = 0, divisors: st.SearchStrategy[str] = DIVISORS) -> st.SearchStrategy[str]:
     leaf = st.one_of(st.sampled_from(INTEGERS), st.integers(0, 40).map(str))
     if depth >= 2:
         return leaf
@@ -122,6 +124,10 @@ def odd_specs(draw: st.DrawFn) -> dict[str, object]:
                "score_mod": "score + where(q_len > 1, log(q_len - 1), 0) + kv_pos % max(q_len - 1, 1)"})
 # kv > q_pos / 2: its tile bounds were real numbers, which the loops could not take
 @example(data={**BASE, "mask": {"expr": "q_pos < kv_pos * 2"}, "score_mod": "score + 1"})
+# integer division by zero: Triton's quotient is undefined there, numpy's 0
+@example(data={**BASE, "mask": ["causal", {"expr": "kv_pos // q_pos < 2"}], "score_mod": "score + kv_pos % head"})
+@example(data={**BASE, "topology": {"kind": "tree", "queries": "token"},
+               "mask": {"expr": "(kv_pos - q_pos) % (q_pos - 3) != 1"}, "score_mod": "score"})
 @example(data={**BASE, "mask": {"expr": "3 * kv_pos <= q_pos + 1"}, "score_mod": "score + 1"})
 # a key against a real value: its tile bounds were real too, and tl.cdiv refused them
 @example(data={**BASE, "mask": ["causal", {"expr": "kv_pos >= 0.9 * q_pos - 3"}], "score_mod": "score + 1"})

@@ -54,7 +54,11 @@ GOLDEN_NUMBERS = [
         "score + tl.load(bias_ptr + head + tl.minimum(127, tl.maximum(0, q_pos - kv_pos)))",
     ),
     ("q_pos // 64 + kv_pos % 4", "_mod(kv_pos, 4) + _floordiv(q_pos, 64)"),
-    ("(q_pos - kv_pos) // head", "_floordiv(q_pos - kv_pos, head)"),
+    # head is 0 for the first head: integer division by zero is 0, guarded in the kernel
+    ("(q_pos - kv_pos) // head", "_floordiv_or_0(q_pos - kv_pos, head)"),
+    ("kv_pos % (head + 1) + kv_pos // (q_len + 2)", "_mod(kv_pos, head + 1) + _floordiv(kv_pos, q_len + 2)"),
+    ("kv_pos % doc[head] + kv_pos // (q_pos - 1)",
+     "_mod_or_0(kv_pos, tl.load(doc_ptr + head)) + _floordiv_or_0(kv_pos, q_pos - 1)"),
     ("where(q_pos >= kv_pos, score, -score)", "tl.where(kv_pos <= q_pos, score, -score)"),
     (
         "where(q_pos > 3, 1, where(kv_pos > 3, 2, 3))",
@@ -255,6 +259,16 @@ def int_kernel(a_ptr, b_ptr, div_ptr, mod_ptr, div7_ptr, mod7_ptr, n, BLOCK: tl.
 
 
 @triton.jit
+def or_0_kernel(a_ptr, b_ptr, div_ptr, mod_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(a_ptr + offs, mask=mask, other=0)
+    b = tl.load(b_ptr + offs, mask=mask, other=1)
+    tl.store(div_ptr + offs, _floordiv_or_0(a, b), mask=mask)
+    tl.store(mod_ptr + offs, _mod_or_0(a, b), mask=mask)
+
+
+@triton.jit
 def tanh_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     mask = offs < n
@@ -277,6 +291,22 @@ def test_floordiv_and_mod_follow_python(helpers: ModuleType) -> None:
     np.testing.assert_array_equal(mod, np.mod(a, b))
     np.testing.assert_array_equal(div7, np.floor_divide(a, -7))
     np.testing.assert_array_equal(mod7, np.mod(a, 7))
+
+
+@pytest.mark.interpreter
+def test_the_or_0_forms_give_0_where_the_divisor_is_0(helpers: ModuleType) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    n = 256
+    a = rng.integers(-1000, 1000, n).astype(np.int32)
+    b = rng.integers(-6, 7, n).astype(np.int32)  # about one in thirteen a zero
+    b[:3], a[:3] = 0, [0, -5, 5]
+    outs = [torch.full((n,), -99, dtype=torch.int32) for _ in range(2)]  # poisoned
+    helpers.or_0_kernel[(1,)](torch.from_numpy(a), torch.from_numpy(b), *outs, n, BLOCK=n)
+    div, mod = (o.numpy() for o in outs)
+    safe = np.where(b == 0, 1, b)
+    np.testing.assert_array_equal(div, np.where(b == 0, 0, np.floor_divide(a, safe)))
+    np.testing.assert_array_equal(mod, np.where(b == 0, 0, np.mod(a, safe)))
 
 
 @pytest.mark.interpreter

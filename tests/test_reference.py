@@ -36,6 +36,17 @@ def test_floor_division_and_mod_follow_python() -> None:
     assert evaluate(sp.floor(x / 3), {"x": values}).dtype == np.int64
 
 
+def test_integer_division_by_zero_is_zero_and_real_division_is_ieee() -> None:
+    x, y = sp.Symbol("x", integer=True), sp.Symbol("y", integer=True)
+    xs, ys = np.array([7, -7, 0, 7, -7]), np.array([2, 2, 0, 0, -3])
+    assert evaluate(sp.floor(x / y), {"x": xs, "y": ys}).tolist() == [3, -4, 0, 0, 2]
+    assert evaluate(sp.Mod(x, y), {"x": xs, "y": ys}).tolist() == [1, 1, 0, 0, -1]
+    r = sp.Symbol("r", real=True)
+    with np.errstate(all="ignore"):
+        got = evaluate(sp.Mod(r, y), {"r": np.array([1.5, 1.5]), "y": np.array([0, 2])})
+    assert np.isnan(got[0]) and got[1] == 1.5
+
+
 def test_integer_floor_and_ceiling_are_exact() -> None:
     """sympy holds (x + 2) // 3 as floor(x/3 + 2/3), which float64 rounds below 3 at x = 7
     (7/3 + 2/3 = 2.9999999999999996): it is rounded in integers instead."""

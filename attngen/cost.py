@@ -85,8 +85,9 @@ DENSE_ROWS = (ROW_TIERS[-1], TALL_ROWS)
 KV_TOKEN_BYTES = Hkv * (Dqk + Dv) * E
 #: Stage 1 KV reads: every group reads its chunk once, for all heads sharing a KV head.
 KV_BYTES = T * KV_TOKEN_BYTES
-#: Query rows loaded by stage 1 (each group loads its queries' rows).
-Q_BYTES = G * QG * Hq * Dqk * E
+#: Query rows loaded by stage 1: each group loads its filled slots' rows (one partial
+#: each), not the empty slots of a group of fewer than QG queries.
+Q_BYTES = P * Hq * Dqk * E
 #: fp32 partial O and LSE per (partial, head), written by stage 1 and read by the merge.
 PARTIAL_BYTES = 2 * P * Hq * (Dv + 1) * 4
 #: The output.
@@ -159,7 +160,12 @@ MERGE = P * Hq * POVH
 #: launch (L = 1: no merge) keeps every group in it. A plan that folds the other groups
 #: into the dense ones (``group_fold``) launches the dense kernel alone. The choice of QG
 #: and span does not know folds (FO = 0: counting them there changed no reference choice
-#: and cost planning 0.18 ms, session 37); a built plan's report does.
+#: and cost planning 0.18 ms, session 37); a built plan's report does. A plan whose
+#: groups are all dense launches no Triton stage 1 (its grid is empty), one launch fewer
+#: than counted here. Counting that (a factor Min(G - DG, 1)) moved spec_4k_92 GQA and
+#: spec_16k_184 GQA to plans that measured 42% and 19% slower (23.0 -> 32.6 us, 92.8 ->
+#: 110.8; session 52, BENCHMARKS.md): a candidate's DG is an upper bound, so candidates
+#: whose groups are not all dense were credited with the launch they still make.
 LAUNCHES = L + DK * sp.Min(DG, 1) * (L - 1) * (1 - FO)
 #: Stage 1 is bound by the busy SMs or by its longest programs; the merge follows it.
 TIME = sp.Max(SPREAD, WAVES, STREAM) + MERGE + LAUNCHES * LAUNCH

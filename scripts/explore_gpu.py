@@ -2,7 +2,7 @@
 itself: `python -m attngen.bench_tree` and `python -m attngen.bench` are). Prints one
 line per measurement and a JSON file per part under $OUT (or ./explore_out).
 
-    python scripts/explore_gpu.py tree merge decode prefill prefill_tuned fixed stream resources loop timeline
+    python scripts/explore_gpu.py tree plans merge decode prefill prefill_tuned fixed stream resources loop timeline
 
 tree:    per workload and head layout, plan chunks x queries per group x spans x kernel
          configs, the cost model's plan through the autotuner, and the four fastest
@@ -36,6 +36,10 @@ timeline: per case (EXPLORE_CASES; default the reference cases with dense groups
          the query gather, the wait for the ring's first tile, the tile loop and the
          epilogue (stores of partials and LSEs), from stamps that an edit of the rendered
          module writes past the partials. Medians and extremes over the programs.
+plans:   named plans of a case timed against each other through the autotuner, as a user
+         calls them, in interleaved rounds (EXPLORE_PLANS, e.g.
+         "spec_4k_92:gqa:32:1024,spec_4k_92:gqa:32:2048": workload, layout, queries per
+         group, span; chunk 512), with each one's error against the first of its case.
 """
 
 from __future__ import annotations
@@ -227,6 +231,28 @@ def tree(results: list) -> None:
                                 qg=p.queries_per_group, span=p.span, config=p_cfg, kernels=split))
             print(f"kernels {what} {name:15} {layout} " + "  ".join(f"{k_}={t:.1f}" for k_, t in split.items()),
                   flush=True)
+
+
+def plans(results: list) -> None:
+    dev = torch.device("cuda")
+    named: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for item in os.environ["EXPLORE_PLANS"].split(","):
+        name, layout, qg, span = item.split(":")
+        named.setdefault((name, layout), []).append((int(qg), int(span)))
+    for (name, layout), choices in named.items():
+        gen = torch.Generator(device=dev).manual_seed(0)
+        w, module, heads, chosen, (q, k, v) = _tree_case(name, layout, gen)
+        fns, outs = {}, []
+        for qg, span in choices:
+            plan = plan_tree(w.tree, chunk=512, queries_per_group=qg, span=span, heads=heads, device=dev)
+            label = f"qg{qg} s{span} G={plan.n_groups} dense={plan.n_dense} folded={plan.n_folded}"
+            outs.append(module.attention(q, k, v, plan).float())
+            fns[label] = partial(module.attention, q, k, v, plan)
+        errs = [float((o - outs[0]).norm() / outs[0].norm()) for o in outs]
+        for (label, us), err in zip(_interleaved_us(fns, rounds=5).items(), errs, strict=True):
+            results.append(dict(part="plans", workload=name, layout=layout, plan=label, us=us, err=err,
+                                chosen=label.startswith(f"qg{chosen.queries_per_group} s{chosen.span} ")))
+            print(f"plans {name:15} {layout} {label:40} {us:8.1f} us  err {err:.1e}", flush=True)
 
 
 def decode(results: list) -> None:
@@ -665,7 +691,7 @@ def main() -> int:
     for part in sys.argv[1:] or ["tree", "decode", "prefill"]:
         results: list = []
         try:
-            {"tree": tree, "decode": decode, "prefill": prefill, "prefill_tuned": prefill_tuned,
+            {"tree": tree, "plans": plans, "decode": decode, "prefill": prefill, "prefill_tuned": prefill_tuned,
              "merge": merge, "fixed": fixed, "stream": stream, "resources": resources,
              "loop": loop, "timeline": timeline}[part](results)
         finally:

@@ -113,6 +113,20 @@ def test_partials_and_programs_cost_time() -> None:
     assert time_us(stats(groups=200, n_longest=200, longest=512)) > time_us(stats())
 
 
+def test_total_bytes_count_the_query_rows_stage_1_loads() -> None:
+    """One group of QG 64 slots holds the one query that sees the 6 KV tokens: stage 1
+    loads that query's rows, not 64 slots' (the kernels mask the empty ones). Counting
+    every slot once reported -412.7% IO saved for this plan; what is left against
+    per-branch decoding is the partial's write and read, a real cost of a tiny plan."""
+    plan = plan_tree(TreeBatch.from_parents([-1, 0, -1], [6, 0, 0], queries=[1, 2]))
+    assert (plan.queries_per_group, plan.n_partials) == (64, 1)
+    e, hq, d = 2, 32, 128
+    q_rows = 1 * hq * d * e
+    out = plan.n_queries * hq * d * e
+    assert plan.cost.total_bytes == pytest.approx(plan.cost.kv_bytes + q_rows + plan.cost.partial_bytes + out)
+    assert -0.25 < plan.cost.io_saved < 0
+
+
 def test_dense_groups_add_their_kernels_launch() -> None:
     m = Machine()
     plain, dense = plan_cost(stats(), MHA), plan_cost(stats(dense_groups=4), MHA)

@@ -374,6 +374,14 @@ class CheckReport:
     def summary(self) -> str:
         tol = TOLERANCES[self.dtype_checked]
         lines = [*self.notes, *(c.line() for c in self.cases)]
+        crashed = [c.index for c in self.failures if (c.error or "").startswith("PTXASError")]
+        if crashed:
+            lines.append(
+                f"case(s) {', '.join(map(str, crashed))} stopped in ptxas, NVIDIA's assembler, which "
+                "failed on the kernel compiled at that case's config: no result to compare, so "
+                "not checked. Called without a config, the autotuner skips such a config; a "
+                "newer ptxas may take it (Triton uses the one TRITON_PTXAS_PATH names)."
+            )
         verdict = (
             "PASSED" if self.passed else f"FAILED ({len(self.failures)} of {len(self.cases)} cases)"
         )

@@ -100,6 +100,26 @@ def test_broken_module_is_reported_failed(
         assert "RuntimeError: launch failed" in summary
 
 
+def test_a_ptxas_crash_is_reported_as_unchecked_not_as_a_wrong_result() -> None:
+    """Triton 3.6's ptxas 12.8 crashed (error -11) on some configs of prefill kernels whose
+    mask divides by a position (session 52, BENCHMARKS.md): the summary names those cases
+    and says why nothing was compared, and the check still fails."""
+    from attngen.check import CaseResult
+
+    shape = Shape(lengths=((3, 5),), decode=False)
+    cases = [
+        CaseResult(0, shape, "bf16", None, 0, error="PTXASError: PTXAS error: `ptxas` failed with error code -11"),
+        CaseResult(1, shape, "bf16", None, 1, error="RuntimeError: launch failed"),
+        CaseResult(2, shape, "bf16", None, 2, error="PTXASError: PTXAS error: `ptxas` failed with error code -11"),
+    ]
+    report = CheckReport("div_mask", "cuda", "bf16", 3, cases=cases)
+    summary = report.summary()
+    assert not report.passed
+    assert "case(s) 0, 2 stopped in ptxas" in summary and "TRITON_PTXAS_PATH" in summary
+    assert summary.splitlines()[-1].startswith("div_mask: FAILED (3 of 3 cases)")
+    assert "ptxas" not in CheckReport("ok", "cuda", "bf16", 3, cases=cases[1:2]).summary()
+
+
 @pytest.mark.interpreter
 def test_same_seed_draws_same_cases(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = load_spec(SPECS / "tree_speculative.yaml")

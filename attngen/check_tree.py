@@ -312,7 +312,7 @@ def tree_case(
     config = draw_tree_config(rng, spec, chunk, interpreter=interpreter)
     seed = rng.randrange(2**31)
 
-    def attempt() -> Outputs:
+    def attempt(config: dict[str, int] | None) -> Outputs:
         import torch
 
         from attngen.plan import plan_tree

@@ -100,24 +100,41 @@ def test_broken_module_is_reported_failed(
         assert "RuntimeError: launch failed" in summary
 
 
-def test_a_ptxas_crash_is_reported_as_unchecked_not_as_a_wrong_result() -> None:
+def test_a_config_ptxas_fails_on_runs_again_at_the_autotuners_choice() -> None:
     """Triton 3.6's ptxas 12.8 crashed (error -11) on some configs of prefill kernels whose
-    mask divides by a position (session 52, BENCHMARKS.md): the summary names those cases
-    and says why nothing was compared, and the check still fails."""
-    from attngen.check import CaseResult
+    mask is decided per element (session 52, BENCHMARKS.md). Such a case runs again with
+    no config, as users call the kernel, and its line and the summary say so; a wrong
+    answer there still fails, and a crash at no config is not retried."""
+    from triton.runtime.errors import PTXASError
 
-    shape = Shape(lengths=((3, 5),), decode=False)
-    cases = [
-        CaseResult(0, shape, "bf16", None, 0, error="PTXASError: PTXAS error: `ptxas` failed with error code -11"),
-        CaseResult(1, shape, "bf16", None, 1, error="RuntimeError: launch failed"),
-        CaseResult(2, shape, "bf16", None, 2, error="PTXASError: PTXAS error: `ptxas` failed with error code -11"),
-    ]
-    report = CheckReport("div_mask", "cuda", "bf16", 3, cases=cases)
-    summary = report.summary()
-    assert not report.passed
-    assert "case(s) 0, 2 stopped in ptxas" in summary and "TRITON_PTXAS_PATH" in summary
-    assert summary.splitlines()[-1].startswith("div_mask: FAILED (3 of 3 cases)")
-    assert "ptxas" not in CheckReport("ok", "cuda", "bf16", 3, cases=cases[1:2]).summary()
+    from attngen.check import CaseResult, judge
+
+    spec = parse_spec({"name": "t", "heads": {"q": 2, "kv": 2}, "head_dim": 16, "dtype": "fp16",
+                       "topology": {"kind": "sequence", "queries": "prefill"}, "mask": "causal"})
+    gen = torch.Generator().manual_seed(5)
+    ref_o, ref_lse = torch.randn(3, 2, 16, generator=gen), torch.randn(3, 2, generator=gen)
+    asked: list[dict[str, int] | None] = []
+
+    def attempt(config: dict[str, int] | None, wrong: bool = False) -> Any:
+        asked.append(config)
+        if config is not None:
+            raise PTXASError("PTXAS error: `ptxas` failed with error code -11")
+        return ref_o + (1.0 if wrong else 0.0), ref_lse, ref_o, ref_lse
+
+    shape, forced = Shape(lengths=((3, 5),), decode=False), {"block_m": 64, "block_n": 32, "num_warps": 4}
+    case = judge(CaseResult(0, shape, "fp16", forced, 0), spec, attempt)
+    assert asked == [forced, None] and case.passed and case.ptxas_crashed and case.config == forced
+    assert "stopped in ptxas, so at the autotuner's config" in case.line() and case.line().endswith(" ok")
+    wrong = judge(CaseResult(1, shape, "fp16", forced, 1), spec, lambda c: attempt(c, wrong=True))
+    assert not wrong.passed and wrong.ptxas_crashed
+    report = CheckReport("t", "cuda", "fp16", 3, cases=[case, wrong])
+    assert "note: case(s) 0, 1 stopped in ptxas" in report.summary() and not report.passed
+
+    def always(config: dict[str, int] | None) -> Any:
+        raise PTXASError("PTXAS error: `ptxas` failed with error code -11")
+
+    unforced = judge(CaseResult(2, shape, "fp16", None, 2), spec, always)
+    assert unforced.error is not None and unforced.error.startswith("PTXASError") and not unforced.ptxas_crashed
 
 
 @pytest.mark.interpreter

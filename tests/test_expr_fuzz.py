@@ -144,13 +144,12 @@ def test_an_accepted_expression_builds_a_kernel_that_checks_or_is_refused_by_fie
     except SpecError as err:
         assert err.field in ("mask", "score_mod"), err
         return
+    # On the H200's Triton 3.6, ptxas 12.8 crashed (signal 11) on such kernels at some
+    # forced tiles (score + tanh(log(1 + abs(score))), mask q_pos < 15, 64 x 128); ptxas
+    # 13.4 compiles the same PTX. check_spec runs such a case again at the autotuner's
+    # choice, which skips those tiles, so a failure here is a failure users would meet.
     report = check_spec(spec, examples=2, seed=0, device=device)
-    # On the H200's Triton 3.6, ptxas 12.x crashed (signal 11) on one such kernel at one
-    # forced tile (score + tanh(log(1 + abs(score))), mask q_pos < 15, 64 x 128); ptxas
-    # 13.4 compiles the same PTX. The autotuner skips a tile that ptxas fails on, so only
-    # a forced tile meets it: such a case is the toolchain's, and any other fails the test.
-    ours = [c for c in report.failures if not (c.error or "").startswith("PTXASError")]
-    assert not ours, f"{data}\n{report.summary()}"
+    assert report.passed, f"{data}\n{report.summary()}"
 
 
 # ids: a fixed size, not per token, which the tree kernels do not support

@@ -352,26 +352,30 @@ def _solve_for_kv(a: sp.Basic, b: sp.Basic, t: sp.Basic, strict: bool) -> _KvBou
 def _kv_ranges(bound: _KvBound) -> tuple[_Range, _Range]:
     """Hull (loosest over the tile's queries) and full range (tightest), with integer
     ends, since kv is an integer and the ends are loop bounds. Where the value is a ratio
-    of integers they are exact (``q_pos < 2 * kv_pos``: kv > q/2, so kv >= q // 2 + 1);
-    a real value (``kv_pos >= 0.9 * q_pos``, a float tensor's element) gets the integer
-    ends of :class:`~attngen.symbols.int_floor`, the hull one looser and the full range
-    one tighter where the value is whole, so both stay sound in the kernel's float32."""
+    of integers they are exact (``q_pos < 2 * kv_pos``: kv > q/2, so kv >= q // 2 + 1).
+    A real value v (``kv_pos >= 0.9 * q_pos``, a float tensor's element) is computed with
+    rounding, as v' within less than a key of v, on either side, so from f =
+    :class:`~attngen.symbols.int_floor` (v') the ends keep a key of margin: a visible key
+    lies in [f, f + 1] of the bound, a key past f + 1 below (or f - 1 above) is visible
+    to every query, whatever the rounding and the comparison. Each end is then at most
+    two keys from exact. (f + 1 and ceil(v') had no margin: 2.5*kv - 0.75*q + 1.5 < 0 at
+    q = 22 is kv < 6 exactly, and 0.3*q - 0.6 rounded above 6 put key 6 in the full range.)"""
     loosest, tightest = (_q_min, _q_max) if bound.lower else (_q_max, _q_min)
     wide, narrow = loosest(bound.value), tightest(bound.value)
     strict = not bound.equivalent
     if bound.lower:  # kv >= value, or (strict) kv > value: the least such integer
         hull_lo, full_lo = _above(wide, strict), _above(narrow, strict)
-        if hull_lo is None:  # kv >= value >= floor(value)
+        if hull_lo is None:  # kv >= v > v' - 1 >= f - 1, so kv >= f
             hull_lo = int_floor(wide)
-        if full_lo is None:  # kv >= floor(value) + 1 > value
-            full_lo = int_floor(narrow) + 1
+        if full_lo is None:  # kv >= f + 2 > v' + 1 > v
+            full_lo = int_floor(narrow) + 2
         return _Range(hull_lo, None), _Range(full_lo, None)
     # kv < value (strict), or kv <= value: the end past the greatest such integer
     hull_hi, full_hi = _past(wide, strict), _past(narrow, strict)
-    if hull_hi is None:  # kv <= value < floor(value) + 1
-        hull_hi = int_floor(wide) + 1
-    if full_hi is None:  # kv < ceil(value) is kv <= ceil(value) - 1 < value
-        full_hi = -int_floor(-narrow)
+    if hull_hi is None:  # kv <= v < v' + 1 < f + 2, so kv <= f + 1
+        hull_hi = int_floor(wide) + 2
+    if full_hi is None:  # kv <= f - 1 <= v' - 1 < v
+        full_hi = int_floor(narrow)
     return _Range(None, hull_hi), _Range(None, full_hi)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import sympy as sp
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from attngen import expr
@@ -256,14 +256,17 @@ def test_a_scaled_key_gets_integer_bounds_that_are_exact(
 
 
 @settings(max_examples=200, deadline=None)
+# kv < 0.3*q - 0.6 is kv < 6 at q = 22, and 0.3*22 - 0.6 rounds above 6
+@example(-0.75, 2.5, 1.5, sp.Lt, {q_lo: 22, q_hi: 22, k_lo: 0, k_hi: 0, batch: 0, q_len: 40, kv_len: 40})
 @given(st.sampled_from([0.0, 0.5, 0.9, -0.75, 1.3]), st.sampled_from([1.0, -1.0, 2.5, -0.6]),
        st.sampled_from([0.0, 1.5, -7.25, 12.0]), st.sampled_from([sp.Lt, sp.Le, sp.Gt, sp.Ge]), tiles())
 def test_a_real_bound_on_the_key_gets_integer_ends_that_are_sound(
         a: float, b: float, c: float, op: Any, env: dict[sp.Symbol, int]) -> None:
     """``a*q + b*kv + c (op) 0`` with real coefficients (``kv_pos >= 0.9 * q_pos``): the
     ends are integers the loops can take (real ones failed to compile in the kernels),
-    the hull holds every key some query sees and at most one more on its bounded side,
-    and the full range only keys every query sees, at most one fewer."""
+    the hull holds every key some query sees and at most two more on its bounded side,
+    and the full range only keys every query sees, at most two fewer: each end keeps a
+    key of margin for the rounding of the real value, on either side."""
     pred = op(sp.Float(a) * q_pos + sp.Float(b) * kv_pos + sp.Float(c), 0)
     r = analyse(pred)
     grid = visibility_grid(pred, env)
@@ -272,10 +275,10 @@ def test_a_real_bound_on_the_key_gets_integer_ends_that_are_sound(
         assert math.isinf(v) or v == int(v), (pred, env, end)
     hull = (value(r.kv_lo, env) <= KV_SCAN) & (value(r.kv_hi, env) > KV_SCAN)
     assert not (grid.any(axis=0) & ~hull).any(), (pred, env, r)
-    assert (hull & ~grid.any(axis=0)).sum() <= 1 or not grid.any(), (pred, env, r)
+    assert (hull & ~grid.any(axis=0)).sum() <= 2 or not grid.any(), (pred, env, r)
     full = (value(r.full_lo, env) <= KV_SCAN) & (value(r.full_hi, env) > KV_SCAN)
     assert grid[:, full].all(), (pred, env, r)
-    assert (grid.all(axis=0) & ~full).sum() <= 1, (pred, env, r)
+    assert (grid.all(axis=0) & ~full).sum() <= 2, (pred, env, r)
 
 
 def test_an_integer_tensor_bounds_keys_exactly() -> None:

@@ -127,8 +127,7 @@ def _rounded(
         if _integral(arg):
             n, d = (np.asarray(evaluate(part, env)) for part in sp.fraction(sp.together(arg)))
             if n.dtype.kind in "iub" and d.dtype.kind in "iub":
-                n, d = n.astype(np.int64), d.astype(np.int64)
-                return np.where(d == 0, 0, exact(n, np.where(d == 0, 1, d)))
+                return _by_nonzero(exact, n.astype(np.int64), d.astype(np.int64))
         x = np.asarray(evaluate(arg, env))
         if x.dtype.kind in "iub":
             return x
@@ -149,9 +148,15 @@ def _mod(node: sp.Basic, env: Mapping[str, Any]) -> Array:
     language's, as numpy's), of reals NaN there."""
     a, b = (np.asarray(evaluate(x, env)) for x in node.args)
     if a.dtype.kind in "iub" and b.dtype.kind in "iub":
-        return np.where(b == 0, 0, np.mod(a, np.where(b == 0, 1, b)))
+        return _by_nonzero(np.mod, a, b)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.mod(a, b)
+
+
+def _by_nonzero(fn: Callable[[Array, Array], Array], a: Array, b: Array) -> Array:
+    """``fn(a, b)`` of integers (a quotient or a remainder), 0 where ``b`` is 0: the
+    language's integer division by zero (the kernels' ``_floordiv_or_0``, ``_mod_or_0``)."""
+    return np.where(b == 0, 0, fn(a, np.where(b == 0, 1, b)))
 
 
 def _compare(fn: Callable[[Array, Array], Array]) -> Callable[[sp.Basic, Mapping[str, Any]], Array]:

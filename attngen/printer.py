@@ -210,9 +210,8 @@ def prints_integer(expr: sp.Basic) -> bool:
         return not denominator and all(prints_integer(f) for f in numerator)
     if isinstance(expr, sp.Pow):
         return power_form(expr) in ("base", "repeat") and prints_integer(_base_exp(expr)[0])
-    if isinstance(expr, sp.floor):  # _floordiv(n, d) only when sympy knows both integer
-        parts = _floor_fraction(expr)
-        return all(p.is_integer and prints_integer(p) for p in parts)
+    if isinstance(expr, sp.floor):  # _floordiv(n, d): a ratio of integers
+        return all(prints_integer(p) for p in _floor_fraction(expr))
     if isinstance(expr, sp.Piecewise):
         return all(prints_integer(value) for value, _ in expr.args)
     if isinstance(expr, sp.Add | sp.Min | sp.Max | sp.Abs | sp.Mod):
@@ -296,7 +295,7 @@ class TritonPrinter:
         """``expr`` printed for a function that takes only floats: converted to float32
         where it may be an integer in Triton (index symbols, integer arithmetic, a load
         from a user tensor, whose dtype the printer does not know)."""
-        if expr.is_integer or expr.has(sp.Indexed):  # tl.cast, not .to(): it may be a constexpr
+        if prints_integer(expr) or expr.has(sp.Indexed):  # tl.cast, not .to(): it may be a constexpr
             return f"tl.cast({self.doprint(expr)}, tl.float32)"
         return self.doprint(expr)
 
@@ -413,7 +412,9 @@ class TritonPrinter:
 
     def _print_floor(self, expr: sp.floor) -> tuple[str, int]:
         numerator, denominator = _floor_fraction(expr)
-        if not (numerator.is_integer and denominator.is_integer):
+        # Whether each side prints as an integer, not sympy's is_integer: that is None
+        # for floor(q / (k - q)), since sympy's q / 0 is zoo, where the language's is 0.
+        if not (prints_integer(numerator) and prints_integer(denominator)):
             return self.call("tl.floor", expr.args[0])  # IEEE: x / 0 is +-inf or NaN
         return self.call(_zero_guarded("_floordiv", denominator), numerator, denominator)
 

@@ -128,6 +128,10 @@ def odd_specs(draw: st.DrawFn) -> dict[str, object]:
 @example(data={**BASE, "mask": ["causal", {"expr": "kv_pos // q_pos < 2"}], "score_mod": "score + kv_pos % head"})
 @example(data={**BASE, "topology": {"kind": "tree", "queries": "token"},
                "mask": {"expr": "(kv_pos - q_pos) % (q_pos - 3) != 1"}, "score_mod": "score"})
+# a quotient of a quotient: sympy does not call floor(q / (kv - q)) an integer, so the
+# outer // once printed as tl.floor of a real division, NaN at q_pos = 0
+@example(data={**BASE, "mask": {"expr": "((q_pos // (kv_pos - q_pos)) // q_pos) < head"},
+               "score_mod": "score + score"})
 @example(data={**BASE, "mask": {"expr": "3 * kv_pos <= q_pos + 1"}, "score_mod": "score + 1"})
 # a key against a real value: its tile bounds were real too, and tl.cdiv refused them
 @example(data={**BASE, "mask": ["causal", {"expr": "kv_pos >= 0.9 * q_pos - 3"}], "score_mod": "score + 1"})

@@ -57,6 +57,8 @@ GOLDEN_NUMBERS = [
     # head is 0 for the first head: integer division by zero is 0, guarded in the kernel
     ("(q_pos - kv_pos) // head", "_floordiv_or_0(q_pos - kv_pos, head)"),
     ("kv_pos % (head + 1) + kv_pos // (q_len + 2)", "_mod(kv_pos, head + 1) + _floordiv(kv_pos, q_len + 2)"),
+    # the inner quotient is an integer (0 at kv = q) though sympy's is_integer is None for it
+    ("(q_pos // (kv_pos - q_pos)) // q_pos", "_floordiv_or_0(_floordiv_or_0(q_pos, kv_pos - q_pos), q_pos)"),
     ("kv_pos % doc[head] + kv_pos // (q_pos - 1)",
      "_mod_or_0(kv_pos, tl.load(doc_ptr + head)) + _floordiv_or_0(kv_pos, q_pos - 1)"),
     ("where(q_pos >= kv_pos, score, -score)", "tl.where(kv_pos <= q_pos, score, -score)"),

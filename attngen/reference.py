@@ -11,6 +11,10 @@ Semantics kept here (and documented for kernels):
 - score = softmax_scale * q·k; s' = score_mod(score, ...); invisible keys get -inf.
 - A row with nothing visible returns O = 0 and LSE = -inf, never NaN. LSE is natural log.
 - GQA: the KV head of query head ``h`` is ``h // group``.
+- A comparison of reals (``kv_pos * 0.7 < q_pos - 1.8``) is decided in float64 here and in
+  float32 in a kernel, so where its two sides lie within float32 rounding of each other
+  the two may disagree, and neither is wrong. The reference marks such rows undecided
+  (:attr:`Reference.undecided`), and ``attngen check`` leaves them out and counts them.
 - Tensor indices are clamped into range per axis; a ``token`` axis is the packed KV of the
   sequence, so its index is a position clamped into ``[0, kv_len - 1]`` of that sequence.
 
@@ -25,12 +29,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import sympy as sp
 
 from attngen.spec import Spec
+from attngen.symbols import score
 from attngen.tree import TreeBatch
 
 Array = np.ndarray
@@ -40,8 +45,32 @@ ScoreMod = Callable[[Array], Array]
 # Expression walker
 
 
+#: env key of the walker's tie mode. A comparison of reals whose sides lie within the
+#: band of :func:`_band` of each other is True under mode True and False under mode False,
+#: and a floor of a real within the band of a whole number w is w or w - 1: the two
+#: answers a float32 kernel may give. Without the key, comparisons are plain float64 ones.
+TIES = "__ties__"
+
+
+def _band(node: sp.Basic) -> float:
+    """Relative width of a tie, times |a| + |b| + 1: 2**-19 (16 float32 roundings) for
+    arithmetic on positions and constants, 2**-12 where the score takes part, since a
+    kernel sums q·k in float32, whose rounding grows with head_dim and |q|·|k|."""
+    return 2.0**-12 if node.has(score) else 2.0**-19
+
+
 def _as_float(x: Array) -> Array:
     return np.asarray(x, dtype=np.float64)
+
+
+def _near(a: Array, b: Array, band: float) -> Array:
+    """Where reals ``a`` and ``b`` lie within ``band`` (relative) of each other."""
+    with np.errstate(invalid="ignore"):
+        return np.abs(a - b) <= band * (np.abs(a) + np.abs(b) + 1.0)
+
+
+def _real(*xs: Array) -> bool:
+    return any(np.asarray(x).dtype.kind == "f" for x in xs)
 
 
 def _load(node: sp.Indexed, env: Mapping[str, Any]) -> Array:
@@ -133,6 +162,10 @@ def _rounded(
             return x
         with np.errstate(all="ignore"):
             y = fn(x)
+            if TIES in env:  # within the band of a whole number w: w, or the one past it
+                whole = np.round(x)
+                past = whole - 1 if fn is np.floor else whole + 1
+                y = np.where(_near(x, whole, _band(arg)), whole if env[TIES] else past, y)
         return y.astype(np.int64) if _integral(arg) and np.all(np.isfinite(y)) else y
 
     return apply
@@ -150,7 +183,12 @@ def _mod(node: sp.Basic, env: Mapping[str, Any]) -> Array:
     if a.dtype.kind in "iub" and b.dtype.kind in "iub":
         return _by_nonzero(np.mod, a, b)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.mod(a, b)
+        r = np.mod(a, b)
+        if TIES in env:  # a / b within the band of a whole number w: floor w, or w - 1
+            ratio = a / b
+            whole = np.round(ratio)
+            r = np.where(_near(ratio, whole, _band(node)), a - b * (whole if env[TIES] else whole - 1), r)
+        return r
 
 
 def _by_nonzero(fn: Callable[[Array, Array], Array], a: Array, b: Array) -> Array:
@@ -161,8 +199,12 @@ def _by_nonzero(fn: Callable[[Array, Array], Array], a: Array, b: Array) -> Arra
 
 def _compare(fn: Callable[[Array, Array], Array]) -> Callable[[sp.Basic, Mapping[str, Any]], Array]:
     def apply(node: sp.Basic, env: Mapping[str, Any]) -> Array:
-        lhs, rhs = node.args
-        return np.asarray(fn(evaluate(lhs, env), evaluate(rhs, env)))
+        a, b = (evaluate(side, env) for side in node.args)
+        with np.errstate(invalid="ignore"):
+            decided = np.asarray(fn(a, b))
+        if TIES not in env or not _real(a, b):
+            return decided
+        return np.where(_near(_as_float(a), _as_float(b), _band(node)), env[TIES], decided)
 
     return apply
 
@@ -250,6 +292,16 @@ def evaluate(expr: sp.Basic, env: Mapping[str, Any]) -> Array:
 # Dense attention core
 
 
+class Reference(NamedTuple):
+    """Reference O [Nq, Hq, Dv] and LSE [Nq, Hq], and which rows [Nq, Hq] are undecided:
+    a real comparison there lies within float32 rounding of its boundary for some key
+    the row might see, so a float32 kernel may rightly decide it the other way."""
+
+    out: Any
+    lse: Any
+    undecided: Any
+
+
 def attend(
     q: Array,
     k: Array,
@@ -258,15 +310,17 @@ def attend(
     scale: float,
     visible: Array | bool = True,
     score_mod: ScoreMod | None = None,
-) -> tuple[Array, Array]:
+    undecided: Callable[[Array], Array] | None = None,
+) -> Reference:
     """Dense attention in float64.
 
     q [Nq, Hq, Dqk], k [Nk, Hkv, Dqk], v [Nk, Hkv, Dv]; query head ``h`` reads KV head
     ``h // (Hq // Hkv)``. ``visible`` is a bool array broadcastable to [Hq, Nq, Nk];
     ``score_mod`` maps the scaled scores [Hq, Nq, Nk] to modified scores (any
-    position-dependence is closed over by the caller, see :func:`spec_terms`).
-    Returns O [Nq, Hq, Dv] and LSE [Nq, Hq] (natural log); a row that sees nothing has
-    O = 0 and LSE = -inf.
+    position-dependence is closed over by the caller, see :func:`spec_terms`), and
+    ``undecided`` maps them to the elements a tie leaves open (:attr:`Terms.undecided`).
+    Returns O [Nq, Hq, Dv] and LSE [Nq, Hq] (natural log), numpy; a row that sees
+    nothing has O = 0 and LSE = -inf.
     """
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     n_q, h_q, _ = q.shape
@@ -276,10 +330,11 @@ def attend(
     group = h_q // h_kv
     k_h = np.repeat(k, group, axis=1)  # [Nk, Hq, D]
     v_h = np.repeat(v, group, axis=1)
-    scores = scale * np.einsum("qhd,khd->hqk", q, k_h)
+    scaled = scale * np.einsum("qhd,khd->hqk", q, k_h)
+    scores = scaled
     if score_mod is not None:
         with np.errstate(all="ignore"):  # invisible entries may overflow; they are dropped
-            scores = np.broadcast_to(np.asarray(score_mod(scores), dtype=np.float64), scores.shape)
+            scores = np.broadcast_to(np.asarray(score_mod(scaled), dtype=np.float64), scaled.shape)
     seen = np.broadcast_to(np.asarray(visible, dtype=bool), scores.shape)
     scores = np.where(seen, scores, -np.inf)
     row_max = scores.max(axis=2, initial=-np.inf)  # [Hq, Nq]
@@ -292,7 +347,28 @@ def attend(
     out = np.where(has_mass.T[..., None], out / np.where(has_mass, total, 1.0).T[..., None], 0.0)
     with np.errstate(divide="ignore"):
         lse = np.where(has_mass, shift + np.log(np.where(has_mass, total, 1.0)), -np.inf)
-    return out.reshape(n_q, h_q, d_v), lse.T.copy()
+    open_rows = np.zeros((h_q, n_q), dtype=bool)
+    if undecided is not None:
+        open_rows = np.asarray(np.broadcast_to(undecided(scaled), scaled.shape).any(axis=2))
+    return Reference(out.reshape(n_q, h_q, d_v), lse.T.copy(), open_rows.T.copy())
+
+
+class Terms(NamedTuple):
+    """A spec's terms for a block of queries and keys: ``visible`` (bool [Hq, Nq, Nk]),
+    ``score_mod`` (scaled scores to modified ones) and ``undecided`` (scaled scores to
+    the elements [Hq, Nq, Nk] where a comparison of reals in the mask or the score
+    modification lies within float32 rounding of its boundary, so that visibility or
+    the modified score could go either way)."""
+
+    visible: Array
+    score_mod: ScoreMod
+    undecided: Callable[[Array], Array]
+
+
+def _has_ties(expr: sp.Basic) -> bool:
+    """Whether ``expr`` compares or rounds anything (what a tie can flip)."""
+    return any(isinstance(n, sp.core.relational.Relational | sp.floor | sp.ceiling | sp.Mod)
+               for n in sp.preorder_traversal(expr))
 
 
 def spec_terms(
@@ -304,9 +380,9 @@ def spec_terms(
     q_len: Array | int,
     kv_len: Array | int,
     tensors: Mapping[str, Array],
-) -> tuple[Array, ScoreMod]:
-    """The spec's visibility [Hq, Nq, Nk] (bool) and score modification, for queries at
-    ``q_pos`` [Nq] and keys at ``kv_pos`` [Nk].
+) -> Terms:
+    """The spec's :class:`Terms` (visibility [Hq, Nq, Nk], score modification, and where a
+    tie leaves either open) for queries at ``q_pos`` [Nq] and keys at ``kv_pos`` [Nk].
 
     ``batch``/``q_len``/``kv_len`` are scalars or per-query arrays [Nq] (a tree family
     binds them per query). ``tensors`` are already laid out for these queries and keys
@@ -329,15 +405,29 @@ def spec_terms(
         **tensors,
     }
     shape = (spec.heads.q, env["q_pos"].shape[1], env["kv_pos"].shape[2])
-    visible = np.broadcast_to(
-        np.asarray(evaluate(semantics.visibility(spec), env), dtype=bool), shape
-    )
-    modified = semantics.score(spec)
+    rule, modified = semantics.visibility(spec), semantics.score(spec)
 
-    def score_mod(scores: Array) -> Array:
-        return np.asarray(evaluate(modified, {**env, "score": scores}), dtype=np.float64)
+    def at(ties: bool | None, **more: Any) -> dict[str, Any]:
+        return {**env, **more} if ties is None else {**env, **more, TIES: ties}
 
-    return visible, score_mod
+    def mask(ties: bool | None = None) -> Array:
+        return np.broadcast_to(np.asarray(evaluate(rule, at(ties)), dtype=bool), shape)
+
+    def modify(scores: Array, ties: bool | None = None) -> Array:
+        return np.asarray(evaluate(modified, at(ties, score=scores)), dtype=np.float64)
+
+    visible = mask()
+    mask_open = mask(False) != mask(True) if _has_ties(rule) else np.zeros(shape, dtype=bool)
+
+    def undecided(scores: Array) -> Array:
+        if not _has_ties(modified):
+            return mask_open
+        with np.errstate(all="ignore"):
+            low, high = modify(scores, False), modify(scores, True)
+        differ = (low != high) & ~(np.isnan(low) & np.isnan(high))
+        return mask_open | (differ & (visible | mask_open))
+
+    return Terms(visible, modify, undecided)
 
 
 # ---------------------------------------------------------------------------------------
@@ -391,8 +481,9 @@ def sequence_reference(
     cu_seqlens_q: Any | None,
     cu_seqlens_k: Any,
     tensors: Mapping[str, Any] | None = None,
-) -> tuple[Any, Any]:
-    """O and LSE of a sequence-topology spec, in float64 (torch tensors on the CPU).
+) -> Reference:
+    """O and LSE of a sequence-topology spec, in float64 (torch tensors on the CPU), and
+    the rows a tie leaves undecided.
 
     Prefill: q [total_q, Hq, Dqk] packed by ``cu_seqlens_q``; query ``i`` of sequence
     ``b`` sits at ``q_pos = kv_len_b - q_len_b + i`` (needs q_len_b <= kv_len_b).
@@ -413,6 +504,7 @@ def sequence_reference(
     arrays = _tensor_arrays(spec, tensors or {})
     out = np.zeros((qn.shape[0], spec.heads.q, vn.shape[2]))
     lse = np.full((qn.shape[0], spec.heads.q), -np.inf)
+    undecided = np.zeros((qn.shape[0], spec.heads.q), dtype=bool)
     for b in range(n_batch):
         q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
         n_q, n_kv = q1 - q0, k1 - k0
@@ -422,7 +514,7 @@ def sequence_reference(
             continue  # nothing visible: O = 0, LSE = -inf
         positions = np.arange(n_kv - n_q, n_kv)
         kv_positions = np.arange(n_kv)
-        visible, score_mod = spec_terms(
+        terms = spec_terms(
             spec,
             q_pos=positions,
             kv_pos=kv_positions,
@@ -431,17 +523,16 @@ def sequence_reference(
             kv_len=n_kv,
             tensors=_sequence_tensors(spec, arrays, k0, n_kv),
         )
-        in_sequence = kv_positions[None, None, :] < n_kv
-        o_b, lse_b = attend(
+        out[q0:q1], lse[q0:q1], undecided[q0:q1] = attend(
             qn[q0:q1],
             kn[k0:k1],
             vn[k0:k1],
             scale=spec.softmax_scale,
-            visible=visible & in_sequence,
-            score_mod=score_mod,
+            visible=terms.visible,
+            score_mod=terms.score_mod,
+            undecided=terms.undecided,
         )
-        out[q0:q1], lse[q0:q1] = o_b, lse_b
-    return torch.from_numpy(out), torch.from_numpy(lse)
+    return Reference(torch.from_numpy(out), torch.from_numpy(lse), torch.from_numpy(undecided))
 
 
 # ---------------------------------------------------------------------------------------
@@ -455,8 +546,9 @@ def tree_reference(
     k: Any,
     v: Any,
     tensors: Mapping[str, Any] | None = None,
-) -> tuple[Any, Any]:
-    """O and LSE of a tree-family spec (``tree`` / ``shared_prefix``), in float64.
+) -> Reference:
+    """O and LSE of a tree-family spec (``tree`` / ``shared_prefix``), in float64, and
+    the rows a tie leaves undecided.
 
     q [n_queries, Hq, Dqk] in query-id order; k/v [n_kv, Hkv, D] the *logical* flattened
     tree KV (preorder; a paged caller gathers it through its page table first). A query
@@ -468,7 +560,7 @@ def tree_reference(
     """
     torch = _torch()
     q_pos = np.asarray(tree.q_pos, dtype=np.int64)
-    own, score_mod = spec_terms(
+    terms = spec_terms(
         spec,
         q_pos=q_pos,
         kv_pos=np.asarray(tree.kv_pos),
@@ -477,16 +569,17 @@ def tree_reference(
         kv_len=q_pos + 1,
         tensors=_tensor_arrays(spec, tensors or {}),
     )
-    visible = tree.visible_matrix()[None] & own
-    out, lse = attend(
+    on_path = tree.visible_matrix()[None]
+    out, lse, undecided = attend(
         to_numpy(q),
         to_numpy(k),
         to_numpy(v),
         scale=spec.softmax_scale,
-        visible=visible,
-        score_mod=score_mod,
+        visible=on_path & terms.visible,
+        score_mod=terms.score_mod,
+        undecided=lambda scores: on_path & terms.undecided(scores),
     )
-    return torch.from_numpy(out), torch.from_numpy(lse)
+    return Reference(torch.from_numpy(out), torch.from_numpy(lse), torch.from_numpy(undecided))
 
 
 def is_finite_or_neg_inf(lse: Array) -> bool:

@@ -126,9 +126,9 @@ def reference_visible(spec: Spec, shape: Shape, tensors: dict, b: int) -> np.nda
     for name, t in tensors.items():
         a = t.numpy()
         layout[name] = a[b] if "token" in spec.tensors[name].dims else a
-    visible, _ = reference.spec_terms(
+    visible = reference.spec_terms(
         spec, q_pos=np.arange(shape.q_len) + shape.q_offset, kv_pos=np.arange(shape.kv_len),
-        batch=b, q_len=shape.q_len, kv_len=shape.kv_len, tensors=layout)
+        batch=b, q_len=shape.q_len, kv_len=shape.kv_len, tensors=layout).visible
     return np.asarray(visible)
 
 

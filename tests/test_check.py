@@ -108,6 +108,7 @@ def test_a_config_ptxas_fails_on_runs_again_at_the_autotuners_choice() -> None:
     from triton.runtime.errors import PTXASError
 
     from attngen.check import CaseResult, judge
+    from attngen.reference import Reference
 
     spec = parse_spec({"name": "t", "heads": {"q": 2, "kv": 2}, "head_dim": 16, "dtype": "fp16",
                        "topology": {"kind": "sequence", "queries": "prefill"}, "mask": "causal"})
@@ -119,7 +120,7 @@ def test_a_config_ptxas_fails_on_runs_again_at_the_autotuners_choice() -> None:
         asked.append(config)
         if config is not None:
             raise PTXASError("PTXAS error: `ptxas` failed with error code -11")
-        return ref_o + (1.0 if wrong else 0.0), ref_lse, ref_o, ref_lse
+        return ref_o + (1.0 if wrong else 0.0), ref_lse, Reference(ref_o, ref_lse, torch.zeros(3, 2, dtype=torch.bool))
 
     shape, forced = Shape(lengths=((3, 5),), decode=False), {"block_m": 64, "block_n": 32, "num_warps": 4}
     case = judge(CaseResult(0, shape, "fp16", forced, 0), spec, attempt)
@@ -201,6 +202,23 @@ def test_a_reference_with_nan_is_named_as_the_spec_s_problem() -> None:
     ref = np.array([[1.0, np.nan]])
     problems = compare(np.array([[1.0, np.nan]]), ref).problems(1e-3, 1e-2)
     assert problems[0] == "NaN" and "float64 reference too" in problems[1]
+
+
+def test_an_undecided_row_is_left_out_of_the_figures_but_must_still_be_written() -> None:
+    ref = np.array([[[1.0, 2.0]], [[3.0, 4.0]], [[5.0, 6.0]]])  # [rows, heads, D]
+    undecided = np.array([[False], [True], [False]])
+    other_way = ref.copy()
+    other_way[1] = [[-7.0, 9.0]]  # the tie decided the other way: any value goes
+    assert compare(other_way, ref, skip=undecided).within(1e-9, 1e-9)
+    assert not compare(other_way, ref).within(1e-9, 1e-9)
+    unwritten = other_way.copy()
+    unwritten[1, 0, 1] = np.nan  # the poison a kernel left
+    assert compare(unwritten, ref, skip=undecided).nan
+    wrong = other_way.copy()
+    wrong[2, 0, 0] += 0.5  # a decided row
+    assert not compare(wrong, ref, skip=undecided).within(1e-3, 1e-2)
+    lse, lse_ref = np.array([[0.1], [-np.inf], [2.0]]), np.array([[0.1], [1.5], [2.0]])
+    assert compare_lse(lse, lse_ref, skip=undecided).within(1e-9, 1e-9)
 
 
 #: Decode behind a window of 1000 tokens and 4 sinks: its mask changes shape at KV lengths

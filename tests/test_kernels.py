@@ -58,7 +58,7 @@ def run_and_compare(
         reject()
     assert got.data_ptr() == out.data_ptr(), "the kernel did not write into `out`"
     assert got.dtype == inputs.q.dtype and lse.dtype == torch.float32
-    ref_o, ref_lse = sequence_reference(
+    ref_o, ref_lse, _ = sequence_reference(
         spec, inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.tensors
     )
     assert not torch.isnan(got).any(), (
@@ -246,7 +246,7 @@ def test_return_lse(device: str, queries: str) -> None:
     out, lse = call(return_lse=True)
     assert lse.shape == (q.shape[0], 4) and lse.dtype == torch.float32
     torch.testing.assert_close(out, plain, rtol=0, atol=0)  # same bits with or without LSE
-    ref_o, ref_lse = sequence_reference(
+    ref_o, ref_lse, _ = sequence_reference(
         spec, q, batch["k"], batch["v"], cu_q, batch["cu_seqlens_k"]
     )
     assert_close(out, ref_o, "fp32")
@@ -281,13 +281,13 @@ def test_gaps_between_pieces_are_never_read(device: str, queries: str, mask: str
     batch = varlen_batch(q_lens, kv_lens, heads=(4, 2), head_dim=(32, 32), seed=11, device=device)
     cu_q = batch["cu_seqlens_q"] if queries == "prefill" else None
     q = batch["q"] if queries == "prefill" else fresh(len(kv_lens), 4, 32, seed=12, device=device)
-    ref_o, ref_lse = sequence_reference(spec, q, batch["k"], batch["v"], cu_q, batch["cu_seqlens_k"])
+    ref_o, ref_lse, _ = sequence_reference(spec, q, batch["k"], batch["v"], cu_q, batch["cu_seqlens_k"])
     k, v = batch["k"].clone(), batch["v"].clone()
     read = 0
     for b, n in enumerate(kv_lens):
         start, n_q = int(batch["cu_seqlens_k"][b]), max(q_lens[b], 1)
-        visible, _ = spec_terms(spec, q_pos=np.arange(n - n_q, n), kv_pos=np.arange(n), batch=b,
-                                q_len=n_q, kv_len=n, tensors={})
+        visible = spec_terms(spec, q_pos=np.arange(n - n_q, n), kv_pos=np.arange(n), batch=b,
+                                q_len=n_q, kv_len=n, tensors={}).visible
         seen = np.any(visible, axis=(0, 1))  # by any head and query
         for t in range(0, n, block_n):
             if seen[t:t + block_n].any():
@@ -337,7 +337,7 @@ def test_16_bit_user_tensors_compute_in_fp32(device: str, queries: str, tensor_d
     if queries == "prefill":
         config["block_m"] = 16
     got, lse = launch(runtime.load(spec), inputs, out=poisoned_out(spec, inputs), config=config)
-    ref_o, ref_lse = sequence_reference(
+    ref_o, ref_lse, _ = sequence_reference(
         spec, inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.tensors
     )
     assert_close(got, ref_o, "fp32")

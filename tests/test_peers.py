@@ -57,6 +57,6 @@ def test_score_mod_matches_reference() -> None:
     q = torch.arange(6)[None, :, None]
     kv = torch.arange(9)[None, None, :]
     got = mod(scores, torch.tensor(0), h, q, kv).numpy()
-    _, ref_mod = reference.spec_terms(spec, q_pos=np.arange(6) + 3, kv_pos=np.arange(9), batch=0, q_len=6,
-                                      kv_len=9, tensors={n: t.numpy() for n, t in tensors.items()})
+    ref_mod = reference.spec_terms(spec, q_pos=np.arange(6) + 3, kv_pos=np.arange(9), batch=0, q_len=6,
+                                      kv_len=9, tensors={n: t.numpy() for n, t in tensors.items()}).score_mod
     np.testing.assert_allclose(got, ref_mod(scores.numpy()), rtol=1e-6, atol=1e-6)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from strategies import Ctx, MaskCase, ScoreCase, SpecCase, shapes, spec_cases
 
 from attngen.check import make_inputs
-from attngen.reference import attend, evaluate, sequence_reference
+from attngen.reference import TIES, attend, evaluate, sequence_reference, spec_terms
 from attngen.spec import parse_spec
 from attngen.symbols import kv_pos, q_pos
 
@@ -45,6 +45,42 @@ def test_integer_division_by_zero_is_zero_and_real_division_is_ieee() -> None:
     with np.errstate(all="ignore"):
         got = evaluate(sp.Mod(r, y), {"r": np.array([1.5, 1.5]), "y": np.array([0, 2])})
     assert np.isnan(got[0]) and got[1] == 1.5
+
+
+def test_a_real_comparison_within_float32_rounding_of_its_boundary_leaves_its_row_undecided() -> None:
+    """kv * 0.7 < q - 1.8 at q = kv = 6 is 4.2 < 4.2: True in float64, False in float32 as
+    a kernel computes it (CI's fuzz draw). Rows with such a key are undecided, exactly
+    those where 7 kv = 10 q - 18 for some key; no integer comparison is ever undecided."""
+    spec = parse_spec({"name": "t", "heads": {"q": 2, "kv": 1}, "head_dim": 16,
+                       "mask": {"expr": "kv_pos * 0.7 < q_pos - 1.8"}})
+    batch = varlen_batch([20], heads=(2, 1), head_dim=(16, 16), seed=4)
+    ref = sequence_reference(spec, batch["q"], batch["k"], batch["v"], batch["cu_seqlens_q"],
+                             batch["cu_seqlens_k"])
+    tie = [any(7 * kv == 10 * q - 18 for kv in range(20)) for q in range(20)]
+    assert sum(tie) >= 2 and ref.undecided.tolist() == [[t, t] for t in tie]
+    causal = parse_spec({"name": "c", "heads": {"q": 2, "kv": 1}, "head_dim": 16, "mask": "causal"})
+    plain = sequence_reference(causal, batch["q"], batch["k"], batch["v"], batch["cu_seqlens_q"],
+                               batch["cu_seqlens_k"])
+    assert not plain.undecided.any()
+
+
+def test_a_score_comparison_on_its_boundary_is_undecided_where_the_key_is_visible() -> None:
+    spec = parse_spec({"name": "t", "heads": {"q": 1, "kv": 1}, "head_dim": 16, "mask": "causal",
+                       "score_mod": "where(score > 0.5, score, -3)"})
+    terms = spec_terms(spec, q_pos=np.arange(2), kv_pos=np.arange(2), batch=0, q_len=2, kv_len=2,
+                       tensors={})
+    scores = np.array([[[0.5, 0.5], [0.7, 0.5 + 1e-6]]])
+    # [0, 1] is on the boundary but invisible (causal); [1, 1] is within the score band
+    assert terms.undecided(scores).tolist() == [[[True, False], [False, True]]]
+    assert terms.score_mod(scores).tolist() == [[[-3, -3], [0.7, 0.5 + 1e-6]]]
+
+
+def test_a_real_floor_within_rounding_of_a_whole_number_goes_either_way() -> None:
+    r = sp.Symbol("r", real=True)
+    values = {"r": np.array([2.0, 2.0 - 1e-9, 2.5, -1.0])}
+    assert evaluate(sp.floor(r), {**values, TIES: True}).tolist() == [2, 2, 2, -1]
+    assert evaluate(sp.floor(r), {**values, TIES: False}).tolist() == [1, 1, 2, -2]
+    assert evaluate(sp.Mod(r, 2), {**values, TIES: False}).tolist()[:3] == [2.0, pytest.approx(2.0), 0.5]
 
 
 def test_integer_floor_and_ceiling_are_exact() -> None:
@@ -103,7 +139,7 @@ def test_unknown_node_is_an_error() -> None:
 
 def test_single_visible_key_gives_its_value() -> None:
     q, k, v = (np.random.default_rng(0).normal(size=(1, 1, 4)) for _ in range(3))
-    out, lse = attend(q, k, v, scale=0.5)
+    out, lse, _ = attend(q, k, v, scale=0.5)
     np.testing.assert_allclose(out, v)
     np.testing.assert_allclose(lse, [[0.5 * float(q[0, 0] @ k[0, 0])]])
 
@@ -112,7 +148,7 @@ def test_two_keys_softmax_by_hand() -> None:
     q = np.array([[[1.0, 0.0]]])
     k = np.array([[[1.0, 0.0]], [[0.0, 1.0]]])
     v = np.array([[[2.0]], [[4.0]]])
-    out, lse = attend(q, k, v, scale=1.0)
+    out, lse, _ = attend(q, k, v, scale=1.0)
     w = math.e / (math.e + 1)
     assert out[0, 0, 0] == pytest.approx(2 * w + 4 * (1 - w), rel=1e-14)
     assert lse[0, 0] == pytest.approx(math.log(math.e + 1), rel=1e-14)
@@ -124,7 +160,7 @@ def test_fully_masked_row_is_zero_with_neg_inf_lse() -> None:
     visible = np.ones((2, 3, 5), dtype=bool)
     visible[:, 1] = False
     visible[1, 2] = False
-    out, lse = attend(q, k, v, scale=0.3, visible=visible)
+    out, lse, _ = attend(q, k, v, scale=0.3, visible=visible)
     assert not np.isnan(out).any()
     assert (out[1] == 0).all() and (lse[1] == -np.inf).all()
     assert (out[2, 1] == 0).all() and lse[2, 1] == -np.inf and np.isfinite(lse[2, 0])
@@ -133,14 +169,14 @@ def test_fully_masked_row_is_zero_with_neg_inf_lse() -> None:
 def test_empty_sequences_in_a_batch() -> None:
     spec = parse_spec({"name": "e", "heads": {"q": 2, "kv": 1}, "head_dim": 16, "mask": ["causal"]})
     batch = varlen_batch([0, 3, 0], [0, 4, 2])
-    out, lse = sequence_reference(
+    out, lse, _ = sequence_reference(
         spec, batch["q"], batch["k"], batch["v"], batch["cu_seqlens_q"], batch["cu_seqlens_k"]
     )
     assert out.shape == (3, 2, 16) and lse.shape == (3, 2) and out.dtype == torch.float64
     assert torch.isfinite(lse).all()
     # decode with an empty KV: O = 0, LSE = -inf
     q = fresh(2, 2, 16, seed=3)
-    out_d, lse_d = sequence_reference(
+    out_d, lse_d, _ = sequence_reference(
         spec.model_copy(update={}),
         q,
         batch["k"][:4],
@@ -171,11 +207,11 @@ def test_decode_is_the_last_prefill_row() -> None:
     prefill = parse_spec(data)
     decode = parse_spec({**data, "topology": {"queries": "decode"}})
     batch = varlen_batch([3, 9], [3, 9], heads=(4, 2), head_dim=(32, 32), seed=5)
-    out_p, lse_p = sequence_reference(
+    out_p, lse_p, _ = sequence_reference(
         prefill, batch["q"], batch["k"], batch["v"], batch["cu_seqlens_q"], batch["cu_seqlens_k"]
     )
     last = batch["cu_seqlens_q"][1:].long() - 1
-    out_d, lse_d = sequence_reference(
+    out_d, lse_d, _ = sequence_reference(
         decode, batch["q"][last], batch["k"], batch["v"], None, batch["cu_seqlens_k"]
     )
     torch.testing.assert_close(out_d, out_p[last], rtol=0, atol=0)
@@ -194,7 +230,7 @@ def test_per_token_tensor_is_packed_like_the_kv() -> None:
     )
     batch = varlen_batch([2, 3], [4, 3], heads=(1, 1), seed=2)
     doc = torch.tensor([0, 0, 1, 1, 7, 7, 8], dtype=torch.int32)
-    out, _ = sequence_reference(
+    out = sequence_reference(
         spec,
         batch["q"],
         batch["k"],
@@ -202,7 +238,7 @@ def test_per_token_tensor_is_packed_like_the_kv() -> None:
         batch["cu_seqlens_q"],
         batch["cu_seqlens_k"],
         {"doc": doc},
-    )
+    ).out
     # sequence 1, query at position 2 (doc 8) sees only key 2 of its own sequence
     torch.testing.assert_close(out[4], batch["v"][6].double(), rtol=1e-12, atol=1e-12)
 
@@ -217,9 +253,9 @@ def test_matches_sdpa(mask: str, hq: int, hkv: int) -> None:
     spec = parse_spec({"name": "s", "heads": {"q": hq, "kv": hkv}, "head_dim": 32, "mask": [mask]})
     lengths = [5, 17, 1]
     batch = varlen_batch(lengths, heads=(hq, hkv), head_dim=(32, 32), seed=hq + hkv)
-    out, _ = sequence_reference(
+    out = sequence_reference(
         spec, batch["q"], batch["k"], batch["v"], batch["cu_seqlens_q"], batch["cu_seqlens_k"]
-    )
+    ).out
     start = 0
     for n in lengths:
         q, k, v = (batch[x][start : start + n].double().transpose(0, 1) for x in "qkv")
@@ -322,7 +358,7 @@ def test_matches_flex_attention(case: SpecCase, data: st.DataObject) -> None:
     inputs = make_inputs(
         case.spec, shape, seed=data.draw(st.integers(0, 2**31 - 1)), device="cpu", dtype="fp32"
     )
-    out, lse = sequence_reference(
+    out, lse, _ = sequence_reference(
         case.spec,
         inputs.q,
         inputs.k,

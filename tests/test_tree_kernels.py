@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from attngen.cost import HeadLayout, Machine
 from attngen.errors import LaunchError, SpecError
 from attngen.plan import FOLD_ALIGN, PlanBuffers, plan_into, plan_tree
-from attngen.reference import tree_reference
+from attngen.reference import Reference, tree_reference
 from attngen.runtime import load
 from attngen.spec import Spec, parse_spec
 from attngen.tree import (
@@ -139,7 +139,7 @@ def check(
 
 
 def assert_matches(
-    spec: Spec, o: torch.Tensor, lse: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor], what: str = "O"
+    spec: Spec, o: torch.Tensor, lse: torch.Tensor, ref: Reference, what: str = "O"
 ) -> None:
     """O and LSE against a reference's, at the spec's dtype tolerances."""
     assert_close(o, ref[0], spec.dtype, what=what)
@@ -574,7 +574,7 @@ def check_with_and_without_gluon(spec: Spec, tree: TreeBatch, case: Case, plan: 
     out.fill_(math.nan)
     graph.replay()
     torch.cuda.synchronize()
-    ref_o, _ = tree_reference(spec, tree, case.q, case.k, case.v, {})
+    ref_o = tree_reference(spec, tree, case.q, case.k, case.v, {}).out
     assert_close(out, ref_o, "bf16", what="O (CUDA graph)")
 
 
@@ -642,7 +642,7 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
             out.fill_(math.nan)
             graph.replay()
             torch.cuda.synchronize()
-            ref_o, _ = tree_reference(spec, tree, q, k[: tree.n_kv], v[: tree.n_kv], {})
+            ref_o = tree_reference(spec, tree, q, k[: tree.n_kv], v[: tree.n_kv], {}).out
             assert_close(out, ref_o, "bf16", what=f"O (replay, {tree.n_kv} tokens)")
 
     @pytest.mark.parametrize("heads", [(32, 8), (32, 32)])
@@ -653,7 +653,7 @@ class TestTreeKernelsGPU(TestTreeKernelsInterpreter):
         each replay right after plan_into wrote the other kind."""
         tree = speculative(prefix=1428, widths=(4, 2, 2, 2, 1)).tree
         spec, module, case, layout = gluon_case(heads, tree, seed=23)
-        ref_o, _ = tree_reference(spec, tree, case.q, case.k, case.v, {})
+        ref_o = tree_reference(spec, tree, case.q, case.k, case.v, {}).out
         folding, plain = Machine(sms=1), Machine()
         for capture, other in ((folding, plain), (plain, folding)):
             buffers = PlanBuffers.allocate(max_groups=32, max_queries=tree.n_queries, max_kv=tree.n_kv, chunk=128,

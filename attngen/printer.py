@@ -219,6 +219,67 @@ def prints_integer(expr: sp.Basic) -> bool:
     return False
 
 
+#: The range the printer assumes of an integer symbol (a position, length, head or batch
+#: index, or a tile's end) and of an element of an integer tensor (a position, length or
+#: id, as the spec's tensors hold): below 2**30 in magnitude, :data:`INTEGER_LIMIT`.
+_SYMBOL_RANGE = (1 - INTEGER_LIMIT, INTEGER_LIMIT - 1)
+
+
+def integer_range(expr: sp.Basic) -> tuple[int, int]:
+    """Bounds on the value of an integer expression (one that :func:`prints_integer`), by
+    interval arithmetic over the ranges of its symbols and tensor elements. The printer
+    computes in int64 wherever they leave int32 (:func:`needs_int64`).
+
+    >>> q, k = (sp.Symbol(n, integer=True, nonnegative=True) for n in "qk")
+    >>> integer_range(q - k), integer_range(q * k)
+    ((-1073741823, 1073741823), (0, 1152921502459363329))
+    """
+    if expr.is_Integer:
+        return int(expr), int(expr)
+    if isinstance(expr, sp.Symbol):
+        return (0, _SYMBOL_RANGE[1]) if expr.is_nonnegative else _SYMBOL_RANGE
+    if isinstance(expr, sp.Indexed):
+        return _SYMBOL_RANGE
+    args = [integer_range(a) for a in expr.args]
+    if isinstance(expr, sp.Add):
+        return sum(lo for lo, _ in args), sum(hi for _, hi in args)
+    if isinstance(expr, sp.Mul):
+        lo, hi = args[0]
+        for a, b in args[1:]:
+            ends = [lo * a, lo * b, hi * a, hi * b]
+            lo, hi = min(ends), max(ends)
+        return lo, hi
+    if isinstance(expr, sp.Pow):  # a small whole power, printed as a product
+        (lo, hi), n = integer_range(expr.base), int(expr.exp)
+        ends = [lo**n, hi**n] + ([0] if lo < 0 < hi and n % 2 == 0 else [])
+        return min(ends), max(ends)
+    if isinstance(expr, sp.floor):  # n // d: no larger than |n|, or 0
+        lo, hi = integer_range(_floor_fraction(expr)[0])
+        return min(lo, -hi, 0), max(hi, -lo, 0)
+    if isinstance(expr, sp.Mod):  # |a % b| < |b|
+        lo, hi = args[1]
+        big = max(abs(lo), abs(hi))
+        return -big, big
+    if isinstance(expr, sp.Min | sp.Max | sp.Piecewise):
+        ranges = args if not isinstance(expr, sp.Piecewise) else [integer_range(v) for v, _ in expr.args]
+        return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
+    if isinstance(expr, sp.Abs):
+        ((lo, hi),) = args
+        return (0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi))
+    if isinstance(expr, int_floor):
+        return -INTEGER_LIMIT, INTEGER_LIMIT
+    return -INT32_MAX - 1, INT32_MAX  # what an int32 holds
+
+
+def needs_int64(expr: sp.Basic) -> bool:
+    """Whether integer ``expr`` may leave int32, in which the kernels compute positions:
+    ``kv_pos * kv_pos`` passes 2**31 at position 46341, ``3 * kv_pos`` at 715827883. The
+    printer then widens an operand to int64, so that the sum or product is exact, as in
+    the reference's int64."""
+    lo, hi = integer_range(expr)
+    return lo < -INT32_MAX - 1 or hi > INT32_MAX
+
+
 def _zero_guarded(helper: str, divisor: sp.Basic) -> str:
     """``helper`` (an integer ``//`` or ``%``) for ``divisor``, or its ``_or_0`` form where
     sympy cannot prove the divisor nonzero (``kv_pos // q_pos`` at q_pos = 0): integer
@@ -291,6 +352,10 @@ class TritonPrinter:
             return f"{function}({', '.join(self.as_float(a) for a in args)})", PREC_ATOM
         return f"{function}({', '.join(self.doprint(a) for a in args)})", PREC_ATOM
 
+    def widened(self, expr: sp.Basic) -> bool:
+        """Whether a sum or product is computed in int64 (see :func:`needs_int64`)."""
+        return prints_integer(expr) and needs_int64(expr)
+
     def as_float(self, expr: sp.Basic) -> str:
         """``expr`` printed for a function that takes only floats: converted to float32
         where it may be an integer in Triton (index symbols, integer arithmetic, a load
@@ -344,6 +409,8 @@ class TritonPrinter:
         terms = [t for t in ordered if not t.could_extract_minus_sign()]
         terms += [t for t in ordered if t.could_extract_minus_sign()]
         text = self.paren(terms[0], PREC_ADD - 1)
+        if self.widened(expr) and not needs_int64(terms[0]):  # else int64 already
+            text = f"tl.cast({self.doprint(terms[0])}, tl.int64)"
         for term in terms[1:]:
             if term.could_extract_minus_sign():
                 text += f" - {self.paren(-term, PREC_ADD)}"
@@ -359,7 +426,11 @@ class TritonPrinter:
                 return f"-({text})", PREC_UNARY
             return f"-{text}", min(prec, PREC_UNARY)
         numerator, denominator = _split_fraction(expr)
-        text = " * ".join(self.paren(f, PREC_MUL - 1) for f in numerator) if numerator else "1.0"
+        factors = [self.paren(f, PREC_MUL - 1) for f in numerator]
+        if numerator and self.widened(expr):  # a constant stays a constant: 3 * int64(q)
+            at = next((i for i, f in enumerate(numerator) if not f.is_number), 0)
+            factors[at] = f"tl.cast({self.doprint(numerator[at])}, tl.int64)"
+        text = " * ".join(factors) if numerator else "1.0"
         if denominator:
             den = sp.Mul(*denominator, evaluate=False) if len(denominator) > 1 else denominator[0]
             text += f" / {self.paren(den, PREC_MUL)}"
@@ -377,7 +448,10 @@ class TritonPrinter:
             case "rsqrt":
                 return f"1.0 / {self.call('tl.sqrt', base)[0]}", PREC_MUL
             case "repeat":
-                return " * ".join([self.paren(base, PREC_MUL)] * int(exponent)), PREC_MUL
+                factors = [self.paren(base, PREC_MUL)] * int(exponent)
+                if self.widened(expr):
+                    factors[0] = f"tl.cast({self.doprint(base)}, tl.int64)"
+                return " * ".join(factors), PREC_MUL
             case "reciprocal":
                 return f"1.0 / {self.paren(sp.Pow(base, -exponent), PREC_MUL)}", PREC_MUL
             case "exp2_base":  # c**x = 2**(x * log2(c)), for a constant c > 0

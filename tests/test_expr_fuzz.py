@@ -133,6 +133,10 @@ def odd_specs(draw: st.DrawFn) -> dict[str, object]:
 @example(data={**BASE, "mask": {"expr": "((q_pos // (kv_pos - q_pos)) // q_pos) < head"},
                "score_mod": "score + score"})
 @example(data={**BASE, "mask": {"expr": "3 * kv_pos <= q_pos + 1"}, "score_mod": "score + 1"})
+# kv < 0.999999999 q + 0.5 in products past int32 at position 3: the mask and the tile
+# bounds once wrapped around in int32, where the reference's int64 does not
+@example(data={**BASE, "mask": {"expr": "kv_pos * 1000000000 < q_pos * 999999999 + 500000000"},
+               "score_mod": "score"})
 # a key against a real value: its tile bounds were real too, and tl.cdiv refused them
 @example(data={**BASE, "mask": ["causal", {"expr": "kv_pos >= 0.9 * q_pos - 3"}], "score_mod": "score + 1"})
 @example(data={**BASE, "topology": {"kind": "sequence", "queries": "decode"},

@@ -113,6 +113,12 @@ GOLDEN_BOOLEANS = [
     ),
     ("true", "True"),
     ("false or 1 > 2", "False"),
+    # sums and products that may leave int32 (positions below 2**30) are computed in int64
+    ("kv_pos * kv_pos < q_pos * q_pos + 3",
+     "tl.cast(kv_pos, tl.int64) * kv_pos < tl.cast(q_pos, tl.int64) * q_pos + 3"),
+    ("3 * kv_pos <= q_pos + 1", "3 * tl.cast(kv_pos, tl.int64) <= q_pos + 1"),
+    ("2 * kv_pos + q_pos // 3 < 9", "tl.cast(2 * kv_pos, tl.int64) + _floordiv(q_pos, 3) < 9"),
+    ("2 * kv_pos <= q_pos + kv_pos + 1", "2 * kv_pos <= kv_pos + q_pos + 1"),
 ]
 
 
@@ -136,9 +142,10 @@ def test_constants_print_as_floats() -> None:
 def test_a_whole_constant_prints_only_within_int32() -> None:
     """Triton refuses a whole constant beside an int32 beyond int32 ('Scalar ... is out of
     range for type int32'); ``x - 2147483648`` would need one. The parser refuses the
-    user's own; this stops one the tile analysis derives (a sum of two) at the build."""
+    user's own; this stops one the tile analysis derives (a sum of two) at the build. The
+    sum itself may leave int32, so it is computed in int64."""
     q_pos = SCORE_SYMBOLS["q_pos"]
-    assert print_triton(q_pos + INT32_MAX, names=NAMES, tensor_load=load) == "q_pos + 2147483647"
+    assert print_triton(q_pos + INT32_MAX, names=NAMES, tensor_load=load) == "tl.cast(q_pos, tl.int64) + 2147483647"
     assert print_triton(q_pos - INT32_MAX, names=NAMES, tensor_load=load) == "q_pos - 2147483647"
     for wide in (INT32_MAX + 1, -INT32_MAX - 1, 10**20):
         with pytest.raises(PrintError, match=f"the whole constant {abs(wide)} is beyond int32"):

@@ -17,7 +17,7 @@ import sympy as sp
 from attngen import __version__, analysis, semantics
 from attngen.errors import SpecError
 from attngen.masks import mask_rule_to_yaml
-from attngen.printer import PrintError, TensorLoad, print_triton
+from attngen.printer import PrintError, TensorLoad, print_triton, widens
 from attngen.spec import DEFAULT_BLOCKS, TORCH_DTYPE_NAMES, Spec, TensorDecl
 from attngen.symbols import batch, head, kv_len, kv_pos, q_len, q_pos, score
 
@@ -384,7 +384,9 @@ def lower(spec: Spec) -> KernelIR:
         return print_for(spec, expr, ELEMENT_NAMES, load)
 
     def tile(expr: sp.Basic) -> str:
-        return print_for(spec, expr, TILE_NAMES, load)
+        code = print_for(spec, expr, TILE_NAMES, load)
+        # a loop bound computed in int64 goes back to int32: loops and TMA take int32
+        return f"_int32_bound({code})" if isinstance(expr, sp.Expr) and widens(expr) else code
 
     pred = full_visibility(spec)
     tiles = sequence_tiles(spec)

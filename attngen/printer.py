@@ -271,6 +271,16 @@ def integer_range(expr: sp.Basic) -> tuple[int, int]:
     return -INT32_MAX - 1, INT32_MAX  # what an int32 holds
 
 
+def widens(expr: sp.Basic) -> bool:
+    """Whether the printer computes some part of ``expr`` in int64 (:func:`needs_int64`),
+    the sides of a floor division as it prints them included."""
+    if isinstance(expr, sp.Add | sp.Mul | sp.Pow) and prints_integer(expr) and needs_int64(expr):
+        return True
+    if isinstance(expr, sp.floor) and prints_integer(expr):
+        return any(widens(part) for part in _floor_fraction(expr))
+    return any(widens(arg) for arg in expr.args)
+
+
 def needs_int64(expr: sp.Basic) -> bool:
     """Whether integer ``expr`` may leave int32, in which the kernels compute positions:
     ``kv_pos * kv_pos`` passes 2**31 at position 46341, ``3 * kv_pos`` at 715827883. The

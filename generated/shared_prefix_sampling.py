@@ -102,6 +102,13 @@ def _int_floor(x):
 
 
 @triton.jit
+def _int32_bound(x):
+    # a tile bound computed in int64 (a product of positions past int32) as an int32
+    # loop bound, clamped to +-2**30 first (the positions are below it).
+    return tl.minimum(tl.maximum(x, -1073741824), 1073741824).to(tl.int32)
+
+
+@triton.jit
 def _tanh(x):
     # tanh in fp32 from exp(-2|x|), which never overflows, so large |x| gives +-1, not
     # NaN; below |x| = 0.125 a Taylor polynomial avoids the cancellation in 1 - e.

@@ -240,6 +240,17 @@ def integer_range(expr: sp.Basic) -> tuple[int, int]:
         return (0, _SYMBOL_RANGE[1]) if expr.is_nonnegative else _SYMBOL_RANGE
     if isinstance(expr, sp.Indexed):
         return _SYMBOL_RANGE
+    if isinstance(expr, sp.floor):  # n // d: no larger than |n|, or 0
+        lo, hi = integer_range(_floor_fraction(expr)[0])
+        return min(lo, -hi, 0), max(hi, -lo, 0)
+    if isinstance(expr, sp.Pow):  # a small whole power, printed as a product
+        (lo, hi), n = integer_range(expr.base), int(expr.exp)
+        ends = [lo**n, hi**n] + ([0] if lo < 0 < hi and n % 2 == 0 else [])
+        return min(ends), max(ends)
+    if isinstance(expr, sp.Piecewise):
+        expr = sp.Max(*(v for v, _ in expr.args), evaluate=False)  # within its values' hull
+    if isinstance(expr, int_floor):
+        return -INTEGER_LIMIT, INTEGER_LIMIT
     args = [integer_range(a) for a in expr.args]
     if isinstance(expr, sp.Add):
         return sum(lo for lo, _ in args), sum(hi for _, hi in args)
@@ -249,25 +260,14 @@ def integer_range(expr: sp.Basic) -> tuple[int, int]:
             ends = [lo * a, lo * b, hi * a, hi * b]
             lo, hi = min(ends), max(ends)
         return lo, hi
-    if isinstance(expr, sp.Pow):  # a small whole power, printed as a product
-        (lo, hi), n = integer_range(expr.base), int(expr.exp)
-        ends = [lo**n, hi**n] + ([0] if lo < 0 < hi and n % 2 == 0 else [])
-        return min(ends), max(ends)
-    if isinstance(expr, sp.floor):  # n // d: no larger than |n|, or 0
-        lo, hi = integer_range(_floor_fraction(expr)[0])
-        return min(lo, -hi, 0), max(hi, -lo, 0)
     if isinstance(expr, sp.Mod):  # |a % b| < |b|
-        lo, hi = args[1]
-        big = max(abs(lo), abs(hi))
+        big = max(abs(end) for end in args[1])
         return -big, big
-    if isinstance(expr, sp.Min | sp.Max | sp.Piecewise):
-        ranges = args if not isinstance(expr, sp.Piecewise) else [integer_range(v) for v, _ in expr.args]
-        return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
+    if isinstance(expr, sp.Min | sp.Max):
+        return min(lo for lo, _ in args), max(hi for _, hi in args)
     if isinstance(expr, sp.Abs):
         ((lo, hi),) = args
         return (0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi))
-    if isinstance(expr, int_floor):
-        return -INTEGER_LIMIT, INTEGER_LIMIT
     return -INT32_MAX - 1, INT32_MAX  # what an int32 holds
 
 

@@ -349,3 +349,32 @@ def configs(draw: st.DrawFn, shape: Shape, *, blocks: tuple[int, ...] = (16, 32)
     else:
         config["block_m"] = draw(st.sampled_from(useful))
     return config
+
+
+# ---------------------------------------------------------------------------------------
+# Expressions of the grammar (the fuzz tests)
+
+
+INTEGERS = ("q_pos", "kv_pos", "head", "batch", "q_len", "kv_len")
+
+
+#: The right operands of // and %: constants (a constant zero is refused by the grammar,
+#: tested in test_expr), and positions, lengths and heads, which are zero somewhere, where
+#: the quotient and the remainder are 0 in kernel and reference alike.
+DIVISORS = st.one_of(st.integers(1, 9).map(str), st.sampled_from(INTEGERS), st.just("(kv_pos - q_pos)"))
+
+
+def integer_expr(depth: int = 0, divisors: st.SearchStrategy[str] = DIVISORS) -> st.SearchStrategy[str]:
+    leaf = st.one_of(st.sampled_from(INTEGERS), st.integers(0, 40).map(str))
+    if depth >= 2:
+        return leaf
+    sub = st.deferred(lambda: integer_expr(depth + 1, divisors))
+    return st.one_of(
+        leaf,
+        st.tuples(sub, st.sampled_from("+-*"), sub).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(sub, st.sampled_from(["//", "%"]), divisors).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(st.sampled_from(["min", "max"]), sub, sub).map(lambda t: f"{t[0]}({t[1]}, {t[2]})"),
+        sub.map(lambda a: f"abs({a})"),
+        st.tuples(sub, st.integers(1, 30)).map(lambda t: f"clamp({t[0]}, 0, {t[1]})"),
+        st.tuples(sub, sub).map(lambda t: f"where({t[0]} > {t[1]}, {t[0]}, {t[1]})"),
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -14,16 +15,21 @@ import jinja2
 import numpy as np
 import pytest
 import sympy as sp
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+from strategies import INTEGERS, integer_expr
 
 from attngen import expr
 from attngen.printer import (
     INT32_MAX,
     PrintError,
     integer_constants,
+    integer_range,
     power_form,
     print_triton,
     prints_integer,
 )
+from attngen.reference import evaluate
 from attngen.symbols import SCORE_SYMBOLS
 
 TENSORS = {"slopes": 1, "bias": 2, "doc": 1}
@@ -234,15 +240,14 @@ def test_power_form_names_each_printed_form() -> None:
 # -- the helpers, run under the Triton interpreter ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def helpers(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    """The helper template rendered into an importable module (triton.jit needs a file),
-    its kernels made interpreted: the interpreter is chosen when ``triton.jit`` runs, so the
-    variable is set only while the module executes and leaks into no other test."""
+def interpreted_module(directory: Path, name: str, kernels: str) -> ModuleType:
+    """The helper template and ``kernels`` rendered into an importable module (triton.jit
+    needs a file), its kernels made interpreted: the interpreter is chosen when
+    ``triton.jit`` runs, so the variable is set only while the module executes and leaks
+    into no other test."""
     body = jinja2.Template(HELPERS.read_text(), undefined=jinja2.StrictUndefined).render()
-    source = "import triton\nimport triton.language as tl\n\n" + body + KERNELS
-    path = tmp_path_factory.mktemp("helpers") / "expr_helpers_under_test.py"
-    path.write_text(source)
+    path = directory / f"{name}.py"
+    path.write_text("import triton\nimport triton.language as tl\n\n" + body + kernels)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -283,6 +288,11 @@ def tanh_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     mask = offs < n
     tl.store(y_ptr + offs, _tanh(tl.load(x_ptr + offs, mask=mask, other=0.0)), mask=mask)
 """
+
+
+@pytest.fixture(scope="module")
+def helpers(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    return interpreted_module(tmp_path_factory.mktemp("helpers"), "expr_helpers_under_test", KERNELS)
 
 
 @pytest.mark.interpreter
@@ -346,3 +356,37 @@ def test_the_int_floor_helper_clamps_where_sympy_does() -> None:
     assert f"tl.maximum(x, -{INTEGER_LIMIT}.0), {INTEGER_LIMIT}.0)" in helper
     assert int_floor(sp.Float(1e12)) == INTEGER_LIMIT and int_floor(sp.Float(-1e12)) == -INTEGER_LIMIT
     assert int_floor(sp.Float(-2.5)) == -3
+
+
+#: Positions, lengths, heads and batch indices at the ends of their range (below 2**30)
+#: and between: where int32 arithmetic on them wraps around.
+_WIDE = st.lists(st.sampled_from([0, 1, 2, 46341, 2**30 - 1]) | st.integers(0, 2**30 - 1),
+                 min_size=16, max_size=16)
+
+
+@pytest.mark.interpreter
+@settings(max_examples=int(os.environ.get("ATTNGEN_FUZZ_EXAMPLES", "25")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=integer_expr(), values=st.tuples(*[_WIDE] * len(INTEGERS)))
+@example(text="kv_pos * kv_pos - q_pos * q_pos", values=tuple([[2**30 - 1] * 8 + [46341] * 8] * 6))
+@example(text="(q_pos * 3 + kv_pos * 40) // (kv_pos - q_pos)", values=tuple([[2**30 - 1, 7] * 8] * 6))
+def test_integer_arithmetic_is_exact_wherever_positions_lie(
+        text: str, values: tuple[list[int], ...], tmp_path: Path) -> None:
+    """Every integer expression of the grammar, computed by its printed Triton at
+    positions anywhere below 2**30, equals the reference's int64, wherever that holds it:
+    the printer widens to int64 what int32 cannot hold."""
+    torch = pytest.importorskip("torch")
+    integer = parsed(text)
+    lo, hi = integer_range(integer)
+    assume(prints_integer(integer) and max(-lo, hi) < 2**62)
+    arguments = ", ".join(f"{n}_ptr" for n in INTEGERS)
+    loads = "".join(f"    {n} = tl.load({n}_ptr + offs)\n" for n in INTEGERS)
+    code = print_triton(integer, names={SCORE_SYMBOLS[n]: n for n in INTEGERS}, tensor_load=load)
+    kernel = (f"\n\n@triton.jit\ndef integer_kernel({arguments}, out_ptr):\n    offs = tl.arange(0, 16)\n"
+              f"{loads}    tl.store(out_ptr + offs, tl.cast({code}, tl.int64) + tl.zeros((16,), tl.int64))\n")
+    module = interpreted_module(tmp_path, f"integer_{abs(hash(text))}", kernel)
+    arrays = {n: np.asarray(v, dtype=np.int32) for n, v in zip(INTEGERS, values, strict=True)}
+    out = torch.full((16,), -7, dtype=torch.int64)
+    module.integer_kernel[(1,)](*(torch.from_numpy(arrays[n]) for n in INTEGERS), out)
+    want = np.broadcast_to(evaluate(integer, {n: a.astype(np.int64) for n, a in arrays.items()}), (16,))
+    np.testing.assert_array_equal(out.numpy(), want, err_msg=f"{text} printed as {code}")

@@ -219,6 +219,16 @@ def test_an_undecided_row_is_left_out_of_the_figures_but_must_still_be_written()
     assert not compare(wrong, ref, skip=undecided).within(1e-3, 1e-2)
     lse, lse_ref = np.array([[0.1], [-np.inf], [2.0]]), np.array([[0.1], [1.5], [2.0]])
     assert compare_lse(lse, lse_ref, skip=undecided).within(1e-9, 1e-9)
+    # judged as a case: it passes, and its line and the report count the row and say why
+    from attngen.check import CaseResult, judge
+    from attngen.reference import Reference
+
+    spec = parse_spec({"name": "t", "heads": {"q": 1, "kv": 1}, "head_dim": 16, "dtype": "fp16"})
+    shape = Shape(lengths=((3, 3),), decode=False)
+    case = judge(CaseResult(0, shape, "fp16", None, 0), spec,
+                 lambda _: (other_way, lse, Reference(ref, lse_ref, undecided)))
+    assert case.passed and case.undecided == 1 and "1 row(s) on a tie left out" in case.line()
+    assert "note: a row on a tie" in CheckReport("t", "cpu", "fp16", 0, cases=[case]).summary()
 
 
 #: Decode behind a window of 1000 tokens and 4 sinks: its mask changes shape at KV lengths

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -395,13 +396,25 @@ def test_appended_batch_equals_a_rebuilt_one(tree: TreeBatch, data: st.DataObjec
     assert not grown.tokens.flags.writeable and not grown.node_depth_start.flags.writeable
 
 
-def test_incremental_reuses_unchanged_chunks() -> None:
-    tree = TreeBatch.from_parents([-1, 0, 0], [1000, 200, 300])
-    plan = plan_tree(tree, chunk=128, queries_per_group=2)
-    grown = tree.append_to_leaves(1)
-    new = replan_after_append(plan, grown)
-    assert new.group_bits[:7].equal(plan.group_bits[:7])  # the prompt's chunks
-    check_invariants(grown, new)
+def test_incremental_keeps_unchanged_chunks_unless_a_node_fills_several(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain of short nodes with a query at each, and a star of short leaves: the
+    unchanged chunks' groups are kept (planning afresh is refused here). A long prompt,
+    whose inner chunks a fresh plan makes once, is planned afresh (keeping is refused
+    there). Both equal plan_tree (test_incremental_append_equals_fresh_plan)."""
+    from attngen.plan import planner
+
+    def refused(*_: Any) -> Any:
+        raise AssertionError("not the path this tree should take")
+
+    chain = TreeBatch.from_parents([-1, *range(31)], [64] * 32, np.arange(32))
+    star = TreeBatch.from_parents([-1, *[0] * 8], [100, *[60] * 8])
+    prompt = TreeBatch.from_parents([-1, 0, 0], [1000, 200, 300])
+    for tree, refuse in ((chain, "_layout_rows"), (star, "_layout_rows"), (prompt, "_reused_rows")):
+        plan = plan_tree(tree, chunk=128, queries_per_group=4, span=128)
+        with monkeypatch.context() as patch:
+            patch.setattr(planner, refuse, refused)
+            grown = tree.append_to_leaves(1)
+            check_invariants(grown, replan_after_append(plan, grown))
 
 
 def test_replan_matches_exactly_the_unchanged_chunks() -> None:

@@ -108,7 +108,7 @@ def _span_groups(
     ascending KV order, which is the merge order. ``runs``: those of ``rows``, if known."""
     start, length = layout.start[rows.chunk], layout.length[rows.chunk]
     if span <= layout.chunk or len(start) < 2 or not rows.full.any():
-        return _Groups(start, length, rows.query, rows.bits, rows.full)
+        return _Groups(start, length, rows.query, rows.bits.array(), rows.full)
     runs = runs if runs is not None else _Runs.of(layout, rows)
     pieces = _run_pieces(runs.members, runs.tokens, span, layout.chunk)
     of_run = np.repeat(np.arange(len(pieces)), pieces)
@@ -141,5 +141,5 @@ def _span_groups(
     # ascending KV, and at one start by first query, as the groups of a chunk are
     by_kv = np.lexsort((rows.query[source, 0], begin))
     source, begin, total = source[by_kv], begin[by_kv], total[by_kv]
-    query, bits = rows.query.take(source, axis=0), rows.bits.take(source, axis=0)
+    query, bits = rows.query.take(source, axis=0), rows.bits.take(source)
     return _Groups(begin, total, query, bits, rows.full[source])

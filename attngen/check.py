@@ -415,6 +415,10 @@ class CheckReport:
         return "\n".join(lines)
 
 
+#: How a generated module's ``_launch_tile`` names a caller's tile that ptxas failed on
+#: (templates/macros.j2; a LaunchError).
+PTXAS_REFUSED = "ptxas could not compile config"
+
 #: What one case produces: kernel O and LSE, and the reference.
 Outputs = tuple[Any, Any, Reference]
 
@@ -427,7 +431,8 @@ def judge(base: CaseResult, spec: Spec, attempt: Callable[[dict[str, int] | None
     again at the autotuner's choice, and says so: a config that does not compile is no
     wrong answer, and the autotuner, which users call, skips it."""
     result = _judged(base, spec, attempt)
-    if base.config is not None and (result.error or "").startswith("PTXASError"):
+    error = result.error or ""
+    if base.config is not None and (error.startswith("PTXASError") or PTXAS_REFUSED in error):
         result = replace(_judged(replace(base, config=None), spec, attempt), config=base.config, ptxas_crashed=True)
     return result
 

@@ -131,6 +131,11 @@ except ImportError:  # older Triton: pointer loads only
 from triton.runtime.errors import OutOfResources
 
 try:
+    from triton.runtime.errors import PTXASError
+except ImportError:  # a Triton that names no ptxas failure: nothing to catch
+    PTXASError = ()
+
+try:
     from attngen.errors import LaunchError
 except ImportError:  # the module also works without attngen installed
     class LaunchError(ValueError):
@@ -147,16 +152,21 @@ def _check_device(q):
 def _launch_tile(kernel, grid, args, consts, c, tile):
     """``kernel`` on the caller's config ``c``, past the autotuner; ``tile`` names the keys
     of ``c`` the kernel takes as constants (block_n -> BLOCK_N). A tile this GPU cannot
-    hold (Triton's OutOfResources: its shared memory, most often) is the caller's choice,
-    so it is reported as one, by name."""
+    hold (Triton's OutOfResources: its shared memory, most often), or one this Triton's
+    ptxas fails on (PTXASError: ptxas 12.8 crashed on some prefill tiles, BENCHMARKS.md
+    session 52), is the caller's choice, so it is reported as one, by name."""
+    shown = ", ".join(f"{key}={c[key]}" for key in (*tile, "num_warps", "num_stages"))
     try:
         kernel[grid](*args, **consts, **{key.upper(): c[key] for key in tile},
                      num_warps=c["num_warps"], num_stages=c["num_stages"])
     except OutOfResources as err:
-        shown = ", ".join(f"{key}={c[key]}" for key in (*tile, "num_warps", "num_stages"))
         raise LaunchError(f"tree_paged_gqa: config ({shown}) needs more {err.name} than this GPU has "
                           f"({err.required} against {err.limit}): use a smaller {', '.join(tile)} "
                           "or num_stages") from None
+    except PTXASError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LaunchError(f"tree_paged_gqa: ptxas could not compile config ({shown}) ({first}): use another "
+                          "tile, or give no tile and the autotuner, which skips such tiles, chooses") from None
 
 
 def _bucket(n):

@@ -107,7 +107,8 @@ def test_a_config_ptxas_fails_on_runs_again_at_the_autotuners_choice() -> None:
     answer there still fails, and a crash at no config is not retried."""
     from triton.runtime.errors import PTXASError
 
-    from attngen.check import CaseResult, judge
+    from attngen.check import PTXAS_REFUSED, CaseResult, judge
+    from attngen.errors import LaunchError
     from attngen.reference import Reference
 
     spec = parse_spec({"name": "t", "heads": {"q": 2, "kv": 2}, "head_dim": 16, "dtype": "fp16",
@@ -136,6 +137,15 @@ def test_a_config_ptxas_fails_on_runs_again_at_the_autotuners_choice() -> None:
 
     unforced = judge(CaseResult(2, shape, "fp16", None, 2), spec, always)
     assert unforced.error is not None and unforced.error.startswith("PTXASError") and not unforced.ptxas_crashed
+
+    # as a generated module's _launch_tile reports it: a LaunchError naming the tile
+    def refused(config: dict[str, int] | None) -> Any:
+        if config is not None:
+            raise LaunchError(f"t: {PTXAS_REFUSED} (block_m=64, block_n=32, num_warps=4, num_stages=3) (...)")
+        return attempt(None)
+
+    named = judge(CaseResult(3, shape, "fp16", forced, 3), spec, refused)
+    assert named.passed and named.ptxas_crashed and named.config == forced
 
 
 @pytest.mark.interpreter

@@ -195,6 +195,37 @@ def test_a_refused_tile_names_only_the_knobs_the_kernel_takes(queries: str, tile
     assert launched == {"GROUP": 2, **{key.upper(): config[key] for key in tile}, "num_warps": 4, "num_stages": 3}
 
 
+def test_a_tile_ptxas_fails_on_is_refused_by_name() -> None:
+    """Triton 3.6's ptxas 12.8 crashed on some prefill tiles (session 52, BENCHMARKS.md).
+    A caller's tile that ptxas fails on is named, with ptxas's first line, and the way out
+    (the autotuner skips such tiles); ``attngen check`` recognizes the refusal and runs the
+    case again at the autotuner's choice. Triton's error is stood in for (no ptxas here)."""
+    from triton.runtime.errors import PTXASError
+
+    from attngen.check import PTXAS_REFUSED
+
+    crash = PTXASError("`ptxas` failed with error code -11\nsignal 11 in ptxas")
+
+    class Crashing:
+        def __getitem__(self, grid: tuple[int, ...]) -> Any:
+            def run(*args: Any, **consts: Any) -> None:
+                raise crash
+
+            return run
+
+    spec = parse_spec({"name": "crashing", "heads": {"q": 2, "kv": 1}, "head_dim": 64, "dtype": "fp16",
+                       "mask": "causal", "topology": {"queries": "prefill"}})
+    config = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
+    with pytest.raises(LaunchError) as err:
+        runtime.load(spec)._launch_tile(Crashing(), (1,), (), {}, config, ("block_m", "block_n"))
+    assert str(err.value) == (
+        "crashing: ptxas could not compile config (block_m=64, block_n=32, num_warps=4, num_stages=2) "
+        f"({str(crash).splitlines()[0]}): use another tile, or give no tile and the autotuner, which "
+        "skips such tiles, chooses")
+    assert "failed with error code -11" in str(err.value) and "signal 11" not in str(err.value)
+    assert PTXAS_REFUSED in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------
 # return_lse and out
 

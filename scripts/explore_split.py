@@ -69,6 +69,20 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
+def case(name: str, layout: str, seed: int):
+    """A workload's tree and tree spec, its generated module, the head layout, the
+    planner's plan on the GPU, and random bf16 q, k, v for it."""
+    hq, hkv = LAYOUTS[layout]
+    tree = WORKLOADS[name]().tree
+    spec = tree_spec(tree.query_mode, hq, hkv)
+    heads = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=D, head_dim_v=D)
+    plan = plan_tree(tree, heads=heads, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(n, h, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for n, h in ((plan.n_queries, hq), (plan.n_kv, hkv), (plan.n_kv, hkv)))
+    return tree, spec, attngen.load(spec), heads, plan, q, k, v
+
+
 # ---- 1. the SMs split ------------------------------------------------------------------
 
 def branch_schedule(plan, heads_kv: int, lists: int, device) -> dict:
@@ -139,14 +153,7 @@ def split_call(module, q, k, v, plan, n_sms: int, wgs: int, *, dense: bool = Tru
 def split(results: list, table: list) -> None:
     name, layout = "fewshot_32k_x64", "gqa"
     hq, hkv = LAYOUTS[layout]
-    tree = WORKLOADS[name]().tree
-    module = attngen.load(tree_spec(tree.query_mode, hq, hkv))
-    heads = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=D, head_dim_v=D)
-    planner = plan_tree(tree, heads=heads, device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(planner.n_queries, hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(planner.n_kv, hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(planner.n_kv, hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    tree, _, module, heads, planner, q, k, v = case(name, layout, 0)
     ref = module.attention(q, k, v, planner).float()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
 
@@ -234,19 +241,11 @@ def lazy(results: list, table: list) -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="attngen_lazy_"))
     for i, (name, layout) in enumerate((("fewshot_32k_x64", "gqa"), ("spec_16k_184", "mha"), ("spec_16k_184", "gqa"))):
-        hq, hkv = LAYOUTS[layout]
-        tree = WORKLOADS[name]().tree
-        spec = tree_spec(tree.query_mode, hq, hkv)
-        module = attngen.load(spec)
+        hq = LAYOUTS[layout][0]
+        _, spec, module, _, plan, q, k, v = case(name, layout, 1)
         path = folder / f"lazy_{i}.py"
         path.write_text(lazy_edits(render_uncached(spec)))
         edited = import_path(path, path.stem)
-        heads = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=D, head_dim_v=D)
-        plan = plan_tree(tree, heads=heads, device="cuda")
-        gen = torch.Generator(device="cuda").manual_seed(1)
-        q = torch.randn(plan.n_queries, hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(plan.n_kv, hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(plan.n_kv, hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         ref = module.attention(q, k, v, plan).float()
         # a float64 check of the edited module on a few queries is the reference's job; here
         # the main module (verified) stands in, and the edit must agree to rounding
@@ -284,14 +283,7 @@ def pieces(results: list, table: list) -> None:
     Gluon kernel alone."""
     for name in ("fewshot_32k_x64", "shared_prefix_32k_x64"):
         hq, hkv = LAYOUTS["gqa"]
-        tree = WORKLOADS[name]().tree
-        module = attngen.load(tree_spec(tree.query_mode, hq, hkv))
-        heads = HeadLayout(heads_q=hq, heads_kv=hkv, head_dim_qk=D, head_dim_v=D)
-        planner = plan_tree(tree, heads=heads, device="cuda")
-        gen = torch.Generator(device="cuda").manual_seed(2)
-        q = torch.randn(planner.n_queries, hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(planner.n_kv, hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(planner.n_kv, hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        tree, _, module, heads, planner, q, k, v = case(name, "gqa", 2)
         ref = module.attention(q, k, v, planner).float()
         plans = {"planner": planner}
         for chunk in (256, 512):

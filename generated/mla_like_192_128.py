@@ -131,12 +131,7 @@ try:
 except ImportError:  # older Triton: pointer loads only
     TensorDescriptor = None
 
-from triton.runtime.errors import OutOfResources
-
-try:
-    from triton.runtime.errors import PTXASError
-except ImportError:  # a Triton that names no ptxas failure: nothing to catch
-    PTXASError = ()
+from triton.runtime.errors import OutOfResources, PTXASError
 
 try:
     from attngen.errors import LaunchError
@@ -167,7 +162,7 @@ def _launch_tile(kernel, grid, args, consts, c, tile):
                           f"({err.required} against {err.limit}): use a smaller {', '.join(tile)} "
                           "or num_stages") from None
     except PTXASError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise LaunchError(f"mla_like_192_128: ptxas could not compile config ({shown}) ({first}): use another "
                           "tile, or give no tile and the autotuner, which skips such tiles, chooses") from None
 

@@ -83,6 +83,14 @@ def case(name: str, layout: str, seed: int):
     return tree, spec, attngen.load(spec), heads, plan, q, k, v
 
 
+def gluon_alone(module, q, k, v, plan, fold: bool = False):
+    """The module's Gluon kernel alone over ``plan``'s dense groups (partials only)."""
+    o_part = torch.empty(plan.n_partials, q.shape[1], D, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(plan.n_partials, q.shape[1], device=q.device, dtype=torch.float32)
+    return partial(module._launch_gluon, q, k, v, plan.tensors(), o_part, lse_part, plan.n_dense,
+                   plan.queries_per_group, fold=fold)
+
+
 # ---- 1. the SMs split ------------------------------------------------------------------
 
 def branch_schedule(plan, heads_kv: int, lists: int, device) -> dict:
@@ -105,11 +113,11 @@ def branch_schedule(plan, heads_kv: int, lists: int, device) -> dict:
                 item_start=t([start[g] for g, _ in flat]), item_len=t([length[g] for g, _ in flat]))
 
 
-def split_call(module, q, k, v, plan, n_sms: int, wgs: int, *, dense: bool = True, branches: bool = True,
-               block_n: int = 64, stages: int = 3):
+def split_call(module, q, k, v, plan, n_sms: int, wgs: int, *, dense: bool = True, block_n: int = 64,
+               stages: int = 3):
     """The plan's dense groups in the module's Gluon kernel on the caller's stream, its
     branch groups in ``n_sms`` persistent streaming programs of ``wgs`` warpgroups on a
-    side stream, then the module's merge."""
+    side stream, then the module's merge; without ``dense``, the streaming programs alone."""
     hq, hkv = q.shape[1], k.shape[1]
     group, qg = hq // hkv, plan.queries_per_group
     t = plan.tensors()
@@ -129,22 +137,19 @@ def split_call(module, q, k, v, plan, n_sms: int, wgs: int, *, dense: bool = Tru
             NS=stages, GROUP=group, HEADS_Q=hq, WGS=wgs, num_warps=4)
 
     def call():
-        main = torch.cuda.current_stream()
-        if dense and branches:
-            side = module._side_stream(main)
-            side.wait_stream(main)
-            module._launch_gluon(q, k, v, t, o_part, lse_part, plan.n_dense, qg)
-            with torch.cuda.stream(side):
-                stream()
-            main.wait_stream(side)
-        elif dense:
-            module._launch_gluon(q, k, v, t, o_part, lse_part, plan.n_dense, qg)
-        else:
+        if not dense:
             stream()
-        if dense and branches:
-            module._tree_merge_kernel[(q.shape[0], hq // module.MERGE_HEADS)](
-                o_part, lse_part, out, lse_part, t["merge_ptr"], out.stride(0), out.stride(1),
-                HB=module.MERGE_HEADS, D_V=D, RETURN_LSE=False)
+            return out
+        main = torch.cuda.current_stream()
+        side = module._side_stream(main)
+        side.wait_stream(main)
+        module._launch_gluon(q, k, v, t, o_part, lse_part, plan.n_dense, qg)
+        with torch.cuda.stream(side):
+            stream()
+        main.wait_stream(side)
+        module._tree_merge_kernel[(q.shape[0], hq // module.MERGE_HEADS)](
+            o_part, lse_part, out, lse_part, t["merge_ptr"], out.stride(0), out.stride(1),
+            HB=module.MERGE_HEADS, D_V=D, RETURN_LSE=False)
         return out
 
     return call
@@ -152,7 +157,7 @@ def split_call(module, q, k, v, plan, n_sms: int, wgs: int, *, dense: bool = Tru
 
 def split(results: list, table: list) -> None:
     name, layout = "fewshot_32k_x64", "gqa"
-    hq, hkv = LAYOUTS[layout]
+    hkv = LAYOUTS[layout][1]
     tree, _, module, heads, planner, q, k, v = case(name, layout, 0)
     ref = module.attention(q, k, v, planner).float()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -185,13 +190,8 @@ def split(results: list, table: list) -> None:
             results.append(dict(part="split", variant=label, error=str(exc)[:2000]))
     fns = {label: fn for label, fn in fns.items() if label in errs}
     parts = {
-        f"alone: {p7.n_dense * hkv} Gluon programs (256/4608)": split_call(module, q, k, v, p7, 1, 2, branches=False),
-        f"alone: {planner.n_dense * hkv} Gluon programs (planner)":
-            split_call(module, q, k, v, planner, 1, 2, branches=False) if bool(planner.group_full[planner.n_dense:].all())
-            else partial(module._launch_gluon, q, k, v, planner.tensors(),
-                         torch.empty(planner.n_partials, hq, D, device="cuda"),
-                         torch.empty(planner.n_partials, hq, device="cuda"), planner.n_dense,
-                         planner.queries_per_group),
+        f"alone: {p7.n_dense * hkv} Gluon programs (256/4608)": gluon_alone(module, q, k, v, p7),
+        f"alone: {planner.n_dense * hkv} Gluon programs (planner)": gluon_alone(module, q, k, v, planner),
         f"alone: stream on {sms - p7.n_dense * hkv} SMs x2 wg": split_call(module, q, k, v, p7, sms - p7.n_dense * hkv,
                                                                          2, dense=False),
         f"alone: stream on {sms} SMs x2 wg": split_call(module, q, k, v, p7, sms, 2, dense=False),
@@ -241,7 +241,6 @@ def lazy(results: list, table: list) -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="attngen_lazy_"))
     for i, (name, layout) in enumerate((("fewshot_32k_x64", "gqa"), ("spec_16k_184", "mha"), ("spec_16k_184", "gqa"))):
-        hq = LAYOUTS[layout][0]
         _, spec, module, _, plan, q, k, v = case(name, layout, 1)
         path = folder / f"lazy_{i}.py"
         path.write_text(lazy_edits(render_uncached(spec)))
@@ -255,17 +254,12 @@ def lazy(results: list, table: list) -> None:
             print(f"lazy {name} {layout}: failed: {type(exc).__name__}: {str(exc)[:600]}", flush=True)
             results.append(dict(part="lazy", workload=name, layout=layout, error=str(exc)[:3000]))
             continue
-        t = plan.tensors()
-        o_part = torch.empty(plan.n_partials, hq, D, device="cuda", dtype=torch.float32)
-        lse_part = torch.empty(plan.n_partials, hq, device="cuda", dtype=torch.float32)
-        fold = bool(plan.n_folded) and plan.n_folded == int(t["group_kv_start"].shape[0]) - plan.n_dense
+        fold = bool(plan.n_folded) and plan.n_folded == int(plan.group_kv_start.shape[0]) - plan.n_dense
         fns = {
             "main: call": partial(module.attention, q, k, v, plan),
             "lazy: call": partial(edited.attention, q, k, v, plan),
-            "main: Gluon alone": partial(module._launch_gluon, q, k, v, t, o_part, lse_part, plan.n_dense,
-                                         plan.queries_per_group, fold=fold),
-            "lazy: Gluon alone": partial(edited._launch_gluon, q, k, v, t, o_part, lse_part, plan.n_dense,
-                                         plan.queries_per_group, fold=fold),
+            "main: Gluon alone": gluon_alone(module, q, k, v, plan, fold),
+            "lazy: Gluon alone": gluon_alone(edited, q, k, v, plan, fold),
         }
         times = interleaved(fns)
         for label, us in times.items():
@@ -282,7 +276,7 @@ def pieces(results: list, table: list) -> None:
     pieces (128 to 64 Gluon programs), at chunks 256 and 512: the module's call, and its
     Gluon kernel alone."""
     for name in ("fewshot_32k_x64", "shared_prefix_32k_x64"):
-        hq, hkv = LAYOUTS["gqa"]
+        hkv = LAYOUTS["gqa"][1]
         tree, _, module, heads, planner, q, k, v = case(name, "gqa", 2)
         ref = module.attention(q, k, v, planner).float()
         plans = {"planner": planner}
@@ -293,13 +287,9 @@ def pieces(results: list, table: list) -> None:
                     tree, chunk=chunk, span=span, queries_per_group=32, heads=heads, device="cuda")
         fns, errs = {}, {}
         for label, plan in plans.items():
-            t = plan.tensors()
-            o_part = torch.empty(plan.n_partials, hq, D, device="cuda", dtype=torch.float32)
-            lse_part = torch.empty(plan.n_partials, hq, device="cuda", dtype=torch.float32)
             tag = f"{label}: {plan.n_dense * hkv} Gluon programs"
             fns[f"{tag}, call"] = partial(module.attention, q, k, v, plan)
-            fns[f"{tag}, Gluon alone"] = partial(module._launch_gluon, q, k, v, t, o_part, lse_part, plan.n_dense,
-                                                 plan.queries_per_group)
+            fns[f"{tag}, Gluon alone"] = gluon_alone(module, q, k, v, plan)
             errs[f"{tag}, call"] = rel(module.attention(q, k, v, plan), ref)
         times = interleaved(fns)
         for label, us in times.items():

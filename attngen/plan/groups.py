@@ -180,10 +180,15 @@ def _alike_pairs(tree: TreeBatch, layout: _Chunking) -> tuple[_Pairs, np.ndarray
     """The pairs of the chunks of ``layout`` that repeat no other, and the chunks' sources
     (:func:`_alike_sources`; None: every chunk's pairs)."""
     source = _alike_sources(tree, layout)
+    return _own_pairs(tree, layout, source), source
+
+
+def _own_pairs(tree: TreeBatch, layout: _Chunking, source: np.ndarray | None) -> _Pairs:
+    """The pairs of the chunks that are their own ``source`` (None: every chunk's)."""
     if source is None:
-        return _pairs(tree, layout), None
+        return _pairs(tree, layout)
     own = source == np.arange(layout.n_chunks)
-    return _pairs(tree, layout, piece_mask=own[layout.piece_chunk]), source
+    return _pairs(tree, layout, piece_mask=own[layout.piece_chunk])
 
 
 def _filled_slots(query: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch
 from attngen.cost import DEFAULT_HEADS, HeadLayout, Machine, PlanCost, plan_cost
 from attngen.plan.choice import _STATS_ARRAYS, _check_span, _choose, _choose_qg_span, _group_stats
 from attngen.plan.fold import _n_folded
-from attngen.plan.groups import _alike_sources, _layout_rows, _Rows, _rows
+from attngen.plan.groups import _alike_sources, _layout_rows, _own_pairs, _Rows, _rows
 from attngen.plan.layout import _chunk_layout, _Chunking
 from attngen.plan.spans import _Runs, _span_groups
 from attngen.plan.tensors import TENSOR_NAMES, _host_arrays, _int32_tensors
@@ -150,8 +150,9 @@ def replan_after_append(plan: Plan, tree: TreeBatch, device: torch.device | str 
         return plan_tree(tree, chunk=plan.chunk, queries_per_group=qg, span=plan.span, heads=old.heads,
                          machine=old.machine, device=device)
     layout = _chunk_layout(tree, plan.chunk)
-    if _alike_sources(tree, layout) is not None:
-        rows = _layout_rows(tree, layout, qg)
+    source = _alike_sources(tree, layout)
+    if source is not None:  # planned afresh, from the sources found here
+        rows = _rows(_own_pairs(tree, layout, source), layout, qg, source)
     else:
         new_to_old = _matched(layout.keys(), old.layout.keys())
         fresh_chunk = new_to_old < 0

@@ -52,11 +52,12 @@ import sympy as sp
 from attngen.errors import PlanError, plan_int
 
 C, QG, G, T, RT, P, NQ, L, W, NW = sp.symbols("C QG G T RT P NQ L W NW", positive=True)
+TD, RTD, WD = sp.symbols("TD RTD WD", nonnegative=True)
 Hq, Hkv, Dqk, Dv, E = sp.symbols("Hq Hkv Dqk Dv E", positive=True)
 T_branch, T_unique = sp.symbols("T_branch T_unique", positive=True)
 BW, RATE, LAUNCH, SMS, OVH, POVH, EFF = sp.symbols("BW RATE LAUNCH SMS OVH POVH EFF", positive=True)
 TOK, DRAM, R_wg, NARROW, SLOTS = sp.symbols("TOK DRAM R_wg NARROW SLOTS", positive=True)
-PBW, PSLOTS = sp.symbols("PBW PSLOTS", positive=True)
+PBW, PSLOTS, POWER, DOVH, SHARE = sp.symbols("PBW PSLOTS POWER DOVH SHARE", positive=True)
 DG, DK, FO = sp.symbols("DG DK FO", nonnegative=True)
 
 #: Tile heights below a plan's full one that stage 1 runs a group at when its filled
@@ -115,12 +116,21 @@ NARROW_SLOTS = sp.Piecewise((SLOTS, IS_NARROW), (1, True))
 #: (softmax, masking, address arithmetic, issuing the tile loads), per row-token the
 #: matrix work at EFF of the SM's share of the matrix rate.
 ROW_TOKEN_TIME = 2 * (Dqk + Dv) * SMS / (EFF * RATE)
-TILE_TIME = T * TOK + RT * ROW_TOKEN_TIME
+#: 1 where a machine runs the dense groups in a kernel of their own (the Gluon stage 1 on
+#: Hopper): their programs are then costed apart (:data:`SPLIT`), and the terms below
+#: count the Triton stage 1's groups alone (T_TRITON, RT_TRITON, G_TRITON; W and NW are
+#: its longest programs). Where there is no such kernel, every group is a Triton one.
+APART = sp.Min(DK, 1)
+T_TRITON = T - APART * TD
+RT_TRITON = RT - APART * RTD
+G_TRITON = G - APART * DG
+TILE_TIME = T_TRITON * TOK + RT_TRITON * ROW_TOKEN_TIME
 #: All (group, KV head) programs spread over the SMs, each with a fixed cost OVH (query
 #: load, pipeline fill, partial store); plus the part of the DRAM time of the unique KV
 #: that the tile work does not hide (each tile's first reader waits for it; re-reads of
 #: a chunk by its other groups come from L2 and cost only their tile work).
-SPREAD = (TILE_TIME + G * OVH) * Hkv / SMS + DRAM * FLOOR_BYTES / BW
+TRITON_WORK = (TILE_TIME + G_TRITON * OVH) * Hkv
+SPREAD = TRITON_WORK / SMS + DRAM * FLOOR_BYTES / BW
 #: Seconds one program alone on an SM spends per KV token: its matrix work at the SM's
 #: share of the matrix rate, a warpgroup's rows at least, NARROW times longer if narrow.
 #: (A lower bound: the fit prefers it to a measured lone time, which charged the plans
@@ -146,9 +156,7 @@ WAVES = sp.ceiling(NW * Hkv / (NARROW_SLOTS * SMS)) * (W * LONE_TOKEN_TIME + OVH
 #: launches no stage 1 (templates/tree.py.j2), so it has no longest program: Min(NW, 1)
 #: drops that program's fixed OVH, which the report of an empty plan charged.
 PROGRAM_TOKEN_TIME = (Dqk + Dv) * E / PBW
-STREAM = sp.Max(
-    (W * PROGRAM_TOKEN_TIME + OVH) * sp.Min(NW, 1), Hkv * (T * PROGRAM_TOKEN_TIME + G * OVH) / (PSLOTS * SMS)
-)
+STREAM = sp.Max((W * PROGRAM_TOKEN_TIME + OVH) * sp.Min(NW, 1), Hkv * (T_TRITON * PROGRAM_TOKEN_TIME + G_TRITON * OVH) / (PSLOTS * SMS))
 #: Each partial row (per query head) costs POVH: stage 1's fp32 store of it and the
 #: merge kernel's load (the merge alone, profiled: ~0.1 ns per row; the fit charges more).
 MERGE = P * Hq * POVH
@@ -167,12 +175,40 @@ MERGE = P * Hq * POVH
 #: 110.8; session 52, BENCHMARKS.md): a candidate's DG is an upper bound, so candidates
 #: whose groups are not all dense were credited with the launch they still make.
 LAUNCHES = L + DK * sp.Min(DG, 1) * (L - 1) * (1 - FO)
+#: The dense kernel's programs (one per dense group and KV head) each take a whole SM:
+#: its shared memory and registers leave no room for a Triton program beside it (session
+#: 32), so the Triton stage 1 gets the SMs they leave free, then every SM once they end.
+DENSE_PROGRAMS = DG * Hkv
+#: One dense program's time: its longest group's tokens (WD) at its rows' matrix work
+#: (RTD / TD, the dense groups' mean tile rows) at one SM's share of the matrix rate,
+#: times the clock the board runs at with that many SMs busy. The H200 runs at its power
+#: cap here, so fewer busy SMs clock higher: the same dense work took 65.8 / 70.3 / 76.3 /
+#: 83.4 / 99.0 us on 128 / 112 / 96 / 80 / 64 programs, about (busy / SMS)^POWER per
+#: token with POWER ~0.4, where a fixed clock would give 65.8 / 75 / 88 / 105 / 132
+#: (session 54, BENCHMARKS.md).
+DENSE_TOKEN_TIME = 2 * RTD / sp.Max(TD, 1) * (Dqk + Dv) * SMS / RATE
+DENSE_TIME = WD * DENSE_TOKEN_TIME * (sp.Min(DENSE_PROGRAMS, SMS) / SMS) ** POWER + DOVH
+#: Stage 1 of a plan with dense groups run apart: at least the dense programs' waves, and
+#: at least their SM time plus the Triton work over every SM (the bound of list
+#: scheduling). So cutting a long prompt into fewer, longer dense pieces pays where it
+#: leaves SMs to the rest from the start: fewshot_32k_x64 GQA's prompt in 6 pieces (96
+#: programs) ran 85.6 us against 94.1 in 8 (128 programs; session 54). (The dense
+#: kernel's loads are in its measured clock; SPREAD's DRAM part is not added.) Zero
+#: without dense groups.
+LONGEST_TRITON = (W * sp.Max(LONE_TOKEN_TIME, PROGRAM_TOKEN_TIME) + OVH) * sp.Min(NW, 1)
+WAITS = sp.Min(sp.ceiling(sp.Max(NW * Hkv - sp.Max(SMS - DENSE_PROGRAMS, 0) * NARROW_SLOTS, 0)), 1)
+LATE = sp.Max(DENSE_TIME, LONGEST_TRITON) + WAITS * sp.Min(DENSE_TIME, LONGEST_TRITON)
+SPLIT = (APART * sp.Min(DG, 1)) * sp.Max(
+    sp.ceiling(DENSE_PROGRAMS / SMS) * DENSE_TIME, LATE, (DENSE_PROGRAMS * DENSE_TIME + SHARE * TRITON_WORK) / SMS
+)
 #: Stage 1 is bound by the busy SMs or by its longest programs; the merge follows it.
-TIME = sp.Max(SPREAD, WAVES, STREAM) + MERGE + LAUNCHES * LAUNCH
+TIME = sp.Max(SPREAD, WAVES, STREAM, SPLIT) + MERGE + LAUNCHES * LAUNCH
 
 #: The symbols a plan gives (:class:`PlanStats`), then the head layout's and the machine's.
-_PLAN_ARGS = (C, QG, G, T, RT, W, NW, P, NQ, L, T_branch, T_unique, DG, FO)
-_CONSTANT_ARGS = (Hq, Hkv, Dqk, Dv, E, BW, RATE, LAUNCH, SMS, OVH, POVH, EFF, TOK, DRAM, R_wg, NARROW, SLOTS, PBW, PSLOTS, DK)
+_PLAN_ARGS = (C, QG, G, T, RT, W, NW, P, NQ, L, T_branch, T_unique, DG, FO, TD, RTD, WD)
+_CONSTANT_ARGS = (
+    Hq, Hkv, Dqk, Dv, E, BW, RATE, LAUNCH, SMS, OVH, POVH, EFF, TOK, DRAM, R_wg, NARROW, SLOTS, PBW, PSLOTS, DK, POWER, DOVH, SHARE
+)
 _ARGS = _PLAN_ARGS + _CONSTANT_ARGS
 _PLAN_SYMBOLS = frozenset(_PLAN_ARGS)
 
@@ -365,6 +401,11 @@ class Machine:
     # the generated modules run dense groups in the Gluon stage 1 on Hopper (0 where a
     # machine has no such kernel: they then run in stage 1 itself)
     dense_kernel_launches: int = 1
+    # a busy SM's clock under the power cap goes as (busy SMs / sms) ** -power_exponent;
+    # fitted to the dense kernel alone on 64..128 programs (session 54; see DENSE_TIME)
+    power_exponent: float = 0.4
+    dense_program_overhead: float = 0.38e-6
+    split_triton_share: float = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,6 +428,10 @@ class PlanStats:
     dense_groups: int | np.ndarray = 0
     # 1 where the plan folds every other group into its dense ones (their kernel alone)
     folded: int | np.ndarray = 0
+    # the dense groups' tokens, row-tokens and longest group (their kernel's work)
+    dense_tokens: int | np.ndarray = 0
+    dense_row_tokens: int | np.ndarray = 0
+    dense_longest: int | np.ndarray = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,6 +493,9 @@ def _plan_values(stats: PlanStats) -> tuple[object, ...]:
         stats.unique_tokens,
         stats.dense_groups,
         stats.folded,
+        stats.dense_tokens,
+        stats.dense_row_tokens,
+        stats.dense_longest,
     )
 
 
@@ -473,6 +521,9 @@ def _constant_values(layout: HeadLayout, machine: Machine) -> tuple[object, ...]
         machine.program_bandwidth,
         machine.programs_per_sm,
         machine.dense_kernel_launches,
+        machine.power_exponent,
+        machine.dense_program_overhead,
+        machine.split_triton_share,
     )
 
 

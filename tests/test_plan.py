@@ -202,7 +202,8 @@ def test_buffers_report_the_folds_of_their_plan() -> None:
     # query sees, then the 184 tree tokens
     ("spec_16k_184", 32, 1, 128),
     ("spec_16k_184", 8, 4, 128),  # the same for each of four QGs
-    ("spec_4k_92", 32, 1, 416),  # 416 prefix tokens, then the 92 tree tokens
+    # chunk 256, span 1536 (session 55): its tree chunk's 32 programs run beside 96 dense ones
+    ("spec_4k_92", 32, 0, 0),
     ("spec_4k_92", 8, 0, 0),  # its 24 tree-chunk programs fit beside the 96 dense ones
     ("fewshot_4k_x20", 8, 0, 0),  # no dense groups
 ])
@@ -254,7 +255,8 @@ def test_span_estimates_match_the_built_plans(name: str, heads_kv: int) -> None:
     way round (session 38). So do the programs of the groups at least half as long (a
     tall plan's Triton groups count as two row blocks) on the speculative trees; the
     estimate takes a run's pieces to be as long as its first, which overcounts where a
-    run's last piece is short (few-shot, QG 1: the first branch continues the prompt)."""
+    run's last piece is short (few-shot, QG 1: the first branch continues the prompt).
+    The dense groups' count, tokens, row-tokens and longest group are equal throughout."""
     tree, machine = WORKLOADS[name]().tree, Machine()
     heads = HeadLayout(heads_q=32, heads_kv=heads_kv)
     layout = _chunk_layout(tree, 512)
@@ -265,10 +267,14 @@ def test_span_estimates_match_the_built_plans(name: str, heads_kv: int) -> None:
     spans = np.array([512, 768, 1024, 2048, 4096, 8192])
     estimate = _span_stats(tree, layout, qgs, slots, runs, spans, heads, machine)
     longest, n_longest, groups = (np.asarray(x) for x in (estimate.longest, estimate.n_longest, estimate.groups))
+    dense = ("dense_groups", "dense_tokens", "dense_row_tokens", "dense_longest")
+    dense_estimates = [np.broadcast_to(getattr(estimate, f), groups.shape) for f in dense]
     for i, (qg, span) in enumerate((qg, span) for qg in qgs for span in spans):
         plan = plan_tree(tree, chunk=512, queries_per_group=qg, span=int(span), heads=heads)
         built = _group_stats(tree, 512, qg, plan.state.host, heads, machine)
         assert (longest[i], groups[i]) == (built.longest, built.groups), (qg, span)
+        # the dense kernel's work: its groups, tokens, row-tokens and longest group
+        assert [int(e[i]) for e in dense_estimates] == [getattr(built, f) for f in dense], (qg, span)
         if name.startswith("spec"):
             assert n_longest[i] == built.n_longest, (qg, span)
         else:

@@ -5,6 +5,7 @@ built plan, for its cost report.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from attngen.plan.fold import _n_folded
 from attngen.plan.groups import _alike_pairs, _dense, _programs, _Rows, _Slots, _slots
 from attngen.plan.layout import _Chunking, _KvNodes, _pieces, _place, _Placement, _places
 from attngen.plan.spans import SPLIT_ALIGN, _coalescible, _run_pieces, _Runs
-from attngen.plan.visibility import WORD, _queries_per_chunk, _Sight
+from attngen.plan.visibility import WORD, _Pairs, _queries_per_chunk, _Sight
 from attngen.tree import MAX_KV_TOKENS, TreeBatch
 
 #: Candidate chunk sizes the cost model chooses among (multiples of 32).
@@ -31,8 +32,11 @@ CHUNK_CHOICES = (64, 128, 256, 512)
 MAX_CHUNK = 4096
 
 
-#: Candidate spans (tokens per group after coalescing a long node's full chunks).
-SPAN_CHOICES = (768, 1024, 2048, 4096, 8192, 16384)
+#: Candidate spans (tokens per group after coalescing a long node's full chunks): steps of
+#: 1.25-1.5x, so that a long prompt can be cut into any of 2..8 pieces. How many pieces
+#: decides how many SMs the dense kernel leaves to the rest: a 32000-token prompt runs
+#: in 8 pieces at 4096, 7 at 5120, 6 at 6144 (session 54).
+SPAN_CHOICES = (768, 1024, 1536, 2048, 3072, 4096, 5120, 6144, 8192, 12288, 16384)
 
 #: The longest span a plan may be given: a group's KV range is int32 in the plan
 #: (group_kv_start, group_kv_len) and no batch holds more tokens (tree.MAX_KV_TOKENS), so
@@ -112,9 +116,13 @@ def _chunk_stats(
     # so this is an upper bound (the QG and span choice that follows is exact)
     full_dense, rest_dense = _dense(qg * heads.group, True, 1), _dense(rest * heads.group, True, 1)
     tall = n_full * full_dense + rest_dense
-    # stage-1 programs per chunk (per KV head)
-    full_programs = _programs(heads.tile_rows(qg, qg), full_dense, machine)
-    programs = n_full * full_programs + (rest > 0) * _programs(heads.tile_rows(rest, qg), rest_dense, machine)
+    full_rows, rest_rows = heads.tile_rows(qg, qg), heads.tile_rows(rest, qg)
+    tall_rows = n_full * full_dense * full_rows + rest_dense * rest_rows
+    # stage-1 programs per chunk (per KV head), and those of the Triton kernel: all, or
+    # all but the dense ones where the machine runs those apart
+    full_programs = _programs(full_rows, full_dense, machine)
+    programs = n_full * full_programs + (rest > 0) * _programs(rest_rows, rest_dense, machine)
+    triton_programs = programs - tall * (machine.dense_kernel_launches > 0)
     partials = count @ chunks
     # every query that sees a token has a partial, so each has exactly one iff every query
     # sees a token and there are no more partials than such queries
@@ -125,6 +133,7 @@ def _chunk_stats(
         return (values @ weight).T
 
     # [chunkings, QG], the per-chunking and per-QG quantities as a column and a row
+    dense_groups = per_chunking(tall, chunks)
     return PlanStats(
         chunk=np.array([place.chunk for place in places])[:, None],
         queries_per_group=qgs[None, :],
@@ -132,13 +141,16 @@ def _chunk_stats(
         tokens_read=per_chunking(per_qg, tokens),
         row_tokens=per_chunking(rows, tokens),
         longest=top[:, None],
-        n_longest=per_chunking(programs, longest),
+        n_longest=per_chunking(triton_programs, longest),
         partials=partials[:, None],
         queries=tree.n_queries,
         launches=launches[:, None],
         branch_tokens=int(tree.query_visible_counts.sum()),
         unique_tokens=tree.needed_kv_tokens,
-        dense_groups=per_chunking(tall, chunks),
+        dense_groups=dense_groups,
+        dense_tokens=per_chunking(tall, tokens),
+        dense_row_tokens=per_chunking(tall_rows, tokens),
+        dense_longest=top[:, None] * (dense_groups > 0),
     )
 
 
@@ -148,15 +160,36 @@ def _choose(
     """The chunking and QG of least predicted time (ties: the earliest chunk, then the
     smallest QG). Both given: nothing to compare, nothing evaluated. The candidates are
     compared on pair counts alone, without listing their pairs."""
+    return _chunk_candidates(tree, chunk, qg, heads, machine)[0]
+
+
+def _chunk_candidates(
+    tree: TreeBatch, chunk: int | None, qg: int | None, heads: HeadLayout, machine: Machine
+) -> list[tuple[_Chunking, int]]:
+    """The chunkings (each at its QG of least predicted time) whose spans
+    :func:`_choose_qg_span` should compare: first :func:`_choose`'s, then each other
+    neighbouring chunking (the next choice above and below) whose candidate has dense
+    groups where the machine runs them apart. How a
+    long prompt's dense groups are cut into spans decides how the SMs are split between
+    the dense kernel and the rest (``SPLIT`` in :mod:`attngen.cost`), which the
+    uncoalesced chunks compared here do not show: fewshot_32k_x64 GQA ran 85.6 us at
+    chunk 256 in six prompt pieces, against 92.3 at the best span of chunk 512 (session
+    54). Plans without dense groups compare their first chunking's spans alone."""
     _check_params(chunk, qg, heads)
     nodes = _KvNodes.of(tree)
     if chunk is not None and qg is not None:
-        return _pieces(nodes, _place(nodes, chunk)), qg
+        return [(_pieces(nodes, _place(nodes, chunk)), qg)]
     places = _places(nodes, CHUNK_CHOICES if chunk is None else (chunk,))
     qgs = np.asarray(heads.queries_per_group_choices() if qg is None else [qg], dtype=np.int64)
     stats = _chunk_stats(tree, _Sight.of(tree, nodes), places, qgs, heads, machine)
-    best = int(np.argmin(evaluate("time_s", stats, heads, machine)))  # first minimum
-    return _pieces(nodes, places[best // len(qgs)]), int(qgs[best % len(qgs)])
+    times = evaluate("time_s", stats, heads, machine)  # [chunkings, QG]
+    first = int(np.argmin(times)) // len(qgs)  # the first minimum's chunking
+    order = [first]
+    if machine.dense_kernel_launches > 0:
+        at = times.argmin(axis=1)  # each chunking's best QG
+        dense = np.broadcast_to(stats.dense_groups, times.shape)[np.arange(len(places)), at] > 0
+        order += [c for c in (first + 1, first - 1) if 0 <= c < len(places) and dense[c]]
+    return [(_pieces(nodes, places[c]), int(qgs[times[c].argmin()])) for c in order]
 
 
 def _span_stats(
@@ -178,7 +211,7 @@ def _span_stats(
     n, column = len(slots), spans[:, None]
     one_hot = np.eye(n, dtype=np.int64)
     # the trials' groups: coalescing joins groups of equal slots, so their rows, hence
-    # row-tokens, stay, and so does whether there are dense groups (all the formulas ask)
+    # row-tokens, stay, and so do the dense groups' tokens (a dense run's pieces are dense)
     g_trial = np.repeat(np.arange(n), [len(s.chunk) for s in slots])
     filled = np.concatenate([s.filled for s in slots])
     full = np.concatenate([s.full for s in slots])
@@ -187,12 +220,22 @@ def _span_stats(
     tile_rows = heads.tile_rows(filled, np.asarray(qgs)[g_trial])
     row_tokens = (length * tile_rows) @ by_group
     is_dense = _dense(filled * heads.group, full, length)
-    dense = is_dense @ by_group
     programs = _programs(tile_rows, is_dense, machine)
+    apart = machine.dense_kernel_launches > 0  # dense groups run outside the Triton kernel
     # the groups that stay as they are: all, or those not in a run of full groups
     stay = np.ones_like(full) if runs is None else ~full
     rest, by_rest, rest_programs = length[stay], by_group[stay], programs[stay]
-    top = (rest[:, None] * by_rest).max(axis=0, initial=0)[None, :]  # [spans, trials]
+    rest_dense = is_dense[stay]
+    rest_triton = ~(rest_dense & apart)
+
+    def longest(values: np.ndarray, by: np.ndarray) -> np.ndarray:
+        """The largest of ``values`` [..., items] per trial (``by`` [items, trials])."""
+        return (values[..., None] * by).max(axis=-2, initial=0)
+
+    # [spans, trials]: the Triton kernel's longest group, the dense kernel's, dense groups
+    top = longest(rest * rest_triton, by_rest)[None, :]
+    top_dense = longest(rest * rest_dense, by_rest)[None, :]
+    dense = (rest_dense @ by_rest)[None, :]
     groups = by_rest.sum(axis=0)[None, :]
     partials = np.array([[s.filled.sum() for s in slots]], dtype=np.int64)  # a slot per pair
     n_longest = np.zeros_like(groups)
@@ -202,7 +245,9 @@ def _span_stats(
         members = np.concatenate([r.members for r in runs])
         run_slots = np.concatenate([r.slots for r in runs])
         run_rows = heads.tile_rows(run_slots, np.repeat(qgs, [len(r.tokens) for r in runs]))
-        run_programs = _programs(run_rows, _dense(run_slots * heads.group, True, tokens), machine)
+        run_dense = _dense(run_slots * heads.group, True, tokens)
+        run_programs = _programs(run_rows, run_dense, machine)
+        run_triton = ~(run_dense & apart)
         pieces = _run_pieces(members, tokens, column, layout.chunk)  # [spans, runs]
         # a piece ends where _span_groups cuts: at the first member start (a chunk
         # boundary) at or past its even share, or, where it cuts evenly, at the first
@@ -213,11 +258,13 @@ def _span_stats(
         piece_len = np.minimum(-(-share // grid) * grid, tokens)
         # uncoalesced: each member is at most a chunk
         piece_len = np.where(column <= layout.chunk, np.minimum(piece_len, layout.chunk), piece_len)
-        top = np.maximum((piece_len[:, :, None] * by_run).max(axis=1, initial=0), top)
-        n_longest = (pieces * run_programs * (2 * piece_len >= top @ by_run.T)) @ by_run
+        top = np.maximum(longest(piece_len * run_triton, by_run), top)
+        top_dense = np.maximum(longest(piece_len * run_dense, by_run), top_dense)
+        n_longest = (pieces * run_programs * run_triton * (2 * piece_len >= top @ by_run.T)) @ by_run
         partials = partials + (pieces * run_slots) @ by_run - (members * run_slots) @ by_run
         groups = groups + pieces @ by_run
-    n_longest = n_longest + ((2 * rest >= top @ by_rest.T) * rest_programs) @ by_rest
+        dense = dense + (pieces * run_dense) @ by_run
+    n_longest = n_longest + ((2 * rest >= top @ by_rest.T) * rest_programs * rest_triton) @ by_rest
     return PlanStats(
         chunk=layout.chunk,
         queries_per_group=np.repeat(qgs, len(spans)),
@@ -227,7 +274,10 @@ def _span_stats(
         longest=top.T.ravel(),
         n_longest=n_longest.T.ravel(),
         partials=partials.T.ravel(),
-        dense_groups=np.repeat(dense, len(spans)),
+        dense_groups=np.broadcast_to(dense, groups.shape).T.ravel(),
+        dense_tokens=np.repeat((length * is_dense) @ by_group, len(spans)),
+        dense_row_tokens=np.repeat((length * tile_rows * is_dense) @ by_group, len(spans)),
+        dense_longest=np.broadcast_to(top_dense, groups.shape).T.ravel(),
         # the same for every QG: a query has one slot per chunk it sees
         **_tree_fields(tree, slots[0].query),
     )
@@ -241,12 +291,12 @@ def _choose_qg_span(
     span: int | None,
     heads: HeadLayout,
     machine: Machine,
-) -> tuple[int, int, _Rows, _Runs | None]:
-    """Queries per group and span of least predicted time, with the rows and runs of the
+) -> _SpanChoice:
+    """Queries per group and span of least predicted time, with the slots and runs of the
     winner (runs None if nothing coalesces). QG ranges over the first choice and its
     neighbours (unless fixed), span over the chunk itself (no coalescing) and the
     :data:`SPAN_CHOICES` above it (unless given); ties go to the smallest QG, then the
-    smallest span. Only the winner's rows get their bits."""
+    smallest span. Only the chosen rows get their bits (:meth:`_SpanChoice.rows`)."""
     pairs, source = _alike_pairs(tree, layout)
     choices = heads.queries_per_group_choices()
     at = choices.index(qg) if qg in choices else 0
@@ -262,7 +312,24 @@ def _choose_qg_span(
         spans = spans[:1]
     times = evaluate("time_s", _span_stats(tree, layout, qgs, slots, runs, spans, heads, machine), heads, machine)
     g, i = divmod(int(np.argmin(times)), len(spans))  # the first minimum
-    return qgs[g], int(spans[i]), slots[g].with_bits(pairs, layout), None if runs is None else runs[g]
+    return _SpanChoice(float(times[g * len(spans) + i]), layout, qgs[g], int(spans[i]), slots[g], pairs,
+                       None if runs is None else runs[g])
+
+
+@dataclass(frozen=True, slots=True)
+class _SpanChoice:
+    """:func:`_choose_qg_span`'s winner at one chunking, and its predicted time."""
+
+    time_s: float
+    layout: _Chunking
+    qg: int
+    span: int
+    slots: _Slots
+    pairs: _Pairs
+    runs: _Runs | None
+
+    def rows(self) -> _Rows:
+        return self.slots.with_bits(self.pairs, self.layout)
 
 
 def _launches(partials: Any, one_each: Any) -> Any:
@@ -302,17 +369,22 @@ def _group_stats(
     length, query = host["group_kv_len"], host["group_q"]
     tile_rows = heads.tile_rows(host["group_slots"], qg)
     dense = np.arange(len(length)) < host["dense_count"][0]  # listed first
-    longest = 2 * length >= length.max(initial=0)
+    triton = ~dense if machine.dense_kernel_launches > 0 else np.ones_like(dense)
+    top = int(length[triton].max(initial=0))
+    longest = (2 * length >= top) & triton
     return PlanStats(
         chunk=chunk,
         queries_per_group=qg,
         groups=len(length),
         tokens_read=int(length.sum()),
         row_tokens=int(length @ tile_rows),
-        longest=int(length.max(initial=0)),
+        longest=top,
         n_longest=int(longest @ _programs(tile_rows, dense, machine)),
         partials=int((query >= 0).sum()),
         dense_groups=int(host["dense_count"][0]),
         folded=int(_n_folded(host["group_fold"], int(host["dense_count"][0])) > 0),
+        dense_tokens=int(length[dense].sum()),
+        dense_row_tokens=int(length[dense] @ tile_rows[dense]),
+        dense_longest=int(length[dense].max(initial=0)),
         **_tree_fields(tree, query),
     )

@@ -11,11 +11,13 @@ Symbols (all plain sympy Symbols, positive):
 - plan: ``C`` chunk, ``QG`` queries per group, ``G`` groups, ``T`` KV tokens read
   (the sum of group KV lengths), ``RT`` row-tokens (the sum over groups of KV tokens
   times the rows stage 1 runs the group at, see :meth:`HeadLayout.tile_rows`), ``W``
-  tokens of the longest group and ``NW`` the stage-1 programs per KV head of the groups
+  tokens of the longest group of the Triton stage 1 (every group but the dense ones
+  where a machine runs those apart) and ``NW`` its programs per KV head of the groups
   of at least half that (a tall plan runs a group outside the dense kernel as two), ``P``
   partials, ``NQ`` queries, ``L`` launches of the two stages (stage 1 when there are
   groups, the merge unless every query has exactly one partial), ``DG`` dense groups,
-  ``FO`` 1 where the plan folds every other group into the dense ones;
+  ``FO`` 1 where the plan folds every other group into the dense ones, ``TD``, ``RTD``
+  and ``WD`` the dense groups' tokens, row-tokens and longest group;
 - heads: ``Hq``, ``Hkv``, ``Dqk``, ``Dv``, ``E`` bytes per element;
 - comparison: ``T_branch`` KV tokens read by per-branch decoding (the sum of each
   query's visible tokens), ``T_unique`` unique KV tokens (the floor);
@@ -27,7 +29,15 @@ Symbols (all plain sympy Symbols, positive):
   instruction, ``NARROW`` how many times slower a program of fewer rows runs alone on
   an SM, ``SLOTS`` how many such narrow programs share an SM, ``PBW`` the bytes/s one
   program streams at most, ``PSLOTS`` the programs an SM holds at once, ``DK`` the
-  launches a plan with dense groups adds (their own kernel).
+  launches a plan with dense groups adds (their own kernel), ``POWER`` how a busy SM's
+  clock falls with the busy SMs under the power cap, ``DOVH`` fixed seconds per dense
+  program, ``SHARE`` how many times its TILE_TIME a Triton program takes beside the dense
+  kernel (:data:`SPLIT`).
+
+The split terms (POWER, SHARE) were fitted to session 55's sweep on the H200
+(scripts/explore_spans.py: the dense cases at chunks 256 and 512 and 4-12 spans each),
+where every choice came within 1% of the best plan timed but spec_16k_184 mha, whose
+chunk-256 plan (2.7% slower) the neighbour margin of the planner keeps out.
 
 The machine constants that are not plain hardware rates were fitted to the tree
 kernels' plan sweep on an H200 (scripts/explore_gpu.py tree: the five reference
@@ -188,16 +198,21 @@ DENSE_PROGRAMS = DG * Hkv
 #: (session 54, BENCHMARKS.md).
 DENSE_TOKEN_TIME = 2 * RTD / sp.Max(TD, 1) * (Dqk + Dv) * SMS / RATE
 DENSE_TIME = WD * DENSE_TOKEN_TIME * (sp.Min(DENSE_PROGRAMS, SMS) / SMS) ** POWER + DOVH
-#: Stage 1 of a plan with dense groups run apart: at least the dense programs' waves, and
-#: at least their SM time plus the Triton work over every SM (the bound of list
-#: scheduling). So cutting a long prompt into fewer, longer dense pieces pays where it
-#: leaves SMs to the rest from the start: fewshot_32k_x64 GQA's prompt in 6 pieces (96
-#: programs) ran 85.6 us against 94.1 in 8 (128 programs; session 54). (The dense
-#: kernel's loads are in its measured clock; SPREAD's DRAM part is not added.) Zero
-#: without dense groups.
+#: The Triton stage's longest program, alone on an SM: bound by its matrix work or its
+#: streaming. Where its longest programs outnumber the slots of the SMs the dense
+#: programs leave free, some wait for a dense program to end (WAITS 1): spec_4k_92 GQA's
+#: prefix in 120 dense programs (span 768) left 12 SMs to 24 tree-chunk programs of 128
+#: rows and ran 28.5-35.8 us, against 22.9 in 96 (span 1024; session 55).
 LONGEST_TRITON = (W * sp.Max(LONE_TOKEN_TIME, PROGRAM_TOKEN_TIME) + OVH) * sp.Min(NW, 1)
 WAITS = sp.Min(sp.ceiling(sp.Max(NW * Hkv - sp.Max(SMS - DENSE_PROGRAMS, 0) * NARROW_SLOTS, 0)), 1)
 LATE = sp.Max(DENSE_TIME, LONGEST_TRITON) + WAITS * sp.Min(DENSE_TIME, LONGEST_TRITON)
+#: Stage 1 of a plan with dense groups run apart: at least the dense programs' waves, at
+#: least LATE, and at least their SM time plus the Triton work (SHARE times TILE_TIME's)
+#: over every SM (the bound of list scheduling). So cutting a long prompt into fewer,
+#: longer dense pieces pays where it leaves SMs to the rest from the start:
+#: fewshot_32k_x64 GQA's prompt in 6 pieces (96 programs) ran 85.6 us against 94.1 in 8
+#: (128 programs; session 54). (The dense kernel's loads are in its measured clock;
+#: SPREAD's DRAM part is not added.) Zero without dense groups.
 SPLIT = (APART * sp.Min(DG, 1)) * sp.Max(
     sp.ceiling(DENSE_PROGRAMS / SMS) * DENSE_TIME, LATE, (DENSE_PROGRAMS * DENSE_TIME + SHARE * TRITON_WORK) / SMS
 )
@@ -404,7 +419,10 @@ class Machine:
     # a busy SM's clock under the power cap goes as (busy SMs / sms) ** -power_exponent;
     # fitted to the dense kernel alone on 64..128 programs (session 54; see DENSE_TIME)
     power_exponent: float = 0.4
-    dense_program_overhead: float = 0.38e-6
+    dense_program_overhead: float = 0.38e-6  # as program_overhead (not fitted apart)
+    # above 1: beside the dense kernel the Triton programs take about 3x the SM time that
+    # TILE_TIME gives them (session 54: ~3000 SM-us of branch work where it gives ~900);
+    # 2.5-3 put every timed choice of session 55's sweep within 1% of the best
     split_triton_share: float = 3.0
 
 

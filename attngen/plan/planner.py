@@ -9,7 +9,13 @@ import numpy as np
 import torch
 
 from attngen.cost import DEFAULT_HEADS, HeadLayout, Machine, PlanCost, plan_cost
-from attngen.plan.choice import _STATS_ARRAYS, _check_span, _choose_qg_span, _chunk_candidates, _group_stats
+from attngen.plan.choice import (
+    _STATS_ARRAYS,
+    _check_span,
+    _choose_qg_span,
+    _chunk_candidates,
+    _group_stats,
+)
 from attngen.plan.fold import _n_folded
 from attngen.plan.groups import _alike_sources, _layout_rows, _own_pairs, _Rows, _rows
 from attngen.plan.layout import _chunk_layout, _Chunking

@@ -425,6 +425,11 @@ class Machine:
     # 2.5-3 put every timed choice of session 55's sweep within 1% of the best
     split_triton_share: float = 3.0
 
+    @property
+    def dense_apart(self) -> bool:
+        """Whether dense groups run in a kernel of their own, apart from the Triton stage 1."""
+        return self.dense_kernel_launches > 0
+
 
 @dataclass(frozen=True, slots=True)
 class PlanStats:

@@ -122,7 +122,7 @@ def _chunk_stats(
     # all but the dense ones where the machine runs those apart
     full_programs = _programs(full_rows, full_dense, machine)
     programs = n_full * full_programs + (rest > 0) * _programs(rest_rows, rest_dense, machine)
-    triton_programs = programs - tall * (machine.dense_kernel_launches > 0)
+    triton_programs = programs - tall * machine.dense_apart
     partials = count @ chunks
     # every query that sees a token has a partial, so each has exactly one iff every query
     # sees a token and there are no more partials than such queries
@@ -160,21 +160,25 @@ def _choose(
     """The chunking and QG of least predicted time (ties: the earliest chunk, then the
     smallest QG). Both given: nothing to compare, nothing evaluated. The candidates are
     compared on pair counts alone, without listing their pairs."""
-    return _chunk_candidates(tree, chunk, qg, heads, machine)[0]
+    return _chunk_candidates(tree, chunk, qg, heads, machine, neighbours=False)[0]
 
 
 def _chunk_candidates(
-    tree: TreeBatch, chunk: int | None, qg: int | None, heads: HeadLayout, machine: Machine
+    tree: TreeBatch,
+    chunk: int | None,
+    qg: int | None,
+    heads: HeadLayout,
+    machine: Machine,
+    neighbours: bool,
 ) -> list[tuple[_Chunking, int]]:
-    """The chunkings (each at its QG of least predicted time) whose spans
-    :func:`_choose_qg_span` should compare: first :func:`_choose`'s, then each other
-    neighbouring chunking (the next choice above and below) whose candidate has dense
-    groups where the machine runs them apart. How a
-    long prompt's dense groups are cut into spans decides how the SMs are split between
-    the dense kernel and the rest (``SPLIT`` in :mod:`attngen.cost`), which the
-    uncoalesced chunks compared here do not show: fewshot_32k_x64 GQA ran 85.6 us at
-    chunk 256 in six prompt pieces, against 92.3 at the best span of chunk 512 (session
-    54). Plans without dense groups compare their first chunking's spans alone."""
+    """:func:`_choose`'s chunking and QG first; with ``neighbours``, then each neighbouring
+    chunking (the next choice above and below, at its QG of least predicted time) whose
+    candidate has dense groups where the machine runs them apart, for
+    :func:`_choose_plan_params` to compare after coalescing. How a long prompt's dense
+    groups are cut into spans decides how the SMs are split between the dense kernel and
+    the rest (``SPLIT`` in :mod:`attngen.cost`), which the uncoalesced chunks compared
+    here do not show: fewshot_32k_x64 GQA ran 85.6 us at chunk 256 in six prompt pieces,
+    against 92.3 at the best span of chunk 512 (session 54)."""
     _check_params(chunk, qg, heads)
     nodes = _KvNodes.of(tree)
     if chunk is not None and qg is not None:
@@ -185,11 +189,33 @@ def _chunk_candidates(
     times = evaluate("time_s", stats, heads, machine)  # [chunkings, QG]
     first = int(np.argmin(times)) // len(qgs)  # the first minimum's chunking
     order = [first]
-    if machine.dense_kernel_launches > 0:
+    if neighbours and machine.dense_apart:
         at = times.argmin(axis=1)  # each chunking's best QG
         dense = np.broadcast_to(stats.dense_groups, times.shape)[np.arange(len(places)), at] > 0
         order += [c for c in (first + 1, first - 1) if 0 <= c < len(places) and dense[c]]
     return [(_pieces(nodes, places[c]), int(qgs[times[c].argmin()])) for c in order]
+
+
+#: How much faster than the first chunking's best plan a neighbouring chunking's must be
+#: predicted to replace it (:func:`_chunk_candidates`): the split model's precision. On the
+#: H200, spec_16k_184's chunk 256, predicted 0.4% faster than 512, ran 3-5% slower, while
+#: shared_prefix_32k_x64 GQA's, predicted 1.03% faster, ran 10.5% faster (session 55).
+NEIGHBOUR_MARGIN = 0.01
+
+
+def _choose_plan_params(
+    tree: TreeBatch, chunk: int | None, qg: int | None, span: int | None, heads: HeadLayout, machine: Machine
+) -> _SpanChoice:
+    """The chunking, QG and span of least predicted time where the span is to be chosen
+    (or QG, or both): :func:`_choose_qg_span` at each of :func:`_chunk_candidates`, a
+    neighbouring chunking taken only where it is predicted faster by NEIGHBOUR_MARGIN."""
+    candidates = _chunk_candidates(tree, chunk, qg, heads, machine, neighbours=True)
+    choices = [_choose_qg_span(tree, layout, q, qg is not None, span, heads, machine) for layout, q in candidates]
+    best = choices[0]
+    for other in choices[1:]:
+        if other.time_s < best.time_s * (1 - NEIGHBOUR_MARGIN):
+            best = other
+    return best
 
 
 def _span_stats(
@@ -221,7 +247,7 @@ def _span_stats(
     row_tokens = (length * tile_rows) @ by_group
     is_dense = _dense(filled * heads.group, full, length)
     programs = _programs(tile_rows, is_dense, machine)
-    apart = machine.dense_kernel_launches > 0  # dense groups run outside the Triton kernel
+    apart = machine.dense_apart
     # the groups that stay as they are: all, or those not in a run of full groups
     stay = np.ones_like(full) if runs is None else ~full
     rest, by_rest, rest_programs = length[stay], by_group[stay], programs[stay]
@@ -369,7 +395,7 @@ def _group_stats(
     length, query = host["group_kv_len"], host["group_q"]
     tile_rows = heads.tile_rows(host["group_slots"], qg)
     dense = np.arange(len(length)) < host["dense_count"][0]  # listed first
-    triton = ~dense if machine.dense_kernel_launches > 0 else np.ones_like(dense)
+    triton = ~dense if machine.dense_apart else np.ones_like(dense)
     top = int(length[triton].max(initial=0))
     longest = (2 * length >= top) & triton
     return PlanStats(

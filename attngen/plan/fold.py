@@ -38,7 +38,7 @@ def _fold(host: dict[str, np.ndarray], heads: HeadLayout, machine: Machine) -> t
     keys that every filled slot sees; 0 elsewhere."""
     n, n_dense = len(host["group_kv_start"]), int(host["dense_count"][0])
     fold, lead = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    if not machine.dense_kernel_launches or n_dense in (0, n):
+    if not machine.dense_apart or n_dense in (0, n):
         return fold, lead
     # the rest's programs (a tall plan's run as two row blocks) fit beside the dense ones
     rest_rows = heads.tile_rows(host["group_slots"][n_dense:], host["group_q"].shape[1])

@@ -211,4 +211,4 @@ def _programs(tile_rows: np.ndarray, dense: np.ndarray | bool, machine: Machine)
     dense groups in a kernel of their own, else one per row block of :data:`BLOCK_ROWS`
     (a tall plan's other groups run as two)."""
     blocks = -(-tile_rows // BLOCK_ROWS)
-    return np.where(dense & (machine.dense_kernel_launches > 0), 1, blocks)
+    return np.where(dense & machine.dense_apart, 1, blocks)

@@ -12,8 +12,8 @@ from attngen.cost import DEFAULT_HEADS, HeadLayout, Machine, PlanCost, plan_cost
 from attngen.plan.choice import (
     _STATS_ARRAYS,
     _check_span,
-    _choose_qg_span,
-    _chunk_candidates,
+    _choose,
+    _choose_plan_params,
     _group_stats,
 )
 from attngen.plan.fold import _n_folded
@@ -114,13 +114,6 @@ def _make_plan(
     )
 
 
-#: How much faster than the first chunking's best plan a neighbouring chunking's must be
-#: predicted to replace it (:func:`_chunk_candidates`): the split model's precision. On the
-#: H200, spec_16k_184's chunk 256, predicted 0.4% faster than 512, ran 3-5% slower, while
-#: shared_prefix_32k_x64 GQA's, predicted 1.03% faster, ran 10.5% faster (session 55).
-NEIGHBOUR_MARGIN = 0.01
-
-
 def plan_tree(
     tree: TreeBatch,
     *,
@@ -137,17 +130,11 @@ def plan_tree(
     chunk and :data:`SPAN_CHOICES`."""
     heads, machine = heads or DEFAULT_HEADS, machine or Machine()
     _check_span(span)
-    candidates = _chunk_candidates(tree, chunk, queries_per_group, heads, machine)
     if queries_per_group is not None and span is not None:
-        layout, qg = candidates[0]
+        layout, qg = _choose(tree, chunk, queries_per_group, heads, machine)
         return _make_plan(tree, layout, _layout_rows(tree, layout, qg), qg, max(span, layout.chunk), heads,
                           machine, device)
-    fixed_qg = queries_per_group is not None
-    choices = [_choose_qg_span(tree, layout, qg, fixed_qg, span, heads, machine) for layout, qg in candidates]
-    best = choices[0]
-    for other in choices[1:]:  # a neighbouring chunking only where clearly faster
-        if other.time_s < best.time_s * (1 - NEIGHBOUR_MARGIN):
-            best = other
+    best = _choose_plan_params(tree, chunk, queries_per_group, span, heads, machine)
     return _make_plan(tree, best.layout, best.rows(), best.qg, max(best.span, best.layout.chunk), heads, machine,
                       device, best.runs)
 

@@ -53,6 +53,7 @@ lose least against the best measured plan; see :class:`Machine`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -270,9 +271,11 @@ def _hoisted(expr: sp.Expr) -> tuple[sp.Expr, list[sp.Expr]]:
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     """One formula over numpy: ``formula`` of the plan's values, then of the values of
-    ``constants`` (a function of the layout's and machine's)."""
+    ``constants`` (a function of the layout's and machine's); ``scalar`` the same on
+    Python numbers, for a few candidates (:data:`SCALAR_UP_TO`)."""
 
     formula: Callable[..., np.ndarray]
+    scalar: Callable[..., float]
     constants: Callable[..., list[float]]
 
 
@@ -281,6 +284,7 @@ def _compile(expr: sp.Expr) -> _Compiled:
     names = [sp.Symbol(f"k{i}") for i in range(len(constants))]
     return _Compiled(
         sp.lambdify((*_PLAN_ARGS, *names), hoisted, modules=[{"select": _select}, "numpy"], cse=True),
+        sp.lambdify((*_PLAN_ARGS, *names), hoisted, modules="math", cse=True),
         sp.lambdify(_CONSTANT_ARGS, constants, modules="math"),
     )
 
@@ -557,10 +561,36 @@ def _constants(name: str, layout: HeadLayout, machine: Machine) -> list[float]:
     return _COMPILED[name].constants(*_constant_values(layout, machine))
 
 
+#: Up to this many candidates, :func:`evaluate` takes them one by one in plain arithmetic:
+#: each numpy call costs about half a microsecond whatever its size, and ``time_s`` makes
+#: ~85 of them, while one candidate in Python costs ~2.7 us (the span choice's three QG
+#: trials: 61 -> ~15 us, one core of the development machine).
+SCALAR_UP_TO = 8
+
+
 def evaluate(name: str, stats: PlanStats, layout: HeadLayout, machine: Machine) -> np.ndarray:
-    """One compiled formula (``time_s``, ``total_bytes``, ...) at ``stats`` (vectorized)."""
-    formula = _COMPILED[name].formula
-    return np.asarray(formula(*_plan_values(stats), *_constants(name, layout, machine)), dtype=np.float64)
+    """One compiled formula (``time_s``, ``total_bytes``, ...) at ``stats``, an array of
+    the candidates' broadcast shape."""
+    compiled, values, constants = _COMPILED[name], _plan_values(stats), _constants(name, layout, machine)
+    arrays = [v for v in values if isinstance(v, np.ndarray)]
+    shape = np.broadcast(*arrays).shape if arrays else ()
+    if math.prod(shape) > SCALAR_UP_TO:
+        return np.asarray(compiled.formula(*values, *constants), dtype=np.float64)
+    out = [compiled.scalar(*plan, *constants) for plan in zip(*(_column(v, shape) for v in values), strict=True)]
+    return np.asarray(out, dtype=np.float64).reshape(shape)
+
+
+def _column(value: object, shape: tuple[int, ...]) -> list:
+    """``value`` broadcast to ``shape``, as a flat list of Python numbers (without
+    ``np.broadcast_to`` where it is not needed, which costs as much as the arithmetic)."""
+    n = math.prod(shape)
+    if not isinstance(value, np.ndarray):
+        return [value] * n
+    if value.size == n:
+        return value.ravel().tolist()
+    if value.size == 1:
+        return [value.item()] * n
+    return np.broadcast_to(value, shape).ravel().tolist()
 
 
 def plan_cost(stats: PlanStats, layout: HeadLayout, machine: Machine | None = None) -> PlanCost:

@@ -14,6 +14,9 @@ import torch
 from attngen import cost
 from attngen.cost import HeadLayout, Machine, PlanStats, evaluate, plan_cost
 from attngen.plan import plan_tree
+from attngen.plan.choice import CHUNK_CHOICES, _chunk_stats
+from attngen.plan.layout import _KvNodes, _places
+from attngen.plan.visibility import _Sight
 from attngen.runtime import load
 from attngen.spec import parse_spec
 from attngen.tree import TreeBatch
@@ -56,6 +59,29 @@ def test_evaluate_vectorizes_like_plan_cost() -> None:
     one = [plan_cost(stats(queries_per_group=int(q)), MHA).time_s for q in qg]
     assert many.shape == (3,)
     np.testing.assert_allclose(many, one, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "layout"), [("fewshot_32k_x64", GQA), ("spec_4k_92", MHA), ("tot_d3_w3", GQA)])
+def test_evaluate_takes_few_candidates_one_by_one_alike(name: str, layout: HeadLayout) -> None:
+    """Up to SCALAR_UP_TO candidates, evaluate takes the formula in plain arithmetic; it
+    agrees with the numpy formula, dense groups (SPLIT) and all, at every candidate of
+    the chunk choice (four chunk sizes by every QG: more than SCALAR_UP_TO at once)."""
+    machine = Machine()
+    tree = WORKLOADS[name]().tree
+    nodes = _KvNodes.of(tree)
+    qgs = np.asarray(layout.queries_per_group_choices(), dtype=np.int64)
+    grid = _chunk_stats(tree, _Sight.of(tree, nodes), _places(nodes, CHUNK_CHOICES), qgs, layout, machine)
+    many = evaluate("time_s", grid, layout, machine)
+    assert many.size > cost.SCALAR_UP_TO and (np.broadcast_to(grid.dense_groups, many.shape) > 0).any()
+    for c, q in np.ndindex(many.shape):
+        one = {
+            f.name: v[min(c, v.shape[0] - 1), min(q, v.shape[1] - 1)] if isinstance(v, np.ndarray) else v
+            for f in dataclasses.fields(grid)
+            for v in [getattr(grid, f.name)]
+        }
+        alone = evaluate("time_s", PlanStats(**one), layout, machine)
+        assert alone.shape == ()
+        np.testing.assert_allclose(alone, many[c, q], rtol=1e-12)
 
 
 @pytest.mark.parametrize("group", [1, 4, 8])

@@ -191,7 +191,7 @@ def _chunk_candidates(
     order = [first]
     if neighbours and machine.dense_apart:
         at = times.argmin(axis=1)  # each chunking's best QG
-        dense = np.broadcast_to(stats.dense_groups, times.shape)[np.arange(len(places)), at] > 0
+        dense = stats.dense_groups[np.arange(len(places)), at] > 0  # [chunkings, QG] like times
         order += [c for c in (first + 1, first - 1) if 0 <= c < len(places) and dense[c]]
     return [(_pieces(nodes, places[c]), int(qgs[times[c].argmin()])) for c in order]
 
@@ -258,7 +258,9 @@ def _span_stats(
         """The largest of ``values`` [..., items] per trial (``by`` [items, trials])."""
         return (values[..., None] * by).max(axis=-2, initial=0)
 
-    # [spans, trials]: the Triton kernel's longest group, the dense kernel's, dense groups
+    # [1, trials], then [spans, trials] once the runs are cut at each span (so all four
+    # have ``groups``' shape): the Triton kernel's longest group, the dense kernel's, the
+    # dense groups, the groups
     top = longest(rest * rest_triton, by_rest)[None, :]
     top_dense = longest(rest * rest_dense, by_rest)[None, :]
     dense = (rest_dense @ by_rest)[None, :]
@@ -300,10 +302,10 @@ def _span_stats(
         longest=top.T.ravel(),
         n_longest=n_longest.T.ravel(),
         partials=partials.T.ravel(),
-        dense_groups=np.broadcast_to(dense, groups.shape).T.ravel(),
+        dense_groups=dense.T.ravel(),
         dense_tokens=np.repeat((length * is_dense) @ by_group, len(spans)),
         dense_row_tokens=np.repeat((length * tile_rows * is_dense) @ by_group, len(spans)),
-        dense_longest=np.broadcast_to(top_dense, groups.shape).T.ravel(),
+        dense_longest=top_dense.T.ravel(),
         # the same for every QG: a query has one slot per chunk it sees
         **_tree_fields(tree, slots[0].query),
     )

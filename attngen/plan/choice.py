@@ -191,7 +191,7 @@ def _chunk_candidates(
     order = [first]
     if neighbours and machine.dense_apart:
         at = times.argmin(axis=1)  # each chunking's best QG
-        dense = stats.dense_groups[np.arange(len(places)), at] > 0  # [chunkings, QG] like times
+        dense = np.asarray(stats.dense_groups)[np.arange(len(places)), at] > 0  # [chunkings, QG] like times
         order += [c for c in (first + 1, first - 1) if 0 <= c < len(places) and dense[c]]
     return [(_pieces(nodes, places[c]), int(qgs[times[c].argmin()])) for c in order]
 

@@ -123,7 +123,7 @@ def _pairs(tree: TreeBatch, layout: _Chunking, piece_mask: np.ndarray | None = N
     spans of the chunk it sees: its pieces' spans, in chunk order, touching ones joined."""
     pp, query, visible = _piece_queries(tree, layout, piece_mask)
     key = layout.piece_chunk[pp] * max(tree.n_queries, 1) + query
-    by_key = key.argsort(kind="stable")
+    by_key = _stable_argsort(key, layout.n_chunks * max(tree.n_queries, 1))
     key, pp, query, visible = key[by_key], pp[by_key], query[by_key], visible[by_key]
     lo = layout.piece_local[pp]
     new_pair = np.ones(len(key), dtype=bool)

@@ -15,7 +15,7 @@ from attngen.errors import PlanError, plan_int
 from attngen.plan.fold import _n_folded
 from attngen.plan.groups import _alike_pairs, _dense, _programs, _Rows, _Slots, _slots
 from attngen.plan.layout import _Chunking, _KvNodes, _pieces, _place, _Placement, _places
-from attngen.plan.spans import SPLIT_ALIGN, _coalescible, _run_pieces, _Runs
+from attngen.plan.spans import EVEN_BELOW, SPLIT_ALIGN, _coalescible, _run_pieces, _Runs
 from attngen.plan.visibility import WORD, _Pairs, _queries_per_chunk, _Sight
 from attngen.tree import MAX_KV_TOKENS, TreeBatch
 
@@ -281,7 +281,7 @@ def _span_stats(
         # boundary) at or past its even share, or, where it cuts evenly, at the first
         # multiple of SPLIT_ALIGN; the first piece is then the longest
         share = -(-tokens // np.maximum(pieces, 1))
-        even = (column < 2 * layout.chunk) & (tokens > pieces * (layout.chunk + SPLIT_ALIGN))
+        even = (column < EVEN_BELOW * layout.chunk) & (tokens > pieces * (layout.chunk + SPLIT_ALIGN))
         grid = np.where(even, SPLIT_ALIGN, layout.chunk)
         piece_len = np.minimum(-(-share // grid) * grid, tokens)
         # uncoalesced: each member is at most a chunk

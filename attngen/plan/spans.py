@@ -14,6 +14,9 @@ from attngen.plan.layout import _Chunking
 
 #: Tokens a coalesced group's range is cut at (the smallest stage-1 KV tile).
 SPLIT_ALIGN = 64
+#: Spans under this many chunks cut a run evenly (see :func:`_span_groups`); longer ones
+#: cut at chunk boundaries, so a run's last piece may be shorter than the rest.
+EVEN_BELOW = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +107,10 @@ def _span_groups(
     On the H200, fewshot_4k_x20 GQA's prompt in six pieces of at most 704 tokens ran 20.2
     us against 23.4 for four of 1024. Chunk cuts still give 2048 + 1536 on spec_4k_92
     MHA, where even ones (1792 + 1792) ran 37.0 against 34.9: the long pieces then end at
-    once, and the groups after them wait (session 22, BENCHMARKS.md). Groups stay in
+    once, and the groups after them wait (session 22, BENCHMARKS.md). So did the dense
+    pieces of spec_16k_184 and spec_8k_248 (four of 3968 tokens against 3 x 4096 + 3584 or
+    3840: 2-9% slower) and of spec_4k_92 GQA (960 against 1024 + 768: 1.5% slower; session
+    56, ``scripts/explore_cuts.py``). Groups stay in
     ascending KV order, which is the merge order. ``runs``: those of ``rows``, if known."""
     start, length = layout.start[rows.chunk], layout.length[rows.chunk]
     if span <= layout.chunk or len(start) < 2 or not rows.full.any():
@@ -118,7 +124,7 @@ def _span_groups(
     stride = int(runs.tokens.max()) + 1
     keys = runs.run * stride + runs.offset  # ascending: runs in order, KV order within
     # under a span of two chunks, where each piece stays longer than a chunk: cut evenly
-    even = (span < 2 * layout.chunk) & (tokens > k * (layout.chunk + SPLIT_ALIGN))
+    even = (span < EVEN_BELOW * layout.chunk) & (tokens > k * (layout.chunk + SPLIT_ALIGN))
 
     def cut(at: np.ndarray) -> np.ndarray:
         target = -(-at * tokens // k)  # ceil(at * n / k)

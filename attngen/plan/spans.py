@@ -107,10 +107,10 @@ def _span_groups(
     On the H200, fewshot_4k_x20 GQA's prompt in six pieces of at most 704 tokens ran 20.2
     us against 23.4 for four of 1024. Chunk cuts still give 2048 + 1536 on spec_4k_92
     MHA, where even ones (1792 + 1792) ran 37.0 against 34.9: the long pieces then end at
-    once, and the groups after them wait (session 22, BENCHMARKS.md). So did the dense
-    pieces of spec_16k_184 and spec_8k_248 (four of 3968 tokens against 3 x 4096 + 3584 or
-    3840: 2-9% slower) and of spec_4k_92 GQA (960 against 1024 + 768: 1.5% slower; session
-    56, ``scripts/explore_cuts.py``). Groups stay in
+    once, and the groups after them wait (session 22, BENCHMARKS.md). Even cuts of long
+    dense runs lost too (session 56, ``scripts/explore_cuts.py``): spec_8k_248's (2-5%)
+    for that reason, and spec_16k_184's (5-9%) because its tree chunk then no longer
+    folds into the shortest piece. Groups stay in
     ascending KV order, which is the merge order. ``runs``: those of ``rows``, if known."""
     start, length = layout.start[rows.chunk], layout.length[rows.chunk]
     if span <= layout.chunk or len(start) < 2 or not rows.full.any():

@@ -123,26 +123,34 @@ def _try(fn: Callable[[], float], what: str) -> float | None:
         return None
 
 
+#: Plans timed per case for the planning columns (a median; the first of each is a warm-up).
+PLANNING_REPEATS = 50
+
+
 def _planning_ms(workload: Workload, heads: Any) -> tuple[float, float | None]:
+    """Median host time of planning the workload at the cost model's chosen parameters
+    (what a decode step that brings a new token tree pays) and, for branch trees, of a
+    decode step: a token appended to each leaf, then ``replan_after_append``."""
     from attngen.plan import replan_after_append
 
     plan = plan_tree(workload.tree, heads=heads)
-    times = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        plan_tree(workload.tree, chunk=plan.chunk, queries_per_group=plan.queries_per_group, span=plan.span,
-                  heads=heads)
-        times.append(time.perf_counter() - t0)
+
+    def median_ms(fn: Callable[[], Any]) -> float:
+        fn()
+        times = []
+        for _ in range(PLANNING_REPEATS):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    fixed = median_ms(lambda: plan_tree(workload.tree, chunk=plan.chunk, queries_per_group=plan.queries_per_group,
+                                        span=plan.span, heads=heads))
     replan = None
     if workload.tree.query_mode == "node":
         grown = workload.tree.append_to_leaves(1)
-        rtimes = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            replan_after_append(plan, grown)
-            rtimes.append(time.perf_counter() - t0)
-        replan = statistics.median(rtimes) * 1e3
-    return statistics.median(times) * 1e3, replan
+        replan = median_ms(lambda: replan_after_append(plan, grown))
+    return fixed, replan
 
 
 def layout_name(spec: Spec) -> str:

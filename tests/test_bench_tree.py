@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from attngen import bench_tree
+from attngen.cost import HeadLayout
 from attngen.errors import AttngenError
 from attngen.spec import load_spec
 from attngen.tree import node_paged_cache
@@ -91,3 +92,15 @@ def test_plot_draws_every_case(tmp_path: Path) -> None:
     path = tmp_path / "tree_plot.png"
     bench_tree.plot(rows, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("name", "mode"), [("tot_d3_w3", "node"), ("spec_4k_92", "token")])
+def test_planning_columns(name: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planning columns: a positive median at the chosen parameters, and a decode step's
+    (append, then replan) for branch trees only (a token tree's step brings a new tree)."""
+    monkeypatch.setattr(bench_tree, "PLANNING_REPEATS", 3)
+    workload = WORKLOADS[name]()
+    assert workload.tree.query_mode == mode
+    fixed, replan = bench_tree._planning_ms(workload, HeadLayout(heads_q=32, heads_kv=8))
+    assert fixed > 0
+    assert (replan is None) == (mode == "token") and (replan is None or replan > 0)

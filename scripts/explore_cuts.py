@@ -17,11 +17,8 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import torch
-import triton
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from explore_split import case, interleaved, rel
+from explore_split import case, interleaved, rel, selected, versions
 
 from attngen.plan import plan_tree, spans
 
@@ -31,13 +28,9 @@ CASES = ("spec_16k_184 mha", "spec_16k_184 gqa", "spec_8k_248 mha", "spec_8k_248
 
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    print(versions(), flush=True)
     results, table = [], []
-    only = os.environ.get("EXPLORE_CASES")
-    for key in CASES:
-        if only and key not in only.split(","):
-            continue
-        name, layout = key.split()
+    for key, name, layout in selected(CASES):
         tree, _, module, heads, chunked, q, k, v = case(name, layout, 3)
         saved = spans.EVEN_BELOW
         spans.EVEN_BELOW = 1 << 30  # every span cuts evenly

@@ -17,11 +17,8 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import torch
-import triton
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from explore_split import case, interleaved, rel
+from explore_split import case, interleaved, rel, selected, versions
 
 from attngen.runtime import cache_key, cached_source, import_path
 
@@ -56,13 +53,9 @@ def variant(spec, dtype: str):
 
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    print(versions(), flush=True)
     results, table = [], []
-    only = os.environ.get("EXPLORE_CASES")
-    for key in CASES:
-        if only and key not in only.split(","):
-            continue
-        name, layout = key.split()
+    for key, name, layout in selected(CASES):
         _, spec, module, _, plan, q, k, v = case(name, layout, 3)
         modules = {"float32": module, "float16": variant(spec, "float16"), "bfloat16": variant(spec, "bfloat16")}
         base = module.attention(q, k, v, plan).float()

@@ -20,11 +20,8 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import torch
-import triton
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from explore_split import case, interleaved, rel
+from explore_split import case, interleaved, rel, selected, versions
 
 from attngen.plan import plan_tree
 
@@ -40,13 +37,10 @@ GRID = {32000: (4096, 5120, 6144, 8192, 12288), 16000: (3072, 4096, 5120, 6144),
 
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    print(versions(), flush=True)
     results, table = [], []
-    only = os.environ.get("EXPLORE_CASES")  # e.g. "spec_8k_248 mha,spec_8k_248 gqa"
-    for key, old in PREVIOUS.items():
-        if only and key not in only.split(","):
-            continue
-        name, layout = key.split()
+    for key, name, layout in selected(PREVIOUS):
+        old = PREVIOUS[key]
         tree, _, module, heads, new, q, k, v = case(name, layout, 3)
         prompt = min(GRID, key=lambda n: abs(n - int(tree.tokens.max())))
         plans = {"previous": plan_tree(tree, chunk=old["chunk"], queries_per_group=old["qg"], span=old["span"],

@@ -51,6 +51,18 @@ OUT = Path(os.environ.get("OUT", "explore_out"))
 D = 128
 
 
+def versions() -> str:
+    """The GPU and the versions a run's figures come from (its first line)."""
+    return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
+
+
+def selected(keys) -> list[tuple[str, str, str]]:
+    """(key, workload, layout) of each of ``keys`` ("workload layout") that EXPLORE_CASES
+    names (e.g. "spec_8k_248 mha,spec_8k_248 gqa"), or of every one."""
+    only = os.environ.get("EXPLORE_CASES")
+    return [(key, *key.split()) for key in keys if not only or key in only.split(",")]
+
+
 def graph_us(fn) -> float:
     fn()
     torch.cuda.synchronize()
@@ -302,7 +314,7 @@ def pieces(results: list, table: list) -> None:
 
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    print(versions(), flush=True)
     results: list = []
     table: list = []
     parts = os.environ.get("EXPLORE_PARTS", "split,lazy,pieces").split(",")

@@ -120,6 +120,39 @@ def _graph_time_us(fn: Callable[[], Any], cold: bool = False) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in spans) * 1e3
 
 
+def _checked_peer_us(run: Callable[[], Any], to_rows: Callable[[Any], Any], out: Any, cold: bool) -> float:
+    """``run``'s time (:func:`_graph_time_us`), once its output (``to_rows``: as attngen's
+    [n_q, H, D] ``out``) agrees with attngen's to :data:`PEER_AGREEMENT`: a peer that
+    computes something else is reported as not run, not timed."""
+    diff = float((to_rows(run()).double() - out.double()).norm() / out.double().norm())
+    if not diff < PEER_AGREEMENT:
+        raise AttngenError(f"output differs from attngen's by {diff:.1e} (relative)")
+    return _graph_time_us(run, cold)
+
+
+def _flex_us(run: Callable[[Any], Any], n_q: int, timed: Callable[[Callable[[], Any]], float]) -> float:
+    """FlexAttention's time: ``run(kernel_options)`` timed by ``timed``. From
+    :data:`FLEX_DECODING_BELOW` queries Inductor runs its flex_attention kernel. Under it,
+    Inductor picks its flex-decoding kernel, which splits the KV, but the flex_attention
+    kernel can be the faster one there (spec_4k_92 GQA: 141 against ~1690 us), so a user
+    would pick it: both are timed and the faster kept. In torch 2.11 the decoding kernel
+    also finds no tile for short GQA query counts (92 queries x 4 heads:
+    pytorch/pytorch#185349); it is then left out."""
+    if n_q >= FLEX_DECODING_BELOW:
+        return timed(lambda: run(None))
+    try:
+        decoding: float | None = timed(lambda: run(None))
+    except Exception as err:
+        if "NoValidChoicesError" not in str(err):
+            raise
+        print("  flex: the decoding kernel has no tile for this shape", file=sys.stderr)
+        decoding = None
+    attention = timed(lambda: run({"FORCE_USE_FLEX_ATTENTION": True}))
+    print(f"  flex: decoding kernel {'n/a' if decoding is None else f'{decoding:.1f}'} us, "
+          f"flex_attention kernel {attention:.1f} us", file=sys.stderr)
+    return attention if decoding is None else min(decoding, attention)
+
+
 def _try(fn: Callable[[], float], what: str) -> float | None:
     try:
         return fn()
@@ -244,17 +277,12 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
     rel_err = float((out.double() - ref).norm() / ref.norm())
     del ref
 
-    def peer(run: Callable[[], Any], to_rows: Callable[[Any], Any]) -> float:
-        """``run``'s time, once its output (``to_rows``: as [n_q, H, D]) agrees with attngen's:
-        a peer that computes something else is reported as not run, not timed."""
-        diff = float((to_rows(run()).double() - out.double()).norm() / out.double().norm())
-        if not diff < PEER_AGREEMENT:
-            raise AttngenError(f"output differs from attngen's by {diff:.1e} (relative)")
-        return _graph_time_us(run, cold)
+    def peer(run: Callable[[], Any], to_rows: Callable[[Any], Any] = lambda o: o[0].transpose(0, 1)) -> float:
+        """``run``'s time where its output, as [n_q, H, D], agrees with attngen's."""
+        return _checked_peer_us(run, to_rows, out, cold)
 
     def dense() -> float:
-        return peer(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=visible, enable_gqa=True),
-                    lambda o: o[0].transpose(0, 1))
+        return peer(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=visible, enable_gqa=True))
 
     def flex() -> float:
         def ancestor(b: Any, h: Any, qi: Any, ki: Any) -> Any:
@@ -262,28 +290,8 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
 
         block_mask = create_block_mask(ancestor, None, None, n_q, n_kv, device=dev)
         compiled = torch.compile(flex_attention)
-
-        def run(options: Any = None) -> Any:
-            return compiled(qd, kd, vd, block_mask=block_mask, enable_gqa=True, kernel_options=options)
-
-        if n_q >= FLEX_DECODING_BELOW:  # Inductor picks the flex_attention kernel itself
-            return peer(run, lambda o: o[0].transpose(0, 1))
-        # Under FLEX_DECODING_BELOW queries Inductor picks its flex-decoding kernel, which
-        # splits the KV. The flex_attention kernel can be the faster one here (spec_4k_92
-        # GQA: 141 against ~1690 us), so a user would pick it: both are timed, the faster
-        # kept. In torch 2.11 the decoding kernel also finds no tile for short GQA query
-        # counts (92 queries x 4 heads: pytorch/pytorch#185349); it is then not timed.
-        try:
-            decoding: float | None = peer(run, lambda o: o[0].transpose(0, 1))
-        except Exception as err:
-            if "NoValidChoicesError" not in str(err):
-                raise
-            print("  flex: the decoding kernel has no tile for this shape", file=sys.stderr)
-            decoding = None
-        attention = peer(lambda: run({"FORCE_USE_FLEX_ATTENTION": True}), lambda o: o[0].transpose(0, 1))
-        print(f"  flex: decoding kernel {'n/a' if decoding is None else f'{decoding:.1f}'} us, "
-              f"flex_attention kernel {attention:.1f} us", file=sys.stderr)
-        return attention if decoding is None else min(decoding, attention)
+        return _flex_us(lambda options: compiled(qd, kd, vd, block_mask=block_mask, enable_gqa=True,
+                                                 kernel_options=options), n_q, peer)
 
     def per_branch() -> float:
         lengths = visible.sum(1)

@@ -4,6 +4,7 @@ workloads fit a spec, the spec it builds for a head layout, the table and the sa
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,59 @@ def test_planning_columns(name: str, mode: str, monkeypatch: pytest.MonkeyPatch)
     fixed, replan = bench_tree._planning_ms(workload, HeadLayout(heads_q=32, heads_kv=8))
     assert fixed > 0
     assert (replan is None) == (mode == "token") and (replan is None or replan > 0)
+
+
+def test_a_peer_is_timed_only_where_it_agrees_with_attngen(monkeypatch: pytest.MonkeyPatch) -> None:
+    timed: list[object] = []
+
+    def graph_time_us(fn: object, cold: bool = False) -> float:
+        timed.append(fn)
+        return 7.0
+
+    monkeypatch.setattr(bench_tree, "_graph_time_us", graph_time_us)
+    out = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+
+    def as_rows(o: torch.Tensor) -> torch.Tensor:  # a peer's [1, H, n_q, D] as [n_q, H, D]
+        return o[0].transpose(0, 1)
+
+    close = out + 1e-3 * noise * out.norm() / noise.norm()
+    assert bench_tree._checked_peer_us(lambda: close.transpose(0, 1)[None], as_rows, out, False) == 7.0
+    assert len(timed) == 1
+    far = out + 0.1 * noise * out.norm() / noise.norm()
+    with pytest.raises(AttngenError, match=r"differs from attngen's by 1\.0e-01"):
+        bench_tree._checked_peer_us(lambda: far.transpose(0, 1)[None], as_rows, out, False)
+    assert len(timed) == 1  # not timed
+
+
+def test_flex_keeps_the_faster_kernel_under_128_queries() -> None:
+    """Under FLEX_DECODING_BELOW queries both FlexAttention kernels are timed and the faster
+    kept; the decoding kernel is left out where Inductor finds no tile for it, and any other
+    failure is the peer's (not run); from FLEX_DECODING_BELOW, Inductor's own choice alone."""
+    def timer(times: dict[str, float | Exception]) -> tuple[Callable[[Callable[[], str]], float], list[str]]:
+        asked: list[str] = []
+
+        def timed(fn: Callable[[], str]) -> float:
+            kernel = fn()
+            asked.append(kernel)
+            value = times[kernel]
+            if isinstance(value, Exception):
+                raise value
+            return value
+        return timed, asked
+
+    def run(options: object) -> str:
+        return "attention" if options == {"FORCE_USE_FLEX_ATTENTION": True} else "default"
+
+    timed, asked = timer({"default": 106.5, "attention": 383.2})
+    assert bench_tree._flex_us(run, 20, timed) == 106.5 and asked == ["default", "attention"]
+    timed, asked = timer({"default": 1554.7, "attention": 384.2})
+    assert bench_tree._flex_us(run, 20, timed) == 384.2
+    no_tile = RuntimeError("LoweringException: NoValidChoicesError: No choices to select")
+    timed, asked = timer({"default": no_tile, "attention": 339.3})
+    assert bench_tree._flex_us(run, 92, timed) == 339.3 and asked == ["default", "attention"]
+    timed, asked = timer({"default": RuntimeError("out of resources"), "attention": 1.0})
+    with pytest.raises(RuntimeError, match="out of resources"):
+        bench_tree._flex_us(run, 92, timed)
+    timed, asked = timer({"default": 1561.3, "attention": 1.0})
+    assert bench_tree._flex_us(run, bench_tree.FLEX_DECODING_BELOW, timed) == 1561.3 and asked == ["default"]

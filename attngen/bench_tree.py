@@ -289,7 +289,12 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
             return visible[qi, ki]
 
         block_mask = create_block_mask(ancestor, None, None, n_q, n_kv, device=dev)
-        compiled = torch.compile(flex_attention)
+        # Each case compiles afresh, at its own shapes. Without the reset, Dynamo recompiles
+        # flex_attention for a process's second case with the changed sizes made dynamic,
+        # and every later case reuses that dynamic-shape kernel: FlexAttention's figures
+        # then depended on the order of the cases (up to 2.4x, session 56)
+        torch._dynamo.reset()
+        compiled = torch.compile(flex_attention, dynamic=False)
         return _flex_us(lambda options: compiled(qd, kd, vd, block_mask=block_mask, enable_gqa=True,
                                                  kernel_options=options), n_q, peer)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session: run what is asked (tree bench, gpu tests, sequence bench), each
 # under a time limit so one slow part cannot eat the others; short tables come last.
-# Usage: bash scripts/gpu_session.sh [tree] [tests | tests-gluon tests-rest] [seq]   (default: tree tests seq)
+# Usage: bash scripts/gpu_session.sh [tree | tree-branches tree-spec] [tests | tests-gluon tests-rest] [seq]
+#        (default: tree tests seq)
 # Needs attngen's Python dependencies importable (pydantic, sympy, jinja2, networkx, pyyaml)
 # beside the GPU's torch and Triton; run from the repository root.
 set -uo pipefail
@@ -16,9 +17,25 @@ gpu_tests() {  # NAME PYTEST-ARGS...: the gpu-marked tests, under 575 s, into $o
     ATTNGEN_GPU_EXAMPLES=${ATTNGEN_GPU_EXAMPLES:-25} timeout 575 python3 -m pytest -v -m gpu -p no:cacheprovider \
         --durations=10 "$@" > "$out/gpu_tests_$name.txt" 2>&1
 }
+bench_half() {  # branches | spec: the reference cases of that query mode, into $out/tree_NAME
+    local name=$1 workloads
+    case $name in
+        branches) workloads="--workload fewshot_4k_x20 --workload fewshot_32k_x64 --workload tot_d3_w3" ;;
+        spec)     workloads="--workload spec_4k_92 --workload spec_16k_184" ;;
+    esac
+    mkdir -p "$out/tree_$name"
+    # shellcheck disable=SC2086
+    timeout 570 python3 -m attngen.bench_tree $workloads --out "$out/tree_$name" 2>&1 | grep -v Warning \
+        | tee "$out/tree_$name/tree.log"
+}
 for part in $parts; do
     case $part in
-        tree)  timeout 420 python3 -m attngen.bench_tree --out "$out" 2>&1 | grep -v Warning | tee "$out/tree.log" ;;
+        # the reference cases in two halves of about 250-300 s each (session 56: each case now
+        # compiles FlexAttention afresh at its own shapes), each into its own folder; a device
+        # call allows 600 s, so there give each half a call of its own
+        tree)          bench_half branches; bench_half spec ;;
+        tree-branches) bench_half branches ;;
+        tree-spec)     bench_half spec ;;
         # the GPU suite took 484-531 s on the H200 in sessions 40-41 and more than 575 s on a
         # fresh machine in session 42 (the tree kernels' tests alone: 431 s, warm): a device
         # call allows 600 s, so there it runs in two halves, the Gluon tests (about half the

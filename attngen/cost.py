@@ -215,10 +215,14 @@ LATE = sp.Max(DENSE_TIME, LONGEST_TRITON) + WAITS * sp.Min(DENSE_TIME, LONGEST_T
 #: (128 programs; session 54). (The dense kernel's loads are in its measured clock;
 #: SPREAD's DRAM part is not added.) Zero without dense groups.
 SPLIT = (APART * sp.Min(DG, 1)) * sp.Max(
-    sp.ceiling(DENSE_PROGRAMS / SMS) * DENSE_TIME, LATE, (DENSE_PROGRAMS * DENSE_TIME + SHARE * TRITON_WORK) / SMS
+    sp.ceiling(DENSE_PROGRAMS / SMS) * DENSE_TIME, LATE, (DENSE_PROGRAMS * DENSE_TIME + SHARE * TRITON_WORK) / SMS,
+    evaluate=False,
 )
 #: Stage 1 is bound by the busy SMs or by its longest programs; the merge follows it.
-TIME = sp.Max(SPREAD, WAVES, STREAM, SPLIT) + MERGE + LAUNCHES * LAUNCH
+#: (``evaluate=False`` on the two large maxima: sympy's evaluation compares their
+#: arguments pairwise, 0.3 s of every import, to drop none; it only flattened STREAM's
+#: own Max into this one. The plans and their predicted times are bitwise the same.)
+TIME = sp.Max(SPREAD, WAVES, STREAM, SPLIT, evaluate=False) + MERGE + LAUNCHES * LAUNCH
 
 #: The symbols a plan gives (:class:`PlanStats`), then the head layout's and the machine's.
 _PLAN_ARGS = (C, QG, G, T, RT, W, NW, P, NQ, L, T_branch, T_unique, DG, FO, TD, RTD, WD)
@@ -300,10 +304,20 @@ _FORMULAS: dict[str, sp.Expr] = {
     "branch_kv_bytes": BRANCH_KV_BYTES,
     "floor_bytes": FLOOR_BYTES,
 }
-_COMPILED: dict[str, _Compiled] = {name: _compile(expr) for name, expr in _FORMULAS.items()}
-#: Every formula at once on python scalars (one concrete plan): plain arithmetic, with
-#: Piecewise as conditional expressions, in a fraction of the numpy calls' time.
-_ALL_SCALAR: Callable[..., list[float]] = sp.lambdify(_ARGS, list(_FORMULAS.values()), modules="math")
+
+
+@functools.cache
+def _compiled(name: str) -> _Compiled:
+    """Formula ``name``, compiled on first use: importing this module compiles nothing (a
+    command that plans nothing pays nothing), and a planner compiles ``time_s`` alone."""
+    return _compile(_FORMULAS[name])
+
+
+@functools.cache
+def _all_scalar() -> Callable[..., list[float]]:
+    """Every formula at once on python scalars (one concrete plan): plain arithmetic, with
+    Piecewise as conditional expressions, in a fraction of the numpy calls' time."""
+    return sp.lambdify(_ARGS, list(_FORMULAS.values()), modules="math")
 
 
 @functools.cache
@@ -558,7 +572,7 @@ def _constant_values(layout: HeadLayout, machine: Machine) -> tuple[object, ...]
 def _constants(name: str, layout: HeadLayout, machine: Machine) -> list[float]:
     """The hoisted constants of formula ``name`` (see :func:`_hoisted`) for one layout and
     machine."""
-    return _COMPILED[name].constants(*_constant_values(layout, machine))
+    return _compiled(name).constants(*_constant_values(layout, machine))
 
 
 #: Up to this many candidates, :func:`evaluate` takes them one by one in plain arithmetic:
@@ -571,7 +585,7 @@ SCALAR_UP_TO = 8
 def evaluate(name: str, stats: PlanStats, layout: HeadLayout, machine: Machine) -> np.ndarray:
     """One compiled formula (``time_s``, ``total_bytes``, ...) at ``stats``, an array of
     the candidates' broadcast shape."""
-    compiled, values, constants = _COMPILED[name], _plan_values(stats), _constants(name, layout, machine)
+    compiled, values, constants = _compiled(name), _plan_values(stats), _constants(name, layout, machine)
     arrays = [v for v in values if isinstance(v, np.ndarray)]
     shape = np.broadcast(*arrays).shape if arrays else ()
     if math.prod(shape) > SCALAR_UP_TO:
@@ -596,7 +610,7 @@ def _column(value: object, shape: tuple[int, ...]) -> list:
 def plan_cost(stats: PlanStats, layout: HeadLayout, machine: Machine | None = None) -> PlanCost:
     """Every formula at one concrete plan."""
     machine = machine or Machine()
-    values = _ALL_SCALAR(*_plan_values(stats), *_constant_values(layout, machine))
+    values = _all_scalar()(*_plan_values(stats), *_constant_values(layout, machine))
     value = {name: float(v) for name, v in zip(_FORMULAS, values, strict=True)}
     launches = int(value.pop("launches"))
     return PlanCost(launches=launches, **value)

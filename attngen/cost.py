@@ -3,8 +3,9 @@
 The formulas describe one launch of the two-stage tree kernel over a plan: stage 1
 reads each group's KV chunk once for all its queries and all query heads of a KV head
 (GQA), writes one fp32 partial (O and LSE) per (group, query slot, head); stage 2 reads
-the partials back and merges them per query. They are compiled once at import
-(``sympy.lambdify`` over numpy), so evaluating many candidate plans is a vectorized call.
+the partials back and merges them per query. Each is compiled once, on first use
+(``sympy.lambdify`` over numpy, and over Python numbers for a few candidates), so
+evaluating many candidate plans is a vectorized call.
 
 Symbols (all plain sympy Symbols, positive):
 

@@ -403,6 +403,27 @@ def save_rows(rows: list[TreeRow], out: Path) -> None:
     write_atomic(out / "tree_results.json", json.dumps(data, indent=1))
 
 
+def load_rows(path: Path) -> list[TreeRow]:
+    """The rows :func:`save_rows` wrote to ``path`` (a tree_results.json)."""
+    try:
+        data = json.loads(path.read_text())
+        derived = {"ratio", "best_peer_us"}  # properties, saved for readers of the file
+        return [TreeRow(**{k: v for k, v in row.items() if k not in derived}) for row in data]
+    except (OSError, ValueError, TypeError) as err:
+        raise AttngenError(f"{path}: not a tree_results.json that bench_tree wrote ({err})") from err
+
+
+def _write_outputs(rows: list[TreeRow], out: Path | None) -> None:
+    """The table on stdout; with ``out``, tree_results.json and tree_plot.png there."""
+    print(format_table(rows))
+    if out:
+        save_rows(rows, out)
+        try:
+            plot(rows, out / "tree_plot.png")
+        except AttngenError as err:  # no matplotlib: the table and the JSON are written
+            print(f"bench_tree: no tree_plot.png ({err})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m attngen.bench_tree", description=__doc__.splitlines()[0])
     parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
@@ -412,7 +433,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peers", action="store_true", help="time attngen only (quick)")
     parser.add_argument("--cold-l2", action="store_true",
                         help="overwrite L2 before every timed replay (KV from DRAM, as between layers)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="no GPU: join the rows of tree_results.json files (runs cut into parts, "
+                             "as scripts/gpu_session.sh does) into one table, and into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        try:
+            rows = [row for path in args.merge for row in load_rows(path)]
+        except AttngenError as err:
+            print(f"bench_tree: {err}", file=sys.stderr)
+            return 2
+        _write_outputs(rows, args.out)
+        return 0
     import torch
 
     if not torch.cuda.is_available():
@@ -435,12 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.step(f"{name}/{layout}")
     print(f"GPU {rates.gpu}, torch {rates.torch_version}, triton {rates.triton_version}, "
           f"bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s")
-    print(format_table(rows))
-    if args.out:
-        try:
-            plot(rows, args.out / "tree_plot.png")
-        except AttngenError as err:  # no matplotlib: the table and the JSON are written
-            print(f"bench_tree: no tree_plot.png ({err})", file=sys.stderr)
+    _write_outputs(rows, args.out)
     return 0 if all(math.isfinite(r.rel_err) and r.rel_err < 2e-2 for r in rows) else 1
 
 

@@ -32,8 +32,12 @@ for part in $parts; do
     case $part in
         # the reference cases in two halves of about 250-300 s each (session 56: each case now
         # compiles FlexAttention afresh at its own shapes), each into its own folder; a device
-        # call allows 600 s, so there give each half a call of its own
-        tree)          bench_half branches; bench_half spec ;;
+        # call allows 600 s, so there give each half a call of its own, and join them after:
+        # python -m attngen.bench_tree --merge DIR/tree_branches/tree_results.json
+        #     DIR/tree_spec/tree_results.json --out DIR/tree   (no GPU needed)
+        tree)          bench_half branches; bench_half spec
+                       python3 -m attngen.bench_tree --merge "$out"/tree_{branches,spec}/tree_results.json \
+                           --out "$out/tree" ;;
         tree-branches) bench_half branches ;;
         tree-spec)     bench_half spec ;;
         # the GPU suite took 484-531 s on the H200 in sessions 40-41 and more than 575 s on a

@@ -161,3 +161,22 @@ def test_flex_keeps_the_faster_kernel_under_128_queries() -> None:
         bench_tree._flex_us(run, 92, timed)
     timed, asked = timer({"default": 1561.3, "attention": 1.0})
     assert bench_tree._flex_us(run, bench_tree.FLEX_DECODING_BELOW, timed) == 1561.3 and asked == ["default"]
+
+
+def test_merge_joins_the_parts_of_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--merge (no GPU) joins tree_results.json files that runs cut into parts wrote: the
+    rows read back equal the rows saved, in order, into one JSON (and a plot where
+    matplotlib is installed); a file bench_tree did not write is refused by name."""
+    first, second, out = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    rows = [_row(), _row(layout="gqa", floor_us=11.5, attngen_us=23.0, flex_us=None),
+            _row(workload="spec_4k_92", n_queries=92, replan_ms=None, triton_only_us=30.8)]
+    bench_tree.save_rows(rows[:2], first)
+    bench_tree.save_rows(rows[2:], second)
+    assert bench_tree.load_rows(first / "tree_results.json") == rows[:2]
+    argv = ["--merge", str(first / "tree_results.json"), str(second / "tree_results.json"), "--out", str(out)]
+    assert bench_tree.main(argv) == 0
+    assert bench_tree.load_rows(out / "tree_results.json") == rows
+    assert "spec_4k_92" in capsys.readouterr().out
+    (tmp_path / "other.json").write_text('[{"workload": "x"}]')
+    assert bench_tree.main(["--merge", str(tmp_path / "other.json")]) == 2
+    assert "other.json: not a tree_results.json" in capsys.readouterr().err

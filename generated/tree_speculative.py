@@ -150,18 +150,23 @@ def _launch_tile(kernel, grid, args, consts, c, tile):
     hold (Triton's OutOfResources: its shared memory, most often), or one this Triton's
     ptxas fails on (PTXASError: ptxas 12.8 crashed on some prefill tiles, BENCHMARKS.md
     session 52), is the caller's choice, so it is reported as one, by name."""
-    shown = ", ".join(f"{key}={c[key]}" for key in (*tile, "num_warps", "num_stages"))
     try:
         kernel[grid](*args, **consts, **{key.upper(): c[key] for key in tile},
                      num_warps=c["num_warps"], num_stages=c["num_stages"])
     except OutOfResources as err:
-        raise LaunchError(f"tree_speculative: config ({shown}) needs more {err.name} than this GPU has "
-                          f"({err.required} against {err.limit}): use a smaller {', '.join(tile)} "
+        raise LaunchError(f"tree_speculative: config ({_config_text(c, tile)}) needs more {err.name} than this GPU "
+                          f"has ({err.required} against {err.limit}): use a smaller {', '.join(tile)} "
                           "or num_stages") from None
     except PTXASError as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise LaunchError(f"tree_speculative: ptxas could not compile config ({shown}) ({first}): use another "
-                          "tile, or give no tile and the autotuner, which skips such tiles, chooses") from None
+        raise LaunchError(f"tree_speculative: ptxas could not compile config ({_config_text(c, tile)}) ({first}): "
+                          "use another tile, or give no tile and the autotuner, which skips such tiles, "
+                          "chooses") from None
+
+
+def _config_text(c, tile):
+    """A caller's config as an error names it (only when a launch fails: not per launch)."""
+    return ", ".join(f"{key}={c[key]}" for key in (*tile, "num_warps", "num_stages"))
 
 
 def _bucket(n):

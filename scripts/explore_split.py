@@ -39,7 +39,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from explore_stream import GluonDescriptor, _stream_kernel, gl
+from explore_stream import GluonDescriptor, _stream_kernel, gl, graph_us, merge_partials
 
 import attngen
 from attngen.bench_tree import LAYOUTS, tree_spec
@@ -61,12 +61,6 @@ def selected(keys) -> list[tuple[str, str, str]]:
     names (e.g. "spec_8k_248 mha,spec_8k_248 gqa"), or of every one."""
     only = os.environ.get("EXPLORE_CASES")
     return [(key, *key.split()) for key in keys if not only or key in only.split(",")]
-
-
-def graph_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median")) * 1e3
 
 
 def interleaved(fns: dict, rounds: int = 3) -> dict[str, float]:
@@ -159,9 +153,7 @@ def split_call(module, q, k, v, plan, n_sms: int, wgs: int, *, dense: bool = Tru
         with torch.cuda.stream(side):
             stream()
         main.wait_stream(side)
-        module._tree_merge_kernel[(q.shape[0], hq // module.MERGE_HEADS)](
-            o_part, lse_part, out, lse_part, t["merge_ptr"], out.stride(0), out.stride(1),
-            HB=module.MERGE_HEADS, D_V=D, RETURN_LSE=False)
+        merge_partials(module, o_part, lse_part, out, t["merge_ptr"])
         return out
 
     return call

@@ -290,6 +290,13 @@ def stream_schedule(plan, heads_kv: int, group: int, n_prog: int, block_n: int, 
                 n_pieces=n_pieces, n_prog=n_prog, busiest_over_mean=max(loads) / (sum(loads) / len(loads)))
 
 
+def merge_partials(module, o_part, lse_part, out, merge_ptr) -> None:
+    """The module's merge kernel over the partials, as its attention() launches it (no LSE)."""
+    module._tree_merge_kernel[(out.shape[0], out.shape[1] // module.MERGE_HEADS)](
+        o_part, lse_part, out, lse_part, merge_ptr, out.stride(0), out.stride(1),
+        HB=module.MERGE_HEADS, D_V=D, RETURN_LSE=False)
+
+
 def stream_call(module, q, k, v, sched, qg, group, block_n, stages, per_sm, merge=True):
     """Stage 1 in the persistent programs, then the module's merge; returns out."""
     hq = q.shape[1]
@@ -307,9 +314,7 @@ def stream_call(module, q, k, v, sched, qg, group, block_n, stages, per_sm, merg
             sched["item_start"], sched["item_len"], sched["piece_q"], sched["piece_row"],
             q.stride(0), q.stride(1), qg, NS=stages, GROUP=group, HEADS_Q=hq, WGS=per_sm, num_warps=4)
         if merge:
-            module._tree_merge_kernel[(q.shape[0], hq // module.MERGE_HEADS)](
-                o_part, lse_part, out, lse_part, sched["merge_ptr"], out.stride(0), out.stride(1),
-                HB=module.MERGE_HEADS, D_V=D, RETURN_LSE=False)
+            merge_partials(module, o_part, lse_part, out, sched["merge_ptr"])
         return out
 
     return call

@@ -111,12 +111,12 @@ def _chunk_stats(
     n_full = count // qg
     rest = count - n_full * qg
     per_qg = n_full + (rest > 0)  # groups per chunk [QG, counts]
-    rows = n_full * heads.tile_rows(qg, qg) + (rest > 0) * heads.tile_rows(rest, qg)
+    full_rows, rest_rows = heads.tile_rows(qg, qg), heads.tile_rows(rest, qg)
+    rows = n_full * full_rows + (rest > 0) * rest_rows
     # groups tall enough to be dense, taken as full: whether they are is not known here,
     # so this is an upper bound (the QG and span choice that follows is exact)
     full_dense, rest_dense = _dense(qg * heads.group, True, 1), _dense(rest * heads.group, True, 1)
     tall = n_full * full_dense + rest_dense
-    full_rows, rest_rows = heads.tile_rows(qg, qg), heads.tile_rows(rest, qg)
     tall_rows = n_full * full_dense * full_rows + rest_dense * rest_rows
     # stage-1 programs per chunk (per KV head), and those of the Triton kernel: all, or
     # all but the dense ones where the machine runs those apart

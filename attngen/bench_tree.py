@@ -30,12 +30,12 @@ from typing import Any
 
 from attngen.bench import measure_rates
 from attngen.errors import AttngenError
+from attngen.paging import node_paged_cache
 from attngen.plan import plan_tree
 from attngen.plotting import pyplot
 from attngen.progress import Progress
 from attngen.render import write_atomic
 from attngen.spec import Spec, parse_spec, torch_dtype
-from attngen.tree import node_paged_cache
 from attngen.workloads import REFERENCE_SHAPES, WORKLOADS, Workload
 
 LAYOUTS = {"mha": (32, 32), "gqa": (32, 8)}

@@ -31,17 +31,16 @@ from attngen.check import (
     tensor_values,
 )
 from attngen.cost import HeadLayout
-from attngen.reference import tree_reference
-from attngen.spec import Spec, torch_dtype
-from attngen.tree import (
-    QueryMode,
-    TreeBatch,
+from attngen.paging import (
     make_node_pages,
     make_page_table,
     node_page_slots,
     pages_needed,
     physical_slots,
 )
+from attngen.reference import tree_reference
+from attngen.spec import Spec, torch_dtype
+from attngen.tree import QueryMode, TreeBatch
 
 #: Node token counts biased to the edges: empty, one token, around a 16/32 tile.
 EDGE_TOKENS = (0, 1, 1, 2, 3, 15, 16, 17, 31, 33)

@@ -1119,7 +1119,7 @@ def attention(q, k_cache, v_cache, plan, *, page_table=None, slots=None, return_
     ``k_cache`` / ``v_cache`` are paged ``[num_pages, 16, 8, 128 / 128]``, all bf16, and
     either ``page_table`` (int32) maps page ``L // 16`` of the flattened tree KV to a cache page, or
     ``slots`` (int32) maps each flattened token ``L`` to its cache slot ``page * 16 + offset`` (for a
-    cache whose pages belong to nodes: ``attngen.tree.node_page_slots``).
+    cache whose pages belong to nodes: ``attngen.paging.node_page_slots``).
 
     Two launches (stage 1 partials, stage 2 log-sum-exp merge in plan order), or one when
     an attngen Plan has exactly one partial per query (stage 1 then writes the output).

@@ -2,7 +2,7 @@
 groups in the Gluon kernel, by TMA; and with gluon off, all in Triton) against a paged
 module read through a page table over the flattened order (pages of 16 shuffled; pages
 of 64 shuffled) and through slots into pages of 16 that each node owns
-(attngen.tree.node_page_slots): with its dense groups in the Gluon kernel (TMA boxes
+(attngen.paging.node_page_slots): with its dense groups in the Gluon kernel (TMA boxes
 where a tile's slots run on, cp.async where not), and with gluon off. CUDA-graph replays,
 medians, µs; every output is compared with the contiguous one.
 
@@ -24,9 +24,9 @@ import torch
 import attngen
 from attngen.bench_tree import _graph_time_us
 from attngen.cost import HeadLayout
+from attngen.paging import node_paged_cache, table_paged_cache
 from attngen.plan import plan_tree
 from attngen.spec import Spec, parse_spec
-from attngen.tree import node_paged_cache, table_paged_cache
 from attngen.workloads import WORKLOADS
 
 PAGE = 16

@@ -13,8 +13,8 @@ import torch
 from attngen import bench_tree
 from attngen.cost import HeadLayout
 from attngen.errors import AttngenError
+from attngen.paging import node_paged_cache
 from attngen.spec import load_spec
-from attngen.tree import node_paged_cache
 from attngen.workloads import WORKLOADS
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"

@@ -25,17 +25,12 @@ from hypothesis import strategies as st
 
 from attngen.cost import HeadLayout, Machine
 from attngen.errors import LaunchError, SpecError
+from attngen.paging import node_page_slots, node_paged_cache, physical_slots, table_paged_cache
 from attngen.plan import FOLD_ALIGN, PlanBuffers, plan_into, plan_tree
 from attngen.reference import Reference, tree_reference
 from attngen.runtime import load
 from attngen.spec import Spec, parse_spec
-from attngen.tree import (
-    TreeBatch,
-    node_page_slots,
-    node_paged_cache,
-    physical_slots,
-    table_paged_cache,
-)
+from attngen.tree import TreeBatch
 from attngen.tree_ir import lower_tree
 from attngen.workloads import speculative
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from attngen.bench import measure_rates
 from attngen.errors import AttngenError
@@ -45,6 +45,7 @@ PEER_AGREEMENT = 2e-2
 #: Inductor runs FlexAttention with its flex-decoding kernel under this many queries.
 FLEX_DECODING_BELOW = 128
 HEAD_DIM = 128
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,9 @@ class TreeRow:
     #: the Gluon stage 1 ran (Hopper)
     triton_only_us: float | None = None
     cold_l2: bool = False  # every replay timed after L2 was overwritten
+    #: FlexAttention's kernel that ``flex_us`` timed ("decoding" or "flex_attention";
+    #: :func:`_flex_us`), "" where it did not run or in files written before session 57
+    flex_kernel: str = ""
 
     @property
     def ratio(self) -> float:
@@ -130,16 +134,16 @@ def _checked_peer_us(run: Callable[[], Any], to_rows: Callable[[Any], Any], out:
     return _graph_time_us(run, cold)
 
 
-def _flex_us(run: Callable[[Any], Any], n_q: int, timed: Callable[[Callable[[], Any]], float]) -> float:
-    """FlexAttention's time: ``run(kernel_options)`` timed by ``timed``. From
-    :data:`FLEX_DECODING_BELOW` queries Inductor runs its flex_attention kernel. Under it,
-    Inductor picks its flex-decoding kernel, which splits the KV, but the flex_attention
-    kernel can be the faster one there (spec_4k_92 GQA: 141 against ~1690 us), so a user
-    would pick it: both are timed and the faster kept. In torch 2.11 the decoding kernel
-    also finds no tile for short GQA query counts (92 queries x 4 heads:
-    pytorch/pytorch#185349); it is then left out."""
+def _flex_us(run: Callable[[Any], Any], n_q: int, timed: Callable[[Callable[[], Any]], float]) -> tuple[float, str]:
+    """FlexAttention's time and the kernel it came from ("decoding" or "flex_attention"):
+    ``run(kernel_options)`` timed by ``timed``. From :data:`FLEX_DECODING_BELOW` queries
+    Inductor runs its flex_attention kernel. Under it, Inductor picks its flex-decoding
+    kernel, which splits the KV, but the flex_attention kernel can be the faster one there
+    (spec_4k_92 GQA: 141 against ~1690 us), so a user would pick it: both are timed and
+    the faster kept. In torch 2.11 the decoding kernel also finds no tile for short GQA
+    query counts (92 queries x 4 heads: pytorch/pytorch#185349); it is then left out."""
     if n_q >= FLEX_DECODING_BELOW:
-        return timed(lambda: run(None))
+        return timed(lambda: run(None)), "flex_attention"
     try:
         decoding: float | None = timed(lambda: run(None))
     except Exception as err:
@@ -150,10 +154,12 @@ def _flex_us(run: Callable[[Any], Any], n_q: int, timed: Callable[[Callable[[], 
     attention = timed(lambda: run({"FORCE_USE_FLEX_ATTENTION": True}))
     print(f"  flex: decoding kernel {'n/a' if decoding is None else f'{decoding:.1f}'} us, "
           f"flex_attention kernel {attention:.1f} us", file=sys.stderr)
-    return attention if decoding is None else min(decoding, attention)
+    if decoding is not None and decoding <= attention:
+        return decoding, "decoding"
+    return attention, "flex_attention"
 
 
-def _try(fn: Callable[[], float], what: str) -> float | None:
+def _try(fn: Callable[[], T], what: str) -> T | None:
     try:
         return fn()
     except Exception as err:  # a peer that cannot run this case is reported, not fatal
@@ -284,7 +290,7 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
     def dense() -> float:
         return peer(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=visible, enable_gqa=True))
 
-    def flex() -> float:
+    def flex() -> tuple[float, str]:
         def ancestor(b: Any, h: Any, qi: Any, ki: Any) -> Any:
             return visible[qi, ki]
 
@@ -313,10 +319,12 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
     unique_bytes = (n_kv * heads_kv * (d_qk + d_v) + n_q * heads_q * (d_qk + d_v)) * size
     flops = float(visible.sum()) * heads_q * 2 * (d_qk + d_v)
     floor_us = max(unique_bytes / bandwidth, flops / matmul_rate) * 1e6
+    flex_us, flex_kernel = (_try(flex, "flex") if peers else None) or (None, "")
     return TreeRow(
         workload=name, layout=layout_name(spec), n_queries=n_q, n_kv=n_kv, floor_us=floor_us,
         attngen_us=t_ours,
-        flex_us=_try(flex, "flex") if peers else None,
+        flex_us=flex_us,
+        flex_kernel=flex_kernel,
         sdpa_dense_us=_try(dense, "sdpa_dense") if peers else None,
         per_branch_us=_try(per_branch, "per_branch") if peers else None,
         plan_ms=plan_ms, replan_ms=replan_ms,
@@ -360,7 +368,8 @@ def format_table(rows: list[TreeRow]) -> str:
                      f"{f(r.triton_only_us)} {f(r.flex_us)} {f(r.sdpa_dense_us)} {f(r.per_branch_us)} {speedup} "
                      f"{r.plan_ms:7.2f} {r.rel_err:8.1e}")
     lines.append("")
-    lines += [f"{r.workload:16} {r.layout:5} plan: {r.plan}; autotuner: {r.config or 'n/a'}" for r in rows]
+    lines += [f"{r.workload:16} {r.layout:5} plan: {r.plan}; autotuner: {r.config or 'n/a'}"
+              + (f"; flex: {r.flex_kernel} kernel" if r.flex_kernel else "") for r in rows]
     return "\n".join(lines)
 
 

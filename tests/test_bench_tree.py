@@ -79,12 +79,12 @@ def test_results_are_saved_after_every_case(tmp_path: Path) -> None:
 
 
 def test_table_reports_ratio_and_best_peer() -> None:
-    row = _row()
+    row = _row(flex_kernel="decoding")
     assert row.ratio == pytest.approx(1.5)
     assert row.best_peer_us == 101.0
     table = bench_tree.format_table([row])
     assert "fewshot_4k_x20" in table and "1.50x" in table and "n/a" in table
-    assert "plan: chunk 512, QG 32, span 2048; autotuner: block_n 64, 4 warps, 3 stages" in table
+    assert "plan: chunk 512, QG 32, span 2048; autotuner: block_n 64, 4 warps, 3 stages; flex: decoding kernel" in table
 
 
 def test_plot_draws_every_case(tmp_path: Path) -> None:
@@ -150,17 +150,17 @@ def test_flex_keeps_the_faster_kernel_under_128_queries() -> None:
         return "attention" if options == {"FORCE_USE_FLEX_ATTENTION": True} else "default"
 
     timed, asked = timer({"default": 106.5, "attention": 383.2})
-    assert bench_tree._flex_us(run, 20, timed) == 106.5 and asked == ["default", "attention"]
+    assert bench_tree._flex_us(run, 20, timed) == (106.5, "decoding") and asked == ["default", "attention"]
     timed, asked = timer({"default": 1554.7, "attention": 384.2})
-    assert bench_tree._flex_us(run, 20, timed) == 384.2
+    assert bench_tree._flex_us(run, 20, timed) == (384.2, "flex_attention")
     no_tile = RuntimeError("LoweringException: NoValidChoicesError: No choices to select")
     timed, asked = timer({"default": no_tile, "attention": 339.3})
-    assert bench_tree._flex_us(run, 92, timed) == 339.3 and asked == ["default", "attention"]
+    assert bench_tree._flex_us(run, 92, timed) == (339.3, "flex_attention") and asked == ["default", "attention"]
     timed, asked = timer({"default": RuntimeError("out of resources"), "attention": 1.0})
     with pytest.raises(RuntimeError, match="out of resources"):
         bench_tree._flex_us(run, 92, timed)
     timed, asked = timer({"default": 1561.3, "attention": 1.0})
-    assert bench_tree._flex_us(run, bench_tree.FLEX_DECODING_BELOW, timed) == 1561.3 and asked == ["default"]
+    assert bench_tree._flex_us(run, bench_tree.FLEX_DECODING_BELOW, timed) == (1561.3, "flex_attention") and asked == ["default"]
 
 
 def test_merge_joins_the_parts_of_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -180,3 +180,9 @@ def test_merge_joins_the_parts_of_a_run(tmp_path: Path, capsys: pytest.CaptureFi
     (tmp_path / "other.json").write_text('[{"workload": "x"}]')
     assert bench_tree.main(["--merge", str(tmp_path / "other.json")]) == 2
     assert "other.json: not a tree_results.json" in capsys.readouterr().err
+    # a file written before rows said which FlexAttention kernel ran (sessions 55-56) loads
+    older = json.loads((first / "tree_results.json").read_text())
+    for row in older:
+        del row["flex_kernel"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert bench_tree.load_rows(tmp_path / "older.json") == rows[:2]

@@ -361,7 +361,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     times = []
     for _ in range(6):  # the first call pays one-time set-up; a decode loop pays the rest
         started = time.perf_counter()
-        plan = planner.plan_tree(tree, chunk=args.chunk, heads=heads)
+        plan = planner.plan_tree(tree, chunk=args.chunk, queries_per_group=args.queries_per_group,
+                                 span=args.span, heads=heads)
         times.append(time.perf_counter() - started)
     print(plan_show.describe(plan))
     print(f"planned in {statistics.median(times[1:]) * 1e3:.2f} ms on the host (median of 5 calls "
@@ -507,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads-kv", type=int, default=32, help="KV heads, dividing --heads-q (default 32)")
     p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
     p.add_argument("--chunk", type=int, default=None, help="KV chunk size (default: the cost model's choice)")
+    p.add_argument("--queries-per-group", type=int, default=None, metavar="QG",
+                   help="queries per group, a power of two (default: the cost model's choice)")
+    p.add_argument("--span", type=int, default=None,
+                   help="tokens a group of a long node's fully visible chunks may hold "
+                        "(default: the cost model's choice)")
     p.add_argument("--dot", metavar="FILE", help="write the plan as Graphviz DOT")
     p.add_argument("--png", metavar="FILE", help="draw the tree and its groups")
     p.set_defaults(run=cmd_plan)

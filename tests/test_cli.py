@@ -251,12 +251,31 @@ def test_plan_from_parents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         (["fewshot_4k_x20", "--queries", "1"], "(--queries), not both"),
         (["--tokens", "3,3"], "needs both --parents and --tokens"),
         (["--parents", "-1,0", "--mode", "token"], "needs both --parents and --tokens"),
+        (["fewshot_4k_x20", "--queries-per-group", "3"], "queries_per_group 3 must be a power of two"),
+        (["fewshot_4k_x20", "--span", "0"], "span 0 must be a positive number of tokens"),
+        (["fewshot_4k_x20", "--chunk", "100"], "chunk 100 must be a positive multiple of 32"),
     ],
 )
 def test_plan_bad_arguments_are_exit_2(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
     pytest.importorskip("attngen.plan")
     code, _, err = run(capsys, "plan", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_plan_at_given_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    """--chunk, --queries-per-group and --span fix the plan's parameters (those not given
+    are the cost model's), so that plans can be compared by their prediction."""
+    pytest.importorskip("attngen.plan")
+    code, chosen, err = run(capsys, "plan", "fewshot_4k_x20", "--heads-kv", "8")
+    assert code == 0, err
+    assert "plan: chunk 512, 16 queries/group, span 768," in chosen
+    code, given, err = run(capsys, "plan", "fewshot_4k_x20", "--heads-kv", "8", "--chunk", "256",
+                           "--queries-per-group", "32", "--span", "2048")
+    assert code == 0, err
+    assert "plan: chunk 256, 32 queries/group, span 2048," in given
+    code, qg_only, err = run(capsys, "plan", "fewshot_4k_x20", "--heads-kv", "8", "--queries-per-group", "4")
+    assert code == 0, err
+    assert "4 queries/group" in qg_only
 
 
 def test_missing_matplotlib_is_named_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -406,8 +406,11 @@ class Machine:
     merge kernel became 3-5x faster (session 6): the planner's choice loses 2.8% on
     average (6.3% at worst, fewshot_32k_x64 GQA) against the best measured plan of the
     ten workload x head layout cases; the previous constants lost 6.4% (15.2%) on the
-    same sweep. The fit weighs the choice over absolute time: predicted times run ~25%
-    under the measured ones.
+    same sweep. The fit weighs the choice over absolute time: on the ten reference cases
+    the H200 measured 0.90-1.67x the predicted times (session 57), furthest on the
+    memory-bound MHA ones (fewshot_4k_x20, tot_d3_w3), whose predictions fall under their
+    floor. ``TIME`` has no term of the unique bytes over ``bandwidth``: one ties those
+    cases' candidates and changed 11 of the 22 workload cases' choices (session 57).
     """
 
     bandwidth: float = 4.25e12  # device copy, read + write, measured on an H200

@@ -187,13 +187,13 @@ def _chunk_candidates(
     qgs = np.asarray(heads.queries_per_group_choices() if qg is None else [qg], dtype=np.int64)
     stats = _chunk_stats(tree, _Sight.of(tree, nodes), places, qgs, heads, machine)
     times = evaluate("time_s", stats, heads, machine)  # [chunkings, QG]
+    at = times.argmin(axis=1)  # each chunking's best QG (the first of equal times)
     first = int(np.argmin(times)) // len(qgs)  # the first minimum's chunking
     order = [first]
     if neighbours and machine.dense_apart:
-        at = times.argmin(axis=1)  # each chunking's best QG
-        dense = np.asarray(stats.dense_groups)[np.arange(len(places)), at] > 0  # [chunkings, QG] like times
+        dense = np.asarray(stats.dense_groups)[np.arange(len(places)), at] > 0  # [chunkings], at their best QG
         order += [c for c in (first + 1, first - 1) if 0 <= c < len(places) and dense[c]]
-    return [(_pieces(nodes, places[c]), int(qgs[times[c].argmin()])) for c in order]
+    return [(_pieces(nodes, places[c]), int(qgs[at[c]])) for c in order]
 
 
 #: How much faster than the first chunking's best plan a neighbouring chunking's must be

@@ -358,17 +358,18 @@ def format_table(rows: list[TreeRow]) -> str:
     def f(x: float | None) -> str:
         return f"{x:9.1f}" if x is not None else "      n/a"
 
-    head = (f"{'workload':16} {'heads':5} {'floor':>9} {'attngen':>9} {'x floor':>7} {'triton':>9} {'flex':>9} "
+    w = max([16, *(len(r.workload) for r in rows)])  # shared_prefix_32k_x64 is 21
+    head = (f"{'workload':{w}} {'heads':5} {'floor':>9} {'attngen':>9} {'x floor':>7} {'triton':>9} {'flex':>9} "
             f"{'sdpa':>9} {'branch':>9} {'vs best':>7} {'plan ms':>7} {'err':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         best = r.best_peer_us
         speedup = f"{best / r.attngen_us:6.2f}x" if best else "    n/a"
-        lines.append(f"{r.workload:16} {r.layout:5} {f(r.floor_us)} {f(r.attngen_us)} {r.ratio:6.2f}x "
+        lines.append(f"{r.workload:{w}} {r.layout:5} {f(r.floor_us)} {f(r.attngen_us)} {r.ratio:6.2f}x "
                      f"{f(r.triton_only_us)} {f(r.flex_us)} {f(r.sdpa_dense_us)} {f(r.per_branch_us)} {speedup} "
                      f"{r.plan_ms:7.2f} {r.rel_err:8.1e}")
     lines.append("")
-    lines += [f"{r.workload:16} {r.layout:5} plan: {r.plan}; autotuner: {r.config or 'n/a'}"
+    lines += [f"{r.workload:{w}} {r.layout:5} plan: {r.plan}; autotuner: {r.config or 'n/a'}"
               + (f"; flex: {r.flex_kernel} kernel" if r.flex_kernel else "") for r in rows]
     return "\n".join(lines)
 

@@ -87,6 +87,16 @@ def test_table_reports_ratio_and_best_peer() -> None:
     assert "plan: chunk 512, QG 32, span 2048; autotuner: block_n 64, 4 warps, 3 stages; flex: decoding kernel" in table
 
 
+def test_table_columns_stay_aligned_for_a_long_workload_name() -> None:
+    """shared_prefix_32k_x64 (21 characters) pushed its row right of the header."""
+    rows = [_row(), _row(workload="shared_prefix_32k_x64", layout="gqa")]
+    head, _, first, second = bench_tree.format_table(rows).splitlines()[:4]
+    assert second.startswith("shared_prefix_32k_x64 gqa")
+    assert len(first) == len(second) == len(head)  # each column ends where its header does
+    end = head.index("x floor") + len("x floor")  # right-aligned under its header
+    assert first.index("1.50x") + len("1.50x") == second.index("1.50x") + len("1.50x") == end
+
+
 def test_plot_draws_every_case(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     rows = [_row(), _row(layout="gqa", floor_us=11.5, attngen_us=23.0, flex_us=None, triton_only_us=25.0)]

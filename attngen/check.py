@@ -427,7 +427,7 @@ def judge(base: CaseResult, spec: Spec, attempt: Callable[[dict[str, int] | None
     """Run ``attempt(base.config)`` (launch, then reference) and compare at the spec
     dtype's tolerance; every exception is reported as a failed case. Where ptxas fails on
     the kernel at that config (Triton 3.6's ptxas 12.8 crashed on some configs of prefill
-    kernels with a mask decided per element; session 52, BENCHMARKS.md), the case runs
+    kernels with a mask decided per element; session 52, docs/benchmarks/HISTORY.md), the case runs
     again at the autotuner's choice, and says so: a config that does not compile is no
     wrong answer, and the autotuner, which users call, skips it."""
     result = _judged(base, spec, attempt)

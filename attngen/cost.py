@@ -82,7 +82,7 @@ BLOCK_ROWS = 128
 #: The rows of a tall plan's tile: three 64-row warpgroups share each K/V tile. A plan
 #: of more rows than :data:`BLOCK_ROWS` gets this height (one non-power-of-two QG per
 #: head layout, :meth:`HeadLayout.queries_per_group_choices`): 184 speculative tokens
-#: then fill 96% of one tile instead of 72% of two (session 19, BENCHMARKS.md).
+#: then fill 96% of one tile instead of 72% of two (session 19, docs/benchmarks/HISTORY.md).
 TALL_ROWS = 192
 #: A full group (every slot sees its whole KV range) whose filled rows (slots x query
 #: heads per KV head) fall in ``(DENSE_ROWS[0], DENSE_ROWS[1]]`` is *dense*: pure matrix
@@ -91,7 +91,7 @@ TALL_ROWS = 192
 #: kernel (one warpgroup per 64 rows). Counting groups from 17 rows up as dense was
 #: slower on 4 of the 10 reference cases with one warpgroup idle (session 15), and
 #: slower still with the two warpgroups taking alternate KV tiles (session 17; see
-#: BENCHMARKS.md).
+#: docs/benchmarks/HISTORY.md).
 DENSE_ROWS = (ROW_TIERS[-1], TALL_ROWS)
 
 #: Bytes of K and V per token over all KV heads.
@@ -153,7 +153,7 @@ LONE_TOKEN_TIME = NARROW_SLOWDOWN * 2 * sp.Max(ROWS, R_wg) * (Dqk + Dv) * SMS / 
 #: do, and one just over a wave pays for a second. Counting a tall plan's groups outside
 #: the dense kernel as their two row-block programs: spec_4k_92 GQA at QG 48, span 512
 #: (112 dense programs and 32 Triton ones) ran 35.9 us against 22.1 for the choice, QG
-#: 32 at span 1024 (session 38, BENCHMARKS.md).
+#: 32 at span 1024 (session 38, docs/benchmarks/HISTORY.md).
 WAVES = sp.ceiling(NW * Hkv / (NARROW_SLOTS * SMS)) * (W * LONE_TOKEN_TIME + OVH)
 #: The same programs bound by their loads: one program streams its KV head's bytes at
 #: most PBW (the loads its ring keeps in flight over the loaded latency), PSLOTS programs
@@ -162,7 +162,7 @@ WAVES = sp.ceiling(NW * Hkv / (NARROW_SLOTS * SMS)) * (W * LONE_TOKEN_TIME + OVH
 #: spread over every slot (the bound of list scheduling). A plan whose longest programs
 #: stream twice the bytes of the rest leaves most SMs idle for its second half
 #: (fewshot_4k_x20 GQA: four 1024-token pieces of the prompt per KV head ran 18 us
-#: while the 400-token branches finished by 12; session 22, BENCHMARKS.md). Counting
+#: while the 400-token branches finished by 12; session 22, docs/benchmarks/HISTORY.md). Counting
 #: every program, not only the longest in waves, lets a plan of many short programs win
 #: where it measures faster (tot_d3_w3 GQA at span 512; session 24). A plan of no groups
 #: launches no stage 1 (templates/tree.py.j2), so it has no longest program: Min(NW, 1)
@@ -176,7 +176,7 @@ MERGE = P * Hq * POVH
 #: 1 on Hopper, beside the Triton one on a second stream), cost one more launch and the
 #: streams' fork and join. Without it the model preferred plans of dense groups that
 #: measured slower: tot_d3_w4 GQA at QG 32 (a 1000-token prompt in two 128-row dense
-#: groups) ran 50.3 us against 33.6 at QG 16 (session 25, BENCHMARKS.md). A single
+#: groups) ran 50.3 us against 33.6 at QG 16 (session 25, docs/benchmarks/HISTORY.md). A single
 #: launch (L = 1: no merge) keeps every group in it. A plan that folds the other groups
 #: into the dense ones (``group_fold``) launches the dense kernel alone. The choice of QG
 #: and span does not know folds (FO = 0: counting them there changed no reference choice
@@ -184,7 +184,7 @@ MERGE = P * Hq * POVH
 #: groups are all dense launches no Triton stage 1 (its grid is empty), one launch fewer
 #: than counted here. Counting that (a factor Min(G - DG, 1)) moved spec_4k_92 GQA and
 #: spec_16k_184 GQA to plans that measured 42% and 19% slower (23.0 -> 32.6 us, 92.8 ->
-#: 110.8; session 52, BENCHMARKS.md): a candidate's DG is an upper bound, so candidates
+#: 110.8; session 52, docs/benchmarks/HISTORY.md): a candidate's DG is an upper bound, so candidates
 #: whose groups are not all dense were credited with the launch they still make.
 LAUNCHES = L + DK * sp.Min(DG, 1) * (L - 1) * (1 - FO)
 #: The dense kernel's programs (one per dense group and KV head) each take a whole SM:
@@ -197,7 +197,7 @@ DENSE_PROGRAMS = DG * Hkv
 #: cap here, so fewer busy SMs clock higher: the same dense work took 65.8 / 70.3 / 76.3 /
 #: 83.4 / 99.0 us on 128 / 112 / 96 / 80 / 64 programs, about (busy / SMS)^POWER per
 #: token with POWER ~0.4, where a fixed clock would give 65.8 / 75 / 88 / 105 / 132
-#: (session 54, BENCHMARKS.md).
+#: (session 54, docs/benchmarks/HISTORY.md).
 DENSE_TOKEN_TIME = 2 * RTD / sp.Max(TD, 1) * (Dqk + Dv) * SMS / RATE
 DENSE_TIME = WD * DENSE_TOKEN_TIME * (sp.Min(DENSE_PROGRAMS, SMS) / SMS) ** POWER + DOVH
 #: The Triton stage's longest program, alone on an SM: bound by its matrix work or its

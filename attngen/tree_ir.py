@@ -105,7 +105,7 @@ class TreeKernelIR(ModuleIR):
         """Query heads one merge program combines: the largest power of two up to 8 that
         divides the head count (their partial rows are contiguous). One partial per step:
         on an H200, 8 heads x 1 partial merged 3-5x faster than 8 x 2 and 1.4-2.6x faster
-        still than 8 x 4 to 8 x 16 (BENCHMARKS.md)."""
+        still than 8 x 4 to 8 x 16 (docs/benchmarks/HISTORY.md)."""
         return min(8, self.heads_q & -self.heads_q)
 
     @property

@@ -151,7 +151,7 @@ def _launch_tile(kernel, grid, args, consts, c, tile):
     """``kernel`` on the caller's config ``c``, past the autotuner; ``tile`` names the keys
     of ``c`` the kernel takes as constants (block_n -> BLOCK_N). A tile this GPU cannot
     hold (Triton's OutOfResources: its shared memory, most often), or one this Triton's
-    ptxas fails on (PTXASError: ptxas 12.8 crashed on some prefill tiles, BENCHMARKS.md
+    ptxas fails on (PTXASError: ptxas 12.8 crashed on some prefill tiles, docs/benchmarks/HISTORY.md
     session 52), is the caller's choice, so it is reported as one, by name."""
     try:
         kernel[grid](*args, **consts, **{key.upper(): c[key] for key in tile},

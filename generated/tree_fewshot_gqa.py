@@ -148,7 +148,7 @@ def _launch_tile(kernel, grid, args, consts, c, tile):
     """``kernel`` on the caller's config ``c``, past the autotuner; ``tile`` names the keys
     of ``c`` the kernel takes as constants (block_n -> BLOCK_N). A tile this GPU cannot
     hold (Triton's OutOfResources: its shared memory, most often), or one this Triton's
-    ptxas fails on (PTXASError: ptxas 12.8 crashed on some prefill tiles, BENCHMARKS.md
+    ptxas fails on (PTXASError: ptxas 12.8 crashed on some prefill tiles, docs/benchmarks/HISTORY.md
     session 52), is the caller's choice, so it is reported as one, by name."""
     try:
         kernel[grid](*args, **consts, **{key.upper(): c[key] for key in tile},
@@ -553,7 +553,7 @@ def _gluon_step(q, k_smem, v_smem, ready, empty, s_zero, acc, p_op, m_i, l_i, j,
     folded group's ``words`` applied (None: a dense tile). ptxas moves the wait on p.v up
     to the wait on q.k^T (it reuses the registers p.v reads P from for the softmax), so a
     warpgroup's own p.v does not run under its softmax; an order that keeps it there
-    measured slower (BENCHMARKS.md, session 33)."""
+    measured slower (docs/benchmarks/HISTORY.md, session 33)."""
     NS: gl.constexpr = k_smem.shape[0]
     st = j % NS
     prev = (j - 1) % NS
@@ -611,7 +611,7 @@ def _gluon_warpgroup(wg, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, 
                                               j, n_tiles, kv_n, words)
     else:
         # _gluon_step written out: two loops as above, even with no tail, and the step as a
-        # function measured 1.2-5.0 us slower on the H200 (session 37, BENCHMARKS.md)
+        # function measured 1.2-5.0 us slower on the H200 (session 37, docs/benchmarks/HISTORY.md)
         for j in range(1, n_tiles):
             st = j % NS
             prev = (j - 1) % NS

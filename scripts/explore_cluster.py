@@ -11,7 +11,7 @@ and without the barrier against the same grid without clusters. Last, it asks wh
 today's single-CTA Gluon kernel could run in a cluster as it is: with replicated layouts
 (every CTA holds the whole tensor), do TMA, mbarriers and wgmma run per CTA, and do every
 CTA's stores land (gl.store, or inline PTX)? It changes nothing in attngen; the answers
-are in BENCHMARKS.md, session 49.
+are in docs/benchmarks/HISTORY.md, session 49.
 
 Prints the API it finds, a line per (cluster size, barrier or "replicated") and writes
 cluster.json under $OUT. Each row runs in a process of its own. Needs an sm_90 GPU.

@@ -1,4 +1,4 @@
-"""Where a long prompt is cut into dense pieces (session 56; BENCHMARKS.md): at chunk
+"""Where a long prompt is cut into dense pieces (session 56; docs/benchmarks/HISTORY.md): at chunk
 boundaries, as the planner cuts a span of two chunks or more, against evenly at
 multiples of SPLIT_ALIGN tokens, as it cuts shorter spans. The cases are those whose
 longest dense piece the even cut shortens; each is timed at the planner's chunk, QG and

@@ -23,7 +23,7 @@ resources: per case (EXPLORE_CASES), the stage-1 kernels one call on the planner
          compiled (Triton's autotuned candidates, the Gluon kernel), as launched: registers,
          spills, warps, shared memory, and how many fit on one SM. A compile outside a
          launch specializes its arguments differently and can report other counts
-         (BENCHMARKS.md, session 32).
+         (docs/benchmarks/HISTORY.md, session 32).
 loop:    per case (EXPLORE_CASES; default the two with the most dense groups' work), the
          Gluon kernel alone with parts of its work removed from the rendered module's source
          (timing only: the outputs are garbage by design): no loads past the ring's first

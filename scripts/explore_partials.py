@@ -1,10 +1,10 @@
-"""What 16-bit partials would give (session 56; BENCHMARKS.md): stage 1's partial outputs
-stored as fp16 or bf16 instead of fp32 (the LSE stays fp32), which halves what stage 1
-writes and the merge reads. Each variant is the generated tree module with its partial
-buffer's dtype changed and the stores and the merge's load cast, imported beside the
-module as generated, and timed against it on the planner's plan in interleaved rounds;
-its output is compared with the fp32 module's. Prints a line per variant and a table
-last; writes partials.json under $OUT. Needs a CUDA GPU::
+"""What 16-bit partials would give (session 56; docs/benchmarks/HISTORY.md): stage 1's
+partial outputs stored as fp16 or bf16 instead of fp32 (the LSE stays fp32), which halves
+what stage 1 writes and the merge reads. Each variant is the generated tree module with its
+partial buffer's dtype changed and the stores and the merge's load cast, imported beside the
+module as generated, and timed against it on the planner's plan in interleaved rounds; its
+output is compared with the fp32 module's. Prints a line per variant and a table last;
+writes partials.json under $OUT. Needs a CUDA GPU::
 
     python scripts/explore_partials.py
 """

@@ -1,9 +1,9 @@
-"""The cost model's split bound on the H200 (session 55; BENCHMARKS.md): each case whose
-planner choice moved when the model learnt how the dense kernel and the Triton stage 1
-share the SMs (``SPLIT`` in attngen/cost.py), and the dense cases besides, timed at the
-previous choice, the new one and a grid of chunks and spans around them (the new
-choice's QG; EXPLORE_GRID=0 leaves the grid out), in interleaved rounds. Cases whose
-choice did not move are skipped.
+"""The cost model's split bound on the H200 (session 55; docs/benchmarks/HISTORY.md): each
+case whose planner choice moved when the model learnt how the dense kernel and the Triton
+stage 1 share the SMs (``SPLIT`` in attngen/cost.py), and the dense cases besides, timed at
+the previous choice, the new one and a grid of chunks and spans around them (the new
+choice's QG; EXPLORE_GRID=0 leaves the grid out), in interleaved rounds. Cases whose choice
+did not move are skipped.
 
 ``choices.json`` beside this script's output holds the previous choices (worked out on
 the host with the previous planner); the new ones are the planner's here. Prints a line

@@ -1,4 +1,5 @@
-"""Two stage-1 experiments on the compute-bound Gluon cases (session 54; BENCHMARKS.md).
+"""Two stage-1 experiments on the compute-bound Gluon cases (session 54;
+docs/benchmarks/HISTORY.md).
 
 1. **The SMs split between the prompt and the branches** (fewshot_32k_x64 GQA). The
    planner's plan runs the prompt's dense groups as 128 Gluon programs (one an SM; their

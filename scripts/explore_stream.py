@@ -1,10 +1,10 @@
 """Stage 1 as persistent Gluon programs that stream K/V without stopping between groups
-(session 43; measured and not kept, BENCHMARKS.md).
+(session 43; measured and not kept, docs/benchmarks/HISTORY.md).
 
 On the memory-bound GQA plans (fewshot_4k_x20, tot_d3_w3) stage 1 runs one program per
 (group, KV head), all in one wave, two or three to an SM. The programs are uneven (a
 prompt span of ~700 keys beside a branch of 400), and each pays its own fill and drain.
-Cutting equal-cost work on the host for a looped Triton kernel lost (BENCHMARKS.md,
+Cutting equal-cost work on the host for a looped Triton kernel lost (docs/benchmarks/HISTORY.md,
 session 13): each group's fill and drain then ran one after another inside a program.
 
 Here each SM runs one program of WGS consumer warpgroups, each with a loader warp and a

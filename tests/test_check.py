@@ -102,9 +102,9 @@ def test_broken_module_is_reported_failed(
 
 def test_a_config_ptxas_fails_on_runs_again_at_the_autotuners_choice() -> None:
     """Triton 3.6's ptxas 12.8 crashed (error -11) on some configs of prefill kernels whose
-    mask is decided per element (session 52, BENCHMARKS.md). Such a case runs again with
-    no config, as users call the kernel, and its line and the summary say so; a wrong
-    answer there still fails, and a crash at no config is not retried."""
+    mask is decided per element (session 52, docs/benchmarks/HISTORY.md). Such a case runs
+    again with no config, as users call the kernel, and its line and the summary say so; a
+    wrong answer there still fails, and a crash at no config is not retried."""
     from triton.runtime.errors import PTXASError
 
     from attngen.check import PTXAS_REFUSED, CaseResult, judge

@@ -170,7 +170,7 @@ def test_dense_kernel_launch_keeps_gqa_trees_off_slow_dense_plans(name: str) -> 
     """Without the dense kernel's launch the planner took QG 32 for these GQA trees, whose
     dense groups run in Gluon beside Triton; QG 16 (no dense group) measured faster on the
     H200, through the autotuner, interleaved rounds: tot_d3_w4 32.9 us against 50.7,
-    fewshot_4k_x50 39.2 against 46.0 (session 25, BENCHMARKS.md)."""
+    fewshot_4k_x50 39.2 against 46.0 (session 25, docs/benchmarks/HISTORY.md)."""
     tree = WORKLOADS[name]().tree
     plan = plan_tree(tree, heads=GQA)
     # fewshot_4k_x50 cuts its prompt at 1536 since session 55's finer spans: 40.5 us as at 1024
@@ -184,7 +184,7 @@ def test_dense_kernel_launch_keeps_gqa_trees_off_slow_dense_plans(name: str) -> 
 # H200 sweep of session 6 each was the best plan or within 6.3% of it (mean 2.8%). Since
 # groups run at the tile height their slots need (session 10), tot_d3_w3 mha takes QG 32
 # where it took 16: 59.8 us through the autotuner against 59.6 for the best fixed plan
-# (BENCHMARKS.md); the rest chose as before. In session 10's sweeps every choice came
+# (docs/benchmarks/HISTORY.md); the rest chose as before. In session 10's sweeps every choice came
 # within 10% of the best plan measured (worst: tot_d3_w3 gqa, 24.7 against 22.4 us at
 # span 512); the constants were not refitted. Since tall plans (192 rows: three
 # warpgroups share a tile, session 19), spec_16k_184 takes QG 192 (mha) and 48 (gqa):
@@ -202,7 +202,7 @@ def test_dense_kernel_launch_keeps_gqa_trees_off_slow_dense_plans(name: str) -> 
 # finer spans (5120, 6144, 12288) and the neighbouring chunk: fewshot_32k_x64 gqa cuts its
 # prompt into six pieces at chunk 256 (84.5 us against 93.9), fewshot_32k_x64 mha into
 # three (193.5 against 198.6), spec_4k_92 at chunk 256 as fast as before (mha 30.0 against
-# 30.5 at span 1536, gqa 22.9 against 23.0), interleaved rounds (BENCHMARKS.md).
+# 30.5 at span 1536, gqa 22.9 against 23.0), interleaved rounds (docs/benchmarks/HISTORY.md).
 CHOICES = {
     ("fewshot_4k_x20", "mha"): (512, 32, 1024),
     ("fewshot_4k_x20", "gqa"): (512, 16, 768),

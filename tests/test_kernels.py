@@ -196,10 +196,11 @@ def test_a_refused_tile_names_only_the_knobs_the_kernel_takes(queries: str, tile
 
 
 def test_a_tile_ptxas_fails_on_is_refused_by_name() -> None:
-    """Triton 3.6's ptxas 12.8 crashed on some prefill tiles (session 52, BENCHMARKS.md).
-    A caller's tile that ptxas fails on is named, with ptxas's first line, and the way out
-    (the autotuner skips such tiles); ``attngen check`` recognizes the refusal and runs the
-    case again at the autotuner's choice. Triton's error is stood in for (no ptxas here)."""
+    """Triton 3.6's ptxas 12.8 crashed on some prefill tiles (session 52,
+    docs/benchmarks/HISTORY.md). A caller's tile that ptxas fails on is named, with ptxas's
+    first line, and the way out (the autotuner skips such tiles); ``attngen check``
+    recognizes the refusal and runs the case again at the autotuner's choice. Triton's error
+    is stood in for (no ptxas here)."""
     from triton.runtime.errors import PTXASError
 
     from attngen.check import PTXAS_REFUSED

@@ -31,7 +31,7 @@ def _fold(host: dict[str, np.ndarray], heads: HeadLayout, machine: Machine) -> t
     in two A/B runs against the module before the fold: spec_16k_184 GQA 95.0 and 95.9 us
     against 100.0 and 97.5, MHA 111.4 and 109.4 against 115.9 and 109.2; folding two of
     fewshot_32k_x64 GQA's 34 other groups lost 3.4 us, and spec_4k_92 GQA (whose rest fits
-    beside) 1.7 in a scratch run (session 37, BENCHMARKS.md).
+    beside) 1.7 in a scratch run (session 37, docs/benchmarks/HISTORY.md).
 
     ``group_fold[g]``: for a dense group, the group folded into it; for a folded group,
     its dense group; -1 elsewhere. ``group_lead[g]``: for a folded group, its leading

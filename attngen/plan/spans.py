@@ -107,7 +107,7 @@ def _span_groups(
     On the H200, fewshot_4k_x20 GQA's prompt in six pieces of at most 704 tokens ran 20.2
     us against 23.4 for four of 1024. Chunk cuts still give 2048 + 1536 on spec_4k_92
     MHA, where even ones (1792 + 1792) ran 37.0 against 34.9: the long pieces then end at
-    once, and the groups after them wait (session 22, BENCHMARKS.md). Even cuts of long
+    once, and the groups after them wait (session 22, docs/benchmarks/HISTORY.md). Even cuts of long
     dense runs lost too (session 56, ``scripts/explore_cuts.py``): spec_8k_248's (2-5%)
     for that reason, and spec_16k_184's (5-9%) because its tree chunk then no longer
     folds into the shortest piece. Groups stay in

@@ -111,6 +111,11 @@ BRANCH_KV_BYTES = T_branch * KV_TOKEN_BYTES
 BRANCH_BYTES = BRANCH_KV_BYTES + NQ * Hq * (Dqk + Dv) * E
 #: The IO floor: each unique KV byte once.
 FLOOR_BYTES = T_unique * KV_TOKEN_BYTES
+#: The time floor as the bench measures against it (:mod:`attngen.bench_tree`): the unique
+#: KV bytes and each query's Q and O once over the bandwidth, or the FLOPs of the visible
+#: (query, key) pairs over the matrix rate, whichever takes longer. ``TIME`` has no such
+#: bound (see :class:`Machine`), so a report shows the two side by side.
+FLOOR_TIME = sp.Max((FLOOR_BYTES + NQ * Hq * (Dqk + Dv) * E) / BW, 2 * T_branch * Hq * (Dqk + Dv) / RATE)
 
 #: Rows of a full group's program: the query heads of a KV head times the queries of a
 #: group. A group with fewer queries runs at a lower tile height (RT counts it so).
@@ -306,6 +311,7 @@ _FORMULAS: dict[str, sp.Expr] = {
     "branch_bytes": BRANCH_BYTES,
     "branch_kv_bytes": BRANCH_KV_BYTES,
     "floor_bytes": FLOOR_BYTES,
+    "floor_s": FLOOR_TIME,
 }
 
 
@@ -494,6 +500,7 @@ class PlanCost:
     branch_bytes: float
     branch_kv_bytes: float  # the KV part of branch_bytes
     floor_bytes: float
+    floor_s: float  # FLOOR_TIME at the machine's rates
 
     @property
     def io_saved(self) -> float:
@@ -520,7 +527,9 @@ class PlanCost:
             f"predicted {self.total_bytes / 1e6:.2f} MB ({self.kv_bytes / 1e6:.2f} MB KV, "
             f"{self.partial_bytes / 1e6:.2f} MB partials), {self.flops / 1e9:.2f} GFLOP, "
             f"{self.launches} launch(es), {self.time_s * 1e6:.1f} us; {versus}; floor "
-            f"{self.floor_bytes / 1e6:.2f} MB"
+            f"{self.floor_bytes / 1e6:.2f} MB, {self.floor_s * 1e6:.1f} us at the model's rates"
+            + (" (the prediction is under it: the model ranks plans and has no bandwidth bound)"
+               if self.time_s < self.floor_s else "")
         )
 
 

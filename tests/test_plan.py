@@ -707,6 +707,25 @@ def test_cost_reports_io_saved_against_per_branch() -> None:
     assert 0.5 < cost.io_saved < 1
 
 
+def test_cost_reports_the_floor_as_the_bench_measures_it() -> None:
+    """The report's time floor is bench_tree's: the unique KV bytes and each query's Q and
+    O over the bandwidth, or the visible pairs' FLOPs over the matrix rate. A memory-bound
+    tree's prediction falls under it (the model has no bandwidth bound), and the report
+    says so; a matrix-bound one's does not."""
+    machine, heads = Machine(), HeadLayout()  # 32 / 32 heads of 128, bf16
+    branches = TreeBatch.from_parents([-1] + [0] * 20, [4000] + [400] * 20)
+    cost = plan_tree(branches, heads=heads, machine=machine).cost
+    unique = (12000 * 32 * 256 + 20 * 32 * 256) * 2
+    assert cost.floor_s == pytest.approx(unique / machine.bandwidth)
+    assert cost.time_s < cost.floor_s
+    assert f"{cost.floor_s * 1e6:.1f} us at the model's rates (the prediction is under it" in cost.summary()
+    spec = WORKLOADS["spec_16k_184"]().tree
+    cost = plan_tree(spec, heads=heads, machine=machine).cost
+    flops = 2 * int(spec.query_visible_counts.sum()) * 32 * 256
+    assert cost.floor_s == pytest.approx(flops / machine.matmul_rate)
+    assert cost.time_s > cost.floor_s and "under it" not in cost.summary()
+
+
 def _median_ms(fn: Callable[[], object], repeat: int = 30) -> float:
     times = []
     for _ in range(repeat):

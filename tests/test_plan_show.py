@@ -68,7 +68,8 @@ def test_the_cost_line_of_an_empty_plan_says_what_runs_and_that_nothing_is_saved
     empty = describe(plan_tree(TreeBatch.from_parents([-1, 0, 0], [0, 0, 0]))).splitlines()
     assert empty[1] == (
         "predicted 0.02 MB (0.00 MB KV, 0.00 MB partials), 0.00 GFLOP, 1 launch(es), 3.0 us; "
-        "per-branch decoding reads no KV either (0.03 MB of queries and outputs): no IO saved; floor 0.00 MB"
+        "per-branch decoding reads no KV either (0.03 MB of queries and outputs): no IO saved; floor 0.00 MB, "
+        "0.0 us at the model's rates"
     )
     assert empty[2].endswith("stage 1 does not run and the merge alone writes their outputs (0, LSE -inf)")
     none = describe(plan_tree(TreeBatch.from_parents([-1], [0], []))).splitlines()
@@ -76,6 +77,7 @@ def test_the_cost_line_of_an_empty_plan_says_what_runs_and_that_nothing_is_saved
     ordinary = describe(plan_tree(TreeBatch.from_parents([-1, 0, 0], [100, 30, 40]), chunk=64)).splitlines()[1]
     assert re.fullmatch(
         r"predicted \d+\.\d\d MB \(\d+\.\d\d MB KV, \d+\.\d\d MB partials\), \d+\.\d\d GFLOP, 2 launch\(es\), "
-        r"\d+\.\d us; per-branch decoding \d+\.\d\d MB -> -?\d+\.\d% IO saved; floor \d+\.\d\d MB",
+        r"\d+\.\d us; per-branch decoding \d+\.\d\d MB -> -?\d+\.\d% IO saved; floor \d+\.\d\d MB, "
+        r"\d+\.\d us at the model's rates( \(the prediction is under it: .*\))?",
         ordinary,
     ), ordinary

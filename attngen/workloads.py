@@ -82,10 +82,16 @@ def tree_of_thoughts(
 
 
 def speculative(
-    prefix: int = 4000, widths: Sequence[int] = (4, 2, 2, 2, 1), name: str | None = None
+    prefix: int = 4000,
+    widths: Sequence[int] = (4, 2, 2, 2, 1),
+    budget: int | None = None,
+    name: str | None = None,
 ) -> Workload:
     """A speculative token tree: over a committed prefix, depth ``d`` has ``widths[d]``
-    children per token of depth ``d - 1``; every tree token is a query (token mode)."""
+    children per token of depth ``d - 1``; every tree token is a query (token mode). With
+    ``budget``, the tree keeps its first ``budget`` tokens in breadth-first order (each
+    token's children in order, as a drafter ranks them): a tree of exactly that many
+    tokens, whose last level holds the first parents' children."""
     _check_positive(prefix=prefix, **{f"widths[{i}]": w for i, w in enumerate(widths)})
     parent, level = [-1], [0]
     for width in widths:
@@ -94,14 +100,23 @@ def speculative(
             nxt += list(range(len(parent), len(parent) + width))
             parent += [p] * width
         level = nxt
+    grown = len(parent) - 1
+    if budget is not None:
+        _check_positive(budget=budget)
+        if budget > grown:
+            raise PlanError(
+                f"workload: budget {budget} exceeds the {grown} tokens that widths {list(widths)} "
+                f"grow (allowed: 1..{grown})."
+            )
+        parent = parent[: budget + 1]  # breadth-first: a prefix of the list is a tree
     tokens = [prefix] + [1] * (len(parent) - 1)
     tree = TreeBatch.from_parents(parent, tokens, list(range(1, len(parent))), mode="token")
     label = name or f"spec_{prefix}_{len(parent) - 1}"
+    shape = f"widths {list(widths)}" + (f" cut breadth-first to {budget} tokens" if budget is not None else "")
     return Workload(
         label,
         tree,
-        f"speculative token tree: widths {list(widths)} over a "
-        f"{prefix}-token prefix ({len(parent) - 1} tree tokens)",
+        f"speculative token tree: {shape} over a {prefix}-token prefix ({len(parent) - 1} tree tokens)",
     )
 
 
@@ -140,6 +155,11 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
     "tot_d3_w4": lambda: tree_of_thoughts(1000, 3, 4, 200, name="tot_d3_w4"),
     "spec_1k_44": lambda: speculative(1000, (4, 2, 2, 1), name="spec_1k_44"),
     "spec_8k_248": lambda: speculative(8000, (8, 2, 2, 2, 2), name="spec_8k_248"),
+    # DeFT's token-tree sizes (32, 64, 128, 256 tokens) exactly, over 1k-16k prefixes
+    "spec_1k_32": lambda: speculative(1000, (4, 2, 2, 2), budget=32, name="spec_1k_32"),
+    "spec_4k_64": lambda: speculative(4000, (4, 2, 2, 2, 2), budget=64, name="spec_4k_64"),
+    "spec_8k_128": lambda: speculative(8000, (4, 2, 2, 2, 2, 2), budget=128, name="spec_8k_128"),
+    "spec_16k_256": lambda: speculative(16000, (8, 2, 2, 2, 2, 2), budget=256, name="spec_16k_256"),
 }
 
 #: The issue's reference shapes (item 9), in order.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from attngen.cost import HeadLayout
@@ -68,6 +69,27 @@ def test_seeded_fewshot_lengths() -> None:
 def test_bad_workload_parameters() -> None:
     with pytest.raises(PlanError, match="widths"):
         speculative(100, (2, 0))
+    with pytest.raises(PlanError, match=r"budget 61 exceeds the 60 tokens that widths \[4, 2, 2, 2\] grow"):
+        speculative(100, (4, 2, 2, 2), budget=61)
+    with pytest.raises(PlanError, match="budget must be >= 1"):
+        speculative(100, (4, 2), budget=0)
+
+
+@pytest.mark.parametrize(("name", "prefix", "size"), [
+    ("spec_1k_32", 1000, 32), ("spec_4k_64", 4000, 64), ("spec_8k_128", 8000, 128), ("spec_16k_256", 16000, 256),
+])
+def test_deft_token_tree_sizes(name: str, prefix: int, size: int) -> None:
+    """DeFT's token-tree sizes exactly: the first ``size`` tokens of the width pattern in
+    breadth-first order, each a query that sees the prefix and its root path."""
+    tree = WORKLOADS[name]().tree
+    assert (tree.n_queries, tree.n_kv, tree.query_mode, int(tree.tokens[0])) == (size, prefix + size, "token", prefix)
+    depth = np.zeros(tree.n_nodes, dtype=np.int64)
+    for node in range(1, tree.n_nodes):
+        depth[node] = depth[tree.parent[node]] + 1
+    assert (np.diff(depth) >= 0).all() and (tree.parent[1:] < np.arange(1, tree.n_nodes)).all()  # breadth-first
+    assert sorted(tree.query_visible_counts.tolist()) == sorted((prefix + depth[1:]).tolist())
+    full = speculative(prefix, (8, 2, 2, 2, 2, 2) if size == 256 else (4, 2, 2, 2, 2, 2)).tree
+    assert tree.parent.tolist() == full.parent[: size + 1].tolist()
 
 
 @pytest.mark.parametrize("name", sorted(WORKLOADS))

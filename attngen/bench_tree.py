@@ -9,7 +9,8 @@ For each workload and head layout, in one run and on the same inputs:
 * ``per_branch`` — what a sequence-based system does: every query's root path held as
   its own contiguous KV (built before timing), attended by SDPA with padding masks.
 
-The floor is ``max(unique KV bytes / bandwidth, FLOPs / matmul rate)`` with both rates
+The floor is ``max((unique KV + Q + O bytes) / bandwidth, visible pairs' FLOPs / matmul
+rate)``, the cost model's ``FLOOR_TIME`` (what ``attngen plan`` prints) at both rates
 measured in the same run. Every timing is the median of CUDA-graph replays. GPU only::
 
     python -m attngen.bench_tree --out bench_out/
@@ -230,7 +231,7 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     import attngen
-    from attngen.cost import HeadLayout
+    from attngen.cost import HeadLayout, Machine
 
     check_benchable(spec)
     heads_q, heads_kv = spec.heads.q, spec.heads.kv
@@ -315,10 +316,8 @@ def bench_workload(spec: Spec, name: str, bandwidth: float, matmul_rate: float, 
         return peer(lambda: F.scaled_dot_product_attention(qb, kb, vb, attn_mask=pad, enable_gqa=True),
                     lambda o: o[:, :, 0])
 
-    size = torch.finfo(dtype).bits // 8
-    unique_bytes = (n_kv * heads_kv * (d_qk + d_v) + n_q * heads_q * (d_qk + d_v)) * size
-    flops = float(visible.sum()) * heads_q * 2 * (d_qk + d_v)
-    floor_us = max(unique_bytes / bandwidth, flops / matmul_rate) * 1e6
+    # the cost model's FLOOR_TIME at the rates measured in this run
+    floor_us = plan.cost_at(Machine(bandwidth=bandwidth, matmul_rate=matmul_rate)).floor_s * 1e6
     flex_us, flex_kernel = (_try(flex, "flex") if peers else None) or (None, "")
     return TreeRow(
         workload=name, layout=layout_name(spec), n_queries=n_q, n_kv=n_kv, floor_us=floor_us,

@@ -111,10 +111,11 @@ BRANCH_KV_BYTES = T_branch * KV_TOKEN_BYTES
 BRANCH_BYTES = BRANCH_KV_BYTES + NQ * Hq * (Dqk + Dv) * E
 #: The IO floor: each unique KV byte once.
 FLOOR_BYTES = T_unique * KV_TOKEN_BYTES
-#: The time floor as the bench measures against it (:mod:`attngen.bench_tree`): the unique
-#: KV bytes and each query's Q and O once over the bandwidth, or the FLOPs of the visible
-#: (query, key) pairs over the matrix rate, whichever takes longer. ``TIME`` has no such
-#: bound (see :class:`Machine`), so a report shows the two side by side.
+#: The time floor, the one the bench measures against (:mod:`attngen.bench_tree`, at the
+#: rates it measures): the unique KV bytes and each query's Q and O once over the
+#: bandwidth, or the FLOPs of the visible (query, key) pairs over the matrix rate,
+#: whichever takes longer. ``TIME`` has no such bound (see :class:`Machine`), so a report
+#: shows the two side by side.
 FLOOR_TIME = sp.Max((FLOOR_BYTES + NQ * Hq * (Dqk + Dv) * E) / BW, 2 * T_branch * Hq * (Dqk + Dv) / RATE)
 
 #: Rows of a full group's program: the query heads of a KV head times the queries of a

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -724,6 +725,9 @@ def test_cost_reports_the_floor_as_the_bench_measures_it() -> None:
     flops = 2 * int(spec.query_visible_counts.sum()) * 32 * 256
     assert cost.floor_s == pytest.approx(flops / machine.matmul_rate)
     assert cost.time_s > cost.floor_s and "under it" not in cost.summary()
+    # at other rates (the bench's, measured in its run): the same plan, its floor rescaled
+    slower = plan_tree(spec, heads=heads, machine=machine).cost_at(replace(machine, matmul_rate=machine.matmul_rate / 2))
+    assert slower.floor_s == pytest.approx(2 * cost.floor_s) and slower.flops == cost.flops
 
 
 def _median_ms(fn: Callable[[], object], repeat: int = 30) -> float:

@@ -72,9 +72,14 @@ class Plan:
         """The cost model's prediction for this plan and for per-branch decoding of its
         batch. Worked out when first asked for, so that planning (a decode step's replan
         above all) does not pay for a report it may not read: 20-45 us of a plan."""
+        return self.cost_at(self.state.machine)
+
+    def cost_at(self, machine: Machine) -> PlanCost:
+        """:attr:`cost` at another machine's rates, for the same plan (the bench takes its
+        floor from this at the bandwidth and matrix rate it measured)."""
         s = self.state
-        stats = _group_stats(s.tree, self.chunk, self.queries_per_group, s.host, s.heads, s.machine)
-        return plan_cost(stats, s.heads, s.machine)
+        stats = _group_stats(s.tree, self.chunk, self.queries_per_group, s.host, s.heads, machine)
+        return plan_cost(stats, s.heads, machine)
 
     @property
     def group(self) -> int:

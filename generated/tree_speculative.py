@@ -418,9 +418,12 @@ def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, stride_on, stride_oh,
                        HB: tl.constexpr, D_V: tl.constexpr, RETURN_LSE: tl.constexpr):
     """Stage 2. One program: HB query heads of one query. Its partials are the rows
     merge_ptr[q] to merge_ptr[q + 1], merged by fp32 log-sum-exp in that (plan) order,
-    one row per step: a [HB, D_V] tile whose address needs no other load; a partial of
-    LSE -inf (empty: a folded group's rows) weighs 0, and its O is not loaded. Same inputs,
-    same bits. A query with no partial gets O = 0, LSE = -inf."""
+    one row per step: a [HB, D_V] tile whose address needs no other load. A partial of LSE
+    -inf (empty: a folded group's rows, whose O is never written) weighs 0: its O row is
+    loaded beside its LSE all the same and zeroed after, since an O load masked by the LSE
+    would wait for it, one round trip more per step (1-2 us of each call on the H200,
+    docs/benchmarks/HISTORY.md, session 59). Same inputs, same bits. A query with no
+    partial gets O = 0, LSE = -inf."""
     qid = tl.program_id(0)
     heads = tl.program_id(1) * HB + tl.arange(0, HB)
     d_v = tl.arange(0, D_V)
@@ -432,7 +435,8 @@ def _tree_merge_kernel(O_part, LSE_part, O, LSE, MergePtr, stride_on, stride_oh,
     for i in range(start, end):
         row = i * 32 + heads.to(tl.int64)
         lse = tl.load(LSE_part + row)
-        o = tl.load(O_part + row[:, None] * D_V + d_v[None, :], mask=(lse > float("-inf"))[:, None], other=0.0)
+        o = tl.load(O_part + row[:, None] * D_V + d_v[None, :])
+        o = tl.where((lse > float("-inf"))[:, None], o, 0.0)
         m_new = tl.maximum(m, lse)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_use)

@@ -373,9 +373,10 @@ class TestTreeKernelsInterpreter:
         assert torch.all(o[1] == 0) and torch.all(lse[1] == -math.inf)
         check(spec, case, o, lse)
 
-    def test_merge_weighs_an_empty_partial_zero_without_reading_its_o(self, device: str) -> None:
+    def test_merge_weighs_an_empty_partial_zero_whatever_its_o_holds(self, device: str) -> None:
         # a folded group's merge rows hold LSE = -inf and an O that the Gluon kernel does
-        # not write (NaN here): the merge weighs them 0 and does not load their O
+        # not write (NaN here): the merge loads that O beside the LSE (so that neither
+        # load waits for the other) and weighs it 0, so the NaN reaches no output
         spec = tree_spec(heads=(4, 2))
         module = load(spec)
         hq, d = spec.heads.q, spec.head_dim.v

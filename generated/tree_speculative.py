@@ -648,7 +648,7 @@ def _gluon_warpgroup(wg, O_part, LSE_part, GroupQ, MergeRow, GroupBits, q_smem, 
     if FOLD:
         if tail >= 0:
             # the folded group's merge rows (same slots) hold an empty partial: LSE = -inf, so
-            # the merge weighs it 0 and does not load its O
+            # the merge weighs it 0 (it loads the unwritten O there and discards it)
             dst = gl.load(MergeRow + tail * qg + gl.minimum(slot, qg - 1), mask=ok, other=0)
             row = dst.to(gl.int64) * 32 + head
             gl.store(LSE_part + row, gl.full([HM], float("-inf"), gl.float32, o_rows), mask=ok)

@@ -2,7 +2,7 @@
 itself: `python -m attngen.bench_tree` and `python -m attngen.bench` are). Prints one
 line per measurement and a JSON file per part under $OUT (or ./explore_out).
 
-    python scripts/explore_gpu.py tree plans merge decode prefill prefill_tuned fixed stream resources loop timeline
+    python scripts/explore_gpu.py tree plans merge decode prefill prefill_tuned fixed stream resources loop timeline epilogue
 
 tree:    per workload and head layout, plan chunks x queries per group x spans x kernel
          configs, the cost model's plan through the autotuner, and the four fastest
@@ -36,6 +36,11 @@ timeline: per case (EXPLORE_CASES; default the reference cases with dense groups
          the query gather, the wait for the ring's first tile, the tile loop and the
          epilogue (stores of partials and LSEs), from stamps that an edit of the rendered
          module writes past the partials. Medians and extremes over the programs.
+epilogue: per case (EXPLORE_CASES; default six of the reference and token-tree cases),
+         stage 1 with each program's merge rows loaded before its tile loop, beside its
+         query ids, instead of after it: in the Triton program ("triton"), and in the Gluon
+         warpgroups as well ("both"); outputs compared bit for bit with main's, whole calls
+         timed in interleaved rounds (written in session 59, not yet run).
 plans:   named plans of a case timed against each other through the autotuner, as a user
          calls them, in interleaved rounds (EXPLORE_PLANS, e.g.
          "spec_4k_92:gqa:32:1024,spec_4k_92:gqa:32:2048": workload, layout, queries per
@@ -685,6 +690,53 @@ def timeline(results: list) -> None:
             print(f"    {label:12} {lo:6.2f} {mid:6.2f} {hi:6.2f}", flush=True)
 
 
+_QID = "    qid = tl.maximum(qid, 0)\n"
+_TRITON_DST = "        dst = tl.load(MergeRow + part, mask=row_ok, other=0)\n"
+_GLUON_Q = "    q = q_smem.index(wg)\n"
+
+
+def _epilogue_variants(spec) -> dict[str, list[tuple[str, str]]]:
+    """The epilogue part's edits of the rendered module: the Triton program's merge-row
+    load moved up beside its query ids; the Gluon warpgroup's epilogue rows (slot, part,
+    ok, merge row) moved up to before its first tile."""
+    from attngen.render import render_uncached
+
+    src = render_uncached(spec)
+    first = src.index("    rows = wg * HM + gl.arange(0, HM, layout=o_rows)\n")
+    end = src.index("    dst = gl.load(MergeRow + part, mask=ok, other=0)\n", first)
+    block = src[first : src.index("\n", end) + 1]
+    triton_edits = [(_QID, _QID + _TRITON_DST[4:]), (_TRITON_DST, "")]
+    return {"main": [], "triton": triton_edits, "both": [*triton_edits, (block, ""), (_GLUON_Q, _GLUON_Q + block)]}
+
+
+def epilogue(results: list) -> None:
+    named = os.environ.get("EXPLORE_CASES")
+    cases = _cases() if named else [("fewshot_4k_x20", "gqa"), ("tot_d3_w3", "gqa"), ("spec_1k_32", "gqa"),
+                                    ("spec_4k_92", "mha"), ("spec_16k_184", "mha"), ("fewshot_32k_x64", "gqa")]
+    for index, (name, layout) in enumerate(cases):
+        if out_of_time():
+            return
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        w, main_module, heads, plan, (q, k, v) = _tree_case(name, layout, gen)
+        spec = tree_spec(w.tree.query_mode, heads.heads_q, heads.heads_kv)
+        folder = Path(tempfile.mkdtemp(prefix="attngen_epilogue_"))
+        mods = {label: main_module if not edits else _edited_module(spec, 10 * index + i, label, edits, folder)
+                for i, (label, edits) in enumerate(_epilogue_variants(spec).items())}
+        outs = {}
+        for label, mod in mods.items():
+            out = torch.full_like(q, float("nan"))
+            mod.attention(q, k, v, plan, out=out)
+            outs[label] = out
+        equal = {label: bool(torch.equal(o, outs["main"])) for label, o in outs.items()}
+        times = _interleaved_us({label: partial(mod.attention, q, k, v, plan) for label, mod in mods.items()},
+                                rounds=7)
+        results.append(dict(part="epilogue", workload=name, layout=layout, n_dense=plan.n_dense,
+                            us=times, bitwise_equal=equal))
+        print(f"epilogue {name:16} {layout} dense {plan.n_dense:3}  "
+              + "  ".join(f"{label} {us:7.2f} us{'' if equal[label] else ' (DIFFERS)'}" for label, us in times.items()),
+              flush=True)
+
+
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -693,7 +745,7 @@ def main() -> int:
         try:
             {"tree": tree, "plans": plans, "decode": decode, "prefill": prefill, "prefill_tuned": prefill_tuned,
              "merge": merge, "fixed": fixed, "stream": stream, "resources": resources,
-             "loop": loop, "timeline": timeline}[part](results)
+             "loop": loop, "timeline": timeline, "epilogue": epilogue}[part](results)
         finally:
             (OUT / f"{part}.json").write_text(json.dumps(results, indent=1))
     return 0

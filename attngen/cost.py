@@ -108,7 +108,10 @@ OUT_BYTES = NQ * Hq * Dv * E
 TOTAL_BYTES = KV_BYTES + Q_BYTES + PARTIAL_BYTES + OUT_BYTES
 #: Per-branch (sequence-based) decoding: each query reads its whole root path's KV.
 BRANCH_KV_BYTES = T_branch * KV_TOKEN_BYTES
-BRANCH_BYTES = BRANCH_KV_BYTES + NQ * Hq * (Dqk + Dv) * E
+#: Each query's Q row and output once (every head): what any kernel reads and writes
+#: besides the KV.
+QUERY_BYTES = NQ * Hq * (Dqk + Dv) * E
+BRANCH_BYTES = BRANCH_KV_BYTES + QUERY_BYTES
 #: The IO floor: each unique KV byte once.
 FLOOR_BYTES = T_unique * KV_TOKEN_BYTES
 #: The time floor, the one the bench measures against (:mod:`attngen.bench_tree`, at the
@@ -116,7 +119,7 @@ FLOOR_BYTES = T_unique * KV_TOKEN_BYTES
 #: bandwidth, or the FLOPs of the visible (query, key) pairs over the matrix rate,
 #: whichever takes longer. ``TIME`` has no such bound (see :class:`Machine`), so a report
 #: shows the two side by side.
-FLOOR_TIME = sp.Max((FLOOR_BYTES + NQ * Hq * (Dqk + Dv) * E) / BW, 2 * T_branch * Hq * (Dqk + Dv) / RATE)
+FLOOR_TIME = sp.Max((FLOOR_BYTES + QUERY_BYTES) / BW, 2 * T_branch * Hq * (Dqk + Dv) / RATE)
 
 #: Rows of a full group's program: the query heads of a KV head times the queries of a
 #: group. A group with fewer queries runs at a lower tile height (RT counts it so).

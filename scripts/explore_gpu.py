@@ -143,12 +143,15 @@ def kernel_us(fn, reps: int = 20) -> dict[str, float]:
     return out
 
 
-def _cases() -> list[tuple[str, str]]:
-    """The (workload, layout) pairs EXPLORE_CASES names, or every reference one."""
+def _cases(default: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+    """The (workload, layout) pairs EXPLORE_CASES names, else ``default``, else every
+    reference one."""
     named = os.environ.get("EXPLORE_CASES")
     if named:
         pairs = [case.split(":") for case in named.split(",")]
         return [(name, layout) for name, layout in pairs]
+    if default is not None:
+        return default
     return [(name, layout) for name in REFERENCE_SHAPES for layout in LAYOUTS]
 
 
@@ -597,7 +600,7 @@ def clock_and_power(fn, seconds: float = 1.5) -> tuple[float, float, str]:
 def _gluon_cases(part: str, default: list[tuple[str, str]]):
     """The cases EXPLORE_CASES names (else ``default``) whose plans have dense groups, as
     (name, layout, heads, plan, (q, k, v), tree spec); the others are only reported."""
-    for name, layout in _cases() if os.environ.get("EXPLORE_CASES") else default:
+    for name, layout in _cases(default):
         gen = torch.Generator(device="cuda").manual_seed(0)
         w, _, heads, plan, qkv = _tree_case(name, layout, gen)
         if not plan.n_dense:
@@ -710,9 +713,8 @@ def _epilogue_variants(spec) -> dict[str, list[tuple[str, str]]]:
 
 
 def epilogue(results: list) -> None:
-    named = os.environ.get("EXPLORE_CASES")
-    cases = _cases() if named else [("fewshot_4k_x20", "gqa"), ("tot_d3_w3", "gqa"), ("spec_1k_32", "gqa"),
-                                    ("spec_4k_92", "mha"), ("spec_16k_184", "mha"), ("fewshot_32k_x64", "gqa")]
+    cases = _cases([("fewshot_4k_x20", "gqa"), ("tot_d3_w3", "gqa"), ("spec_1k_32", "gqa"), ("spec_4k_92", "mha"),
+                    ("spec_16k_184", "mha"), ("fewshot_32k_x64", "gqa")])
     for index, (name, layout) in enumerate(cases):
         if out_of_time():
             return

@@ -88,9 +88,11 @@ def _places(nodes: _KvNodes, chunks: tuple[int, ...]) -> list[_Placement]:
     token prefix sums away, and the only loop steps from one such node to the next."""
     size, end = nodes.size, nodes.end
     n, chunk = len(size), np.asarray(chunks, dtype=np.int64)[:, None]  # [chunkings, 1]
+    kv_start = end - size
     pieces = -(-size // chunk)  # [chunkings, nodes]
-    last = size - (pieces - 1) * chunk  # tokens of the last piece, in (0, chunk]
-    next_start = end.searchsorted(end + (chunk - last), "right").tolist()
+    # the chunk a starting node leaves open ends at kv_start + pieces * chunk: the nodes
+    # that end by then join it
+    next_start = end.searchsorted(kv_start + pieces * chunk, "right").tolist()
     starters = []  # flat [chunking, node] index of the nodes that start a chunk
     for k, row in enumerate(next_start):
         i = 0
@@ -104,7 +106,6 @@ def _places(nodes: _KvNodes, chunks: tuple[int, ...]) -> list[_Placement]:
     first = opens.cumsum(axis=1) - pieces
     counts = opens.sum(axis=1)
     bounds = np.concatenate(([0], counts.cumsum()))
-    kv_start = end - size
     # chunk first + k of a node that opens chunks starts at the node's token k * chunk
     start = (kv_start - first * chunk).reshape(-1).repeat(opens.reshape(-1))
     start += (np.arange(len(start)) - bounds[:-1].repeat(counts)) * chunk.reshape(-1).repeat(counts)

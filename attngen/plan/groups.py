@@ -131,9 +131,10 @@ def _slots(pairs: _Pairs, layout: _Chunking, qg: int, source: np.ndarray | None 
     other, and the others repeat their source's groups."""
     n_groups = -(-pairs.per_chunk // qg)
     first_group = n_groups.cumsum() - n_groups
-    group = first_group[pairs.chunk] + pairs.rank // qg
+    # a chunk's queries fill the slots of its groups in rank order, from its first group's
+    pair_slot = (first_group * qg)[pairs.chunk] + pairs.rank
+    group = pair_slot // qg
     total = int(n_groups.sum())
-    pair_slot = group * qg + pairs.rank % qg
     query = np.full(total * qg, -1, dtype=np.int64)
     query[pair_slot] = pairs.query
     full = np.ones(total, dtype=bool)

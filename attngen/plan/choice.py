@@ -101,18 +101,18 @@ def _chunk_stats(
     # [counts, chunkings]: chunks of each query count, their tokens, the longest of them
     key = per_chunk * n + of
     bins = (int(per_chunk.max(initial=0)) + 1) * n
-    chunks = np.bincount(key, minlength=bins).reshape(-1, n)
-    count = np.flatnonzero(chunks.any(axis=1))
-    chunks = chunks[count]
+    count = np.flatnonzero(np.bincount(per_chunk))  # the query counts some chunk has
+    chunks = np.bincount(key, minlength=bins).reshape(-1, n)[count]
     tokens = np.bincount(key, length, bins).reshape(-1, n)[count].astype(np.int64)
     longest = np.bincount(key, 2 * length >= top[of], bins).reshape(-1, n)[count].astype(np.int64)
     qg = qgs[:, None]
     # a chunk's groups: count // qg of qg queries, and one of the rest (if any)
     n_full = count // qg
     rest = count - n_full * qg
-    per_qg = n_full + (rest > 0)  # groups per chunk [QG, counts]
+    has_rest = rest > 0
+    per_qg = n_full + has_rest  # groups per chunk [QG, counts]
     full_rows, rest_rows = heads.tile_rows(qg, qg), heads.tile_rows(rest, qg)
-    rows = n_full * full_rows + (rest > 0) * rest_rows
+    rows = n_full * full_rows + has_rest * rest_rows
     # groups tall enough to be dense, taken as full: whether they are is not known here,
     # so this is an upper bound (the QG and span choice that follows is exact)
     full_dense, rest_dense = _dense(qg * heads.group, True, 1), _dense(rest * heads.group, True, 1)
@@ -121,7 +121,7 @@ def _chunk_stats(
     # stage-1 programs per chunk (per KV head), and those of the Triton kernel: all, or
     # all but the dense ones where the machine runs those apart
     full_programs = _programs(full_rows, full_dense, machine)
-    programs = n_full * full_programs + (rest > 0) * _programs(rest_rows, rest_dense, machine)
+    programs = n_full * full_programs + has_rest * _programs(rest_rows, rest_dense, machine)
     triton_programs = programs - tall * machine.dense_apart
     partials = count @ chunks
     # every query that sees a token has a partial, so each has exactly one iff every query

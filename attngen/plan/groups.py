@@ -200,11 +200,10 @@ def _filled_slots(query: np.ndarray) -> np.ndarray:
     return filled
 
 
-def _dense(rows: np.ndarray | int, full: np.ndarray | bool, length: np.ndarray | int) -> np.ndarray:
+def _dense(rows: np.ndarray, full: np.ndarray | bool, length: np.ndarray | int) -> np.ndarray:
     """Which groups are dense: full, not empty, and of filled ``rows`` in
     :data:`DENSE_ROWS` (the plan lists them first; Hopper runs them in Gluon)."""
-    rows = np.asarray(rows)
-    return np.asarray(full) & (rows > DENSE_ROWS[0]) & (rows <= DENSE_ROWS[1]) & (np.asarray(length) > 0)
+    return (rows > DENSE_ROWS[0]) & (rows <= DENSE_ROWS[1]) & full & (length > 0)
 
 
 def _programs(tile_rows: np.ndarray, dense: np.ndarray | bool, machine: Machine) -> np.ndarray:

@@ -249,7 +249,7 @@ def _span_stats(
     programs = _programs(tile_rows, is_dense, machine)
     apart = machine.dense_apart
     # the groups that stay as they are: all, or those not in a run of full groups
-    stay = np.ones_like(full) if runs is None else ~full
+    stay = slice(None) if runs is None else ~full
     rest, by_rest, rest_programs = length[stay], by_group[stay], programs[stay]
     rest_dense = is_dense[stay]
     rest_triton = ~(rest_dense & apart)
@@ -265,7 +265,7 @@ def _span_stats(
     top_dense = longest(rest * rest_dense, by_rest)[None, :]
     dense = (rest_dense @ by_rest)[None, :]
     groups = by_rest.sum(axis=0)[None, :]
-    partials = np.array([[s.filled.sum() for s in slots]], dtype=np.int64)  # a slot per pair
+    partials = (filled @ by_group)[None, :]  # a slot per pair
     n_longest = np.zeros_like(groups)
     if runs is not None:  # the trials' runs of full groups, cut into pieces at each span
         by_run = one_hot[np.repeat(np.arange(n), [len(r.tokens) for r in runs])]

@@ -40,7 +40,7 @@ epilogue: per case (EXPLORE_CASES; default six of the reference and token-tree c
          stage 1 with each program's merge rows loaded before its tile loop, beside its
          query ids, instead of after it: in the Triton program ("triton"), and in the Gluon
          warpgroups as well ("both"); outputs compared bit for bit with main's, whole calls
-         timed in interleaved rounds (written in session 59, not yet run).
+         timed in interleaved rounds (session 60: no case moved beyond its spread).
 plans:   named plans of a case timed against each other through the autotuner, as a user
          calls them, in interleaved rounds (EXPLORE_PLANS, e.g.
          "spec_4k_92:gqa:32:1024,spec_4k_92:gqa:32:2048": workload, layout, queries per

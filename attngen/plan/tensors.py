@@ -54,7 +54,8 @@ def _host_arrays(tree: TreeBatch, groups: _Groups, heads: HeadLayout, machine: M
     slots = _filled_slots(groups.query)
     rows = slots * heads.group
     dense = _dense(rows, groups.full, groups.length)
-    order = np.argsort(~dense, kind="stable")
+    # without dense groups nothing moves: the group arrays are taken as they are
+    order = np.argsort(~dense, kind="stable") if dense.any() else slice(None)
     ptr, row = _merge_order(groups.query, tree.n_queries)
     host = {
         "group_kv_start": groups.start[order],

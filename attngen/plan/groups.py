@@ -60,12 +60,14 @@ class _SlotBits:
 
 @dataclass(frozen=True, slots=True)
 class _Rows:
-    """Group rows in numpy: the chunk of each group, its query slots, bits, fullness."""
+    """Group rows in numpy: the chunk of each group, its query slots, bits, fullness, and
+    filled slots."""
 
     chunk: np.ndarray  # [G]
     query: np.ndarray  # [G, QG]
     bits: _SlotBits  # [G, QG] slots of W words
     full: np.ndarray  # [G] bool
+    filled: np.ndarray  # [G] slots filled, from the first (see _Slots)
 
     @staticmethod
     def concat(parts: list[_Rows]) -> _Rows:
@@ -77,6 +79,7 @@ class _Rows:
             np.concatenate([p.query for p in parts]).take(order, axis=0),
             _SlotBits.concat([p.bits for p in parts]).select(order).compact(),
             np.concatenate([p.full for p in parts])[order],
+            np.concatenate([p.filled for p in parts])[order],
         )
 
 
@@ -92,7 +95,10 @@ class _Slots:
     query: np.ndarray  # [G, QG]
     full: np.ndarray  # [G] bool
     pair_slot: np.ndarray  # [pairs] g * QG + s
-    filled: np.ndarray  # [G] slots filled, from the first (as ``_filled_slots`` counts)
+    # [G] slots filled: a group's filled slots come first, so these are the slots up to
+    # its last filled one (0 if none), which set the tile height stage 1 runs it at (plan
+    # tensor ``group_slots``)
+    filled: np.ndarray
     made_groups: int
     made: np.ndarray | None = None  # [G] the made group each group repeats
 
@@ -105,7 +111,7 @@ class _Slots:
         if self.made is not None:
             slot_pair = slot_pair.take(self.made, axis=0)
         table = np.concatenate((pair_bits, np.zeros((1, words), np.int32)))
-        return _Rows(self.chunk, self.query, _SlotBits(table, slot_pair), self.full)
+        return _Rows(self.chunk, self.query, _SlotBits(table, slot_pair), self.full, self.filled)
 
     def repeated(self, source: np.ndarray) -> _Slots:
         """These slots with each chunk's groups those of its ``source`` chunk (in chunk
@@ -190,14 +196,6 @@ def _own_pairs(tree: TreeBatch, layout: _Chunking, source: np.ndarray | None) ->
         return _pairs(tree, layout)
     own = source == np.arange(layout.n_chunks)
     return _pairs(tree, layout, piece_mask=own[layout.piece_chunk])
-
-
-def _filled_slots(query: np.ndarray) -> np.ndarray:
-    """Per group of ``query`` [G, QG] slots: the slots up to its last filled one (0 if
-    none), which set the tile height stage 1 runs it at (plan tensor ``group_slots``)."""
-    filled = query.shape[1] - (query[:, ::-1] >= 0).argmax(axis=1)
-    filled[(query < 0).all(axis=1)] = 0
-    return filled
 
 
 def _dense(rows: np.ndarray, full: np.ndarray | bool, length: np.ndarray | int) -> np.ndarray:

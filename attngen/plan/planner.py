@@ -196,4 +196,4 @@ def _reused_rows(old: _Rows, new_to_old: np.ndarray, old_chunks: int) -> _Rows:
     old_to_new[new_to_old[kept]] = kept
     new_chunk = old_to_new[old.chunk]
     keep = new_chunk >= 0
-    return _Rows(new_chunk[keep], old.query[keep], old.bits.select(keep), old.full[keep])
+    return _Rows(new_chunk[keep], old.query[keep], old.bits.select(keep), old.full[keep], old.filled[keep])

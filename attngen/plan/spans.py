@@ -21,13 +21,15 @@ EVEN_BELOW = 2
 
 @dataclass(frozen=True, slots=True)
 class _Groups:
-    """The groups as the kernels see them: KV range, query slots, bits, fullness."""
+    """The groups as the kernels see them: KV range, query slots, bits, fullness, filled
+    slots."""
 
     start: np.ndarray  # [G]
     length: np.ndarray  # [G]
     query: np.ndarray  # [G, QG]
     bits: np.ndarray  # [G, QG, W]
     full: np.ndarray  # [G] bool
+    filled: np.ndarray  # [G]
 
 
 #: Odd 64-bit multipliers for hashing a group's query slots (wrapping arithmetic).
@@ -114,7 +116,7 @@ def _span_groups(
     ascending KV order, which is the merge order. ``runs``: those of ``rows``, if known."""
     start, length = layout.start[rows.chunk], layout.length[rows.chunk]
     if span <= layout.chunk or len(start) < 2 or not rows.full.any():
-        return _Groups(start, length, rows.query, rows.bits.array(), rows.full)
+        return _Groups(start, length, rows.query, rows.bits.array(), rows.full, rows.filled)
     runs = runs if runs is not None else _Runs.of(layout, rows)
     pieces = _run_pieces(runs.members, runs.tokens, span, layout.chunk)
     of_run = np.repeat(np.arange(len(pieces)), pieces)
@@ -148,4 +150,4 @@ def _span_groups(
     by_kv = np.lexsort((rows.query[source, 0], begin))
     source, begin, total = source[by_kv], begin[by_kv], total[by_kv]
     query, bits = rows.query.take(source, axis=0), rows.bits.take(source)
-    return _Groups(begin, total, query, bits, rows.full[source])
+    return _Groups(begin, total, query, bits, rows.full[source], rows.filled[source])

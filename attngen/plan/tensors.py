@@ -12,7 +12,7 @@ import torch
 from attngen.cost import HeadLayout, Machine
 from attngen.plan.arrays import _stable_argsort
 from attngen.plan.fold import _fold
-from attngen.plan.groups import _dense, _filled_slots
+from attngen.plan.groups import _dense
 from attngen.plan.spans import _Groups
 from attngen.tree import TreeBatch
 
@@ -51,7 +51,7 @@ def _host_arrays(tree: TreeBatch, groups: _Groups, heads: HeadLayout, machine: M
     """Every plan tensor as a numpy array (the single place the format is assembled),
     the dense groups moved to the front. Merge rows are assigned before the move, so a
     query's partials still merge in KV order."""
-    slots = _filled_slots(groups.query)
+    slots = groups.filled
     rows = slots * heads.group
     dense = _dense(rows, groups.full, groups.length)
     # without dense groups nothing moves: the group arrays are taken as they are

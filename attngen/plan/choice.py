@@ -307,7 +307,7 @@ def _span_stats(
         dense_row_tokens=np.repeat((length * tile_rows * is_dense) @ by_group, len(spans)),
         dense_longest=top_dense.T.ravel(),
         # the same for every QG: a query has one slot per chunk it sees
-        **_tree_fields(tree, slots[0].query),
+        **_tree_fields(tree, int(partials[0, 0])),
     )
 
 
@@ -372,15 +372,16 @@ def _launches(partials: Any, one_each: Any) -> Any:
     return (partials > 0) * 1 + (1 - one_each)
 
 
-def _tree_fields(tree: TreeBatch, query: np.ndarray) -> dict[str, int]:
-    """The PlanStats fields that come from the tree and the query slots alone: the slots
-    fix how many partials each query has, hence the launches."""
-    filled = query[query >= 0]
-    per_query = np.bincount(filled, minlength=tree.n_queries)
-    one_each = len(filled) == tree.n_queries and per_query.max(initial=0) <= 1
+def _tree_fields(tree: TreeBatch, partials: int) -> dict[str, int]:
+    """The PlanStats fields that come from the tree and the plan's count of partials alone:
+    every query that sees a token has a partial, so each has exactly one iff every query
+    sees a token and there are no more partials than queries (as in :func:`_chunk_stats`),
+    which fixes the launches."""
+    seeing = int(np.count_nonzero(tree.query_visible_counts))
+    one_each = partials <= seeing == tree.n_queries
     return {
         "queries": tree.n_queries,
-        "launches": _launches(len(filled), bool(one_each)),
+        "launches": _launches(partials, one_each),
         "branch_tokens": int(tree.query_visible_counts.sum()),
         "unique_tokens": tree.needed_kv_tokens,
     }
@@ -394,7 +395,7 @@ def _group_stats(
     tree: TreeBatch, chunk: int, qg: int, host: dict[str, np.ndarray], heads: HeadLayout, machine: Machine
 ) -> PlanStats:
     """The plan's quantities, from its assembled arrays (``_host_arrays``)."""
-    length, query = host["group_kv_len"], host["group_q"]
+    length, partials = host["group_kv_len"], int((host["group_q"] >= 0).sum())
     tile_rows = heads.tile_rows(host["group_slots"], qg)
     dense = np.arange(len(length)) < host["dense_count"][0]  # listed first
     triton = ~dense if machine.dense_apart else np.ones_like(dense)
@@ -408,11 +409,11 @@ def _group_stats(
         row_tokens=int(length @ tile_rows),
         longest=top,
         n_longest=int(longest @ _programs(tile_rows, dense, machine)),
-        partials=int((query >= 0).sum()),
+        partials=partials,
         dense_groups=int(host["dense_count"][0]),
         folded=int(_n_folded(host["group_fold"], int(host["dense_count"][0])) > 0),
         dense_tokens=int(length[dense].sum()),
         dense_row_tokens=int(length[dense] @ tile_rows[dense]),
         dense_longest=int(length[dense].max(initial=0)),
-        **_tree_fields(tree, query),
+        **_tree_fields(tree, partials),
     )

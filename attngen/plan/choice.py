@@ -98,13 +98,15 @@ def _chunk_stats(
     length = np.concatenate([place.length for place in places])
     of = np.repeat(np.arange(n), [len(place.length) for place in places])
     top = np.array([place.length.max(initial=0) for place in places], dtype=np.int64)
-    # [counts, chunkings]: chunks of each query count, their tokens, the longest of them
+    # [counts, chunkings]: chunks of each query count, their tokens, the longest of them;
+    # the weighted counts stay float64 (exact here), which the cost formula computes in
+    # and takes faster than int64
     key = per_chunk * n + of
     bins = (int(per_chunk.max(initial=0)) + 1) * n
     count = np.flatnonzero(np.bincount(per_chunk))  # the query counts some chunk has
     chunks = np.bincount(key, minlength=bins).reshape(-1, n)[count]
-    tokens = np.bincount(key, length, bins).reshape(-1, n)[count].astype(np.int64)
-    longest = np.bincount(key, 2 * length >= top[of], bins).reshape(-1, n)[count].astype(np.int64)
+    tokens = np.bincount(key, length, bins).reshape(-1, n)[count]
+    longest = np.bincount(key, 2 * length >= top[of], bins).reshape(-1, n)[count]
     qg = qgs[:, None]
     # a chunk's groups: count // qg of qg queries, and one of the rest (if any)
     n_full = count // qg

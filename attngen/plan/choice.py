@@ -113,17 +113,23 @@ def _chunk_stats(
     rest = count - n_full * qg
     has_rest = rest > 0
     per_qg = n_full + has_rest  # groups per chunk [QG, counts]
-    full_rows, rest_rows = heads.tile_rows(qg, qg), heads.tile_rows(rest, qg)
+    # a full group (qg filled slots) is worked out beside the rest groups, as column 0 of
+    # [QG, 1 + counts]: its tile rows, whether it is dense, its stage-1 programs (per KV
+    # head). Groups tall enough to be dense are taken as full: whether they are is not
+    # known here, so this is an upper bound (the QG and span choice that follows is exact)
+    filled = np.concatenate((qg, rest), axis=1)
+    tile_rows = heads.tile_rows(filled, qg)
+    dense = _dense(filled * heads.group, True, 1)
+    group_programs = _programs(tile_rows, dense, machine)
+    full_rows, rest_rows = tile_rows[:, :1], tile_rows[:, 1:]
+    full_dense, rest_dense = dense[:, :1], dense[:, 1:]
+    full_programs, rest_programs = group_programs[:, :1], group_programs[:, 1:]
     rows = n_full * full_rows + has_rest * rest_rows
-    # groups tall enough to be dense, taken as full: whether they are is not known here,
-    # so this is an upper bound (the QG and span choice that follows is exact)
-    full_dense, rest_dense = _dense(qg * heads.group, True, 1), _dense(rest * heads.group, True, 1)
     tall = n_full * full_dense + rest_dense
     tall_rows = n_full * full_dense * full_rows + rest_dense * rest_rows
-    # stage-1 programs per chunk (per KV head), and those of the Triton kernel: all, or
-    # all but the dense ones where the machine runs those apart
-    full_programs = _programs(full_rows, full_dense, machine)
-    programs = n_full * full_programs + has_rest * _programs(rest_rows, rest_dense, machine)
+    # stage-1 programs per chunk, and those of the Triton kernel: all, or all but the
+    # dense ones where the machine runs those apart
+    programs = n_full * full_programs + has_rest * rest_programs
     triton_programs = programs - tall * machine.dense_apart
     partials = count @ chunks
     # every query that sees a token has a partial, so each has exactly one iff every query

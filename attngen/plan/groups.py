@@ -138,6 +138,7 @@ def _slots(pairs: _Pairs, layout: _Chunking, qg: int, source: np.ndarray | None 
     n_groups = -(-pairs.per_chunk // qg)
     first_group = n_groups.cumsum() - n_groups
     # a chunk's queries fill the slots of its groups in rank order, from its first group's
+    # first slot on
     pair_slot = (first_group * qg)[pairs.chunk] + pairs.rank
     group = pair_slot // qg
     total = int(n_groups.sum())

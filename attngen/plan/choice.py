@@ -274,6 +274,7 @@ def _span_stats(
     dense = (rest_dense @ by_rest)[None, :]
     groups = by_rest.sum(axis=0)[None, :]
     partials = (filled @ by_group)[None, :]  # a slot per pair
+    pairs = int(partials[0, 0])  # the same for every QG: a query has one slot per chunk it sees
     n_longest = np.zeros_like(groups)
     if runs is not None:  # the trials' runs of full groups, cut into pieces at each span
         by_run = one_hot[np.repeat(np.arange(n), [len(r.tokens) for r in runs])]
@@ -314,8 +315,8 @@ def _span_stats(
         dense_tokens=np.repeat((length * is_dense) @ by_group, len(spans)),
         dense_row_tokens=np.repeat((length * tile_rows * is_dense) @ by_group, len(spans)),
         dense_longest=top_dense.T.ravel(),
-        # the same for every QG: a query has one slot per chunk it sees
-        **_tree_fields(tree, int(partials[0, 0])),
+        # the launches as counted before coalescing, at every span
+        **_tree_fields(tree, pairs),
     )
 
 

@@ -468,6 +468,11 @@ class TreeBatch:
         """Tokens each query sees: its ancestors' tokens plus its own visible ones."""
         return _frozen(self.node_depth_start[self.query_node] + self.query_own_len)
 
+    @functools.cached_property
+    def n_seeing(self) -> int:
+        """Queries that see any token (a query on an empty root sees none)."""
+        return int(np.count_nonzero(self.query_visible_counts))
+
     def ancestors(self, node: int) -> list[int]:
         """Strict ancestors of ``node``, root first."""
         path: list[int] = []

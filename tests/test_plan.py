@@ -785,7 +785,7 @@ def test_pair_counts_agree_with_the_pairs(tree: TreeBatch, chunk: int) -> None:
     per_chunk = np.bincount(pairs.chunk, minlength=len(place.start))
     np.testing.assert_array_equal(_queries_per_chunk(sight, place), per_chunk)
     per_query = np.bincount(pairs.query, minlength=tree.n_queries)
-    assert (per_chunk.sum() <= sight.seeing) == (per_query.max(initial=0) <= 1)
+    assert (per_chunk.sum() <= tree.n_seeing) == (per_query.max(initial=0) <= 1)
 
 
 def _placement_by_the_rule(sizes: list[int], chunk: int) -> tuple[list[int], list[int], list[int]]:

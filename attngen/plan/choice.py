@@ -132,9 +132,7 @@ def _chunk_stats(
     programs = n_full * full_programs + has_rest * rest_programs
     triton_programs = programs - tall * machine.dense_apart
     partials = count @ chunks
-    # every query that sees a token has a partial, so each has exactly one iff every query
-    # sees a token and there are no more partials than such queries
-    launches = _launches(partials, (partials <= sight.seeing) & (sight.seeing == tree.n_queries))
+    launches = _launches(partials, tree.n_seeing, tree.n_queries)
 
     def per_chunking(values: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """[QG, counts] summed per chunking with ``weight`` [counts, chunkings]: [chunkings, QG]."""
@@ -369,28 +367,27 @@ class _SpanChoice:
         return self.slots.with_bits(self.pairs, self.layout)
 
 
-def _launches(partials: Any, one_each: Any) -> Any:
+def _launches(partials: Any, seeing: int, queries: int) -> Any:
     """The launches of the two stages that a generated module makes (templates/tree.py.j2,
-    ``attention``) for plans of ``partials`` partials, where ``one_each`` says whether every
-    query has exactly one: stage 1 when there are partials (groups); the merge unless every
-    query has exactly one partial (stage 1 then writes the outputs). So a plan of no
-    groups launches the merge alone, which writes its queries' outputs (O 0, LSE -inf),
-    and one without queries launches nothing. Arithmetic only, so that it takes numpy
-    arrays (the candidates of :func:`_chunk_stats`) and Python ints (one plan's, in
+    ``attention``) for plans of ``partials`` partials, of a batch of ``queries`` queries,
+    ``seeing`` of which see a token: stage 1 when there are partials (groups); the merge
+    unless every query has exactly one partial (stage 1 then writes the outputs). Every
+    query that sees a token has a partial, so each has exactly one iff every query sees a
+    token and there are no more partials than such queries. So a plan of no groups
+    launches the merge alone, which writes its queries' outputs (O 0, LSE -inf), and one
+    without queries launches nothing. Arithmetic only, so that it takes numpy arrays (the
+    candidates of :func:`_chunk_stats`) and Python ints (one plan's, in
     :func:`_tree_fields`, where numpy's calls on scalars would cost more than the rest)."""
+    one_each = (partials <= seeing) & (seeing == queries)
     return (partials > 0) * 1 + (1 - one_each)
 
 
 def _tree_fields(tree: TreeBatch, partials: int) -> dict[str, int]:
-    """The PlanStats fields that come from the tree and the plan's count of partials alone:
-    every query that sees a token has a partial, so each has exactly one iff every query
-    sees a token and there are no more partials than queries (as in :func:`_chunk_stats`),
-    which fixes the launches."""
-    seeing = int(np.count_nonzero(tree.query_visible_counts))
-    one_each = partials <= seeing == tree.n_queries
+    """The PlanStats fields that come from the tree and the plan's count of partials alone
+    (which, with the queries that see a token, fixes the launches)."""
     return {
         "queries": tree.n_queries,
-        "launches": _launches(partials, one_each),
+        "launches": _launches(partials, tree.n_seeing, tree.n_queries),
         "branch_tokens": int(tree.query_visible_counts.sum()),
         "unique_tokens": tree.needed_kv_tokens,
     }

@@ -66,7 +66,6 @@ class _Sight:
     seen_whole: np.ndarray  # [nodes] queries that see all of it: below it, or on it (node mode)
     own_node: np.ndarray  # token mode: the KV node of each query on one
     own_len: np.ndarray  # token mode: how many of that node's tokens the query sees
-    seeing: int  # queries that see any token
 
     @staticmethod
     def of(tree: TreeBatch, nodes: _KvNodes) -> _Sight:
@@ -91,13 +90,7 @@ class _Sight:
         if tree.query_mode == "node":  # a query sees all of its own node
             seen_whole += np.bincount(own, minlength=len(seen_whole))
             own = own_len = own[:0]
-        return _Sight(
-            above,
-            seen_whole,
-            own,
-            own_len,
-            int(np.count_nonzero(tree.query_visible_counts)),
-        )
+        return _Sight(above, seen_whole, own, own_len)
 
 
 def _queries_per_chunk(sight: _Sight, place: _Placement) -> np.ndarray:

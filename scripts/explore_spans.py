@@ -1,6 +1,6 @@
 """The cost model's split bound on the H200 (session 55; docs/benchmarks/HISTORY.md): each
 case whose planner choice moved when the model learnt how the dense kernel and the Triton
-stage 1 share the SMs (``SPLIT`` in attngen/cost.py), and the dense cases besides, timed at
+stage 1 share the SMs (``SPLIT`` in attngen/cost_model.py), and the dense cases besides, timed at
 the previous choice, the new one and a grid of chunks and spans around them (the new
 choice's QG; EXPLORE_GRID=0 leaves the grid out), in interleaved rounds. Cases whose choice
 did not move are skipped.

@@ -5,13 +5,17 @@ sweep measured best (or within noise of it)."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import sympy as sp
 import torch
 
-from attngen import cost
+from attngen import cost, cost_formulas, cost_model
 from attngen.cost import HeadLayout, Machine, PlanStats, evaluate, plan_cost
 from attngen.plan import plan_tree
 from attngen.plan.choice import CHUNK_CHOICES, _chunk_stats
@@ -84,6 +88,56 @@ def test_evaluate_takes_few_candidates_one_by_one_alike(name: str, layout: HeadL
         np.testing.assert_allclose(alone, many[c, q], rtol=1e-12)
 
 
+def test_cost_formulas_are_current() -> None:
+    """attngen/cost_formulas.py is what ``python -m attngen.cost_model`` prints from the
+    formulas today (the planner evaluates that file, not the sympy formulas)."""
+    current = Path(cost_formulas.__file__).read_text(encoding="utf-8")
+    assert current == cost_model.render(), "stale: run python -m attngen.cost_model"
+    assert cost_model.main(["--check"]) == 0
+
+
+def test_printed_formulas_agree_with_sympy() -> None:
+    """Every printed formula, over numpy and over Python numbers, against sympy's own
+    evaluation of the formula at random positive values (with the branches of its Min,
+    Max and Piecewise taken both ways across the draws): the printers' nested
+    minimum/maximum and ``where`` mean what sympy means."""
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        plan = {s: float(rng.uniform(1, 5000)) for s in cost_model._PLAN_ARGS}
+        # few query rows or many (narrow programs or not), none of some counts, folds or none
+        plan[cost_model.QG] = float(rng.choice([1, 2, 4, 8, 16, 64, 192]))
+        plan[cost_model.FO] = float(rng.integers(2))
+        for s in (cost_model.DG, cost_model.TD, cost_model.RTD, cost_model.WD, cost_model.NW):
+            plan[s] *= float(rng.integers(2))
+        # the machine's and layout's values near their real scale, so that each term can win
+        consts = {s: float(v * rng.uniform(0.2, 5)) for s, v in zip(cost_model._CONSTANT_ARGS, (
+            32, 8, 128, 128, 2, 4.25e12, 6.9e14, 3e-6, 132, 0.38e-6, 0.32e-9, 1.62, 4.6e-9, 0.22, 64, 4.1, 5.24,
+            47e9, 2, 1, 0.4, 0.38e-6, 3.0), strict=True)}  # fmt: skip
+        values = [plan[s] for s in cost_model._PLAN_ARGS] + [consts[s] for s in cost_model._CONSTANT_ARGS]
+        every = cost_formulas.every_formula(*values)
+        for name, formula, value in zip(cost_formulas.NAMES, cost_model._FORMULAS.values(), every, strict=True):
+            want = float(formula.xreplace({k: sp.Float(v) for k, v in {**plan, **consts}.items()}))
+            ks = getattr(cost_formulas, f"{name}_constants")(*values[len(plan):])
+            vector = getattr(cost_formulas, name)(*(np.array([v]) for v in values[: len(plan)]), *ks)
+            scalar = getattr(cost_formulas, f"{name}_scalar")(*values[: len(plan)], *ks)
+            for got in (float(np.asarray(vector).reshape(-1)[0]), float(scalar), float(value)):
+                assert got == pytest.approx(want, rel=1e-9), name
+
+
+def test_planning_imports_no_sympy() -> None:
+    """A process that plans (and reports a plan's cost) never imports sympy: the first
+    plan costs what the others do (compiling the time formula took 0.25 s of it)."""
+    code = (
+        "import sys\n"
+        "from attngen.plan import plan_tree\n"
+        "from attngen.tree import TreeBatch\n"
+        "plan_tree(TreeBatch.from_parents([-1, 0, 0], [900, 40, 40])).cost\n"
+        "sys.exit('sympy' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr or "sympy was imported"
+
+
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_tile_rows_follows_its_rule(group: int) -> None:
     """The lookup behind tile_rows against the rule, spelled out group by group: the
@@ -108,12 +162,12 @@ def test_narrow_programs_share_an_sm() -> None:
     # 200 long programs: two narrow ones fit an SM (one wave), wide ones take two waves
     m = Machine()
     values = {
-        cost.Hq: 32, cost.Hkv: 8, cost.Dqk: 128, cost.Dv: 128, cost.NW: 25, cost.W: 8192,
-        cost.SMS: m.sms, cost.RATE: m.matmul_rate, cost.OVH: m.program_overhead,
-        cost.R_wg: m.warpgroup_rows, cost.NARROW: 1, cost.SLOTS: m.narrow_programs_per_sm,
+        cost_model.Hq: 32, cost_model.Hkv: 8, cost_model.Dqk: 128, cost_model.Dv: 128, cost_model.NW: 25, cost_model.W: 8192,
+        cost_model.SMS: m.sms, cost_model.RATE: m.matmul_rate, cost_model.OVH: m.program_overhead,
+        cost_model.R_wg: m.warpgroup_rows, cost_model.NARROW: 1, cost_model.SLOTS: m.narrow_programs_per_sm,
     }  # fmt: skip
-    narrow = float(cost.WAVES.subs({**values, cost.QG: 8}))  # 32 rows
-    wide = float(cost.WAVES.subs({**values, cost.QG: 16}))  # 64 rows
+    narrow = float(cost_model.WAVES.subs({**values, cost_model.QG: 8}))  # 32 rows
+    wide = float(cost_model.WAVES.subs({**values, cost_model.QG: 16}))  # 64 rows
     assert wide == pytest.approx(2 * narrow)
 
 
@@ -121,16 +175,16 @@ def test_streaming_bound_counts_every_program() -> None:
     # the longest program alone, or every program's stream over the SMs' slots
     m = Machine()
     values = {
-        cost.Hkv: 8, cost.Dqk: 128, cost.Dv: 128, cost.E: 2, cost.PBW: m.program_bandwidth,
-        cost.OVH: m.program_overhead, cost.PSLOTS: m.programs_per_sm, cost.SMS: m.sms,
-        cost.NW: 8,  # programs of the longest: some (a plan of none has no longest)
-        cost.DK: m.dense_kernel_launches, cost.DG: 0, cost.TD: 0,  # no dense groups
+        cost_model.Hkv: 8, cost_model.Dqk: 128, cost_model.Dv: 128, cost_model.E: 2, cost_model.PBW: m.program_bandwidth,
+        cost_model.OVH: m.program_overhead, cost_model.PSLOTS: m.programs_per_sm, cost_model.SMS: m.sms,
+        cost_model.NW: 8,  # programs of the longest: some (a plan of none has no longest)
+        cost_model.DK: m.dense_kernel_launches, cost_model.DG: 0, cost_model.TD: 0,  # no dense groups
     }  # fmt: skip
     longest = 1024 * 512 / m.program_bandwidth + m.program_overhead
-    few = float(cost.STREAM.subs({**values, cost.W: 1024, cost.T: 4096, cost.G: 8}))
+    few = float(cost_model.STREAM.subs({**values, cost_model.W: 1024, cost_model.T: 4096, cost_model.G: 8}))
     assert few == pytest.approx(longest)
     # 200 groups of 1000 tokens (1600 programs) take about six rounds of the 264 slots
-    many = float(cost.STREAM.subs({**values, cost.W: 1024, cost.T: 200_000, cost.G: 200}))
+    many = float(cost_model.STREAM.subs({**values, cost_model.W: 1024, cost_model.T: 200_000, cost_model.G: 200}))
     assert many == pytest.approx(8 * (200_000 * 512 / m.program_bandwidth + 200 * m.program_overhead) / 264)
     assert many > 5 * longest
 

@@ -182,7 +182,7 @@ def _chunk_candidates(
     candidate has dense groups where the machine runs them apart, for
     :func:`_choose_plan_params` to compare after coalescing. How a long prompt's dense
     groups are cut into spans decides how the SMs are split between the dense kernel and
-    the rest (``SPLIT`` in :mod:`attngen.cost`), which the uncoalesced chunks compared
+    the rest (``SPLIT`` in :mod:`attngen.cost_model`), which the uncoalesced chunks compared
     here do not show: fewshot_32k_x64 GQA ran 85.6 us at chunk 256 in six prompt pieces,
     against 92.3 at the best span of chunk 512 (session 54)."""
     _check_params(chunk, qg, heads)

@@ -272,7 +272,6 @@ _FORMULAS: dict[str, sp.Expr] = {
 }
 
 
-
 class _VectorPrinter(NumPyPrinter):
     """numpy, with every name qualified (the generated module imports numpy alone), Min
     and Max as nested two-argument calls, and Piecewise (whose last condition is

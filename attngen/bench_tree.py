@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +37,7 @@ from attngen.plotting import pyplot
 from attngen.progress import Progress
 from attngen.render import write_atomic
 from attngen.spec import Spec, parse_spec, torch_dtype
+from attngen.tree import TreeBatch
 from attngen.workloads import REFERENCE_SHAPES, WORKLOADS, Workload
 
 LAYOUTS = {"mha": (32, 32), "gqa": (32, 8)}
@@ -180,21 +181,24 @@ def _planning_ms(workload: Workload, heads: Any) -> tuple[float, float | None]:
 
     plan = plan_tree(workload.tree, heads=heads)
 
-    def median_ms(fn: Callable[[], Any]) -> float:
-        fn()
+    def median_ms(fn: Callable[[TreeBatch], Any], tree: Callable[[], TreeBatch]) -> float:
+        """Each call on a tree from ``tree()``, made outside the timing: one never planned
+        before, as a step's is (a tree keeps the arrays it derives on first use, which
+        repeated plans of one tree object would not pay)."""
+        fn(tree())
         times = []
         for _ in range(PLANNING_REPEATS):
+            fresh = tree()
             t0 = time.perf_counter()
-            fn()
+            fn(fresh)
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e3
 
-    fixed = median_ms(lambda: plan_tree(workload.tree, chunk=plan.chunk, queries_per_group=plan.queries_per_group,
-                                        span=plan.span, heads=heads))
+    fixed = median_ms(lambda t: plan_tree(t, chunk=plan.chunk, queries_per_group=plan.queries_per_group,
+                                          span=plan.span, heads=heads), lambda: replace(workload.tree))
     replan = None
     if workload.tree.query_mode == "node":
-        grown = workload.tree.append_to_leaves(1)
-        replan = median_ms(lambda: replan_after_append(plan, grown))
+        replan = median_ms(lambda t: replan_after_append(plan, t), lambda: workload.tree.append_to_leaves(1))
     return fixed, replan
 
 

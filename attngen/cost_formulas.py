@@ -5,6 +5,8 @@ the formulas; do not edit it by hand. Arguments: the plan's symbols, then the co
 machine's symbols (see attngen.cost_model for what each symbol means).
 """
 
+#: Printed by sympy 1.14.0.
+
 import math
 
 import numpy

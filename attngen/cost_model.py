@@ -336,7 +336,7 @@ def render() -> str:
     body = "\n\n".join(parts)
     # the modules the printed functions name (a printer qualifies every name it takes from one)
     imports = "\n".join(f"import {m}\n" for m in ("math", "numpy") if f"{m}." in body)
-    return f"{_HEADER}\n{imports}\n#: The formulas, in the order every_formula returns them.\nNAMES = {tuple(_FORMULAS)!r}\n\n\n{body}"
+    return f"{_HEADER}\n{PRINTED_BY.format(sp.__version__)}\n\n{imports}\n#: The formulas, in the order every_formula returns them.\nNAMES = {tuple(_FORMULAS)!r}\n\n\n{body}"
 
 
 _HEADER = """\
@@ -347,6 +347,11 @@ the formulas; do not edit it by hand. Arguments: the plan's symbols, then the co
 machine's symbols (see attngen.cost_model for what each symbol means).
 \"\"\"
 """
+
+#: The header line that names the sympy whose printers wrote the file: another sympy may
+#: print the same formulas in another order (tests/test_cost.py compares the text only
+#: under the same sympy, and the values under any).
+PRINTED_BY = "#: Printed by sympy {}."
 
 
 PATH = Path(__file__).with_name("cost_formulas.py")

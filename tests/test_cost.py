@@ -90,8 +90,13 @@ def test_evaluate_takes_few_candidates_one_by_one_alike(name: str, layout: HeadL
 
 def test_cost_formulas_are_current() -> None:
     """attngen/cost_formulas.py is what ``python -m attngen.cost_model`` prints from the
-    formulas today (the planner evaluates that file, not the sympy formulas)."""
+    formulas today (the planner evaluates that file, not the sympy formulas). Another
+    sympy than the one that printed it may print the same formulas in another order: the
+    text is compared under the same sympy, the values (next test) under any."""
     current = Path(cost_formulas.__file__).read_text(encoding="utf-8")
+    printed_by = cost_model.PRINTED_BY.format(sp.__version__)
+    if printed_by not in current.splitlines():
+        pytest.skip(f"cost_formulas.py was printed by another sympy than {sp.__version__}")
     assert current == cost_model.render(), "stale: run python -m attngen.cost_model"
     assert cost_model.main(["--check"]) == 0
 

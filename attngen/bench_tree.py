@@ -173,6 +173,23 @@ def _try(fn: Callable[[], T], what: str) -> T | None:
 PLANNING_REPEATS = 50
 
 
+def planning_ms(fn: Callable[[TreeBatch], Any], tree: Callable[[], TreeBatch],
+                repeats: int = PLANNING_REPEATS) -> float:
+    """Median host ms of ``fn`` (planning) over ``repeats`` calls, each on a tree from
+    ``tree()`` made outside the timing: a tree never planned before, as a new tree or a
+    decode step's is. A tree derives some arrays on first use and keeps them (kv_pos,
+    q_pos, its unique tokens), which repeated plans of one tree object would not pay
+    (0.05-0.09 ms of item 5's 256-node tree; session 61). One untimed call first."""
+    fn(tree())
+    times = []
+    for _ in range(repeats):
+        fresh = tree()
+        t0 = time.perf_counter()
+        fn(fresh)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
 def _planning_ms(workload: Workload, heads: Any) -> tuple[float, float | None]:
     """Median host time of planning the workload at the cost model's chosen parameters
     (what a decode step that brings a new token tree pays) and, for branch trees, of a
@@ -180,25 +197,11 @@ def _planning_ms(workload: Workload, heads: Any) -> tuple[float, float | None]:
     from attngen.plan import replan_after_append
 
     plan = plan_tree(workload.tree, heads=heads)
-
-    def median_ms(fn: Callable[[TreeBatch], Any], tree: Callable[[], TreeBatch]) -> float:
-        """Each call on a tree from ``tree()``, made outside the timing: one never planned
-        before, as a step's is (a tree keeps the arrays it derives on first use, which
-        repeated plans of one tree object would not pay)."""
-        fn(tree())
-        times = []
-        for _ in range(PLANNING_REPEATS):
-            fresh = tree()
-            t0 = time.perf_counter()
-            fn(fresh)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
-
-    fixed = median_ms(lambda t: plan_tree(t, chunk=plan.chunk, queries_per_group=plan.queries_per_group,
-                                          span=plan.span, heads=heads), lambda: replace(workload.tree))
+    fixed = planning_ms(lambda t: plan_tree(t, chunk=plan.chunk, queries_per_group=plan.queries_per_group,
+                                            span=plan.span, heads=heads), lambda: replace(workload.tree))
     replan = None
     if workload.tree.query_mode == "node":
-        replan = median_ms(lambda t: replan_after_append(plan, t), lambda: workload.tree.append_to_leaves(1))
+        replan = planning_ms(lambda t: replan_after_append(plan, t), lambda: workload.tree.append_to_leaves(1))
     return fixed, replan
 
 

@@ -297,7 +297,7 @@ def _plan_values(stats: PlanStats) -> tuple[object, ...]:
     )
 
 
-def _constant_values(layout: HeadLayout, machine: Machine) -> tuple[object, ...]:
+def _constant_values(layout: HeadLayout, machine: Machine) -> tuple[float, ...]:
     return (
         layout.heads_q,
         layout.heads_kv,

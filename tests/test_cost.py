@@ -114,10 +114,9 @@ def test_printed_formulas_agree_with_sympy() -> None:
         plan[cost_model.FO] = float(rng.integers(2))
         for s in (cost_model.DG, cost_model.TD, cost_model.RTD, cost_model.WD, cost_model.NW):
             plan[s] *= float(rng.integers(2))
-        # the machine's and layout's values near their real scale, so that each term can win
-        consts = {s: float(v * rng.uniform(0.2, 5)) for s, v in zip(cost_model._CONSTANT_ARGS, (
-            32, 8, 128, 128, 2, 4.25e12, 6.9e14, 3e-6, 132, 0.38e-6, 0.32e-9, 1.62, 4.6e-9, 0.22, 64, 4.1, 5.24,
-            47e9, 2, 1, 0.4, 0.38e-6, 3.0), strict=True)}  # fmt: skip
+        # the layout's and machine's values, each scaled at random, so that each term can win
+        consts = {s: v * rng.uniform(0.2, 5) for s, v in
+                  zip(cost_model._CONSTANT_ARGS, cost._constant_values(GQA, Machine()), strict=True)}
         values = [plan[s] for s in cost_model._PLAN_ARGS] + [consts[s] for s in cost_model._CONSTANT_ARGS]
         every = cost_formulas.every_formula(*values)
         for name, formula, value in zip(cost_formulas.NAMES, cost_model._FORMULAS.values(), every, strict=True):

@@ -3,8 +3,6 @@ the incremental decode step, fixed-capacity buffers, bad input and planning time
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -15,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attngen import cli
+from attngen.bench_tree import planning_ms
 from attngen.cost import DENSE_ROWS, HeadLayout, Machine
 from attngen.errors import PlanError
 from attngen.plan import (
@@ -730,20 +729,6 @@ def test_cost_reports_the_floor_as_the_bench_measures_it() -> None:
     assert slower.floor_s == pytest.approx(2 * cost.floor_s) and slower.flops == cost.flops
 
 
-def _median_ms(fn: Callable[[TreeBatch], object], tree: Callable[[], TreeBatch], repeat: int = 30) -> float:
-    """Median ms of ``fn`` on a tree from ``tree()`` each time, made outside the timing: a
-    tree never planned before, as a new tree or a decode step's is. (A tree derives some
-    arrays on first use and keeps them, kv_pos and q_pos among them: timing repeated plans
-    of one tree object left those out, 0.05-0.09 ms of item 5's tree; session 61.)"""
-    times = []
-    for _ in range(repeat):
-        fresh = tree()
-        start = time.perf_counter()
-        fn(fresh)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
-
-
 def test_planning_time_256_nodes_256_queries() -> None:
     rng = np.random.default_rng(0)
     parents = [-1] + [int(rng.integers(0, i)) for i in range(1, 256)]
@@ -755,18 +740,18 @@ def test_planning_time_256_nodes_256_queries() -> None:
     def again() -> TreeBatch:  # the same tree, built afresh
         return replace(tree)
 
-    fixed = _median_ms(lambda t: plan_tree(t, chunk=128, queries_per_group=8, span=1024), again)
-    chosen = _median_ms(plan_tree, again)
-    step = _median_ms(lambda t: replan_after_append(plan, t), lambda: tree.append_to_leaves(1))
+    fixed = planning_ms(lambda t: plan_tree(t, chunk=128, queries_per_group=8, span=1024), again)
+    chosen = planning_ms(plan_tree, again)
+    step = planning_ms(lambda t: replan_after_append(plan, t), lambda: tree.append_to_leaves(1))
     # the speculative form of the same size: a 248-token tree over an 8000-token prefix
     # (spec_8k_248), where the prefix's chunks add thousands of (chunk, query) pairs; each
     # step brings a new token tree, planned at the previous step's parameters
     spec, heads = WORKLOADS["spec_8k_248"]().tree, HeadLayout(heads_q=32, heads_kv=8)
     spec_plan = plan_tree(spec, heads=heads)
     chunk, qg, span = spec_plan.chunk, spec_plan.queries_per_group, spec_plan.span
-    spec_fixed = _median_ms(lambda t: plan_tree(t, heads=heads, chunk=chunk, queries_per_group=qg, span=span),
+    spec_fixed = planning_ms(lambda t: plan_tree(t, heads=heads, chunk=chunk, queries_per_group=qg, span=span),
                             lambda: replace(spec))
-    spec_chosen = _median_ms(lambda t: plan_tree(t, heads=heads), lambda: replace(spec))
+    spec_chosen = planning_ms(lambda t: plan_tree(t, heads=heads), lambda: replace(spec))
     print(
         f"\nplanning 256 nodes / 256 queries: {fixed:.3f} ms (chunk 128, QG 8, span 1024), "
         f"{chosen:.3f} ms (cost-model choice of chunk, QG and span), "

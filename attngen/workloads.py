@@ -166,6 +166,16 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
 REFERENCE_SHAPES = ("fewshot_4k_x20", "fewshot_32k_x64", "tot_d3_w3", "spec_4k_92", "spec_16k_184")
 
 
+def planning_target_tree() -> TreeBatch:
+    """Issue 3's planning-time tree (item 5): a random recursive tree of 256 nodes with a
+    query at each, nodes of 1..63 tokens under a 1000-token root (seed 0)."""
+    rng = np.random.default_rng(0)
+    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, 256)]
+    tokens = rng.integers(1, 64, 256)
+    tokens[0] = 1000
+    return TreeBatch.from_parents(parents, tokens, np.arange(256))
+
+
 def unique_kv_tokens(workload: Workload) -> int:
     """KV tokens some query sees, each counted once (the IO floor's token count)."""
     return workload.tree.needed_kv_tokens

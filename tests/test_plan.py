@@ -35,7 +35,7 @@ from attngen.plan.spans import _Runs
 from attngen.plan.tensors import _int32_tensors
 from attngen.plan.visibility import _pairs, _prefix_masks, _queries_per_chunk, _Sight
 from attngen.tree import QueryMode, TreeBatch
-from attngen.workloads import WORKLOADS
+from attngen.workloads import WORKLOADS, planning_target_tree
 
 
 def coverage(tree: TreeBatch, plan: Plan) -> np.ndarray:
@@ -730,11 +730,7 @@ def test_cost_reports_the_floor_as_the_bench_measures_it() -> None:
 
 
 def test_planning_time_256_nodes_256_queries() -> None:
-    rng = np.random.default_rng(0)
-    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, 256)]
-    tokens = rng.integers(1, 64, 256)
-    tokens[0] = 1000
-    tree = TreeBatch.from_parents(parents, tokens, np.arange(256))
+    tree = planning_target_tree()
     plan = plan_tree(tree, chunk=128, queries_per_group=8, span=1024)
 
     def again() -> TreeBatch:  # the same tree, built afresh

@@ -3,20 +3,22 @@ noise of a shared machine's clock.
 
 Wall-clock planning times on a shared development machine moved by up to 2x from one
 minute to the next in session 62 (the same code, 1.0-1.6 ms at given parameters), which
-hides any change under ~10%. The instructions a plan executes hardly move: two runs of the
-same code agreed to 0.02% (9.268 and 9.266 M on ``target``). So a planner change is
-measured here as instructions per plan, before and after; what a plan takes in time still
-has to be timed, on a quiet machine.
+hides any change under ~10%. The instructions a plan executes do not move: two runs of the
+same code counted the same number, to the instruction. So a planner change is measured
+here as instructions per plan, before and after; what a plan takes in time still has to
+be timed, on a quiet machine.
 
-Each case runs twice under callgrind, with no plans and with ``--plans`` plans (each of a
-tree built afresh beforehand, after one plan to warm up), both in parallel; the difference
-over ``--plans`` is one plan's instructions, whatever importing torch and numpy costs. The
-runs are made alike: address randomization off, a fixed string hash, the cyclic garbage
-collector off while planning (it runs at points that depend on every allocation before).
-Cases: ``target`` (issue 3's 256-node planning tree, the cost model's choice),
-``target-fixed`` (at chunk 128, QG 8, span 1024), ``target-step`` (a token appended to
-each leaf, then the incremental replan), and ``WORKLOAD/mha`` or ``WORKLOAD/gqa`` (the
-choice on a named workload). Needs valgrind; a case takes a few minutes::
+callgrind counts only the plans: they run inside a call to libc's ``qsort`` (through
+ctypes, as the comparison callback of a two-element sort), and callgrind collects only
+within ``qsort`` (``--toggle-collect``), which nothing else in the process calls; the way
+to mark a region of a Python program for callgrind without a C extension. Each plan is of a
+tree built afresh beforehand (outside the count), after one plan to warm up; the string
+hash is fixed, address randomization and the cyclic garbage collector off, so that two
+runs do the same work. Cases: ``target`` (issue 3's 256-node planning tree, the cost
+model's choice), ``target-fixed`` (at chunk 128, QG 8, span 1024), ``target-step`` (a token
+appended to each leaf, then the incremental replan), and ``WORKLOAD/mha`` or
+``WORKLOAD/gqa`` (the choice on a named workload). Needs valgrind; a case takes about a
+minute::
 
     python scripts/plan_instructions.py target target-fixed spec_8k_248/gqa
 """
@@ -24,13 +26,13 @@ choice on a named workload). Needs valgrind; a case takes a few minutes::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import re
 import subprocess
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -60,42 +62,45 @@ def _case(name: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
 
 def _child(name: str, plans: int) -> None:
     fresh, plan = _case(name)
-    plan(fresh())  # the first plan's one-time costs, in both runs
+    plan(fresh())  # the first plan's one-time costs, not counted
     trees = [fresh() for _ in range(plans)]
-    # the cyclic collector runs when allocations pass a threshold, so at points that
-    # depend on everything before: a few percent either way from one count to the next
     gc.collect()
-    gc.disable()
-    for tree in trees:
-        plan(tree)
+    gc.disable()  # it runs at points that depend on every allocation before
+
+    def counted(a: int, b: int) -> int:  # the comparison callback: every plan, once
+        for tree in trees:
+            plan(tree)
+        return 0
+
+    pair = (ctypes.c_int * 2)(0, 1)
+    callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)(counted)
+    ctypes.CDLL(None).qsort(pair, 2, ctypes.sizeof(ctypes.c_int), callback)
 
 
-def _collected(name: str, plans: int) -> int:
-    cmd = ["setarch", "-R", "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
-           "--child", name, str(plans)]
-    # a fixed string hash, so that dicts and sets do the same work in every run
+def _count(name: str, plans: int) -> float:
+    """Instructions per plan of case ``name``, over ``plans`` plans."""
+    cmd = ["setarch", "-R", "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+           "--collect-atstart=no", "--toggle-collect=*qsort*", sys.executable, __file__, "--child", name, str(plans)]
     run = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONHASHSEED": "0"})
     found = re.search(r"Collected : (\d+)", run.stderr)
     if run.returncode or not found:
         raise SystemExit(f"{name}: callgrind run failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
-    return int(found.group(1))
+    return int(found.group(1)) / plans
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cases", nargs="*", default=["target", "target-fixed", "target-step"])
-    parser.add_argument("--plans", type=int, default=100, help="plans per counted run (default 100)")
+    parser.add_argument("--plans", type=int, default=20, help="plans counted (default 20)")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "PLANS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _child(args.child[0], int(args.child[1]))
         return
     for i, name in enumerate(args.cases, 1):
-        _case(name)  # a bad name fails here, not after minutes under valgrind
-        print(f"[{i}/{len(args.cases)}] {name}: two callgrind runs ...", file=sys.stderr, flush=True)
-        with ThreadPoolExecutor(2) as pool:
-            base, counted = pool.map(_collected, (name, name), (0, args.plans))
-        print(f"{name}: {(counted - base) / args.plans / 1e6:.3f} M instructions per plan", flush=True)
+        _case(name)  # a bad name fails here, not after a minute under valgrind
+        print(f"[{i}/{len(args.cases)}] {name}: under callgrind ...", file=sys.stderr, flush=True)
+        print(f"{name}: {_count(name, args.plans) / 1e6:.3f} M instructions per plan", flush=True)
 
 
 if __name__ == "__main__":

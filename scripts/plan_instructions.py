@@ -4,13 +4,14 @@ noise of a shared machine's clock.
 Wall-clock planning times on a shared development machine moved by up to 2x from one
 minute to the next in session 62 (the same code, 1.0-1.6 ms at given parameters), which
 hides any change under ~10%. The instructions a plan executes do not move: two runs of the
-same code counted the same number, to the instruction. So a planner change is measured
+same code from one shell counted the same number, to the instruction (another shell's
+environment variables moved it by 0.05%). So a planner change is measured
 here as instructions per plan, before and after; what a plan takes in time still has to
 be timed, on a quiet machine.
 
 callgrind counts only the plans: they run inside a call to libc's ``qsort`` (through
 ctypes, as the comparison callback of a two-element sort), and callgrind collects only
-within ``qsort`` (``--toggle-collect``), which nothing else in the process calls; the way
+within ``qsort`` (``--toggle-collect``), which planning itself never calls; the way
 to mark a region of a Python program for callgrind without a C extension. Each plan is of a
 tree built afresh beforehand (outside the count), after one plan to warm up; the string
 hash is fixed, address randomization and the cyclic garbage collector off, so that two
@@ -77,15 +78,15 @@ def _child(name: str, plans: int) -> None:
     ctypes.CDLL(None).qsort(pair, 2, ctypes.sizeof(ctypes.c_int), callback)
 
 
-def _count(name: str, plans: int) -> float:
-    """Instructions per plan of case ``name``, over ``plans`` plans."""
+def _count(name: str, plans: int) -> int:
+    """Instructions of ``plans`` plans of case ``name``."""
     cmd = ["setarch", "-R", "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
            "--collect-atstart=no", "--toggle-collect=*qsort*", sys.executable, __file__, "--child", name, str(plans)]
     run = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONHASHSEED": "0"})
     found = re.search(r"Collected : (\d+)", run.stderr)
     if run.returncode or not found:
         raise SystemExit(f"{name}: callgrind run failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
-    return int(found.group(1)) / plans
+    return int(found.group(1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     for i, name in enumerate(args.cases, 1):
         _case(name)  # a bad name fails here, not after a minute under valgrind
         print(f"[{i}/{len(args.cases)}] {name}: under callgrind ...", file=sys.stderr, flush=True)
-        print(f"{name}: {_count(name, args.plans) / 1e6:.3f} M instructions per plan", flush=True)
+        total = _count(name, args.plans)
+        print(f"{name}: {total / args.plans / 1e6:.3f} M instructions per plan ({total:,} in {args.plans})",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -93,15 +93,14 @@ def _places(nodes: _KvNodes, chunks: tuple[int, ...]) -> list[_Placement]:
     # the chunk a starting node leaves open ends at kv_start + pieces * chunk: the nodes
     # that end by then join it
     next_start = end.searchsorted(kv_start + pieces * chunk, "right").tolist()
-    starters = []  # flat [chunking, node] index of the nodes that start a chunk
+    starts = bytearray(pieces.size)  # [chunking, node]: 1 where the node starts a chunk
     for k, row in enumerate(next_start):
         i = 0
         while i < n:
-            starters.append(k * n + i)
+            starts[k * n + i] = 1
             i = row[i]
-    opens = np.zeros(pieces.shape, dtype=np.int64)  # chunks each node opens
-    at = np.array(starters, dtype=np.int64)
-    opens.reshape(-1)[at] = pieces.reshape(-1)[at]
+    # chunks each node opens
+    opens = np.where(np.frombuffer(starts, dtype=np.bool_).reshape(pieces.shape), pieces, 0)
     pieces = np.maximum(opens, 1)  # a node that joins a chunk fits whole in it
     first = opens.cumsum(axis=1) - pieces
     counts = opens.sum(axis=1)

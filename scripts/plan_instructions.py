@@ -40,6 +40,7 @@ from typing import Any
 
 def _case(name: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
     """(a maker of fresh trees, the planning call) of case ``name``."""
+    from attngen.bench_tree import LAYOUTS
     from attngen.cost import HeadLayout
     from attngen.plan import plan_tree, replan_after_append
     from attngen.workloads import WORKLOADS, planning_target_tree
@@ -53,10 +54,11 @@ def _case(name: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
         plan = plan_tree(tree, chunk=128, queries_per_group=8, span=1024)
         return lambda: tree.append_to_leaves(1), lambda t: replan_after_append(plan, t)
     workload, _, layout = name.partition("/")
-    if workload not in WORKLOADS or layout not in ("mha", "gqa"):
-        raise SystemExit(f"unknown case {name!r}: target, target-fixed, target-step or WORKLOAD/mha|gqa "
-                         f"(workloads: {', '.join(WORKLOADS)})")
-    heads = HeadLayout(heads_q=32, heads_kv=32 if layout == "mha" else 8)
+    if workload not in WORKLOADS or layout not in LAYOUTS:
+        raise SystemExit(f"unknown case {name!r}: target, target-fixed, target-step or WORKLOAD/LAYOUT "
+                         f"(workloads: {', '.join(WORKLOADS)}; layouts: {', '.join(LAYOUTS)})")
+    heads_q, heads_kv = LAYOUTS[layout]
+    heads = HeadLayout(heads_q=heads_q, heads_kv=heads_kv)
     wl = WORKLOADS[workload]().tree
     return lambda: replace(wl), lambda t: plan_tree(t, heads=heads)
 

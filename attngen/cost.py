@@ -87,6 +87,21 @@ def _tile_rows_table(group: int) -> np.ndarray:
     return rows
 
 
+@functools.cache
+def _qg_choices(group: int, max_rows: int) -> tuple[int, ...]:
+    """:meth:`HeadLayout.queries_per_group_choices` of a layout's ``group`` and
+    ``max_rows`` (the planner asks for them twice a plan)."""
+    limit = min(max_rows, BLOCK_ROWS)
+    choices, qg = [], 1
+    while qg == 1 or qg * group <= limit:
+        choices.append(qg)
+        qg *= 2
+    tall = TALL_ROWS // group
+    if BLOCK_ROWS < tall * group <= max_rows:
+        choices.append(tall)
+    return tuple(choices)
+
+
 @dataclass(frozen=True, slots=True)
 class HeadLayout:
     """Head counts, head dims and element size of the attention a plan serves.
@@ -129,15 +144,7 @@ class HeadLayout:
         """The QG a plan may use: powers of two with QG * group <= min(max_rows,
         BLOCK_ROWS) (at least 1), then the tall QG, ``TALL_ROWS // group``, if its rows
         exceed BLOCK_ROWS and fit max_rows."""
-        limit = min(self.max_rows, BLOCK_ROWS)
-        choices, qg = [], 1
-        while qg == 1 or qg * self.group <= limit:
-            choices.append(qg)
-            qg *= 2
-        tall = TALL_ROWS // self.group
-        if BLOCK_ROWS < tall * self.group <= self.max_rows:
-            choices.append(tall)
-        return tuple(choices)
+        return _qg_choices(self.group, self.max_rows)
 
 
 #: The layout a plan serves when none is given (Llama-style MHA, 32 heads of 128); one
@@ -332,6 +339,15 @@ def _constants(name: str, layout: HeadLayout, machine: Machine) -> list[float]:
     return _compiled(name).constants(*_constant_values(layout, machine))
 
 
+@functools.lru_cache(maxsize=64)
+def _array_constants(name: str, layout: HeadLayout, machine: Machine) -> list[np.ndarray]:
+    """:func:`_constants` as 0-d arrays, for the formulas' numpy form: numpy takes a 0-d
+    array beside an array in about half the time it takes a Python number, which it must
+    convert at every operation. Same dtypes as numpy gives the numbers (int64, float64),
+    so the same results."""
+    return [np.asarray(k) for k in _constants(name, layout, machine)]
+
+
 #: Up to this many candidates, :func:`evaluate` takes them one by one in plain arithmetic:
 #: each numpy call costs about half a microsecond whatever its size, and ``time_s`` makes
 #: ~85 of them, while one candidate in Python costs ~2.7 us (the span choice's three QG
@@ -342,11 +358,12 @@ SCALAR_UP_TO = 8
 def evaluate(name: str, stats: PlanStats, layout: HeadLayout, machine: Machine) -> np.ndarray:
     """One compiled formula (``time_s``, ``total_bytes``, ...) at ``stats``, an array of
     the candidates' broadcast shape."""
-    compiled, values, constants = _compiled(name), _plan_values(stats), _constants(name, layout, machine)
+    compiled, values = _compiled(name), _plan_values(stats)
     arrays = [v for v in values if isinstance(v, np.ndarray)]
     shape = np.broadcast(*arrays).shape if arrays else ()
     if math.prod(shape) > SCALAR_UP_TO:
-        return np.asarray(compiled.formula(*values, *constants), dtype=np.float64)
+        return np.asarray(compiled.formula(*values, *_array_constants(name, layout, machine)), dtype=np.float64)
+    constants = _constants(name, layout, machine)
     out = [compiled.scalar(*plan, *constants) for plan in zip(*(_column(v, shape) for v in values), strict=True)]
     return np.asarray(out, dtype=np.float64).reshape(shape)
 

@@ -344,8 +344,11 @@ def _array_constants(name: str, layout: HeadLayout, machine: Machine) -> list[np
     """:func:`_constants` as 0-d arrays, for the formulas' numpy form: numpy takes a 0-d
     array beside an array in about half the time it takes a Python number, which it must
     convert at every operation. Same dtypes as numpy gives the numbers (int64, float64),
-    so the same results."""
-    return [np.asarray(k) for k in _constants(name, layout, machine)]
+    so the same results. Read-only, as every caller shares them."""
+    constants = [np.asarray(k) for k in _constants(name, layout, machine)]
+    for k in constants:
+        k.flags.writeable = False
+    return constants
 
 
 #: Up to this many candidates, :func:`evaluate` takes them one by one in plain arithmetic:

@@ -17,9 +17,9 @@ tree built afresh beforehand (outside the count), after one plan to warm up; the
 hash is fixed, address randomization and the cyclic garbage collector off, so that two
 runs do the same work. Cases: ``target`` (issue 3's 256-node planning tree, the cost
 model's choice), ``target-fixed`` (at chunk 128, QG 8, span 1024), ``target-step`` (a token
-appended to each leaf, then the incremental replan), ``one-node`` (the choice on a tree of
-one 100-token node with one query: the part of a plan that does not grow with the tree),
-and ``WORKLOAD/mha`` or
+appended to each leaf, then the incremental replan), ``one-node`` and ``one-node-fixed``
+(the same two on a tree of one 100-token node with one query: the part of a plan that does
+not grow with the tree), and ``WORKLOAD/mha`` or
 ``WORKLOAD/gqa`` (the choice on a named workload). Needs valgrind; a case takes about a
 minute::
 
@@ -48,20 +48,25 @@ def _case(name: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
     from attngen.tree import TreeBatch
     from attngen.workloads import WORKLOADS, planning_target_tree
 
+    def fixed(t: TreeBatch) -> Any:  # item 5's test's given parameters
+        return plan_tree(t, chunk=128, queries_per_group=8, span=1024)
+
     tree = planning_target_tree()
-    if name == "one-node":  # what every plan with the choice costs, whatever its tree
-        one = TreeBatch.from_parents([-1], [100], [0])
-        return lambda: replace(one), plan_tree
+    one = TreeBatch.from_parents([-1], [100], [0])  # what a plan costs whatever its tree
     if name == "target":
         return lambda: replace(tree), plan_tree
     if name == "target-fixed":
-        return lambda: replace(tree), lambda t: plan_tree(t, chunk=128, queries_per_group=8, span=1024)
+        return lambda: replace(tree), fixed
     if name == "target-step":
-        plan = plan_tree(tree, chunk=128, queries_per_group=8, span=1024)
+        plan = fixed(tree)
         return lambda: tree.append_to_leaves(1), lambda t: replan_after_append(plan, t)
+    if name == "one-node":
+        return lambda: replace(one), plan_tree
+    if name == "one-node-fixed":
+        return lambda: replace(one), fixed
     workload, _, layout = name.partition("/")
     if workload not in WORKLOADS or layout not in LAYOUTS:
-        raise SystemExit(f"unknown case {name!r}: target, target-fixed, target-step, one-node or WORKLOAD/LAYOUT "
+        raise SystemExit(f"unknown case {name!r}: target, target-fixed, target-step, one-node, one-node-fixed or WORKLOAD/LAYOUT "
                          f"(workloads: {', '.join(WORKLOADS)}; layouts: {', '.join(LAYOUTS)})")
     heads_q, heads_kv = LAYOUTS[layout]
     heads = HeadLayout(heads_q=heads_q, heads_kv=heads_kv)

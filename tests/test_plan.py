@@ -679,7 +679,7 @@ def test_launches_are_the_ones_the_kernels_make(
     heads, machine = plan.state.heads, plan.state.machine
     nodes = _KvNodes.of(tree)
     place = _place(nodes, 64)
-    chosen = _chunk_stats(tree, _Sight.of(tree, nodes), [place], np.array([plan.queries_per_group]), heads, machine)
+    chosen = _chunk_stats(tree, _Sight.of(tree, nodes), place, np.array([plan.queries_per_group]), heads, machine)
     assert np.asarray(chosen.launches).tolist() == [[launches]]
 
 
@@ -765,18 +765,22 @@ def test_planning_time_256_nodes_256_queries() -> None:
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(tree=tree_batches(), chunk=st.sampled_from([32, 64, 128, 512]))
-def test_pair_counts_agree_with_the_pairs(tree: TreeBatch, chunk: int) -> None:
+@given(tree=tree_batches(), chunks=st.lists(st.sampled_from([32, 64, 128, 512]), min_size=1, max_size=4))
+def test_pair_counts_agree_with_the_pairs(tree: TreeBatch, chunks: list[int]) -> None:
     """The counts that rank candidate chunk sizes, taken from node ranges without listing
-    the pairs, are the pairs' own counts; so is the one-launch test."""
+    the pairs (every chunk size side by side, as the chooser takes them), are the pairs'
+    own counts; so is the one-launch test."""
     nodes = _KvNodes.of(tree)
-    place = _place(nodes, chunk)
-    sight = _Sight.of(tree, nodes)
-    pairs = _pairs(tree, _pieces(nodes, place))
-    per_chunk = np.bincount(pairs.chunk, minlength=len(place.start))
-    np.testing.assert_array_equal(_queries_per_chunk(sight, place), per_chunk)
-    per_query = np.bincount(pairs.query, minlength=tree.n_queries)
-    assert (per_chunk.sum() <= tree.n_seeing) == (per_query.max(initial=0) <= 1)
+    places = _places(nodes, tuple(chunks))
+    counted = _queries_per_chunk(_Sight.of(tree, nodes), places)
+    assert len(counted) == len(places.start)
+    for k in range(len(chunks)):
+        place = places.one(k)
+        pairs = _pairs(tree, _pieces(nodes, place))
+        per_chunk = np.bincount(pairs.chunk, minlength=len(place.start))
+        np.testing.assert_array_equal(counted[places.bounds[k] : places.bounds[k + 1]], per_chunk)
+        per_query = np.bincount(pairs.query, minlength=tree.n_queries)
+        assert (per_chunk.sum() <= tree.n_seeing) == (per_query.max(initial=0) <= 1)
 
 
 def _placement_by_the_rule(sizes: list[int], chunk: int) -> tuple[list[int], list[int], list[int]]:
@@ -814,12 +818,14 @@ def test_placement_follows_the_packing_rule(sizes: list[int]) -> None:
     """Every chunk size placed side by side (as the chooser does) follows the rule."""
     chunks = (32, 64, 128, 512)
     places = _places(_KvNodes.of(TreeBatch.from_parents([-1] * len(sizes), sizes)), chunks)
-    for chunk, place in zip(chunks, places, strict=True):
+    assert places.chunks == chunks and places.bounds[-1] == len(places.start)
+    for k, chunk in enumerate(chunks):
+        place = places.one(k)
         first, local, pieces = _placement_by_the_rule(sizes, chunk)
-        assert place.chunk == chunk
-        assert place.first.tolist() == first
-        assert place.local.tolist() == local
-        assert place.pieces.tolist() == pieces
+        assert place.chunks == (chunk,)
+        assert place.first.tolist() == [first]
+        assert place.local.tolist() == [local]
+        assert place.pieces.tolist() == [pieces]
         # the chunks tile the flattened KV in order, none longer than ``chunk``
         assert place.start.tolist() == (np.cumsum(place.length) - place.length).tolist()
         assert int(place.length.sum()) == sum(sizes) and (place.length <= chunk).all()

@@ -14,7 +14,7 @@ from attngen.cost import BLOCK_ROWS, HeadLayout, Machine, PlanStats, evaluate
 from attngen.errors import PlanError, plan_int
 from attngen.plan.fold import _n_folded
 from attngen.plan.groups import _alike_pairs, _dense, _programs, _Rows, _Slots, _slots
-from attngen.plan.layout import _Chunking, _KvNodes, _pieces, _place, _Placement, _places
+from attngen.plan.layout import _Chunking, _KvNodes, _pieces, _place, _Placements, _places
 from attngen.plan.spans import EVEN_BELOW, SPLIT_ALIGN, _coalescible, _run_pieces, _Runs
 from attngen.plan.visibility import WORD, _Pairs, _queries_per_chunk, _Sight
 from attngen.tree import MAX_KV_TOKENS, TreeBatch
@@ -83,7 +83,7 @@ def _check_span(span: int | None) -> None:
 def _chunk_stats(
     tree: TreeBatch,
     sight: _Sight,
-    places: list[_Placement],
+    places: _Placements,
     qgs: np.ndarray,
     heads: HeadLayout,
     machine: Machine,
@@ -93,11 +93,11 @@ def _chunk_stats(
     depend on its query count alone, so the chunks of each count are summed per chunking
     first (their number, tokens, and how many are among the longest), and the groups are
     worked out once per count (41 counts against 338 chunks on a random 256-node tree)."""
-    n = len(places)
-    per_chunk = np.concatenate([_queries_per_chunk(sight, place) for place in places])
-    length = np.concatenate([place.length for place in places])
-    of = np.repeat(np.arange(n), [len(place.length) for place in places])
-    top = np.array([place.length.max(initial=0) for place in places], dtype=np.int64)
+    n, length = len(places.chunks), places.length
+    per_chunk = _queries_per_chunk(sight, places)
+    of = np.arange(n).repeat(np.diff(places.bounds))
+    # each chunking's longest chunk (a tree without KV has no chunks in any)
+    top = np.maximum.reduceat(length, places.bounds[:-1]) if len(length) else np.zeros(n, dtype=np.int64)
     # [counts, chunkings]: chunks of each query count, their tokens, the longest of them;
     # the weighted counts stay float64 (exact here), which the cost formula computes in
     # and takes faster than int64
@@ -141,7 +141,7 @@ def _chunk_stats(
     # [chunkings, QG], the per-chunking and per-QG quantities as a column and a row
     dense_groups = per_chunking(tall, chunks)
     return PlanStats(
-        chunk=np.array([place.chunk for place in places])[:, None],
+        chunk=np.array(places.chunks)[:, None],
         queries_per_group=qgs[None, :],
         groups=per_chunking(per_qg, chunks),
         tokens_read=per_chunking(per_qg, tokens),
@@ -197,9 +197,9 @@ def _chunk_candidates(
     first = int(np.argmin(times)) // len(qgs)  # the first minimum's chunking
     order = [first]
     if neighbours and machine.dense_apart:
-        dense = np.asarray(stats.dense_groups)[np.arange(len(places)), at] > 0  # [chunkings], at their best QG
-        order += [c for c in (first + 1, first - 1) if 0 <= c < len(places) and dense[c]]
-    return [(_pieces(nodes, places[c]), int(qgs[at[c]])) for c in order]
+        dense = np.asarray(stats.dense_groups)[np.arange(len(places.chunks)), at] > 0  # [chunkings], at their best QG
+        order += [c for c in (first + 1, first - 1) if 0 <= c < len(places.chunks) and dense[c]]
+    return [(_pieces(nodes, places.one(c)), int(qgs[at[c]])) for c in order]
 
 
 #: How much faster than the first chunking's best plan a neighbouring chunking's must be

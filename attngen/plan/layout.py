@@ -64,24 +64,35 @@ class _KvNodes:
 
 
 @dataclass(frozen=True, slots=True)
-class _Placement:
-    """Where the packing rule puts each node of a :class:`_KvNodes` for one chunk size,
-    and the chunks that result (they tile the flattened KV in order)."""
+class _Placements:
+    """Where the packing rule puts each node of a :class:`_KvNodes` for each of several
+    chunk sizes, side by side (one row per chunk size), and the chunks that result: those
+    of every chunk size in one array, chunk size ``k``'s at ``bounds[k]:bounds[k + 1]``
+    (they tile the flattened KV in order)."""
 
-    chunk: int
-    first: np.ndarray  # [nodes] the node's first chunk
-    pieces: np.ndarray  # [nodes] chunks the node spans
-    local: np.ndarray  # [nodes] the node's first token within its first chunk
-    start: np.ndarray  # [n_chunks] flattened index of the chunk's first token
-    length: np.ndarray  # [n_chunks]
+    chunks: tuple[int, ...]  # [K] the chunk sizes
+    first: np.ndarray  # [K, nodes] the node's first chunk, counted within its chunk size's
+    pieces: np.ndarray  # [K, nodes] chunks the node spans
+    local: np.ndarray  # [K, nodes] the node's first token within its first chunk
+    start: np.ndarray  # [chunks] flattened index of the chunk's first token
+    length: np.ndarray  # [chunks]
+    bounds: np.ndarray  # [K + 1] where each chunk size's chunks begin, then their end
+
+    def one(self, k: int) -> _Placements:
+        """Chunk size ``k``'s placement alone."""
+        lo, hi = int(self.bounds[k]), int(self.bounds[k + 1])
+        return _Placements(
+            self.chunks[k : k + 1], self.first[k : k + 1], self.pieces[k : k + 1], self.local[k : k + 1],
+            self.start[lo:hi], self.length[lo:hi], np.array([0, hi - lo]),
+        )
 
 
-def _place(nodes: _KvNodes, chunk: int) -> _Placement:
+def _place(nodes: _KvNodes, chunk: int) -> _Placements:
     """The placement for one chunk size (see :func:`_places`)."""
-    return _places(nodes, (chunk,))[0]
+    return _places(nodes, (chunk,))
 
 
-def _places(nodes: _KvNodes, chunks: tuple[int, ...]) -> list[_Placement]:
+def _places(nodes: _KvNodes, chunks: tuple[int, ...]) -> _Placements:
     """Implements the packing rule of the module docstring for each of ``chunks``, side by
     side. A node that starts a chunk leaves its last piece open; the nodes after it join
     that chunk while they fit, so the next node to start a chunk is one search in the
@@ -114,10 +125,7 @@ def _places(nodes: _KvNodes, chunks: tuple[int, ...]) -> list[_Placement]:
     length[:-1] = start[1:]
     length[bounds[1:][counts > 0] - 1] = end[-1] if n else 0
     length -= start
-    return [
-        _Placement(c, first[k], pieces[k], local[k], start[lo:hi], length[lo:hi])
-        for k, (c, lo, hi) in enumerate(zip(chunks, bounds[:-1], bounds[1:], strict=True))
-    ]
+    return _Placements(tuple(chunks), first, pieces, local, start, length, bounds)
 
 
 def _chunk_layout(tree: TreeBatch, chunk: int) -> _Chunking:
@@ -126,18 +134,20 @@ def _chunk_layout(tree: TreeBatch, chunk: int) -> _Chunking:
     return _pieces(nodes, _place(nodes, chunk))
 
 
-def _pieces(nodes: _KvNodes, place: _Placement) -> _Chunking:
-    """The chunking of ``place``, with each node cut into one piece per chunk it spans."""
-    piece_node = np.arange(len(place.pieces)).repeat(place.pieces)
-    k = np.arange(len(piece_node)) - (place.pieces.cumsum() - place.pieces)[piece_node]
-    offset = k * place.chunk
+def _pieces(nodes: _KvNodes, place: _Placements) -> _Chunking:
+    """The chunking of ``place`` (of one chunk size), with each node cut into one piece per
+    chunk it spans."""
+    (chunk,), (first,), (pieces,), (local,) = place.chunks, place.first, place.pieces, place.local
+    piece_node = np.arange(len(pieces)).repeat(pieces)
+    k = np.arange(len(piece_node)) - (pieces.cumsum() - pieces)[piece_node]
+    offset = k * chunk
     return _Chunking(
-        place.chunk,
+        chunk,
         place.start,
         place.length,
-        place.first[piece_node] + k,
+        first[piece_node] + k,
         nodes.rank[piece_node],
         offset,
-        np.minimum(place.chunk, nodes.size[piece_node] - offset),
-        place.local[piece_node],
+        np.minimum(chunk, nodes.size[piece_node] - offset),
+        local[piece_node],
     )

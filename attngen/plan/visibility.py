@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from attngen.plan.arrays import _gaps, _segment_sums, _stable_argsort
-from attngen.plan.layout import _Chunking, _KvNodes, _Placement
+from attngen.plan.layout import _Chunking, _KvNodes, _Placements
 from attngen.tree import TreeBatch
 
 #: Bits per visibility word (``group_bits`` holds int32 words).
@@ -93,21 +93,27 @@ class _Sight:
         return _Sight(above, seen_whole, own, own_len)
 
 
-def _queries_per_chunk(sight: _Sight, place: _Placement) -> np.ndarray:
-    """How many queries see each chunk. A query sees a range of chunks of each KV node on
-    its root path; a node's range shares a chunk with the ranges before it only when it
-    starts in the chunk of its nearest KV ancestor's last piece, so each query is counted
-    once per chunk by dropping that first chunk from the node's range."""
-    first, end = place.first, place.first + place.pieces
-    after = (sight.above >= 0) & (first == end[sight.above] - 1)
+def _queries_per_chunk(sight: _Sight, places: _Placements) -> np.ndarray:
+    """How many queries see each chunk of ``places`` (every chunk size's, in one array). A
+    query sees a range of chunks of each KV node on its root path; a node's range shares a
+    chunk with the ranges before it only when it starts in the chunk of its nearest KV
+    ancestor's last piece, so each query is counted once per chunk by dropping that first
+    chunk from the node's range. The chunk sizes side by side: each one's ranges lie in
+    its own chunks, and its entries and exits cancel by its last chunk, so one running
+    sum counts them all."""
+    first = places.first + places.bounds[:-1, None]  # [K, nodes], numbered among all chunks
+    end = first + places.pieces
+    after = (sight.above >= 0) & (first == end[:, sight.above] - 1)
     lo = first + after
-    n = len(place.start) + 1
-    enter = np.bincount(lo, sight.seen_whole, n)
-    leave = np.bincount(end, sight.seen_whole, n)
+    n = len(places.start) + 1
+    weight = np.tile(sight.seen_whole, len(places.chunks))
+    enter = np.bincount(lo.reshape(-1), weight, n)
+    leave = np.bincount(end.reshape(-1), weight, n)
     if len(sight.own_node):  # chunks of the own node up to the query's own tokens
-        enter += np.bincount(lo[sight.own_node], minlength=n)
-        own_end = first[sight.own_node] - (-sight.own_len // place.chunk)
-        leave += np.bincount(own_end, minlength=n)
+        enter += np.bincount(lo[:, sight.own_node].reshape(-1), minlength=n)
+        chunk = np.asarray(places.chunks, dtype=np.int64)[:, None]
+        own_end = first[:, sight.own_node] - (-sight.own_len // chunk)
+        leave += np.bincount(own_end.reshape(-1), minlength=n)
     return (enter - leave).cumsum()[:-1].astype(np.int64)
 
 

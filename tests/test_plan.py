@@ -27,11 +27,24 @@ from attngen.plan import (
 )
 from attngen.plan.arrays import _stable_argsort
 from attngen.plan.buffers import _joined
-from attngen.plan.choice import MAX_CHUNK, _chunk_stats, _group_stats, _span_stats
-from attngen.plan.groups import _alike_pairs, _alike_sources, _layout_rows, _rows, _slots
+from attngen.plan.choice import (
+    MAX_CHUNK,
+    _chunk_stats,
+    _coalescible_trials,
+    _group_stats,
+    _span_stats,
+)
+from attngen.plan.groups import (
+    _alike_pairs,
+    _alike_sources,
+    _layout_rows,
+    _rows,
+    _slots,
+    _TrialGroups,
+)
 from attngen.plan.layout import _chunk_layout, _KvNodes, _pieces, _place, _places
 from attngen.plan.planner import _matched
-from attngen.plan.spans import _Runs
+from attngen.plan.spans import _coalescible, _Runs
 from attngen.plan.tensors import _int32_tensors
 from attngen.plan.visibility import _pairs, _prefix_masks, _queries_per_chunk, _Sight
 from attngen.tree import QueryMode, TreeBatch
@@ -265,7 +278,7 @@ def test_span_estimates_match_the_built_plans(name: str, heads_kv: int) -> None:
     slots = [_slots(pairs, layout, qg, source) for qg in qgs]
     runs = [_Runs.of(layout, s) for s in slots]
     spans = np.array([512, 768, 1024, 2048, 4096, 8192])
-    estimate = _span_stats(tree, layout, qgs, slots, runs, spans, heads, machine)
+    estimate = _span_stats(tree, layout, qgs, _TrialGroups.of_slots(slots), runs, spans, heads, machine)
     longest, n_longest, groups = (np.asarray(x) for x in (estimate.longest, estimate.n_longest, estimate.groups))
     dense = ("dense_groups", "dense_tokens", "dense_row_tokens", "dense_longest")
     dense_estimates = [np.broadcast_to(getattr(estimate, f), groups.shape) for f in dense]
@@ -332,6 +345,21 @@ def test_alike_chunks_planned_once_equal_every_pair_planned(tree: TreeBatch, chu
     # the slots the choice of QG and span counts from (filled slots: rows and pairs)
     pairs, source = _alike_pairs(tree, layout)
     assert np.array_equal(_slots(pairs, layout, qg, source).filled, _slots(_pairs(tree, layout), layout, qg).filled)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tree_batches(), st.sampled_from([32, 64, 128]), st.lists(st.sampled_from([1, 2, 3, 4, 16, 64]), min_size=1, max_size=3))
+def test_trial_groups_counted_at_once_equal_each_trials_slots(tree: TreeBatch, chunk: int, qgs: list[int]) -> None:
+    """The QG and span choice counts every QG trial's groups in one pass, without their
+    slots: each group's trial, chunk, filled slots and fullness are those of each trial's
+    :func:`_slots`, and so is whether the trial has groups to coalesce."""
+    layout = _chunk_layout(tree, chunk)
+    pairs, source = _alike_pairs(tree, layout)
+    slots = [_slots(pairs, layout, qg, source) for qg in qgs]
+    want, got = _TrialGroups.of_slots(slots), _TrialGroups.of_pairs(pairs, layout, qgs, source)
+    for name in ("trial", "chunk", "filled", "full"):
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name
+    assert _coalescible_trials(got, len(qgs)).tolist() == [_coalescible(s) for s in slots]
 
 
 def test_alike_chunks_are_a_long_nodes_inner_chunks() -> None:

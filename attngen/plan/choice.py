@@ -13,9 +13,9 @@ import numpy as np
 from attngen.cost import BLOCK_ROWS, HeadLayout, Machine, PlanStats, evaluate
 from attngen.errors import PlanError, plan_int
 from attngen.plan.fold import _n_folded
-from attngen.plan.groups import _alike_pairs, _dense, _programs, _Rows, _Slots, _slots
+from attngen.plan.groups import _alike_pairs, _dense, _programs, _Rows, _Slots, _slots, _TrialGroups
 from attngen.plan.layout import _Chunking, _KvNodes, _pieces, _place, _Placements, _places
-from attngen.plan.spans import EVEN_BELOW, SPLIT_ALIGN, _coalescible, _run_pieces, _Runs
+from attngen.plan.spans import EVEN_BELOW, SPLIT_ALIGN, _run_pieces, _Runs
 from attngen.plan.visibility import WORD, _Pairs, _queries_per_chunk, _Sight
 from attngen.tree import MAX_KV_TOKENS, TreeBatch
 
@@ -228,26 +228,24 @@ def _span_stats(
     tree: TreeBatch,
     layout: _Chunking,
     qgs: list[int],
-    slots: list[_Slots],
+    trial_groups: _TrialGroups,
     runs: list[_Runs] | None,
     spans: np.ndarray,
     heads: HeadLayout,
     machine: Machine,
 ) -> PlanStats:
-    """Plan quantities after coalescing at each of ``spans``, for each QG trial's slots and
+    """Plan quantities after coalescing at each of ``spans``, for each QG trial's groups and
     runs (QG-major), without building the groups; a run's pieces are taken to be as long
     as its first (its even share rounded up to where :func:`_span_groups` cuts).
     Vectorized over both: the trials' groups and runs side by side, summed per trial by a
     one-hot product, as in :func:`_chunk_stats`. ``runs`` None: nothing coalesces (one
     span), and every group stays as it is."""
-    n, column = len(slots), spans[:, None]
+    n, column = len(qgs), spans[:, None]
     one_hot = np.eye(n, dtype=np.int64)
     # the trials' groups: coalescing joins groups of equal slots, so their rows, hence
     # row-tokens, stay, and so do the dense groups' tokens (a dense run's pieces are dense)
-    g_trial = np.repeat(np.arange(n), [len(s.chunk) for s in slots])
-    filled = np.concatenate([s.filled for s in slots])
-    full = np.concatenate([s.full for s in slots])
-    length = layout.length[np.concatenate([s.chunk for s in slots])]
+    g_trial, filled, full = trial_groups.trial, trial_groups.filled, trial_groups.full
+    length = layout.length[trial_groups.chunk]
     by_group = one_hot[g_trial]  # [groups, trials]
     tile_rows = heads.tile_rows(filled, np.asarray(qgs)[g_trial])
     row_tokens = (length * tile_rows) @ by_group
@@ -340,15 +338,26 @@ def _choose_qg_span(
         [span] if span is not None else [layout.chunk, *(s for s in SPAN_CHOICES if s > layout.chunk)],
         dtype=np.int64,
     )
-    slots = [_slots(pairs, layout, g, source) for g in qgs]
-    coalescible = [_coalescible(s) for s in slots]
-    runs = [_Runs.of(layout, s, c) for s, c in zip(slots, coalescible, strict=True)] if any(coalescible) else None
-    if runs is None:  # nothing coalesces: every span plans the same groups
-        spans = spans[:1]
-    times = evaluate("time_s", _span_stats(tree, layout, qgs, slots, runs, spans, heads, machine), heads, machine)
+    groups = _TrialGroups.of_pairs(pairs, layout, qgs, source)
+    coalescible = _coalescible_trials(groups, len(qgs))
+    if coalescible.any():  # the runs need each trial's slots
+        slots: list[_Slots] | None = [_slots(pairs, layout, g, source) for g in qgs]
+        runs = [_Runs.of(layout, s, bool(c)) for s, c in zip(slots, coalescible, strict=True)]
+    else:  # nothing coalesces: every span plans the same groups, and only the winner's slots are made
+        slots, runs, spans = None, None, spans[:1]
+    times = evaluate("time_s", _span_stats(tree, layout, qgs, groups, runs, spans, heads, machine), heads, machine)
     g, i = divmod(int(np.argmin(times)), len(spans))  # the first minimum
-    return _SpanChoice(float(times[g * len(spans) + i]), layout, qgs[g], int(spans[i]), slots[g], pairs,
+    return _SpanChoice(float(times[g * len(spans) + i]), layout, qgs[g], int(spans[i]),
+                       _slots(pairs, layout, qgs[g], source) if slots is None else slots[g], pairs,
                        None if runs is None else runs[g])
+
+
+def _coalescible_trials(groups: _TrialGroups, trials: int) -> np.ndarray:
+    """:func:`_coalescible` of each trial's groups: whether two of its full groups sit in
+    neighbouring chunks."""
+    trial, chunk = groups.trial[groups.full], groups.chunk[groups.full]
+    neighbours = (trial[1:] == trial[:-1]) & (chunk[1:] == chunk[:-1] + 1)
+    return np.bincount(trial[1:][neighbours], minlength=trials) > 0
 
 
 @dataclass(frozen=True, slots=True)

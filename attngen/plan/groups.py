@@ -152,6 +152,57 @@ def _slots(pairs: _Pairs, layout: _Chunking, qg: int, source: np.ndarray | None 
     return made if source is None else made.repeated(source)
 
 
+@dataclass(frozen=True, slots=True)
+class _TrialGroups:
+    """The groups of several QG trials side by side, trial-major and in chunk order within a
+    trial: all that the span choice counts of them (``_span_stats``)."""
+
+    trial: np.ndarray  # [groups] the trial (index into the QGs) of each group
+    chunk: np.ndarray
+    filled: np.ndarray
+    full: np.ndarray
+
+    @staticmethod
+    def of_slots(slots: list[_Slots]) -> _TrialGroups:
+        return _TrialGroups(
+            np.arange(len(slots)).repeat([len(s.chunk) for s in slots]),
+            np.concatenate([s.chunk for s in slots]),
+            np.concatenate([s.filled for s in slots]),
+            np.concatenate([s.full for s in slots]),
+        )
+
+    @staticmethod
+    def of_pairs(pairs: _Pairs, layout: _Chunking, qgs: list[int], source: np.ndarray | None) -> _TrialGroups:
+        """``of_slots`` of each QG's :func:`_slots`, worked out for every QG at once
+        without their slots: the (trial, chunk) pairs numbered as one list of chunks."""
+        qg = np.asarray(qgs, dtype=np.int64)[:, None]
+        n_groups = -(-pairs.per_chunk // qg)  # [trials, chunks]
+        trials, chunks = n_groups.shape
+        flat = n_groups.reshape(-1)
+        ends = flat.cumsum()
+        # a chunk's queries fill its groups in rank order: each group has qg but the
+        # chunk's last, which has the rest
+        filled = np.broadcast_to(qg, n_groups.shape).reshape(-1).repeat(flat)
+        last = flat > 0
+        filled[ends[last] - 1] = (pairs.per_chunk - (n_groups - 1) * qg).reshape(-1)[last]
+        # a group is full unless a pair that sees its chunk in part falls in it (as in _slots)
+        part = (~pairs.whole).nonzero()[0]
+        first_group = (ends - flat).reshape(trials, chunks)
+        full = np.ones(len(filled), dtype=bool)
+        full[(first_group.take(pairs.chunk[part], axis=1) + pairs.rank[part] // qg).reshape(-1)] = False
+        if source is None:
+            at = np.arange(trials * chunks).repeat(flat)
+        else:  # each chunk takes its source's groups (as _Slots.repeated, per trial)
+            sources = (np.arange(trials)[:, None] * chunks + source).reshape(-1)
+            count = flat[sources]
+            made = np.arange(int(count.sum())) + np.repeat(first_group.reshape(-1)[sources] - (count.cumsum() - count),
+                                                            count)
+            at = np.arange(trials * chunks).repeat(count)
+            filled, full = filled[made], full[made]
+        trial, chunk = np.divmod(at, chunks)
+        return _TrialGroups(trial, chunk, filled, full)
+
+
 def _rows(pairs: _Pairs, layout: _Chunking, qg: int, source: np.ndarray | None = None) -> _Rows:
     return _slots(pairs, layout, qg, source).with_bits(pairs, layout)
 

@@ -340,15 +340,17 @@ def _choose_qg_span(
     )
     groups = _TrialGroups.of_pairs(pairs, layout, qgs, source)
     coalescible = _coalescible_trials(groups, len(qgs))
-    if coalescible.any():  # the runs need each trial's slots
-        slots: list[_Slots] | None = [_slots(pairs, layout, g, source) for g in qgs]
+    slots: list[_Slots] = []  # every trial's, where their runs need them
+    runs: list[_Runs] | None = None
+    if coalescible.any():
+        slots = [_slots(pairs, layout, g, source) for g in qgs]
         runs = [_Runs.of(layout, s, bool(c)) for s, c in zip(slots, coalescible, strict=True)]
     else:  # nothing coalesces: every span plans the same groups, and only the winner's slots are made
-        slots, runs, spans = None, None, spans[:1]
+        spans = spans[:1]
     times = evaluate("time_s", _span_stats(tree, layout, qgs, groups, runs, spans, heads, machine), heads, machine)
     g, i = divmod(int(np.argmin(times)), len(spans))  # the first minimum
     return _SpanChoice(float(times[g * len(spans) + i]), layout, qgs[g], int(spans[i]),
-                       _slots(pairs, layout, qgs[g], source) if slots is None else slots[g], pairs,
+                       slots[g] if slots else _slots(pairs, layout, qgs[g], source), pairs,
                        None if runs is None else runs[g])
 
 

@@ -356,7 +356,7 @@ def test_trial_groups_counted_at_once_equal_each_trials_slots(tree: TreeBatch, c
     layout = _chunk_layout(tree, chunk)
     pairs, source = _alike_pairs(tree, layout)
     slots = [_slots(pairs, layout, qg, source) for qg in qgs]
-    want, got = _TrialGroups.of_slots(slots), _TrialGroups.of_pairs(pairs, layout, qgs, source)
+    want, got = _TrialGroups.of_slots(slots), _TrialGroups.of_pairs(pairs, qgs, source)
     for name in ("trial", "chunk", "filled", "full"):
         assert np.array_equal(getattr(got, name), getattr(want, name)), name
     assert _coalescible_trials(got, len(qgs)).tolist() == [_coalescible(s) for s in slots]

@@ -338,7 +338,7 @@ def _choose_qg_span(
         [span] if span is not None else [layout.chunk, *(s for s in SPAN_CHOICES if s > layout.chunk)],
         dtype=np.int64,
     )
-    groups = _TrialGroups.of_pairs(pairs, layout, qgs, source)
+    groups = _TrialGroups.of_pairs(pairs, qgs, source)
     coalescible = _coalescible_trials(groups, len(qgs))
     slots: list[_Slots] = []  # every trial's, where their runs need them
     runs: list[_Runs] | None = None

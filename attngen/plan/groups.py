@@ -116,10 +116,7 @@ class _Slots:
     def repeated(self, source: np.ndarray) -> _Slots:
         """These slots with each chunk's groups those of its ``source`` chunk (in chunk
         order); the slots must have no groups in chunks that repeat another."""
-        per_chunk = np.bincount(self.chunk, minlength=len(source))
-        count = per_chunk[source]
-        first = (per_chunk.cumsum() - per_chunk)[source]
-        made = np.arange(int(count.sum())) + np.repeat(first - (count.cumsum() - count), count)
+        count, made = _repeated(np.bincount(self.chunk, minlength=len(source)), source)
         return _Slots(
             np.arange(len(source)).repeat(count),
             self.query.take(made, axis=0),
@@ -129,6 +126,15 @@ class _Slots:
             self.made_groups,
             made,
         )
+
+
+def _repeated(per_chunk: np.ndarray, source: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Groups listed in chunk order, ``per_chunk`` of each chunk, where each chunk is to
+    take the groups of its ``source`` chunk: how many each chunk then has, and the listed
+    group each of the new list repeats."""
+    count = per_chunk[source]
+    first = (per_chunk.cumsum() - per_chunk)[source]
+    return count, np.arange(int(count.sum())) + np.repeat(first - (count.cumsum() - count), count)
 
 
 def _slots(pairs: _Pairs, layout: _Chunking, qg: int, source: np.ndarray | None = None) -> _Slots:
@@ -172,7 +178,7 @@ class _TrialGroups:
         )
 
     @staticmethod
-    def of_pairs(pairs: _Pairs, layout: _Chunking, qgs: list[int], source: np.ndarray | None) -> _TrialGroups:
+    def of_pairs(pairs: _Pairs, qgs: list[int], source: np.ndarray | None) -> _TrialGroups:
         """``of_slots`` of each QG's :func:`_slots`, worked out for every QG at once
         without their slots: the (trial, chunk) pairs numbered as one list of chunks."""
         qg = np.asarray(qgs, dtype=np.int64)[:, None]
@@ -192,11 +198,8 @@ class _TrialGroups:
         full[(first_group.take(pairs.chunk[part], axis=1) + pairs.rank[part] // qg).reshape(-1)] = False
         if source is None:
             at = np.arange(trials * chunks).repeat(flat)
-        else:  # each chunk takes its source's groups (as _Slots.repeated, per trial)
-            sources = (np.arange(trials)[:, None] * chunks + source).reshape(-1)
-            count = flat[sources]
-            made = np.arange(int(count.sum())) + np.repeat(first_group.reshape(-1)[sources] - (count.cumsum() - count),
-                                                            count)
+        else:  # each chunk takes its source's groups (as _Slots.repeated), within its trial
+            count, made = _repeated(flat, (np.arange(trials)[:, None] * chunks + source).reshape(-1))
             at = np.arange(trials * chunks).repeat(count)
             filled, full = filled[made], full[made]
         trial, chunk = np.divmod(at, chunks)

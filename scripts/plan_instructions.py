@@ -16,10 +16,11 @@ to mark a region of a Python program for callgrind without a C extension. Each p
 tree built afresh beforehand (outside the count), after one plan to warm up; the string
 hash is fixed, address randomization and the cyclic garbage collector off, so that two
 runs do the same work. Cases: ``target`` (issue 3's 256-node planning tree, the cost
-model's choice), ``target-fixed`` (at chunk 128, QG 8, span 1024), ``target-step`` (a token
+model's choice), ``target-fixed`` (at chunk 128, QG 8, span 1024), ``target-chosen`` (at
+the parameters the choice picks, without choosing: what the plan itself costs), ``target-step`` (a token
 appended to each leaf, then the incremental replan), ``one-node`` and ``one-node-fixed``
-(the same two on a tree of one 100-token node with one query: the part of a plan that does
-not grow with the tree), and ``WORKLOAD/mha`` or
+(``target`` and ``target-fixed`` on a tree of one 100-token node with one query: the part of
+a plan that does not grow with the tree), and ``WORKLOAD/mha`` or
 ``WORKLOAD/gqa`` (the choice on a named workload). Needs valgrind; a case takes about a
 minute::
 
@@ -57,6 +58,10 @@ def _case(name: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
         return lambda: replace(tree), plan_tree
     if name == "target-fixed":
         return lambda: replace(tree), fixed
+    if name == "target-chosen":  # the plan the choice makes, at its parameters, without the choice
+        chosen = plan_tree(tree)
+        return lambda: replace(tree), lambda t: plan_tree(t, chunk=chosen.chunk, queries_per_group=chosen.queries_per_group,
+                                                          span=chosen.span)
     if name == "target-step":
         plan = fixed(tree)
         return lambda: tree.append_to_leaves(1), lambda t: replan_after_append(plan, t)
@@ -66,7 +71,8 @@ def _case(name: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
         return lambda: replace(one), fixed
     workload, _, layout = name.partition("/")
     if workload not in WORKLOADS or layout not in LAYOUTS:
-        raise SystemExit(f"unknown case {name!r}: target, target-fixed, target-step, one-node, one-node-fixed or WORKLOAD/LAYOUT "
+        raise SystemExit(f"unknown case {name!r}: target, target-fixed, target-chosen, target-step, one-node, one-node-fixed "
+                         f"or WORKLOAD/LAYOUT "
                          f"(workloads: {', '.join(WORKLOADS)}; layouts: {', '.join(LAYOUTS)})")
     heads_q, heads_kv = LAYOUTS[layout]
     heads = HeadLayout(heads_q=heads_q, heads_kv=heads_kv)

@@ -30,7 +30,6 @@ from attngen.plan.buffers import _joined
 from attngen.plan.choice import (
     MAX_CHUNK,
     _chunk_stats,
-    _coalescible_trials,
     _group_stats,
     _span_stats,
 )
@@ -39,12 +38,13 @@ from attngen.plan.groups import (
     _alike_sources,
     _layout_rows,
     _rows,
+    _Slots,
     _slots,
     _TrialGroups,
 )
 from attngen.plan.layout import _chunk_layout, _KvNodes, _pieces, _place, _places
 from attngen.plan.planner import _matched
-from attngen.plan.spans import _coalescible, _Runs
+from attngen.plan.spans import _coalescible, _coalescible_trials, _Runs
 from attngen.plan.tensors import _int32_tensors
 from attngen.plan.visibility import _pairs, _prefix_masks, _queries_per_chunk, _Sight
 from attngen.tree import QueryMode, TreeBatch
@@ -258,6 +258,16 @@ def test_short_spans_cut_long_runs_evenly() -> None:
     check_invariants(tree, aligned)
 
 
+def _trial_groups(slots: list[_Slots]) -> _TrialGroups:
+    """The groups of each trial's listed slots, side by side, as the span choice counts them."""
+    return _TrialGroups(
+        np.arange(len(slots)).repeat([len(s.chunk) for s in slots]),
+        np.concatenate([s.chunk for s in slots]),
+        np.concatenate([s.filled for s in slots]),
+        np.concatenate([s.full for s in slots]),
+    )
+
+
 @pytest.mark.parametrize("name", ["fewshot_4k_x20", "fewshot_32k_x64", "spec_4k_92", "spec_16k_184"])
 @pytest.mark.parametrize("heads_kv", [32, 8])
 def test_span_estimates_match_the_built_plans(name: str, heads_kv: int) -> None:
@@ -278,7 +288,7 @@ def test_span_estimates_match_the_built_plans(name: str, heads_kv: int) -> None:
     slots = [_slots(pairs, layout, qg, source) for qg in qgs]
     runs = [_Runs.of(layout, s) for s in slots]
     spans = np.array([512, 768, 1024, 2048, 4096, 8192])
-    estimate = _span_stats(tree, layout, qgs, _TrialGroups.of_slots(slots), runs, spans, heads, machine)
+    estimate = _span_stats(tree, layout, qgs, _trial_groups(slots), runs, spans, heads, machine)
     longest, n_longest, groups = (np.asarray(x) for x in (estimate.longest, estimate.n_longest, estimate.groups))
     dense = ("dense_groups", "dense_tokens", "dense_row_tokens", "dense_longest")
     dense_estimates = [np.broadcast_to(getattr(estimate, f), groups.shape) for f in dense]
@@ -356,7 +366,7 @@ def test_trial_groups_counted_at_once_equal_each_trials_slots(tree: TreeBatch, c
     layout = _chunk_layout(tree, chunk)
     pairs, source = _alike_pairs(tree, layout)
     slots = [_slots(pairs, layout, qg, source) for qg in qgs]
-    want, got = _TrialGroups.of_slots(slots), _TrialGroups.of_pairs(pairs, qgs, source)
+    want, got = _trial_groups(slots), _TrialGroups.of_pairs(pairs, qgs, source)
     for name in ("trial", "chunk", "filled", "full"):
         assert np.array_equal(getattr(got, name), getattr(want, name)), name
     assert _coalescible_trials(got, len(qgs)).tolist() == [_coalescible(s) for s in slots]

@@ -15,7 +15,7 @@ from attngen.errors import PlanError, plan_int
 from attngen.plan.fold import _n_folded
 from attngen.plan.groups import _alike_pairs, _dense, _programs, _Rows, _Slots, _slots, _TrialGroups
 from attngen.plan.layout import _Chunking, _KvNodes, _pieces, _place, _Placements, _places
-from attngen.plan.spans import EVEN_BELOW, SPLIT_ALIGN, _run_pieces, _Runs
+from attngen.plan.spans import EVEN_BELOW, SPLIT_ALIGN, _coalescible_trials, _run_pieces, _Runs
 from attngen.plan.visibility import WORD, _Pairs, _queries_per_chunk, _Sight
 from attngen.tree import MAX_KV_TOKENS, TreeBatch
 
@@ -352,14 +352,6 @@ def _choose_qg_span(
     return _SpanChoice(float(times[g * len(spans) + i]), layout, qgs[g], int(spans[i]),
                        slots[g] if slots else _slots(pairs, layout, qgs[g], source), pairs,
                        None if runs is None else runs[g])
-
-
-def _coalescible_trials(groups: _TrialGroups, trials: int) -> np.ndarray:
-    """:func:`_coalescible` of each trial's groups: whether two of its full groups sit in
-    neighbouring chunks."""
-    trial, chunk = groups.trial[groups.full], groups.chunk[groups.full]
-    neighbours = (trial[1:] == trial[:-1]) & (chunk[1:] == chunk[:-1] + 1)
-    return np.bincount(trial[1:][neighbours], minlength=trials) > 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -169,17 +169,8 @@ class _TrialGroups:
     full: np.ndarray
 
     @staticmethod
-    def of_slots(slots: list[_Slots]) -> _TrialGroups:
-        return _TrialGroups(
-            np.arange(len(slots)).repeat([len(s.chunk) for s in slots]),
-            np.concatenate([s.chunk for s in slots]),
-            np.concatenate([s.filled for s in slots]),
-            np.concatenate([s.full for s in slots]),
-        )
-
-    @staticmethod
     def of_pairs(pairs: _Pairs, qgs: list[int], source: np.ndarray | None) -> _TrialGroups:
-        """``of_slots`` of each QG's :func:`_slots`, worked out for every QG at once
+        """The groups each QG's :func:`_slots` makes, worked out for every QG at once
         without their slots: the (trial, chunk) pairs numbered as one list of chunks."""
         qg = np.asarray(qgs, dtype=np.int64)[:, None]
         n_groups = -(-pairs.per_chunk // qg)  # [trials, chunks]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from attngen.plan.arrays import _gaps
-from attngen.plan.groups import _Rows, _Slots
+from attngen.plan.groups import _Rows, _Slots, _TrialGroups
 from attngen.plan.layout import _Chunking
 
 #: Tokens a coalesced group's range is cut at (the smallest stage-1 KV tile).
@@ -88,6 +88,13 @@ def _coalescible(rows: _Slots | _Rows) -> bool:
     nodes have none)."""
     chunk = rows.chunk[rows.full]
     return bool((chunk[1:] == chunk[:-1] + 1).any())
+
+
+def _coalescible_trials(groups: _TrialGroups, trials: int) -> np.ndarray:
+    """:func:`_coalescible` of each trial's groups, side by side (the QG choice's trials)."""
+    trial, chunk = groups.trial[groups.full], groups.chunk[groups.full]
+    neighbours = (trial[1:] == trial[:-1]) & (chunk[1:] == chunk[:-1] + 1)
+    return np.bincount(trial[1:][neighbours], minlength=trials) > 0
 
 
 def _run_pieces(members: np.ndarray, tokens: np.ndarray, span: int | np.ndarray, chunk: int) -> np.ndarray:

@@ -20,8 +20,11 @@ model's choice), ``target-fixed`` (at chunk 128, QG 8, span 1024), ``target-chos
 the parameters the choice picks, without choosing: what the plan itself costs), ``target-step`` (a token
 appended to each leaf, then the incremental replan), ``one-node`` and ``one-node-fixed``
 (``target`` and ``target-fixed`` on a tree of one 100-token node with one query: the part of
-a plan that does not grow with the tree), and ``WORKLOAD/mha`` or
-``WORKLOAD/gqa`` (the choice on a named workload). Needs valgrind; a case takes about a
+a plan that does not grow with the tree), ``target-chunk-stage`` and ``one-node-chunk-stage``
+(the choice's first stage alone: every chunk size and QG compared on counts), and
+``target-span-stage`` (its second stage alone, at the first stage's chunking: the pairs,
+which the plan then uses, and the QG and span compared on the exact groups), and
+``WORKLOAD/mha`` or ``WORKLOAD/gqa`` (the choice on a named workload). Needs valgrind; a case takes about a
 minute::
 
     python scripts/plan_instructions.py target target-fixed spec_8k_248/gqa
@@ -44,8 +47,9 @@ from typing import Any
 def _case(name: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
     """(a maker of fresh trees, the planning call) of case ``name``."""
     from attngen.bench_tree import LAYOUTS
-    from attngen.cost import HeadLayout
+    from attngen.cost import DEFAULT_HEADS, HeadLayout, Machine
     from attngen.plan import plan_tree, replan_after_append
+    from attngen.plan.choice import _choose_qg_span, _chunk_candidates
     from attngen.tree import TreeBatch
     from attngen.workloads import WORKLOADS, planning_target_tree
 
@@ -69,10 +73,17 @@ def _case(name: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
         return lambda: replace(one), plan_tree
     if name == "one-node-fixed":
         return lambda: replace(one), fixed
+    machine = Machine()
+    if name in ("target-chunk-stage", "one-node-chunk-stage"):
+        source = tree if name.startswith("target") else one
+        return lambda: replace(source), lambda t: _chunk_candidates(t, None, None, DEFAULT_HEADS, machine, True)
+    if name == "target-span-stage":
+        layout, qg = _chunk_candidates(tree, None, None, DEFAULT_HEADS, machine, True)[0]
+        return lambda: replace(tree), lambda t: _choose_qg_span(t, layout, qg, False, None, DEFAULT_HEADS, machine)
     workload, _, layout = name.partition("/")
     if workload not in WORKLOADS or layout not in LAYOUTS:
-        raise SystemExit(f"unknown case {name!r}: target, target-fixed, target-chosen, target-step, one-node, one-node-fixed "
-                         f"or WORKLOAD/LAYOUT "
+        raise SystemExit(f"unknown case {name!r}: target, target-fixed, target-chosen, target-step, one-node, one-node-fixed, "
+                         f"target-chunk-stage, one-node-chunk-stage, target-span-stage or WORKLOAD/LAYOUT "
                          f"(workloads: {', '.join(WORKLOADS)}; layouts: {', '.join(LAYOUTS)})")
     heads_q, heads_kv = LAYOUTS[layout]
     heads = HeadLayout(heads_q=heads_q, heads_kv=heads_kv)

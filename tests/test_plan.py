@@ -3,7 +3,9 @@ the incremental decode step, fixed-capacity buffers, bad input and planning time
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -800,6 +802,25 @@ def test_planning_time_256_nodes_256_queries() -> None:
     for ms in (fixed, chosen, step, spec_fixed):
         assert ms < 5.0
     assert spec_chosen < 12.0
+
+
+@pytest.mark.parametrize("case", [
+    "target", "target-fixed", "target-chosen", "target-step", "one-node", "one-node-fixed",
+    "target-chunk-stage", "one-node-chunk-stage", "target-span-stage", "spec_1k_32/gqa",
+])
+def test_plan_instructions_cases_run(case: str) -> None:
+    """Each case of scripts/plan_instructions.py plans (outside valgrind), so that the counts
+    the docs quote can be made again as the planner's functions change; a bad name is
+    refused with the list of cases."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "plan_instructions.py"
+    spec = importlib.util.spec_from_file_location("plan_instructions", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    fresh, plan = script._case(case)
+    assert plan(fresh()) is not None
+    with pytest.raises(SystemExit, match="target-span-stage"):
+        script._case("no-such-case")
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -21,7 +21,7 @@ the parameters the choice picks, without choosing: what the plan itself costs), 
 appended to each leaf, then the incremental replan), ``one-node`` and ``one-node-fixed``
 (``target`` and ``target-fixed`` on a tree of one 100-token node with one query: the part of
 a plan that does not grow with the tree), ``target-chunk-stage`` and ``one-node-chunk-stage``
-(the choice's first stage alone: every chunk size and QG compared on counts), and
+(the choice's first stage alone: every chunk size and QG compared on counts),
 ``target-span-stage`` (its second stage alone, at the first stage's chunking: the pairs,
 which the plan then uses, and the QG and span compared on the exact groups), and
 ``WORKLOAD/mha`` or ``WORKLOAD/gqa`` (the choice on a named workload). Needs valgrind; a case takes about a

@@ -804,23 +804,30 @@ def test_planning_time_256_nodes_256_queries() -> None:
     assert spec_chosen < 12.0
 
 
+def _plan_instructions() -> Any:
+    """scripts/plan_instructions.py, loaded as a module."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "plan_instructions.py"
+    spec = importlib.util.spec_from_file_location("plan_instructions", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 @pytest.mark.parametrize("case", [
     "target", "target-fixed", "target-chosen", "target-step", "one-node", "one-node-fixed",
     "target-chunk-stage", "one-node-chunk-stage", "target-span-stage", "spec_1k_32/gqa",
 ])
 def test_plan_instructions_cases_run(case: str) -> None:
     """Each case of scripts/plan_instructions.py plans (outside valgrind), so that the counts
-    the docs quote can be made again as the planner's functions change; a bad name is
-    refused with the list of cases."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "plan_instructions.py"
-    spec = importlib.util.spec_from_file_location("plan_instructions", path)
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    fresh, plan = script._case(case)
+    the docs quote can be made again as the planner's functions change."""
+    fresh, plan = _plan_instructions()._case(case)
     assert plan(fresh()) is not None
-    with pytest.raises(SystemExit, match="target-span-stage"):
-        script._case("no-such-case")
+
+
+def test_plan_instructions_refuses_an_unknown_case() -> None:
+    with pytest.raises(SystemExit, match="target-span-stage or WORKLOAD/LAYOUT"):
+        _plan_instructions()._case("no-such-case")
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -43,9 +43,14 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+#: The named cases (the module docstring says what each counts); besides them, WORKLOAD/LAYOUT.
+CASES = ("target", "target-fixed", "target-chosen", "target-step", "one-node", "one-node-fixed",
+         "target-chunk-stage", "one-node-chunk-stage", "target-span-stage")
+
 
 def _case(name: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
-    """(a maker of fresh trees, the planning call) of case ``name``."""
+    """(a maker of fresh trees, the planning call) of case ``name``: one of :data:`CASES`
+    or WORKLOAD/LAYOUT."""
     from attngen.bench_tree import LAYOUTS
     from attngen.cost import DEFAULT_HEADS, HeadLayout, Machine
     from attngen.plan import plan_tree, replan_after_append
@@ -82,8 +87,7 @@ def _case(name: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
         return lambda: replace(tree), lambda t: _choose_qg_span(t, layout, qg, False, None, DEFAULT_HEADS, machine)
     workload, _, layout = name.partition("/")
     if workload not in WORKLOADS or layout not in LAYOUTS:
-        raise SystemExit(f"unknown case {name!r}: target, target-fixed, target-chosen, target-step, one-node, one-node-fixed, "
-                         f"target-chunk-stage, one-node-chunk-stage, target-span-stage or WORKLOAD/LAYOUT "
+        raise SystemExit(f"unknown case {name!r}: {', '.join(CASES)} or WORKLOAD/LAYOUT "
                          f"(workloads: {', '.join(WORKLOADS)}; layouts: {', '.join(LAYOUTS)})")
     heads_q, heads_kv = LAYOUTS[layout]
     heads = HeadLayout(heads_q=heads_q, heads_kv=heads_kv)

@@ -814,10 +814,7 @@ def _plan_instructions() -> Any:
     return script
 
 
-@pytest.mark.parametrize("case", [
-    "target", "target-fixed", "target-chosen", "target-step", "one-node", "one-node-fixed",
-    "target-chunk-stage", "one-node-chunk-stage", "target-span-stage", "spec_1k_32/gqa",
-])
+@pytest.mark.parametrize("case", [*_plan_instructions().CASES, "spec_1k_32/gqa"])
 def test_plan_instructions_cases_run(case: str) -> None:
     """Each case of scripts/plan_instructions.py plans (outside valgrind), so that the counts
     the docs quote can be made again as the planner's functions change."""
